@@ -1,0 +1,25 @@
+"""subquad.attention: every attention family behind one interface, built by name.
+
+    attn = subquad.attention.build("mala", dim=384, num_heads=6, qkv_bias=True)
+    y = attn(x, grid=(H, W), num_prefix=1)      # x: (B, 1 + H*W, 384)
+"""
+from .agent import AgentAttention
+from .base import GridAttention
+from .focused_linear import FocusedLinearAttention
+from .mala import MagnitudeAwareLinearAttention
+from .registry import build, canonical_name, get, list, names, register
+from .softmax import SoftmaxAttention
+
+__all__ = [
+    "AgentAttention",
+    "FocusedLinearAttention",
+    "GridAttention",
+    "MagnitudeAwareLinearAttention",
+    "SoftmaxAttention",
+    "build",
+    "canonical_name",
+    "get",
+    "list",
+    "names",
+    "register",
+]

@@ -1,0 +1,77 @@
+"""Agent attention (Han et al., "Agent Attention: On the Integration of Softmax and Linear
+Attention", ECCV 2024). Parameter names and shapes follow the official DeiT code so its
+checkpoints load unchanged."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..kernels import checks
+from ..kernels.functional import agent_attention
+from ..kernels.reference.grid_conv import depthwise_conv_on_grid
+from .base import GridAttention
+from .grid_maps import depthwise_conv, resize_map
+from .registry import register
+
+
+@register("agent")
+class AgentAttention(GridAttention):
+    """O = softmax(Q A^T / sqrt(d) + B2) softmax(A K^T / sqrt(d) + B1) V + DWC(V)  (Eq. 3-5).
+
+    Options (the paper's defaults): ``num_agents`` = a*a agent tokens pooled from the grid
+    queries (49); ``bias_grid``: the grid on which the row/column agent biases are defined (14x14,
+    a 224px image at patch 16); ``dwc_kernel_size`` (3). Each bias is a per-head, per-agent 7x7
+    map resized to the grid plus row and column terms; prefix tokens get their own term.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, *, num_agents: int = 49,
+                 bias_grid: int | tuple[int, int] = 14, dwc_kernel_size: int = 3, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        checks.check_perfect_square(num_agents, "num_agents")
+        gh, gw = (bias_grid, bias_grid) if isinstance(bias_grid, int) else tuple(bias_grid)
+        h, n = num_heads, num_agents
+        self.num_agents, self.bias_grid = n, (gh, gw)
+        self.dwc = depthwise_conv(dim, dwc_kernel_size)
+        self.an_bias = nn.Parameter(torch.zeros(h, n, 7, 7))        # agent -> grid token, 2D map
+        self.na_bias = nn.Parameter(torch.zeros(h, n, 7, 7))        # grid token -> agent, 2D map
+        self.ah_bias = nn.Parameter(torch.zeros(1, h, n, gh, 1))    # agent -> row
+        self.aw_bias = nn.Parameter(torch.zeros(1, h, n, 1, gw))    # agent -> column
+        self.ha_bias = nn.Parameter(torch.zeros(1, h, gh, 1, n))    # row -> agent
+        self.wa_bias = nn.Parameter(torch.zeros(1, h, 1, gw, n))    # column -> agent
+        self.ac_bias = nn.Parameter(torch.zeros(1, h, n, 1))        # agent -> prefix token
+        self.ca_bias = nn.Parameter(torch.zeros(1, h, 1, n))        # prefix token -> agent
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias,
+                  self.ha_bias, self.wa_bias, self.ac_bias, self.ca_bias):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    def agent_bias(self, grid: tuple[int, int], num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B1 (h, n, N), B2 (h, N, n)) for this grid: maps and row/column terms resized to it."""
+        h, n = self.num_heads, self.num_agents
+        gh, gw = grid
+        rows = resize_map(self.ah_bias.reshape(h, n, -1), (gh,)).reshape(h, n, gh, 1)
+        cols = resize_map(self.aw_bias.reshape(h, n, -1), (gw,)).reshape(h, n, 1, gw)
+        b1 = (resize_map(self.an_bias, grid) + rows + cols).reshape(h, n, gh * gw)
+        b1 = torch.cat([self.ac_bias.reshape(h, n, 1).expand(h, n, num_prefix), b1], dim=-1)
+        rows = resize_map(self.ha_bias.reshape(h, -1, n).transpose(1, 2), (gh,)).transpose(1, 2).reshape(h, gh, 1, n)
+        cols = resize_map(self.wa_bias.reshape(h, -1, n).transpose(1, 2), (gw,)).transpose(1, 2).reshape(h, 1, gw, n)
+        b2 = resize_map(self.na_bias, grid).permute(0, 2, 3, 1) + rows + cols
+        b2 = torch.cat([self.ca_bias.reshape(h, 1, n).expand(h, num_prefix, n), b2.reshape(h, gh * gw, n)], dim=1)
+        return b1, b2
+
+    def needs_dense(self, grid):
+        return math.prod(grid) <= self.num_agents
+
+    def attend(self, x, q, k, v, grid, num_prefix):
+        grid = checks.check_image_grid(grid, "agent attention")
+        y = agent_attention(q, k, v, grid=grid, num_agents=self.num_agents,
+                            agent_bias=self.agent_bias(grid, num_prefix), num_prefix=num_prefix,
+                            backend=self.backend)
+        return y + depthwise_conv_on_grid(v, self.dwc.weight, self.dwc.bias, grid, num_prefix)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_agents={self.num_agents}, bias_grid={self.bias_grid}"

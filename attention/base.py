@@ -1,0 +1,75 @@
+"""The attention interface every family implements: ``attn(x, grid=(H, W), num_prefix=P)``."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..kernels import checks
+from ..kernels.functional import softmax_attention
+
+
+class GridAttention(nn.Module):
+    """Multi-head attention over prefix tokens + a 2D (or 3D) grid of tokens.
+
+    The constructor takes timm ``Attention``'s keywords, so a subclass can be handed to timm's
+    ``VisionTransformer(attn_layer=...)``. ``forward(x, grid, num_prefix)``: x is (B, N, C) with
+    N = num_prefix + prod(grid), grid tokens in raster order. Subclasses implement ``attend``.
+    """
+
+    family: str = "base"
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
+                 scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0.,
+                 proj_drop: float = 0., norm_layer: type[nn.Module] | None = None,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
+        if attn_drop:
+            raise ValueError(f"{type(self).__name__} does not support attn_drop={attn_drop} "
+                             "(no attention matrix is formed); use proj_drop or drop_path")
+        norm_layer = norm_layer or nn.LayerNorm
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.norm = norm_layer(dim) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._said_dense = False
+
+    def attend(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               grid: tuple[int, ...], num_prefix: int) -> torch.Tensor:
+        """Mix the heads' values: (B, h, N, d) in, (B, h, N, d) out. ``x`` is the block input."""
+        raise NotImplementedError
+
+    def needs_dense(self, grid: tuple[int, ...]) -> bool:
+        """True when the grid is so small that the mechanism is pointless (exact dense attention instead)."""
+        return False
+
+    def forward(self, x: torch.Tensor, grid: Sequence[int], num_prefix: int = 0) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"{type(self).__name__} expects x of shape (B, N, {self.dim}), got {tuple(x.shape)}")
+        grid = checks.check_grid(grid)
+        b, n, c = x.shape
+        checks.check_tokens(n, grid, num_prefix)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.needs_dense(grid):
+            if not self._said_dense:
+                warnings.warn(f"{self.family} attention on the grid {grid} ({math.prod(grid)} tokens) is "
+                              "pointless; using exact dense attention for this grid", stacklevel=2)
+                self._said_dense = True
+            y = softmax_attention(q, k, v)
+        else:
+            y = self.attend(x, q, k, v, grid, num_prefix)
+        y = y.transpose(1, 2).reshape(b, n, c)
+        return self.proj_drop(self.proj(self.norm(y)))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}"

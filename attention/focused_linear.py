@@ -1,0 +1,48 @@
+"""Focused linear attention (Han et al., "FLatten Transformer: Vision Transformer using Focused
+Linear Attention", ICCV 2023). Parameter names follow the official code."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.functional import focused_linear_attention
+from ..kernels.reference.grid_conv import depthwise_conv_on_grid
+from .base import GridAttention
+from .grid_maps import depthwise_conv, resize_map
+from .registry import register
+
+
+@register("focused_linear", "flatten")
+class FocusedLinearAttention(GridAttention):
+    """O = phi_p(Q) (phi_p(K)^T V) / (phi_p(Q) sum_j phi_p(k_j)) + DWC(V)  (Eq. 3-7).
+
+    Options: ``focusing_factor`` p (3), ``kernel_size`` of the depthwise conv on V (5; one
+    head_dim-channel conv shared by every head, as in the official code), and ``pos_grid``: if set,
+    the learnable positional encoding added to K, defined on that grid and resized to the grid at
+    hand (prefix keys get none).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, *, focusing_factor: float = 3, kernel_size: int = 5,
+                 pos_grid: tuple[int, int] | None = None, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        self.focusing_factor = focusing_factor
+        self.dwc = depthwise_conv(self.head_dim, kernel_size)
+        self.scale = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_grid = tuple(pos_grid) if pos_grid is not None else None
+        self.positional_encoding = (nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], dim))
+                                    if pos_grid is not None else None)
+
+    def attend(self, x, q, k, v, grid, num_prefix):
+        if self.positional_encoding is not None:
+            pe = self.positional_encoding.reshape(*self.pos_grid, self.num_heads, self.head_dim).permute(2, 3, 0, 1)
+            pe = resize_map(pe, tuple(grid[-2:])).flatten(2).transpose(1, 2)    # (h, H*W, d)
+            if len(grid) == 3:
+                pe = pe.repeat(1, grid[0], 1)
+            k = torch.cat([k[:, :, :num_prefix], k[:, :, num_prefix:] + pe.to(k.dtype)], dim=2)
+        y = focused_linear_attention(q, k, v, grid=grid, focusing_factor=self.focusing_factor,
+                                     scale=self.scale.reshape(self.num_heads, self.head_dim),
+                                     num_prefix=num_prefix, backend=self.backend)
+        return y + depthwise_conv_on_grid(v, self.dwc.weight, self.dwc.bias, grid, num_prefix)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, focusing_factor={self.focusing_factor}, pos_grid={self.pos_grid}"

@@ -1,0 +1,40 @@
+"""Magnitude-aware linear attention (Fan et al., "Rectifying Magnitude Neglect in Linear Attention",
+ICCV 2025)."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..kernels.functional import mala_attention
+from ..kernels.reference.grid_conv import depthwise_conv_on_grid
+from .base import GridAttention
+from .grid_maps import depthwise_conv
+from .registry import register
+
+
+@register("mala")
+class MagnitudeAwareLinearAttention(GridAttention):
+    """Y_i = beta_i phi(q_i) sum_j phi(k_j)^T v_j - gamma_i sum_j v_j with phi = ELU + 1 (Eq. 9-11).
+
+    The MAViT extras are options: ``rope`` (2D RoPE on phi(q), phi(k) inside the KV product),
+    ``lepe`` (a depthwise ``lepe_kernel_size`` conv of V added to the output) and ``gate`` (the
+    output multiplied by a linear gate of the input before the projection).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, *, rope: bool = False, lepe: bool = False,
+                 lepe_kernel_size: int = 5, gate: bool = False, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        self.rope = rope
+        self.lepe = depthwise_conv(dim, lepe_kernel_size) if lepe else None
+        self.gate = nn.Linear(dim, dim) if gate else None
+
+    def attend(self, x, q, k, v, grid, num_prefix):
+        y = mala_attention(q, k, v, grid=grid, num_prefix=num_prefix, rope=self.rope, backend=self.backend)
+        if self.lepe is not None:
+            y = y + depthwise_conv_on_grid(v, self.lepe.weight, self.lepe.bias, grid, num_prefix)
+        if self.gate is not None:
+            b, n, _ = x.shape
+            y = y * self.gate(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rope={self.rope}, lepe={self.lepe is not None}, gate={self.gate is not None}"

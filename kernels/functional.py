@@ -1,0 +1,103 @@
+"""The functional API: ops on (B, heads, N, d) tensors plus the grid.
+
+Grid tokens are in raster order after ``num_prefix`` prefix tokens (cls, registers). Each op checks
+its arguments, then runs the backend that ``choose_backend`` picks (``backend=`` forces one).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import checks
+from .backends import choose_backend, register_backend
+from .reference.agent import agent_attention_reference
+from .reference.feature_maps import elu_feature_map, focused_feature_map
+from .reference.linear_attention import magnitude_aware_linear_attention, normalized_linear_attention
+from .reference.rope import apply_rope_2d
+from .reference.softmax import softmax_attention_reference, softmax_attention_sdpa
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                      backend: str | None = None) -> torch.Tensor:
+    """Dense softmax attention; ``sdpa`` (the default everywhere) or the explicit ``reference``."""
+    checks.check_qkv(q, k, v, "softmax_attention")
+    return choose_backend("softmax_attention", backend or "sdpa", q)(q, k, v)
+
+
+def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],
+                    num_agents: int = 49, agent_bias: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    num_prefix: int = 0, backend: str | None = None) -> torch.Tensor:
+    """Agent attention (Han et al., ECCV 2024): n = a*a agents pooled from the grid queries.
+
+    ``agent_bias``: None or (B1, B2) with B1 (heads, n, N) added to the agent-aggregation scores and
+    B2 (heads, N, n) added to the agent-broadcast scores.
+    """
+    grid = checks.check_self_attention(q, k, v, grid, num_prefix, "agent_attention")
+    grid = checks.check_image_grid(grid, "agent_attention")
+    checks.check_perfect_square(num_agents, "num_agents")
+    if agent_bias is not None:
+        h, n, big_n = q.shape[1], num_agents, q.shape[2]
+        if tuple(agent_bias[0].shape) != (h, n, big_n) or tuple(agent_bias[1].shape) != (h, big_n, n):
+            raise ValueError(
+                f"agent_bias must be ((heads, n, N), (heads, N, n)) = (({h}, {n}, {big_n}), ({h}, {big_n}, {n})), "
+                f"got ({tuple(agent_bias[0].shape)}, {tuple(agent_bias[1].shape)})")
+    fn = choose_backend("agent_attention", backend, q)
+    return fn(q, k, v, grid, num_agents, agent_bias, num_prefix)
+
+
+def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],
+                             focusing_factor: float = 3, scale: torch.Tensor | None = None,
+                             num_prefix: int = 0, backend: str | None = None) -> torch.Tensor:
+    """Focused linear attention (FLatten, Han et al., ICCV 2023, Eq. 3-6), without its DWC term.
+
+    ``scale`` is the learnable s of r = ReLU(x) / softplus(s), shape (heads, head_dim) or
+    broadcastable to it; None means no rescaling.
+    """
+    checks.check_self_attention(q, k, v, grid, num_prefix, "focused_linear_attention")
+    if focusing_factor <= 0:
+        raise ValueError(f"focusing_factor must be > 0, got {focusing_factor}")
+    if scale is not None and scale.numel() not in (1, q.shape[-1], q.shape[1] * q.shape[-1]):
+        raise ValueError(f"scale must have 1, head_dim={q.shape[-1]} or heads*head_dim="
+                         f"{q.shape[1] * q.shape[-1]} elements, got shape {tuple(scale.shape)}")
+    fn = choose_backend("focused_linear_attention", backend, q)
+    return fn(q, k, v, focusing_factor, scale)
+
+
+def mala_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],
+                   num_prefix: int = 0, rope: bool = False, backend: str | None = None) -> torch.Tensor:
+    """Magnitude-aware linear attention (MALA, Fan et al., ICCV 2025) with phi = ELU + 1.
+
+    ``rope=True`` applies 2D RoPE to phi(q), phi(k) inside the KV product (MAViT); needs an image grid.
+    """
+    grid = checks.check_self_attention(q, k, v, grid, num_prefix, "mala_attention")
+    if rope:
+        grid = checks.check_image_grid(grid, "mala_attention(rope=True)")
+    fn = choose_backend("mala_attention", backend, q)
+    return fn(q, k, v, grid if rope else None, num_prefix)
+
+
+# --- reference backends -------------------------------------------------------------------
+
+def _focused_linear_reference(q, k, v, focusing_factor, scale):
+    if scale is not None:
+        scale = scale.reshape(-1, q.shape[-1]) if scale.numel() > 1 else scale.reshape(1)
+        scale = scale[:, None, :] if scale.dim() == 2 else scale     # (h or 1, 1, d) over (B, h, N, d)
+    phi_q = focused_feature_map(q, focusing_factor, scale)
+    phi_k = focused_feature_map(k, focusing_factor, scale)
+    return normalized_linear_attention(phi_q, phi_k, v).to(q.dtype)
+
+
+def _mala_reference(q, k, v, rope_grid, num_prefix):
+    phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
+    rot_q = rot_k = None
+    if rope_grid is not None:
+        rot_q, rot_k = apply_rope_2d(phi_q, rope_grid, num_prefix), apply_rope_2d(phi_k, rope_grid, num_prefix)
+    return magnitude_aware_linear_attention(phi_q, phi_k, v, rot_q, rot_k).to(q.dtype)
+
+
+register_backend("softmax_attention", "sdpa", softmax_attention_sdpa)
+register_backend("softmax_attention", "reference", softmax_attention_reference)
+register_backend("agent_attention", "reference", agent_attention_reference)
+register_backend("focused_linear_attention", "reference", _focused_linear_reference)
+register_backend("mala_attention", "reference", _mala_reference)

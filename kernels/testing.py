@@ -1,0 +1,26 @@
+"""Tolerances for comparing a kernel with its reference (the project's rule, used by tests and bench)."""
+from __future__ import annotations
+
+import torch
+
+# relative error ||actual - expected|| / ||expected||, by the dtype the kernel computed in
+REL_TOL = {torch.float64: 1e-7, torch.float32: 1e-4, "tf32": 3e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64; inf if either holds a NaN or an inf."""
+    a, e = actual.detach().double(), expected.detach().double()
+    if not (torch.isfinite(a).all() and torch.isfinite(e).all()):
+        return float("inf")
+    return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, tol: float | None = None,
+                     what: str = "") -> None:
+    """Fail unless shapes match and the relative error is under the tolerance for ``dtype``."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what} shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    tol = REL_TOL[dtype or actual.dtype] if tol is None else tol
+    err = relative_error(actual, expected)
+    if not err < tol:
+        raise AssertionError(f"{what} relative error {err:.3e} exceeds {tol:.1e}")

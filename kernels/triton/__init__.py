@@ -1,0 +1,1 @@
+"""Triton kernels (CUDA; also run on CPU under TRITON_INTERPRET=1 in the tests)."""
