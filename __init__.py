@@ -1,0 +1,8 @@
+"""subquad: vision and diffusion backbones on efficient attention.
+
+``import subquad`` registers every model with timm: ``timm.create_model("agent_deit_tiny_patch16_224")``.
+"""
+from . import attention, backbones, kernels
+
+__version__ = "0.1.0"
+__all__ = ["attention", "backbones", "kernels"]

@@ -1,0 +1,6 @@
+"""subquad.backbones: timm-registered models (importing this registers them)."""
+from . import subquad_deit
+from .attention_schedule import AttentionSchedule
+from .vit import GridBlock, GridVisionTransformer
+
+__all__ = ["AttentionSchedule", "GridBlock", "GridVisionTransformer", "subquad_deit"]

@@ -1,0 +1,157 @@
+"""``subquad bench``: every attention family against SDPA, measured in the same run.
+
+Per family and grid: median milliseconds of the forward and of forward+backward, peak memory of the
+forward, and the speedup over SDPA (SDPA time / family time). Saved as a CSV and a PNG plot.
+"""
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .. import attention
+from .memory import peak_memory_bytes
+from .zoo import format_table
+
+BASELINE = "softmax"
+
+
+@dataclass
+class BenchConfig:
+    device: torch.device
+    dtype: torch.dtype
+    sizes: list[tuple[int, int, int]]          # (batch, H, W)
+    families: list[str] = field(default_factory=attention.list)
+    heads: int = 4
+    head_dim: int = 64
+    repeats: int = 10
+    warmup: int = 2
+
+    @classmethod
+    def default(cls, device: str | None = None) -> "BenchConfig":
+        """Real sizes in bf16 on a GPU (B x 4 heads x d 64); small float32 sizes on a CPU."""
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dev.type == "cuda":
+            return cls(dev, torch.bfloat16, [(32, 56, 56), (4, 128, 128), (1, 256, 256)], repeats=30, warmup=5)
+        return cls(dev, torch.float32, [(1, 16, 16), (1, 32, 32), (1, 48, 48)], repeats=5, warmup=1)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _family_fn(name: str, cfg: BenchConfig, grid: tuple[int, int]):
+    """The family's attention (its module's ``attend``: the op plus its DWC/bias terms), default options."""
+    module = attention.build(name, dim=cfg.heads * cfg.head_dim, num_heads=cfg.heads)
+    module = module.to(cfg.device, cfg.dtype)
+    if module.needs_dense(grid):
+        return None
+    return lambda q, k, v: module.attend(None, q, k, v, grid, 0)
+
+
+def bench_families(cfg: BenchConfig) -> list[dict]:
+    """One row per (family, size); the baseline (SDPA) is measured first in each size."""
+    families = [BASELINE] + [f for f in cfg.families if f != BASELINE]
+    rows = []
+    jobs = [(size, name) for size in cfg.sizes for name in families]
+    for (b, gh, gw), name in tqdm(jobs, desc="bench", unit="case"):
+        n = gh * gw
+        q, k, v = (torch.randn(b, cfg.heads, n, cfg.head_dim, device=cfg.device, dtype=cfg.dtype)
+                   for _ in range(3))
+        fn = _family_fn(name, cfg, (gh, gw))
+        if fn is None:
+            continue
+        fwd = median_ms(lambda: fn(q, k, v), cfg.device, cfg.repeats, cfg.warmup)
+        peak = peak_memory_bytes(lambda: fn(q, k, v), cfg.device)
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        grad = torch.randn_like(q)
+        fwd_bwd = median_ms(lambda: torch.autograd.backward(fn(qg, kg, vg), grad),
+                            cfg.device, cfg.repeats, cfg.warmup)
+        rows.append(dict(family=name, batch=b, grid=f"{gh}x{gw}", tokens=n, dtype=str(cfg.dtype).split(".")[-1],
+                         device=_device_name(cfg.device), fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
+                         peak_mib=peak / 2**20))
+    for r in rows:
+        base = next(x for x in rows if x["family"] == BASELINE and x["grid"] == r["grid"] and x["batch"] == r["batch"])
+        r["speedup_fwd"] = base["fwd_ms"] / r["fwd_ms"]
+        r["speedup_fwd_bwd"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    return rows
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+BENCH_COLUMNS = [("family", "family", "s"), ("batch", "B", "d"), ("grid", "grid", "s"), ("tokens", "N", "d"),
+                 ("dtype", "dtype", "s"), ("fwd_ms", "fwd ms", ".3f"), ("fwd_bwd_ms", "fwd+bwd ms", ".3f"),
+                 ("peak_mib", "peak MiB", ".1f"), ("speedup_fwd", "x SDPA fwd", ".2f"),
+                 ("speedup_fwd_bwd", "x SDPA fwd+bwd", ".2f")]
+
+
+def save_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Two log-log panels, forward and forward+backward milliseconds against tokens, a line per family."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in zip(axes, ("fwd_ms", "fwd_bwd_ms"), ("forward", "forward + backward")):
+        for family in dict.fromkeys(r["family"] for r in rows):
+            pts = sorted((r["tokens"], r[key]) for r in rows if r["family"] == family)
+            style = dict(color="black", linestyle="--") if family == BASELINE else {}
+            ax.plot(*zip(*pts), marker="o", label=family if family != BASELINE else "softmax (SDPA)", **style)
+        ax.set(xscale="log", yscale="log", xlabel="tokens N (grid H x W)", ylabel="ms (median)", title=label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_bench(cfg: BenchConfig, out_dir: Path) -> list[dict]:
+    """Measure, print the table, save ``bench.csv`` and ``bench.png`` under ``out_dir``."""
+    rows = bench_families(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_csv(rows, out_dir / "bench.csv")
+    title = (f"subquad bench: {rows[0]['device']}, {rows[0]['dtype']}, heads={cfg.heads}, d={cfg.head_dim}, "
+             f"median of {cfg.repeats}")
+    save_plot(rows, out_dir / "bench.png", title)
+    print(title)
+    print(format_table(rows, BENCH_COLUMNS))
+    print(f"saved {out_dir / 'bench.csv'} and {out_dir / 'bench.png'}")
+    return rows
+
+
+def parse_sizes(text: str) -> list[tuple[int, int, int]]:
+    """"1x32x32,4x64x48" -> [(1, 32, 32), (4, 64, 48)] as (batch, H, W)."""
+    sizes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"a size is BxHxW with positive integers, e.g. 1x32x32; got {item!r}")
+        sizes.append(tuple(int(p) for p in parts))
+    return sizes

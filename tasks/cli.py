@@ -1,0 +1,60 @@
+"""The ``subquad`` command line: ``subquad models``, ``subquad bench``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _models(args: argparse.Namespace) -> None:
+    from .zoo import MODEL_COLUMNS, format_table, model_table
+    print(format_table(model_table(), MODEL_COLUMNS))
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from .. import attention
+    from .bench import BenchConfig, parse_sizes, run_bench
+    cfg = BenchConfig.default(args.device)
+    if args.dtype:
+        cfg.dtype = DTYPES[args.dtype]
+    if args.sizes:
+        cfg.sizes = parse_sizes(args.sizes)
+    if args.families:
+        cfg.families = [attention.canonical_name(f) for f in args.families.split(",")]
+    if args.repeats:
+        cfg.repeats = args.repeats
+    run_bench(cfg, Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="subquad", description="Efficient-attention vision backbones.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("models", help="the model zoo: name, attention, params, GFLOPs")
+    p.set_defaults(run=_models)
+    p = sub.add_parser("bench", help="time every attention family against SDPA (table, CSV, PNG)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--sizes", help="comma-separated BxHxW, e.g. 32x56x56,4x128x128")
+    p.add_argument("--families", help="comma-separated attention families (default: all)")
+    p.add_argument("--repeats", type=int, help="timed repeats per case (median reported)")
+    p.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")
+    p.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as e:
+        print(f"subquad {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
