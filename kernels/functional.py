@@ -101,3 +101,78 @@ register_backend("softmax_attention", "reference", softmax_attention_reference)
 register_backend("agent_attention", "reference", agent_attention_reference)
 register_backend("focused_linear_attention", "reference", _focused_linear_reference)
 register_backend("mala_attention", "reference", _mala_reference)
+
+
+# --- block-sparse attention core ------------------------------------------------------------------
+
+from .reference.block_sparse import block_sparse_attention_reference, check_block_sparse_args  # noqa: E402
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, row_ptr: torch.Tensor,
+                           col_idx: torch.Tensor, block_m: int, block_n: int, num_prefix: int = 0,
+                           tile_mask_idx: torch.Tensor | None = None, tile_masks: torch.Tensor | None = None,
+                           key_bias: torch.Tensor | None = None, scale: float | None = None,
+                           backend: str | None = None) -> torch.Tensor:
+    """Softmax attention of each query tile over its listed key tiles plus the prefix keys.
+
+    Tokens are in tile order: query tile i = q[:, :, i*block_m:(i+1)*block_m], key tile j =
+    k[:, :, P + j*block_n : P + (j+1)*block_n] after P = ``num_prefix`` prefix keys that every query
+    attends. ``row_ptr`` (1|B, 1|heads, num_q_tiles+1) and ``col_idx`` (nnz,) int32 are a CSR of key
+    tiles per query tile; ``tile_mask_idx``/``tile_masks`` mask keys inside listed tiles;
+    ``key_bias`` (1|B, 1|heads, Nk) is added to the scores (-inf drops a key). A query with no key
+    gets 0. Layout details: ``subquad.kernels.reference.block_sparse``.
+    """
+    checks.check_qkv(q, k, v, "block_sparse_attention")
+    check_block_sparse_args(q, k, v, row_ptr, col_idx, block_m, block_n, num_prefix, tile_mask_idx, tile_masks,
+                            key_bias)
+    fn = choose_backend("block_sparse_attention", backend, q)
+    return fn(q, k, v, row_ptr, col_idx, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, key_bias, scale)
+
+
+register_backend("block_sparse_attention", "reference", block_sparse_attention_reference)
+try:
+    from .triton.block_sparse import block_sparse_attention_triton  # noqa: E402
+    register_backend("block_sparse_attention", "triton", block_sparse_attention_triton)
+except ImportError:        # no Triton on this platform: the reference serves every device
+    pass
+
+
+# --- sparse families ----------------------------------------------------------------------
+
+from .flex_backend import neighborhood_attention_flex  # noqa: E402
+from .natten_backend import neighborhood_attention_natten  # noqa: E402
+from .reference.neighborhood import neighborhood_attention_reference  # noqa: E402
+
+
+def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],
+                           kernel_size: int, dilation: int = 1, rpb: torch.Tensor | None = None,
+                           num_prefix: int = 0, backend: str | None = None) -> torch.Tensor:
+    """Neighborhood attention (NAT, Hassani et al., CVPR 2023, Eq. 2-3; DiNAT's dilation).
+
+    Each grid token attends to the ``kernel_size`` x ``kernel_size`` window around it (every
+    ``dilation``-th token), shifted inward at borders, plus the prefix tokens; prefix queries attend
+    to everything. ``rpb``: None or NAT's relative position bias (heads, 2k-1, 2k-1). Backends:
+    ``reference`` (O(N k^2) memory), ``natten`` (the natten package, no rpb), ``flex`` (FlexAttention).
+    """
+    grid = checks.check_self_attention(q, k, v, grid, num_prefix, "neighborhood_attention")
+    grid = checks.check_image_grid(grid, "neighborhood_attention")
+    checks.check_neighborhood(grid, kernel_size, dilation, "neighborhood_attention")
+    checks.check_rpb(rpb, q.shape[1], kernel_size, "neighborhood_attention")
+    fn = choose_backend("neighborhood_attention", backend, q)
+    return fn(q, k, v, grid, kernel_size, dilation, rpb, num_prefix)
+
+
+register_backend("neighborhood_attention", "reference", neighborhood_attention_reference)
+register_backend("neighborhood_attention", "natten", neighborhood_attention_natten)
+register_backend("neighborhood_attention", "flex", neighborhood_attention_flex)
+
+# --- Triton backends of the linear family (the default on CUDA) -------------------------------
+try:
+    from .triton.agent import agent_attention_triton
+    from .triton.linear_attention import focused_linear_attention_triton, mala_attention_triton
+except ImportError:     # no Triton on this platform: the references remain
+    pass
+else:
+    register_backend("agent_attention", "triton", agent_attention_triton)
+    register_backend("focused_linear_attention", "triton", focused_linear_attention_triton)
+    register_backend("mala_attention", "triton", mala_attention_triton)

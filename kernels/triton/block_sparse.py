@@ -1,0 +1,485 @@
+"""Block-sparse flash attention in Triton, forward and backward (FlashAttention-2, Dao 2023, Alg. 1-2).
+
+The layout (CSR of key tiles per query tile, prefix keys, tile bit masks, key bias) is described in
+``kernels.reference.block_sparse``. Forward: one program per (query tile, batch x head) runs the
+online softmax over the prefix keys and the listed key tiles and saves the log-sum-exp. Backward:
+delta = rowsum(dO * O); dK, dV per key tile over the query tiles that list it (the transposed CSR,
+built with torch on the device); dK, dV of prefix keys per chunk of query tiles, summed after; dQ
+per query tile over its keys. Scores live in the log2 domain (exp2) with float32 accumulation.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.block_sparse import num_tiles, transpose_csr
+
+_LOG2E: tl.constexpr = 1.4426950408889634
+_INTERPRET: tl.constexpr = triton.knobs.runtime.interpret
+PREFIX_CHUNK = 16       # query tiles per program in the prefix keys' dK/dV (partial sums, added with torch)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    if _INTERPRET:
+        if a.dtype == tl.bfloat16:      # the CPU interpreter would multiply bfloat16's raw bits
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _load_block(ptrs, rows, row_limit, cols, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                CHECK_ROWS: tl.constexpr):
+    """A (rows, BLOCK_D) block, zero outside [0, row_limit) x [0, HEAD_DIM)."""
+    if CHECK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs, mask=rows[:, None] < row_limit, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < row_limit) & (cols[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_block(ptrs, x, rows, row_limit, cols, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 CHECK_ROWS: tl.constexpr):
+    if CHECK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            tl.store(ptrs, x, mask=rows[:, None] < row_limit)
+        else:
+            tl.store(ptrs, x, mask=(rows[:, None] < row_limit) & (cols[None, :] < HEAD_DIM))
+    else:
+        if BLOCK_D == HEAD_DIM:
+            tl.store(ptrs, x)
+        else:
+            tl.store(ptrs, x, mask=cols[None, :] < HEAD_DIM)
+
+
+@triton.jit
+def _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_WORDS: tl.constexpr,
+                 HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CHECK_K: tl.constexpr,
+                 TRANSPOSED: tl.constexpr):
+    """Add the key bias and set -inf where a key is absent or masked; s is (M, N), or (N, M) if TRANSPOSED."""
+    if HAS_BIAS:
+        bias = tl.load(KeyBias + keys, mask=keys < key_limit, other=0.0) * _LOG2E
+        if TRANSPOSED:
+            s += bias[:, None]
+        else:
+            s += bias[None, :]
+    if CHECK_K:
+        if TRANSPOSED:
+            s = tl.where(keys[:, None] < key_limit, s, float("-inf"))
+        else:
+            s = tl.where(keys[None, :] < key_limit, s, float("-inf"))
+    if HAS_MASK:
+        if mask_id >= 0:
+            qr = tl.arange(0, BLOCK_M)
+            kc = tl.arange(0, BLOCK_N)
+            base = TileMasks + mask_id * (BLOCK_M * MASK_WORDS)
+            if TRANSPOSED:
+                words = tl.load(base + qr[None, :] * MASK_WORDS + (kc // 32)[:, None])
+                keep = ((words >> (kc % 32)[:, None]) & 1) != 0
+            else:
+                words = tl.load(base + qr[:, None] * MASK_WORDS + (kc // 32)[None, :])
+                keep = ((words >> (kc % 32)[None, :]) & 1) != 0
+            s = tl.where(keep, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start, key_limit, mask_id, skn, svn, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              MASK_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+              CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    keys = start + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    k = _load_block(K + keys[:, None] * skn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    v = _load_block(V + keys[:, None] * svn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+    s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS,
+                     HAS_MASK, HAS_BIAS, CHECK_K, False)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row that has seen only -inf keeps a finite reference point so that exp2 gives 0, not NaN
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_ref)
+    p = tl.math.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, srb, srh, sbb, sbh,
+                H, Nq, Nk, P, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASK_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    q = _load_block(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], rows, Nq, cols,
+                    HEAD_DIM, BLOCK_D, CHECK_Q)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    KeyBias += b * sbb + h * sbh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, P, BLOCK_N):
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start, P, -1, skn, svn, qk_scale,
+                                  HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, False, HAS_BIAS, True,
+                                  DOT_PRECISION)
+    row = RowPtr + b * srb + h * srh + tile
+    lo = tl.load(row)
+    hi = tl.load(row + 1)
+    for e in range(lo, hi):
+        start = P + tl.load(ColIdx + e) * BLOCK_N
+        mask_id = -1
+        if HAS_MASK:
+            mask_id = tl.load(MaskIdx + e)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start, Nk, mask_id, skn, svn,
+                                  qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, HAS_MASK, HAS_BIAS,
+                                  CHECK_K, DOT_PRECISION)
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    _store_block(O + b * sob + h * soh + rows[:, None] * son + cols[None, :], out.to(O.dtype.element_ty),
+                 rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
+    lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf"))
+    if CHECK_Q:
+        tl.store(LSE + bh * Nq + rows, lse, mask=rows < Nq)
+    else:
+        tl.store(LSE + bh * Nq + rows, lse)
+
+
+@triton.jit
+def _delta_kernel(O, DO, Delta, sob, soh, son, sdb, sdh, sdn, H, Nq,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    o = _load_block(O + b * sob + h * soh + rows[:, None] * son + cols[None, :], rows, Nq, cols,
+                    HEAD_DIM, BLOCK_D, True)
+    do = _load_block(DO + b * sdb + h * sdh + rows[:, None] * sdn + cols[None, :], rows, Nq, cols,
+                     HEAD_DIM, BLOCK_D, True)
+    tl.store(Delta + bh * Nq + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < Nq)
+
+
+@triton.jit
+def _load_row_stats(LSE, Delta, rows, Nq, CHECK_Q: tl.constexpr):
+    """Log-sum-exp (+inf for a query that attends nothing, so its probabilities are 0) and delta."""
+    if CHECK_Q:
+        lse = tl.load(LSE + rows, mask=rows < Nq, other=float("inf"))
+        delta = tl.load(Delta + rows, mask=rows < Nq, other=0.0)
+    else:
+        lse = tl.load(LSE + rows)
+        delta = tl.load(Delta + rows)
+    return tl.where(lse == float("-inf"), float("inf"), lse), delta
+
+
+@triton.jit
+def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, TileMasks, KeyBias,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                   skgb, skgh, skgn, svgb, svgh, svgn, scb, sch, sbb, sbh,
+                   H, Nq, Nk, P, num_q_tiles, num_chunks, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   MASK_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   PREFIX: tl.constexpr, CHUNK: tl.constexpr):
+    """dK, dV of one key tile; PREFIX: of one prefix block over one chunk of query tiles (float32 partials)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    if PREFIX:
+        chunk = tile % num_chunks
+        start = (tile // num_chunks) * BLOCK_N
+        key_limit = P
+        lo = chunk * CHUNK
+        hi = tl.minimum(lo + CHUNK, num_q_tiles)
+    else:
+        start = P + tile * BLOCK_N
+        key_limit = Nk
+        col = ColPtr + b * scb + h * sch + tile
+        lo = tl.load(col)
+        hi = tl.load(col + 1)
+    keys = start + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    k = _load_block(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], keys, key_limit, cols,
+                    HEAD_DIM, BLOCK_D, CHECK_K)
+    v = _load_block(V + b * svb + h * svh + keys[:, None] * svn + cols[None, :], keys, key_limit, cols,
+                    HEAD_DIM, BLOCK_D, CHECK_K)
+    Q += b * sqb + h * sqh
+    DO += b * sdb + h * sdh
+    LSE += bh * Nq
+    Delta += bh * Nq
+    KeyBias += b * sbb + h * sbh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for e in range(lo, hi):
+        if PREFIX:
+            q_tile = e
+        else:
+            q_tile = tl.load(RowIdx + e)
+        mask_id = -1
+        if HAS_MASK:
+            mask_id = tl.load(MaskIdx + e)
+        rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = _load_block(Q + rows[:, None] * sqn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
+        do = _load_block(DO + rows[:, None] * sdn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
+        lse, delta = _load_row_stats(LSE, Delta, rows, Nq, CHECK_Q)
+        s_t = _dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
+        s_t = _mask_scores(s_t, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS,
+                           HAS_MASK, HAS_BIAS, CHECK_K, True)
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
+        dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+    dk *= sm_scale
+    if PREFIX:
+        # partials (num_chunks, B*H, prefix blocks * BLOCK_N, BLOCK_D): always in bounds
+        out_rows = ((chunk * tl.num_programs(1) + bh) * (tl.num_programs(0) // num_chunks) * BLOCK_N
+                    + keys)
+        tl.store(DK + out_rows[:, None] * BLOCK_D + cols[None, :], dk)
+        tl.store(DV + out_rows[:, None] * BLOCK_D + cols[None, :], dv)
+    else:
+        _store_block(DK + b * skgb + h * skgh + keys[:, None] * skgn + cols[None, :], dk.to(DK.dtype.element_ty),
+                     keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+        _store_block(DV + b * svgb + h * svgh + keys[:, None] * svgn + cols[None, :], dv.to(DV.dtype.element_ty),
+                     keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+
+
+@triton.jit
+def _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start, key_limit, mask_id, skn, svn, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASK_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    keys = start + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    k = _load_block(K + keys[:, None] * skn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    v = _load_block(V + keys[:, None] * svn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+    s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS,
+                     HAS_MASK, HAS_BIAS, CHECK_K, False)
+    p = tl.math.exp2(s - lse[:, None])
+    dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
+
+
+@triton.jit
+def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, srb, srh, sbb, sbh,
+                  H, Nq, Nk, P, qk_scale, sm_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASK_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    q = _load_block(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], rows, Nq, cols,
+                    HEAD_DIM, BLOCK_D, CHECK_Q)
+    do = _load_block(DO + b * sdb + h * sdh + rows[:, None] * sdn + cols[None, :], rows, Nq, cols,
+                     HEAD_DIM, BLOCK_D, CHECK_Q)
+    lse, delta = _load_row_stats(LSE + bh * Nq, Delta + bh * Nq, rows, Nq, CHECK_Q)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    KeyBias += b * sbb + h * sbh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, P, BLOCK_N):
+        dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start, P, -1, skn, svn, qk_scale,
+                         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, False, HAS_BIAS, True, DOT_PRECISION)
+    row = RowPtr + b * srb + h * srh + tile
+    lo = tl.load(row)
+    hi = tl.load(row + 1)
+    for e in range(lo, hi):
+        start = P + tl.load(ColIdx + e) * BLOCK_N
+        mask_id = -1
+        if HAS_MASK:
+            mask_id = tl.load(MaskIdx + e)
+        dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start, Nk, mask_id, skn, svn, qk_scale,
+                         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, HAS_MASK, HAS_BIAS, CHECK_K,
+                         DOT_PRECISION)
+    dq *= sm_scale
+    _store_block(DQ + b * sgb + h * sgh + rows[:, None] * sgn + cols[None, :], dq.to(DQ.dtype.element_ty),
+                 rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
+
+
+# --- launch ------------------------------------------------------------------------------------
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, token) strides; a broadcast (size-1) batch or head gets stride 0."""
+    return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(3))
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def launch_config(kind: str, block_m: int, block_n: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """num_warps / num_stages for a kernel ("fwd", "bwd_kv", "bwd_q") on Hopper-class GPUs.
+
+    Stages are the deepest pipeline whose buffers fit in ~160 KB of shared memory (at most 3).
+    """
+    elem = torch.finfo(dtype).bits // 8
+    d = triton.next_power_of_2(head_dim)
+    if kind == "bwd_kv":        # k, v resident; q and dO stream
+        resident, per_stage, rows = 2 * block_n * d, 2 * block_m * d, block_n
+    elif kind == "bwd_q":       # q, dO resident; k, v stream
+        resident, per_stage, rows = 2 * block_m * d, 2 * block_n * d, block_m
+    else:
+        resident, per_stage, rows = block_m * d, 2 * block_n * d, block_m
+    stages = max(1, min(3, (160 * 1024 // elem - resident) // per_stage))
+    return {"num_warps": 8 if rows >= 128 or elem == 4 else 4, "num_stages": stages}
+
+
+def _common(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, key_bias, scale):
+    """Launch constants shared by every kernel, and placeholder pointers for absent optional tensors."""
+    head_dim = q.shape[-1]
+    nq, nk = q.shape[2], k.shape[2]
+    consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+                  BLOCK_D=max(16, triton.next_power_of_2(head_dim)), MASK_WORDS=num_tiles(block_n, 32),
+                  HAS_MASK=tile_mask_idx is not None, HAS_BIAS=key_bias is not None,
+                  CHECK_Q=nq % block_m != 0, CHECK_K=(nk - num_prefix) % block_n != 0,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    bias = key_bias.float().contiguous() if key_bias is not None else q.new_zeros(1, 1, 1, dtype=torch.float32)
+    masks = tile_masks.contiguous() if tile_masks is not None else bias
+    return consts, bias, masks, scale * 1.4426950408889634
+
+
+def forward(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n, num_prefix, scale,
+            config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output (B, H, Nq, d) in q's dtype and the base-2 log-sum-exp (B, H, Nq) float32 (-inf: no key)."""
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    b, h, nq, d = q.shape
+    consts, bias, masks, qk_scale = _common(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks,
+                                            key_bias, scale)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
+    config = config or launch_config("fwd", block_m, block_n, d, q.dtype)
+    mask_idx = tile_mask_idx if tile_mask_idx is not None else col_idx
+    _fwd_kernel[(num_tiles(nq, block_m), b * h)](
+        q, k, v, o, lse, row_ptr, col_idx, mask_idx, masks, bias,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(row_ptr)[:2], *_strides(bias)[:2],
+        h, nq, k.shape[2], num_prefix, qk_scale, **consts, **config)
+    return o, lse
+
+
+def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n,
+             num_prefix, scale, configs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (no gradient for key_bias). ``configs`` maps "bwd_kv"/"bwd_q" to launch configs."""
+    do, q, k, v = _rows_contiguous(do), _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    b, h, nq, d = q.shape
+    nk, p = k.shape[2], num_prefix
+    nqt, nkt = num_tiles(nq, block_m), num_tiles(nk - p, block_n)
+    consts, bias, masks, qk_scale = _common(q, k, block_m, block_n, p, tile_mask_idx, tile_masks, key_bias, scale)
+    configs = configs or {}
+    delta = torch.empty_like(lse)
+    _delta_kernel[(nqt, b * h)](o, do, delta, *_strides(o), *_strides(do), h, nq, HEAD_DIM=d, BLOCK_M=block_m,
+                                BLOCK_D=consts["BLOCK_D"])
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    col_ptr, row_idx, mask_idx_t = transpose_csr(row_ptr, col_idx, tile_mask_idx, nkt)
+    kv_config = configs.get("bwd_kv") or launch_config("bwd_kv", block_m, block_n, d, q.dtype)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    tail = (*_strides(bias)[:2], h, nq, nk, p, nqt)
+    if nkt > 0:
+        _bwd_kv_kernel[(nkt, b * h)](
+            q, k, v, do, dk, dv, lse, delta, col_ptr, row_idx,
+            mask_idx_t if mask_idx_t is not None else row_idx, masks, bias,
+            *common, *_strides(dk), *_strides(dv), *_strides(col_ptr)[:2], *tail, 1, qk_scale, scale,
+            **consts, PREFIX=False, CHUNK=PREFIX_CHUNK, **kv_config)
+    if p > 0:
+        chunks, blocks = num_tiles(nqt, PREFIX_CHUNK), num_tiles(p, block_n)
+        parts = torch.empty(2, chunks, b * h, blocks * block_n, consts["BLOCK_D"], device=q.device,
+                            dtype=torch.float32)
+        _bwd_kv_kernel[(blocks * chunks, b * h)](
+            q, k, v, do, parts[0], parts[1], lse, delta, col_ptr, row_idx, row_idx, masks, bias,
+            *common, *_strides(dk), *_strides(dv), *_strides(col_ptr)[:2], *tail, chunks, qk_scale, scale,
+            **{**consts, "HAS_MASK": False, "CHECK_K": True}, PREFIX=True, CHUNK=PREFIX_CHUNK, **kv_config)
+        summed = parts.sum(1)[..., :p, :d].reshape(2, b, h, p, d)
+        dk[:, :, :p] = summed[0]
+        dv[:, :, :p] = summed[1]
+    q_config = configs.get("bwd_q") or launch_config("bwd_q", block_m, block_n, d, q.dtype)
+    _bwd_q_kernel[(nqt, b * h)](
+        q, k, v, do, dq, lse, delta, row_ptr, col_idx,
+        tile_mask_idx if tile_mask_idx is not None else col_idx, masks, bias,
+        *common, *_strides(dq), *_strides(row_ptr)[:2], *_strides(bias)[:2], h, nq, nk, p, qk_scale, scale,
+        **consts, **q_config)
+    return dq, dk, dv
+
+
+# --- torch.library registration -----------------------------------------------------------------
+
+@torch.library.custom_op("subquad::block_sparse_attention_fwd", mutates_args=())
+def block_sparse_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_ptr: torch.Tensor,
+                               col_idx: torch.Tensor, tile_mask_idx: torch.Tensor | None,
+                               tile_masks: torch.Tensor | None, key_bias: torch.Tensor | None, block_m: int,
+                               block_n: int, num_prefix: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n,
+                   num_prefix, scale)
+
+
+@block_sparse_attention_fwd.register_fake
+def _(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n, num_prefix, scale):
+    b, h, nq, _ = q.shape
+    return q.new_empty(b, h, nq, v.shape[-1]), q.new_empty(b, h, nq, dtype=torch.float32)
+
+
+@torch.library.custom_op("subquad::block_sparse_attention_bwd", mutates_args=())
+def block_sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               o: torch.Tensor, lse: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                               tile_mask_idx: torch.Tensor | None, tile_masks: torch.Tensor | None,
+                               key_bias: torch.Tensor | None, block_m: int, block_n: int, num_prefix: int,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n,
+                    num_prefix, scale)
+
+
+@block_sparse_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n, num_prefix,
+      scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n, num_prefix, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias)
+    ctx.static = (block_m, block_n, num_prefix, scale)
+
+
+def _backward_rule(ctx, do, dlse):
+    q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias = ctx.saved_tensors
+    dq, dk, dv = torch.ops.subquad.block_sparse_attention_bwd(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx,
+                                                              tile_masks, key_bias, *ctx.static)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+block_sparse_attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def block_sparse_attention_triton(q, k, v, row_ptr, col_idx, block_m, block_n, num_prefix=0, tile_mask_idx=None,
+                                  tile_masks=None, key_bias=None, scale=None) -> torch.Tensor:
+    """The Triton backend of ``block_sparse_attention`` (arguments as the reference's)."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-1] > 256:
+        raise ValueError(f"block_sparse_attention(backend='triton') takes float16, bfloat16 or float32 inputs with "
+                         f"head_dim <= 256, got {q.dtype} with head_dim {q.shape[-1]}; use backend='reference'")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.subquad.block_sparse_attention_fwd(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks,
+                                                        key_bias, block_m, block_n, num_prefix, scale)[0]

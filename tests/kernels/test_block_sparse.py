@@ -1,0 +1,286 @@
+"""Block-sparse attention core: reference vs brute force, triton vs reference (CPU interpreter and GPU)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from subquad.kernels import available_backends, block_sparse_attention
+from subquad.kernels.reference.block_sparse import (block_mask_to_csr, csr_to_block_mask, num_tiles,
+                                                    pack_tile_masks, transpose_csr, unpack_tile_masks)
+from subquad.kernels.testing import assert_rel_close
+
+requires_triton = pytest.mark.skipif("triton" not in available_backends("block_sparse_attention"),
+                                     reason="triton is not installed")
+
+
+def make_layout(b, h, nq, nk, block_m, block_n, num_prefix=0, density=0.5, per_head=True, masks=False,
+                bias=False, empty_rows=True, device="cpu", generator=None):
+    """A random layout: CSR (per head or broadcast), optional tile masks and key bias (-inf padding)."""
+    g = generator
+    nqt, nkt = num_tiles(nq, block_m), num_tiles(nk - num_prefix, block_n)
+    shape = (b, h, nqt, nkt) if per_head else (1, 1, nqt, nkt)
+    block_mask = torch.rand(shape, generator=g) < density
+    if empty_rows and nqt > 1:
+        block_mask[..., 0, :] = False
+    row_ptr, col_idx = block_mask_to_csr(block_mask)
+    kw = {}
+    if masks:
+        patterns = torch.rand(4, block_m, block_n, generator=g) < 0.6
+        patterns[0] = False                               # a listed tile that masks every key
+        kw["tile_masks"] = pack_tile_masks(patterns).to(device)
+        kw["tile_mask_idx"] = torch.randint(-1, 4, col_idx.shape, generator=g, dtype=torch.int32).to(device)
+    if bias:
+        key_bias = torch.randn(b, 1, nk, generator=g)
+        key_bias[torch.rand(b, 1, nk, generator=g) < 0.1] = float("-inf")
+        kw["key_bias"] = key_bias.to(device)
+    return dict(row_ptr=row_ptr.to(device), col_idx=col_idx.to(device), block_m=block_m, block_n=block_n,
+                num_prefix=num_prefix, **kw)
+
+
+def brute_force(q, k, v, layout, scale=None):
+    """Dense attention with the explicit (B, H, Nq, Nk) mask and bias the layout stands for, in float64."""
+    b, h, nq, d = q.shape
+    nk, p = k.shape[2], layout["num_prefix"]
+    bm, bn = layout["block_m"], layout["block_n"]
+    nqt, nkt = num_tiles(nq, bm), num_tiles(nk - p, bn)
+    allowed = torch.zeros(b, h, nqt * bm, p + nkt * bn, dtype=torch.bool)
+    allowed[..., :p] = True
+    row_ptr, col_idx = layout["row_ptr"].cpu(), layout["col_idx"].cpu()
+    mask_idx = layout.get("tile_mask_idx")
+    dense_masks = None if mask_idx is None else unpack_tile_masks(layout["tile_masks"].cpu(), bn)
+    for bi in range(b):
+        for hi in range(h):
+            rp = row_ptr[min(bi, row_ptr.shape[0] - 1), min(hi, row_ptr.shape[1] - 1)]
+            for i in range(nqt):
+                for e in range(int(rp[i]), int(rp[i + 1])):
+                    j = int(col_idx[e])
+                    tile = torch.ones(bm, bn, dtype=torch.bool)
+                    if mask_idx is not None and int(mask_idx[e]) >= 0:
+                        tile = dense_masks[int(mask_idx[e])]
+                    allowed[bi, hi, i * bm:(i + 1) * bm, p + j * bn:p + (j + 1) * bn] = tile
+    allowed = allowed[:, :, :nq, :nk]
+    scale = d ** -0.5 if scale is None else scale
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if layout.get("key_bias") is not None:
+        scores = scores + layout["key_bias"].cpu().double()[:, :, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores, -1).nan_to_num(0.0)          # a query with no key: output 0
+    return weights @ v.double()
+
+
+def qkv(b, h, nq, nk, d, dtype, device="cpu"):
+    return [torch.randn(b, h, n, d, device=device).to(dtype).requires_grad_() for n in (nq, nk, nk)]
+
+
+def check_against(fn, ref_fn, q, k, v, dtype, what, grads=True):
+    """Forward and q/k/v gradients of fn (inputs as given) vs ref_fn (float32/64 copies of them)."""
+    out = fn(q, k, v)
+    ref_in = [x.detach().double().requires_grad_() if x.device.type == "cpu" else x.detach().float().requires_grad_()
+              for x in (q, k, v)]
+    ref = ref_fn(*ref_in)
+    assert_rel_close(out, ref, dtype=dtype, what=f"{what} out")
+    if not grads:
+        return
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    want = torch.autograd.grad(ref, ref_in, do.to(ref.dtype))
+    for name, a, e in zip("qkv", got, want):
+        assert_rel_close(a, e, dtype=dtype, what=f"{what} d{name}")
+
+
+# --- layout helpers ------------------------------------------------------------------------------
+
+def test_pack_unpack_roundtrip():
+    for bn in (16, 32, 64, 128):
+        masks = torch.rand(5, 32, bn) < 0.5
+        packed = pack_tile_masks(masks)
+        assert packed.dtype == torch.int32 and packed.shape == (5, 32, num_tiles(bn, 32))
+        assert torch.equal(unpack_tile_masks(packed, bn), masks)
+
+
+def test_csr_roundtrip_and_transpose():
+    block_mask = torch.rand(2, 3, 7, 5) < 0.4
+    row_ptr, col_idx = block_mask_to_csr(block_mask)
+    assert row_ptr.shape == (2, 3, 8) and int(row_ptr[-1, -1, -1]) == int(block_mask.sum())
+    assert torch.equal(csr_to_block_mask(row_ptr, col_idx, 5), block_mask)
+    col_ptr, row_idx, _ = transpose_csr(row_ptr, col_idx, None, 5)
+    assert torch.equal(csr_to_block_mask(col_ptr, row_idx, 7), block_mask.transpose(-1, -2))
+
+
+# --- reference vs brute force ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", [
+    dict(nq=64, nk=64, p=0),                                             # divisible, no extras
+    dict(nq=50, nk=75, p=3, masks=True, bias=True),                      # padding, prefix, masks, bias
+    dict(nq=33, nk=41, p=0, per_head=False, masks=True, density=0.3),    # broadcast layout, sparse rows
+])
+def test_reference_matches_brute_force(case):
+    b, h, d, bm, bn = 2, 3, 8, 16, 16
+    layout = make_layout(b, h, case["nq"], case["nk"], bm, bn, case["p"], density=case.get("density", 0.5),
+                         per_head=case.get("per_head", True), masks=case.get("masks", False),
+                         bias=case.get("bias", False))
+    q, k, v = qkv(b, h, case["nq"], case["nk"], d, torch.float32)
+    check_against(lambda q, k, v: block_sparse_attention(q, k, v, backend="reference", **layout),
+                  lambda q, k, v: brute_force(q, k, v, layout), q, k, v, torch.float32, "reference")
+
+
+def test_reference_dense_is_sdpa():
+    q, k, v = qkv(1, 2, 48, 48, 16, torch.float32)
+    row_ptr, col_idx = block_mask_to_csr(torch.ones(1, 1, 3, 3, dtype=torch.bool))
+    out = block_sparse_attention(q, k, v, row_ptr=row_ptr, col_idx=col_idx, block_m=16, block_n=16,
+                                 backend="reference")
+    assert_rel_close(out, F.scaled_dot_product_attention(q, k, v), what="dense reference")
+
+
+# --- triton vs reference (CPU interpreter here, GPU on the device) -------------------------------
+
+TRITON_CASES = [
+    dict(b=1, h=2, nq=64, nk=64, p=0, bm=32, bn=16, d=16),
+    dict(b=2, h=2, nq=45, nk=70, p=5, bm=16, bn=32, d=32, masks=True, bias=True),
+    dict(b=1, h=3, nq=40, nk=52, p=20, bm=16, bn=16, d=24, per_head=False, density=0.3, masks=True),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", range(len(TRITON_CASES)))
+def test_triton_matches_reference(case, dtype):
+    c = TRITON_CASES[case]
+    layout = make_layout(c["b"], c["h"], c["nq"], c["nk"], c["bm"], c["bn"], c["p"], density=c.get("density", 0.5),
+                         per_head=c.get("per_head", True), masks=c.get("masks", False), bias=c.get("bias", False))
+    q, k, v = qkv(c["b"], c["h"], c["nq"], c["nk"], c["d"], dtype)
+    check_against(lambda q, k, v: block_sparse_attention(q, k, v, backend="triton", **layout),
+                  lambda q, k, v: block_sparse_attention(q, k, v, backend="reference", **layout),
+                  q, k, v, dtype, f"triton {c}")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
+def test_empty_rows_give_zero(backend):
+    """A query tile with no key tile and no prefix outputs 0 and passes no gradient."""
+    block_mask = torch.ones(1, 1, 3, 2, dtype=torch.bool)
+    block_mask[..., 1, :] = False
+    row_ptr, col_idx = block_mask_to_csr(block_mask)
+    q, k, v = qkv(1, 1, 48, 32, 16, torch.float32)
+    out = block_sparse_attention(q, k, v, row_ptr=row_ptr, col_idx=col_idx, block_m=16, block_n=16,
+                                 backend=backend)
+    assert torch.isfinite(out).all() and (out[:, :, 16:32] == 0).all() and out[:, :, :16].abs().sum() > 0
+    dq, = torch.autograd.grad(out.sum(), (q,))
+    assert torch.isfinite(dq).all() and (dq[:, :, 16:32] == 0).all()
+
+
+@requires_triton
+def test_triton_dense_matches_sdpa():
+    q, k, v = qkv(1, 2, 64, 64, 32, torch.float32)
+    row_ptr, col_idx = block_mask_to_csr(torch.ones(1, 1, 2, 4, dtype=torch.bool))
+    check_against(lambda q, k, v: block_sparse_attention(q, k, v, row_ptr=row_ptr, col_idx=col_idx, block_m=32,
+                                                         block_n=16, backend="triton"),
+                  F.scaled_dot_product_attention, q, k, v, torch.float32, "dense triton")
+
+
+@requires_triton
+def test_compile_fullgraph():
+    layout = make_layout(1, 2, 32, 40, 16, 16, 8, masks=True, bias=True)
+    q, k, v = qkv(1, 2, 32, 40, 16, torch.float32)
+    fn = lambda q, k, v: block_sparse_attention(q, k, v, backend="triton", **layout)  # noqa: E731
+    check_against(torch.compile(fn, fullgraph=True, backend="aot_eager"),
+                  lambda q, k, v: block_sparse_attention(q, k, v, backend="reference", **layout),
+                  q, k, v, torch.float32, "compiled")
+
+
+def test_dispatch_and_argument_errors():
+    q, k, v = qkv(1, 1, 32, 32, 16, torch.float32)
+    row_ptr, col_idx = block_mask_to_csr(torch.ones(1, 1, 2, 2, dtype=torch.bool))
+    out = block_sparse_attention(q, k, v, row_ptr=row_ptr, col_idx=col_idx, block_m=16, block_n=16)
+    assert_rel_close(out, F.scaled_dot_product_attention(q, k, v), what="dispatched on CPU")
+    with pytest.raises(ValueError, match="power of two"):
+        block_sparse_attention(q, k, v, row_ptr=row_ptr, col_idx=col_idx, block_m=24, block_n=16)
+    with pytest.raises(ValueError, match="row_ptr must have shape"):
+        block_sparse_attention(q, k, v, row_ptr=row_ptr, col_idx=col_idx, block_m=32, block_n=16)
+    with pytest.raises(ValueError, match="int32"):
+        block_sparse_attention(q, k, v, row_ptr=row_ptr.long(), col_idx=col_idx, block_m=16, block_n=16)
+    with pytest.raises(ValueError, match="go together"):
+        block_sparse_attention(q, k, v, row_ptr=row_ptr, col_idx=col_idx, block_m=16, block_n=16,
+                               tile_mask_idx=col_idx)
+    with pytest.raises(ValueError, match="col_idx must lie"):
+        block_sparse_attention(q, k, v, row_ptr=row_ptr, col_idx=col_idx + 1, block_m=16, block_n=16,
+                               backend="reference")
+    if "triton" in available_backends("block_sparse_attention"):
+        with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+            block_sparse_attention(q.double(), k.double(), v.double(), row_ptr=row_ptr, col_idx=col_idx,
+                                   block_m=16, block_n=16, backend="triton")
+    with pytest.raises(ValueError, match="no backend"):
+        block_sparse_attention(q, k, v, row_ptr=row_ptr, col_idx=col_idx, block_m=16, block_n=16, backend="natten")
+
+
+# --- GPU: real sizes, dense vs SDPA, fuzz --------------------------------------------------------
+
+def _gpu_check(b, h, nq, nk, d, dtype, layout, what, grads=True):
+    q, k, v = qkv(b, h, nq, nk, d, dtype, "cuda")
+    check_against(lambda q, k, v: block_sparse_attention(q, k, v, **layout),
+                  lambda q, k, v: block_sparse_attention(q, k, v, backend="reference", **layout),
+                  q, k, v, dtype, what, grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,bm", [(16384, 128), (32768, 64), (65536, 128)])
+def test_gpu_real_sizes(n, bm):
+    """16k-64k tokens, bf16, d=64, 4 heads: ~8 key tiles per query tile, a cls prefix, masks and bias."""
+    p, bn = 1, 64
+    nkt = num_tiles(n, bn)
+    layout = make_layout(1, 4, n, n + p, bm, bn, p, density=8 / nkt, masks=True, bias=True, device="cuda")
+    _gpu_check(1, 4, n, n + p, 64, torch.bfloat16, layout, f"N={n}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 32), (torch.float16, 128), (torch.float32, 64),
+                                     (torch.bfloat16, 72)])
+def test_gpu_dtypes_and_head_dims(dtype, d):
+    layout = make_layout(2, 3, 3000, 3010, 128, 64, 10, density=0.3, masks=True, bias=True, device="cuda")
+    _gpu_check(2, 3, 3000, 3010, d, dtype, layout, f"{dtype} d={d}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bm,bn", [(128, 64), (64, 64), (128, 128)])
+def test_gpu_dense_matches_sdpa(bm, bn):
+    n = 16384
+    row_ptr, col_idx = block_mask_to_csr(torch.ones(1, 1, n // bm, n // bn, dtype=torch.bool, device="cuda"))
+    q, k, v = qkv(1, 4, n, n, 64, torch.bfloat16, "cuda")
+    check_against(lambda q, k, v: block_sparse_attention(q, k, v, row_ptr=row_ptr, col_idx=col_idx, block_m=bm,
+                                                         block_n=bn),
+                  F.scaled_dot_product_attention, q, k, v, torch.bfloat16, "dense vs SDPA")
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph():
+    layout = make_layout(2, 4, 1000, 1001, 128, 64, 1, masks=True, bias=True, device="cuda")
+    q, k, v = qkv(2, 4, 1000, 1001, 64, torch.bfloat16, "cuda")
+    fn = lambda q, k, v: block_sparse_attention(q, k, v, **layout)  # noqa: E731
+    check_against(torch.compile(fn, fullgraph=True),
+                  lambda q, k, v: block_sparse_attention(q, k, v, backend="reference", **layout),
+                  q, k, v, torch.bfloat16, "compiled")
+
+
+@pytest.mark.gpu
+def test_gpu_fuzz():
+    """200 random configurations (shapes, padding, prefix, density incl. empty rows, masks, bias)."""
+    rng = random.Random(1234)
+    failures = []
+    for trial in range(200):
+        b, h = rng.choice([1, 2]), rng.choice([1, 2, 4])
+        nq = rng.randint(1, 2500)
+        p = rng.choice([0, 0, 1, 4, 77])
+        nk = p + rng.randint(1, 2500)
+        bm, bn = rng.choice([(64, 64), (128, 64), (128, 128)])
+        dtype = rng.choice([torch.bfloat16, torch.bfloat16, torch.float16])
+        layout = make_layout(b, h, nq, nk, bm, bn, p, density=rng.choice([0.0, 0.05, 0.3, 1.0]),
+                             per_head=rng.random() < 0.5, masks=rng.random() < 0.5, bias=rng.random() < 0.5,
+                             empty_rows=rng.random() < 0.5, device="cuda",
+                             generator=torch.Generator().manual_seed(trial))
+        try:
+            _gpu_check(b, h, nq, nk, 64, dtype, layout, f"trial {trial}")
+        except AssertionError as err:
+            failures.append(f"trial {trial} (b={b} h={h} nq={nq} nk={nk} p={p} bm={bm} bn={bn} {dtype}): {err}")
+    assert not failures, "\n".join(failures)
