@@ -4,3 +4,5 @@ from .attention_schedule import AttentionSchedule
 from .vit import GridBlock, GridVisionTransformer
 
 __all__ = ["AttentionSchedule", "GridBlock", "GridVisionTransformer", "subquad_deit"]
+from . import subquad_dit  # noqa: E402
+from .dit import DiT  # noqa: E402

@@ -6,10 +6,11 @@ import torch
 from timm.models import get_pretrained_cfg
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..backbones import DiT
+
 
 def subquad_model_names() -> list[str]:
     """Every timm model name that subquad registers (its model modules are named ``subquad_*``)."""
-    import subquad.backbones  # noqa: F401  (registers the models)
     return timm.list_models(module=[m for m in timm.list_modules() if m.startswith("subquad_")])
 
 
@@ -21,9 +22,11 @@ def count_model(name: str, **kwargs) -> dict:
     size = get_pretrained_cfg(name).input_size
     with torch.device("meta"):
         model = timm.create_model(name, **kwargs)
-        x = torch.empty(1, *size)
+        inputs = (torch.empty(1, *size),)
+        if isinstance(model, DiT):
+            inputs += (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     with FlopCounterMode(display=False) as counter:
-        model(x)
+        model(*inputs)
     family = getattr(model, "attn_schedule", None)
     families = sorted(set(family.names)) if family is not None else []
     return {
@@ -43,7 +46,8 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """A fixed-width text table; ``columns`` = [(key, header, format spec)]."""
     cells = [[format(r[k], f) if r[k] is not None else "-" for k, _, f in columns] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, (_, h, _) in enumerate(columns)]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+    left = [f == "s" for _, _, f in columns]
+    line = lambda vals: "  ".join(v.ljust(w) if lj else v.rjust(w) for v, w, lj in zip(vals, widths, left)).rstrip()
     return "\n".join([line([h for _, h, _ in columns]), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
