@@ -1,6 +1,7 @@
 """subquad.kernels: functional attention ops with a PyTorch reference and (on CUDA) Triton kernels."""
 from .backends import available_backends, choose_backend
 from .functional import agent_attention, focused_linear_attention, mala_attention, softmax_attention
+from .functional import neighborhood_attention
 from .reference.grid_conv import depthwise_conv_on_grid
 from .functional import block_sparse_attention
 
@@ -12,5 +13,6 @@ __all__ = [
     "depthwise_conv_on_grid",
     "focused_linear_attention",
     "mala_attention",
+    "neighborhood_attention",
     "softmax_attention",
 ]

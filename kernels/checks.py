@@ -71,3 +71,38 @@ def check_perfect_square(n: int, what: str) -> int:
     if n < 1 or a * a != n:
         raise ValueError(f"{what} must be a perfect square (agents are pooled to an a x a grid), got {n}")
     return a
+
+
+# --- sparse families: neighborhood, radial, log-linear ------------------------------------
+
+def check_neighborhood(grid: Sequence[int], kernel_size: int, dilation: int, op: str) -> None:
+    """An odd kernel >= 1 and a dilation >= 1 whose dilated window fits every grid side.
+
+    NATTEN's rule is kernel_size * dilation <= side: each of the ``dilation`` interleaved groups of a
+    side must hold a whole window (kernel_size * dilation > side implies dilation * (k-1) + 1 may
+    still fit, but the smallest group does not).
+    """
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"{op}: kernel_size must be an odd int >= 1 (the window is centred on the query), got {kernel_size!r}")
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"{op}: dilation must be an int >= 1, got {dilation!r}")
+    for side in grid:
+        if kernel_size * dilation > side:
+            raise ValueError(
+                f"{op}: kernel_size * dilation = {kernel_size} * {dilation} = {kernel_size * dilation} is larger "
+                f"than the grid side {side} of {tuple(grid)}; every dilation group of a side must hold "
+                "kernel_size tokens: use a smaller kernel or dilation, or dense attention")
+
+
+def check_rpb(rpb, num_heads: int, kernel_size: int, op: str) -> None:
+    if rpb is not None and tuple(rpb.shape) != (num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1):
+        raise ValueError(f"{op}: rpb must have shape (heads, 2k-1, 2k-1) = ({num_heads}, {2 * kernel_size - 1}, "
+                         f"{2 * kernel_size - 1}), got {tuple(rpb.shape)}")
+
+
+def check_top_k(top_k: int, num_blocks: int, what: str, op: str) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"{op}: top_k must be an int >= 1, got {top_k!r}")
+    if top_k > num_blocks:
+        raise ValueError(f"{op}: top_k={top_k} is larger than the {num_blocks} {what}; "
+                         "use a smaller top_k (or dense attention for so small a grid)")

@@ -136,3 +136,33 @@ try:
 except ImportError:        # no Triton on this platform: the reference serves every device
     pass
 
+
+# --- sparse families ----------------------------------------------------------------------
+
+from .flex_backend import neighborhood_attention_flex  # noqa: E402
+from .natten_backend import neighborhood_attention_natten  # noqa: E402
+from .reference.neighborhood import neighborhood_attention_reference  # noqa: E402
+
+
+def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],
+                           kernel_size: int, dilation: int = 1, rpb: torch.Tensor | None = None,
+                           num_prefix: int = 0, backend: str | None = None) -> torch.Tensor:
+    """Neighborhood attention (NAT, Hassani et al., CVPR 2023, Eq. 2-3; DiNAT's dilation).
+
+    Each grid token attends to the ``kernel_size`` x ``kernel_size`` window around it (every
+    ``dilation``-th token), shifted inward at borders, plus the prefix tokens; prefix queries attend
+    to everything. ``rpb``: None or NAT's relative position bias (heads, 2k-1, 2k-1). Backends:
+    ``reference`` (O(N k^2) memory), ``natten`` (the natten package, no rpb), ``flex`` (FlexAttention).
+    """
+    grid = checks.check_self_attention(q, k, v, grid, num_prefix, "neighborhood_attention")
+    grid = checks.check_image_grid(grid, "neighborhood_attention")
+    checks.check_neighborhood(grid, kernel_size, dilation, "neighborhood_attention")
+    checks.check_rpb(rpb, q.shape[1], kernel_size, "neighborhood_attention")
+    fn = choose_backend("neighborhood_attention", backend, q)
+    return fn(q, k, v, grid, kernel_size, dilation, rpb, num_prefix)
+
+
+register_backend("neighborhood_attention", "reference", neighborhood_attention_reference)
+register_backend("neighborhood_attention", "natten", neighborhood_attention_natten)
+register_backend("neighborhood_attention", "flex", neighborhood_attention_flex)
+

@@ -1,0 +1,104 @@
+"""The tile layout shared by the sparse kernels: grid tokens regrouped into 2D (or 3D) tiles.
+
+A band on the raster index is a horizontal stripe of the image; a tile of 8x8 tokens is a compact
+square, so a sparse pattern stated on tiles (and a kernel working on 64-query blocks) follows the
+2D geometry. Grids that are not multiples of the tile are padded; ``valid`` marks the real tokens.
+Optionally the tiles themselves are put in Morton (Z) order, which makes every level of a quadtree
+over the tiles a contiguous range (the token order of LLSA, Zhou et al. 2025, Sec. 3).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+DEFAULT_TILE_2D = (8, 8)
+DEFAULT_TILE_3D = (4, 4, 4)
+
+
+@dataclass(frozen=True, eq=False)
+class TileLayout:
+    """Where every grid token goes when the grid is cut into tiles.
+
+    ``slots`` (num_tiles * tile_size,): the raster index of the token in each tile slot, or
+    ``num_tokens`` for a padding slot. ``position`` (num_tokens,): the inverse, the slot of each
+    raster token. ``valid`` (num_tiles, tile_size): real tokens. ``coords`` (num_tiles, ndim): each
+    tile's coordinates in tile units, in the tiles' order. Tokens inside a tile are in raster order.
+    """
+
+    grid: tuple[int, ...]
+    tile: tuple[int, ...]
+    tiles_per_side: tuple[int, ...]
+    slots: torch.Tensor
+    position: torch.Tensor
+    valid: torch.Tensor
+    coords: torch.Tensor
+
+    @property
+    def num_tiles(self) -> int:
+        return math.prod(self.tiles_per_side)
+
+    @property
+    def tile_size(self) -> int:
+        return math.prod(self.tile)
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid)
+
+
+def morton_codes(coords: torch.Tensor) -> torch.Tensor:
+    """Z-order codes of integer coordinates (n, ndim): bits interleaved, the first axis the most
+    significant of each group, so a 2x2 quad is ordered (0,0), (0,1), (1,0), (1,1)."""
+    ndim = coords.shape[1]
+    bits = max(int(coords.max()).bit_length(), 1)
+    code = torch.zeros(coords.shape[0], dtype=torch.long, device=coords.device)
+    for b in range(bits):
+        for axis in range(ndim):
+            code |= ((coords[:, axis] >> b) & 1) << (b * ndim + ndim - 1 - axis)
+    return code
+
+
+def default_tile(grid: Sequence[int]) -> tuple[int, ...]:
+    return DEFAULT_TILE_2D if len(grid) == 2 else DEFAULT_TILE_3D
+
+
+@functools.lru_cache(maxsize=256)
+def tile_layout(grid: tuple[int, ...], tile: tuple[int, ...] | None = None, morton: bool = False,
+                device: torch.device | None = None) -> TileLayout:
+    """The (cached) layout of ``grid`` (H, W) or (T, H, W) cut into ``tile`` (default 8x8 / 4x4x4)."""
+    grid = tuple(int(g) for g in grid)
+    tile = default_tile(grid) if tile is None else tuple(int(t) for t in tile)
+    if len(tile) != len(grid) or any(t < 1 for t in tile):
+        raise ValueError(f"tile {tile} must have one positive size per grid axis of {grid}")
+    tiles_per_side = tuple(-(-g // t) for g, t in zip(grid, tile))
+    coords = torch.cartesian_prod(*(torch.arange(n) for n in tiles_per_side)).reshape(-1, len(grid))
+    if morton:
+        coords = coords[torch.argsort(morton_codes(coords), stable=True)]
+    offsets = torch.cartesian_prod(*(torch.arange(t) for t in tile)).reshape(-1, len(grid))
+    pos = coords[:, None, :] * torch.tensor(tile) + offsets[None, :, :]      # (tiles, tile_size, ndim)
+    valid = (pos < torch.tensor(grid)).all(dim=-1)
+    strides = torch.tensor([math.prod(grid[a + 1:]) for a in range(len(grid))])
+    num_tokens = math.prod(grid)
+    slots = torch.where(valid, (pos * strides).sum(-1), num_tokens).reshape(-1)
+    position = torch.empty(num_tokens, dtype=torch.long)
+    position[slots[slots < num_tokens]] = torch.arange(slots.numel())[slots < num_tokens]
+    return TileLayout(grid, tile, tiles_per_side, slots.to(device), position.to(device), valid.to(device),
+                      coords.to(device))
+
+
+def to_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """(..., num_tokens, d) in raster order -> (..., num_tiles, tile_size, d); padding slots are 0."""
+    if x.shape[-2] != layout.num_tokens:
+        raise ValueError(f"to_tiles: {x.shape[-2]} tokens do not fill the grid {layout.grid}")
+    padded = torch.cat([x, x.new_zeros(*x.shape[:-2], 1, x.shape[-1])], dim=-2)
+    tiled = padded.index_select(-2, layout.slots.to(x.device))
+    return tiled.unflatten(-2, (layout.num_tiles, layout.tile_size))
+
+
+def from_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """(..., num_tiles, tile_size, d) -> (..., num_tokens, d) in raster order (padding dropped)."""
+    return x.flatten(-3, -2).index_select(-2, layout.position.to(x.device))

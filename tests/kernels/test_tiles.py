@@ -1,0 +1,66 @@
+"""The tile layout: exact round trip on odd grids, tiles are boxes of the grid, Morton order of tiles."""
+import math
+
+import pytest
+import torch
+
+from subquad.kernels.tiles import from_tiles, morton_codes, tile_layout, to_tiles
+
+GRIDS = [((13, 17), None), ((1, 1), None), ((3, 5, 7), None), ((16, 16), (4, 4)), ((9, 4), (2, 3)),
+         ((5, 6, 7), (1, 4, 4)), ((2, 3), (8, 8))]
+
+
+@pytest.mark.parametrize("morton", [False, True])
+@pytest.mark.parametrize("grid,tile", GRIDS)
+def test_round_trip_is_exact(grid, tile, morton):
+    layout = tile_layout(grid, tile, morton)
+    x = torch.randn(2, 3, math.prod(grid), 5)
+    tiled = to_tiles(x, layout)
+    assert tiled.shape == (2, 3, layout.num_tiles, layout.tile_size, 5)
+    assert torch.equal(from_tiles(tiled, layout), x)
+    assert int(layout.valid.sum()) == math.prod(grid)
+    assert (tiled[:, :, ~layout.valid] == 0).all()
+
+
+@pytest.mark.parametrize("grid,tile", GRIDS)
+def test_each_tile_is_a_box_of_the_grid(grid, tile):
+    layout = tile_layout(grid, tile, True)
+    strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
+    slots = layout.slots.reshape(layout.num_tiles, layout.tile_size)
+    for t in range(layout.num_tiles):
+        lo = [int(c) * s for c, s in zip(layout.coords[t], layout.tile)]
+        expected = [sum(p * st for p, st in zip(pos, strides))
+                    for pos in _box(lo, layout.tile, grid)]
+        assert slots[t][layout.valid[t]].tolist() == expected      # raster order inside the tile
+
+
+def _box(lo, size, grid):
+    ranges = [range(l, min(l + s, g)) for l, s, g in zip(lo, size, grid)]
+    out = [[]]
+    for r in ranges:
+        out = [p + [i] for p in out for i in r]
+    return out
+
+
+def test_morton_order_makes_quadtree_levels_contiguous():
+    layout = tile_layout((32, 32), (4, 4), True)                   # an 8x8 grid of tiles
+    coords = layout.coords
+    for level in (1, 2, 3):                                        # 2x2, 4x4, 8x8 groups of tiles
+        side = 2 ** level
+        parents = (coords // side).reshape(-1, side * side, 2)
+        assert (parents == parents[:, :1]).all()
+    assert coords[:4].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+
+
+def test_morton_order_of_a_ragged_grid_is_a_subsequence_of_the_full_one():
+    ragged = tile_layout((13, 17), (4, 4), True).coords           # 4 x 5 tiles
+    codes = morton_codes(ragged)
+    assert torch.equal(codes, codes.sort().values)
+    assert len({tuple(c) for c in ragged.tolist()}) == 20
+
+
+def test_bad_tile_is_a_value_error():
+    with pytest.raises(ValueError, match="tile"):
+        tile_layout((4, 4), (2, 2, 2))
+    with pytest.raises(ValueError, match="tokens"):
+        to_tiles(torch.zeros(1, 15, 2), tile_layout((4, 4), (2, 2)))
