@@ -166,3 +166,13 @@ register_backend("neighborhood_attention", "reference", neighborhood_attention_r
 register_backend("neighborhood_attention", "natten", neighborhood_attention_natten)
 register_backend("neighborhood_attention", "flex", neighborhood_attention_flex)
 
+# --- Triton backends of the linear family (the default on CUDA) -------------------------------
+try:
+    from .triton.agent import agent_attention_triton
+    from .triton.linear_attention import focused_linear_attention_triton, mala_attention_triton
+except ImportError:     # no Triton on this platform: the references remain
+    pass
+else:
+    register_backend("agent_attention", "triton", agent_attention_triton)
+    register_backend("focused_linear_attention", "triton", focused_linear_attention_triton)
+    register_backend("mala_attention", "triton", mala_attention_triton)
