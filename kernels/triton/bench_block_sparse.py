@@ -1,0 +1,164 @@
+"""Speed of the block-sparse core on a GPU against dense SDPA, the ideal (density x SDPA time) and
+FlexAttention compiled with the same block mask.
+
+``python -m subquad.kernels.triton.bench_block_sparse --out results.csv [--sweep]`` prints a table;
+``bench_block_sparse()`` returns the rows. Sparsity: each 128-query block attends a random set of
+round(density x blocks) 128-key blocks (its own block among them), per head; our kernel gets the same
+blocks as key tiles of 64 (two per block) and of 128.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from ..reference.block_sparse import block_mask_to_csr
+from . import block_sparse as bs
+
+EXP_RATE = 3.9e12          # exp2 per second on the H100 SXM's special-function units (FA3 paper, Sec. 3)
+
+
+def random_block_mask(heads: int, blocks: int, density: float, device: str, seed: int = 0) -> torch.Tensor:
+    """(1, heads, blocks, blocks) bool with round(density * blocks) >= 1 blocks per row, the diagonal included."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    per_row = max(1, round(density * blocks))
+    score = torch.rand(heads, blocks, blocks, generator=g)
+    score[:, torch.arange(blocks), torch.arange(blocks)] = 2.0
+    chosen = score.topk(per_row, dim=-1).indices
+    mask = torch.zeros(heads, blocks, blocks, dtype=torch.bool).scatter_(-1, chosen, True)
+    return mask[None].to(device)
+
+
+def _median_ms(fn: Callable[[], object]) -> float:
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _fwd_bwd(fn, q, k, v, do):
+    return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+
+
+def matmul_peak_tflops(device: str = "cuda") -> float:
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192 ** 3 / _median_ms(lambda: a @ b) * 1e-9
+
+
+def bench_block_sparse(device: str = "cuda", tokens=(16384, 32768, 65536), densities=(0.05, 0.1, 0.25, 0.5, 1.0),
+                       heads: int = 4, head_dim: int = 64, dtype: torch.dtype = torch.bfloat16,
+                       tile_sizes=((128, 64), (128, 128)), flex: bool = True, log=print) -> list[dict]:
+    """One row per (tokens, density, our tile size): median ms forward and forward+backward, TFLOP/s,
+    the roofline floor, and ratios to SDPA, to the ideal density x SDPA and to FlexAttention."""
+    if flex:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+        flex_fn = torch.compile(flex_attention, dynamic=False)
+    peak = matmul_peak_tflops(device)
+    log(f"bf16 matmul peak (8192^3): {peak:.0f} TFLOP/s; exp rate assumed {EXP_RATE / 1e12:.1f} T/s")
+    rows = []
+    for n in tokens:
+        q, k, v = (torch.randn(1, heads, n, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        do = torch.randn_like(q)
+        sdpa = F.scaled_dot_product_attention
+        t_sdpa = (_median_ms(lambda: sdpa(q, k, v)), _median_ms(_fwd_bwd(sdpa, q, k, v, do)))
+        dense_flops = 4 * heads * n * n * head_dim
+        log(f"N={n}: SDPA {t_sdpa[0]:.3f} / {t_sdpa[1]:.3f} ms "
+            f"({dense_flops / t_sdpa[0] * 1e-9:.0f} / {3.5 * dense_flops / t_sdpa[1] * 1e-9:.0f} TFLOP/s)")
+        blocks = n // 128
+        for density in densities:
+            mask = random_block_mask(heads, blocks, density, device)
+            real_density = mask.sum().item() / mask.numel()
+            pairs = mask.sum().item() * 128 * 128
+            flops = 4 * pairs * head_dim
+            floor = (max(flops / (peak * 1e12), pairs / EXP_RATE) * 1e3,
+                     max(3.5 * flops / (peak * 1e12), 3 * pairs / EXP_RATE) * 1e3)
+            t_flex = (math.nan, math.nan)
+            if flex:
+                counts = mask.sum(-1, dtype=torch.int32)
+                order = mask.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+                block_mask = BlockMask.from_kv_blocks(torch.zeros_like(counts), order, counts, order,
+                                                      BLOCK_SIZE=128)
+                fx = lambda q, k, v: flex_fn(q, k, v, block_mask=block_mask)  # noqa: E731
+                t_flex = (_median_ms(lambda: fx(q, k, v)), _median_ms(_fwd_bwd(fx, q, k, v, do)))
+            for bm, bn in tile_sizes:
+                tile_mask = mask.repeat_interleave(128 // bm, 2).repeat_interleave(128 // bn, 3)
+                row_ptr, col_idx = block_mask_to_csr(tile_mask)
+                ours = lambda q, k, v: bs.block_sparse_attention_triton(  # noqa: E731
+                    q, k, v, row_ptr, col_idx, bm, bn)
+                t = (_median_ms(lambda: ours(q, k, v)), _median_ms(_fwd_bwd(ours, q, k, v, do)))
+                row = dict(tokens=n, heads=heads, head_dim=head_dim, dtype=str(dtype).split(".")[-1],
+                           density=round(real_density, 4), block_m=bm, block_n=bn,
+                           fwd_ms=t[0], fwdbwd_ms=t[1],
+                           fwd_tflops=flops / t[0] * 1e-9, fwdbwd_tflops=3.5 * flops / t[1] * 1e-9,
+                           floor_fwd_ms=floor[0], floor_fwdbwd_ms=floor[1],
+                           sdpa_fwd_ms=t_sdpa[0], sdpa_fwdbwd_ms=t_sdpa[1],
+                           vs_ideal_fwd=t[0] / (real_density * t_sdpa[0]),
+                           vs_ideal_fwdbwd=t[1] / (real_density * t_sdpa[1]),
+                           flex_fwd_ms=t_flex[0], flex_fwdbwd_ms=t_flex[1],
+                           speedup_vs_flex_fwd=t_flex[0] / t[0], speedup_vs_flex_fwdbwd=t_flex[1] / t[1])
+                rows.append(row)
+                log(" ".join(f"{key}={val:.3f}" if isinstance(val, float) else f"{key}={val}"
+                             for key, val in row.items()))
+    return rows
+
+
+def sweep_launch_configs(device: str = "cuda", n: int = 32768, density: float = 0.25, heads: int = 4,
+                         head_dim: int = 64, log=print) -> list[dict]:
+    """Median ms of each kernel under a few (num_warps, num_stages): the data behind ``launch_config``."""
+    mask = random_block_mask(heads, n // 128, density, device)
+    q, k, v, do = (torch.randn(1, heads, n, head_dim, device=device, dtype=torch.bfloat16) for _ in range(4))
+    scale = head_dim ** -0.5
+    results = []
+    for bm, bn in ((128, 64), (64, 64), (128, 128)):
+        row_ptr, col_idx = block_mask_to_csr(mask.repeat_interleave(128 // bm, 2).repeat_interleave(128 // bn, 3))
+        args = (row_ptr, col_idx, None, None, None, bm, bn, 0, scale)
+        o, lse = bs.forward(q, k, v, *args)
+        for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
+            cfg = {"num_warps": warps, "num_stages": stages}
+            timings = {
+                "fwd": lambda: bs.forward(q, k, v, *args, config=cfg),
+                "bwd_kv": lambda: bs.backward(do, q, k, v, o, lse, *args, configs={"bwd_kv": cfg}),
+                "bwd_q": lambda: bs.backward(do, q, k, v, o, lse, *args, configs={"bwd_q": cfg}),
+            }
+            for kind, fn in timings.items():
+                try:
+                    ms = _median_ms(fn)
+                except Exception as err:        # a config that does not fit (shared memory) is skipped
+                    ms, kind = math.nan, f"{kind} ({type(err).__name__})"
+                results.append(dict(block_m=bm, block_n=bn, kernel=kind, num_warps=warps, num_stages=stages, ms=ms))
+                log(f"bm={bm} bn={bn} {kind} warps={warps} stages={stages}: {ms:.3f} ms")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_block_sparse.csv")
+    parser.add_argument("--sweep", action="store_true", help="also time launch configs (written beside --out)")
+    parser.add_argument("--tokens", type=int, nargs="*", default=[16384, 32768, 65536])
+    parser.add_argument("--no-flex", action="store_true")
+    args = parser.parse_args(argv)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    if args.sweep:
+        sweep = sweep_launch_configs(log=log)
+        with open(args.out.replace(".csv", "_sweep.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(sweep[0]))
+            writer.writeheader()
+            writer.writerows(sweep)
+    rows = bench_block_sparse(tokens=tuple(args.tokens), flex=not args.no_flex, log=log)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cols = ["tokens", "density", "block_n", "fwd_ms", "fwdbwd_ms", "fwd_tflops", "fwdbwd_tflops", "floor_fwd_ms",
+            "floor_fwdbwd_ms", "vs_ideal_fwd", "vs_ideal_fwdbwd", "speedup_vs_flex_fwd", "speedup_vs_flex_fwdbwd"]
+    print("  ".join(cols))
+    for r in rows:
+        print("  ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
