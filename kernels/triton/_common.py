@@ -1,5 +1,5 @@
 """Helpers shared by the linear-family Triton kernels: tile loads, padding and the N-split policy."""
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 import triton
@@ -30,6 +30,15 @@ def split_tokens(batch_heads: int, n: int, block_n: int, target: int, max_tiles:
     splits = min(tiles, max(triton.cdiv(target, batch_heads), triton.cdiv(tiles, max_tiles)))
     chunk = triton.cdiv(tiles, splits) * block_n
     return triton.cdiv(n, chunk), chunk
+
+
+LAUNCHED: Dict[str, object] = {}
+
+
+def launch(kernel, grid: Tuple[int, ...], *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), keeping the compiled kernel by name: its n_regs / n_spills feed the
+    resource report of bench_linear."""
+    LAUNCHED[kernel.__name__] = kernel[grid](*args, **kwargs)
 
 
 def head_strides(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:

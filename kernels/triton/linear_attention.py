@@ -27,18 +27,19 @@ from torch import Tensor
 from ..reference.feature_maps import FOCUSED_EPS
 from ..reference.linear_attention import LINEAR_EPS
 from ..reference.rope import rope_2d_angles
-from ._common import (dot_precision, head_strides, load_tile, num_programs_target, pad_dim, split_tokens,
-                      store_tile)
+from ._common import (dot_precision, head_strides, launch, load_tile, num_programs_target, pad_dim,
+                      split_tokens, store_tile)
 
 FOCUSED = 0      # FLatten: phi = focused map, O = phi(q) S / (phi(q) z)
 MALA = 1         # MALA: phi = ELU + 1, Y = beta phi(q) S - gamma sum v
 
-# Tile sizes and launch options per kernel; bench_linear may override them for a sweep.
+# Tile sizes and launch options per kernel (chosen from ptxas register/spill reports for sm_90 and the
+# bench_linear sweep on an H100); bench_linear overrides them for its sweep.
 CONFIG = {
-    "state": dict(BLOCK_N=64, num_warps=4, num_stages=2),
-    "output": dict(BLOCK_N=64, num_warps=4, num_stages=2, max_tiles=8),
-    "bwd_q": dict(BLOCK_N=64, num_warps=4, num_stages=1),
-    "bwd_k": dict(BLOCK_N=64, num_warps=4, num_stages=1),
+    "state": dict(BLOCK_N=64, num_warps=8, num_stages=2),
+    "output": dict(BLOCK_N=64, num_warps=8, num_stages=2, max_tiles=8),
+    "bwd_q": dict(BLOCK_N=32, num_warps=8, num_stages=1),
+    "bwd_k": dict(BLOCK_N=32, num_warps=8, num_stages=1),
 }
 
 
@@ -378,7 +379,7 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
     part_state = q.new_empty(b * h, splits, dp, dvp, dtype=torch.float32)
     part_k = q.new_empty(b * h, splits, dp, dtype=torch.float32)
     part_v = q.new_empty(b * h, splits, dvp, dtype=torch.float32)
-    _state_kernel[(b * h, splits)](
+    launch(_state_kernel, (b * h, splits),
         k, v, c, trig, part_state, part_k, part_v, n, h, chunk, float(p), FOCUSED_EPS, num_prefix,
         rope_h, rope_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, **meta, **cfg)
     state, ksum, vsum = part_state.sum(1), part_k.sum(1), part_v.sum(1)
@@ -386,7 +387,7 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
     cfg = CONFIG["output"]
     splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], 2 * target, cfg["max_tiles"])
     inv_n, scale_d = _scales(n, d)
-    _output_kernel[(b * h, splits)](
+    launch(_output_kernel, (b * h, splits),
         q, c, trig, state, ksum, vsum, out, n, h, chunk, float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w,
         inv_n, scale_d, LINEAR_EPS, s_qb, s_qh, s_qn, out.stride(0), out.stride(1), out.stride(2),
         **meta, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -413,7 +414,7 @@ def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: 
     part_k = q.new_empty(b * h, splits, dp, dtype=torch.float32)
     part_v = q.new_empty(b * h, splits, dvp, dtype=torch.float32)
     part_cq = q.new_empty(b * h, splits, dp, dtype=torch.float32)
-    _backward_q_kernel[(b * h, splits)](
+    launch(_backward_q_kernel, (b * h, splits),
         q, grad, c, trig, state, ksum, vsum, dq, part_state, part_k, part_v, part_cq,
         n, h, chunk, float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, inv_n, scale_d, LINEAR_EPS,
         s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, dq.stride(0), dq.stride(1), dq.stride(2), **meta, **cfg)
@@ -422,7 +423,7 @@ def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: 
     cfg = CONFIG["bwd_k"]
     splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], target)
     part_ck = q.new_empty(b * h, splits, dp, dtype=torch.float32)
-    _backward_k_kernel[(b * h, splits)](
+    launch(_backward_k_kernel, (b * h, splits),
         k, v, c, trig, d_state, d_ksum, d_vsum, dk, dv, part_ck,
         n, h, chunk, float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, inv_n, scale_d,
         s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, dk.stride(0), dk.stride(1), dk.stride(2),

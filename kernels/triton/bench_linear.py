@@ -1,0 +1,199 @@
+"""Benchmark of the linear family's Triton kernels (FLatten, MALA, agent attention), issue 5.
+
+Per op and size (B x heads 4 x head_dim 64, bf16 by default): median ms of the forward and of
+forward+backward (triton.testing.do_bench), the effective GB/s over the minimum bytes (forward: q, k, v
+read once and O written once; forward+backward: also dO read and dq, dk, dv written once), and the
+ratios to the naive PyTorch reference and to SDPA measured in the same run.
+
+    python -m subquad.kernels.triton.bench_linear [--sweep] [--out DIR]
+"""
+import argparse
+import csv
+import itertools
+import math
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from .. import agent_attention, focused_linear_attention, mala_attention
+from . import agent as agent_kernels
+from . import linear_attention as linear_kernels
+from ._common import LAUNCHED
+
+SIZES: List[Tuple[Tuple[int, int], int]] = [((56, 56), 32), ((128, 128), 4), ((256, 256), 1)]
+OPS = ("focused_linear", "mala", "mala_rope", "agent")
+HEADS, HEAD_DIM, NUM_AGENTS = 4, 64, 49
+
+
+def _median_ms(fn: Callable[[], object]) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _op_call(op: str, grid: Tuple[int, int], params: Dict[str, torch.Tensor]) -> Callable:
+    """fn(q, k, v, backend) -> O for one op, with its learnable parameters (FLatten's scale, agent biases)."""
+    if op == "focused_linear":
+        return lambda q, k, v, backend: focused_linear_attention(q, k, v, grid=grid, focusing_factor=3,
+                                                                 scale=params["scale"], backend=backend)
+    if op in ("mala", "mala_rope"):
+        return lambda q, k, v, backend: mala_attention(q, k, v, grid=grid, rope=op == "mala_rope", backend=backend)
+    return lambda q, k, v, backend: agent_attention(q, k, v, grid=grid, num_agents=NUM_AGENTS,
+                                                    agent_bias=(params["b1"], params["b2"]), backend=backend)
+
+
+def _inputs(b: int, n: int, dtype: torch.dtype, device: str):
+    q, k, v = (torch.randn(b, HEADS, n, HEAD_DIM, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    params = dict(scale=torch.randn(HEADS, HEAD_DIM, device=device, requires_grad=True),
+                  b1=(0.1 * torch.randn(HEADS, NUM_AGENTS, n, device=device)).requires_grad_(),
+                  b2=(0.1 * torch.randn(HEADS, n, NUM_AGENTS, device=device)).requires_grad_())
+    return q, k, v, params
+
+
+def _time_pair(fn: Callable, inputs: Sequence[torch.Tensor], grad: torch.Tensor) -> Tuple[float, float]:
+    """(forward ms without autograd, forward+backward ms) of fn() -> O with respect to ``inputs``."""
+    with torch.no_grad():
+        fwd = _median_ms(fn)
+    fwd_bwd = _median_ms(lambda: torch.autograd.grad(fn(), inputs, grad))
+    return fwd, fwd_bwd
+
+
+def copy_bandwidth_gbps(device: str = "cuda") -> float:
+    """Device-to-device copy of 1 GiB, counting bytes read plus bytes written: the memory ceiling."""
+    a = torch.empty(2 ** 28, device=device, dtype=torch.float32).normal_()
+    b = torch.empty_like(a)
+    return 2 * a.numel() * 4 / (_median_ms(lambda: b.copy_(a)) * 1e-3) / 1e9
+
+
+def bench_linear_family(device: str = "cuda", sizes: Sequence[Tuple[Tuple[int, int], int]] = SIZES,
+                        ops: Sequence[str] = OPS, dtype: torch.dtype = torch.bfloat16,
+                        with_reference: bool = True) -> List[Dict]:
+    """One row per (op, size, pass) with triton/reference/SDPA ms, effective GB/s and the ratios."""
+    rows = []
+    for (gh, gw), b in sizes:
+        n = gh * gw
+        q, k, v, params = _inputs(b, n, dtype, device)
+        grad = torch.randn_like(q)
+        sdpa = _time_pair(lambda: F.scaled_dot_product_attention(q, k, v), (q, k, v), grad)
+        tensor_bytes = b * HEADS * n * HEAD_DIM * q.element_size()
+        for op in ops:
+            call = _op_call(op, (gh, gw), params)
+            inputs = [q, k, v] + ([params["scale"]] if op == "focused_linear" else [])
+            inputs += [params["b1"], params["b2"]] if op == "agent" else []
+            triton_ms = _time_pair(lambda: call(q, k, v, "triton"), inputs, grad)
+            ref_ms = (_time_pair(lambda: call(q, k, v, "reference"), inputs, grad) if with_reference
+                      else (math.nan, math.nan))
+            for i, (pass_name, min_bytes) in enumerate((("forward", 4 * tensor_bytes),
+                                                         ("forward+backward", 11 * tensor_bytes))):
+                rows.append(dict(op=op, grid=f"{gh}x{gw}", batch=b, heads=HEADS, head_dim=HEAD_DIM,
+                                 dtype=str(dtype).split(".")[-1], pass_=pass_name, triton_ms=triton_ms[i],
+                                 reference_ms=ref_ms[i], sdpa_ms=sdpa[i],
+                                 gbps=min_bytes / (triton_ms[i] * 1e-3) / 1e9,
+                                 x_reference=ref_ms[i] / triton_ms[i], x_sdpa=sdpa[i] / triton_ms[i]))
+        rows.extend(_fla_rows(q, k, v, grad, (gh, gw), b, dtype, tensor_bytes))
+    return rows
+
+
+def _fla_rows(q, k, v, grad, grid, b, dtype, tensor_bytes) -> List[Dict]:
+    """flash-linear-attention's fused linear attention (plain phi = identity), when the package is installed."""
+    try:
+        from fla.ops.linear_attn import fused_chunk_linear_attn
+    except ImportError:
+        return []
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    gt = grad.transpose(1, 2).contiguous()
+
+    def fn():
+        return fused_chunk_linear_attn(qt, kt, vt, normalize=True)[0]
+
+    fwd, fwd_bwd = _time_pair(fn, (qt, kt, vt), gt)
+    return [dict(op="fla_fused_chunk_linear_attn (causal)", grid=f"{grid[0]}x{grid[1]}", batch=b, heads=HEADS,
+                 head_dim=HEAD_DIM, dtype=str(dtype).split(".")[-1], pass_=p, triton_ms=t, reference_ms=math.nan,
+                 sdpa_ms=math.nan, gbps=nb / (t * 1e-3) / 1e9, x_reference=math.nan, x_sdpa=math.nan)
+            for p, t, nb in (("forward", fwd, 4 * tensor_bytes), ("forward+backward", fwd_bwd, 11 * tensor_bytes))]
+
+
+# --- launch-configuration sweep (tuning aid) ------------------------------------------------
+
+LINEAR_FWD = [dict(BLOCK_N=bn, num_warps=w, num_stages=s) for bn, w, s in ((64, 8, 2), (64, 8, 3), (128, 8, 3),
+                                                                          (32, 4, 3), (64, 4, 2))]
+LINEAR_BWD = [dict(BLOCK_N=bn, num_warps=w, num_stages=s) for bn, w, s in ((32, 8, 1), (32, 8, 2), (16, 4, 1),
+                                                                          (64, 8, 1), (32, 4, 2))]
+AGENT_FWD = [dict(BLOCK_N=bn, num_warps=w, num_stages=s) for bn, w, s in ((64, 8, 2), (64, 8, 3), (128, 8, 3),
+                                                                         (64, 4, 2))]
+AGENT_BWD = [dict(BLOCK_N=bn, num_warps=w, num_stages=s) for bn, w, s in ((16, 4, 1), (16, 4, 2), (32, 8, 1),
+                                                                         (32, 4, 2))]
+
+
+def sweep(device: str = "cuda", sizes=(((128, 128), 4), ((56, 56), 32)), ops=("focused_linear", "mala_rope", "agent"),
+          dtype: torch.dtype = torch.bfloat16) -> List[Dict]:
+    """Forward and backward kernel configurations, one family at a time, each timed fwd and fwd+bwd."""
+    rows = []
+    for ((gh, gw), b), op in itertools.product(sizes, ops):
+        q, k, v, params = _inputs(b, gh * gw, dtype, device)
+        grad = torch.randn_like(q)
+        call = _op_call(op, (gh, gw), params)
+        inputs = [q, k, v]
+        config = agent_kernels.CONFIG if op == "agent" else linear_kernels.CONFIG
+        fwd_keys = ("pool", "aggregate", "broadcast") if op == "agent" else ("state", "output")
+        bwd_keys = ("broadcast_bwd", "aggregate_bwd") if op == "agent" else ("bwd_q", "bwd_k")
+        saved = {key: dict(cfg) for key, cfg in config.items()}
+        for keys, candidates in ((fwd_keys, AGENT_FWD if op == "agent" else LINEAR_FWD),
+                                 (bwd_keys, AGENT_BWD if op == "agent" else LINEAR_BWD)):
+            for cand in candidates:
+                for key in keys:
+                    config[key].update(cand)
+                fwd, fwd_bwd = _time_pair(lambda: call(q, k, v, "triton"), inputs, grad)
+                rows.append(dict(op=op, grid=f"{gh}x{gw}", batch=b, kernels="+".join(keys), **cand,
+                                 fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
+                for key in keys:
+                    config[key].clear()
+                    config[key].update(saved[key])
+    return rows
+
+
+def kernel_resources() -> List[Dict]:
+    """Registers and spills of the last compiled variant of each kernel launched in this process."""
+    return [dict(kernel=name, regs=getattr(k, "n_regs", None), spills=getattr(k, "n_spills", None),
+                 shared=getattr(k.metadata, "shared", None) if hasattr(k, "metadata") else None)
+            for name, k in sorted(LAUNCHED.items())]
+
+
+def _print_table(rows: List[Dict]) -> None:
+    if not rows:
+        return
+    keys = list(rows[0])
+    fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else str(x)
+    widths = [max(len(k), *(len(fmt(r[k])) for r in rows)) for k in keys]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for r in rows:
+        print("  ".join(fmt(r[k]).ljust(w) for k, w in zip(keys, widths)))
+
+
+def _save_csv(rows: List[Dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
+    parser.add_argument("--out", default=".", help="folder for the CSV files")
+    args = parser.parse_args()
+    out = Path(args.out)
+    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy_bandwidth_gbps():.0f} GB/s")
+    rows = bench_linear_family()
+    _save_csv(rows, out / "bench_linear.csv")
+    _print_table(kernel_resources())
+    _print_table(rows)
+    if args.sweep:
+        rows = sweep()
+        _save_csv(rows, out / "sweep_linear.csv")
+        _print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
