@@ -30,6 +30,11 @@ def _bench(args: argparse.Namespace) -> None:
     run_bench(cfg, Path(args.out))
 
 
+def _accelerate_pipeline(args: argparse.Namespace) -> None:
+    from .accelerate_pipeline import run_accelerate_pipeline
+    run_accelerate_pipeline(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="subquad", description="Efficient-attention vision backbones.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed repeats per case (median reported)")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")
     p.set_defaults(run=_bench)
+    p = sub.add_parser("accelerate-pipeline", help="a diffusers pipeline with structured attention over its image "
+                                                   "tokens: time and fidelity against the dense run")
+    p.add_argument("--model", help="a local diffusers pipeline folder")
+    p.add_argument("--random", choices=["dit", "pixart", "sd3", "flux", "wan"],
+                   help="instead of --model: time one call of a random-weight transformer of this class")
+    p.add_argument("--size", choices=["tiny", "full"], default="full", help="--random: the released model's size or tiny")
+    p.add_argument("--attn", required=True, help="neighborhood (nat), radial, loglinear (llsa) or agent")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the attention op, e.g. kernel_size=13; repeatable")
+    p.add_argument("--dense-layers", help="blocks kept dense, e.g. 0,1,27 or 0-3")
+    p.add_argument("--dense-steps", type=int, default=0, help="the first denoising steps kept dense")
+    p.add_argument("--prompt")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--class-labels", help="class-conditional pipelines (DiT): e.g. 207,360")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--num-frames", type=int)
+    p.add_argument("--num-inference-steps", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each variant before the timed one")
+    p.add_argument("--repeats", type=int, default=3, help="--random: timed calls (median reported)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--out", default="accelerate_out", help="folder for dense.png, accelerated.png and report.json")
+    p.set_defaults(run=_accelerate_pipeline)
     return parser
 
 
