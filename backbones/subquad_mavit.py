@@ -1,0 +1,104 @@
+"""MAViT-T/S/B/L, the hierarchical models of MALA (Fan et al., "Rectifying Magnitude Neglect in Linear
+Attention", ICCV 2025), as in the official ``classfication_release/model.py`` (``MALA_T/S/B/L``).
+
+A convolutional BatchNorm stem, 3x3/2 conv + BatchNorm downsampling, and blocks with a 3x3
+depthwise positional conv before pre-norm attention and a depthwise-conv FFN (ratio 3.5), layer
+scale throughout. Stages 1-2 use MALA (phi = ELU + 1, 2D RoPE inside the KV product, 5x5 LePE,
+output gate); stages 3-4 softmax attention with the same RoPE, LePE and gate (the official default
+``flagss``). The head projects each position to 2048 (2560 for L) channels with BatchNorm and swish
+before pooling.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from timm.models import generate_default_cfgs, register_model
+
+from .hierarchical import HierarchicalTransformer, check_converted, create_hierarchical, hierarchical_cfg, rename_keys
+
+MAVIT_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8),
+                 drop_path_rate=0.1, head_hidden_size=2048, layer_scale=(1., 1., 1., 1.)),
+    "small": dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 9, 3), num_heads=(1, 2, 5, 8),
+                  drop_path_rate=0.15, head_hidden_size=2048, layer_scale=(1., 1., 1., 1.)),
+    "base": dict(embed_dims=(96, 192, 384, 512), depths=(4, 6, 12, 6), num_heads=(1, 2, 6, 8),
+                 drop_path_rate=0.4, head_hidden_size=2048, layer_scale=(1., 1., 1e-6, 1e-6)),
+    "large": dict(embed_dims=(96, 192, 448, 640), depths=(4, 7, 19, 8), num_heads=(1, 2, 7, 10),
+                  drop_path_rate=0.55, head_hidden_size=2560, layer_scale=(1e-6, 1e-6, 1e-6, 1e-6)),
+}
+MAVIT_ARGS: dict[str, Any] = dict(stem="conv_bn", downsample="conv_bn", cpe=True, mlp="dwconv", mlp_ratios=3.5,
+                                  norm_eps=1e-6, final_norm=False,
+                                  attn_kwargs={"mala": dict(rope=True, lepe=True, lepe_kernel_size=5, gate=True),
+                                               "softmax_rope": dict(lepe_kernel_size=5)})
+
+
+def mavit_attention(depths: tuple[int, ...]) -> list[str]:
+    """MALA in stages 1-2, RoPE softmax in stages 3-4."""
+    return [name for name, depth in zip(("mala", "mala", "softmax_rope", "softmax_rope"), depths) for _ in range(depth)]
+
+
+def _split_qkvo(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official attention projects q, k, v and the gate o with one 1x1 conv: split [q; k; v] | [o]."""
+    out = {}
+    for key, value in state_dict.items():
+        if ".attn.qkvo." in key:
+            dim = value.shape[0] // 4
+            out[key.replace(".qkvo.", ".qkv.")], out[key.replace(".qkvo.", ".gate.")] = value[:3 * dim], value[3 * dim:]
+        else:
+            out[key] = value
+    return out
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: HierarchicalTransformer) -> dict[str, torch.Tensor]:
+    """Official MAViT (``MALA_*``) state dict to ours.
+
+    ``layers.i.blocks`` -> ``stages.i.blocks`` with ``pos`` -> ``cpe``, ``norm{1,2}.norm`` ->
+    ``norm{1,2}``, ``ffn`` -> ``mlp``, ``gamma_{1,2}`` (1, C, 1, 1) -> ``ls{1,2}.gamma`` (C,),
+    ``attn.qkvo`` split into ``attn.qkv`` and ``attn.gate``; ``layers.i.downsample`` (end of stage i)
+    -> ``stages.{i+1}.downsample`` with ``reduction`` -> ``proj``; the top-level ``proj``, ``norm`` and
+    ``head`` -> ``head.proj``, ``head.norm``, ``head.fc``; every 1x1 conv becomes a linear (same
+    numbers). The RoPE ``angle`` buffers are recomputed: dropped. Our own state dicts pass through.
+    """
+    state_dict = state_dict.get("model", state_dict)
+    if not any(k.startswith("stages.") for k in state_dict):
+        state_dict = _split_qkvo(rename_keys(state_dict, [
+            (r"^layers\.(\d+)\.downsample\.reduction\.", lambda m: f"stages.{int(m.group(1)) + 1}.downsample.proj."),
+            (r"^layers\.(\d+)\.downsample\.", lambda m: f"stages.{int(m.group(1)) + 1}.downsample."),
+            (r"^layers\.(\d+)\.blocks\.(\d+)\.pos\.", r"stages.\1.blocks.\2.cpe."),
+            (r"^layers\.(\d+)\.blocks\.(\d+)\.(norm\d)\.norm\.", r"stages.\1.blocks.\2.\3."),
+            (r"^layers\.(\d+)\.blocks\.(\d+)\.ffn\.", r"stages.\1.blocks.\2.mlp."),
+            (r"^layers\.(\d+)\.blocks\.(\d+)\.gamma_(\d)$", r"stages.\1.blocks.\2.ls\3.gamma"),
+            (r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks."),
+            (r"^(proj|norm)\.", r"head.\1."),
+            (r"^head\.", "head.fc."),
+        ], drop=[r"\.RoPE\.angle$"]))
+        target = model.state_dict()
+        state_dict = {k: v.reshape(target[k].shape) if k in target and v.dim() != target[k].dim() else v
+                      for k, v in state_dict.items()}
+    return check_converted(state_dict, model, "the official MAViT layout")
+
+
+default_cfgs = generate_default_cfgs({
+    f"mavit_{size}": hierarchical_cfg(license="apache-2.0", paper_name="Rectifying Magnitude Neglect in Linear Attention",
+                                      paper_ids="arXiv:2507.00698", origin_url="https://github.com/qhfan/MALA",
+                                      crop_pct=0.875)
+    for size in MAVIT_SIZES})
+
+
+def _register(size: str) -> None:
+    variant = f"mavit_{size}"
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+        args = dict(MAVIT_ARGS, **MAVIT_SIZES[size], attn=mavit_attention(MAVIT_SIZES[size]["depths"]))
+        return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
+
+    entrypoint.__name__ = entrypoint.__qualname__ = variant
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"MALA's MAViT-{size[0].upper()} at 224x224."
+    setattr(sys.modules[__name__], variant, register_model(entrypoint))
+
+
+for _size in MAVIT_SIZES:
+    _register(_size)

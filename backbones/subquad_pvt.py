@@ -1,0 +1,93 @@
+"""PVT-layout models of the efficient-attention papers: Agent-PVT-T/S/M/L (Han et al., "Agent
+Attention", ECCV 2024) and FLatten-PVT-T/S (Han et al., "FLatten Transformer", ICCV 2023).
+
+Both keep PVT v1 (Wang et al., ICCV 2021: a 4x4/4 then 2x2/2 patch embedding with LayerNorm and a
+learned position embedding per stage, dims 64/128/320/512, heads 1/2/5/8, MLP ratios 8/8/4/4) and
+put their attention in every block over the full stage map: the official configs set the spatial
+reduction of their attention to 1 (``PVT_LA_SR_RATIOS: 1111``), so PVT's reduced keys are gone, and
+the class token and final norm are dropped (average pooling). Agent: 9/16/49/49 agents, 3x3 DWC;
+FLatten: focusing factor 3, 5x5 DWC, a positional encoding on K.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from timm.models import generate_default_cfgs, register_model
+
+from .hierarchical import HierarchicalTransformer, check_converted, create_hierarchical, hierarchical_cfg, rename_keys
+
+PVT_DEPTHS: dict[str, tuple[int, ...]] = {
+    "tiny": (2, 2, 2, 2), "small": (3, 4, 6, 3), "medium": (3, 4, 18, 3), "large": (3, 8, 27, 3)}
+PVT_ARGS: dict[str, Any] = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
+                                stem="patch", downsample="patch", pos_embed=True, final_norm=False, norm_eps=1e-6)
+# family -> (attention, options, {size: drop_path_rate}) from the official cfgs/*_pvt_*.yaml
+FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, float]]] = {
+    "agent": ("agent", dict(dwc_kernel_size=3), {"tiny": 0.1, "small": 0.1, "medium": 0.3, "large": 0.3}),
+    "flatten": ("focused_linear", dict(focusing_factor=3, kernel_size=5), {"tiny": 0.1, "small": 0.1}),
+}
+PAPERS = {"agent": ("Agent Attention", "arXiv:2312.08874", "https://github.com/LeapLabTHU/Agent-Attention"),
+          "flatten": ("FLatten Transformer", "arXiv:2308.00442", "https://github.com/LeapLabTHU/FLatten-Transformer")}
+
+
+def _merge_q_kv(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PVT projects q and (k, v) with two linears; we use one qkv linear: concatenate [q; k; v]."""
+    out = {}
+    for key, value in state_dict.items():
+        if ".attn.kv." in key:
+            continue
+        if ".attn.q." in key:
+            key, value = key.replace(".attn.q.", ".attn.qkv."), torch.cat([value, state_dict[key.replace(".q.", ".kv.")]])
+        out[key] = value
+    return out
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: HierarchicalTransformer) -> dict[str, torch.Tensor]:
+    """Official Agent-PVT / FLatten-PVT state dict (PVT v1 layout) to ours.
+
+    ``patch_embed1`` -> ``patch_embed``; ``patch_embed{i}`` / ``pos_embed{i}`` / ``block{i}`` ->
+    stage i - 1's ``downsample`` / ``pos_embed`` / ``blocks``; ``attn.q`` + ``attn.kv`` -> ``attn.qkv``;
+    ``head`` -> ``head.fc``. FLatten-PVT defines a final ``norm`` that its forward never applies: dropped.
+    Our own state dicts pass through.
+    """
+    state_dict = state_dict.get("model", state_dict)
+    if not any(k.startswith("stages.") for k in state_dict):
+        state_dict = _merge_q_kv(rename_keys(state_dict, [
+            (r"^patch_embed1\.", "patch_embed."),
+            (r"^patch_embed(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}.downsample."),
+            (r"^pos_embed(\d)$", lambda m: f"stages.{int(m.group(1)) - 1}.pos_embed"),
+            (r"^block(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}.blocks."),
+            (r"^head\.", "head.fc."),
+        ], drop=[r"^norm\."]))
+    return check_converted(state_dict, model, "the official PVT layout")
+
+
+def _model_names() -> list[str]:
+    return [f"{family}_pvt_{size}" for family, (_, _, sizes) in FAMILIES.items() for size in sizes]
+
+
+default_cfgs = generate_default_cfgs({
+    name: hierarchical_cfg(license="apache-2.0", paper_name=PAPERS[name.split("_")[0]][0],
+                           paper_ids=PAPERS[name.split("_")[0]][1], origin_url=PAPERS[name.split("_")[0]][2],
+                           crop_pct=0.875)
+    for name in _model_names()})
+
+
+def _register(variant: str) -> None:
+    family, _, size = variant.split("_")
+    name, options, drop_paths = FAMILIES[family]
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+        args = dict(PVT_ARGS, depths=PVT_DEPTHS[size], drop_path_rate=drop_paths[size], attn=name,
+                    attn_kwargs={name: options})
+        return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
+
+    entrypoint.__name__ = entrypoint.__qualname__ = variant
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"{PAPERS[family][0]}: {family.capitalize()}-PVT-{size[0].upper()} at 224x224."
+    setattr(sys.modules[__name__], variant, register_model(entrypoint))
+
+
+for _variant in _model_names():
+    _register(_variant)

@@ -1,0 +1,164 @@
+"""Hierarchical backbones: every name builds, the smallest of each family trains a step, timm
+features, input checks, the attention plan, and Swin's windows against timm's Swin."""
+import pytest
+import timm
+import torch
+
+import subquad
+from subquad.backbones.hierarchical import HierarchicalTransformer, WindowAttention
+from subquad.tasks.zoo import subquad_model_names
+
+HAS_NA = "neighborhood" in subquad.attention.names()
+needs_na = pytest.mark.skipif(not HAS_NA, reason="the 'neighborhood' attention family is not registered yet")
+
+NAMES = {
+    "swin": [f"{f}_swin_{s}_patch4_window7_224" for f in ("agent", "flatten") for s in ("tiny", "small", "base")],
+    "pvt": [f"agent_pvt_{s}" for s in ("tiny", "small", "medium", "large")] + ["flatten_pvt_tiny", "flatten_pvt_small"],
+    "mavit": [f"mavit_{s}" for s in ("tiny", "small", "base", "large")],
+    "hier": [f"subquad_hier_{s}" for s in ("tiny", "small", "base")],
+    "nat": [f"{f}_{s}" for f in ("nat", "dinat") for s in ("mini", "tiny", "small", "base")],
+}
+ALL = [pytest.param(n, marks=needs_na) if family == "nat" else n for family, names in NAMES.items() for n in names]
+SMALLEST = ["agent_swin_tiny_patch4_window7_224", "flatten_swin_tiny_patch4_window7_224", "agent_pvt_tiny",
+            "flatten_pvt_tiny", "mavit_tiny", pytest.param("nat_mini", marks=needs_na),
+            pytest.param("dinat_mini", marks=needs_na)]
+
+
+def test_every_name_is_registered():
+    registered = set(subquad_model_names())
+    expected = {n for family, names in NAMES.items() for n in names if family != "nat" or HAS_NA}
+    assert expected <= registered
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_builds_with_four_stages(name):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert isinstance(model, HierarchicalTransformer)
+    assert [f["reduction"] for f in model.feature_info] == [4, 8, 16, 32]
+    assert len(model.attn_schedule.names) == sum(len(s.blocks) for s in model.stages)
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_forward_backward_small_input(name):
+    model = timm.create_model(name, num_classes=5)
+    out = model(torch.randn(2, 3, 64, 96))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, f"parameters without gradient (DDP would reject them): {no_grad}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_features_only_shapes_strides_and_subsets():
+    feats = timm.create_model("agent_pvt_tiny", features_only=True)
+    outs = feats(torch.randn(1, 3, 64, 96))
+    assert [o.shape for o in outs] == [(1, 64, 16, 24), (1, 128, 8, 12), (1, 320, 4, 6), (1, 512, 2, 3)]
+    assert feats.feature_info.reduction() == [4, 8, 16, 32]
+    assert feats.feature_info.channels() == [64, 128, 320, 512]
+    two = timm.create_model("agent_pvt_tiny", features_only=True, out_indices=(1, -1))
+    assert [o.shape[1] for o in two(torch.randn(1, 3, 64, 64))] == [128, 512]
+    assert len(two.model.stages) == 4 and two.feature_info.reduction() == [8, 32]
+
+
+def test_forward_intermediates_contract():
+    model = timm.create_model("flatten_pvt_tiny").eval()
+    x = torch.randn(1, 3, 64, 64)
+    final, inter = model.forward_intermediates(x, indices=[0, 3])
+    assert [t.shape for t in inter] == [(1, 64, 16, 16), (1, 512, 2, 2)]
+    torch.testing.assert_close(model.forward_head(final), model(x))
+    assert [t.shape[1] for t in model.forward_intermediates(x, indices=2, intermediates_only=True)] == [320, 512]
+    only = model.forward_intermediates(x, indices=[1], intermediates_only=True, stop_early=True)
+    assert [t.shape[1] for t in only] == [128]
+
+
+def test_input_size_must_be_multiple_of_32():
+    model = timm.create_model("agent_pvt_tiny")
+    with pytest.raises(ValueError, match=r"multiples of 32.*\(64, 80\).*\(64, 96\)"):
+        model(torch.randn(1, 3, 64, 80))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model.forward_intermediates(torch.randn(1, 3, 100, 64))
+    with pytest.raises(ValueError, match="img_size"):
+        timm.create_model("agent_pvt_tiny", img_size=200)
+
+
+def test_out_index_out_of_range():
+    with pytest.raises(ValueError, match=r"out of range.*4 stages"):
+        timm.create_model("agent_pvt_tiny", features_only=True, out_indices=(0, 4))
+    model = timm.create_model("agent_pvt_tiny")
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[-5])
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    model = timm.create_model("agent_pvt_tiny", num_classes=3, drop_path_rate=0.)
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    assert all(s.grad_checkpointing for s in model.stages)
+    model(x).sum().backward()
+    for g0, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(p.grad, g0, rtol=1e-4, atol=1e-6)
+
+
+def test_any_input_size_resizes_the_maps():
+    model = timm.create_model("flatten_pvt_tiny", num_classes=4).eval()
+    for h, w in [(64, 64), (96, 160), (256, 32)]:
+        assert model(torch.randn(1, 3, h, w)).shape == (1, 4)
+
+
+def test_reset_classifier_both_heads():
+    for name, hidden in [("agent_pvt_tiny", 512), ("mavit_tiny", 2048)]:
+        model = timm.create_model(name)
+        model.reset_classifier(3)
+        assert model.get_classifier().out_features == 3 and model.head_hidden_size == hidden
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+        assert model.forward_head(model.forward_features(torch.randn(2, 3, 64, 64)), pre_logits=True).shape == (2, hidden)
+
+
+def test_generic_model_takes_any_family_and_checks_the_plan():
+    with torch.device("meta"):
+        mala = timm.create_model("subquad_hier_tiny", attn="mala", attn_kwargs={"mala": {"rope": True}})
+        mixed = timm.create_model("subquad_hier_tiny", attn=["flatten"] * 4 + ["agent"] * 6 + [("window", {})] * 2)
+    assert set(mala.attn_schedule.names) == {"mala"} and all(o == {"rope": True} for o in mala.attn_schedule.options)
+    assert mixed.stages[0].blocks[0].attn.pos_grid == (56, 56)              # FLatten's encoding on the stage map
+    agent = mixed.stages[2].blocks[0].attn
+    assert (agent.num_agents, agent.bias_grid) == (49, (14, 14))             # the papers' per-stage agents
+    assert [b.attn.shift for b in mixed.stages[3].blocks] == [False, True]  # Swin's shift on odd blocks
+    with pytest.raises(ValueError, match="valid names"):
+        timm.create_model("subquad_hier_tiny", attn="nope")
+    with pytest.raises(ValueError, match="3 entries for 12 blocks"):
+        timm.create_model("subquad_hier_tiny", attn=["mala"] * 3)
+
+
+def test_default_generic_model_is_timm_swin():
+    ref = timm.create_model("swin_tiny_patch4_window7_224").eval()
+    ours = timm.create_model("subquad_hier_tiny").eval()
+    state = {k.replace("layers.", "stages."): v for k, v in ref.state_dict().items()}
+    ours.load_state_dict(state)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_window_attention_pads_and_masks_like_whole_windows():
+    """Grid 9 x 10, window 7, no shift: each token attends the real tokens of its 7 x 7 block, with the
+    relative position bias of their offset; checked against dense attention with that mask."""
+    attn = WindowAttention(16, num_heads=2, window_size=7).eval()
+    torch.nn.init.normal_(attn.relative_position_bias_table)
+    x = torch.randn(1, 90, 16)
+    rows, cols = torch.meshgrid(torch.arange(9), torch.arange(10), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    same_block = (rows[:, None] // 7 == rows[None, :] // 7) & (cols[:, None] // 7 == cols[None, :] // 7)
+    offset = ((rows[:, None] - rows[None, :] + 6) * 13 + (cols[:, None] - cols[None, :] + 6)).clamp(0, 168)
+    bias = attn.relative_position_bias_table[offset].permute(2, 0, 1)
+    q, k, v = attn.qkv(x).reshape(1, 90, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-2, -1)) * 8 ** -0.5 + bias
+    expected = scores.masked_fill(~same_block, float("-inf")).softmax(-1) @ v
+    expected = attn.proj(expected.transpose(1, 2).reshape(1, 90, 16))
+    torch.testing.assert_close(attn(x, grid=(9, 10)), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prefix"):
+        attn(torch.randn(1, 91, 16), grid=(9, 10), num_prefix=1)
