@@ -43,6 +43,7 @@ class AgentAttention(GridAttention):
         self.ac_bias = nn.Parameter(torch.zeros(1, h, n, 1))        # agent -> prefix token
         self.ca_bias = nn.Parameter(torch.zeros(1, h, 1, n))        # prefix token -> agent
         self.init_weights()
+        self.to(**self.factory_kwargs)
 
     def init_weights(self) -> None:
         for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias,

@@ -15,9 +15,11 @@ from ..kernels.functional import softmax_attention
 class GridAttention(nn.Module):
     """Multi-head attention over prefix tokens + a 2D (or 3D) grid of tokens.
 
-    The constructor takes timm ``Attention``'s keywords, so a subclass can be handed to timm's
-    ``VisionTransformer(attn_layer=...)``. ``forward(x, grid, num_prefix)``: x is (B, N, C) with
-    N = num_prefix + prod(grid), grid tokens in raster order. Subclasses implement ``attend``.
+    The constructor takes timm ``Attention``'s keywords (``device``/``dtype`` too: timm's ``Block`` passes
+    them), so a subclass can be handed to timm's ``VisionTransformer(attn_layer=...)``.
+    ``forward(x, grid, num_prefix)``: x is (B, N, C) with N = num_prefix + prod(grid), grid tokens in
+    raster order. Subclasses implement ``attend``, and move the parameters they add with
+    ``self.to(**self.factory_kwargs)``.
     """
 
     family: str = "base"
@@ -25,7 +27,7 @@ class GridAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
                  scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0.,
                  proj_drop: float = 0., norm_layer: type[nn.Module] | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, device=None, dtype=None) -> None:
         super().__init__()
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
@@ -42,6 +44,8 @@ class GridAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self._said_dense = False
+        self.factory_kwargs = {"device": device, "dtype": dtype}
+        self.to(**self.factory_kwargs)
 
     def attend(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                grid: tuple[int, ...], num_prefix: int) -> torch.Tensor:

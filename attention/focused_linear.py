@@ -31,6 +31,7 @@ class FocusedLinearAttention(GridAttention):
         self.pos_grid = tuple(pos_grid) if pos_grid is not None else None
         self.positional_encoding = (nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], dim))
                                     if pos_grid is not None else None)
+        self.to(**self.factory_kwargs)
 
     def attend(self, x, q, k, v, grid, num_prefix):
         if self.positional_encoding is not None:

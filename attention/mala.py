@@ -26,6 +26,7 @@ class MagnitudeAwareLinearAttention(GridAttention):
         self.rope = rope
         self.lepe = depthwise_conv(dim, lepe_kernel_size) if lepe else None
         self.gate = nn.Linear(dim, dim) if gate else None
+        self.to(**self.factory_kwargs)
 
     def attend(self, x, q, k, v, grid, num_prefix):
         y = mala_attention(q, k, v, grid=grid, num_prefix=num_prefix, rope=self.rope, backend=self.backend)

@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import compute_dtype
+
 
 def pool_agents(q: torch.Tensor, grid: tuple[int, int], num_agents: int, num_prefix: int) -> torch.Tensor:
     """Agent tokens A: adaptive average pooling of the grid queries to an a x a grid, (B, h, n, d)."""
@@ -20,15 +22,15 @@ def agent_attention_reference(q, k, v, grid, num_agents, agent_bias, num_prefix)
     """V_A = softmax(A K^T / sqrt(d) + B1) V  (agent aggregation);
     O = softmax(Q A^T / sqrt(d) + B2) V_A  (agent broadcast).
 
-    ``agent_bias`` is None or (B1 of shape (h, n, N), B2 of shape (h, N, n)). Float32 inside.
+    ``agent_bias`` is None or (B1 of shape (h, n, N), B2 of shape (h, N, n)). At least float32 inside.
     """
     scale = q.shape[-1] ** -0.5
-    qf, kf, vf = q.float(), k.float(), v.float()
+    qf, kf, vf = (t.to(compute_dtype(q)) for t in (q, k, v))
     agents = pool_agents(qf, grid, num_agents, num_prefix)
     agg = (agents * scale) @ kf.transpose(-2, -1)            # (B, h, n, N)
     bcast = (qf * scale) @ agents.transpose(-2, -1)          # (B, h, N, n)
     if agent_bias is not None:
-        agg = agg + agent_bias[0].float()
-        bcast = bcast + agent_bias[1].float()
+        agg = agg + agent_bias[0].to(qf.dtype)
+        bcast = bcast + agent_bias[1].to(qf.dtype)
     agent_v = agg.softmax(dim=-1) @ vf                       # (B, h, n, dv)
     return (bcast.softmax(dim=-1) @ agent_v).to(q.dtype)

@@ -1,8 +1,10 @@
-"""Kernel feature maps phi(x) of linear attention, computed in float32."""
+"""Kernel feature maps phi(x) of linear attention, computed in at least float32."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import compute_dtype
 
 FOCUSED_EPS = 1e-6
 
@@ -13,9 +15,9 @@ def focused_feature_map(x: torch.Tensor, focusing_factor: float, scale: torch.Te
     r = (ReLU(x) + eps) / softplus(s);  phi_p(x) = ||r|| / ||r^p|| * r^p  (elementwise power p).
     ``scale`` is the learnable s, broadcastable to x's last dims (heads, d); None means softplus(s) = 1.
     """
-    r = F.relu(x.float()) + FOCUSED_EPS
+    r = F.relu(x.to(compute_dtype(x))) + FOCUSED_EPS
     if scale is not None:
-        r = r / F.softplus(scale.float())
+        r = r / F.softplus(scale.to(r.dtype))
     # r^p / ||r^p|| is invariant to rescaling r, so divide by max(r) first to keep r^p in range
     r_max = r.amax(dim=-1, keepdim=True)
     rp = (r / r_max) ** focusing_factor
@@ -24,4 +26,4 @@ def focused_feature_map(x: torch.Tensor, focusing_factor: float, scale: torch.Te
 
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
     """phi(x) = ELU(x) + 1 (Katharopoulos et al., 2020), MALA's feature map."""
-    return F.elu(x.float()) + 1.0
+    return F.elu(x.to(compute_dtype(x))) + 1.0

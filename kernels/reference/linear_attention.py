@@ -10,10 +10,10 @@ def normalized_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: tor
     """O_i = phi(q_i) S / (phi(q_i) z),  S = sum_j phi(k_j)^T v_j,  z = sum_j phi(k_j).
 
     (FLatten Eq. 3.) Written with means over the M keys, as the official code does, so that
-    the epsilon in the normaliser is independent of M. Inputs (B, h, N, d); float32 out.
+    the epsilon in the normaliser is independent of M. Inputs (B, h, N, d); out in phi's dtype.
     """
     m = phi_k.shape[-2]
-    state = phi_k.transpose(-2, -1) @ (v.float() / m)                 # (B, h, d, dv)
+    state = phi_k.transpose(-2, -1) @ (v.to(phi_k.dtype) / m)         # (B, h, d, dv)
     k_mean = phi_k.mean(dim=-2, keepdim=True)                          # (B, h, 1, d)
     denom = (phi_q * k_mean).sum(dim=-1, keepdim=True) + LINEAR_EPS    # (B, h, N, 1)
     return (phi_q @ state) / denom
@@ -33,7 +33,7 @@ def magnitude_aware_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v
     scale = d ** -0.5
     rot_q = phi_q if rot_q is None else rot_q
     rot_k = phi_k if rot_k is None else rot_k
-    z = (phi_q * phi_k.mean(dim=-2, keepdim=True)).sum(dim=-1, keepdim=True) * scale   # (B, h, N, 1)
-    state = rot_k.transpose(-2, -1) @ (v.float() * (scale / m))                          # (B, h, d, dv)
-    v_mean = v.float().mean(dim=-2, keepdim=True)                                        # (B, h, 1, dv)
+    z = (phi_q * phi_k.mean(dim=-2, keepdim=True)).sum(dim=-1, keepdim=True) * scale  # (B, h, N, 1)
+    state = rot_k.transpose(-2, -1) @ (v.to(phi_k.dtype) * (scale / m))               # (B, h, d, dv)
+    v_mean = v.to(phi_k.dtype).mean(dim=-2, keepdim=True)                             # (B, h, 1, dv)
     return (rot_q @ state) * (1.0 + 1.0 / (z + LINEAR_EPS)) - z * v_mean

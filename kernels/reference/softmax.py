@@ -4,13 +4,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import compute_dtype
+
 
 def softmax_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 scale: float | None = None) -> torch.Tensor:
-    """Explicit softmax attention in float32 (the brute-force ground truth)."""
+    """Explicit softmax attention in at least float32 (the brute-force ground truth)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q.float() * scale) @ k.float().transpose(-2, -1)
-    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+    qf, kf, vf = (t.to(compute_dtype(q)) for t in (q, k, v))
+    scores = (qf * scale) @ kf.transpose(-2, -1)
+    return (scores.softmax(dim=-1) @ vf).to(q.dtype)
 
 
 def softmax_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
