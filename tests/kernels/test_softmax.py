@@ -1,0 +1,63 @@
+"""softmax_attention (both backends) against softmax(q k^T / sqrt(d)) v written out by hand."""
+import math
+
+import pytest
+import torch
+
+from subquad.kernels import softmax_attention
+from subquad.kernels.testing import assert_rel_close
+
+BACKENDS = ["sdpa", "reference"]
+
+
+def explicit_softmax_weights(q, k):
+    """W_ij = exp(s_ij) / sum_j exp(s_ij), s_ij = q_i . k_j / sqrt(d), in float64."""
+    q, k = q.double(), k.double()
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
+    e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b,h,n,m,d,dv", [(1, 1, 5, 5, 4, 4), (2, 3, 7, 11, 8, 6), (3, 2, 16, 1, 4, 4)])
+def test_matches_explicit_weights_float64(backend, b, h, n, m, d, dv):
+    q, k, v = torch.randn(b, h, n, d).double(), torch.randn(b, h, m, d).double(), torch.randn(b, h, m, dv).double()
+    w = explicit_softmax_weights(q, k)
+    assert_rel_close(softmax_attention(q, k, v, backend=backend), w @ v, torch.float64, what=backend)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_backends_agree_float32(seed):
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
+    assert_rel_close(softmax_attention(q, k, v, backend="reference"), softmax_attention(q, k, v, backend="sdpa"),
+                     torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    q, k, v = (torch.randn(2, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda q, k, v: softmax_attention(q, k, v, backend=backend), (q, k, v))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,magnitude", [(torch.bfloat16, 30.0), (torch.bfloat16, 1e3), (torch.float16, 30.0),
+                                             (torch.float16, 200.0)])
+def test_low_precision_large_scores(backend, dtype, magnitude):
+    """Scores far outside exp's range in 16 bits: finite, and within the bf16/fp16 tolerance of float64."""
+    q, k = (torch.randn(2, 2, 33, 16) * magnitude).to(dtype), (torch.randn(2, 2, 33, 16) * magnitude).to(dtype)
+    v = torch.randn(2, 2, 33, 16).to(dtype)
+    out = softmax_attention(q, k, v, backend=backend)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_rel_close(out, explicit_softmax_weights(q, k) @ v.double(), dtype)
+
+
+def test_bad_input_names_the_values():
+    q = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match=r"\(2, 5, 4\)"):
+        softmax_attention(q, q, q)
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="float64"):
+        softmax_attention(q, q, q.double())
+    with pytest.raises(ValueError, match=r"no backend 'nope'.*reference.*sdpa"):
+        softmax_attention(q, q, q, backend="nope")
