@@ -17,7 +17,8 @@ def resize_map(m: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         return m
     lead = m.shape[:-len(size)]
     mode = "linear" if len(size) == 1 else "bilinear"
-    out = F.interpolate(m.reshape(1, -1, *spatial).float(), size=size, mode=mode, align_corners=False)
+    work = m.reshape(1, -1, *spatial).to(torch.promote_types(m.dtype, torch.float32))
+    out = F.interpolate(work, size=size, mode=mode, align_corners=False)
     return out.reshape(*lead, *size).to(m.dtype)
 
 
