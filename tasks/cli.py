@@ -1,4 +1,5 @@
-"""The ``subquad`` command line: ``subquad models``, ``subquad bench``."""
+"""The ``subquad`` command line: ``subquad models``, ``bench``, ``train``, ``eval``, ``data synthetic``,
+``accelerate-pipeline``."""
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,38 @@ def _bench(args: argparse.Namespace) -> None:
     run_bench(cfg, Path(args.out))
 
 
+def _train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train import train
+    train(load_config(args.config, args.set), resume=args.resume)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train import evaluate
+    evaluate(load_config(args.config, args.set), args.checkpoint)
+
+
+def _data_synthetic(args: argparse.Namespace) -> None:
+    from .synthetic import write_classification, write_segmentation
+    out = Path(args.out)
+    for name, write in (("synthetic_cls", write_classification), ("synthetic_ade/ADEChallengeData2016", write_segmentation)):
+        if (out / name).exists():
+            print(f"{out / name} exists: left as it is")
+        else:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            print(f"wrote {write(out / name, seed=args.seed)}")
+
+
 def _accelerate_pipeline(args: argparse.Namespace) -> None:
     from .accelerate_pipeline import run_accelerate_pipeline
     run_accelerate_pipeline(args)
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="a YAML recipe: a path, or a packaged name such as cls/synthetic")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (parsed as YAML), e.g. --set schedule.steps=100; repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed repeats per case (median reported)")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")
     p.set_defaults(run=_bench)
+    p = sub.add_parser("train", help="train a classification or segmentation recipe (also under accelerate launch)")
+    _add_recipe_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its last checkpoint")
+    p.set_defaults(run=_train)
+    p = sub.add_parser("eval", help="evaluate a run's latest checkpoint (and its EMA)")
+    _add_recipe_args(p)
+    p.add_argument("--checkpoint", help="a run or checkpoint folder (default: the recipe's run.output_dir)")
+    p.set_defaults(run=_eval)
+    p = sub.add_parser("data", help="data sets")
+    data = p.add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synthetic", help="write the synthetic classification (ImageFolder) and segmentation "
+                                          "(ADEChallengeData2016) sets")
+    p.add_argument("--out", default="data", help="folder for synthetic_cls/ and synthetic_ade/ (default: data)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_data_synthetic)
     p = sub.add_parser("accelerate-pipeline", help="a diffusers pipeline with structured attention over its image "
                                                    "tokens: time and fidelity against the dense run")
     p.add_argument("--model", help="a local diffusers pipeline folder")
