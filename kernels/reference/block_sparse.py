@@ -56,7 +56,8 @@ def block_mask_to_csr(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     bq, hq, nqt, _ = block_mask.shape
     cum = torch.zeros(bq * hq * nqt + 1, dtype=torch.int64, device=block_mask.device)
     cum[1:] = block_mask.reshape(bq * hq * nqt, -1).sum(-1).cumsum(0)
-    starts = torch.arange(bq * hq, device=block_mask.device)[:, None] * nqt + torch.arange(nqt + 1, device=block_mask.device)
+    dev = block_mask.device
+    starts = torch.arange(bq * hq, device=dev)[:, None] * nqt + torch.arange(nqt + 1, device=dev)
     row_ptr = cum[starts].reshape(bq, hq, nqt + 1).to(torch.int32)
     col_idx = block_mask.nonzero()[:, -1].to(torch.int32)
     return row_ptr, col_idx

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import triton
 
 from ..reference.block_sparse import block_mask_to_csr
+from ..testing import relative_error
 from . import block_sparse as bs
 
 EXP_RATE = 3.9e12          # exp2 per second on the H100 SXM's special-function units (FA3 paper, Sec. 3)
@@ -106,31 +107,49 @@ def bench_block_sparse(device: str = "cuda", tokens=(16384, 32768, 65536), densi
     return rows
 
 
+SWEEP_CANDIDATES = {
+    "fwd": ((4, 2), (4, 3), (8, 2), (8, 3), (8, 4)),
+    "bwd_kv": ((4, 2), (4, 3), (8, 2), (8, 3)),
+    "bwd_q": ((4, 2), (4, 3), (8, 2), (8, 3)),
+}
+
+
 def sweep_launch_configs(device: str = "cuda", n: int = 32768, density: float = 0.25, heads: int = 4,
-                         head_dim: int = 64, log=print) -> list[dict]:
-    """Median ms of each kernel under a few (num_warps, num_stages): the data behind ``launch_config``."""
+                         head_dim: int = 64, tile_sizes=((128, 64), (64, 64), (128, 128)), install: bool = True,
+                         log=print) -> list[dict]:
+    """Time each kernel under a few (num_warps, num_stages), bf16; check each config's result against the
+    default's; with ``install``, put the fastest correct one in ``TUNED_CONFIGS`` (used from then on)."""
     mask = random_block_mask(heads, n // 128, density, device)
     q, k, v, do = (torch.randn(1, heads, n, head_dim, device=device, dtype=torch.bfloat16) for _ in range(4))
     scale = head_dim ** -0.5
     results = []
-    for bm, bn in ((128, 64), (64, 64), (128, 128)):
+    for bm, bn in tile_sizes:
         row_ptr, col_idx = block_mask_to_csr(mask.repeat_interleave(128 // bm, 2).repeat_interleave(128 // bn, 3))
         args = (row_ptr, col_idx, None, None, None, bm, bn, 0, scale)
         o, lse = bs.forward(q, k, v, *args)
-        for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
-            cfg = {"num_warps": warps, "num_stages": stages}
-            timings = {
-                "fwd": lambda: bs.forward(q, k, v, *args, config=cfg),
-                "bwd_kv": lambda: bs.backward(do, q, k, v, o, lse, *args, configs={"bwd_kv": cfg}),
-                "bwd_q": lambda: bs.backward(do, q, k, v, o, lse, *args, configs={"bwd_q": cfg}),
-            }
-            for kind, fn in timings.items():
+        grads = bs.backward(do, q, k, v, o, lse, *args)
+        for kind, candidates in SWEEP_CANDIDATES.items():
+            best = None
+            for warps, stages in candidates:
+                cfg = {"num_warps": warps, "num_stages": stages}
+                if kind == "fwd":
+                    fn, expected = (lambda: bs.forward(q, k, v, *args, config=cfg)[:1]), (o,)
+                else:
+                    fn, expected = (lambda: bs.backward(do, q, k, v, o, lse, *args, configs={kind: cfg})), grads
                 try:
+                    err = max(relative_error(a, b) for a, b in zip(fn(), expected))
                     ms = _median_ms(fn)
-                except Exception as err:        # a config that does not fit (shared memory) is skipped
-                    ms, kind = math.nan, f"{kind} ({type(err).__name__})"
-                results.append(dict(block_m=bm, block_n=bn, kernel=kind, num_warps=warps, num_stages=stages, ms=ms))
-                log(f"bm={bm} bn={bn} {kind} warps={warps} stages={stages}: {ms:.3f} ms")
+                except Exception as exc:        # a config that does not fit (shared memory) is skipped
+                    log(f"bm={bm} bn={bn} {kind} {cfg}: {type(exc).__name__}")
+                    continue
+                results.append(dict(block_m=bm, block_n=bn, kernel=kind, num_warps=warps, num_stages=stages,
+                                    ms=ms, rel_err_vs_default=err))
+                log(f"bm={bm} bn={bn} {kind} warps={warps} stages={stages}: {ms:.3f} ms (err {err:.1e})")
+                if err < 5e-3 and (best is None or ms < best[0]):
+                    best = (ms, cfg)
+            if install and best is not None:
+                bs.TUNED_CONFIGS[(kind, bm, bn, head_dim, 2)] = best[1]
+    log(f"TUNED_CONFIGS = {bs.TUNED_CONFIGS!r}")
     return results
 
 

@@ -9,14 +9,17 @@ per query tile over its keys. Scores live in the log2 domain (exp2) with float32
 """
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
+
 import torch
 import triton
 import triton.language as tl
 
 from ..reference.block_sparse import num_tiles, transpose_csr
 
-_LOG2E: tl.constexpr = 1.4426950408889634
-_INTERPRET: tl.constexpr = triton.knobs.runtime.interpret
+_LOG2E = tl.constexpr(1.4426950408889634)
+_INTERPRET = tl.constexpr(triton.knobs.runtime.interpret)
 PREFIX_CHUNK = 16       # query tiles per program in the prefix keys' dK/dV (partial sums, added with torch)
 
 
@@ -63,7 +66,7 @@ def _store_block(ptrs, x, rows, row_limit, cols, HEAD_DIM: tl.constexpr, BLOCK_D
 
 @triton.jit
 def _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_WORDS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr,
                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CHECK_K: tl.constexpr,
                  TRANSPOSED: tl.constexpr):
     """Add the key bias and set -inf where a key is absent or masked; s is (M, N), or (N, M) if TRANSPOSED."""
@@ -80,15 +83,15 @@ def _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id,
             s = tl.where(keys[None, :] < key_limit, s, float("-inf"))
     if HAS_MASK:
         if mask_id >= 0:
-            qr = tl.arange(0, BLOCK_M)
-            kc = tl.arange(0, BLOCK_N)
-            base = TileMasks + mask_id * (BLOCK_M * MASK_WORDS)
+            # expand (BLOCK_M, words) words to (BLOCK_M, BLOCK_N) bits in registers: far fewer live
+            # registers than a gather of one word per score
+            rows = tl.arange(0, BLOCK_M)
+            words = tl.load(TileMasks + mask_id * (BLOCK_M * MASK_WORDS) + rows[:, None] * MASK_WORDS
+                            + tl.arange(0, MASK_WORDS)[None, :])
+            bits = (words[:, :, None] >> tl.arange(0, MASK_BITS)[None, None, :]) & 1
+            keep = tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
             if TRANSPOSED:
-                words = tl.load(base + qr[None, :] * MASK_WORDS + (kc // 32)[:, None])
-                keep = ((words >> (kc % 32)[:, None]) & 1) != 0
-            else:
-                words = tl.load(base + qr[:, None] * MASK_WORDS + (kc // 32)[None, :])
-                keep = ((words >> (kc % 32)[None, :]) & 1) != 0
+                keep = tl.trans(keep)
             s = tl.where(keep, s, float("-inf"))
     return s
 
@@ -96,14 +99,14 @@ def _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id,
 @triton.jit
 def _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start, key_limit, mask_id, skn, svn, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              MASK_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+              MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
               CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     keys = start + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     k = _load_block(K + keys[:, None] * skn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
     v = _load_block(V + keys[:, None] * svn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
     s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-    s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS,
+    s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                      HAS_MASK, HAS_BIAS, CHECK_K, False)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row that has seen only -inf keeps a finite reference point so that exp2 gives 0, not NaN
@@ -120,7 +123,7 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, srb, srh, sbb, sbh,
                 H, Nq, Nk, P, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                MASK_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -137,7 +140,7 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, P, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start, P, -1, skn, svn, qk_scale,
-                                  HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, False, HAS_BIAS, True,
+                                  HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, False, HAS_BIAS, True,
                                   DOT_PRECISION)
     row = RowPtr + b * srb + h * srh + tile
     lo = tl.load(row)
@@ -148,7 +151,8 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias,
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start, Nk, mask_id, skn, svn,
-                                  qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, HAS_MASK, HAS_BIAS,
+                                  qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, HAS_MASK,
+                                  HAS_BIAS,
                                   CHECK_K, DOT_PRECISION)
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -195,7 +199,7 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, Til
                    skgb, skgh, skgn, svgb, svgh, svgn, scb, sch, sbb, sbh,
                    H, Nq, Nk, P, num_q_tiles, num_chunks, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   MASK_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                    CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    PREFIX: tl.constexpr, CHUNK: tl.constexpr):
     """dK, dV of one key tile; PREFIX: of one prefix block over one chunk of query tiles (float32 partials)."""
@@ -240,7 +244,7 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, Til
         do = _load_block(DO + rows[:, None] * sdn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
         lse, delta = _load_row_stats(LSE, Delta, rows, Nq, CHECK_Q)
         s_t = _dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
-        s_t = _mask_scores(s_t, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS,
+        s_t = _mask_scores(s_t, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                            HAS_MASK, HAS_BIAS, CHECK_K, True)
         p_t = tl.math.exp2(s_t - lse[None, :])
         dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
@@ -264,14 +268,14 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, Til
 @triton.jit
 def _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start, key_limit, mask_id, skn, svn, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                MASK_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     keys = start + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     k = _load_block(K + keys[:, None] * skn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
     v = _load_block(V + keys[:, None] * svn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
     s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-    s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS,
+    s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                      HAS_MASK, HAS_BIAS, CHECK_K, False)
     p = tl.math.exp2(s - lse[:, None])
     dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
@@ -284,7 +288,7 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMask
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, srb, srh, sbb, sbh,
                   H, Nq, Nk, P, qk_scale, sm_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  MASK_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                   CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -302,7 +306,8 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMask
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, P, BLOCK_N):
         dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start, P, -1, skn, svn, qk_scale,
-                         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, False, HAS_BIAS, True, DOT_PRECISION)
+                         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, False, HAS_BIAS, True,
+                         DOT_PRECISION)
     row = RowPtr + b * srb + h * srh + tile
     lo = tl.load(row)
     hi = tl.load(row + 1)
@@ -312,7 +317,7 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMask
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
         dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start, Nk, mask_id, skn, svn, qk_scale,
-                         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, HAS_MASK, HAS_BIAS, CHECK_K,
+                         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, HAS_MASK, HAS_BIAS, CHECK_K,
                          DOT_PRECISION)
     dq *= sm_scale
     _store_block(DQ + b * sgb + h * sgh + rows[:, None] * sgn + cols[None, :], dq.to(DQ.dtype.element_ty),
@@ -330,35 +335,68 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# (kind, block_m, block_n, padded head dim, bytes per element) -> launch config measured best on an H100
+# by ``bench_block_sparse.sweep_launch_configs``; other shapes use the rule in ``launch_config``.
+TUNED_CONFIGS: dict[tuple, dict] = {}
+
+
 def launch_config(kind: str, block_m: int, block_n: int, head_dim: int, dtype: torch.dtype) -> dict:
     """num_warps / num_stages for a kernel ("fwd", "bwd_kv", "bwd_q") on Hopper-class GPUs.
 
-    Stages are the deepest pipeline whose buffers fit in ~160 KB of shared memory (at most 3).
+    Measured entries of TUNED_CONFIGS first; else 8 warps where a program's score tile or head dim
+    is large (4 warps spill registers there), and the deepest pipeline (at most 3) whose buffers fit
+    in ~160 KB of shared memory.
     """
     elem = torch.finfo(dtype).bits // 8
-    d = triton.next_power_of_2(head_dim)
+    d = max(16, triton.next_power_of_2(head_dim))
+    tuned = TUNED_CONFIGS.get((kind, block_m, block_n, d, elem))
+    if tuned is not None:
+        return dict(tuned)
     if kind == "bwd_kv":        # k, v resident; q and dO stream
-        resident, per_stage, rows = 2 * block_n * d, 2 * block_m * d, block_n
+        resident, per_stage = 2 * block_n * d, 2 * block_m * d
     elif kind == "bwd_q":       # q, dO resident; k, v stream
-        resident, per_stage, rows = 2 * block_m * d, 2 * block_n * d, block_m
+        resident, per_stage = 2 * block_m * d, 2 * block_n * d
     else:
-        resident, per_stage, rows = block_m * d, 2 * block_n * d, block_m
+        resident, per_stage = block_m * d, 2 * block_n * d
+    wide = block_m * block_n >= 8192 if kind == "bwd_kv" else block_m >= 128
     stages = max(1, min(3, (160 * 1024 // elem - resident) // per_stage))
-    return {"num_warps": 8 if rows >= 128 or elem == 4 else 4, "num_stages": stages}
+    return {"num_warps": 8 if wide or d >= 128 or elem == 4 else 4, "num_stages": stages}
 
 
-def _common(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, key_bias, scale):
-    """Launch constants shared by every kernel, and placeholder pointers for absent optional tensors."""
+def _common(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, key_bias, scale, placeholder):
+    """Launch constants shared by every kernel; the bias and masks arguments (``placeholder``, never
+    read, stands in for an absent one) and the log2-domain score scale."""
     head_dim = q.shape[-1]
     nq, nk = q.shape[2], k.shape[2]
     consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(head_dim)), MASK_WORDS=num_tiles(block_n, 32),
-                  HAS_MASK=tile_mask_idx is not None, HAS_BIAS=key_bias is not None,
+                  MASK_BITS=min(32, block_n), HAS_MASK=tile_mask_idx is not None, HAS_BIAS=key_bias is not None,
                   CHECK_Q=nq % block_m != 0, CHECK_K=(nk - num_prefix) % block_n != 0,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    bias = key_bias.float().contiguous() if key_bias is not None else q.new_zeros(1, 1, 1, dtype=torch.float32)
-    masks = tile_masks.contiguous() if tile_masks is not None else bias
+    if key_bias is not None:
+        key_bias = key_bias.float().contiguous()
+        bias = (key_bias, *_strides(key_bias)[:2])
+    else:
+        bias = (placeholder, 0, 0)
+    masks = tile_masks.contiguous() if tile_masks is not None else placeholder
     return consts, bias, masks, scale * 1.4426950408889634
+
+
+_TRANSPOSED_CACHE: OrderedDict[tuple, tuple] = OrderedDict()
+
+
+def _transposed_layout(row_ptr, col_idx, tile_mask_idx, num_k_tiles):
+    """``transpose_csr``, cached for layouts used again unchanged (same tensors, same versions)."""
+    tensors = (row_ptr, col_idx) if tile_mask_idx is None else (row_ptr, col_idx, tile_mask_idx)
+    key = (num_k_tiles, *((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors))
+    hit = _TRANSPOSED_CACHE.get(key)
+    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
+        return hit[1]
+    result = transpose_csr(row_ptr, col_idx, tile_mask_idx, num_k_tiles)
+    _TRANSPOSED_CACHE[key] = (tuple(weakref.ref(t) for t in tensors), result)
+    while len(_TRANSPOSED_CACHE) > 64:
+        _TRANSPOSED_CACHE.popitem(last=False)
+    return result
 
 
 def forward(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n, num_prefix, scale,
@@ -366,15 +404,15 @@ def forward(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, bloc
     """Output (B, H, Nq, d) in q's dtype and the base-2 log-sum-exp (B, H, Nq) float32 (-inf: no key)."""
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     b, h, nq, d = q.shape
-    consts, bias, masks, qk_scale = _common(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks,
-                                            key_bias, scale)
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
+    consts, bias, masks, qk_scale = _common(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks,
+                                            key_bias, scale, lse)
     config = config or launch_config("fwd", block_m, block_n, d, q.dtype)
     mask_idx = tile_mask_idx if tile_mask_idx is not None else col_idx
     _fwd_kernel[(num_tiles(nq, block_m), b * h)](
-        q, k, v, o, lse, row_ptr, col_idx, mask_idx, masks, bias,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(row_ptr)[:2], *_strides(bias)[:2],
+        q, k, v, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0],
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(row_ptr)[:2], *bias[1:],
         h, nq, k.shape[2], num_prefix, qk_scale, **consts, **config)
     return o, lse
 
@@ -386,7 +424,8 @@ def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, k
     b, h, nq, d = q.shape
     nk, p = k.shape[2], num_prefix
     nqt, nkt = num_tiles(nq, block_m), num_tiles(nk - p, block_n)
-    consts, bias, masks, qk_scale = _common(q, k, block_m, block_n, p, tile_mask_idx, tile_masks, key_bias, scale)
+    consts, bias, masks, qk_scale = _common(q, k, block_m, block_n, p, tile_mask_idx, tile_masks, key_bias, scale,
+                                            lse)
     configs = configs or {}
     delta = torch.empty_like(lse)
     _delta_kernel[(nqt, b * h)](o, do, delta, *_strides(o), *_strides(do), h, nq, HEAD_DIM=d, BLOCK_M=block_m,
@@ -394,14 +433,14 @@ def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, k
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    col_ptr, row_idx, mask_idx_t = transpose_csr(row_ptr, col_idx, tile_mask_idx, nkt)
+    col_ptr, row_idx, mask_idx_t = _transposed_layout(row_ptr, col_idx, tile_mask_idx, nkt)
     kv_config = configs.get("bwd_kv") or launch_config("bwd_kv", block_m, block_n, d, q.dtype)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    tail = (*_strides(bias)[:2], h, nq, nk, p, nqt)
+    tail = (*bias[1:], h, nq, nk, p, nqt)
     if nkt > 0:
         _bwd_kv_kernel[(nkt, b * h)](
             q, k, v, do, dk, dv, lse, delta, col_ptr, row_idx,
-            mask_idx_t if mask_idx_t is not None else row_idx, masks, bias,
+            mask_idx_t if mask_idx_t is not None else row_idx, masks, bias[0],
             *common, *_strides(dk), *_strides(dv), *_strides(col_ptr)[:2], *tail, 1, qk_scale, scale,
             **consts, PREFIX=False, CHUNK=PREFIX_CHUNK, **kv_config)
     if p > 0:
@@ -409,7 +448,7 @@ def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, k
         parts = torch.empty(2, chunks, b * h, blocks * block_n, consts["BLOCK_D"], device=q.device,
                             dtype=torch.float32)
         _bwd_kv_kernel[(blocks * chunks, b * h)](
-            q, k, v, do, parts[0], parts[1], lse, delta, col_ptr, row_idx, row_idx, masks, bias,
+            q, k, v, do, parts[0], parts[1], lse, delta, col_ptr, row_idx, row_idx, masks, bias[0],
             *common, *_strides(dk), *_strides(dv), *_strides(col_ptr)[:2], *tail, chunks, qk_scale, scale,
             **{**consts, "HAS_MASK": False, "CHECK_K": True}, PREFIX=True, CHUNK=PREFIX_CHUNK, **kv_config)
         summed = parts.sum(1)[..., :p, :d].reshape(2, b, h, p, d)
@@ -418,8 +457,8 @@ def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, k
     q_config = configs.get("bwd_q") or launch_config("bwd_q", block_m, block_n, d, q.dtype)
     _bwd_q_kernel[(nqt, b * h)](
         q, k, v, do, dq, lse, delta, row_ptr, col_idx,
-        tile_mask_idx if tile_mask_idx is not None else col_idx, masks, bias,
-        *common, *_strides(dq), *_strides(row_ptr)[:2], *_strides(bias)[:2], h, nq, nk, p, qk_scale, scale,
+        tile_mask_idx if tile_mask_idx is not None else col_idx, masks, bias[0],
+        *common, *_strides(dq), *_strides(row_ptr)[:2], *bias[1:], h, nq, nk, p, qk_scale, scale,
         **consts, **q_config)
     return dq, dk, dv
 
@@ -477,9 +516,9 @@ block_sparse_attention_fwd.register_autograd(_backward_rule, setup_context=_setu
 def block_sparse_attention_triton(q, k, v, row_ptr, col_idx, block_m, block_n, num_prefix=0, tile_mask_idx=None,
                                   tile_masks=None, key_bias=None, scale=None) -> torch.Tensor:
     """The Triton backend of ``block_sparse_attention`` (arguments as the reference's)."""
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-1] > 256:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-1] > 128:
         raise ValueError(f"block_sparse_attention(backend='triton') takes float16, bfloat16 or float32 inputs with "
-                         f"head_dim <= 256, got {q.dtype} with head_dim {q.shape[-1]}; use backend='reference'")
+                         f"head_dim <= 128, got {q.dtype} with head_dim {q.shape[-1]}; use backend='reference'")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return torch.ops.subquad.block_sparse_attention_fwd(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks,
                                                         key_bias, block_m, block_n, num_prefix, scale)[0]

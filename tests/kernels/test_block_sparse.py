@@ -181,6 +181,19 @@ def test_triton_dense_matches_sdpa():
 
 
 @requires_triton
+def test_layout_reuse_and_in_place_change():
+    """The cached transposed layout serves a reused layout and is rebuilt after an in-place change."""
+    layout = make_layout(1, 2, 48, 48, 16, 16, density=0.6)
+    q, k, v = qkv(1, 2, 48, 48, 16, torch.float32)
+    for step in range(3):
+        if step == 2:
+            layout["col_idx"][:] = (layout["col_idx"] + 1) % 3
+        check_against(lambda q, k, v: block_sparse_attention(q, k, v, backend="triton", **layout),
+                      lambda q, k, v: block_sparse_attention(q, k, v, backend="reference", **layout),
+                      q, k, v, torch.float32, f"step {step}")
+
+
+@requires_triton
 def test_compile_fullgraph():
     layout = make_layout(1, 2, 32, 40, 16, 16, 8, masks=True, bias=True)
     q, k, v = qkv(1, 2, 32, 40, 16, torch.float32)
@@ -273,8 +286,8 @@ def test_gpu_fuzz():
         nq = rng.randint(1, 2500)
         p = rng.choice([0, 0, 1, 4, 77])
         nk = p + rng.randint(1, 2500)
-        bm, bn = rng.choice([(64, 64), (128, 64), (128, 128)])
-        dtype = rng.choice([torch.bfloat16, torch.bfloat16, torch.float16])
+        bm, bn = rng.choice([(64, 64), (128, 64)])
+        dtype = torch.bfloat16          # fewer kernel variants to compile; other dtypes: test_gpu_dtypes_and_head_dims
         layout = make_layout(b, h, nq, nk, bm, bn, p, density=rng.choice([0.0, 0.05, 0.3, 1.0]),
                              per_head=rng.random() < 0.5, masks=rng.random() < 0.5, bias=rng.random() < 0.5,
                              empty_rows=rng.random() < 0.5, device="cuda",
