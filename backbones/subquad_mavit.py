@@ -91,7 +91,8 @@ def _register(size: str) -> None:
     variant = f"mavit_{size}"
 
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
-        args = dict(MAVIT_ARGS, **MAVIT_SIZES[size], attn=mavit_attention(MAVIT_SIZES[size]["depths"]))
+        depths = kwargs.get("depths", MAVIT_SIZES[size]["depths"])
+        args = dict(MAVIT_ARGS, **MAVIT_SIZES[size], attn=mavit_attention(depths))
         return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
 
     entrypoint.__name__ = entrypoint.__qualname__ = variant

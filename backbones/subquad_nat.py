@@ -80,8 +80,9 @@ def _register(variant: str) -> None:
     family, size = variant.split("_")
 
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+        depths = kwargs.get("depths", NAT_SIZES[size]["depths"])
         args = dict(stem="conv", downsample="conv", layer_scale=LAYER_SCALE[family][size], **NAT_SIZES[size],
-                    attn=nat_attention(family, NAT_SIZES[size]["depths"]))
+                    attn=nat_attention(family, depths))
         return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
 
     entrypoint.__name__ = entrypoint.__qualname__ = variant

@@ -38,10 +38,9 @@ PAPERS = {"agent": ("Agent Attention", "arXiv:2312.08874", "https://github.com/L
           "flatten": ("FLatten Transformer", "arXiv:2308.00442", "https://github.com/LeapLabTHU/FLatten-Transformer")}
 
 
-def swin_attention(family: str, size: str) -> dict[str, Any]:
-    """``attn`` (one entry per block) and ``attn_kwargs`` of ``{family}_swin_{size}``."""
+def swin_attention(family: str, size: str, depths: tuple[int, ...]) -> dict[str, Any]:
+    """``attn`` (one entry per block) and ``attn_kwargs`` of ``{family}_swin_{size}`` (``depths`` may be changed)."""
     name, options = FAMILY[family]
-    depths = SWIN_SIZES[size]["depths"]
     attn = [name if i < n else "window" for n, depth in zip(PAPER_BLOCKS[family][size], depths) for i in range(depth)]
     return dict(attn=attn, attn_kwargs={name: options, "window": dict(window_size=7)})
 
@@ -78,7 +77,9 @@ def _register(variant: str) -> None:
     family, _, size = variant.split("_")[:3]
 
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
-        args = dict(stem="patch", downsample="merge", mlp_ratios=4., **SWIN_SIZES[size], **swin_attention(family, size))
+        depths = kwargs.get("depths", SWIN_SIZES[size]["depths"])
+        args = dict(stem="patch", downsample="merge", mlp_ratios=4., **SWIN_SIZES[size],
+                    **swin_attention(family, size, depths))
         return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
 
     entrypoint.__name__ = entrypoint.__qualname__ = variant
