@@ -1,5 +1,5 @@
 """The ``subquad`` command line: ``subquad models``, ``bench``, ``train``, ``eval``, ``data synthetic``,
-``accelerate-pipeline``."""
+``sample``, ``accelerate-pipeline``."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +54,11 @@ def _data_synthetic(args: argparse.Namespace) -> None:
             print(f"wrote {write(out / name, seed=args.seed)}")
 
 
+def _sample(args: argparse.Namespace) -> None:
+    from .sample import run_sample
+    run_sample(args)
+
+
 def _accelerate_pipeline(args: argparse.Namespace) -> None:
     from .accelerate_pipeline import run_accelerate_pipeline
     run_accelerate_pipeline(args)
@@ -93,6 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data", help="folder for synthetic_cls/ and synthetic_ade/ (default: data)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_data_synthetic)
+    p = sub.add_parser("sample", help="class-conditional images from a trained DiT run: a PNG grid (and FID)")
+    p.add_argument("--checkpoint", required=True, help="a DiT run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--scheduler", default="ddim",
+                   help="ddim, dpm++, euler, euler_a, ddpm, unipc, heun, pndm (flow models: euler, dpm++, unipc) "
+                        "or any diffusers scheduler class name")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--num", type=int, default=16, help="images, classes in turn (unless --labels)")
+    p.add_argument("--labels", help="comma-separated class labels, one image each")
+    p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--nrow", type=int, help="images per row of the grid")
+    p.add_argument("--out", default="samples.png", help="the PNG grid")
+    p.add_argument("--fid-ref", help="a folder of reference images: report the FID (needs --inception-weights)")
+    p.add_argument("--fid-ref-limit", type=int, default=50000, help="reference images to read at most")
+    p.add_argument("--inception-weights", help="a local torchvision inception_v3 state dict (nothing is downloaded)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.set_defaults(run=_sample)
     p = sub.add_parser("accelerate-pipeline", help="a diffusers pipeline with structured attention over its image "
                                                    "tokens: time and fidelity against the dense run")
     p.add_argument("--model", help="a local diffusers pipeline folder")
