@@ -6,7 +6,10 @@
 from .agent import AgentAttention
 from .base import GridAttention
 from .focused_linear import FocusedLinearAttention
+from .loglinear import LogLinearSparseAttention
 from .mala import MagnitudeAwareLinearAttention
+from .neighborhood import NeighborhoodAttention
+from .radial import RadialAttention
 from .registry import build, canonical_name, get, list, names, register
 from .softmax import SoftmaxAttention
 
@@ -14,7 +17,10 @@ __all__ = [
     "AgentAttention",
     "FocusedLinearAttention",
     "GridAttention",
+    "LogLinearSparseAttention",
     "MagnitudeAwareLinearAttention",
+    "NeighborhoodAttention",
+    "RadialAttention",
     "SoftmaxAttention",
     "build",
     "canonical_name",

@@ -166,6 +166,63 @@ register_backend("neighborhood_attention", "reference", neighborhood_attention_r
 register_backend("neighborhood_attention", "natten", neighborhood_attention_natten)
 register_backend("neighborhood_attention", "flex", neighborhood_attention_flex)
 
+from .reference.radial import normalize_options as _radial_options  # noqa: E402
+from .reference.radial import radial_attention_reference  # noqa: E402
+
+RADIAL_OPTIONS = ("layout", "tile", "block_size", "decay_factor", "sink", "dense_radius")
+
+
+def radial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],
+                     num_prefix: int = 0, backend: str | None = None, **mask_opts) -> torch.Tensor:
+    """Radial attention (Li et al., 2025): a static energy-decay block mask, O(n log n) pairs.
+
+    ``mask_opts``: ``layout`` ("official", "frames" (video default), "distance" (image default)),
+    ``tile`` (frames/distance tiles; (1, 8, 8) for video, (8, 8) for images), ``block_size``
+    (official, 128), ``decay_factor`` (1.0), ``sink`` (attend the first frame; default on for
+    video), ``dense_radius`` (distance, 1). Prefix tokens attend and are attended densely.
+    Details: ``subquad.kernels.reference.radial``.
+    """
+    grid = checks.check_self_attention(q, k, v, grid, num_prefix, "radial_attention")
+    unknown = set(mask_opts) - set(RADIAL_OPTIONS)
+    if unknown:
+        raise ValueError(f"radial_attention: unknown mask options {sorted(unknown)}; valid: {RADIAL_OPTIONS}")
+    options = _radial_options(grid, **mask_opts)
+    fn = choose_backend("radial_attention", backend, q)
+    return fn(q, k, v, grid, num_prefix, options)
+
+
+register_backend("radial_attention", "reference", radial_attention_reference)
+
+from .reference.loglinear import loglinear_attention_reference  # noqa: E402
+from .reference.loglinear import normalize_options as _loglinear_options  # noqa: E402
+
+LOGLINEAR_OPTIONS = ("block_size", "top_k", "levels")
+
+
+def loglinear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],
+                        num_prefix: int = 0, backend: str | None = None, **select_opts) -> torch.Tensor:
+    """Log-linear sparse attention (LLSA, Zhou et al., 2025, arXiv 2512.16615) on an image grid.
+
+    ``select_opts``: ``block_size`` (16: 4x4 patches), ``top_k`` (8; or one K per level, finest
+    first), ``levels`` (None: enough levels that the coarsest selection is no costlier than the
+    others). Hierarchical top-K over mean-pooled blocks; each query block attends to its selected
+    blocks plus the pooled tokens of the blocks scored on the way (weighted by their sizes) and the
+    prefix tokens. Selection is discrete; gradients flow to q, k, v.
+    Details: ``subquad.kernels.reference.loglinear``.
+    """
+    grid = checks.check_self_attention(q, k, v, grid, num_prefix, "loglinear_attention")
+    grid = checks.check_image_grid(grid, "loglinear_attention")
+    unknown = set(select_opts) - set(LOGLINEAR_OPTIONS)
+    if unknown:
+        raise ValueError(f"loglinear_attention: unknown options {sorted(unknown)}; valid: {LOGLINEAR_OPTIONS}")
+    side, top_k = _loglinear_options(grid, **select_opts)
+    fn = choose_backend("loglinear_attention", backend, q)
+    return fn(q, k, v, grid, num_prefix, side, top_k)
+
+
+register_backend("loglinear_attention", "reference", loglinear_attention_reference)
+
+
 # --- Triton backends of the linear family (the default on CUDA) -------------------------------
 try:
     from .triton.agent import agent_attention_triton

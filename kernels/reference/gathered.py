@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from . import compute_dtype
 from .softmax import softmax_attention_reference
 
 
@@ -32,15 +33,19 @@ def mask_to_bias(keep: torch.Tensor) -> torch.Tensor:
 
 def attend_gathered(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
                     scale: float | None = None) -> torch.Tensor:
-    """softmax(q keys^T * scale + bias) values per query group, in float32.
+    """softmax(q keys^T * scale + bias) values per query group, in float32 (float64 for float64).
 
     q (B, h, Q, t, d): Q groups of t queries; keys (B, h, Q, M, d), values (B, h, Q, M, dv): each
     group's M keys; ``bias`` broadcastable to (B, h, Q, t, M), -inf for keys a query must not see.
-    Every query must see at least one key.
+    A query that sees no key gets 0 (the block-sparse core's convention), not NaN.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q.float() * scale) @ keys.float().transpose(-2, -1) + bias
-    return scores.softmax(dim=-1) @ values.float()
+    dtype = compute_dtype(q)
+    scores = (q.to(dtype) * scale) @ keys.to(dtype).transpose(-2, -1) + bias
+    peak = scores.amax(dim=-1, keepdim=True).detach()
+    weights = torch.exp(scores - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)))
+    total = weights.sum(dim=-1, keepdim=True)
+    return (weights @ values.to(dtype)) / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def append_global_keys(keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
@@ -67,7 +72,7 @@ def with_global_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_pr
                        attend_grid: GridAttention) -> torch.Tensor:
     """Split (B, h, N, d) into prefix and grid tokens: the prefix queries attend densely to all N
     keys; ``attend_grid(q_grid, k_grid, v_grid, k_prefix, v_prefix)`` gives the grid queries'
-    output (B, h, N - P, dv), raster order, float32. Returns (B, h, N, dv) in q's dtype."""
+    output (B, h, N - P, dv), raster order, float32 or wider. Returns (B, h, N, dv) in q's dtype."""
     p = num_prefix
     grid_out = attend_grid(q[:, :, p:], k[:, :, p:], v[:, :, p:], k[:, :, :p], v[:, :, :p])
     if p == 0:

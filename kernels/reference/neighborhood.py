@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from . import compute_dtype
 from .gathered import append_global_keys, attend_gathered, gather_rows, with_global_prefix
 
 
@@ -58,9 +59,9 @@ def neighborhood_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
 
     def attend_grid(qg, kg, vg, kp, vp):
         keys, values = gather_rows(kg, keys_of), gather_rows(vg, keys_of)      # (B, h, HW, k*k, d)
-        bias = torch.zeros(1, 1, *keys_of.shape, device=q.device)
+        bias = torch.zeros(1, 1, *keys_of.shape, device=q.device, dtype=compute_dtype(q))
         if rpb is not None:
-            bias = bias + rpb.float()[None, :, rpb_row, rpb_col]               # (1, h, HW, k*k)
+            bias = bias + rpb.to(bias.dtype)[None, :, rpb_row, rpb_col]        # (1, h, HW, k*k)
         keys, values, bias = append_global_keys(keys, values, bias[..., None, :], kp, vp)
         return attend_gathered(qg[:, :, :, None], keys, values, bias).squeeze(3)
 

@@ -161,3 +161,10 @@ def test_natten_backend_refuses_bf16_on_cpu():
     q, kk, v = qkv(1, 2, 221, 16, torch.bfloat16)
     with pytest.raises(ValueError, match="float32"):
         neighborhood_attention(q, kk, v, grid=(13, 17), kernel_size=3, backend="natten")
+
+
+def test_float64_gradcheck():
+    q, kk, v = (torch.randn(1, 2, 1 + 5 * 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
+    fn = lambda q, kk, v, rpb: neighborhood_attention(q, kk, v, grid=(5, 6), kernel_size=3, rpb=rpb, num_prefix=1)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, kk, v, rpb), fast_mode=True)

@@ -1,0 +1,36 @@
+"""Radial attention (Li et al., "Radial Attention: O(n log n) Sparse Attention with Energy Decay for
+Long Video Generation", 2025)."""
+from __future__ import annotations
+
+from ..kernels.functional import radial_attention
+from ..kernels.reference.radial import normalize_options, radial_plan
+from .base import GridAttention
+from .registry import register
+
+
+@register("radial")
+class RadialAttention(GridAttention):
+    """Softmax attention under a static block mask whose density decays with distance (Sec. 4).
+
+    Options, as ``subquad.kernels.radial_attention``: ``layout`` ("frames" for video, "distance"
+    for images, or "official"), ``tile``, ``block_size``, ``decay_factor``, ``sink``,
+    ``dense_radius``. Where the mask keeps every tile pair (small grids) the module attends densely,
+    which is the same result.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, *, layout: str | None = None,
+                 tile: tuple[int, ...] | None = None, block_size: int = 128, decay_factor: float = 1.0,
+                 sink: bool | None = None, dense_radius: int = 1, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        self.mask_opts = dict(layout=layout, tile=None if tile is None else tuple(tile), block_size=block_size,
+                              decay_factor=decay_factor, sink=sink, dense_radius=dense_radius)
+
+    def needs_dense(self, grid):
+        return radial_plan(grid, normalize_options(grid, **self.mask_opts)).density == 1.0
+
+    def attend(self, x, q, k, v, grid, num_prefix):
+        return radial_attention(q, k, v, grid=grid, num_prefix=num_prefix, backend=self.backend, **self.mask_opts)
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.mask_opts.items() if v is not None)
+        return f"{super().extra_repr()}, {opts}"

@@ -1,0 +1,187 @@
+"""Log-linear sparse attention (LLSA; Zhou et al., "Log-linear Sparse Attention", 2025,
+arXiv 2512.16615, Sec. 3), plain PyTorch with explicit index lists.
+
+The grid is cut into blocks of s x s tokens (``block_size`` = s^2, 16 by default) and blocks of
+blocks: a level-l block is an s^l x s^l square (the quadtree order of the paper makes each one a
+contiguous range of tokens; here blocks are addressed by their 2D position, which is the same
+hierarchy). q, k, v are mean-pooled per block at every level. Selection, coarse to fine: at the
+coarsest level L each query block takes the top-K key blocks by pooled q . pooled k; at each finer
+level a query block takes the top-K among the children of the blocks its parent selected, so the
+selection costs O(N log N) rather than O(N^2). Attention, per query block of the finest level:
+the tokens of its selected blocks, plus the pooled key/value tokens of every block scored during
+its selection (the candidates at each level, all blocks at level L), each pooled token weighted as
+the number of tokens it stands for (log(count) added to its score). As in the official kernels, a
+selected block is thus seen both at full resolution and through its pooled token.
+
+Any grid and any K: blocks at the borders are partial (pooling and weights count only real
+tokens), and where fewer than K candidates exist the selection has -1 entries.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .. import checks
+from ..tiles import TileLayout, from_tiles, tile_layout, to_tiles
+from . import compute_dtype
+from .gathered import append_global_keys, attend_gathered, gather_rows, mask_to_bias, with_global_prefix
+
+
+@dataclass(frozen=True, eq=False)
+class BlockHierarchy:
+    """Blocks of every level (index 0 = level 1, the attention tiles), each in raster order of
+    its level's block grid. ``children[l]`` (n_{l+1}, s*s): the level-l blocks in each block one
+    level up (-1 where the grid ends); ``parent[l]`` (n_l,) the inverse; ``ancestor[l]`` (n_1,):
+    the level-(l+1) block holding each finest block; ``counts[l]`` (n_l,): real tokens per block."""
+
+    side: int
+    layouts: tuple[TileLayout, ...]
+    children: tuple[torch.Tensor, ...]
+    parent: tuple[torch.Tensor, ...]
+    ancestor: tuple[torch.Tensor, ...]
+    counts: tuple[torch.Tensor, ...]
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.layouts)
+
+    def num_blocks(self, level: int) -> int:
+        return self.layouts[level].num_tiles
+
+
+def _raster_id(coords: torch.Tensor, tiles_per_side: tuple[int, int]) -> torch.Tensor:
+    return coords[..., 0] * tiles_per_side[1] + coords[..., 1]
+
+
+@functools.lru_cache(maxsize=64)
+def block_hierarchy(grid: tuple[int, int], side: int, levels: int,
+                    device: torch.device | None = None) -> BlockHierarchy:
+    """(cached) The blocks of ``levels`` levels of side s, s^2, ... over an image grid."""
+    layouts = tuple(tile_layout(grid, (side ** l, side ** l), False, device) for l in range(1, levels + 1))
+    children, parent, ancestor = [], [], [torch.arange(layouts[0].num_tiles, device=device)]
+    offsets = torch.cartesian_prod(torch.arange(side), torch.arange(side)).to(device)
+    for fine, coarse in zip(layouts, layouts[1:]):
+        parent.append(_raster_id(fine.coords // side, coarse.tiles_per_side))
+        child = coarse.coords[:, None, :] * side + offsets                   # (n_coarse, s*s, 2)
+        inside = (child < torch.tensor(fine.tiles_per_side, device=device)).all(-1)
+        children.append(torch.where(inside, _raster_id(child, fine.tiles_per_side), -1))
+        ancestor.append(parent[-1][ancestor[-1]])
+    counts = tuple(layout.valid.sum(-1) for layout in layouts)
+    return BlockHierarchy(side, layouts, tuple(children), tuple(parent), tuple(ancestor), counts)
+
+
+def auto_levels(grid: tuple[int, int], side: int, top_k: int) -> int:
+    """Add levels while the coarsest one has more blocks than a finer level's candidate list
+    (top_k * s^2) and the next one still has top_k blocks: the coarsest (dense) selection then
+    costs no more per query block than the others. For s = 4, K = 8 this gives one level at
+    32x32 and two at 128x128, the official code's configurations."""
+    levels = 1
+    blocks = lambda l: math.prod(-(-g // side ** l) for g in grid)        # noqa: E731
+    while blocks(levels) > top_k * side * side and blocks(levels + 1) >= top_k:
+        levels += 1
+    return levels
+
+
+def normalize_options(grid: tuple[int, int], block_size: int = 16, top_k: int | Sequence[int] = 8,
+                      levels: int | None = None) -> tuple[int, tuple[int, ...]]:
+    """Check the selection options for this grid: (block side s, top-K per level, finest first).
+
+    ``top_k``: one K for every level or one per level (then ``levels`` defaults to their number);
+    ``levels``: None picks ``auto_levels``.
+    """
+    op = "loglinear_attention"
+    side = math.isqrt(block_size) if isinstance(block_size, int) else 0
+    if side < 2 or side * side != block_size:
+        raise ValueError(f"{op}: block_size must be a perfect square >= 4 (blocks are s x s patches), got {block_size!r}")
+    per_level = tuple(top_k) if isinstance(top_k, (tuple, list)) else None
+    if levels is None:
+        levels = len(per_level) if per_level else auto_levels(grid, side, top_k if isinstance(top_k, int) else 1)
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"{op}: levels must be an int >= 1, got {levels!r}")
+    if per_level is not None and len(per_level) != levels:
+        raise ValueError(f"{op}: top_k gives {len(per_level)} values for {levels} levels")
+    top_k = per_level or (top_k,) * levels
+    for level, k in enumerate(top_k):
+        blocks = math.prod(-(-g // side ** (level + 1)) for g in grid)
+        checks.check_top_k(k, blocks, f"level-{level + 1} blocks ({side ** (level + 1)}x{side ** (level + 1)} "
+                                      f"tokens) of the grid {tuple(grid)}", op)
+        if level + 1 < levels and k > top_k[level + 1] * side * side:
+            raise ValueError(f"{op}: top_k={k} at level {level + 1} is larger than its {top_k[level + 1] * side * side} "
+                             f"candidates (the children of the {top_k[level + 1]} blocks selected one level up)")
+    return side, tuple(top_k)
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """Per level (index 0 = finest), per (batch, head, query block): the selected key blocks
+    (B, h, n_l, K_l) and the candidates scored (B, h, n_l, C_l), -1 where none. At the coarsest
+    level every block is a candidate of every query block: (1, 1, n_L, n_L)."""
+
+    selected: tuple[torch.Tensor, ...]
+    candidates: tuple[torch.Tensor, ...]
+
+    def cost(self) -> int:
+        """Block pairs scored during the selection (the O(N log N) part)."""
+        return sum(int((c >= 0).sum()) * (s.shape[0] * s.shape[1]) // (c.shape[0] * c.shape[1])
+                   for s, c in zip(self.selected, self.candidates))
+
+
+def pool_blocks(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """Mean of the real tokens of each block: (B, h, N_grid, d) -> (B, h, n, d), float32 or wider."""
+    counts = layout.valid.sum(-1, keepdim=True)
+    return to_tiles(x.to(compute_dtype(x)), layout).sum(-2) / counts
+
+
+@torch.no_grad()
+def select_blocks(pooled_q: Sequence[torch.Tensor], pooled_k: Sequence[torch.Tensor],
+                  hierarchy: BlockHierarchy, top_k: Sequence[int]) -> Selection:
+    """Hierarchical top-K (coarse to fine) on pooled q, k of every level ((B, h, n_l, d) each)."""
+    top = hierarchy.num_levels - 1
+    scores = pooled_q[top] @ pooled_k[top].transpose(-2, -1)
+    chosen = scores.topk(top_k[top], dim=-1).indices
+    selected = [chosen]
+    n_top = scores.shape[-1]
+    candidates = [torch.arange(n_top, device=scores.device).expand(n_top, n_top)[None, None]]
+    for level in range(top - 1, -1, -1):
+        parents_choice = selected[0][:, :, hierarchy.parent[level]]                  # (B, h, n_l, K_{l+1})
+        kids = hierarchy.children[level][parents_choice.clamp_min(0)]                # (B, h, n_l, K_{l+1}, s*s)
+        cand = torch.where(parents_choice[..., None] >= 0, kids, -1).flatten(-2)
+        scores = (pooled_q[level][..., None, :] @ gather_rows(pooled_k[level], cand).transpose(-2, -1)).squeeze(-2)
+        best = scores.masked_fill(cand < 0, float("-inf")).topk(top_k[level], dim=-1)
+        selected.insert(0, torch.where(torch.isfinite(best.values), cand.gather(-1, best.indices), -1))
+        candidates.insert(0, cand)
+    return Selection(tuple(selected), tuple(candidates))
+
+
+def loglinear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
+                                  num_prefix: int, side: int, top_k: tuple[int, ...]) -> torch.Tensor:
+    """Each finest query block attends to its selected blocks' tokens, the pooled tokens of its
+    candidates at every level (weighted by their token counts) and the prefix keys."""
+    hierarchy = block_hierarchy(grid, side, len(top_k), q.device)
+    tiles = hierarchy.layouts[0]
+
+    def attend_grid(qg, kg, vg, kp, vp):
+        pooled = [[pool_blocks(x, layout) for layout in hierarchy.layouts] for x in (qg, kg, vg)]
+        selection = select_blocks(pooled[0], pooled[1], hierarchy, top_k)
+        fine = selection.selected[0]                                             # (B, h, n_1, K_1)
+        keys = [gather_rows(to_tiles(kg, tiles), fine).flatten(3, 4)]
+        values = [gather_rows(to_tiles(vg, tiles), fine).flatten(3, 4)]
+        bias = [mask_to_bias(((fine >= 0)[..., None] & tiles.valid[fine.clamp_min(0)]).flatten(3))]
+        for level, cand in enumerate(selection.candidates):
+            cand = cand[:, :, hierarchy.ancestor[level]]                         # per finest block
+            keys.append(gather_rows(pooled[1][level], cand))
+            values.append(gather_rows(pooled[2][level], cand))
+            weight = hierarchy.counts[level].float().log()[cand.clamp_min(0)]
+            bias.append(weight.masked_fill(cand < 0, float("-inf")))
+        n1 = fine.shape[2]
+        expand = lambda t: t.expand(*qg.shape[:2], n1, *t.shape[3:])             # noqa: E731
+        keys, values = torch.cat([expand(t) for t in keys], 3), torch.cat([expand(t) for t in values], 3)
+        bias = torch.cat([expand(b) for b in bias], -1)[..., None, :]            # (B, h, n_1, 1, M)
+        keys, values, bias = append_global_keys(keys, values, bias, kp, vp)
+        return from_tiles(attend_gathered(to_tiles(qg, tiles), keys, values, bias), tiles)
+
+    return with_global_prefix(q, k, v, num_prefix, attend_grid)

@@ -1,0 +1,161 @@
+"""loglinear_attention (LLSA): the hierarchical selection against a brute-force top-K recomputed
+level by level, the output against dense attention over the explicit selected key set (tokens and
+weighted pooled tokens), and the selection cost O(N log N)."""
+import math
+
+import pytest
+import torch
+
+from subquad.kernels import loglinear_attention
+from subquad.kernels.reference.loglinear import block_hierarchy, normalize_options, pool_blocks, select_blocks
+from subquad.kernels.testing import assert_rel_close
+
+
+def blocks_of(grid, size):
+    """Per block of side ``size`` (raster order of the block grid): the raster grid tokens it holds."""
+    h, w = grid
+    nby, nbx = -(-h // size), -(-w // size)
+    return [[r * w + c for r in range(by * size, min(h, by * size + size)) for c in range(bx * size, min(w, bx * size + size))]
+            for by in range(nby) for bx in range(nbx)], nbx
+
+
+def brute_force_selection(q, k, grid, side, top_k):
+    """{(b, h, level, query block): selected key blocks} and the candidates, recomputed with loops
+    from the definition; level 0 is the finest. q, k: (B, h, HW, d) grid tokens, float64."""
+    levels = len(top_k)
+    info = [blocks_of(grid, side ** (l + 1)) for l in range(levels)]
+    pooled = [[torch.stack([x[:, :, toks].mean(2) for toks in info[l][0]], 2) for l in range(levels)] for x in (q, k)]
+    selected, candidates = {}, {}
+    for b in range(q.shape[0]):
+        for hd in range(q.shape[1]):
+            for level in range(levels - 1, -1, -1):
+                n, nbx = len(info[level][0]), info[level][1]
+                for qb in range(n):
+                    if level == levels - 1:
+                        cand = list(range(n))
+                    else:
+                        pnbx = info[level + 1][1]
+                        parent = (qb // nbx // side) * pnbx + (qb % nbx) // side
+                        cand = []
+                        for p in selected[b, hd, level + 1, parent]:
+                            py, px = divmod(p, pnbx)
+                            cand += [y * nbx + x for y in range(py * side, py * side + side)
+                                     for x in range(px * side, px * side + side)
+                                     if y < -(-grid[0] // side ** (level + 1)) and x < nbx]
+                    score = {c: float(pooled[0][level][b, hd, qb] @ pooled[1][level][b, hd, c]) for c in cand}
+                    selected[b, hd, level, qb] = sorted(cand, key=lambda c: -score[c])[:top_k[level]]
+                    candidates[b, hd, level, qb] = cand
+    return selected, candidates, info
+
+
+def package_selection(q, k, grid, side, top_k):
+    hierarchy = block_hierarchy(grid, side, len(top_k))
+    pq = [pool_blocks(q, layout) for layout in hierarchy.layouts]
+    pk = [pool_blocks(k, layout) for layout in hierarchy.layouts]
+    return select_blocks(pq, pk, hierarchy, top_k)
+
+
+CASES = [((13, 17), 4, (3, 2, 2), 0), ((40, 36), 16, (5, 3), 1), ((21, 10), 4, (4, 3), 2), ((9, 11), 9, (4,), 1),
+         ((30, 7), 4, (3, 2, 1), 0)]
+
+
+@pytest.mark.parametrize("grid,block,top_k,p", CASES)
+def test_selection_equals_brute_force_top_k_level_by_level(grid, block, top_k, p):
+    q, k = torch.randn(2, 2, grid[0] * grid[1], 8, dtype=torch.float64), torch.randn(2, 2, grid[0] * grid[1], 8, dtype=torch.float64)
+    side = math.isqrt(block)
+    selection = package_selection(q, k, grid, side, top_k)
+    want, want_cand, _ = brute_force_selection(q, k, grid, side, top_k)
+    for (b, hd, level, qb), blocks in want.items():
+        got = selection.selected[level][b, hd, qb].tolist()
+        assert sorted(x for x in got if x >= 0) == sorted(blocks), (level, qb)
+        got_cand = selection.candidates[level][0 if level == len(top_k) - 1 else b, 0 if level == len(top_k) - 1 else hd, qb]
+        assert sorted(x for x in got_cand.tolist() if x >= 0) == sorted(want_cand[b, hd, level, qb])
+
+
+def explicit_llsa(q, k, v, grid, side, top_k, p):
+    """Dense attention over [prefix, grid tokens, pooled tokens of every level] with an explicit
+    mask from the brute-force selection and log(block size) added to pooled tokens' scores."""
+    qg, kg = q[:, :, p:].detach().double(), k[:, :, p:].detach().double()
+    selected, candidates, info = brute_force_selection(qg, kg, grid, side, top_k)
+    hw = grid[0] * grid[1]
+    pool = [torch.zeros(len(blocks), hw, dtype=torch.float64) for blocks, _ in info]   # pooling matrices
+    for l, (blocks, _) in enumerate(info):
+        for i, toks in enumerate(blocks):
+            pool[l][i, toks] = 1.0 / len(toks)
+    keys = torch.cat([k.double()] + [m @ k[:, :, p:].double() for m in pool], 2)
+    values = torch.cat([v.double()] + [m @ v[:, :, p:].double() for m in pool], 2)
+    offsets = [p + hw]
+    for m in pool:
+        offsets.append(offsets[-1] + m.shape[0])
+    bsz, heads, n, _ = q.shape
+    mask = torch.zeros(bsz, heads, n, keys.shape[2], dtype=torch.bool)
+    mask[:, :, :p, :p + hw] = True
+    mask[:, :, p:, :p] = True
+    bias = torch.zeros(keys.shape[2], dtype=torch.float64)
+    for l, (blocks, _) in enumerate(info):
+        bias[offsets[l]:offsets[l + 1]] = torch.tensor([math.log(len(t)) for t in blocks], dtype=torch.float64)
+    fine, nbx = info[0]
+    for b in range(bsz):
+        for hd in range(heads):
+            for qb, q_toks in enumerate(fine):
+                rows = [p + t for t in q_toks]
+                for kb in selected[b, hd, 0, qb]:
+                    mask[b, hd, torch.tensor(rows)[:, None], torch.tensor([p + t for t in fine[kb]])[None, :]] = True
+                for l in range(len(top_k)):
+                    anc = blocks_of(grid, side ** (l + 1))
+                    r, c = divmod(fine[qb][0], grid[1])
+                    a = (r // side ** (l + 1)) * anc[1] + c // side ** (l + 1)
+                    for kb in candidates[b, hd, l, a]:
+                        mask[b, hd, rows, offsets[l] + kb] = True
+    s = (q.double() @ keys.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias
+    return (s.masked_fill(~mask, float("-inf")).softmax(-1) @ values).to(q.dtype)
+
+
+@pytest.mark.parametrize("grid,block,top_k,p", CASES[:4])
+def test_output_equals_dense_attention_over_the_explicit_selection(grid, block, top_k, p):
+    n = p + grid[0] * grid[1]
+    q, k, v = (torch.randn(1, 2, n, 8, requires_grad=True) for _ in range(3))
+    out = loglinear_attention(q, k, v, grid=grid, num_prefix=p, block_size=block, top_k=top_k)
+    want = explicit_llsa(q, k, v, grid, math.isqrt(block), top_k, p)
+    assert_rel_close(out, want, what="forward")
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        assert a.abs().sum() > 0
+        assert_rel_close(a, b, torch.float32, what=f"d{name}")
+    out16 = loglinear_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), grid=grid, num_prefix=p, block_size=block,
+                                top_k=top_k)
+    assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
+
+
+def test_selection_cost_grows_as_n_log_n():
+    """Block pairs scored, with the default options (block 16, K = 8, levels chosen per grid; two
+    levels from 64x64 on)."""
+    sides, cost = (64, 128, 256), []
+    for s in sides:
+        q = torch.randn(1, 1, s * s, 8)
+        side, top_k = normalize_options((s, s))
+        cost.append(package_selection(q, q, (s, s), side, top_k).cost())
+    per = [c / (s * s * math.log2(s * s)) for s, c in zip(sides, cost)]
+    assert per == sorted(per, reverse=True), (cost, per)
+    assert all(math.log(b / a) / math.log(4) < 1.2 for a, b in zip(cost, cost[1:])), cost
+
+
+@pytest.mark.parametrize("grid,opts,match", [
+    ((8, 8), dict(top_k=5), "top_k=5 is larger than the 4 level-1 blocks"),
+    ((16, 16), dict(top_k=(8, 2)), "top_k=2 is larger than the 1 level-2 blocks"),
+    ((64, 64), dict(top_k=(40, 2)), "larger than its 32 candidates"),
+    ((4, 8, 8), dict(), "image grids"),
+    ((8, 8), dict(block_size=8), "perfect square"),
+    ((8, 8), dict(top_k=(2, 1), levels=3), "2 values for 3 levels"),
+    ((8, 8), dict(topk=2), "unknown options"),
+])
+def test_bad_options_are_value_errors(grid, opts, match):
+    q = torch.randn(1, 1, math.prod(grid), 8)
+    with pytest.raises(ValueError, match=match):
+        loglinear_attention(q, q, q, grid=grid, **opts)
+
+
+def test_float64_gradcheck():
+    q, k, v = (torch.randn(1, 2, 1 + 7 * 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    fn = lambda q, k, v: loglinear_attention(q, k, v, grid=(7, 9), num_prefix=1, block_size=4, top_k=(3, 2))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)

@@ -1,0 +1,183 @@
+"""radial_attention: the masks against their definitions (and the official code's output), the
+reference against dense attention under the explicit token mask, and O(N log N) attended pairs."""
+import math
+
+import pytest
+import torch
+
+from subquad.kernels import radial_attention
+from subquad.kernels.reference.radial import (attended_pairs, normalize_options, official_block_mask,
+                                              radial_plan)
+from subquad.kernels.testing import assert_rel_close
+
+# official radial_attn/attn_mask.py (72788d4), gen_log_mask_shrinked(...)[:nb, :nb], recorded on CPU
+OFFICIAL = {
+    (9, 77, 64, 1.0, True): ["11........1", "111.......1", "1111......1", "11111.....1", "11.11.....1",
+                             "11..11....1", "11....11..1", "11.....11.1", "11.....1111", "11......111",
+                             "11111111111"],
+    (13, 100, 128, 1.0, False): ["1.........1", ".1........1", "..1.......1", "...1......1", "..........1",
+                                 ".....1....1", "......1...1", ".......1..1", "........1.1", ".........11",
+                                 "11111111111"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(OFFICIAL))
+def test_official_layout_matches_the_official_code(case):
+    t, s, block, decay, sink = case
+    got = official_block_mask(t, s, block, decay, sink)
+    assert ["".join("1" if b else "." for b in row) for row in got.tolist()] == OFFICIAL[case]
+
+
+def official_by_definition(t, s, block, decay, sink):
+    """The official construction at token level, pair by pair: a band mask, placed at its offset
+    in a window of ceil(S / block) blocks, reduced to blocks (kept when > 60% of the non-empty
+    columns are > 1/3 dense), OR-ed into the block mask; the block straddling the end dense."""
+    total, nbf = t * s, -(-s // block)
+    nb = -(-total // block)
+    mask = torch.zeros(nb, nb, dtype=torch.bool)
+    mask[total // block:] = mask[:, total // block:] = total % block != 0
+    idx = torch.arange(s)
+    for i in range(t):
+        for j in range(t):
+            d = abs(i - j)
+            density = 2 ** s.bit_length() / 2 ** d.bit_length()
+            if not (sink and j == 0) and density < 128 and d % int(128 / density):
+                continue
+            width = s if (sink and j == 0) or d <= 1 else max(density * decay, block)
+            local = (idx[None, :] - idx[:, None]).abs() <= width
+            ro, co = (i * s) % block, (j * s) % block
+            window = torch.zeros(ro + nbf * block, co + nbf * block, dtype=torch.bool)
+            window[ro:ro + s, co:co + s] = local
+            window = window[:nbf * block, :nbf * block].reshape(nbf, block, nbf, block)
+            col_density = window.sum(1) / block                                     # (nbf, nbf, block)
+            nonzero = (col_density > 0).sum(-1)
+            kept = (col_density > 1 / 3).sum(-1) / (nonzero + 1e-9) > 0.6
+            r, c = (i * s) // block, (j * s) // block
+            mask[r:r + nbf, c:c + nbf] |= kept[:nb - r, :nb - c]
+    return mask
+
+
+@pytest.mark.parametrize("case", [(12, 40, 16, 0.5, True), (7, 96, 32, 1.0, False), (20, 33, 16, 0.2, True),
+                                  (5, 64, 64, 1.0, True)])
+def test_official_layout_equals_its_token_level_definition(case):
+    assert torch.equal(official_block_mask(*case), official_by_definition(*case))
+
+
+def test_distance_layout_by_definition():
+    plan = radial_plan((40, 56), normalize_options((40, 56), layout="distance", tile=(4, 4), dense_radius=1))
+    tw = 14
+    for qt in (0, 37, 69, 139):
+        want = set()
+        for kt in range(10 * 14):
+            dy, dx = kt // tw - qt // tw, kt % tw - qt % tw
+            shell = max(abs(dy), abs(dx)) // 2
+            stride = 2 ** shell.bit_length()
+            if dy % stride == 0 and dx % stride == 0:
+                want.add(kt)
+        assert set(plan.key_tiles[qt].tolist()) - {-1} == want
+
+
+def test_frames_layout_by_definition():
+    """Video (T, H, W), tiles (1, 4, 4): full frames at distance <= 1 and the sink frame; farther,
+    a window of tiles whose area is about the official band's, kept every (tile / density) frames."""
+    grid, tile = (12, 8, 12), (1, 4, 4)
+    plan = radial_plan(grid, normalize_options(grid, tile=tile))
+    s, per_frame, fw = 96, 6, 3
+    for qt in (0, 7, 40, 71):
+        want = set()
+        for kt in range(12 * per_frame):
+            fq, fk = qt // per_frame, kt // per_frame
+            d = abs(fq - fk)
+            cheb = max(abs((qt % per_frame) // fw - (kt % per_frame) // fw), abs(qt % fw - kt % fw))
+            density = 2 ** s.bit_length() / 2 ** d.bit_length()
+            radius = max(0, round((math.sqrt((2 * density + 1) / 16) - 1) / 2))
+            if d <= 1 or fk == 0 or ((density >= 16 or d % int(16 / density) == 0) and cheb <= radius):
+                want.add(kt)
+        assert set(plan.key_tiles[qt].tolist()) - {-1} == want
+
+
+def token_mask(grid, num_prefix, **opts):
+    """(N, N) bool: the plan's tile lists expanded to tokens, prefix rows and columns dense."""
+    plan = radial_plan(tuple(grid), normalize_options(tuple(grid), **opts))
+    layout = plan.layout
+    n = layout.num_tokens
+    tile_of = torch.empty(n, dtype=torch.long)
+    tile_of[layout.slots[layout.slots < n]] = (torch.arange(layout.slots.numel()) // layout.tile_size)[layout.slots < n]
+    listed = torch.zeros(layout.num_tiles, layout.num_tiles, dtype=torch.bool)
+    rows = torch.arange(layout.num_tiles)[:, None].expand_as(plan.key_tiles)
+    listed[rows[plan.key_tiles >= 0], plan.key_tiles[plan.key_tiles >= 0]] = True
+    mask = torch.ones(num_prefix + n, num_prefix + n, dtype=torch.bool)
+    mask[num_prefix:, num_prefix:] = listed[tile_of[:, None], tile_of[None, :]]
+    return mask
+
+
+def masked_attention(q, k, v, mask):
+    s = (q.double() @ k.double().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return (s.masked_fill(~mask, float("-inf")).softmax(-1) @ v.double()).to(q.dtype)
+
+
+CASES = [((13, 17), 1, dict(tile=(4, 4))), ((30, 21), 0, dict()), ((19, 33), 2, dict(layout="frames", tile=(4, 8))),
+         ((6, 9, 10), 1, dict(tile=(1, 4, 4))), ((7, 5, 6), 1, dict(layout="official", block_size=16)),
+         ((9, 7, 11), 0, dict(layout="official", block_size=32, decay_factor=0.5, sink=False))]
+
+
+@pytest.mark.parametrize("grid,p,opts", CASES)
+def test_reference_equals_dense_attention_with_the_mask(grid, p, opts):
+    n = p + math.prod(grid)
+    q, k, v = (torch.randn(2, 2, n, 8, requires_grad=True) for _ in range(3))
+    out = radial_attention(q, k, v, grid=grid, num_prefix=p, **opts)
+    mask = token_mask(grid, p, **opts)
+    assert not mask.all()
+    want = masked_attention(q, k, v, mask)
+    assert_rel_close(out, want, what="forward")
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        assert_rel_close(a, b, torch.float32, what=f"d{name}")
+    out16 = radial_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), grid=grid, num_prefix=p, **opts)
+    assert_rel_close(out16, want, torch.bfloat16, what="bf16")
+
+
+def keys_per_query(grid, **opts):
+    return attended_pairs(radial_plan(grid, normalize_options(grid, **opts))) / math.prod(grid)
+
+
+def steps(values):
+    return [b - a for a, b in zip(values, values[1:])]
+
+
+def test_attended_pairs_grow_as_n_log_n():
+    """pairs / N must be affine in log N: equal steps for each doubling of the side (or of T)."""
+    image = [keys_per_query((s, s)) for s in (32, 64, 128, 256)]
+    assert max(steps(image)) / min(steps(image)) < 1.3, image
+    for opts in (dict(), dict(layout="official", block_size=64)):     # 16x16 frames, T doubling
+        video = [keys_per_query((t, 16, 16), **opts) for t in (8, 16, 32, 64)]
+        assert max(steps(video)) / min(steps(video)) < 1.3, (opts, video)
+    # the rows-as-frames image layout keeps whole rows of tiles: its pairs grow as N^1.5
+    rows = [keys_per_query((s, s), layout="frames") for s in (32, 64, 128, 256)]
+    assert steps(rows)[-1] > 1.8 * steps(rows)[-2], rows
+
+
+def test_plans_are_cached():
+    options = normalize_options((20, 20))
+    assert radial_plan((20, 20), options) is radial_plan((20, 20), options)
+
+
+@pytest.mark.parametrize("grid,opts,match", [
+    ((4, 8, 8), dict(layout="distance"), "image-only"),
+    ((8, 8), dict(layout="official"), "needs a"),
+    ((8, 8), dict(layout="radial"), "layout must be one of"),
+    ((8, 8), dict(tile=(4, 4, 4)), "one int >= 1 per axis"),
+    ((4, 8, 8), dict(tile=(2, 4, 4)), r"tile\[0\] == 1"),
+    ((8, 8), dict(decay_factor=0), "decay_factor"),
+    ((8, 8), dict(window=3), "unknown mask options"),
+])
+def test_bad_options_are_value_errors(grid, opts, match):
+    q = torch.randn(1, 1, math.prod(grid), 8)
+    with pytest.raises(ValueError, match=match):
+        radial_attention(q, q, q, grid=grid, **opts)
+
+
+def test_float64_gradcheck():
+    q, k, v = (torch.randn(1, 2, 1 + 7 * 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    fn = lambda q, k, v: radial_attention(q, k, v, grid=(7, 9), num_prefix=1, tile=(2, 2))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
