@@ -16,7 +16,8 @@ order), each a name or ``(name, options)``. Options are merged as: where the blo
 every second block) < ``attn_kwargs[family]`` < the entry's own options. Besides the registered
 families (``subquad.attention``), three backbone variants the interface lacks live here:
 ``window`` (Swin's shifted-window softmax attention), ``softmax_rope`` (MAViT's softmax blocks)
-and, under the name ``agent``, agent attention without prefix-token biases.
+and, under the name ``agent``, agent attention as the official Agent-Swin/PVT run it (no
+prefix-token biases, no dense fallback).
 """
 from __future__ import annotations
 
@@ -556,8 +557,10 @@ def _init_weights(module: nn.Module) -> None:
 # --- registration helpers shared by the model files ------------------------------------------
 
 def hierarchical_cfg(**kwargs: Any) -> dict[str, Any]:
-    """A pretrained_cfg for a hierarchical model at 224x224 (no hosted weights: load the official
-    checkpoint with ``pretrained=True, pretrained_cfg_overlay=dict(file=path)``)."""
+    """A pretrained_cfg for a hierarchical model at 224x224. No hosted weights: load an official
+    checkpoint with ``pretrained=True, pretrained_cfg_overlay=dict(file=path)``; a training checkpoint
+    that also pickles its config (timm loads files with ``weights_only=True``) goes in as
+    ``pretrained_cfg_overlay=dict(state_dict=torch.load(path, weights_only=False))`` (trusted files only)."""
     return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
             "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
             "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head.fc", **kwargs}

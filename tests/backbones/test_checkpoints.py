@@ -237,6 +237,9 @@ def test_official_file_loads_through_timm(tmp_path):
                               pretrained_cfg_overlay=dict(file=str(path)))
     assert tuned.get_classifier().out_features == 10
     assert torch.equal(tuned.stages[3].blocks[0].mlp.fc1.weight, official["block4.0.mlp.fc1.weight"])
+    with_config = {"model": official, "config": object()}       # official training checkpoints pickle their config
+    direct = timm.create_model("flatten_pvt_tiny", pretrained=True, pretrained_cfg_overlay=dict(state_dict=with_config))
+    assert torch.equal(direct.stages[2].downsample.proj.weight, official["patch_embed3.proj.weight"])
     again = tmp_path / "ours.pth"
     torch.save(model.state_dict(), again)
     same = timm.create_model("flatten_pvt_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(again)))
