@@ -49,6 +49,7 @@ class Family:
     op_name: str                                  # the op in subquad.kernels
     grid_dims: tuple[int, ...]                    # 2: image grids (H, W); 3: video grids (T, H, W)
     fits: Callable[[tuple[int, ...], dict], bool] = lambda grid, options: True
+    options_list: str | None = None               # for an op taking **options: its list of names in kernels.functional
 
 
 def _window_fits(grid: tuple[int, ...], options: dict) -> bool:
@@ -57,8 +58,8 @@ def _window_fits(grid: tuple[int, ...], options: dict) -> bool:
 
 FAMILIES: dict[str, Family] = {
     "neighborhood": Family("neighborhood_attention", (2,), _window_fits),
-    "radial": Family("radial_attention", (2, 3)),
-    "loglinear": Family("loglinear_attention", (2, 3)),
+    "radial": Family("radial_attention", (2, 3), options_list="RADIAL_OPTIONS"),
+    "loglinear": Family("loglinear_attention", (2,), options_list="LOGLINEAR_OPTIONS"),
     "agent": Family("agent_attention", (2,)),
 }
 FAMILY_ALIASES = {"nat": "neighborhood", "llsa": "loglinear"}
@@ -86,6 +87,10 @@ def _resolve_family(attn: str | AttentionOp, options: dict, grid_dims: int, tran
             raise ValueError(f"{name} attention cannot take {transformer_name}'s {kind}; families that can: "
                              f"{', '.join(takes)}")
         fits = family.fits
+        valid = getattr(kernels.functional, family.options_list, None) if family.options_list else None
+        if valid is not None and set(options) - set(valid):
+            raise ValueError(f"options {sorted(set(options) - set(valid))} do not fit {name}; its options: "
+                             f"{', '.join(valid)}")
     probe = torch.zeros(1, 1, 1, 1)
     try:
         inspect.signature(op).bind(probe, probe, probe, grid=(1, 1), num_prefix=0, **options)
@@ -138,20 +143,19 @@ def _flux_grid(module: nn.Module, call: dict) -> tuple[int, ...]:
 class TransformerSpec:
     """Which attention layers of a transformer class to swap, with what, and how to read its grid."""
 
-    targets: tuple[tuple[str, type, type[_SwappedProcessor]], ...]  # (module name regex, original, ours)
+    pattern: str                                  # names of the attention modules to swap (a regex)
+    original: type                                # the diffusers processor they must be running
+    processor: type[_SwappedProcessor]            # ours, mirroring it
     grid: Callable[[nn.Module, dict], tuple[int, ...]]
     grid_dims: int
 
 
 SUPPORTED: dict[type, TransformerSpec] = {
-    DiTTransformer2DModel: TransformerSpec(((r".*\.attn1", AttnProcessor2_0, SelfAttnProcessor),), _image_grid, 2),
-    PixArtTransformer2DModel: TransformerSpec(((r".*\.attn1", AttnProcessor2_0, SelfAttnProcessor),), _image_grid, 2),
-    SD3Transformer2DModel: TransformerSpec(((r".*\.attn2?", JointAttnProcessor2_0, JointAttnProcessor),),
-                                           _image_grid, 2),
-    FluxTransformer2DModel: TransformerSpec(((r".*\.attn", DiffusersFluxAttnProcessor, FluxAttnProcessor),),
-                                            _flux_grid, 2),
-    WanTransformer3DModel: TransformerSpec(((r".*\.attn1", DiffusersWanAttnProcessor, WanAttnProcessor),),
-                                           _video_grid, 3),
+    DiTTransformer2DModel: TransformerSpec(r".*\.attn1", AttnProcessor2_0, SelfAttnProcessor, _image_grid, 2),
+    PixArtTransformer2DModel: TransformerSpec(r".*\.attn1", AttnProcessor2_0, SelfAttnProcessor, _image_grid, 2),
+    SD3Transformer2DModel: TransformerSpec(r".*\.attn2?", JointAttnProcessor2_0, JointAttnProcessor, _image_grid, 2),
+    FluxTransformer2DModel: TransformerSpec(r".*\.attn", DiffusersFluxAttnProcessor, FluxAttnProcessor, _flux_grid, 2),
+    WanTransformer3DModel: TransformerSpec(r".*\.attn1", DiffusersWanAttnProcessor, WanAttnProcessor, _video_grid, 3),
 }
 TRANSFORMER_ATTRIBUTES = ("transformer", "transformer_2")
 
@@ -175,26 +179,23 @@ def _transformers_of(pipe: Any) -> list[nn.Module]:
     return found
 
 
-def _targets(transformer: nn.Module, spec: TransformerSpec) -> list[tuple[str, nn.Module, int, type]]:
-    """(name, attention module, block index, our processor class) per swapped layer, in forward order."""
+def _targets(transformer: nn.Module, spec: TransformerSpec) -> list[tuple[str, nn.Module, int]]:
+    """(name, attention module, block index) per layer to swap, in forward order."""
     found, blocks = [], {}
     for name, module in transformer.named_modules():
-        if not hasattr(module, "set_processor"):
+        if not hasattr(module, "set_processor") or not re.fullmatch(spec.pattern, name):
             continue
-        for pattern, original, ours in spec.targets:
-            if not re.fullmatch(pattern, name):
-                continue
-            proc = module.processor
-            if isinstance(proc, _SwappedProcessor):
-                raise ValueError(f"{type(transformer).__name__} is already accelerated; restore() it first")
-            if type(proc) is not original:
-                raise ValueError(f"{name} of {type(transformer).__name__} runs {type(proc).__name__}; subquad replaces "
-                                 f"only diffusers' {original.__name__} (set it back with set_attn_processor first)")
-            if getattr(proc, "_parallel_config", None) is not None:
-                raise ValueError(f"{name} runs context parallel attention, which subquad's ops do not support")
-            if getattr(module, "spatial_norm", None) is not None or getattr(module, "group_norm", None) is not None:
-                raise ValueError(f"{name} has a spatial or group norm, which subquad's processors do not implement")
-            found.append((name, module, blocks.setdefault(name.rsplit(".", 1)[0], len(blocks)), ours))
+        proc = module.processor
+        if isinstance(proc, _SwappedProcessor):
+            raise ValueError(f"{type(transformer).__name__} is already accelerated; restore() it first")
+        if type(proc) is not spec.original:
+            raise ValueError(f"{name} of {type(transformer).__name__} runs {type(proc).__name__}; subquad replaces "
+                             f"only diffusers' {spec.original.__name__} (set it back with set_attn_processor first)")
+        if getattr(proc, "_parallel_config", None) is not None:
+            raise ValueError(f"{name} runs context parallel attention, which subquad's ops do not support")
+        if getattr(module, "spatial_norm", None) is not None or getattr(module, "group_norm", None) is not None:
+            raise ValueError(f"{name} has a spatial or group norm, which subquad's processors do not implement")
+        found.append((name, module, blocks.setdefault(name.rsplit(".", 1)[0], len(blocks))))
     return found
 
 
@@ -245,7 +246,7 @@ def accelerate_pipeline(pipe: Any, attn: str | AttentionOp, *, dense_layers: Ite
         spec = SUPPORTED[type(transformer)]
         family = _resolve_family(attn, options, spec.grid_dims, type(transformer).__name__)
         targets = _targets(transformer, spec)
-        num_blocks = max((block for *_, block, _ in targets), default=-1) + 1
+        num_blocks = max((block for *_, block in targets), default=-1) + 1
         if any(not 0 <= i < num_blocks for i in dense_layers):
             raise ValueError(f"dense_layers {dense_layers} out of range: {type(transformer).__name__} has "
                              f"{num_blocks} blocks with self-attention (0..{num_blocks - 1})")
@@ -255,9 +256,9 @@ def accelerate_pipeline(pipe: Any, attn: str | AttentionOp, *, dense_layers: Ite
     originals, hooks, layers = [], [], {}
     for index, (transformer, spec, targets) in enumerate(plans):
         prefix = f"{TRANSFORMER_ATTRIBUTES[index]}." if len(plans) > 1 else ""
-        for module_name, module, block, processor_cls in targets:
+        for module_name, module, block in targets:
             originals.append((module, module.processor))
-            module.set_processor(processor_cls(policy, block, module.processor))
+            module.set_processor(spec.processor(policy, block, module.processor))
             layers[prefix + module_name] = block
 
         def observe(module: nn.Module, args: tuple, kwargs: dict, spec: TransformerSpec = spec) -> None:

@@ -89,7 +89,7 @@ def random_transformer(kind: str, size: str = "tiny", *, dtype: torch.dtype = to
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.3)
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 def transformer_inputs(kind: str, transformer: nn.Module, *, latent_size: tuple[int, int], latent_frames: int = 1,

@@ -30,6 +30,15 @@ needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers")
                                         reason="diffusers' text-to-image pipeline classes need `transformers`")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on 2 shared cores: one intra-op thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model_and_inputs(kind: str):
     model = random_transformer(kind)
     return model, transformer_inputs(kind, model, latent_size=(10, 10), latent_frames=2, batch=2, text_tokens=TEXT)
@@ -70,16 +79,33 @@ def test_token_split_and_grid(kind):
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", IMAGE_KINDS)
-def test_window_covering_the_grid_is_dense(kind):
-    """Neighborhood attention with a 5x5 window on the 5x5 grid is exact dense attention."""
+EXACT = [(kind, "neighborhood", {"kernel_size": 5}, {"kernel_size": 3}) for kind in IMAGE_KINDS] + [
+    (kind, "radial", {}, {"tile": (2, 2)}) for kind in IMAGE_KINDS] + [("wan", "radial", {}, None)]
+
+
+@pytest.mark.parametrize("kind, attn, covering, sparse", EXACT)
+def test_window_covering_the_grid_is_dense(kind, attn, covering, sparse):
+    """A 5x5 neighborhood window, or radial attention whose first tile (8x8) holds the 5x5 grid (and, for
+    video, whose dense frame distance 1 spans both latent frames), is exact dense attention; smaller
+    windows or tiles are not."""
     model, inputs = _model_and_inputs(kind)
     reference = _run(model, inputs)
-    with accelerate_pipeline(model, "neighborhood", kernel_size=5):
+    with accelerate_pipeline(model, attn, **covering):
         out = _run(model, inputs)
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
-    with accelerate_pipeline(model, "neighborhood", kernel_size=3):
-        assert not torch.allclose(_run(model, inputs), reference, atol=1e-3)
+    if sparse is not None:
+        with accelerate_pipeline(model, attn, **sparse):
+            assert not torch.allclose(_run(model, inputs), reference, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", IMAGE_KINDS)
+def test_loglinear_runs_close_to_dense(kind):
+    """LLSA always adds pooled keys beside the selected blocks, so it is never exactly dense: close only."""
+    model, inputs = _model_and_inputs(kind)
+    reference = _run(model, inputs)
+    with accelerate_pipeline(model, "llsa", block_size=4, top_k=2):
+        out = _run(model, inputs)
+    assert F.cosine_similarity(out.flatten(), reference.flatten(), dim=0) > 0.8
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -112,8 +138,11 @@ def test_unsupported_transformer_is_refused_and_left_unchanged():
 def test_bad_family_or_options_leave_the_transformer_unchanged():
     wan, dit = random_transformer("wan"), random_transformer("dit")
     before_wan, before_dit = _processors(wan), _processors(dit)
-    with pytest.raises(ValueError, match="video grids"):
-        accelerate_pipeline(wan, "agent")
+    for family in ("agent", "neighborhood", "loglinear"):
+        with pytest.raises(ValueError, match="video grids"):
+            accelerate_pipeline(wan, family, kernel_size=3)
+    with pytest.raises(ValueError, match="its options"):
+        accelerate_pipeline(wan, "radial", window=3)
     with pytest.raises(ValueError, match="unknown attention family"):
         accelerate_pipeline(dit, "swin")
     with pytest.raises(ValueError, match="kernel_size"):
@@ -173,7 +202,7 @@ def test_pipelines_end_to_end(kind):
     pipe, call = tiny_pipeline(kind)
     pipe.set_progress_bar_config(disable=True)
     before = _processors(pipe.transformer)
-    attn, options = ("neighborhood", {"kernel_size": 5}) if kind != "wan" else (DenseSpy(), {})
+    attn, options = ("neighborhood", {"kernel_size": 5}) if kind != "wan" else ("radial", {})
     report, dense, fast = compare_pipeline(pipe, call, attn, **options)
     assert report["psnr_db"] > 60 and report["ssim"] > 0.999 and report["latent_cosine"] > 0.99999
     assert dense.shape == fast.shape and dense.shape[1] == 3
