@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import Transformer2DModel
 
+from subquad import kernels
 from subquad.tasks.accelerate_pipeline import accelerate_pipeline, compare_pipeline, supported_transformers
 from subquad.tasks.accelerate_pipeline_random import KINDS, random_transformer, tiny_pipeline, transformer_inputs
 from subquad.tasks.cli import main
@@ -79,8 +80,16 @@ def test_token_split_and_grid(kind):
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
 
 
+
+
+def needs(op: str):
+    return pytest.mark.skipif(not hasattr(kernels, op), reason=f"subquad.kernels.{op} is not in this build")
+
+
+radial = needs("radial_attention")
 EXACT = [(kind, "neighborhood", {"kernel_size": 5}, {"kernel_size": 3}) for kind in IMAGE_KINDS] + [
-    (kind, "radial", {}, {"tile": (2, 2)}) for kind in IMAGE_KINDS] + [("wan", "radial", {}, None)]
+    pytest.param(kind, "radial", {}, {"tile": (2, 2)}, marks=radial) for kind in IMAGE_KINDS] + [
+    pytest.param("wan", "radial", {}, None, marks=radial)]
 
 
 @pytest.mark.parametrize("kind, attn, covering, sparse", EXACT)
@@ -98,6 +107,7 @@ def test_window_covering_the_grid_is_dense(kind, attn, covering, sparse):
             assert not torch.allclose(_run(model, inputs), reference, atol=1e-3)
 
 
+@needs("loglinear_attention")
 @pytest.mark.parametrize("kind", IMAGE_KINDS)
 def test_loglinear_runs_close_to_dense(kind):
     """LLSA always adds pooled keys beside the selected blocks, so it is never exactly dense: close only."""
@@ -138,11 +148,9 @@ def test_unsupported_transformer_is_refused_and_left_unchanged():
 def test_bad_family_or_options_leave_the_transformer_unchanged():
     wan, dit = random_transformer("wan"), random_transformer("dit")
     before_wan, before_dit = _processors(wan), _processors(dit)
-    for family in ("agent", "neighborhood", "loglinear"):
+    for family in ("agent", "neighborhood"):
         with pytest.raises(ValueError, match="video grids"):
             accelerate_pipeline(wan, family, kernel_size=3)
-    with pytest.raises(ValueError, match="its options"):
-        accelerate_pipeline(wan, "radial", window=3)
     with pytest.raises(ValueError, match="unknown attention family"):
         accelerate_pipeline(dit, "swin")
     with pytest.raises(ValueError, match="kernel_size"):
@@ -154,6 +162,18 @@ def test_bad_family_or_options_leave_the_transformer_unchanged():
     for model, before in ((wan, before_wan), (dit, before_dit)):
         assert all(model.get_submodule(n).processor is p for n, p in before.items())
         assert not model._forward_pre_hooks
+
+
+@needs("radial_attention")
+@needs("loglinear_attention")
+def test_video_and_option_checks_of_radial_and_loglinear():
+    wan = random_transformer("wan")
+    before = _processors(wan)
+    with pytest.raises(ValueError, match="video grids"):
+        accelerate_pipeline(wan, "loglinear")
+    with pytest.raises(ValueError, match="its options"):
+        accelerate_pipeline(wan, "radial", window=3)
+    assert all(wan.get_submodule(n).processor is p for n, p in before.items())
 
 
 def test_dense_layers_and_dense_steps():
@@ -202,7 +222,7 @@ def test_pipelines_end_to_end(kind):
     pipe, call = tiny_pipeline(kind)
     pipe.set_progress_bar_config(disable=True)
     before = _processors(pipe.transformer)
-    attn, options = ("neighborhood", {"kernel_size": 5}) if kind != "wan" else ("radial", {})
+    attn, options = ("neighborhood", {"kernel_size": 5}) if kind != "wan" else (DenseSpy(), {})
     report, dense, fast = compare_pipeline(pipe, call, attn, **options)
     assert report["psnr_db"] > 60 and report["ssim"] > 0.999 and report["latent_cosine"] > 0.99999
     assert dense.shape == fast.shape and dense.shape[1] == 3
