@@ -512,10 +512,10 @@ class HierarchicalTransformer(nn.Module):
             self.norm = nn.Identity()
         self.stages = self.stages[:max_index + 1]
         if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.num_features = self.feature_info[max_index]["num_chs"]
+        if prune_end or prune_head:   # the whole head: parameters left unused would trouble DDP
             self.head = ClassifierHead(self.num_features, 0, pool_type="", input_fmt="NHWC")
-        elif prune_head:
-            self.reset_classifier(0, "" if isinstance(self.head, ClassifierHead) else None)
+            self.head_hidden_size = self.num_features
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,10 @@ def test_features_only_shapes_strides_and_subsets():
     two = timm.create_model("agent_pvt_tiny", features_only=True, out_indices=(1, -1))
     assert [o.shape[1] for o in two(torch.randn(1, 3, 64, 64))] == [128, 512]
     assert len(two.model.stages) == 4 and two.feature_info.reduction() == [8, 32]
+    early = timm.create_model("mavit_tiny", features_only=True, out_indices=(0, 2), depths=(1, 1, 1, 1))
+    sum(o.sum() for o in early(torch.randn(2, 3, 64, 64))).backward()
+    assert len(early.model.stages) == 3                                   # the last stage and the head are pruned
+    assert all(p.grad is not None for p in early.parameters()), "unused parameters in a features_only model"
 
 
 def test_forward_intermediates_contract():
