@@ -95,6 +95,7 @@ class OptimConfig:
     betas: list | None = None
     eps: float | None = None
     layer_decay: float | None = None
+    no_decay: list = field(default_factory=list)     # name patterns (fnmatch) without weight decay, e.g. *pos_embed*
     clip_grad: float | None = None
 
 
@@ -251,6 +252,8 @@ def _check(cfg: TrainConfig, source: str) -> None:
     for key in ("grad_accum_steps", "log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
         if getattr(r, key) < 1:
             raise ValueError(f"{source}: run.{key} must be >= 1")
+    if cfg.optim.no_decay and cfg.optim.layer_decay is not None:
+        raise ValueError(f"{source}: optim.no_decay and optim.layer_decay cannot be combined")
     if cfg.task == "cls" and cfg.data.format not in ("imagefolder", "hf"):
         raise ValueError(f"{source}: data.format must be imagefolder or hf, got {cfg.data.format!r}")
     if cfg.task == "seg" and cfg.model.head not in ("upernet", "fpn"):

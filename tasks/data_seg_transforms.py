@@ -32,7 +32,7 @@ def _resize(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarr
 
 
 def _to_tensor(image: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255 - mean) / std
+    return (torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1) / 255 - mean) / std
 
 
 def photometric_distortion(image: np.ndarray, brightness: float = 32, contrast: tuple[float, float] = (0.5, 1.5),
@@ -89,7 +89,7 @@ class SegTrainTransform:
             image = photometric_distortion(image)
         h, w = label.shape
         image = F.pad(_to_tensor(image, self.mean, self.std), (0, self.crop - w, 0, self.crop - h), value=0.0)
-        label = F.pad(torch.from_numpy(np.ascontiguousarray(label)).long(), (0, self.crop - w, 0, self.crop - h),
+        label = F.pad(torch.from_numpy(np.array(label, dtype=np.int64)), (0, self.crop - w, 0, self.crop - h),
                       value=IGNORE_INDEX)
         return image, label
 
@@ -101,4 +101,4 @@ class SegEvalTransform:
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         image = _resize(image, rescale_size(*label.shape, self.scale), Image.BILINEAR)
-        return _to_tensor(image, self.mean, self.std), torch.from_numpy(label.copy()).long()
+        return _to_tensor(image, self.mean, self.std), torch.from_numpy(np.array(label, dtype=np.int64))

@@ -77,7 +77,7 @@ def render(rng: np.random.Generator, h: int, w: int, kinds: list[int]) -> tuple[
     labels = np.ones((h, w), np.uint8)
     size = min(h, w)
     for kind in kinds:
-        r = rng.uniform(0.22, 0.4) * size if len(kinds) == 1 else rng.uniform(0.12, 0.25) * size
+        r = rng.uniform(0.3, 0.45) * size if len(kinds) == 1 else rng.uniform(0.25, 0.4) * size
         cy, cx = rng.uniform(r * 0.8, h - r * 0.8), rng.uniform(r * 0.8, w - r * 0.8)
         mask = _shape_mask(kind, h, w, cy, cx, r, rng.uniform(0, np.pi))
         image[mask] = _colour(rng, kind)

@@ -25,7 +25,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -153,7 +153,11 @@ class Trainer:
         self.ema = ModelEmaV3(model, decay=run.ema_decay) if run.ema_decay else None   # before prepare wraps forward
         o = cfg.optim
         extra = {k: v for k, v in (("betas", tuple(o.betas) if o.betas else None), ("eps", o.eps)) if v is not None}
-        optimizer = create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
+        params: nn.Module | list = model
+        if o.no_decay:          # mmseg's paramwise decay_mult=0, added to the model's own no_weight_decay()
+            own = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+            params = param_groups_weight_decay(model, o.weight_decay, no_weight_decay_list=set(own) | set(o.no_decay))
+        optimizer = create_optimizer_v2(params, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
                                         layer_decay=o.layer_decay, **extra)
         self.scheduler, _ = create_scheduler_v2(
             optimizer, sched=s.sched, num_epochs=self.total, warmup_epochs=warmup, warmup_lr=s.warmup_lr,
