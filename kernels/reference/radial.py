@@ -42,9 +42,8 @@ OFFICIAL_SPLIT_THRESHOLD = 128      # hard-coded in the official code, independe
 class RadialPlan:
     """The tiles of the grid and, per query tile, the key tiles it attends (-1 pads the lists)."""
 
-    layout: TileLayout
+    layout: TileLayout               # official: 1D blocks, the grid seen as (1, T*H*W)
     key_tiles: torch.Tensor          # (num_tiles, max_listed) long
-    tile_grid: tuple[int, ...]       # the grid the layout tiles: the video itself, or (1, T*H*W) for official
 
     @property
     def density(self) -> float:
@@ -204,11 +203,9 @@ def radial_plan(grid: tuple[int, ...], options: tuple, device: torch.device | No
     layout_name, tile, block_size, decay_factor, sink, dense_radius = options
     if layout_name == "official":
         t, h, w = grid
-        tile_grid = (1, t * h * w)
-        layout = tile_layout(tile_grid, (1, block_size), False, device)
+        layout = tile_layout((1, t * h * w), (1, block_size), False, device)
         mask = official_block_mask(t, h * w, block_size, decay_factor, sink)
     else:
-        tile_grid = grid
         layout = tile_layout(grid, tile, False, device)
         if layout_name == "distance":
             mask = distance_block_mask(layout.tiles_per_side, dense_radius)
@@ -217,7 +214,7 @@ def radial_plan(grid: tuple[int, ...], options: tuple, device: torch.device | No
             num_frames, frame_tiles = (frames[0], (th, tw)) if frames else (th, (1, tw))
             tokens_per_frame = math.prod(grid[1:]) if frames else tile[0] * grid[1]
             mask = frames_block_mask(num_frames, frame_tiles, tokens_per_frame, layout.tile_size, decay_factor, sink)
-    return RadialPlan(layout, _lists(mask).to(device), tile_grid)
+    return RadialPlan(layout, _lists(mask).to(device))
 
 
 def attended_pairs(plan: RadialPlan, num_prefix: int = 0) -> int:

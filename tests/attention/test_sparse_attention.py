@@ -93,15 +93,33 @@ def dense_module(m, x):
     return merge_heads(m, torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), -1) @ v)
 
 
-@pytest.mark.parametrize("name,grid", [("nat", (5, 9)), ("radial", (8, 8)), ("llsa", (8, 8))])
+@pytest.mark.parametrize("name,grid", [("radial", (8, 8)), ("llsa", (8, 8))])
 def test_small_grids_fall_back_to_dense_with_one_warning(name, grid):
-    m = attention.build(name, dim=16, num_heads=2).double()       # defaults: k=7, 8x8 tiles, K=8
+    m = attention.build(name, dim=16, num_heads=2).double()       # defaults: 8x8 tiles, K=8
     x = torch.randn(2, 1 + math.prod(grid), 16, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
             assert_rel_close(m(x, grid=grid, num_prefix=1), dense_module(m, x), torch.float64)
     assert len([w for w in caught if "dense" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("grid,p", [((5, 9), 1), ((3, 4), 0), ((12, 7), 2)])
+def test_nat_pads_small_grids_like_nattens_module(grid, p):
+    """Sides < kernel_size * dilation: NATTEN's NeighborhoodAttention2D zero-pads the input at the
+    bottom and right and crops the output; prefix queries still see only the real tokens."""
+    m = attention.build("nat", dim=16, num_heads=2, qkv_bias=True, kernel_size=5, dilation=2).double()
+    x = torch.randn(2, p + math.prod(grid), 16, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = m(x, grid=grid, num_prefix=p)
+    h, w = max(grid[0], 10), max(grid[1], 10)
+    padded = torch.zeros(2, h, w, 16, dtype=torch.float64)
+    padded[:, :grid[0], :grid[1]] = x[:, p:].reshape(2, *grid, 16)
+    y_padded = m(torch.cat([x[:, :p], padded.reshape(2, -1, 16)], 1), grid=(h, w), num_prefix=p)
+    want = y_padded[:, p:].reshape(2, h, w, 16)[:, :grid[0], :grid[1]].reshape(2, -1, 16)
+    assert_rel_close(y[:, p:], want, torch.float64)
+    assert_rel_close(y[:, :p], dense_module(m, x)[:, :p], torch.float64)
 
 
 def test_radial_on_video_and_image_only_families_refuse_it():
