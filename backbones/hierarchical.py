@@ -600,5 +600,6 @@ def check_converted(state_dict: Mapping[str, torch.Tensor], model: nn.Module, so
     missing, unexpected = sorted(expected - given), sorted(given - expected)
     if missing or unexpected:
         raise ValueError(f"the checkpoint does not match {type(model).__name__} after converting it from {source}:\n"
-                         f"  missing keys ({len(missing)}): {missing}\n  unexpected keys ({len(unexpected)}): {unexpected}")
+                         f"  missing keys ({len(missing)}): {missing}\n"
+                         f"  unexpected keys ({len(unexpected)}): {unexpected}")
     return dict(state_dict)

@@ -19,7 +19,8 @@ from .hierarchical import HierarchicalTransformer, check_converted, create_hiera
 from .subquad_swin import SWIN_SIZES
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: HierarchicalTransformer) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
+                         model: HierarchicalTransformer) -> dict[str, torch.Tensor]:
     """subquad state dicts only (strict key check): there are no official weights for the generic models."""
     return check_converted(state_dict.get("model", state_dict), model, "a subquad checkpoint")
 

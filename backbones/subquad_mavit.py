@@ -51,7 +51,8 @@ def _split_qkvo(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: HierarchicalTransformer) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
+                         model: HierarchicalTransformer) -> dict[str, torch.Tensor]:
     """Official MAViT (``MALA_*``) state dict to ours.
 
     ``layers.i.blocks`` -> ``stages.i.blocks`` with ``pos`` -> ``cpe``, ``norm{1,2}.norm`` ->
@@ -81,9 +82,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Hierarchica
 
 
 default_cfgs = generate_default_cfgs({
-    f"mavit_{size}": hierarchical_cfg(license="apache-2.0", paper_name="Rectifying Magnitude Neglect in Linear Attention",
-                                      paper_ids="arXiv:2507.00698", origin_url="https://github.com/qhfan/MALA",
-                                      crop_pct=0.875)
+    f"mavit_{size}": hierarchical_cfg(license="apache-2.0", paper_ids="arXiv:2507.00698", crop_pct=0.875,
+                                      paper_name="Rectifying Magnitude Neglect in Linear Attention",
+                                      origin_url="https://github.com/qhfan/MALA")
     for size in MAVIT_SIZES})
 
 

@@ -45,7 +45,8 @@ def nat_attention(family: str, depths: tuple[int, ...]) -> list[tuple[str, dict[
             for stage, depth in enumerate(depths) for i in range(depth)]
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: HierarchicalTransformer) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
+                         model: HierarchicalTransformer) -> dict[str, torch.Tensor]:
     """Official NAT / DiNAT state dict to ours.
 
     ``levels.i.blocks`` -> ``stages.i.blocks`` with ``gamma{1,2}`` -> ``ls{1,2}.gamma``; NAT

@@ -38,12 +38,14 @@ def _merge_q_kv(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if ".attn.kv." in key:
             continue
         if ".attn.q." in key:
-            key, value = key.replace(".attn.q.", ".attn.qkv."), torch.cat([value, state_dict[key.replace(".q.", ".kv.")]])
+            kv = state_dict[key.replace(".attn.q.", ".attn.kv.")]
+            key, value = key.replace(".attn.q.", ".attn.qkv."), torch.cat([value, kv])
         out[key] = value
     return out
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: HierarchicalTransformer) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
+                         model: HierarchicalTransformer) -> dict[str, torch.Tensor]:
     """Official Agent-PVT / FLatten-PVT state dict (PVT v1 layout) to ours.
 
     ``patch_embed1`` -> ``patch_embed``; ``patch_embed{i}`` / ``pos_embed{i}`` / ``block{i}`` ->

@@ -45,7 +45,8 @@ def swin_attention(family: str, size: str, depths: tuple[int, ...]) -> dict[str,
     return dict(attn=attn, attn_kwargs={name: options, "window": dict(window_size=7)})
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: HierarchicalTransformer) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
+                         model: HierarchicalTransformer) -> dict[str, torch.Tensor]:
     """Official Agent-Swin / FLatten-Swin state dict (Swin's layout) to ours.
 
     ``layers.i.blocks`` -> ``stages.i.blocks``; Swin merges patches at the end of stage i, we at the

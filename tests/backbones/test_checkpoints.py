@@ -29,7 +29,8 @@ def norm(name, c):
 
 
 def batchnorm(name, c):
-    return {**norm(name, c), f"{name}.running_mean": (c,), f"{name}.running_var": (c,), f"{name}.num_batches_tracked": ()}
+    stats = {f"{name}.running_mean": (c,), f"{name}.running_var": (c,), f"{name}.num_batches_tracked": ()}
+    return {**norm(name, c), **stats}
 
 
 def prefixed(prefix, keys):
@@ -204,7 +205,8 @@ def test_conversion_places_values():
         model = timm.create_model("agent_pvt_tiny")
     out = subquad_pvt.checkpoint_filter_fn(pvt, model)
     qkv = out["stages.1.blocks.0.attn.qkv.weight"]
-    assert torch.equal(qkv[:128], pvt["block2.0.attn.q.weight"]) and torch.equal(qkv[128:], pvt["block2.0.attn.kv.weight"])
+    assert torch.equal(qkv[:128], pvt["block2.0.attn.q.weight"])
+    assert torch.equal(qkv[128:], pvt["block2.0.attn.kv.weight"])
     assert torch.equal(out["stages.2.downsample.proj.weight"], pvt["patch_embed3.proj.weight"])
     assert torch.equal(out["stages.3.pos_embed"], pvt["pos_embed4"])
 
@@ -219,7 +221,8 @@ def test_conversion_places_values():
     assert torch.equal(out["stages.1.downsample.norm.running_var"], mavit["layers.0.downsample.norm.running_var"])
     assert torch.equal(out["head.fc.weight"], mavit["head.weight"].flatten(1))
 
-    swin = {k: torch.full(s, float(i)) for i, (k, s) in enumerate(official_swin("agent_swin_tiny_patch4_window7_224").items())}
+    shapes = official_swin("agent_swin_tiny_patch4_window7_224")
+    swin = {k: torch.full(s, float(i)) for i, (k, s) in enumerate(shapes.items())}
     with torch.device("meta"):
         model = timm.create_model("agent_swin_tiny_patch4_window7_224")
     out = subquad_swin.checkpoint_filter_fn(swin, model)
@@ -232,7 +235,8 @@ def test_official_file_loads_through_timm(tmp_path):
     path = tmp_path / "flatten_pvt_t.pth"
     torch.save({"model": official, "epoch": 300}, path)
     model = timm.create_model("flatten_pvt_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    assert torch.equal(model.stages[0].blocks[1].attn.positional_encoding, official["block1.1.attn.positional_encoding"])
+    encoding = model.stages[0].blocks[1].attn.positional_encoding
+    assert torch.equal(encoding, official["block1.1.attn.positional_encoding"])
     tuned = timm.create_model("flatten_pvt_tiny", pretrained=True, num_classes=10,
                               pretrained_cfg_overlay=dict(file=str(path)))
     assert tuned.get_classifier().out_features == 10

@@ -49,7 +49,8 @@ def test_forward_backward_small_input(name):
     out.square().mean().backward()
     # neighborhood attention attends densely, without its bias, on maps smaller than its dilated window
     dense = {f"stages.{i}.blocks.{j}.attn.rpb" for i, stage in enumerate(model.stages)
-             for j, blk in enumerate(stage.blocks) if hasattr(blk.attn, "rpb") and blk.attn.needs_dense((16 >> i, 24 >> i))}
+             for j, blk in enumerate(stage.blocks)
+             if hasattr(blk.attn, "rpb") and blk.attn.needs_dense((16 >> i, 24 >> i))}
     no_grad = {n for n, p in model.named_parameters() if p.grad is None}
     assert no_grad == dense, f"parameters without gradient (DDP would reject them): {sorted(no_grad - dense)}"
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -124,7 +125,8 @@ def test_reset_classifier_both_heads():
         model.reset_classifier(3)
         assert model.get_classifier().out_features == 3 and model.head_hidden_size == hidden
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
-        assert model.forward_head(model.forward_features(torch.randn(2, 3, 64, 64)), pre_logits=True).shape == (2, hidden)
+        features = model.forward_features(torch.randn(2, 3, 64, 64))
+        assert model.forward_head(features, pre_logits=True).shape == (2, hidden)
 
 
 def test_generic_model_takes_any_family_and_checks_the_plan():
