@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL
 
 from subquad.tasks.config import load_config, packaged_recipes, parse_config
 from subquad.tasks.dit_train_diffusion import DDPMObjective
+from subquad.tasks.sample import Sampler
 from subquad.tasks.synthetic import write_classification
 from subquad.tasks.train import train
 
@@ -93,6 +94,10 @@ def test_latent_space_with_a_local_vae(shapes, tmp_path):
     assert math.isfinite(summary["loss"])
     state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/state.json")).read_text())
     assert state["config"]["model"]["vae"] == str(tmp_path / "vae")
+    sampler = Sampler.from_run(str(tmp_path / "run"))
+    assert sampler.model.config.in_channels == 4 and sampler.model.config.input_size == 8
+    images = sampler.sample([0, 3], scheduler="dpm++", steps=2, progress=False)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
 
 def test_vlb_is_zero_when_the_model_matches_the_posterior():
