@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import resource
 import time
 from contextlib import nullcontext
@@ -77,6 +78,14 @@ def check_checkpoint_model(state: dict, cfg: TrainConfig, folder: Path, num_clas
         raise ValueError(f"checkpoint {folder} has {state['num_classes']} classes, the data set has {num_classes}")
 
 
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """accelerate's choice of device, except that a multi-process launch on a machine without CUDA
+    (torchrun, ``accelerate launch --multi_gpu``) runs on CPU processes over gloo; accelerate would
+    otherwise start independent single-process runs."""
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed_precision, cpu=multi_process and not torch.cuda.is_available())
+
+
 def _load_module(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, folder: Path) -> None:
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
@@ -132,7 +141,7 @@ class Trainer:
         self.resume_from = latest if resume else None
         if self.resume_from is not None:
             check_checkpoint_model(read_state(self.resume_from), cfg, self.resume_from)
-        self.accelerator = acc = Accelerator(mixed_precision=run.mixed_precision)
+        self.accelerator = acc = make_accelerator(run.mixed_precision)
         set_seed(run.seed + acc.process_index)
         with acc.main_process_first():
             self.task = build_task(cfg)
@@ -338,7 +347,7 @@ def evaluate(cfg: TrainConfig, checkpoint: str | None = None) -> dict[str, Any]:
     state = read_state(folder)
     check_checkpoint_model(state, cfg, folder)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=None))
-    accelerator = Accelerator(mixed_precision=cfg.run.mixed_precision)
+    accelerator = make_accelerator(cfg.run.mixed_precision)
     task = build_task(cfg)
     check_checkpoint_model(state, cfg, folder, task.num_classes)
     tensors = read_tensors(folder)
