@@ -47,13 +47,9 @@ def test_forward_backward_small_input(name):
     out = model(torch.randn(2, 3, 64, 96))
     assert out.shape == (2, 5) and torch.isfinite(out).all()
     out.square().mean().backward()
-    # neighborhood attention attends densely, without its bias, on maps smaller than its dilated window
-    dense = {f"stages.{i}.blocks.{j}.attn.rpb" for i, stage in enumerate(model.stages)
-             for j, blk in enumerate(stage.blocks)
-             if hasattr(blk.attn, "rpb") and blk.attn.needs_dense((16 >> i, 24 >> i))}
-    no_grad = {n for n, p in model.named_parameters() if p.grad is None}
-    assert no_grad == dense, f"parameters without gradient (DDP would reject them): {sorted(no_grad - dense)}"
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, f"parameters without gradient (DDP would reject them): {no_grad}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_features_only_shapes_strides_and_subsets():
