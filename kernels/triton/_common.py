@@ -1,4 +1,6 @@
-"""Helpers shared by the linear-family Triton kernels: tile loads, padding and the N-split policy."""
+"""Helpers shared by the linear-family Triton kernels: tiles, matrix products, padding, the N-split policy."""
+import functools
+import os
 from typing import Dict, Tuple
 
 import torch
@@ -6,30 +8,41 @@ import triton
 import triton.language as tl
 
 
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def pad_dim(n: int) -> int:
     """Padded channel count: a power of two, at least 16 (the smallest tl.dot operand side)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, 1 << (n - 1).bit_length())
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs keep exact fp32 products; 16-bit inputs use tf32 on fp32 operands (finer than bf16)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def precision_flags(dtype: torch.dtype) -> Dict[str, bool]:
+    """LOWP: 16-bit inputs, so products take 16-bit operands (fp32 values as hi + lo pairs where it
+    matters); fp32 inputs keep exact fp32 products. INTERPRET: running on the CPU interpreter."""
+    return dict(LOWP=dtype != torch.float32, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def num_programs_target(device: torch.device) -> int:
-    """Programs that fill the device: two per SM on a GPU; a handful under the CPU interpreter."""
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs_target(device: torch.device, per_sm: int = 4) -> int:
+    """Programs that fill the device: ``per_sm`` per SM on a GPU; a handful under the CPU interpreter."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 
 
-def split_tokens(batch_heads: int, n: int, block_n: int, target: int, max_tiles: int = 1 << 30) -> Tuple[int, int]:
-    """(num_splits, chunk): cut N into chunks of whole tiles so that batch_heads * num_splits programs
-    fill the device (small batch, large N) while each chunk spans at most ``max_tiles`` tiles."""
-    tiles = triton.cdiv(n, block_n)
-    splits = min(tiles, max(triton.cdiv(target, batch_heads), triton.cdiv(tiles, max_tiles)))
-    chunk = triton.cdiv(tiles, splits) * block_n
-    return triton.cdiv(n, chunk), chunk
+def split_tokens(groups: int, n: int, block_n: int, target: int, max_tiles: int = 1 << 30) -> Tuple[int, int]:
+    """(num_splits, chunk), in plain Python (triton.cdiv is a JIT function, slow to call from the host):
+    cut N into chunks of whole tiles so that groups * num_splits programs fill
+    the device (small batch, large N) while each chunk spans at most ``max_tiles`` tiles."""
+    tiles = cdiv(n, block_n)
+    splits = min(tiles, max(cdiv(target, groups), cdiv(tiles, max_tiles)))
+    chunk = cdiv(tiles, splits) * block_n
+    return cdiv(n, chunk), chunk
 
 
 LAUNCHED: Dict[str, object] = {}
@@ -50,12 +63,95 @@ def head_strides(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:
 
 @triton.jit
 def load_tile(base, offs_n, offs_c, stride_n, mask_n, mask_c):
-    """A (tokens, channels) tile in float32, zero outside the masks."""
-    ptrs = base + offs_n[:, None] * stride_n + offs_c[None, :]
-    return tl.load(ptrs, mask=mask_n[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+    """A (tokens, channels) tile in its own dtype, zero outside the masks."""
+    return tl.load(base + offs_n[:, None] * stride_n + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :],
+                   other=0.0)
 
 
 @triton.jit
-def store_tile(base, offs_n, offs_c, stride_n, mask_n, mask_c, value):
+def round_to(x, DT: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 x rounded to nearest-even in DT, as the GPU converts. The CPU interpreter truncates
+    fp32 -> bfloat16, so there the bits are rounded first (the usual add-0x7fff-plus-odd-bit trick)."""
+    if INTERPRET and DT == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DT)
+
+
+@triton.jit
+def store_tile(base, offs_n, offs_c, stride_n, mask_n, mask_c, value, INTERPRET: tl.constexpr):
     ptrs = base + offs_n[:, None] * stride_n + offs_c[None, :]
-    tl.store(ptrs, value.to(base.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
+    tl.store(ptrs, round_to(value, base.dtype.element_ty, INTERPRET), mask=mask_n[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def dot(a, b, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """a @ b with fp32 accumulation: 16-bit operands as given (LOWP), exact fp32 products otherwise. The CPU
+    interpreter multiplies bfloat16 bit patterns as integers, so there the (already rounded) operands are
+    upcast first: the same products."""
+    if LOWP:
+        if INTERPRET:
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+        else:
+            out = tl.dot(a, b)
+    else:
+        out = tl.dot(a, b, input_precision="ieee")
+    return out
+
+
+@triton.jit
+def hi_lo(x, DT: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 x as hi + lo in the 16-bit dtype DT: hi carries 8 (bf16) or 11 (fp16) bits, lo the next ones."""
+    hi = round_to(x, DT, INTERPRET)
+    return hi, round_to(x - hi.to(tl.float32), DT, INTERPRET)
+
+
+@triton.jit
+def split_operand(x, DT: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """(hi, lo) of an fp32 operand for dot_split: 16-bit parts with LOWP, (x, x) otherwise (lo unused)."""
+    if LOWP:
+        hi, lo = hi_lo(x, DT, INTERPRET)
+    else:
+        hi, lo = x, x
+    return hi, lo
+
+
+@triton.jit
+def dot_split(a, b_hi, b_lo, DT: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """a @ b for fp32 a and b given by split_operand, to about 2^-16 relative with 16-bit operands
+    (hi*hi + hi*lo + lo*hi): for forward values, where the MALA combination can cancel."""
+    if LOWP:
+        a_hi, a_lo = hi_lo(a, DT, INTERPRET)
+        out = (dot(a_hi, b_hi, LOWP, INTERPRET) + dot(a_hi, b_lo, LOWP, INTERPRET)
+               + dot(a_lo, b_hi, LOWP, INTERPRET))
+    else:
+        out = dot(a, b_hi, LOWP, INTERPRET)
+    return out
+
+
+@triton.jit
+def dot_split_a(a, b, DT: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """a @ b for fp32 a and b already in DT (exact): hi*b + lo*b."""
+    if LOWP:
+        a_hi, a_lo = hi_lo(a, DT, INTERPRET)
+        out = dot(a_hi, b, LOWP, INTERPRET) + dot(a_lo, b, LOWP, INTERPRET)
+    else:
+        out = dot(a, b, LOWP, INTERPRET)
+    return out
+
+
+@triton.jit
+def dot_split_b(a, b_hi, b_lo, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """a @ b for a already in DT (exact) and fp32 b given by split_operand: a*hi + a*lo."""
+    if LOWP:
+        out = dot(a, b_hi, LOWP, INTERPRET) + dot(a, b_lo, LOWP, INTERPRET)
+    else:
+        out = dot(a, b_hi, LOWP, INTERPRET)
+    return out
+
+
+@triton.jit
+def dot_round(a, b, DT: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """a @ b with each operand rounded once to DT: gradient products, where 2^-9 per element is ample."""
+    return dot(round_to(a, DT, INTERPRET), round_to(b, DT, INTERPRET), LOWP, INTERPRET)

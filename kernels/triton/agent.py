@@ -11,9 +11,13 @@ Backward, with P2 = softmax of the broadcast scores and P1 of the aggregation sc
   dA += dS2^T q / sqrt(d), dB2 = sum_batch dS2;
   dP1 = dV_A V^T, dS1 = P1 (dP1 - rowsum(dV_A V_A)), dk = dS1^T A / sqrt(d), dv = P1^T dV_A,
   dA += dS1 K / sqrt(d), dB1 = sum_batch dS1;  finally dq_grid += pool^T dA.
+The backward programs own a token range of one head and loop over the batch, so the bias gradients
+(shared by the batch) accumulate in place without atomics.
+
+Precision: with 16-bit inputs the products take 16-bit operands; the scores, which are exponentiated,
+use the fp32 agents as hi + lo parts against the exact 16-bit q, k (fp32-accurate scores).
 """
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -21,20 +25,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (dot_precision, head_strides, launch, load_tile, num_programs_target, pad_dim,
-                      split_tokens, store_tile)
+from ._common import (dot, dot_split, dot_split_a, dot_split_b, head_strides, launch, load_tile, num_programs_target,
+                      pad_dim, precision_flags, round_to, split_operand, split_tokens, store_tile)
 
 LOG2E = 1.4426950408889634
 
-# Tile sizes and launch options per kernel (ptxas register/spill reports for sm_90 and the bench_linear
-# sweep on an H100); bench_linear overrides them for its sweep.
+# Tile sizes and launch options per kernel (sm_90 ptxas register reports and the H100 runs of
+# bench_linear); bench_linear overrides them for its sweep.
 CONFIG = {
-    "pool": dict(BLOCK_N=64, num_warps=8, num_stages=2),
-    "aggregate": dict(BLOCK_N=64, num_warps=8, num_stages=2),
-    "broadcast": dict(BLOCK_N=64, num_warps=8, num_stages=2, max_tiles=8),
-    "broadcast_bwd": dict(BLOCK_N=16, num_warps=4, num_stages=1),
-    "aggregate_bwd": dict(BLOCK_N=16, num_warps=4, num_stages=1),
-    "unpool": dict(BLOCK_N=64, num_warps=8, num_stages=2, max_tiles=8),
+    "pool": dict(BLOCK_N=64, num_warps=8, num_stages=3),
+    "aggregate": dict(BLOCK_N=32, num_warps=4, num_stages=3),
+    "broadcast": dict(BLOCK_N=32, num_warps=4, num_stages=3, max_tiles=8),
+    "broadcast_bwd": dict(BLOCK_N=32, num_warps=8, num_stages=2),
+    "aggregate_bwd": dict(BLOCK_N=32, num_warps=8, num_stages=2),
+    "unpool": dict(BLOCK_N=32, num_warps=4, num_stages=3, max_tiles=8),
 }
 
 
@@ -52,41 +56,43 @@ def _bins(offs_n, offs_a, num_prefix, grid_h, grid_w, A_SIDE: tl.constexpr):
 
 
 @triton.jit
-def _agent_scores(x, agents, AGENTS_FIRST: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
-                  PREC: tl.constexpr):
-    """A x^T (agents first) or x A^T in float32. The scores are exponentiated, so with 16-bit x the fp32
-    agents are split into hi + lo parts of x's dtype: two 16-bit products, exact against x."""
-    if SPLIT:
-        hi = agents.to(x.dtype)
-        lo = (agents - hi.to(tl.float32)).to(x.dtype)
-        if INTERPRET:      # the CPU interpreter multiplies bfloat16 operands as raw integers: same sums in fp32
-            x, hi, lo = x.to(tl.float32), hi.to(tl.float32), lo.to(tl.float32)
-        if AGENTS_FIRST:
-            s = tl.dot(hi, tl.trans(x)) + tl.dot(lo, tl.trans(x))
-        else:
-            s = tl.dot(x, tl.trans(hi)) + tl.dot(x, tl.trans(lo))
+def _inv_bin_size(offs_a, grid_h, grid_w, A_SIDE: tl.constexpr):
+    """1 / (tokens in each agent's bin); the bins of the padding agents count as 1."""
+    ai, aj = offs_a // A_SIDE, offs_a % A_SIDE
+    rows = ((ai + 1) * grid_h + A_SIDE - 1) // A_SIDE - (ai * grid_h) // A_SIDE
+    cols = ((aj + 1) * grid_w + A_SIDE - 1) // A_SIDE - (aj * grid_w) // A_SIDE
+    return tl.where(offs_a < A_SIDE * A_SIDE, 1.0 / (rows * cols).to(tl.float32), 1.0)
+
+
+@triton.jit
+def _load_agents(agents_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE: tl.constexpr, NAP: tl.constexpr,
+                 DP: tl.constexpr):
+    """A (NAP, DP) fp32: the pooled bin sums divided by the bin sizes."""
+    sums = tl.load(agents_ptr + bh * NAP * DP + offs_a[:, None] * DP + offs_c[None, :])
+    return sums * _inv_bin_size(offs_a, grid_h, grid_w, A_SIDE)[:, None]
+
+
+@triton.jit
+def _scores(x, a_hi, a_lo, AGENTS_FIRST: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """A x^T (agents first) or x A^T in fp32 for x in its own dtype and A given by split_operand: the
+    scores are exponentiated, so the fp32 agents enter as hi + lo against the exact 16-bit x."""
+    if AGENTS_FIRST:
+        s = dot_split_b(x, tl.trans(a_hi), tl.trans(a_lo), LOWP, INTERPRET)
+        s = tl.trans(s)
     else:
-        if AGENTS_FIRST:
-            s = tl.dot(agents, tl.trans(x.to(tl.float32)), input_precision=PREC)
-        else:
-            s = tl.dot(x.to(tl.float32), tl.trans(agents), input_precision=PREC)
+        s = dot_split_b(x, tl.trans(a_hi), tl.trans(a_lo), LOWP, INTERPRET)
     return s
 
 
 @triton.jit
-def _load_raw(base, offs_n, offs_c, stride_n, mask_n, mask_c):
-    return tl.load(base + offs_n[:, None] * stride_n + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :],
-                   other=0.0)
-
-
-@triton.jit
 def _pool_kernel(q_ptr, part_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_qb, s_qh, s_qn,
-                 A_SIDE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NAP: tl.constexpr,
-                 BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                 A_SIDE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 LOWP: tl.constexpr, INTERPRET: tl.constexpr):
     """Partial bin sums sum_{i in bin a} q_i over one chunk of tokens: (NAP, DP) fp32."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b, h = bh // H, bh % H
+    DT = q_ptr.dtype.element_ty
     offs_c = tl.arange(0, DP)
     offs_a = tl.arange(0, NAP)
     mc = offs_c < D
@@ -99,25 +105,27 @@ def _pool_kernel(q_ptr, part_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_qb,
         mn = offs_n < hi
         x = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc)
         member = tl.where(_bins(offs_n, offs_a, num_prefix, grid_h, grid_w, A_SIDE) & mn[:, None], 1.0, 0.0)
-        acc += tl.dot(tl.trans(member), x, input_precision=PREC)    # 0/1 times 16-bit data: exact in tf32
+        acc += dot(tl.trans(round_to(member, DT, INTERPRET)), x, LOWP, INTERPRET)      # 0/1 weights: exact in 16 bits
     tl.store(part_ptr + (bh * tl.num_programs(1) + split) * NAP * DP + offs_a[:, None] * DP + offs_c[None, :], acc)
 
 
 @triton.jit
 def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
-                      N, H, chunk, qk_scale, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                      NA: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                      NAP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                      N, H, chunk, qk_scale, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                      NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
+                      DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      LOWP: tl.constexpr, INTERPRET: tl.constexpr):
     """Online softmax over one chunk of keys for every agent: running max, sum and P V (log2 domain)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b, h = bh // H, bh % H
+    DT = k_ptr.dtype.element_ty
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     offs_a = tl.arange(0, NAP)
     mc, mv, ma = offs_c < D, offs_v < DV, offs_a < NA
-    agents = tl.load(agents_ptr + bh * NAP * DP + offs_a[:, None] * DP + offs_c[None, :])
+    a_hi, a_lo = split_operand(_load_agents(agents_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE, NAP, DP),
+                               DT, LOWP, INTERPRET)
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
     m_i = tl.full((NAP,), float("-inf"), tl.float32)
@@ -128,9 +136,9 @@ def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
-        kt = _load_raw(k_base, offs_n, offs_c, s_kn, mn, mc)
+        kt = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc)
         vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
-        s = _agent_scores(kt, agents, True, SPLIT, INTERPRET, PREC) * qk_scale
+        s = _scores(kt, a_hi, a_lo, True, LOWP, INTERPRET) * qk_scale
         if HAS_BIAS:
             s += tl.load(b1_ptr + h * NA * N + offs_a[:, None] * N + offs_n[None, :],
                          mask=ma[:, None] & mn[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
@@ -139,7 +147,7 @@ def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=PREC)
+        acc = acc * alpha[:, None] + dot_split_a(p, vt, DT, LOWP, INTERPRET)
         m_i = m_new
     part = bh * tl.num_programs(1) + split
     tl.store(m_ptr + part * NAP + offs_a, m_i)
@@ -167,10 +175,10 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, va_ptr, lse_ptr, SPLITS, NAP: tl.conste
 
 
 @triton.jit
-def _broadcast_probs(qt, agents, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+def _broadcast_probs(qt, a_hi, a_lo, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
     """P2 = softmax over agents of q A^T / sqrt(d) + B2 for a block of queries (q in its own dtype)."""
-    s = _agent_scores(qt, agents, False, SPLIT, INTERPRET, PREC) * qk_scale
+    s = _scores(qt, a_hi, a_lo, False, LOWP, INTERPRET) * qk_scale
     if HAS_BIAS:
         s += tl.load(b2_ptr + h * N * NA + offs_n[:, None] * NA + offs_a[None, :],
                      mask=mn[:, None] & ma[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
@@ -180,20 +188,23 @@ def _broadcast_probs(qt, agents, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale,
 
 
 @triton.jit
-def _broadcast_kernel(q_ptr, agents_ptr, va_ptr, b2_ptr, o_ptr, N, H, chunk, qk_scale,
+def _broadcast_kernel(q_ptr, agents_ptr, va_ptr, b2_ptr, o_ptr, N, H, chunk, qk_scale, grid_h, grid_w,
                       s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
-                      NA: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                      NAP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                      NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
+                      DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      LOWP: tl.constexpr, INTERPRET: tl.constexpr):
     """O = P2 V_A for one chunk of queries."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
+    DT = q_ptr.dtype.element_ty
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     offs_a = tl.arange(0, NAP)
     mc, mv, ma = offs_c < D, offs_v < DV, offs_a < NA
-    agents = tl.load(agents_ptr + bh * NAP * DP + offs_a[:, None] * DP + offs_c[None, :])
-    va = tl.load(va_ptr + bh * NAP * DVP + offs_a[:, None] * DVP + offs_v[None, :])
+    a_hi, a_lo = split_operand(_load_agents(agents_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE, NAP, DP),
+                               DT, LOWP, INTERPRET)
+    va_hi, va_lo = split_operand(tl.load(va_ptr + bh * NAP * DVP + offs_a[:, None] * DVP + offs_v[None, :]),
+                                 DT, LOWP, INTERPRET)
     q_base = q_ptr + b * s_qb + h * s_qh
     o_base = o_ptr + b * s_ob + h * s_oh
     lo = tl.program_id(1) * chunk
@@ -201,124 +212,142 @@ def _broadcast_kernel(q_ptr, agents_ptr, va_ptr, b2_ptr, o_ptr, N, H, chunk, qk_
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
-        qt = _load_raw(q_base, offs_n, offs_c, s_qn, mn, mc)
-        p = _broadcast_probs(qt, agents, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS, SPLIT,
-                             INTERPRET, PREC)
-        store_tile(o_base, offs_n, offs_v, s_on, mn, mv, tl.dot(p, va, input_precision=PREC))
+        qt = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc)
+        p = _broadcast_probs(qt, a_hi, a_lo, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS, LOWP,
+                             INTERPRET)
+        out = dot_split(p, va_hi, va_lo, DT, LOWP, INTERPRET)
+        store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out, INTERPRET)
 
 
 @triton.jit
-def _broadcast_bwd_kernel(q_ptr, do_ptr, agents_ptr, va_ptr, b2_ptr, dq_ptr, db2_ptr, dva_ptr, da_ptr,
-                          N, H, chunk, qk_scale, scale, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_db, s_dh, s_dn,
-                          NA: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
-                          DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                          ATOMIC: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
-                          BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """Broadcast stage backward over one chunk of queries: dq (without the pooling term), dB2, and
-    partial dV_A = P2^T dO and dA = dS2^T q / sqrt(d)."""
-    bh = tl.program_id(0)
+def _broadcast_bwd_kernel(q_ptr, do_ptr, agents_ptr, va_ptr, b2_ptr, dq_ptr, db2_ptr, part_ptr,
+                          B, N, H, chunk, qk_scale, scale, grid_h, grid_w,
+                          s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_db, s_dh, s_dn,
+                          NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                          DP: tl.constexpr, DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
+                          INTERPRET: tl.constexpr):
+    """Broadcast stage backward for one head and chunk of queries, looping over the batch: dq (without the
+    pooling term), dB2 accumulated in place, and per batch element partial [dV_A | dA]."""
+    h = tl.program_id(0)
     split = tl.program_id(1)
-    b, h = bh // H, bh % H
+    DT = q_ptr.dtype.element_ty
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     offs_a = tl.arange(0, NAP)
     mc, mv, ma = offs_c < D, offs_v < DV, offs_a < NA
-    agents = tl.load(agents_ptr + bh * NAP * DP + offs_a[:, None] * DP + offs_c[None, :])
-    va = tl.load(va_ptr + bh * NAP * DVP + offs_a[:, None] * DVP + offs_v[None, :])
-    q_base = q_ptr + b * s_qb + h * s_qh
-    g_base = do_ptr + b * s_gb + h * s_gh
-    dq_base = dq_ptr + b * s_db + h * s_dh
-    acc_va = tl.zeros((NAP, DVP), tl.float32)
-    acc_a = tl.zeros((NAP, DP), tl.float32)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, N)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mn = offs_n < hi
-        qt = _load_raw(q_base, offs_n, offs_c, s_qn, mn, mc)
-        g = load_tile(g_base, offs_n, offs_v, s_gn, mn, mv)
-        p = _broadcast_probs(qt, agents, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS, SPLIT,
-                             INTERPRET, PREC)
-        out = tl.dot(p, va, input_precision=PREC)
-        dp = tl.dot(g, tl.trans(va), input_precision=PREC)
-        ds = p * (dp - tl.sum(g * out, axis=1)[:, None])
-        store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, tl.dot(ds, agents, input_precision=PREC) * scale)
-        acc_va += tl.dot(tl.trans(p), g, input_precision=PREC)
-        acc_a += tl.dot(tl.trans(ds), qt.to(tl.float32), input_precision=PREC)
-        if BIAS_GRAD:
-            ptrs = db2_ptr + h * N * NA + offs_n[:, None] * NA + offs_a[None, :]
-            if ATOMIC:
-                tl.atomic_add(ptrs, ds, mask=mn[:, None] & ma[None, :])
-            else:
-                tl.store(ptrs, ds, mask=mn[:, None] & ma[None, :])
-    part = bh * tl.num_programs(1) + split
-    tl.store(dva_ptr + part * NAP * DVP + offs_a[:, None] * DVP + offs_v[None, :], acc_va)
-    tl.store(da_ptr + part * NAP * DP + offs_a[:, None] * DP + offs_c[None, :], acc_a * scale)
+    for b in range(0, B):
+        bh = b * H + h
+        agents = _load_agents(agents_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE, NAP, DP)
+        a_hi, a_lo = split_operand(agents, DT, LOWP, INTERPRET)
+        va = tl.load(va_ptr + bh * NAP * DVP + offs_a[:, None] * DVP + offs_v[None, :])
+        va_hi, va_lo = split_operand(va, DT, LOWP, INTERPRET)
+        q_base = q_ptr + b * s_qb + h * s_qh
+        g_base = do_ptr + b * s_gb + h * s_gh
+        dq_base = dq_ptr + b * s_db + h * s_dh
+        acc_va = tl.zeros((NAP, DVP), tl.float32)
+        acc_a = tl.zeros((NAP, DP), tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mn = offs_n < hi
+            qt = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc)
+            g = load_tile(g_base, offs_n, offs_v, s_gn, mn, mv)
+            p = _broadcast_probs(qt, a_hi, a_lo, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS,
+                                 LOWP, INTERPRET)
+            out = dot_split(p, va_hi, va_lo, DT, LOWP, INTERPRET)
+            dp = dot_split_b(g, tl.trans(va_hi), tl.trans(va_lo), LOWP, INTERPRET)
+            ds = p * (dp - tl.sum(g.to(tl.float32) * out, axis=1)[:, None])
+            dq = dot_split(ds, a_hi, a_lo, DT, LOWP, INTERPRET) * scale
+            store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dq, INTERPRET)
+            acc_va += dot_split_a(tl.trans(p), g, DT, LOWP, INTERPRET)
+            acc_a += dot_split_a(tl.trans(ds), qt, DT, LOWP, INTERPRET)
+            if BIAS_GRAD:
+                ptrs = db2_ptr + h * N * NA + offs_n[:, None] * NA + offs_a[None, :]
+                m = mn[:, None] & ma[None, :]
+                if b > 0:
+                    ds += tl.load(ptrs, mask=m, other=0.0)
+                tl.store(ptrs, ds, mask=m)
+        part = part_ptr + (bh * tl.num_programs(1) + split) * NAP * (DVP + DP)
+        tl.store(part + offs_a[:, None] * DVP + offs_v[None, :], acc_va)
+        tl.store(part + NAP * DVP + offs_a[:, None] * DP + offs_c[None, :], acc_a * scale)
+        tl.debug_barrier()          # this batch element's dB2 stores are read by other threads at the next
 
 
 @triton.jit
-def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, lse_ptr, dva_ptr, delta_ptr, dk_ptr, dv_ptr,
-                          db1_ptr, da_ptr, N, H, chunk, qk_scale, scale,
+def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, grads_ptr, dk_ptr, dv_ptr,
+                          db1_ptr, part_ptr, B, N, H, chunk, qk_scale, scale, grid_h, grid_w,
                           s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
-                          NA: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
-                          DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                          ATOMIC: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
-                          BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """Aggregation stage backward over one chunk of keys: dk, dv, dB1 and partial dA = dS1 K / sqrt(d)."""
-    bh = tl.program_id(0)
+                          NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                          DP: tl.constexpr, DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
+                          INTERPRET: tl.constexpr):
+    """Aggregation stage backward for one head and chunk of keys, looping over the batch: dk, dv, dB1 in
+    place and per batch element a partial dA = dS1 K / sqrt(d)."""
+    h = tl.program_id(0)
     split = tl.program_id(1)
-    b, h = bh // H, bh % H
+    DT = k_ptr.dtype.element_ty
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     offs_a = tl.arange(0, NAP)
     mc, mv, ma = offs_c < D, offs_v < DV, offs_a < NA
-    agents = tl.load(agents_ptr + bh * NAP * DP + offs_a[:, None] * DP + offs_c[None, :])
-    dva = tl.load(dva_ptr + bh * NAP * DVP + offs_a[:, None] * DVP + offs_v[None, :])
-    lse = tl.load(lse_ptr + bh * NAP + offs_a)
-    delta = tl.load(delta_ptr + bh * NAP + offs_a)
-    k_base = k_ptr + b * s_kb + h * s_kh
-    v_base = v_ptr + b * s_vb + h * s_vh
-    dk_base = dk_ptr + b * s_dkb + h * s_dkh
-    dv_base = dv_ptr + b * s_dvb + h * s_dvh
-    acc_a = tl.zeros((NAP, DP), tl.float32)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, N)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mn = offs_n < hi
-        kt = _load_raw(k_base, offs_n, offs_c, s_kn, mn, mc)
-        vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
-        s = _agent_scores(kt, agents, True, SPLIT, INTERPRET, PREC) * qk_scale
-        if HAS_BIAS:
-            s += tl.load(b1_ptr + h * NA * N + offs_a[:, None] * N + offs_n[None, :],
-                         mask=ma[:, None] & mn[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
-        p = tl.where(mn[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(dva, tl.trans(vt), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        store_tile(dk_base, offs_n, offs_c, s_dkn, mn, mc, tl.dot(tl.trans(ds), agents, input_precision=PREC) * scale)
-        store_tile(dv_base, offs_n, offs_v, s_dvn, mn, mv, tl.dot(tl.trans(p), dva, input_precision=PREC))
-        acc_a += tl.dot(ds, kt.to(tl.float32), input_precision=PREC)
-        if BIAS_GRAD:
-            ptrs = db1_ptr + h * NA * N + offs_a[:, None] * N + offs_n[None, :]
-            if ATOMIC:
-                tl.atomic_add(ptrs, ds, mask=ma[:, None] & mn[None, :])
-            else:
-                tl.store(ptrs, ds, mask=ma[:, None] & mn[None, :])
-    tl.store(da_ptr + (bh * tl.num_programs(1) + split) * NAP * DP + offs_a[:, None] * DP + offs_c[None, :],
-             acc_a * scale)
+    for b in range(0, B):
+        bh = b * H + h
+        agents = _load_agents(agents_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE, NAP, DP)
+        a_hi, a_lo = split_operand(agents, DT, LOWP, INTERPRET)
+        dva = tl.load(grads_ptr + bh * NAP * (DVP + DP) + offs_a[:, None] * DVP + offs_v[None, :])
+        dva_hi, dva_lo = split_operand(dva, DT, LOWP, INTERPRET)
+        va = tl.load(va_ptr + bh * NAP * DVP + offs_a[:, None] * DVP + offs_v[None, :])
+        delta = tl.sum(dva * va, axis=1)
+        lse = tl.load(lse_ptr + bh * NAP + offs_a)
+        k_base = k_ptr + b * s_kb + h * s_kh
+        v_base = v_ptr + b * s_vb + h * s_vh
+        dk_base = dk_ptr + b * s_dkb + h * s_dkh
+        dv_base = dv_ptr + b * s_dvb + h * s_dvh
+        acc_a = tl.zeros((NAP, DP), tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mn = offs_n < hi
+            kt = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc)
+            vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
+            s = _scores(kt, a_hi, a_lo, True, LOWP, INTERPRET) * qk_scale
+            if HAS_BIAS:
+                s += tl.load(b1_ptr + h * NA * N + offs_a[:, None] * N + offs_n[None, :],
+                             mask=ma[:, None] & mn[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+            p = tl.where(mn[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            ds = p * (dot_split_a(dva, tl.trans(vt), DT, LOWP, INTERPRET) - delta[:, None])
+            dk = dot_split(tl.trans(ds), a_hi, a_lo, DT, LOWP, INTERPRET) * scale
+            store_tile(dk_base, offs_n, offs_c, s_dkn, mn, mc, dk, INTERPRET)
+            dv = dot_split(tl.trans(p), dva_hi, dva_lo, DT, LOWP, INTERPRET)
+            store_tile(dv_base, offs_n, offs_v, s_dvn, mn, mv, dv, INTERPRET)
+            acc_a += dot_split_a(ds, kt, DT, LOWP, INTERPRET)
+            if BIAS_GRAD:
+                ptrs = db1_ptr + h * NA * N + offs_a[:, None] * N + offs_n[None, :]
+                m = ma[:, None] & mn[None, :]
+                if b > 0:
+                    ds += tl.load(ptrs, mask=m, other=0.0)
+                tl.store(ptrs, ds, mask=m)
+        tl.store(part_ptr + (bh * tl.num_programs(1) + split) * NAP * DP + offs_a[:, None] * DP + offs_c[None, :],
+                 acc_a * scale)
+        tl.debug_barrier()          # this batch element's dB1 stores are read by other threads at the next
 
 
 @triton.jit
 def _unpool_kernel(dq_ptr, da_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_db, s_dh, s_dn,
-                   A_SIDE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NAP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """dq_i += sum over the bins a holding grid token i of dA_a / |bin a| (dA arrives pre-divided)."""
+                   A_SIDE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                   LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """dq_i += sum over the bins a holding grid token i of dA_a / |bin a|."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
+    DT = dq_ptr.dtype.element_ty
     offs_c = tl.arange(0, DP)
     offs_a = tl.arange(0, NAP)
     mc = offs_c < D
-    da = tl.load(da_ptr + bh * NAP * DP + offs_a[:, None] * DP + offs_c[None, :])
+    da = _load_agents(da_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE, NAP, DP)
+    da_hi, da_lo = split_operand(da, DT, LOWP, INTERPRET)
     dq_base = dq_ptr + b * s_db + h * s_dh
     lo = num_prefix + tl.program_id(1) * chunk
     hi = tl.minimum(lo + chunk, N)
@@ -326,48 +355,44 @@ def _unpool_kernel(dq_ptr, da_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_db
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
         member = tl.where(_bins(offs_n, offs_a, num_prefix, grid_h, grid_w, A_SIDE) & mn[:, None], 1.0, 0.0)
-        dq = load_tile(dq_base, offs_n, offs_c, s_dn, mn, mc) + tl.dot(member, da, input_precision=PREC)
-        store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dq)
+        dq = load_tile(dq_base, offs_n, offs_c, s_dn, mn, mc).to(tl.float32)
+        dq += dot_split_b(round_to(member, DT, INTERPRET), da_hi, da_lo, LOWP, INTERPRET)
+        store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dq, INTERPRET)
 
 
 # --- launchers ------------------------------------------------------------------------------
 
-def _bin_sizes(grid_h: int, grid_w: int, a: int, nap: int, device: torch.device) -> Tensor:
-    """(nap,) float32: the number of grid tokens in each agent's bin (1 on padding)."""
-    def extent(size):
-        i = torch.arange(a)
-        return (torch.div((i + 1) * size + a - 1, a, rounding_mode="floor") - torch.div(i * size, a, rounding_mode="floor"))
-    counts = torch.ones(nap, dtype=torch.float32)
-    counts[: a * a] = (extent(grid_h)[:, None] * extent(grid_w)[None, :]).flatten().float()
-    return counts.to(device)
-
-
 def _meta(q: Tensor, v: Tensor, num_agents: int) -> dict:
     return dict(D=q.shape[-1], DV=v.shape[-1], DP=pad_dim(q.shape[-1]), DVP=pad_dim(v.shape[-1]),
-                NAP=pad_dim(num_agents), PREC=dot_precision(q.dtype), SPLIT=q.dtype != torch.float32,
-                INTERPRET=os.environ.get("TRITON_INTERPRET") == "1")
+                NAP=pad_dim(num_agents), A_SIDE=math.isqrt(num_agents), **precision_flags(q.dtype))
+
+
+def _launch_opts(cfg: dict, lowp: bool) -> dict:
+    """The kernel's tile and launch options; fp32 inputs (exact fp32 products on the FMA units, which need
+    far more registers) take tiles of at most 16 tokens."""
+    return dict(BLOCK_N=cfg["BLOCK_N"] if lowp else min(cfg["BLOCK_N"], 16), num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
 
 
 def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor], b2: Optional[Tensor],
                             num_agents: int, num_prefix: int, grid_h: int, grid_w: int
                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(O, A (B*h, NAP, DP) fp32, V_A (B*h, NAP, DVP) fp32, lse1 (B*h, NAP) fp32, log2 domain)."""
+    """(O, bin sums of q (B*h, NAP, DP) fp32, V_A (B*h, NAP, DVP) fp32, lse1 (B*h, NAP) fp32, log2 domain)."""
     b, h, n, d = q.shape
     dv = v.shape[-1]
-    a = math.isqrt(num_agents)
     (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn) = map(head_strides, (q, k, v))
     meta = _meta(q, v, num_agents)
     dp, dvp, nap = meta["DP"], meta["DVP"], meta["NAP"]
+    flags = dict(LOWP=meta["LOWP"], INTERPRET=meta["INTERPRET"])
     target = num_programs_target(q.device)
     has_bias = b1 is not None
-    dummy = q.new_empty(1, dtype=torch.float32)
 
     cfg = CONFIG["pool"]
     splits, chunk = split_tokens(b * h, n - num_prefix, cfg["BLOCK_N"], target)
     part = q.new_empty(b * h, splits, nap, dp, dtype=torch.float32)
     launch(_pool_kernel, (b * h, splits), q, part, n, h, chunk, num_prefix, grid_h, grid_w, s_qb, s_qh, s_qn,
-                                  A_SIDE=a, D=d, DP=dp, NAP=nap, PREC=meta["PREC"], **cfg)
-    agents = part.sum(1) / _bin_sizes(grid_h, grid_w, a, nap, q.device)[:, None]
+           A_SIDE=meta["A_SIDE"], D=d, DP=dp, NAP=nap, **flags, **_launch_opts(cfg, meta["LOWP"]))
+    agents = part.sum(1)
 
     cfg = CONFIG["aggregate"]
     splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], target)
@@ -375,9 +400,9 @@ def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor
     l_part = torch.empty_like(m_part)
     acc_part = q.new_empty(b * h, splits, nap, dvp, dtype=torch.float32)
     qk_scale = d ** -0.5 * LOG2E
-    launch(_aggregate_kernel, (b * h, splits),
-        k, v, agents, b1 if has_bias else dummy, m_part, l_part, acc_part, n, h, chunk, qk_scale,
-        s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, NA=num_agents, HAS_BIAS=has_bias, **meta, **cfg)
+    launch(_aggregate_kernel, (b * h, splits), k, v, agents, b1 if has_bias else q, m_part, l_part, acc_part, n, h,
+           chunk, qk_scale, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, NA=num_agents, HAS_BIAS=has_bias,
+           **meta, **_launch_opts(cfg, meta["LOWP"]))
     va = q.new_empty(b * h, nap, dvp, dtype=torch.float32)
     lse = q.new_empty(b * h, nap, dtype=torch.float32)
     launch(_merge_kernel, (b * h,), m_part, l_part, acc_part, va, lse, splits, NAP=nap, DVP=dvp)
@@ -385,10 +410,9 @@ def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor
     out = q.new_empty(b, h, n, dv)
     cfg = CONFIG["broadcast"]
     splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], 2 * target, cfg["max_tiles"])
-    launch(_broadcast_kernel, (b * h, splits),
-        q, agents, va, b2 if has_bias else dummy, out, n, h, chunk, qk_scale, s_qb, s_qh, s_qn,
-        out.stride(0), out.stride(1), out.stride(2), NA=num_agents, HAS_BIAS=has_bias, **meta,
-        BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch(_broadcast_kernel, (b * h, splits), q, agents, va, b2 if has_bias else q, out, n, h, chunk, qk_scale,
+           grid_h, grid_w, s_qb, s_qh, s_qn, out.stride(0), out.stride(1), out.stride(2), NA=num_agents,
+           HAS_BIAS=has_bias, **meta, **_launch_opts(cfg, meta["LOWP"]))
     return out, agents, va, lse
 
 
@@ -398,7 +422,6 @@ def agent_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, b1: 
                              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dB1, dB2); the bias gradients are fp32, empty when ``bias_grad`` is False."""
     b, h, n, d = q.shape
-    a = math.isqrt(num_agents)
     (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn), (grad, s_gb, s_gh, s_gn) = map(
         head_strides, (q, k, v, grad))
     meta = _meta(q, v, num_agents)
@@ -406,46 +429,39 @@ def agent_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, b1: 
     target = num_programs_target(q.device)
     has_bias = b1 is not None
     bias_grad = bias_grad and has_bias
-    atomic = bias_grad and b > 1
-    make = torch.zeros if atomic else torch.empty
-    db1 = make(b1.shape, device=q.device, dtype=torch.float32) if bias_grad else q.new_empty(0, dtype=torch.float32)
-    db2 = make(b2.shape, device=q.device, dtype=torch.float32) if bias_grad else q.new_empty(0, dtype=torch.float32)
-    dummy = q.new_empty(1, dtype=torch.float32)
+    db1 = q.new_empty(b1.shape if bias_grad else (0,), dtype=torch.float32)
+    db2 = q.new_empty(b2.shape if bias_grad else (0,), dtype=torch.float32)
     scale = d ** -0.5
-    qk_scale = scale * LOG2E
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    flags = dict(NA=num_agents, HAS_BIAS=has_bias, BIAS_GRAD=bias_grad, ATOMIC=atomic, **meta)
+    flags = dict(NA=num_agents, HAS_BIAS=has_bias, BIAS_GRAD=bias_grad, **meta)
 
     cfg = CONFIG["broadcast_bwd"]
-    splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], target)
-    dva_part = q.new_empty(b * h, splits, nap, dvp, dtype=torch.float32)
-    da_part_q = q.new_empty(b * h, splits, nap, dp, dtype=torch.float32)
-    launch(_broadcast_bwd_kernel, (b * h, splits),
-        q, grad, agents, va, b2 if has_bias else dummy, dq, db2 if bias_grad else dummy, dva_part, da_part_q,
-        n, h, chunk, qk_scale, scale, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, dq.stride(0), dq.stride(1),
-        dq.stride(2), **flags, **cfg)
-    dva = dva_part.sum(1)
-    delta = (dva * va).sum(-1)
+    splits, chunk = split_tokens(h, n, cfg["BLOCK_N"], target)
+    part_q = q.new_empty(b * h, splits, nap * (dvp + dp), dtype=torch.float32)
+    launch(_broadcast_bwd_kernel, (h, splits), q, grad, agents, va, b2 if has_bias else q, dq,
+           db2 if bias_grad else q, part_q, b, n, h, chunk, scale * LOG2E, scale, grid_h, grid_w,
+           s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, dq.stride(0), dq.stride(1), dq.stride(2), **flags,
+           **_launch_opts(cfg, meta["LOWP"]))
+    grads_q = part_q.sum(1)
 
     cfg = CONFIG["aggregate_bwd"]
-    splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], target)
-    da_part_k = q.new_empty(b * h, splits, nap, dp, dtype=torch.float32)
-    launch(_aggregate_bwd_kernel, (b * h, splits),
-        k, v, agents, b1 if has_bias else dummy, lse, dva, delta, dk, dv, db1 if bias_grad else dummy,
-        da_part_k, n, h, chunk, qk_scale, scale, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), **flags, **cfg)
-    da = (da_part_q.sum(1) + da_part_k.sum(1)) / _bin_sizes(grid_h, grid_w, a, nap, q.device)[:, None]
+    splits, chunk = split_tokens(h, n, cfg["BLOCK_N"], target)
+    part_k = q.new_empty(b * h, splits, nap, dp, dtype=torch.float32)
+    launch(_aggregate_bwd_kernel, (h, splits), k, v, agents, b1 if has_bias else q, va, lse, grads_q, dk, dv,
+           db1 if bias_grad else q, part_k, b, n, h, chunk, scale * LOG2E, scale, grid_h, grid_w,
+           s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, dk.stride(0), dk.stride(1), dk.stride(2),
+           dv.stride(0), dv.stride(1), dv.stride(2), **flags, **_launch_opts(cfg, meta["LOWP"]))
+    da = grads_q[:, nap * dvp:].reshape(b * h, nap, dp) + part_k.sum(1)
 
     cfg = CONFIG["unpool"]
     splits, chunk = split_tokens(b * h, n - num_prefix, cfg["BLOCK_N"], 2 * target, cfg["max_tiles"])
-    launch(_unpool_kernel, (b * h, splits),
-        dq, da, n, h, chunk, num_prefix, grid_h, grid_w, dq.stride(0), dq.stride(1), dq.stride(2),
-        A_SIDE=a, D=d, DP=dp, NAP=nap, PREC=meta["PREC"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+    launch(_unpool_kernel, (b * h, splits), dq, da, n, h, chunk, num_prefix, grid_h, grid_w, dq.stride(0),
+           dq.stride(1), dq.stride(2), A_SIDE=meta["A_SIDE"], D=d, DP=dp, NAP=nap, LOWP=meta["LOWP"],
+           INTERPRET=meta["INTERPRET"], **_launch_opts(cfg, meta["LOWP"]))
     return dq, dk, dv, db1, db2
 
 
-# --- torch.library registration --------------------------------------------------------------
+# --- autograd: torch.library custom op (torch.compile) and an autograd.Function (eager) ------------
 
 @torch.library.custom_op("subquad::agent_attention", mutates_args=())
 def _agent_attention_op(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor], b2: Optional[Tensor],
@@ -481,25 +497,45 @@ def _(grad, q, k, v, b1, b2, agents, va, lse, bias_grad, num_agents, num_prefix,
             q.new_empty(b2.shape if with_bias else (0,), dtype=f32))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, b1, b2, num_agents, num_prefix, grid_h, grid_w = inputs
-    _, agents, va, lse = output
-    ctx.save_for_backward(q, k, v, b1, b2, agents, va, lse)
-    ctx.args = (num_agents, num_prefix, grid_h, grid_w)
-    ctx.bias_grad = b1 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-    ctx.mark_non_differentiable(agents, va, lse)
-
-
-def _backward(ctx, grad, *_):
-    q, k, v, b1, b2, agents, va, lse = ctx.saved_tensors
-    dq, dk, dv, db1, db2 = torch.ops.subquad.agent_attention_backward(
-        grad, q, k, v, b1, b2, agents, va, lse, ctx.bias_grad, *ctx.args)
+def _grads(ctx, dq, dk, dv, db1, db2, b1, b2):
     if not ctx.bias_grad:
         return dq, dk, dv, None, None, None, None, None, None
     return dq, dk, dv, db1.to(b1.dtype), db2.to(b2.dtype), None, None, None, None
 
 
+def _setup_context(ctx, inputs, output):
+    q, k, v, b1, b2, *args = inputs
+    ctx.save_for_backward(q, k, v, b1, b2, *output[1:])
+    ctx.args = tuple(args)
+    ctx.bias_grad = b1 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad, *_):
+    q, k, v, b1, b2, agents, va, lse = ctx.saved_tensors
+    return _grads(ctx, *torch.ops.subquad.agent_attention_backward(grad, q, k, v, b1, b2, agents, va, lse,
+                                                                   ctx.bias_grad, *ctx.args), b1, b2)
+
+
 _agent_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _AgentAttention(torch.autograd.Function):
+    """The same forward and backward as the custom op, for eager mode (a fraction of its dispatch cost)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, b1, b2, num_agents, num_prefix, grid_h, grid_w):
+        out, agents, va, lse = agent_attention_forward(q, k, v, b1, b2, num_agents, num_prefix, grid_h, grid_w)
+        ctx.save_for_backward(q, k, v, b1, b2, agents, va, lse)
+        ctx.args = (num_agents, num_prefix, grid_h, grid_w)
+        ctx.bias_grad = b1 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, b1, b2, agents, va, lse = ctx.saved_tensors
+        return _grads(ctx, *agent_attention_backward(grad, q, k, v, b1, b2, agents, va, lse, ctx.bias_grad,
+                                                     *ctx.args), b1, b2)
 
 
 def agent_attention_triton(q: Tensor, k: Tensor, v: Tensor, grid: Tuple[int, int], num_agents: int,
@@ -509,4 +545,7 @@ def agent_attention_triton(q: Tensor, k: Tensor, v: Tensor, grid: Tuple[int, int
         from ..reference.agent import agent_attention_reference
         return agent_attention_reference(q, k, v, grid, num_agents, agent_bias, num_prefix)
     b1, b2 = (None, None) if agent_bias is None else (agent_bias[0].contiguous(), agent_bias[1].contiguous())
-    return torch.ops.subquad.agent_attention(q, k, v, b1, b2, num_agents, num_prefix, grid[0], grid[1])[0]
+    args = (q, k, v, b1, b2, num_agents, num_prefix, grid[0], grid[1])
+    if torch.compiler.is_compiling():
+        return torch.ops.subquad.agent_attention(*args)[0]
+    return _AgentAttention.apply(*args)

@@ -114,42 +114,83 @@ def _fla_rows(q, k, v, grad, grid, b, dtype, tensor_bytes) -> List[Dict]:
             for p, t, nb in (("forward", fwd, 4 * tensor_bytes), ("forward+backward", fwd_bwd, 11 * tensor_bytes))]
 
 
-# --- launch-configuration sweep (tuning aid) ------------------------------------------------
+# --- per-kernel device time and a launch-configuration sweep (tuning aids) ---------------------
 
-LINEAR_FWD = [dict(BLOCK_N=bn, num_warps=w, num_stages=s) for bn, w, s in ((64, 8, 2), (64, 8, 3), (128, 8, 3),
-                                                                          (32, 4, 3), (64, 4, 2))]
-LINEAR_BWD = [dict(BLOCK_N=bn, num_warps=w, num_stages=s) for bn, w, s in ((32, 8, 1), (32, 8, 2), (16, 4, 1),
-                                                                          (64, 8, 1), (32, 4, 2))]
-AGENT_FWD = [dict(BLOCK_N=bn, num_warps=w, num_stages=s) for bn, w, s in ((64, 8, 2), (64, 8, 3), (128, 8, 3),
-                                                                         (64, 4, 2))]
-AGENT_BWD = [dict(BLOCK_N=bn, num_warps=w, num_stages=s) for bn, w, s in ((16, 4, 1), (16, 4, 2), (32, 8, 1),
-                                                                         (32, 4, 2))]
+def kernel_times(call: Callable, q, k, v, grad, reps: int = 5) -> Dict[str, float]:
+    """Mean device microseconds per forward+backward of each kernel (torch.profiler), host gaps excluded."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(2):
+        torch.autograd.grad(call(q, k, v, "triton"), (q, k, v), grad)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            torch.autograd.grad(call(q, k, v, "triton"), (q, k, v), grad)
+        torch.cuda.synchronize()
+    times: Dict[str, float] = {}
+    for evt in prof.key_averages():
+        total = getattr(evt, "self_device_time_total", None)
+        if total is None:
+            total = getattr(evt, "self_cuda_time_total", 0.0)
+        if total > 0:
+            name = evt.key if evt.key.startswith("_") else "torch:" + evt.key[:30]
+            times[name] = times.get(name, 0.0) + total / reps
+    return times
+
+
+def profile_kernels(device: str = "cuda", sizes=SIZES, ops: Sequence[str] = OPS,
+                    dtype: torch.dtype = torch.bfloat16) -> List[Dict]:
+    """Per-kernel device microseconds of one forward+backward, with each kernel's share of the total."""
+    rows = []
+    for (gh, gw), b in sizes:
+        q, k, v, params = _inputs(b, gh * gw, dtype, device)
+        grad = torch.randn_like(q)
+        for op in ops:
+            times = kernel_times(_op_call(op, (gh, gw), params), q, k, v, grad)
+            total = sum(times.values())
+            for name, us in sorted(times.items(), key=lambda x: -x[1]):
+                rows.append(dict(op=op, grid=f"{gh}x{gw}", batch=b, kernel=name, us=us, share=us / total))
+    return rows
+
+
+SWEEP = {  # kernel config key -> candidates (BLOCK_N, num_warps, num_stages)
+    "linear": {"state": ((32, 4, 3), (64, 8, 3), (64, 4, 2)), "output": ((32, 4, 3), (64, 8, 3), (64, 4, 2)),
+               "bwd_q": ((32, 8, 2), (16, 4, 2), (64, 8, 2)), "bwd_k": ((32, 8, 2), (16, 4, 2), (64, 8, 2))},
+    "agent": {"pool": ((64, 8, 3), (32, 4, 3)), "aggregate": ((32, 4, 3), (64, 8, 3), (16, 4, 3)),
+              "broadcast": ((32, 4, 3), (64, 8, 3), (16, 4, 3)), "broadcast_bwd": ((32, 8, 2), (16, 4, 2)),
+              "aggregate_bwd": ((32, 8, 2), (16, 4, 2)), "unpool": ((32, 4, 3), (64, 8, 3))},
+}
+KERNEL_OF = {"state": "_state_kernel", "output": "_output_kernel", "bwd_q": "_backward_q_kernel",
+             "bwd_k": "_backward_k_kernel", "pool": "_pool_kernel", "aggregate": "_aggregate_kernel",
+             "broadcast": "_broadcast_kernel", "broadcast_bwd": "_broadcast_bwd_kernel",
+             "aggregate_bwd": "_aggregate_bwd_kernel", "unpool": "_unpool_kernel"}
 
 
 def sweep(device: str = "cuda", sizes=(((128, 128), 4), ((56, 56), 32)), ops=("focused_linear", "mala_rope", "agent"),
           dtype: torch.dtype = torch.bfloat16) -> List[Dict]:
-    """Forward and backward kernel configurations, one family at a time, each timed fwd and fwd+bwd."""
+    """Each kernel's device time under each candidate configuration (all kernels of an op change together,
+    candidate i with candidate i; a kernel with fewer candidates keeps its last)."""
     rows = []
     for ((gh, gw), b), op in itertools.product(sizes, ops):
         q, k, v, params = _inputs(b, gh * gw, dtype, device)
         grad = torch.randn_like(q)
-        call = _op_call(op, (gh, gw), params)
-        inputs = [q, k, v]
-        config = agent_kernels.CONFIG if op == "agent" else linear_kernels.CONFIG
-        fwd_keys = ("pool", "aggregate", "broadcast") if op == "agent" else ("state", "output")
-        bwd_keys = ("broadcast_bwd", "aggregate_bwd") if op == "agent" else ("bwd_q", "bwd_k")
+        family = "agent" if op == "agent" else "linear"
+        config = agent_kernels.CONFIG if family == "agent" else linear_kernels.CONFIG
         saved = {key: dict(cfg) for key, cfg in config.items()}
-        for keys, candidates in ((fwd_keys, AGENT_FWD if op == "agent" else LINEAR_FWD),
-                                 (bwd_keys, AGENT_BWD if op == "agent" else LINEAR_BWD)):
-            for cand in candidates:
-                for key in keys:
-                    config[key].update(cand)
-                fwd, fwd_bwd = _time_pair(lambda: call(q, k, v, "triton"), inputs, grad)
-                rows.append(dict(op=op, grid=f"{gh}x{gw}", batch=b, kernels="+".join(keys), **cand,
-                                 fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
-                for key in keys:
-                    config[key].clear()
-                    config[key].update(saved[key])
+        for i in range(max(len(c) for c in SWEEP[family].values())):
+            chosen = {}
+            for key, cands in SWEEP[family].items():
+                bn, w, st = cands[min(i, len(cands) - 1)]
+                config[key].update(BLOCK_N=bn, num_warps=w, num_stages=st)
+                chosen[key] = f"{bn}/{w}/{st}"
+            times = kernel_times(_op_call(op, (gh, gw), params), q, k, v, grad)
+            for key, cfg in chosen.items():
+                if KERNEL_OF[key] in times:
+                    rows.append(dict(op=op, grid=f"{gh}x{gw}", batch=b, kernel=KERNEL_OF[key], config=cfg,
+                                     us=times[KERNEL_OF[key]]))
+                    print("sweep", *rows[-1].values(), flush=True)      # a cut-short run keeps what it measured
+        for key in config:
+            config[key].clear()
+            config[key].update(saved[key])
     return rows
 
 
@@ -181,6 +222,7 @@ def _save_csv(rows: List[Dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
+    parser.add_argument("--profile", action="store_true", help="also print per-kernel device times")
     parser.add_argument("--out", default=".", help="folder for the CSV files")
     args = parser.parse_args()
     out = Path(args.out)
@@ -189,6 +231,10 @@ def main() -> None:
     _save_csv(rows, out / "bench_linear.csv")
     _print_table(kernel_resources())
     _print_table(rows)
+    if args.profile:
+        rows = profile_kernels()
+        _save_csv(rows, out / "kernels_linear.csv")
+        _print_table(rows)
     if args.sweep:
         rows = sweep()
         _save_csv(rows, out / "sweep_linear.csv")

@@ -146,17 +146,17 @@ def test_gpu_compile_fullgraph():
 
 @pytest.mark.gpu
 def test_gpu_fuzz():
-    """200 random configurations (op, batch, heads, grid, prefix, head dims, dtype, p): zero failures."""
+    """200 random configurations (op, batch, heads, grid, prefix, dtype, p, scale shape): zero failures.
+    Head dims stay at 64 so that the kernels compile a handful of times (the CPU tests cover padded dims)."""
     rng = random.Random(1234)
     failures = []
     for i in range(200):
         kind = rng.choice(["flatten", "mala", "mala_rope"])
-        d = rng.choice([32, 64])
         config = dict(kind="mala" if kind == "mala_rope" else kind, b=rng.randint(1, 3), h=rng.randint(1, 4),
-                      grid=(rng.randint(1, 40), rng.randint(1, 40)), num_prefix=rng.choice([0, 0, 1, 4]), d=d,
-                      dtype=rng.choice([torch.float32, torch.bfloat16]), dv=rng.choice([d, 32]))
+                      grid=(rng.randint(1, 40), rng.randint(1, 40)), num_prefix=rng.choice([0, 0, 1, 4]), d=64,
+                      dtype=rng.choice([torch.float32, torch.bfloat16]))
         if kind == "flatten":
-            config.update(p=rng.choice([3, 3, 2.5]), scale_shape=rng.choice([None, (d,), (config["h"], d)]))
+            config.update(p=rng.choice([3, 3, 2.5]), scale_shape=rng.choice([None, (64,), (config["h"], 64)]))
         else:
             config.update(rope=kind == "mala_rope")
         torch.manual_seed(i)
