@@ -180,7 +180,8 @@ def radial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid:
     ``tile`` (frames/distance tiles; (1, 8, 8) for video, (8, 8) for images), ``block_size``
     (official, 128), ``decay_factor`` (1.0), ``sink`` (attend the first frame; default on for
     video), ``dense_radius`` (distance, 1). Prefix tokens attend and are attended densely.
-    Details: ``subquad.kernels.reference.radial``.
+    Backends: ``reference`` (gathers the listed tiles), ``block_sparse`` / ``triton`` (the block-sparse
+    core; ``triton`` is the default on CUDA). Details: ``subquad.kernels.reference.radial``.
     """
     grid = checks.check_self_attention(q, k, v, grid, num_prefix, "radial_attention")
     unknown = set(mask_opts) - set(RADIAL_OPTIONS)
@@ -207,8 +208,9 @@ def loglinear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     first), ``levels`` (None: enough levels that the coarsest selection is no costlier than the
     others). Hierarchical top-K over mean-pooled blocks; each query block attends to its selected
     blocks plus the pooled tokens of the blocks scored on the way (weighted by their sizes) and the
-    prefix tokens. Selection is discrete; gradients flow to q, k, v.
-    Details: ``subquad.kernels.reference.loglinear``.
+    prefix tokens. Selection is discrete; gradients flow to q, k, v. Backends: ``reference``
+    (explicit index lists), ``block_sparse`` / ``triton`` (the block-sparse core; ``triton`` is the
+    default on CUDA). Details: ``subquad.kernels.reference.loglinear``.
     """
     grid = checks.check_self_attention(q, k, v, grid, num_prefix, "loglinear_attention")
     grid = checks.check_image_grid(grid, "loglinear_attention")
@@ -221,6 +223,17 @@ def loglinear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
 
 
 register_backend("loglinear_attention", "reference", loglinear_attention_reference)
+
+# radial and log-linear attention on the block-sparse core: "block_sparse" runs the core's own
+# choice (Triton on CUDA), "triton" forces its Triton kernel and is the default on CUDA
+from .backends import available_backends as _available  # noqa: E402
+from .sparse_on_core import loglinear_attention_on_core, radial_attention_on_core, with_core_backend  # noqa: E402
+
+register_backend("radial_attention", "block_sparse", radial_attention_on_core)
+register_backend("loglinear_attention", "block_sparse", loglinear_attention_on_core)
+if "triton" in _available("block_sparse_attention"):
+    register_backend("radial_attention", "triton", with_core_backend(radial_attention_on_core, "triton"))
+    register_backend("loglinear_attention", "triton", with_core_backend(loglinear_attention_on_core, "triton"))
 
 
 # --- Triton backends of the linear family (the default on CUDA) -------------------------------

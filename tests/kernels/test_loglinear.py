@@ -159,3 +159,39 @@ def test_float64_gradcheck():
     q, k, v = (torch.randn(1, 2, 1 + 7 * 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     fn = lambda q, k, v: loglinear_attention(q, k, v, grid=(7, 9), num_prefix=1, block_size=4, top_k=(3, 2))  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+# --- on the block-sparse core ------------------------------------------------------------------
+
+from subquad.kernels import available_backends  # noqa: E402
+
+
+def check_backend(backend, grid, p, opts, dtype=torch.float32, heads=2, d=16, device="cpu"):
+    n = p + grid[0] * grid[1]
+    q, k, v = (torch.randn(2, heads, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    want = loglinear_attention(q, k, v, grid=grid, num_prefix=p, backend="reference", **opts)
+    out = loglinear_attention(q, k, v, grid=grid, num_prefix=p, backend=backend, **opts)
+    assert_rel_close(out, want, dtype, what=backend)
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        assert_rel_close(a, b, dtype, what=f"{backend} d{name}")
+
+
+@pytest.mark.parametrize("grid,p,opts", [((13, 17), 1, dict(top_k=4)), ((40, 36), 0, dict(top_k=(5, 3))),
+                                         ((70, 50), 2, dict(top_k=(8, 4))), ((9, 11), 0, dict(block_size=9, top_k=3))])
+def test_block_sparse_core_backend_equals_reference(grid, p, opts):
+    """Selected tiles plus pooled tokens as extra key tiles of the core's CSR (run by the core's
+    reference here; 3x3 blocks are too small for the core and run the reference)."""
+    check_backend("block_sparse", grid, p, opts)
+
+
+@pytest.mark.skipif("triton" not in available_backends("loglinear_attention"), reason="no Triton")
+def test_triton_core_backend_equals_reference():
+    check_backend("triton", (9, 8), 1, dict(top_k=3), heads=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grid", [(64, 64), (128, 96)])
+def test_gpu_triton_backend_equals_reference(grid, dtype):
+    check_backend("triton", grid, 1, {}, dtype=dtype, heads=4, d=64, device="cuda")

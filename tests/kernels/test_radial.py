@@ -181,3 +181,41 @@ def test_float64_gradcheck():
     q, k, v = (torch.randn(1, 2, 1 + 7 * 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     fn = lambda q, k, v: radial_attention(q, k, v, grid=(7, 9), num_prefix=1, tile=(2, 2))  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+# --- on the block-sparse core ------------------------------------------------------------------
+
+from subquad.kernels import available_backends  # noqa: E402
+
+CORE_CASES = [((13, 17), 1, dict(tile=(4, 4))), ((30, 21), 0, dict()), ((6, 9, 10), 1, dict(tile=(1, 4, 4))),
+              ((7, 5, 6), 2, dict(layout="official", block_size=16)), ((9, 11), 1, dict(tile=(2, 2)))]
+
+
+def check_backend(backend, grid, p, opts, dtype=torch.float32, heads=2, d=16, device="cpu"):
+    n = p + math.prod(grid)
+    q, k, v = (torch.randn(2, heads, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    want = radial_attention(q, k, v, grid=grid, num_prefix=p, backend="reference", **opts)
+    out = radial_attention(q, k, v, grid=grid, num_prefix=p, backend=backend, **opts)
+    assert_rel_close(out, want, dtype, what=backend)
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        assert_rel_close(a, b, dtype, what=f"{backend} d{name}")
+
+
+@pytest.mark.parametrize("grid,p,opts", CORE_CASES)
+def test_block_sparse_core_backend_equals_reference(grid, p, opts):
+    """The plan as the core's CSR (run by the core's reference here; the tile (2, 2) is too small
+    for the core and runs the reference)."""
+    check_backend("block_sparse", grid, p, opts)
+
+
+@pytest.mark.skipif("triton" not in available_backends("radial_attention"), reason="no Triton")
+def test_triton_core_backend_equals_reference():
+    check_backend("triton", (5, 9), 1, dict(tile=(4, 4)), heads=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grid,opts", [((64, 64), {}), ((16, 32, 32), {}), ((16, 32, 32), dict(layout="official"))])
+def test_gpu_triton_backend_equals_reference(grid, opts, dtype):
+    check_backend("triton", grid, 1, opts, dtype=dtype, heads=4, d=64, device="cuda")

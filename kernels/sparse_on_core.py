@@ -1,0 +1,111 @@
+"""Radial and log-linear attention run by the block-sparse core (``block_sparse_attention``, Triton
+on CUDA): the references' index lists rewritten as the core's CSR of key tiles per query tile.
+
+Grid tokens go in tile order; padding slots are dropped with ``key_bias = -inf``. Log-linear
+attention's pooled tokens become extra key tiles: the pooled tokens of one block's s x s children
+form one tile (the tile size), the coarsest level's pooled tokens are cut into tiles, and
+``key_bias`` carries log(token count) of each. The core's tiles hold a power of two >= 16 tokens;
+other tile sizes run the reference.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .backends import choose_backend
+from .reference.gathered import gather_rows, with_global_prefix
+from .reference.loglinear import BlockHierarchy, block_hierarchy, loglinear_attention_reference, pool_blocks, select_blocks
+from .reference.radial import radial_attention_reference, radial_plan
+from .tiles import TileLayout, from_tiles, to_tiles
+
+
+def core_fits(tile_size: int) -> bool:
+    return tile_size >= 16 and tile_size & (tile_size - 1) == 0
+
+
+def csr_from_lists(lists: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Bq, Hq, Q, L) key-tile lists, -1 padded -> the core's (row_ptr (Bq, Hq, Q + 1), col_idx)."""
+    bq, hq, nq, _ = lists.shape
+    counts = (lists >= 0).sum(-1).flatten()
+    cum = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    starts = torch.arange(bq * hq, device=lists.device)[:, None] * nq + torch.arange(nq + 1, device=lists.device)
+    return cum[starts].reshape(bq, hq, nq + 1).to(torch.int32), lists[lists >= 0].to(torch.int32)
+
+
+def padding_bias(layout: TileLayout, num_prefix: int) -> torch.Tensor:
+    """0 for the prefix keys and the real tokens of the tiled grid, -inf for padding slots."""
+    bias = torch.zeros(num_prefix + layout.valid.numel(), device=layout.valid.device)
+    bias[num_prefix:] = bias[num_prefix:].masked_fill(~layout.valid.flatten(), float("-inf"))
+    return bias
+
+
+def run_core(core, layout: TileLayout, qg, kg, vg, kp, vp, lists, extra_keys=(), extra_values=(), extra_bias=()):
+    """Grid queries over prefix keys, the grid's tiles and extra key tiles, as listed per query tile."""
+    t = layout.tile_size
+    row_ptr, col_idx = csr_from_lists(lists)
+    keys = torch.cat([kp, to_tiles(kg, layout).flatten(2, 3), *extra_keys], 2)
+    values = torch.cat([vp, to_tiles(vg, layout).flatten(2, 3), *extra_values], 2)
+    bias = torch.cat([padding_bias(layout, kp.shape[2]), *extra_bias])[None, None]
+    out = core(to_tiles(qg, layout).flatten(2, 3), keys, values, row_ptr, col_idx, t, t, kp.shape[2],
+               None, None, bias, None)
+    return from_tiles(out.unflatten(2, (layout.num_tiles, t)), layout)
+
+
+def radial_attention_on_core(q, k, v, grid, num_prefix, options, core_backend=None):
+    plan = radial_plan(grid, options, q.device)
+    if not core_fits(plan.layout.tile_size):
+        return radial_attention_reference(q, k, v, grid, num_prefix, options)
+    core = choose_backend("block_sparse_attention", core_backend, q)
+    lists = plan.key_tiles[None, None]
+    return with_global_prefix(q, k, v, num_prefix,
+                              lambda qg, kg, vg, kp, vp: run_core(core, plan.layout, qg, kg, vg, kp, vp, lists))
+
+
+def pooled_key_tiles(pooled: torch.Tensor, hierarchy: BlockHierarchy, level: int):
+    """A level's pooled tokens (B, h, n, d) as key tiles, with their log(count) bias: grouped by
+    parent block below the coarsest level (tile g = the children of block g), in chunks at the top."""
+    t = hierarchy.side ** 2
+    if level + 1 < hierarchy.num_levels:
+        slots = hierarchy.children[level]                                    # (n_parent, t), -1: none
+    else:
+        n = pooled.shape[2]
+        slots = torch.arange(-(-n // t) * t, device=pooled.device).reshape(-1, t)
+        slots = slots.masked_fill(slots >= n, -1)
+    bias = hierarchy.counts[level].float().log()[slots.clamp_min(0)].masked_fill(slots < 0, float("-inf"))
+    return gather_rows(pooled, slots).flatten(2, 3), bias.flatten()
+
+
+def loglinear_attention_on_core(q, k, v, grid, num_prefix, side, top_k, core_backend=None):
+    if not core_fits(side * side):
+        return loglinear_attention_reference(q, k, v, grid, num_prefix, side, top_k)
+    hierarchy = block_hierarchy(grid, side, len(top_k), q.device)
+    core = choose_backend("block_sparse_attention", core_backend, q)
+
+    def attend_grid(qg, kg, vg, kp, vp):
+        pooled = [[pool_blocks(x, layout) for layout in hierarchy.layouts] for x in (qg, kg, vg)]
+        selection = select_blocks(pooled[0], pooled[1], hierarchy, top_k)
+        b, h, n1 = selection.selected[0].shape[:3]
+        lists, offset = [selection.selected[0]], hierarchy.num_blocks(0)
+        extra_k, extra_v, extra_bias = [], [], []
+        for level in range(hierarchy.num_levels):
+            k_tiles, bias = pooled_key_tiles(pooled[1][level].to(kg.dtype), hierarchy, level)
+            extra_k.append(k_tiles)
+            extra_v.append(pooled_key_tiles(pooled[2][level].to(vg.dtype), hierarchy, level)[0])
+            extra_bias.append(bias)
+            groups = bias.numel() // (side * side)
+            if level + 1 < hierarchy.num_levels:     # the children of the blocks selected one level up
+                chosen = selection.selected[level + 1][:, :, hierarchy.ancestor[level + 1]]
+                lists.append(torch.where(chosen >= 0, chosen + offset, -1))
+            else:                                    # every block of the coarsest level
+                lists.append((torch.arange(groups, device=q.device) + offset).expand(b, h, n1, groups))
+            offset += groups
+        return run_core(core, hierarchy.layouts[0], qg, kg, vg, kp, vp, torch.cat(lists, -1),
+                        extra_k, extra_v, extra_bias)
+
+    return with_global_prefix(q, k, v, num_prefix, attend_grid)
+
+
+def with_core_backend(fn, core_backend: str):
+    """``fn`` with the core's backend fixed (e.g. "triton"), for registering as a backend."""
+    return functools.partial(fn, core_backend=core_backend)
