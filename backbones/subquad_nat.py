@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from timm.models import generate_default_cfgs, register_model
 
-from .. import attention
 from .hierarchical import HierarchicalTransformer, check_converted, create_hierarchical, hierarchical_cfg, rename_keys
 
 KERNEL_SIZE = 7
@@ -92,8 +91,5 @@ def _register(variant: str) -> None:
     setattr(sys.modules[__name__], variant, register_model(entrypoint))
 
 
-# Neighborhood attention is registered by attention/neighborhood.py; until it exists these names are
-# left out, so that everything that builds every registered model (the zoo, the tests) keeps working.
-if "neighborhood" in attention.names():
-    for _variant in _model_names():
-        _register(_variant)
+for _variant in _model_names():
+    _register(_variant)

@@ -8,10 +8,7 @@ import pytest
 import timm
 import torch
 
-import subquad
 from subquad.backbones import subquad_mavit, subquad_nat, subquad_pvt, subquad_swin
-
-HAS_NA = "neighborhood" in subquad.attention.names()
 
 
 # --- the official module structures as data ---------------------------------------------------
@@ -171,9 +168,7 @@ DROPPED = {"swin": r"(relative_position_index|attn_mask)$", "pvt": r"^norm\.", "
 CASES = ([(n, "swin", official_swin, subquad_swin) for n in OFFICIAL_SWIN]
          + [(n, "pvt", official_pvt, subquad_pvt) for n in OFFICIAL_PVT]
          + [(n, "mavit", official_mavit, subquad_mavit) for n in OFFICIAL_MAVIT]
-         + [pytest.param(f"{f}_{s}", "nat", official_nat, subquad_nat, id=f"{f}_{s}",
-                         marks=pytest.mark.skipif(not HAS_NA, reason="no 'neighborhood' attention yet"))
-            for f in ("nat", "dinat") for s in OFFICIAL_NAT])
+         + [(f"{f}_{s}", "nat", official_nat, subquad_nat) for f in ("nat", "dinat") for s in OFFICIAL_NAT])
 
 
 def tensors(shapes, device="meta"):

@@ -4,12 +4,8 @@ import pytest
 import timm
 import torch
 
-import subquad
 from subquad.backbones.hierarchical import HierarchicalTransformer, WindowAttention
 from subquad.tasks.zoo import subquad_model_names
-
-HAS_NA = "neighborhood" in subquad.attention.names()
-needs_na = pytest.mark.skipif(not HAS_NA, reason="the 'neighborhood' attention family is not registered yet")
 
 NAMES = {
     "swin": [f"{f}_swin_{s}_patch4_window7_224" for f in ("agent", "flatten") for s in ("tiny", "small", "base")],
@@ -18,17 +14,14 @@ NAMES = {
     "hier": [f"subquad_hier_{s}" for s in ("tiny", "small", "base")],
     "nat": [f"{f}_{s}" for f in ("nat", "dinat") for s in ("mini", "tiny", "small", "base")],
 }
-ALL = [pytest.param(n, marks=needs_na) if family == "nat" else n for family, names in NAMES.items() for n in names]
+ALL = [n for names in NAMES.values() for n in names]
 SMALLEST = ["agent_swin_tiny_patch4_window7_224", "flatten_swin_tiny_patch4_window7_224", "agent_pvt_tiny",
-            "flatten_pvt_tiny", "mavit_tiny", pytest.param("nat_mini", marks=needs_na),
-            pytest.param("dinat_mini", marks=needs_na)]
+            "flatten_pvt_tiny", "mavit_tiny", "nat_mini", "dinat_mini"]
 SMALL = dict(embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8), depths=(2, 2, 2, 2))  # narrow, shallow: fast
 
 
 def test_every_name_is_registered():
-    registered = set(subquad_model_names())
-    expected = {n for family, names in NAMES.items() for n in names if family != "nat" or HAS_NA}
-    assert expected <= registered
+    assert set(ALL) <= set(subquad_model_names())
 
 
 @pytest.mark.parametrize("name", ALL)

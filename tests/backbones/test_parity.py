@@ -12,9 +12,8 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import subquad
+import subquad  # noqa: F401  (registers the models)
 
-HAS_NA = "neighborhood" in subquad.attention.names()
 PROJECTION_OPS = {"convolution", "addmm", "mm"}   # convolutions and linear layers; the rest is the attention core
 
 # name: (params in M and GFLOPs as the paper prints them, source). Each paper counts with fvcore.
@@ -72,18 +71,14 @@ def params_tolerance(printed: str) -> float:
     return max(0.01 * float(printed), 0.5 * 10 ** -decimals)
 
 
-CASES = [pytest.param(n, marks=pytest.mark.skipif(not HAS_NA, reason="no 'neighborhood' attention yet"))
-         if "nat_" in n else n for n in PAPER]
-
-
 def test_every_named_hierarchical_model_has_a_paper_row():
     from subquad.tasks.zoo import subquad_model_names
     modules = ("subquad_swin", "subquad_pvt", "subquad_mavit", "subquad_nat")
     named = {n for n in subquad_model_names() if timm.models._registry._model_to_module[n] in modules}
-    assert named == {n for n in PAPER if HAS_NA or "nat_" not in n}
+    assert named == set(PAPER)
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", PAPER)
 def test_params_and_flops_match_paper(name):
     params, gflops, _ = PAPER[name]
     counts = count(name)
@@ -94,8 +89,6 @@ def test_params_and_flops_match_paper(name):
 def markdown_table() -> str:
     rows = ["| model | params (M) | paper | GFLOPs | paper | source |", "|---|---:|---:|---:|---:|---|"]
     for name, (params, gflops, source) in PAPER.items():
-        if "nat_" in name and not HAS_NA:
-            continue
         c = count(name)
         flops = f"{c['gflops']:.2f}"
         if name.startswith("mavit"):
