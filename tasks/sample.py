@@ -44,6 +44,8 @@ def make_scheduler(name: str, cfg: DiTModelConfig, learn_sigma: bool) -> Any:
 
     ``name``: a short name (``ddim``, ``dpm++``, ``euler``...; for flow models ``euler``, ``dpm++``,
     ``unipc``) or any diffusers scheduler class name, configured from the training noise schedule.
+    Pixel-space models (no ``cfg.vae``) clip the predicted x_0 to [-1, 1] where the scheduler can
+    (DDPM, DDIM), as ADM samples pixels; latents are not clipped.
     """
     objective = make_objective(cfg, learn_sigma)
     if cfg.objective == "flow":
@@ -58,7 +60,7 @@ def make_scheduler(name: str, cfg: DiTModelConfig, learn_sigma: bool) -> Any:
     if cls is None or not hasattr(cls, "from_config") or "Scheduler" not in cls.__name__:
         raise ValueError(f"unknown scheduler {name!r}; short names: {', '.join(DDPM_SCHEDULERS)}, or any diffusers "
                          f"scheduler class name")
-    extra = {}
+    extra = {"clip_sample": cfg.vae is None}
     if cls is not diffusers.DDPMScheduler and "variance_type" in inspect.signature(cls.__init__).parameters:
         extra["variance_type"] = None              # the sampler hands these schedulers eps only
     if cls is diffusers.DPMSolverMultistepScheduler:
