@@ -98,8 +98,7 @@ class DiffusionTask:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.train_set, self.val_set = image_datasets(cfg.data)
-        self.class_names = list(self.train_set.classes)
-        self.num_classes = len(self.class_names)
+        self.num_classes = len(self.train_set.classes)
         self.vae = load_vae(cfg.model.vae) if cfg.model.vae else None
         self.model = build_dit(cfg.model, self.num_classes, cfg.data.img_size, self.vae)
         self.objective = make_objective(cfg.model, self.model.config.learn_sigma)
