@@ -3,8 +3,6 @@ Attention", ECCV 2024). Parameter names and shapes follow the official DeiT code
 checkpoints load unchanged."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -27,7 +25,8 @@ class AgentAttention(GridAttention):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *, num_agents: int = 49,
-                 bias_grid: int | tuple[int, int] = 14, dwc_kernel_size: int = 3, **kwargs) -> None:
+                 bias_grid: int | tuple[int, int] = 14, dwc_kernel_size: int = 3, prefix_bias: bool = True,
+                 **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
         checks.check_perfect_square(num_agents, "num_agents")
         gh, gw = (bias_grid, bias_grid) if isinstance(bias_grid, int) else tuple(bias_grid)
@@ -40,14 +39,17 @@ class AgentAttention(GridAttention):
         self.aw_bias = nn.Parameter(torch.zeros(1, h, n, 1, gw))    # agent -> column
         self.ha_bias = nn.Parameter(torch.zeros(1, h, gh, 1, n))    # row -> agent
         self.wa_bias = nn.Parameter(torch.zeros(1, h, 1, gw, n))    # column -> agent
-        self.ac_bias = nn.Parameter(torch.zeros(1, h, n, 1))        # agent -> prefix token
-        self.ca_bias = nn.Parameter(torch.zeros(1, h, 1, n))        # prefix token -> agent
+        if prefix_bias:
+            self.ac_bias = nn.Parameter(torch.zeros(1, h, n, 1))    # agent -> prefix token
+            self.ca_bias = nn.Parameter(torch.zeros(1, h, 1, n))    # prefix token -> agent
+        else:
+            self.register_buffer("ac_bias", torch.zeros(1, h, n, 1), persistent=False)
+            self.register_buffer("ca_bias", torch.zeros(1, h, 1, n), persistent=False)
         self.init_weights()
         self.to(**self.factory_kwargs)
 
     def init_weights(self) -> None:
-        for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias,
-                  self.ha_bias, self.wa_bias, self.ac_bias, self.ca_bias):
+        for p in self.parameters(recurse=False):
             nn.init.trunc_normal_(p, std=0.02)
 
     def agent_bias(self, grid: tuple[int, int], num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,9 +65,6 @@ class AgentAttention(GridAttention):
         b2 = resize_map(self.na_bias, grid).permute(0, 2, 3, 1) + rows + cols
         b2 = torch.cat([self.ca_bias.reshape(h, 1, n).expand(h, num_prefix, n), b2.reshape(h, gh * gw, n)], dim=1)
         return b1, b2
-
-    def needs_dense(self, grid):
-        return math.prod(grid) <= self.num_agents
 
     def attend(self, x, q, k, v, grid, num_prefix):
         grid = checks.check_image_grid(grid, "agent attention")

@@ -150,24 +150,11 @@ class RoPESoftmaxAttention(GridAttention):
 
 
 class HierarchicalAgentAttention(AgentAttention):
-    """Agent attention (Han et al., ECCV 2024) as the official Agent-Swin/PVT run it.
-
-    No prefix-token biases (they become zero buffers): these backbones have no prefix tokens, as
-    parameters they would get no gradient (which DistributedDataParallel rejects), and the official
-    checkpoints lack them. No dense fallback on small grids: Agent-PVT's last stage has as many
-    tokens as agents (7 x 7 = 49), where agent attention still differs from dense attention, and
-    falling back would skip the DWC and biases its weights were trained with.
-    """
+    """Agent attention (Han et al., ECCV 2024) as the official Agent-Swin/PVT run it: no prefix-token
+    biases (these backbones have no prefix tokens and the official checkpoints lack them)."""
 
     def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:
-        super().__init__(dim, num_heads, **kwargs)
-        for name in ("ac_bias", "ca_bias"):
-            shape = getattr(self, name).shape
-            delattr(self, name)
-            self.register_buffer(name, torch.zeros(shape), persistent=False)
-
-    def needs_dense(self, grid):
-        return False
+        super().__init__(dim, num_heads, prefix_bias=False, **kwargs)
 
 
 BACKBONE_ATTENTION: dict[str, type[GridAttention]] = {
