@@ -190,8 +190,8 @@ def normalize_options(grid: tuple[int, ...], layout: str | None = None, tile: tu
             raise ValueError(f"radial_attention: layout='frames' needs tiles within one frame, tile[0] == 1; got {tile}")
     if decay_factor <= 0:
         raise ValueError(f"radial_attention: decay_factor must be > 0, got {decay_factor}")
-    if not (isinstance(dense_radius, int) and dense_radius >= 0):
-        raise ValueError(f"radial_attention: dense_radius must be an int >= 0, got {dense_radius!r}")
+    if not (isinstance(dense_radius, int) and dense_radius >= 1):    # at 0 the lattices miss their shells
+        raise ValueError(f"radial_attention: dense_radius must be an int >= 1, got {dense_radius!r}")
     sink = video if sink is None else bool(sink)
     return (layout, tile, block_size if layout == "official" else None, float(decay_factor), sink,
             dense_radius if layout == "distance" else None)

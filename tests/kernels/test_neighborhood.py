@@ -11,7 +11,8 @@ import torch
 from subquad.kernels import neighborhood_attention
 from subquad.kernels.testing import assert_rel_close
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*without torch.compile:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*without torch.compile:UserWarning"),
+              pytest.mark.filterwarnings("ignore:return_lse is deprecated:FutureWarning")]
 
 
 def axis_window(length, k, d, i):

@@ -169,6 +169,7 @@ def test_plans_are_cached():
     ((8, 8), dict(tile=(4, 4, 4)), "one int >= 1 per axis"),
     ((4, 8, 8), dict(tile=(2, 4, 4)), r"tile\[0\] == 1"),
     ((8, 8), dict(decay_factor=0), "decay_factor"),
+    ((8, 8), dict(dense_radius=0), "dense_radius must be an int >= 1"),
     ((8, 8), dict(window=3), "unknown mask options"),
 ])
 def test_bad_options_are_value_errors(grid, opts, match):
