@@ -238,11 +238,12 @@ if "triton" in _available("block_sparse_attention"):
 
 # --- Triton backends of the linear family (the default on CUDA) -------------------------------
 try:
-    from .triton.agent import agent_attention_triton
-    from .triton.linear_attention import focused_linear_attention_triton, mala_attention_triton
+    import triton  # noqa: F401
 except ImportError:     # no Triton on this platform: the references remain
     pass
-else:
+else:                   # imported outside the try, so that an error in these modules is not mistaken for no Triton
+    from .triton.agent import agent_attention_triton
+    from .triton.linear_attention import focused_linear_attention_triton, mala_attention_triton
     register_backend("agent_attention", "triton", agent_attention_triton)
     register_backend("focused_linear_attention", "triton", focused_linear_attention_triton)
     register_backend("mala_attention", "triton", mala_attention_triton)
