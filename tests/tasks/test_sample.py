@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from torchvision.models import inception_v3
 
 from subquad.tasks.cli import main
 from subquad.tasks.config import parse_config
+from subquad.tasks.dit_train_config import DiTModelConfig
+from subquad.tasks.dit_train_diffusion import DDPMObjective
 from subquad.tasks.sample import Sampler, frechet_distance
 from subquad.tasks.synthetic import write_classification
 from subquad.tasks.train import train
@@ -105,3 +108,34 @@ def test_frechet_distance_matches_the_formula():
     expected = ((a.mean(0) - b.mean(0)) ** 2).sum().item() + (cov_a + cov_b).trace() \
         - 2 * scipy_linalg.sqrtm(cov_a @ cov_b).real.trace()
     assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+class Oracle(torch.nn.Module):
+    """The exact denoiser of a one-image data set: eps (DDPM) or velocity (flow) of x_t towards ``image``."""
+
+    def __init__(self, image: torch.Tensor, flow: bool) -> None:
+        super().__init__()
+        self.image, self.flow = image, flow
+        self.anchor = torch.nn.Parameter(torch.zeros(1))          # the sampler reads the device off a parameter
+        self.config = types.SimpleNamespace(num_classes=2, class_dropout_prob=0.1, in_channels=3, input_size=8,
+                                            learn_sigma=not flow)
+        self.abar = DDPMObjective(1000, "linear", learn_sigma=False).scheduler.alphas_cumprod
+
+    def forward(self, x, t, y):
+        if self.flow:
+            return (x - self.image) / (t / 1000).view(-1, 1, 1, 1)
+        abar = self.abar[t.round().long()].view(-1, 1, 1, 1)
+        eps = (x - abar.sqrt() * self.image) / (1 - abar).sqrt()
+        return torch.cat([eps, torch.zeros_like(eps)], 1)          # learned-sigma channels: v = 0
+
+
+@pytest.mark.parametrize("objective, scheduler", [("ddpm", "ddim"), ("ddpm", "ddpm"), ("ddpm", "dpm++"),
+                                                  ("ddpm", "unipc"), ("flow", "euler"), ("flow", "dpm++")])
+def test_an_exact_denoiser_samples_its_data_point(objective, scheduler):
+    """The scheduler wiring (timesteps, prediction type, learned-sigma channels, flow sigmas) is right:
+    with the exact denoiser of a one-image data set every scheduler lands on that image."""
+    image = torch.rand(3, 8, 8) * 1.6 - 0.8
+    cfg = DiTModelConfig(name="dit_s_2", objective=objective, kwargs={"learn_sigma": objective == "ddpm"})
+    images = Sampler(Oracle(image, objective == "flow"), None, cfg).sample([0, 1], scheduler=scheduler, steps=20,
+                                                                          progress=False)
+    torch.testing.assert_close(images, ((image + 1) / 2).expand(2, -1, -1, -1), atol=2e-3, rtol=0)
