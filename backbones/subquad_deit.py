@@ -7,6 +7,10 @@ DeiT configuration, it is theirs:
 - FLatten-DeiT (FLatten Transformer): every block, focusing factor 3, 5x5 DWC, positional
   encoding on K.
 - MALA-DeiT (MALA): every block, ELU+1 map with 2D RoPE and a 5x5 LePE.
+- NAT-DeiT: every block a 7x7 neighbourhood with NAT's relative position bias.
+- Radial-DeiT: the 2D energy-decay mask on 2x2 tiles (the 14x14 grid has too few 8x8 tiles).
+- LLSA-DeiT: 4x4-token blocks, top-4 selection (one level at 14x14).
+Densities at 224px: NAT 0.25, radial 0.30, LLSA 0.33 of the dense attention's pairs.
 """
 from __future__ import annotations
 
@@ -42,6 +46,9 @@ DEIT_FAMILIES: dict[str, tuple[str, Callable[[str], dict[str, Any]]]] = {
     "agent": ("agent", _agent),
     "flatten": ("focused_linear", _all("focused_linear", focusing_factor=3, kernel_size=5, pos_grid=(14, 14))),
     "mala": ("mala", _all("mala", rope=True, lepe=True)),
+    "nat": ("neighborhood", _all("neighborhood", kernel_size=7, dilation=1, rpb=True)),
+    "radial": ("radial", _all("radial", tile=(2, 2))),
+    "llsa": ("loglinear", _all("loglinear", block_size=16, top_k=4)),
 }
 
 

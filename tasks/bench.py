@@ -57,13 +57,27 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
     return statistics.median(times)
 
 
-def _family_fn(name: str, cfg: BenchConfig, grid: tuple[int, int]):
-    """The family's attention (its module's ``attend``: the op plus its DWC/bias terms), default options."""
-    module = attention.build(name, dim=cfg.heads * cfg.head_dim, num_heads=cfg.heads)
-    module = module.to(cfg.device, cfg.dtype)
-    if module.needs_dense(grid):
-        return None
-    return lambda q, k, v: module.attend(None, q, k, v, grid, 0)
+# options that make a family comparable with its peers (natten has no relative position bias)
+BENCH_OPTIONS = {"neighborhood": {"rpb": False}}
+# peer implementations measured beside a family: (label, backend)
+PEERS = {"neighborhood": [("natten", "natten"), ("flex", "flex")]}
+LINEAR_FAMILY = ("agent", "focused_linear", "mala")
+
+
+def _cases(name: str, cfg: BenchConfig, grid: tuple[int, int]) -> list[tuple[str, Callable]]:
+    """(label, fn(q, k, v)) for the family (its module's ``attend``: the op plus its DWC/bias terms)
+    and its peers: natten and FlexAttention for neighborhood attention, and on CUDA the naive
+    PyTorch reference for the linear family. Empty when the grid is too small for the family."""
+    def attend_with(backend):
+        module = attention.build(name, dim=cfg.heads * cfg.head_dim, num_heads=cfg.heads, backend=backend,
+                                 **BENCH_OPTIONS.get(name, {})).to(cfg.device, cfg.dtype)
+        return None if module.needs_dense(grid) else (lambda q, k, v: module.attend(None, q, k, v, grid, 0))
+
+    peers = list(PEERS.get(name, []))
+    if cfg.device.type == "cuda" and name in LINEAR_FAMILY:
+        peers.append(("reference", "reference"))
+    cases = [(name, attend_with(None))] + [(f"{name}[{label}]", attend_with(backend)) for label, backend in peers]
+    return [(label, fn) for label, fn in cases if fn is not None]
 
 
 def bench_families(cfg: BenchConfig) -> list[dict]:
@@ -75,23 +89,35 @@ def bench_families(cfg: BenchConfig) -> list[dict]:
         n = gh * gw
         q, k, v = (torch.randn(b, cfg.heads, n, cfg.head_dim, device=cfg.device, dtype=cfg.dtype)
                    for _ in range(3))
-        fn = _family_fn(name, cfg, (gh, gw))
-        if fn is None:
-            continue
-        fwd = median_ms(lambda: fn(q, k, v), cfg.device, cfg.repeats, cfg.warmup)
-        peak = peak_memory_bytes(lambda: fn(q, k, v), cfg.device)
-        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-        grad = torch.randn_like(q)
-        fwd_bwd = median_ms(lambda: torch.autograd.backward(fn(qg, kg, vg), grad),
-                            cfg.device, cfg.repeats, cfg.warmup)
-        rows.append(dict(family=name, batch=b, grid=f"{gh}x{gw}", tokens=n, dtype=str(cfg.dtype).split(".")[-1],
-                         device=_device_name(cfg.device), fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
-                         peak_mib=peak / 2**20))
+        for label, fn in _cases(name, cfg, (gh, gw)):
+            rows.append(dict(family=label, batch=b, grid=f"{gh}x{gw}", tokens=n,
+                             dtype=str(cfg.dtype).split(".")[-1], device=_device_name(cfg.device),
+                             **_measure(fn, q, k, v, cfg)))
     for r in rows:
         base = next(x for x in rows if x["family"] == BASELINE and x["grid"] == r["grid"] and x["batch"] == r["batch"])
         r["speedup_fwd"] = base["fwd_ms"] / r["fwd_ms"]
         r["speedup_fwd_bwd"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
     return rows
+
+
+def _measure(fn: Callable, q, k, v, cfg: BenchConfig) -> dict:
+    """Median ms forward and forward+backward, peak MiB of the forward; NaN for what a peer cannot
+    do (natten has no backward on CPU), so the row still shows that it was tried."""
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    grad = torch.randn_like(q)
+    return dict(
+        fwd_ms=_or_nan(lambda: median_ms(lambda: fn(q, k, v), cfg.device, cfg.repeats, cfg.warmup)),
+        fwd_bwd_ms=_or_nan(lambda: median_ms(lambda: torch.autograd.backward(fn(qg, kg, vg), grad),
+                                             cfg.device, cfg.repeats, cfg.warmup)),
+        peak_mib=_or_nan(lambda: peak_memory_bytes(lambda: fn(q, k, v), cfg.device) / 2**20))
+
+
+def _or_nan(measure: Callable[[], float]) -> float:
+    try:
+        return measure()
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        tqdm.write(f"bench: skipped one measurement: {e.__class__.__name__}: {str(e).splitlines()[0][:120]}")
+        return float("nan")
 
 
 def _device_name(device: torch.device) -> str:
@@ -155,3 +181,26 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
             raise ValueError(f"a size is BxHxW with positive integers, e.g. 1x32x32; got {item!r}")
         sizes.append(tuple(int(p) for p in parts))
     return sizes
+
+
+SUITES = ("families", "linear", "block-sparse")
+
+
+def run_kernel_suite(suite: str, out_dir: Path) -> list[dict]:
+    """The Triton kernels' own benchmarks (CUDA only): ``linear`` (FLatten, MALA, agent attention
+    against their references and SDPA) or ``block-sparse`` (the core against SDPA and FlexAttention)."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"the {suite!r} suite times Triton kernels and needs a CUDA GPU")
+    if suite == "linear":
+        from ..kernels.triton.bench_linear import bench_linear_family
+        rows = bench_linear_family()
+    else:
+        from ..kernels.triton.bench_block_sparse import bench_block_sparse
+        rows = bench_block_sparse()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_csv(rows, out_dir / f"bench_{suite}.csv")
+    columns = [(k, k, ".4g" if isinstance(v, float) else "s" if isinstance(v, str) else "")
+               for k, v in rows[0].items()]
+    print(format_table(rows, columns))
+    print(f"saved {out_dir / f'bench_{suite}.csv'}")
+    return rows

@@ -18,7 +18,10 @@ def _models(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     from .. import attention
-    from .bench import BenchConfig, parse_sizes, run_bench
+    from .bench import BenchConfig, parse_sizes, run_bench, run_kernel_suite
+    if args.suite != "families":
+        run_kernel_suite(args.suite, Path(args.out))
+        return
     cfg = BenchConfig.default(args.device)
     if args.dtype:
         cfg.dtype = DTYPES[args.dtype]
@@ -81,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", help="comma-separated BxHxW, e.g. 32x56x56,4x128x128")
     p.add_argument("--families", help="comma-separated attention families (default: all)")
     p.add_argument("--repeats", type=int, help="timed repeats per case (median reported)")
+    p.add_argument("--suite", choices=["families", "linear", "block-sparse"], default="families",
+                   help="families: every attention family vs SDPA (default); linear / block-sparse: the "
+                        "Triton kernels' own benchmarks (CUDA)")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")
     p.set_defaults(run=_bench)
     p = sub.add_parser("train", help="train a classification or segmentation recipe (also under accelerate launch)")
