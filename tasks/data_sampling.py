@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Seed Python's, NumPy's and torch's global generators inside the block; restore them after."""
+    """Seed Python's, NumPy's and torch's global CPU generators inside the block; restore them after."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)           # the CPU generator only: CUDA's is left alone
     try:
         yield
     finally:

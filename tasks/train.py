@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import resource
@@ -45,7 +46,6 @@ class Task(Protocol):
     model: nn.Module
     train_set: Dataset
     collate_fn: Callable | None
-    class_names: list[str]
     num_classes: int
     sync_batchnorm: bool
 
@@ -63,8 +63,8 @@ def build_task(cfg: TrainConfig) -> Task:
 
 
 def model_identity(cfg: TrainConfig) -> dict:
-    """The part of a recipe that fixes the model's tensors (the fine-tuning source does not)."""
-    return {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "checkpoint"}
+    """The part of a recipe that fixes the model's tensors (the fine-tuning source does not), as JSON reads it."""
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "checkpoint"}))
 
 
 def check_checkpoint_model(state: dict, cfg: TrainConfig, folder: Path, num_classes: int | None = None) -> None:
@@ -141,6 +141,8 @@ class Trainer:
         self.resume_from = latest if resume else None
         if self.resume_from is not None:
             check_checkpoint_model(read_state(self.resume_from), cfg, self.resume_from)
+        elif resume:
+            print(f"--resume: no checkpoint in {self.ckpt_root} yet, starting from step 0")
         self.accelerator = acc = make_accelerator(run.mixed_precision)
         set_seed(run.seed + acc.process_index)
         with acc.main_process_first():
@@ -180,6 +182,11 @@ class Trainer:
         if self.log:
             self.log.truncate(self.step)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            name = cfg.model.name if cfg.task == "cls" else f"{cfg.model.head} on {cfg.model.backbone}"
+            params = sum(p.numel() for p in model.parameters()) / 1e6
+            print(f"{cfg.task}: {name} ({params:.2f}M parameters), {len(self.task.train_set)} training images, "
+                  f"{self.task.num_classes} classes; {self.total} steps ({self.steps_per_epoch} per epoch) of "
+                  f"{cfg.data.batch_size} x {run.grad_accum_steps} x {acc.num_processes} images on {acc.device}")
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _save(self) -> None:
@@ -227,7 +234,7 @@ class Trainer:
         rng = read_rng(folder, acc.process_index)
         if rng is None or state["num_processes"] != acc.num_processes:
             print(f"resuming on {acc.num_processes} process(es) from a checkpoint of {state['num_processes']}: "
-                  f"random states re-seeded, the data order is kept")
+                  f"random states re-seeded and the epoch re-sharded (not bit-exact)")
             set_seed(self.cfg.run.seed + 1000 * self.step + acc.process_index)
         else:
             set_rng_state(rng)
@@ -325,8 +332,10 @@ class Trainer:
                 print(_per_class_table(metrics))
             print(f"final (step {self.step}/{self.total}): {_format(metrics)}")
             rate = f"{summary['images_per_s']:.1f}" if images else "n/a"
+            mixed = self.cfg.run.mixed_precision
+            precision = "float32" if mixed == "no" else f"{mixed} mixed precision"
             print(f"throughput: {rate} images/s over {images} training images on "
-                  f"{acc.num_processes} process(es) ({acc.device.type}, {self.cfg.run.mixed_precision} precision; "
+                  f"{acc.num_processes} process(es) ({acc.device.type}, {precision}; "
                   f"evaluation, checkpoints and each session's first step excluded)")
             print(f"peak memory: {peak:.2f} GiB ({how})")
         return summary

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from subquad.tasks.cli import main
 from subquad.tasks.data_ade20k import ADE20K, IGNORE_INDEX
 from subquad.tasks.data_seg_transforms import SegEvalTransform, SegTrainTransform, rescale_size
 
@@ -40,6 +41,16 @@ def test_reads_the_real_layout_and_maps_labels_as_reduce_zero_label(tree):
     assert labels.tolist() == [[IGNORE_INDEX, 0, 1], [149, 148, IGNORE_INDEX]]    # 0 -> 255, k -> k - 1
     assert ADE20K(tree, "training")[1][1].tolist() == [[6] * 5] * 4
     assert ADE20K(tree, "validation")[0][1].tolist() == [[2, IGNORE_INDEX], [IGNORE_INDEX, 149]]
+
+
+def test_the_synthetic_set_is_written_in_the_real_layouts(tmp_path):
+    assert main(["data", "synthetic", "--out", str(tmp_path)]) == 0
+    train = ADE20K(tmp_path / "synthetic_ade" / "ADEChallengeData2016", "training", num_classes=7)
+    assert len(train) == 400 and train.class_names == ["background", "circle", "square", "triangle", "cross",
+                                                        "ring", "diamond"]
+    labels = np.concatenate([train[i][1].ravel() for i in range(20)])
+    assert set(np.unique(labels)) == {0, 1, 2, 3, 4, 5, 6, IGNORE_INDEX}
+    assert sorted(p.name for p in (tmp_path / "synthetic_cls" / "val").iterdir()) == sorted(train.class_names[1:])
 
 
 def test_bad_trees_are_refused_when_the_data_set_is_built(tree):

@@ -12,9 +12,18 @@ from subquad.tasks.checkpoint_pretrained import create_model
 from subquad.tasks.cli import main
 from subquad.tasks.config import load_config, packaged_recipes, parse_config
 from subquad.tasks.synthetic import SHAPES, write_classification
-from subquad.tasks.train import evaluate, train
+from subquad.tasks.train import train
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_recipe(root, out, **run) -> dict:
@@ -37,11 +46,11 @@ def shapes(tmp_path_factory):
 
 
 def test_trains_to_well_above_chance_and_eval_reproduces_it(shapes, tmp_path, capsys):
-    cfg = parse_config(tiny_recipe(shapes, tmp_path / "run"))
-    metrics = train(cfg)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tiny_recipe(shapes, tmp_path / "run")))
+    metrics = train(load_config(str(tmp_path / "recipe.yaml")))
     chance = 100 / len(SHAPES)
     assert metrics["steps"] == 44                      # 180 images / 16 per batch = 11 steps per epoch, 4 epochs
-    assert metrics["top1"] > chance + 25 and metrics["ema_top1"] > chance + 20, metrics
+    assert metrics["top1"] > chance + 30 and metrics["ema_top1"] > chance + 25, metrics
     assert math.isfinite(metrics["images_per_s"]) and metrics["peak_memory_gib"] > 0
     out = capsys.readouterr().out
     assert "final (step 44/44): top1" in out and "images/s" in out and "peak memory" in out
@@ -49,8 +58,8 @@ def test_trains_to_well_above_chance_and_eval_reproduces_it(shapes, tmp_path, ca
     assert [r["step"] for r in logged["train"]] == [10, 20, 30, 40, 44]
     assert [r["step"] for r in logged["eval"]] == [22, 44]
     assert (tmp_path / "run" / "train_metrics.csv").read_text().startswith("step,epoch,loss,lr,images_per_s")
-    again = evaluate(cfg)                              # `subquad eval`: the saved model and EMA give the same scores
-    assert again["top1"] == pytest.approx(metrics["top1"]) and again["ema_top1"] == pytest.approx(metrics["ema_top1"])
+    assert main(["eval", "--config", str(tmp_path / "recipe.yaml")]) == 0     # the saved model and EMA score the same
+    assert f"(step 44): top1 {metrics['top1']:.2f}" in capsys.readouterr().out
 
 
 def test_finetuning_keeps_the_backbone_and_resets_a_head_of_another_class_count(tmp_path):

@@ -14,6 +14,15 @@ TINY_DEIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
 TINY_SWIN = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), img_size=64, window_size=4)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def recipe(root, out, backbone, kwargs, head, out_indices, crop, steps) -> dict:
     return {
         "task": "seg",
@@ -35,15 +44,15 @@ def shapes(tmp_path_factory):
 
 def test_upernet_on_a_deit_learns_the_synthetic_shapes(shapes, tmp_path, capsys):
     cfg = parse_config(recipe(shapes, tmp_path / "run", "softmax_deit_tiny_patch16_224", TINY_DEIT, "upernet",
-                              [0, 1], crop=32, steps=40))
+                              [0, 1], crop=32, steps=80))
     metrics = train(cfg)
     # The best constant guess, "background" everywhere, scores aAcc = its pixel share, mIoU = share / 7.
     labels = torch.cat([torch.from_numpy(y).flatten() for _, y in ADE20K(shapes, "validation", 7)])
     share = 100 * (labels == 0).sum().item() / (labels != IGNORE_INDEX).sum().item()
-    assert metrics["aAcc"] > share + 5 and metrics["mIoU"] > 3 * share / 7, (metrics, share)
+    assert metrics["aAcc"] > share + 10 and metrics["mIoU"] > 3 * share / 7, (metrics, share)
     assert set(metrics["per_class"]) == set(SEGMENTATION_CLASSES)
     out = capsys.readouterr().out
-    assert "final (step 40/40): mIoU" in out and "background" in out and "images/s" in out
+    assert "final (step 80/80): mIoU" in out and "background" in out and "images/s" in out
 
 
 @pytest.mark.parametrize("head", ["upernet", "fpn"])
