@@ -143,15 +143,19 @@ def save_plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    colors = dict(zip(families, plt.cm.tab20.colors))
     for ax, key, label in zip(axes, ("fwd_ms", "fwd_bwd_ms"), ("forward", "forward + backward")):
-        for family in dict.fromkeys(r["family"] for r in rows):
-            pts = sorted((r["tokens"], r[key]) for r in rows if r["family"] == family)
-            style = dict(color="black", linestyle="--") if family == BASELINE else {}
+        for family in families:
+            pts = sorted((float(r["tokens"]), float(r[key])) for r in rows if r["family"] == family)
+            # the baseline black and dashed, peers (natten, flex, reference) dotted
+            style = (dict(color="black", linestyle="--") if family == BASELINE else
+                     dict(color=colors[family], linestyle=":" if "[" in family else "-"))
             ax.plot(*zip(*pts), marker="o", label=family if family != BASELINE else "softmax (SDPA)", **style)
         ax.set(xscale="log", yscale="log", xlabel="tokens N (grid H x W)", ylabel="ms (median)", title=label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
