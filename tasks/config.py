@@ -131,6 +131,11 @@ SECTIONS: dict[str, dict[str, type]] = {
     "seg": dict(model=SegModelConfig, data=SegDataConfig, optim=OptimConfig, schedule=ScheduleConfig, run=RunConfig),
 }
 
+from .dit_train_config import DiTDataConfig, DiTModelConfig  # noqa: E402  (defined beside its task)
+
+SECTIONS["dit"] = dict(model=DiTModelConfig, data=DiTDataConfig, optim=OptimConfig, schedule=ScheduleConfig,
+                       run=RunConfig)
+
 
 @dataclass
 class TrainConfig:

@@ -58,6 +58,9 @@ def build_task(cfg: TrainConfig) -> Task:
     if cfg.task == "cls":
         from .classification import ClassificationTask
         return ClassificationTask(cfg)
+    if cfg.task == "dit":
+        from .dit_train import DiffusionTask
+        return DiffusionTask(cfg)
     from .segmentation import SegmentationTask
     return SegmentationTask(cfg)
 
@@ -182,7 +185,7 @@ class Trainer:
         if self.log:
             self.log.truncate(self.step)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            name = cfg.model.name if cfg.task == "cls" else f"{cfg.model.head} on {cfg.model.backbone}"
+            name = cfg.model.name if cfg.task != "seg" else f"{cfg.model.head} on {cfg.model.backbone}"
             params = sum(p.numel() for p in model.parameters()) / 1e6
             print(f"{cfg.task}: {name} ({params:.2f}M parameters), {len(self.task.train_set)} training images, "
                   f"{self.task.num_classes} classes; {self.total} steps ({self.steps_per_epoch} per epoch) of "
