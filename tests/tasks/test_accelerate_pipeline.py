@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import Transformer2DModel
 
-from subquad import kernels
 from subquad.tasks.accelerate_pipeline import accelerate_pipeline, compare_pipeline, supported_transformers
 from subquad.tasks.accelerate_pipeline_random import KINDS, random_transformer, tiny_pipeline, transformer_inputs
 from subquad.tasks.cli import main
@@ -82,14 +81,9 @@ def test_token_split_and_grid(kind):
 
 
 
-def needs(op: str):
-    return pytest.mark.skipif(not hasattr(kernels, op), reason=f"subquad.kernels.{op} is not in this build")
-
-
-radial = needs("radial_attention")
 EXACT = [(kind, "neighborhood", {"kernel_size": 5}, {"kernel_size": 3}) for kind in IMAGE_KINDS] + [
-    pytest.param(kind, "radial", {}, {"tile": (2, 2)}, marks=radial) for kind in IMAGE_KINDS] + [
-    pytest.param("wan", "radial", {}, None, marks=radial)]
+    pytest.param(kind, "radial", {}, {"tile": (2, 2)}) for kind in IMAGE_KINDS] + [
+    pytest.param("wan", "radial", {}, None)]
 
 
 @pytest.mark.parametrize("kind, attn, covering, sparse", EXACT)
@@ -107,7 +101,6 @@ def test_window_covering_the_grid_is_dense(kind, attn, covering, sparse):
             assert not torch.allclose(_run(model, inputs), reference, atol=1e-3)
 
 
-@needs("loglinear_attention")
 @pytest.mark.parametrize("kind", IMAGE_KINDS)
 def test_loglinear_runs_close_to_dense(kind):
     """LLSA always adds pooled keys beside the selected blocks, so it is never exactly dense: close only."""
@@ -164,8 +157,6 @@ def test_bad_family_or_options_leave_the_transformer_unchanged():
         assert not model._forward_pre_hooks
 
 
-@needs("radial_attention")
-@needs("loglinear_attention")
 def test_video_and_option_checks_of_radial_and_loglinear():
     wan = random_transformer("wan")
     before = _processors(wan)
