@@ -66,17 +66,21 @@ def build_task(cfg: TrainConfig) -> Task:
 
 
 def model_identity(cfg: TrainConfig) -> dict:
-    """The part of a recipe that fixes the model's tensors (the fine-tuning source does not), as JSON reads it."""
-    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "checkpoint"}))
+    """The model section without what leaves its tensors alone (fine-tuning source, dropout, the auxiliary
+    loss weight beyond whether there is an auxiliary head), as JSON reads it back."""
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("checkpoint", "dropout")}
+    if "aux_weight" in model:
+        model["aux_weight"] = model["aux_weight"] > 0
+    return json.loads(json.dumps(model))
 
 
 def check_checkpoint_model(state: dict, cfg: TrainConfig, folder: Path, num_classes: int | None = None) -> None:
     """A clear error if the checkpoint at ``folder`` holds another model than ``cfg`` builds."""
-    saved, mine = state["model"], model_identity(cfg)
-    if state["task"] != cfg.task or saved != mine:
-        diff = {k: (saved.get(k), mine.get(k)) for k in set(saved) | set(mine) if saved.get(k) != mine.get(k)}
-        raise ValueError(f"checkpoint {folder} was saved for another model ({state['task']} {saved}); "
-                         f"this config builds ({cfg.task} {mine}); differences (saved, config): {diff}")
+    saved, mine = {"task": state["task"], **state["model"]}, {"task": cfg.task, **model_identity(cfg)}
+    if saved != mine:
+        diff = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {mine.get(k)!r} in the config"
+                         for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k))
+        raise ValueError(f"checkpoint {folder} was saved for another model ({diff})")
     if num_classes is not None and state["num_classes"] != num_classes:
         raise ValueError(f"checkpoint {folder} has {state['num_classes']} classes, the data set has {num_classes}")
 

@@ -6,11 +6,11 @@ import pytest
 import timm
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from subquad.tasks.checkpoint_pretrained import create_model
 from subquad.tasks.cli import main
-from subquad.tasks.config import load_config, packaged_recipes, parse_config
+from subquad.tasks.config import load_config, packaged_recipes
 from subquad.tasks.synthetic import SHAPES, write_classification
 from subquad.tasks.train import train
 
@@ -60,6 +60,10 @@ def test_trains_to_well_above_chance_and_eval_reproduces_it(shapes, tmp_path, ca
     assert (tmp_path / "run" / "train_metrics.csv").read_text().startswith("step,epoch,loss,lr,images_per_s")
     assert main(["eval", "--config", str(tmp_path / "recipe.yaml")]) == 0     # the saved model and EMA score the same
     assert f"(step 44): top1 {metrics['top1']:.2f}" in capsys.readouterr().out
+    tuned = create_model("softmax_deit_tiny_patch16_224", TINY, num_classes=3, checkpoint=str(tmp_path / "run"))
+    ema = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000044" / "tensors.safetensors"))
+    assert tuned.head.weight.shape == (3, 64) and torch.equal(tuned.blocks[0].attn.qkv.weight,
+                                                              ema["ema.blocks.0.attn.qkv.weight"])
 
 
 def test_finetuning_keeps_the_backbone_and_resets_a_head_of_another_class_count(tmp_path):

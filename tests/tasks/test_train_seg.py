@@ -1,6 +1,8 @@
 """Segmentation: UPerNet and Semantic FPN on features_only backbones, sliding windows, training on synthetic shapes."""
 import pytest
+import timm
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from subquad.tasks.config import parse_config
@@ -71,6 +73,22 @@ def test_heads_give_full_size_logits_on_any_features_only_backbone(head, backbon
     assert all(p.grad is not None for p in model.head.parameters())
     model.eval()
     assert list(model(torch.randn(1, 3, size, size))) == ["out"]
+
+
+def test_backbone_weights_come_from_a_classifier_checkpoint(tmp_path):
+    classifier = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, **TINY_SWIN)
+    save_file(classifier.state_dict(), str(tmp_path / "swin.safetensors"))
+    cfg = parse_config(recipe("unused", "unused", "swin_tiny_patch4_window7_224", TINY_SWIN, "fpn", None, crop=64,
+                              steps=1)).model
+    cfg.checkpoint = str(tmp_path / "swin.safetensors")
+    model = build_segmentation_model(cfg, num_classes=5)
+    own = dict(model.backbone.named_parameters())
+    assert torch.equal(own["layers_2.blocks.0.attn.qkv.weight"], classifier.layers[2].blocks[0].attn.qkv.weight)
+    other = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, **{**TINY_SWIN, "embed_dim": 32})
+    save_file(other.state_dict(), str(tmp_path / "other.safetensors"))
+    cfg.checkpoint = str(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="does not fit model swin_tiny_patch4_window7_224"):
+        build_segmentation_model(cfg, num_classes=5)
 
 
 def test_semantic_fpn_upsamples_each_level_to_the_finest_stride():
