@@ -1,7 +1,8 @@
 """Training recipes: one YAML file per recipe (model + data + schedule), checked against a schema.
 
-A recipe names its ``task`` (``cls`` or ``seg``) and has the sections ``model``, ``data``, ``optim``,
-``schedule`` and ``run``. The valid keys of each section are the fields of the dataclasses below; an
+A recipe names its ``task`` (``cls``, ``seg`` or ``dit``) and has the sections ``model``, ``data``,
+``optim``, ``schedule`` and ``run`` (DiT's model and data sections are in ``dit_train_config.py``, beside
+its task). The valid keys of each section are the fields of the dataclasses below; an
 unknown key, a missing required key or a value of the wrong type is a ``ValueError`` that says which
 key and lists the valid ones. ``--config`` takes a path or the name of a packaged recipe
 (``cls/synthetic`` is ``subquad/configs/cls/synthetic.yaml``).
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
+
+from .dit_train_config import DiTDataConfig, DiTModelConfig
 
 
 @dataclass
@@ -129,12 +132,8 @@ class RunConfig:
 SECTIONS: dict[str, dict[str, type]] = {
     "cls": dict(model=ClsModelConfig, data=ClsDataConfig, optim=OptimConfig, schedule=ScheduleConfig, run=RunConfig),
     "seg": dict(model=SegModelConfig, data=SegDataConfig, optim=OptimConfig, schedule=ScheduleConfig, run=RunConfig),
+    "dit": dict(model=DiTModelConfig, data=DiTDataConfig, optim=OptimConfig, schedule=ScheduleConfig, run=RunConfig),
 }
-
-from .dit_train_config import DiTDataConfig, DiTModelConfig  # noqa: E402  (defined beside its task)
-
-SECTIONS["dit"] = dict(model=DiTModelConfig, data=DiTDataConfig, optim=OptimConfig, schedule=ScheduleConfig,
-                       run=RunConfig)
 
 
 @dataclass
