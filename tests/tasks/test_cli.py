@@ -32,8 +32,11 @@ def test_bench_writes_table_csv_and_plot(tmp_path):
     families = {r["family"] for r in rows}
     assert {"softmax", "mala", "focused_linear", "agent"} <= families
     assert {r["grid"] for r in rows} == {"12x12", "16x20"}
+    assert {"neighborhood[natten]", "neighborhood[flex]"} <= families
     for r in rows:
-        assert float(r["fwd_ms"]) > 0 and float(r["fwd_bwd_ms"]) > 0 and float(r["peak_mib"]) > 0
+        assert float(r["fwd_ms"]) > 0
+        if "[" not in r["family"]:   # peers may lack a backward (natten on CPU) or a memory probe (flex)
+            assert float(r["fwd_bwd_ms"]) > 0 and float(r["peak_mib"]) > 0
         if r["family"] == "softmax":
             assert float(r["speedup_fwd"]) == pytest.approx(1.0)
     png = (tmp_path / "bench.png").read_bytes()
