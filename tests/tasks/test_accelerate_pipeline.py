@@ -30,14 +30,6 @@ needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers")
                                         reason="diffusers' text-to-image pipeline classes need `transformers`")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _model_and_inputs(kind: str):
     model = random_transformer(kind)

@@ -16,14 +16,6 @@ from subquad.tasks.synthetic import write_classification
 from subquad.tasks.train import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread avoids oversubscription (10x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):

@@ -34,14 +34,6 @@ RECIPE = {
 TOTAL = 30                                  # 180 images, 11 micro-batches of 16 -> 5 steps of 2 per epoch, 6 epochs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _subquad(*args) -> list[str]:
     exe = shutil.which("subquad")

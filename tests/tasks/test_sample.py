@@ -18,14 +18,6 @@ from subquad.tasks.synthetic import write_classification
 from subquad.tasks.train import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train(root, out, objective: str) -> str:
     torch.set_num_threads(1)
     train(parse_config({

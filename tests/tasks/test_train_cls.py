@@ -17,14 +17,6 @@ from subquad.tasks.train import train
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_recipe(root, out, **run) -> dict:
     return {

@@ -16,14 +16,6 @@ TINY_DEIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
 TINY_SWIN = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), img_size=64, window_size=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def recipe(root, out, backbone, kwargs, head, out_indices, crop, steps) -> dict:
     return {
