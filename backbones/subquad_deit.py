@@ -14,13 +14,13 @@ Densities at 224px: NAT 0.25, radial 0.30, LLSA 0.33 of the dense attention's pa
 """
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.vision_transformer import checkpoint_filter_fn
 
+from .registry import register_variant
 from .vit import GridVisionTransformer
 
 DEIT_SIZES: dict[str, dict[str, int]] = {
@@ -81,14 +81,6 @@ def create_deit(variant: str, pretrained: bool = False, **kwargs: Any) -> GridVi
         **args)
 
 
-def _register(variant: str) -> None:
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> GridVisionTransformer:
-        return create_deit(variant, pretrained, **kwargs)
-    entrypoint.__name__ = entrypoint.__qualname__ = variant
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"{variant}: DeiT-{variant.split('_')[2].capitalize()} with {DEIT_FAMILIES[variant.split('_deit_')[0]][0]} attention."
-    setattr(sys.modules[__name__], variant, register_model(entrypoint))
-
-
 for _variant in deit_model_names():
-    _register(_variant)
+    register_variant(__name__, _variant, create_deit, f"{_variant}: DeiT-{_variant.split('_')[2].capitalize()} with "
+                                                      f"{DEIT_FAMILIES[_variant.split('_deit_')[0]][0]} attention.")

@@ -5,12 +5,12 @@
 """
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 
 from .dit import DiT
+from .registry import register_variant
 
 DIT_SIZES: dict[str, dict[str, int]] = {
     "s": dict(hidden_size=384, depth=12, num_heads=6),
@@ -31,20 +31,15 @@ default_cfgs = generate_default_cfgs({
     for name in dit_model_names()})
 
 
-def _register(variant: str) -> None:
-    size, patch = variant.split("_")[1], int(variant.split("_")[2])
-
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> DiT:
-        kwargs.pop("pretrained_cfg", None)
-        args = dict(patch_size=patch, **DIT_SIZES[size])
-        args.update(kwargs)
-        return build_model_with_cfg(DiT, variant, pretrained, kwargs_filter=("in_chans",), **args)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = variant
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"DiT-{size.upper()}/{patch} (Peebles & Xie, ICCV 2023)."
-    setattr(sys.modules[__name__], variant, register_model(entrypoint))
+def create_dit(variant: str, pretrained: bool = False, **kwargs: Any) -> DiT:
+    """Build ``dit_{size}_{patch}``; user keywords override the size's."""
+    _, size, patch = variant.split("_")
+    kwargs.pop("pretrained_cfg", None)
+    args = dict(patch_size=int(patch), **DIT_SIZES[size])
+    args.update(kwargs)
+    return build_model_with_cfg(DiT, variant, pretrained, kwargs_filter=("in_chans",), **args)
 
 
 for _variant in dit_model_names():
-    _register(_variant)
+    register_variant(__name__, _variant, create_dit,
+                     f"DiT-{_variant.split('_')[1].upper()}/{_variant.split('_')[2]} (Peebles & Xie, ICCV 2023).")

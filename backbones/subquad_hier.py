@@ -9,13 +9,13 @@ choices, and ``attn_kwargs={family: options}`` sets the rest.
 """
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 
 from .hierarchical import HierarchicalTransformer, check_converted, create_hierarchical, hierarchical_cfg
+from .registry import register_variant
 from .subquad_swin import SWIN_SIZES
 
 
@@ -29,18 +29,12 @@ default_cfgs = generate_default_cfgs({f"subquad_hier_{size}": hierarchical_cfg(l
                                       for size in SWIN_SIZES})
 
 
-def _register(size: str) -> None:
-    variant = f"subquad_hier_{size}"
-
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
-        args = dict(stem="patch", downsample="merge", mlp_ratios=4., attn="window", **SWIN_SIZES[size])
-        return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
-
-    entrypoint.__name__ = entrypoint.__qualname__ = variant
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"Swin-{size[0].upper()} layout with any attention family (attn=...)."
-    setattr(sys.modules[__name__], variant, register_model(entrypoint))
+def create_hier(variant: str, pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+    """Build ``subquad_hier_{size}``; user keywords (``attn``, ``attn_kwargs``, ...) override."""
+    args = dict(stem="patch", downsample="merge", mlp_ratios=4., attn="window", **SWIN_SIZES[variant.split("_")[-1]])
+    return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
 
 
 for _size in SWIN_SIZES:
-    _register(_size)
+    register_variant(__name__, f"subquad_hier_{_size}", create_hier,
+                     f"Swin-{_size[0].upper()} layout with any attention family (attn=...).")

@@ -10,13 +10,13 @@ before pooling.
 """
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 
 from .hierarchical import HierarchicalTransformer, check_converted, create_hierarchical, hierarchical_cfg, rename_keys
+from .registry import register_variant
 
 MAVIT_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8),
@@ -88,19 +88,13 @@ default_cfgs = generate_default_cfgs({
     for size in MAVIT_SIZES})
 
 
-def _register(size: str) -> None:
-    variant = f"mavit_{size}"
-
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
-        depths = kwargs.get("depths", MAVIT_SIZES[size]["depths"])
-        args = dict(MAVIT_ARGS, **MAVIT_SIZES[size], attn=mavit_attention(depths))
-        return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
-
-    entrypoint.__name__ = entrypoint.__qualname__ = variant
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"MALA's MAViT-{size[0].upper()} at 224x224."
-    setattr(sys.modules[__name__], variant, register_model(entrypoint))
+def create_mavit(variant: str, pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+    """Build ``mavit_{size}``; user keywords override (changed ``depths`` keep the MALA/softmax split by stage)."""
+    size = variant.split("_")[1]
+    depths = kwargs.get("depths", MAVIT_SIZES[size]["depths"])
+    args = dict(MAVIT_ARGS, **MAVIT_SIZES[size], attn=mavit_attention(depths))
+    return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
 
 
 for _size in MAVIT_SIZES:
-    _register(_size)
+    register_variant(__name__, f"mavit_{_size}", create_mavit, f"MALA's MAViT-{_size[0].upper()} at 224x224.")

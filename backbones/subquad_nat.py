@@ -9,13 +9,13 @@ Layer scale 1e-5 in NAT-S/B and DiNAT-B.
 """
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 
 from .hierarchical import HierarchicalTransformer, check_converted, create_hierarchical, hierarchical_cfg, rename_keys
+from .registry import register_variant
 
 KERNEL_SIZE = 7
 DILATION = (8, 4, 2, 1)   # DiNAT's odd blocks, per stage: stage side at 224x224 // KERNEL_SIZE
@@ -76,20 +76,16 @@ default_cfgs = generate_default_cfgs({
     for name in _model_names()})
 
 
-def _register(variant: str) -> None:
+def create_nat(variant: str, pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+    """Build ``{nat,dinat}_{size}``; user keywords override (changed ``depths`` keep DiNAT's alternation)."""
     family, size = variant.split("_")
-
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
-        depths = kwargs.get("depths", NAT_SIZES[size]["depths"])
-        args = dict(stem="conv", downsample="conv", layer_scale=LAYER_SCALE[family][size], **NAT_SIZES[size],
-                    attn=nat_attention(family, depths))
-        return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
-
-    entrypoint.__name__ = entrypoint.__qualname__ = variant
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"{PAPERS[family][1]}: {PAPERS[family][0]}-{size.capitalize()} at 224x224."
-    setattr(sys.modules[__name__], variant, register_model(entrypoint))
+    depths = kwargs.get("depths", NAT_SIZES[size]["depths"])
+    args = dict(stem="conv", downsample="conv", layer_scale=LAYER_SCALE[family][size], **NAT_SIZES[size],
+                attn=nat_attention(family, depths))
+    return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
 
 
 for _variant in _model_names():
-    _register(_variant)
+    _family, _size = _variant.split("_")
+    register_variant(__name__, _variant, create_nat,
+                     f"{PAPERS[_family][1]}: {PAPERS[_family][0]}-{_size.capitalize()} at 224x224.")

@@ -10,13 +10,13 @@ FLatten: focusing factor 3, 5x5 DWC, a positional encoding on K.
 """
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 
 from .hierarchical import HierarchicalTransformer, check_converted, create_hierarchical, hierarchical_cfg, rename_keys
+from .registry import register_variant
 
 PVT_DEPTHS: dict[str, tuple[int, ...]] = {
     "tiny": (2, 2, 2, 2), "small": (3, 4, 6, 3), "medium": (3, 4, 18, 3), "large": (3, 8, 27, 3)}
@@ -76,20 +76,16 @@ default_cfgs = generate_default_cfgs({
     for name in _model_names()})
 
 
-def _register(variant: str) -> None:
+def create_pvt(variant: str, pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+    """Build ``{agent,flatten}_pvt_{size}``; user keywords override."""
     family, _, size = variant.split("_")
     name, options, drop_paths = FAMILIES[family]
-
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
-        args = dict(PVT_ARGS, depths=PVT_DEPTHS[size], drop_path_rate=drop_paths[size], attn=name,
-                    attn_kwargs={name: options})
-        return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
-
-    entrypoint.__name__ = entrypoint.__qualname__ = variant
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"{PAPERS[family][0]}: {family.capitalize()}-PVT-{size[0].upper()} at 224x224."
-    setattr(sys.modules[__name__], variant, register_model(entrypoint))
+    args = dict(PVT_ARGS, depths=PVT_DEPTHS[size], drop_path_rate=drop_paths[size], attn=name,
+                attn_kwargs={name: options})
+    return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
 
 
 for _variant in _model_names():
-    _register(_variant)
+    _family, _, _size = _variant.split("_")
+    register_variant(__name__, _variant, create_pvt,
+                     f"{PAPERS[_family][0]}: {_family.capitalize()}-PVT-{_size[0].upper()} at 224x224.")

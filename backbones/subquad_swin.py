@@ -11,13 +11,13 @@ Global attention stays global at other input sizes (the maps are resized).
 """
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 
 from .hierarchical import HierarchicalTransformer, check_converted, create_hierarchical, hierarchical_cfg, rename_keys
+from .registry import register_variant
 
 SWIN_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
@@ -74,20 +74,17 @@ default_cfgs = generate_default_cfgs({
     for name in _model_names()})
 
 
-def _register(variant: str) -> None:
+def create_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+    """Build ``{agent,flatten}_swin_{size}_patch4_window7_224``; user keywords override (changed ``depths``
+    keep the paper's attention in the leading blocks of each stage)."""
     family, _, size = variant.split("_")[:3]
-
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
-        depths = kwargs.get("depths", SWIN_SIZES[size]["depths"])
-        args = dict(stem="patch", downsample="merge", mlp_ratios=4., **SWIN_SIZES[size],
-                    **swin_attention(family, size, depths))
-        return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
-
-    entrypoint.__name__ = entrypoint.__qualname__ = variant
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"{PAPERS[family][0]}: {family.capitalize()}-Swin-{size[0].upper()} at 224x224."
-    setattr(sys.modules[__name__], variant, register_model(entrypoint))
+    depths = kwargs.get("depths", SWIN_SIZES[size]["depths"])
+    args = dict(stem="patch", downsample="merge", mlp_ratios=4., **SWIN_SIZES[size],
+                **swin_attention(family, size, depths))
+    return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
 
 
 for _variant in _model_names():
-    _register(_variant)
+    _family, _, _size = _variant.split("_")[:3]
+    register_variant(__name__, _variant, create_swin,
+                     f"{PAPERS[_family][0]}: {_family.capitalize()}-Swin-{_size[0].upper()} at 224x224.")
