@@ -152,7 +152,8 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Each grid token attends to the ``kernel_size`` x ``kernel_size`` window around it (every
     ``dilation``-th token), shifted inward at borders, plus the prefix tokens; prefix queries attend
     to everything. ``rpb``: None or NAT's relative position bias (heads, 2k-1, 2k-1). Backends:
-    ``reference`` (O(N k^2) memory), ``natten`` (the natten package, no rpb), ``flex`` (FlexAttention).
+    ``reference`` (O(N k^2) memory), ``natten`` (the natten package, no rpb), ``flex`` (FlexAttention),
+    ``triton`` (fused forward and backward, the default on CUDA).
     """
     grid = checks.check_self_attention(q, k, v, grid, num_prefix, "neighborhood_attention")
     grid = checks.check_image_grid(grid, "neighborhood_attention")
@@ -247,3 +248,5 @@ else:                   # imported outside the try, so that an error in these mo
     register_backend("agent_attention", "triton", agent_attention_triton)
     register_backend("focused_linear_attention", "triton", focused_linear_attention_triton)
     register_backend("mala_attention", "triton", mala_attention_triton)
+    from .triton.neighborhood import neighborhood_attention_triton
+    register_backend("neighborhood_attention", "triton", neighborhood_attention_triton)

@@ -17,51 +17,14 @@ import triton
 import triton.language as tl
 
 from ..reference.block_sparse import num_tiles, transpose_csr
+from ._flash import LOG2E as _LOG2E
+from ._flash import delta_kernel as _delta_kernel
+from ._flash import dkdv_step, dq_step, load_row_stats, softmax_finish, softmax_step
+from ._flash import dot as _dot
+from ._flash import load_block as _load_block
+from ._flash import store_block as _store_block
 
-_LOG2E = tl.constexpr(1.4426950408889634)
-_INTERPRET = tl.constexpr(triton.knobs.runtime.interpret)
 PREFIX_CHUNK = 16       # query tiles per program in the prefix keys' dK/dV (partial sums, added with torch)
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    if _INTERPRET:
-        if a.dtype == tl.bfloat16:      # the CPU interpreter would multiply bfloat16's raw bits
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _load_block(ptrs, rows, row_limit, cols, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                CHECK_ROWS: tl.constexpr):
-    """A (rows, BLOCK_D) block, zero outside [0, row_limit) x [0, HEAD_DIM)."""
-    if CHECK_ROWS:
-        if BLOCK_D == HEAD_DIM:
-            x = tl.load(ptrs, mask=rows[:, None] < row_limit, other=0.0)
-        else:
-            x = tl.load(ptrs, mask=(rows[:, None] < row_limit) & (cols[None, :] < HEAD_DIM), other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
-    return x
-
-
-@triton.jit
-def _store_block(ptrs, x, rows, row_limit, cols, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 CHECK_ROWS: tl.constexpr):
-    if CHECK_ROWS:
-        if BLOCK_D == HEAD_DIM:
-            tl.store(ptrs, x, mask=rows[:, None] < row_limit)
-        else:
-            tl.store(ptrs, x, mask=(rows[:, None] < row_limit) & (cols[None, :] < HEAD_DIM))
-    else:
-        if BLOCK_D == HEAD_DIM:
-            tl.store(ptrs, x)
-        else:
-            tl.store(ptrs, x, mask=cols[None, :] < HEAD_DIM)
 
 
 @triton.jit
@@ -108,14 +71,7 @@ def _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start, key_limit, mask
     s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
     s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                      HAS_MASK, HAS_BIAS, CHECK_K, False)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # a row that has seen only -inf keeps a finite reference point so that exp2 gives 0, not NaN
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_ref)
-    p = tl.math.exp2(s - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
-    return acc, m_new, l_i
+    return softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
 
 
 @triton.jit
@@ -154,43 +110,13 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias,
                                   qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, HAS_MASK,
                                   HAS_BIAS,
                                   CHECK_K, DOT_PRECISION)
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out, lse = softmax_finish(acc, m_i, l_i)
     _store_block(O + b * sob + h * soh + rows[:, None] * son + cols[None, :], out.to(O.dtype.element_ty),
                  rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
-    lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf"))
     if CHECK_Q:
         tl.store(LSE + bh * Nq + rows, lse, mask=rows < Nq)
     else:
         tl.store(LSE + bh * Nq + rows, lse)
-
-
-@triton.jit
-def _delta_kernel(O, DO, Delta, sob, soh, son, sdb, sdh, sdn, H, Nq,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    o = _load_block(O + b * sob + h * soh + rows[:, None] * son + cols[None, :], rows, Nq, cols,
-                    HEAD_DIM, BLOCK_D, True)
-    do = _load_block(DO + b * sdb + h * sdh + rows[:, None] * sdn + cols[None, :], rows, Nq, cols,
-                     HEAD_DIM, BLOCK_D, True)
-    tl.store(Delta + bh * Nq + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < Nq)
-
-
-@triton.jit
-def _load_row_stats(LSE, Delta, rows, Nq, CHECK_Q: tl.constexpr):
-    """Log-sum-exp (+inf for a query that attends nothing, so its probabilities are 0) and delta."""
-    if CHECK_Q:
-        lse = tl.load(LSE + rows, mask=rows < Nq, other=float("inf"))
-        delta = tl.load(Delta + rows, mask=rows < Nq, other=0.0)
-    else:
-        lse = tl.load(LSE + rows)
-        delta = tl.load(Delta + rows)
-    return tl.where(lse == float("-inf"), float("inf"), lse), delta
 
 
 @triton.jit
@@ -242,15 +168,11 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, Til
         rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
         q = _load_block(Q + rows[:, None] * sqn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
         do = _load_block(DO + rows[:, None] * sdn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
-        lse, delta = _load_row_stats(LSE, Delta, rows, Nq, CHECK_Q)
+        lse, delta = load_row_stats(LSE, Delta, rows, rows < Nq)
         s_t = _dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
         s_t = _mask_scores(s_t, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                            HAS_MASK, HAS_BIAS, CHECK_K, True)
-        p_t = tl.math.exp2(s_t - lse[None, :])
-        dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
-        dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+        dk, dv, _ = dkdv_step(dk, dv, s_t, lse, delta, q, do, v, DOT_PRECISION)
     dk *= sm_scale
     if PREFIX:
         # partials (num_chunks, B*H, prefix blocks * BLOCK_N, BLOCK_D): always in bounds
@@ -277,10 +199,7 @@ def _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start, key_limi
     s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
     s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                      HAS_MASK, HAS_BIAS, CHECK_K, False)
-    p = tl.math.exp2(s - lse[:, None])
-    dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    return _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
+    return dq_step(dq, s, lse, delta, do, k, v, DOT_PRECISION)[0]
 
 
 @triton.jit
@@ -299,7 +218,7 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMask
                     HEAD_DIM, BLOCK_D, CHECK_Q)
     do = _load_block(DO + b * sdb + h * sdh + rows[:, None] * sdn + cols[None, :], rows, Nq, cols,
                      HEAD_DIM, BLOCK_D, CHECK_Q)
-    lse, delta = _load_row_stats(LSE + bh * Nq, Delta + bh * Nq, rows, Nq, CHECK_Q)
+    lse, delta = load_row_stats(LSE + bh * Nq, Delta + bh * Nq, rows, rows < Nq)
     K += b * skb + h * skh
     V += b * svb + h * svh
     KeyBias += b * sbb + h * sbh
