@@ -16,6 +16,9 @@ from .registry import register
 class FocusedLinearAttention(GridAttention):
     """O = phi_p(Q) (phi_p(K)^T V) / (phi_p(Q) sum_j phi_p(k_j)) + DWC(V)  (Eq. 3-7).
 
+    phi_p's norms span the whole token (all ``dim`` channels, every head), as in the official code, which
+    applies the focused map before splitting heads; ``scale`` is its learnable s, one per channel.
+
     Options: ``focusing_factor`` p (3), ``kernel_size`` of the depthwise conv on V (5; one
     head_dim-channel conv shared by every head, as in the official code), and ``pos_grid``: if set,
     the learnable positional encoding added to K, defined on that grid and resized to the grid at

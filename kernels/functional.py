@@ -52,7 +52,8 @@ def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """Focused linear attention (FLatten, Han et al., ICCV 2023, Eq. 3-6), without its DWC term.
 
     ``scale`` is the learnable s of r = ReLU(x) / softplus(s), shape (heads, head_dim) or
-    broadcastable to it; None means no rescaling.
+    broadcastable to it; None means no rescaling. The focused map's norms run over the whole token
+    (all heads and channels of q[b, :, n, :]), as in the official code; prefix tokens are ordinary tokens.
     """
     checks.check_self_attention(q, k, v, grid, num_prefix, "focused_linear_attention")
     if focusing_factor <= 0:

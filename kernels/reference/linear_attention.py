@@ -10,7 +10,11 @@ def normalized_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: tor
     """O_i = phi(q_i) S / (phi(q_i) z),  S = sum_j phi(k_j)^T v_j,  z = sum_j phi(k_j).
 
     (FLatten Eq. 3.) Written with means over the M keys, as the official code does, so that
-    the epsilon in the normaliser is independent of M. Inputs (B, h, N, d); out in phi's dtype.
+    the epsilon in the normaliser is independent of M: O_i = phi(q_i) S / M / (phi(q_i) z / M + eps).
+    The epsilon is the official one, applied to the focused phi(q_i) itself. It is not negligible:
+    phi(q_i) carries the query's whole-token factor ||r_i|| / ||r_i^p||, which cancels between
+    numerator and denominator only up to this eps, and a head whose channels are small next to the
+    token's other heads has phi(q_i) . z / M down near eps. Inputs (B, h, N, d); out in phi's dtype.
     """
     m = phi_k.shape[-2]
     state = phi_k.transpose(-2, -1) @ (v.to(phi_k.dtype) / m)         # (B, h, d, dv)

@@ -1,6 +1,9 @@
 """Non-causal linear attention in Triton: FLatten's focused map and MALA's magnitude-aware form.
 
 Two passes over the tokens, the feature maps computed in registers and never stored:
+  (0) FLatten only: the focused map's per-token norms over the whole token (all heads' channels, as the
+      official code applies the map before splitting heads), one small (B, N) record per token of q and
+      of k: [1/m, ||r||, ||r/m||, ||(r/m)^p||], m = max(r) (a pre-pass that sees every head of a token);
   (a) state:  S = sum_j phi(k_j)^T v_j  (d x dv),  z = sum_j phi(k_j),  sum_j v_j,
       with N split across programs (fp32 partial sums packed in one buffer, then one reduction);
   (b) output, per token:
@@ -15,6 +18,12 @@ MALA: da_i = G_i beta_i, ds_i = -G_i.a_i / (s_i + eps)^2 - G_i.vbar, and the sam
 (plus dvbar = -sum_i s_i G_i). The focused map phi = ||r|| w with w = r^p / ||r^p|| and
 r = (ReLU(x) + eps) / softplus(s) has dL/dr = (g.w) r / ||r|| + p ||r|| r^(p-1) (g - (g.w) w) / ||r^p||,
 evaluated on r / max(r) (the expression is scale-free), and dL/dsoftplus(s) = -sum dL/dr r / softplus(s).
+The norms and g.w span the whole token, so g.w = sum_h phi_h . g_h / ||r|| is a cross-head reduction,
+computed before the per-head backward passes. For a query it collapses (phi . dphi = G.O eps / den per
+head): g.w = eps sum_h G_ih.O_ih / den_ih / ||r_i||, which needs the saved O and den. The query's factor
+||r_i|| / ||r_i^p|| cancels in O_i only up to the official eps, so it is kept, not dropped: a head whose
+channels are small next to its token's other heads has phi(q_i) z / M near eps. For a key,
+g.w = sum_h phi_h(k_j) . (dS_h v_j + dz_h) / M / ||r_j||, one more pass over k and v once dS is reduced.
 
 Precision: with 16-bit inputs the products run on 16-bit tensor-core operands; forward values that the
 MALA combination can cancel use hi + lo splits of the fp32 operands (about 2^-16 relative), gradient
@@ -30,8 +39,8 @@ from torch import Tensor
 from ..reference.feature_maps import FOCUSED_EPS
 from ..reference.linear_attention import LINEAR_EPS
 from ..reference.rope import rope_2d_angles
-from ._common import (dot_split, dot_split_a, dot_split_b, head_strides, launch, load_tile, num_programs_target,
-                      pad_dim, precision_flags, split_operand, split_tokens, store_tile)
+from ._common import (cdiv, dot_split, dot_split_a, dot_split_b, head_strides, launch, load_tile,
+                      num_programs_target, pad_dim, precision_flags, split_operand, split_tokens, store_tile)
 
 FOCUSED = 0      # FLatten: phi = focused map, O = phi(q) S / (phi(q) z)
 MALA = 1         # MALA: phi = ELU + 1, Y = beta phi(q) S - gamma sum v
@@ -43,6 +52,8 @@ CONFIG = {
     "output": dict(BLOCK_N=32, num_warps=4, num_stages=3, max_tiles=8),
     "bwd_q": dict(BLOCK_N=32, num_warps=8, num_stages=2),
     "bwd_k": dict(BLOCK_N=32, num_warps=8, num_stages=2),
+    "norms": dict(BLOCK_N=32, num_warps=4, num_stages=2),      # FLatten's cross-head passes without products
+    "gw_key": dict(BLOCK_N=32, num_warps=4, num_stages=2),
 }
 
 
@@ -61,23 +72,34 @@ def _power(x, p, P_INT: tl.constexpr):
 
 
 @triton.jit
-def _focused_parts(x, c, mc, p, eps, P_INT: tl.constexpr):
-    """r = (ReLU(x) + eps) / c, rn = r / max(r), rp = rn^p and the row norms ||r||, ||rn||, ||rp||."""
+def _focused_parts(x, c, mc, p, eps, inv_m, P_INT: tl.constexpr):
+    """r = (ReLU(x) + eps) / c, rn = r / m and rp = rn^p for this head's channels (m = the token's max(r))."""
     r = tl.where(mc[None, :], (tl.maximum(x, 0.0) + eps) / c[None, :], 0.0)
-    r_max = tl.max(r, axis=1)
-    rn = tl.where(mc[None, :], r / r_max[:, None], 1.0)       # 1 on padding keeps the power finite
+    rn = tl.where(mc[None, :], r * inv_m[:, None], 1.0)       # 1 on padding keeps the power finite
     rp = tl.where(mc[None, :], _power(rn, p, P_INT), 0.0)
     rn = tl.where(mc[None, :], rn, 0.0)
-    norm_r = tl.sqrt(tl.sum(r * r, axis=1))
-    norm_rn = tl.sqrt(tl.sum(rn * rn, axis=1))
-    norm_rp = tl.sqrt(tl.sum(rp * rp, axis=1))
-    return r, rn, rp, norm_r, norm_rn, norm_rp
+    return r, rn, rp
 
 
 @triton.jit
-def _feature(x, c, mc, p, eps, FEATURE: tl.constexpr, P_INT: tl.constexpr):
+def _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE: tl.constexpr):
+    """The whole-token record [1/m, ||r||, ||rn||, ||rp||] of each token (ones for MALA, unused there)."""
     if FEATURE == 0:
-        r, rn, rp, norm_r, norm_rn, norm_rp = _focused_parts(x, c, mc, p, eps, P_INT)
+        at = norms_ptr + (b * N + offs_n) * 4
+        inv_m = tl.load(at, mask=mn, other=1.0)
+        norm_r = tl.load(at + 1, mask=mn, other=1.0)
+        norm_rn = tl.load(at + 2, mask=mn, other=1.0)
+        norm_rp = tl.load(at + 3, mask=mn, other=1.0)
+    else:
+        inv_m = tl.full(offs_n.shape, 1.0, tl.float32)
+        norm_r, norm_rn, norm_rp = inv_m, inv_m, inv_m
+    return inv_m, norm_r, norm_rn, norm_rp
+
+
+@triton.jit
+def _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE: tl.constexpr, P_INT: tl.constexpr):
+    if FEATURE == 0:
+        r, rn, rp = _focused_parts(x, c, mc, p, eps, inv_m, P_INT)
         phi = rp * (norm_r / norm_rp)[:, None]
     else:
         phi = tl.where(mc[None, :], tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)
@@ -85,12 +107,12 @@ def _feature(x, c, mc, p, eps, FEATURE: tl.constexpr, P_INT: tl.constexpr):
 
 
 @triton.jit
-def _focused_backward(g, x, c, mc, p, eps, P_INT: tl.constexpr):
-    """(dL/dx, -dL/dr * r / c) for dL/dphi = g; the second summed over rows gives dL/dc."""
-    r, rn, rp, norm_r, norm_rn, norm_rp = _focused_parts(x, c, mc, p, eps, P_INT)
+def _focused_backward(g, gw, x, c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT: tl.constexpr):
+    """(dL/dx, -dL/dr * r / c) for dL/dphi = g on this head and the token's whole g.w = gw; the second
+    summed over rows gives dL/dc."""
+    r, rn, rp = _focused_parts(x, c, mc, p, eps, inv_m, P_INT)
     w = rp / norm_rp[:, None]
-    gw = tl.sum(g * w, axis=1)
-    rn_pm1 = tl.where(mc[None, :], rp / tl.where(mc[None, :], rn, 1.0), 0.0)
+    rn_pm1 = tl.where(rn > 0, rp / tl.where(rn > 0, rn, 1.0), 0.0)
     dr = (gw / norm_rn)[:, None] * rn + (norm_rn * p / norm_rp)[:, None] * rn_pm1 * (g - gw[:, None] * w)
     dx = tl.where(x > 0, dr / c[None, :], 0.0)
     return dx, -dr * r / c[None, :]
@@ -136,10 +158,115 @@ def _rotate(x, cos, sin, BLOCK_N: tl.constexpr, DP: tl.constexpr, INVERSE: tl.co
     return tl.reshape(tl.join(ye, yo), (BLOCK_N, DP))
 
 
+@triton.jit
+def _load_grad_state(grads_ptr, bh, inv_n, scale_d, FEATURE: tl.constexpr, DT: tl.constexpr, DP: tl.constexpr,
+                     DVP: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """The reduced [dS | dz | dvbar] of one head, scaled as the forward scaled S: (dS hi, dS lo, dz, dvbar)."""
+    offs_c = tl.arange(0, DP)
+    offs_v = tl.arange(0, DVP)
+    base = grads_ptr + bh * (DP * DVP + 2 * DP + DVP)
+    d_state = tl.load(base + offs_c[:, None] * DVP + offs_v[None, :])
+    if FEATURE == 0:
+        d_state = d_state * inv_n
+    else:
+        d_state = d_state * (scale_d * inv_n)
+    d_state_hi, d_state_lo = split_operand(d_state, DT, LOWP, INTERPRET)
+    d_ksum = tl.load(base + DP * DVP + offs_c) * inv_n
+    d_vsum = tl.load(base + DP * DVP + DP + offs_v) * inv_n
+    return d_state_hi, d_state_lo, d_ksum, d_vsum
+
+
 # --- kernels --------------------------------------------------------------------------------
 
 @triton.jit
-def _state_kernel(k_ptr, v_ptr, c_ptr, trig_ptr, part_ptr,
+def _token_norms_kernel(q_ptr, k_ptr, c_ptr, norms_ptr, N, H, p, eps, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn,
+                        P_INT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """FLatten's whole-token norms (Eq. 5-6 over all C = H * D channels) of a tile of tokens of q
+    (program_id(2) = 0) or k (1): [1/m, ||r||, ||r/m||, ||(r/m)^p||] with m = max(r), in one pass over the
+    heads; the running sums are rescaled whenever m grows, as an online softmax rescales its sum."""
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    which = tl.program_id(2)
+    mn = offs_n < N
+    offs_c = tl.arange(0, DP)
+    mc = offs_c < D
+    if which == 0:
+        x_base, s_h, s_n = q_ptr + b * s_qb, s_qh, s_qn
+    else:
+        x_base, s_h, s_n = k_ptr + b * s_kb, s_kh, s_kn
+    m = tl.zeros((BLOCK_N,), tl.float32)
+    sum_rn = tl.zeros((BLOCK_N,), tl.float32)
+    sum_rp = tl.zeros((BLOCK_N,), tl.float32)
+    for h in range(H):
+        c = tl.load(c_ptr + h * D + offs_c, mask=mc, other=1.0)
+        x = load_tile(x_base + h * s_h, offs_n, offs_c, s_n, mn, mc).to(tl.float32)
+        r = tl.where(mc[None, :], (tl.maximum(x, 0.0) + eps) / c[None, :], 0.0)
+        m_new = tl.maximum(m, tl.max(r, axis=1))
+        alpha = tl.where(m > 0, m / m_new, 1.0)        # m = 0 before the first head, when the sums are 0 too
+        alpha_p = _power(alpha, p, P_INT)
+        rn = tl.where(mc[None, :], r / m_new[:, None], 1.0)
+        rp = tl.where(mc[None, :], _power(rn, p, P_INT), 0.0)
+        rn = tl.where(mc[None, :], rn, 0.0)
+        sum_rn = sum_rn * (alpha * alpha) + tl.sum(rn * rn, axis=1)
+        sum_rp = sum_rp * (alpha_p * alpha_p) + tl.sum(rp * rp, axis=1)
+        m = m_new
+    norm_rn = tl.sqrt(sum_rn)
+    at = norms_ptr + ((which * tl.num_programs(0) + b) * N + offs_n) * 4
+    tl.store(at, 1.0 / m, mask=mn)
+    tl.store(at + 1, m * norm_rn, mask=mn)
+    tl.store(at + 2, norm_rn, mask=mn)
+    tl.store(at + 3, tl.sqrt(sum_rp), mask=mn)
+
+
+@triton.jit
+def _query_gw_kernel(g_ptr, o_ptr, den_ptr, norms_ptr, gw_ptr, N, H, lin_eps, s_gb, s_gh, s_gn, s_ob, s_oh, s_on,
+                     DV: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """g.w of a tile of queries over all heads: phi(q_i) . dL/dphi(q_i) / ||r_i||, which for O = num / den
+    (den = phi . z / M + eps) collapses to eps sum_h G_ih . O_ih / den_ih / ||r_i||."""
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < N
+    offs_v = tl.arange(0, DVP)
+    mv = offs_v < DV
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for h in range(H):
+        g = load_tile(g_ptr + b * s_gb + h * s_gh, offs_n, offs_v, s_gn, mn, mv).to(tl.float32)
+        o = load_tile(o_ptr + b * s_ob + h * s_oh, offs_n, offs_v, s_on, mn, mv).to(tl.float32)
+        den = tl.load(den_ptr + (b * H + h) * N + offs_n, mask=mn, other=1.0)
+        acc += tl.sum(g * o, axis=1) / den
+    norm_r = tl.load(norms_ptr + (b * N + offs_n) * 4 + 1, mask=mn, other=1.0)
+    tl.store(gw_ptr + b * N + offs_n, lin_eps * acc / norm_r, mask=mn)
+
+
+@triton.jit
+def _key_gw_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, grads_ptr, gw_ptr, N, H, p, eps, inv_n,
+                   s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, P_INT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                   DP: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    """g.w of a tile of keys over all heads: sum_h phi_h(k_j) . (dS_h v_j + dz_h) / M / ||r_j||."""
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < N
+    DT = k_ptr.dtype.element_ty
+    offs_c = tl.arange(0, DP)
+    offs_v = tl.arange(0, DVP)
+    mc, mv = offs_c < D, offs_v < DV
+    inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, 0)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for h in range(H):
+        c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
+        d_state_hi, d_state_lo, d_ksum, d_vsum = _load_grad_state(grads_ptr, b * H + h, inv_n, 1.0, 0, DT, DP, DVP,
+                                                                  LOWP, INTERPRET)
+        x = load_tile(k_ptr + b * s_kb + h * s_kh, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
+        vt = load_tile(v_ptr + b * s_vb + h * s_vh, offs_n, offs_v, s_vn, mn, mv)
+        phi = _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, 0, P_INT)
+        d_phi = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP, INTERPRET) + d_ksum[None, :]
+        acc += tl.sum(phi * d_phi, axis=1)
+    tl.store(gw_ptr + b * N + offs_n, acc / norm_r, mask=mn)
+
+
+@triton.jit
+def _state_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, trig_ptr, part_ptr,
                   N, H, chunk, p, eps, num_prefix, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                   FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
                   D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
@@ -166,7 +293,8 @@ def _state_kernel(k_ptr, v_ptr, c_ptr, trig_ptr, part_ptr,
         mn = offs_n < hi
         x = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
         vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
-        phi = tl.where(mn[:, None], _feature(x, c, mc, p, eps, FEATURE, P_INT), 0.0)
+        inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE)
+        phi = tl.where(mn[:, None], _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT), 0.0)
         ksum += phi
         if FEATURE == 1:
             vsum += vt.to(tl.float32)
@@ -181,13 +309,14 @@ def _state_kernel(k_ptr, v_ptr, c_ptr, trig_ptr, part_ptr,
 
 
 @triton.jit
-def _output_kernel(q_ptr, c_ptr, trig_ptr, state_ptr, o_ptr,
+def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
                    N, H, chunk, p, eps, num_prefix, grid_h, grid_w, inv_n, scale_d, lin_eps,
                    s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
                    FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
                    D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
                    BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
-    """O for one chunk of queries from the reduced state (FLatten's or MALA's combination)."""
+    """O for one chunk of queries from the reduced state (FLatten's or MALA's combination); FLatten also
+    keeps its normaliser den (B*h, N) for the backward's g.w."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     DT = q_ptr.dtype.element_ty
@@ -212,10 +341,12 @@ def _output_kernel(q_ptr, c_ptr, trig_ptr, state_ptr, o_ptr,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
         x = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc).to(tl.float32)
-        phi = _feature(x, c, mc, p, eps, FEATURE, P_INT)
+        inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE)
+        phi = _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT)
         if FEATURE == 0:
             den = tl.sum(phi * kbar[None, :], axis=1) + lin_eps
             out = dot_split(phi, state_hi, state_lo, DT, LOWP, INTERPRET) / den[:, None]
+            tl.store(den_ptr + bh * N + offs_n, den, mask=mn)
         else:
             s = tl.sum(phi * kbar[None, :], axis=1) * scale_d
             if ROPE:
@@ -227,13 +358,14 @@ def _output_kernel(q_ptr, c_ptr, trig_ptr, state_ptr, o_ptr,
 
 
 @triton.jit
-def _backward_q_kernel(q_ptr, do_ptr, c_ptr, trig_ptr, state_ptr, dq_ptr, part_ptr,
+def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_ptr, dq_ptr, part_ptr,
                        N, H, chunk, p, eps, num_prefix, grid_h, grid_w, inv_n, scale_d, lin_eps,
                        s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_db, s_dh, s_dn,
                        FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
                        D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
                        BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
-    """Query side: dq, and partial [dS (d x dv) | dz (d) | dvbar (dv) | dc (d)] over one chunk."""
+    """Query side: dq (FLatten: with the per-token g.w of _query_gw_kernel), and partial
+    [dS (d x dv) | dz (d) | dvbar (dv) | dc (d)] over one chunk."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -265,7 +397,8 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, trig_ptr, state_ptr, dq_ptr, part_p
         mn = offs_n < hi
         x = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc).to(tl.float32)
         g = load_tile(g_base, offs_n, offs_v, s_gn, mn, mv).to(tl.float32)
-        phi = tl.where(mn[:, None], _feature(x, c, mc, p, eps, FEATURE, P_INT), 0.0)
+        inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE)
+        phi = tl.where(mn[:, None], _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT), 0.0)
         if FEATURE == 0:
             den = tl.sum(phi * kbar[None, :], axis=1) + lin_eps
             out = dot_split(phi, state_hi, state_lo, DT, LOWP, INTERPRET) / den[:, None]
@@ -276,7 +409,8 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, trig_ptr, state_ptr, dq_ptr, part_p
             d_num_hi, d_num_lo = split_operand(d_num, DT, LOWP, INTERPRET)
             acc_state += dot_split(tl.trans(phi), d_num_hi, d_num_lo, DT, LOWP, INTERPRET)
             acc_k += d_den[:, None] * phi
-            dx, dc = _focused_backward(d_phi, x, c, mc, p, eps, P_INT)
+            gw = tl.load(gw_ptr + b * N + offs_n, mask=mn, other=0.0)
+            dx, dc = _focused_backward(d_phi, gw, x, c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT)
             acc_c += tl.where(mn[:, None], dc, 0.0)
         else:
             s = tl.sum(phi * kbar[None, :], axis=1) * scale_d
@@ -309,13 +443,14 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, trig_ptr, state_ptr, dq_ptr, part_p
 
 
 @triton.jit
-def _backward_k_kernel(k_ptr, v_ptr, c_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr, dc_ptr,
+def _backward_k_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr, dc_ptr,
                        N, H, chunk, p, eps, num_prefix, grid_h, grid_w, inv_n, scale_d,
                        s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
                        FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
                        D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
                        BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
-    """Key side: dk, dv from the reduced [dS | dz | dvbar]; for FLatten a partial dc over the chunk."""
+    """Key side: dk, dv from the reduced [dS | dz | dvbar] (and FLatten's per-token g.w); for FLatten a
+    partial dc over the chunk."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -324,15 +459,8 @@ def _backward_k_kernel(k_ptr, v_ptr, c_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr,
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
     c = _load_scale(c_ptr, h, offs_c, mc, D, DP, FEATURE)
-    base = grads_ptr + bh * (DP * DVP + 2 * DP + DVP)
-    d_state = tl.load(base + offs_c[:, None] * DVP + offs_v[None, :])
-    if FEATURE == 0:
-        d_state = d_state * inv_n
-    else:
-        d_state = d_state * (scale_d * inv_n)
-    d_state_hi, d_state_lo = split_operand(d_state, DT, LOWP, INTERPRET)
-    d_ksum = tl.load(base + DP * DVP + offs_c) * inv_n
-    d_vsum = tl.load(base + DP * DVP + DP + offs_v) * inv_n
+    d_state_hi, d_state_lo, d_ksum, d_vsum = _load_grad_state(grads_ptr, bh, inv_n, scale_d, FEATURE, DT, DP, DVP,
+                                                              LOWP, INTERPRET)
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
     dk_base = dk_ptr + b * s_dkb + h * s_dkh
@@ -345,7 +473,8 @@ def _backward_k_kernel(k_ptr, v_ptr, c_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr,
         mn = offs_n < hi
         x = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
         vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
-        phi = _feature(x, c, mc, p, eps, FEATURE, P_INT)
+        inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE)
+        phi = _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT)
         d_rot = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP, INTERPRET)
         rot = phi
         if ROPE:
@@ -355,7 +484,8 @@ def _backward_k_kernel(k_ptr, v_ptr, c_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr,
         d_phi = d_rot + d_ksum[None, :]
         dv = dot_split(rot, d_state_hi, d_state_lo, DT, LOWP, INTERPRET) + d_vsum[None, :]
         if FEATURE == 0:
-            dx, dc = _focused_backward(d_phi, x, c, mc, p, eps, P_INT)
+            gw = tl.load(gw_ptr + b * N + offs_n, mask=mn, other=0.0)
+            dx, dc = _focused_backward(d_phi, gw, x, c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT)
             acc_c += tl.where(mn[:, None], dc, 0.0)
         else:
             dx = d_phi * tl.where(x > 0, 1.0, phi)
@@ -409,57 +539,102 @@ def _launch_opts(cfg: dict, lowp: bool) -> dict:
                 num_stages=cfg["num_stages"])
 
 
+def _whole_token_norms(q: Tensor, k: Tensor, c: Tensor, p: float, meta: dict) -> Tensor:
+    """(2, B, N, 4) float32: the [1/m, ||r||, ||r/m||, ||(r/m)^p||] record of every token of q, then of k."""
+    b, h, n, _ = q.shape
+    (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn) = head_strides(q), head_strides(k)
+    norms = q.new_empty(2, b, n, 4, dtype=torch.float32)
+    cfg = CONFIG["norms"]
+    launch(_token_norms_kernel, (b, cdiv(n, cfg["BLOCK_N"]), 2), q, k, c, norms, n, h, float(p), FOCUSED_EPS,
+           s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, P_INT=meta["P_INT"], D=meta["D"], DP=meta["DP"], **cfg)
+    return norms
+
+
 def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature: int, p: float,
-                             num_prefix: int, rope_h: int, rope_w: int) -> Tuple[Tensor, Tensor]:
-    """(O, state): state (B*h, DP*DVP + DP + DVP) fp32 = [S | sum phi(k) | sum v] per head, unnormalised."""
+                             num_prefix: int, rope_h: int, rope_w: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(O, state, norms, den): state (B*h, DP*DVP + DP + DVP) fp32 = [S | sum phi(k) | sum v] per head,
+    unnormalised; FLatten's whole-token norms (2, B, N, 4) and normaliser den (B*h, N), empty for MALA."""
     b, h, n, d = q.shape
     dv = v.shape[-1]
-    (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn) = map(head_strides, (q, k, v))
     meta, trig = _meta(q, v, feature, p, rope_h, rope_w)
     dp, dvp = meta["DP"], meta["DVP"]
+    focused = feature == FOCUSED
+    norms = _whole_token_norms(q, k, c, p, meta) if focused else q.new_empty(0, dtype=torch.float32)
+    den = q.new_empty(b * h, n if focused else 0, dtype=torch.float32)
+    norms_q, norms_k = (norms[0], norms[1]) if focused else (q, q)
+    (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn) = map(head_strides, (q, k, v))
     cfg = CONFIG["state"]
     splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], num_programs_target(q.device))
     part = q.new_empty(b * h, splits, dp * dvp + dp + dvp, dtype=torch.float32)
-    launch(_state_kernel, (b * h, splits), k, v, c, trig, part, n, h, chunk, float(p), FOCUSED_EPS, num_prefix,
-           rope_h, rope_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, **meta, **_launch_opts(cfg, meta["LOWP"]))
+    launch(_state_kernel, (b * h, splits), k, v, c, norms_k, trig, part, n, h, chunk, float(p), FOCUSED_EPS,
+           num_prefix, rope_h, rope_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, **meta, **_launch_opts(cfg, meta["LOWP"]))
     state = part.sum(1)
     out = q.new_empty(b, h, n, dv)
     cfg = CONFIG["output"]
     splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], 2 * num_programs_target(q.device), cfg["max_tiles"])
-    launch(_output_kernel, (b * h, splits), q, c, trig, state, out, n, h, chunk, float(p), FOCUSED_EPS, num_prefix,
-           rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS, s_qb, s_qh, s_qn, out.stride(0), out.stride(1),
-           out.stride(2), **meta, **_launch_opts(cfg, meta["LOWP"]))
-    return out, state
+    launch(_output_kernel, (b * h, splits), q, c, norms_q, trig, state, out, den if focused else q, n, h, chunk,
+           float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS, s_qb, s_qh, s_qn,
+           out.stride(0), out.stride(1), out.stride(2), **meta, **_launch_opts(cfg, meta["LOWP"]))
+    return out, state, norms, den
 
 
-def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, state: Tensor,
-                              feature: int, p: float, num_prefix: int, rope_h: int, rope_w: int
-                              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dc): dc (h, d) float32 for FLatten, an empty tensor for MALA (no scale)."""
+def _whole_token_gw_query(grad: Tensor, out: Tensor, den: Tensor, norms_q: Tensor, meta: dict) -> Tensor:
+    """(B, N) float32 g.w of the queries (see _query_gw_kernel)."""
+    b, h, n, dv = grad.shape
+    (grad, s_gb, s_gh, s_gn), (out, s_ob, s_oh, s_on) = head_strides(grad), head_strides(out)
+    gw = grad.new_empty(b, n, dtype=torch.float32)
+    cfg = CONFIG["norms"]
+    launch(_query_gw_kernel, (b, cdiv(n, cfg["BLOCK_N"])), grad, out, den, norms_q, gw, n, h, LINEAR_EPS,
+           s_gb, s_gh, s_gn, s_ob, s_oh, s_on, DV=meta["DV"], DVP=meta["DVP"], **cfg)
+    return gw
+
+
+def _whole_token_gw_key(k: Tensor, v: Tensor, c: Tensor, norms_k: Tensor, grads: Tensor, p: float,
+                        meta: dict) -> Tensor:
+    """(B, N) float32 g.w of the keys (see _key_gw_kernel), from the reduced [dS | dz | dvbar]."""
+    b, h, n, _ = k.shape
+    (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn) = head_strides(k), head_strides(v)
+    gw = k.new_empty(b, n, dtype=torch.float32)
+    cfg = _launch_opts(CONFIG["gw_key"], meta["LOWP"])
+    launch(_key_gw_kernel, (b, cdiv(n, cfg["BLOCK_N"])), k, v, c, norms_k, grads, gw, n, h, float(p), FOCUSED_EPS,
+           1.0 / n, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, P_INT=meta["P_INT"], D=meta["D"], DV=meta["DV"],
+           DP=meta["DP"], DVP=meta["DVP"], LOWP=meta["LOWP"], INTERPRET=meta["INTERPRET"], **cfg)
+    return gw
+
+
+def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, out: Tensor, state: Tensor,
+                              norms: Tensor, den: Tensor, feature: int, p: float, num_prefix: int, rope_h: int,
+                              rope_w: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dc): dc (h, d) float32 for FLatten, an empty tensor for MALA (no scale). ``out``,
+    ``norms`` and ``den`` are FLatten's (empty for MALA)."""
     b, h, n, d = q.shape
-    (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn), (grad, s_gb, s_gh, s_gn) = map(
-        head_strides, (q, k, v, grad))
     meta, trig = _meta(q, v, feature, p, rope_h, rope_w)
     dp, dvp = meta["DP"], meta["DVP"]
+    focused = feature == FOCUSED
+    norms_q, norms_k = (norms[0], norms[1]) if focused else (q, q)
+    gw_q = _whole_token_gw_query(grad, out, den, norms_q, meta) if focused else q
+    (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn), (grad, s_gb, s_gh, s_gn) = map(
+        head_strides, (q, k, v, grad))
     target = num_programs_target(q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     cfg = CONFIG["bwd_q"]
     splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], target)
     part = q.new_empty(b * h, splits, dp * dvp + 2 * dp + dvp, dtype=torch.float32)
-    launch(_backward_q_kernel, (b * h, splits), q, grad, c, trig, state, dq, part, n, h, chunk, float(p),
-           FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS, s_qb, s_qh, s_qn,
+    launch(_backward_q_kernel, (b * h, splits), q, grad, c, norms_q, gw_q, trig, state, dq, part, n, h, chunk,
+           float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS, s_qb, s_qh, s_qn,
            s_gb, s_gh, s_gn, dq.stride(0), dq.stride(1), dq.stride(2), **meta, **_launch_opts(cfg, meta["LOWP"]))
     grads = part.sum(1)
 
+    gw_k = _whole_token_gw_key(k, v, c, norms_k, grads, p, meta) if focused else q
     cfg = CONFIG["bwd_k"]
     splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], target)
-    part_c = q.new_empty(b * h, splits, dp, dtype=torch.float32) if feature == FOCUSED else q
-    launch(_backward_k_kernel, (b * h, splits), k, v, c, trig, grads, dk, dv, part_c, n, h, chunk, float(p),
-           FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+    part_c = q.new_empty(b * h, splits, dp, dtype=torch.float32) if focused else q
+    launch(_backward_k_kernel, (b * h, splits), k, v, c, norms_k, gw_k, trig, grads, dk, dv, part_c, n, h, chunk,
+           float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), **meta,
            **_launch_opts(cfg, meta["LOWP"]))
-    if feature != FOCUSED:
+    if not focused:
         return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
     dc = grads[:, dp * dvp + dp + dvp:] + part_c.sum(1)
     return dq, dk, dv, dc.reshape(b, h, dp).sum(0)[:, :d]
@@ -469,7 +644,7 @@ def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: 
 
 @torch.library.custom_op("subquad::linear_attention", mutates_args=())
 def _linear_attention_op(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature: int, p: float,
-                         num_prefix: int, rope_h: int, rope_w: int) -> Tuple[Tensor, Tensor]:
+                         num_prefix: int, rope_h: int, rope_w: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return linear_attention_forward(q, k, v, c, feature, p, num_prefix, rope_h, rope_w)
 
 
@@ -477,18 +652,22 @@ def _linear_attention_op(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature: in
 def _(q, k, v, c, feature, p, num_prefix, rope_h, rope_w):
     b, h, n, d = q.shape
     dp, dvp = pad_dim(d), pad_dim(v.shape[-1])
-    return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b * h, dp * dvp + dp + dvp, dtype=torch.float32)
+    focused = feature == FOCUSED
+    return (q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b * h, dp * dvp + dp + dvp, dtype=torch.float32),
+            q.new_empty((2, b, n, 4) if focused else (0,), dtype=torch.float32),
+            q.new_empty(b * h, n if focused else 0, dtype=torch.float32))
 
 
 @torch.library.custom_op("subquad::linear_attention_backward", mutates_args=())
-def _linear_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, state: Tensor,
-                                  feature: int, p: float, num_prefix: int, rope_h: int, rope_w: int
-                                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return linear_attention_backward(grad, q, k, v, c, state, feature, p, num_prefix, rope_h, rope_w)
+def _linear_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, out: Tensor,
+                                  state: Tensor, norms: Tensor, den: Tensor, feature: int, p: float, num_prefix: int,
+                                  rope_h: int, rope_w: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return linear_attention_backward(grad, q, k, v, c, out, state, norms, den, feature, p, num_prefix, rope_h,
+                                     rope_w)
 
 
 @_linear_attention_backward_op.register_fake
-def _(grad, q, k, v, c, state, feature, p, num_prefix, rope_h, rope_w):
+def _(grad, q, k, v, c, out, state, norms, den, feature, p, num_prefix, rope_h, rope_w):
     dc_shape = (q.shape[1], q.shape[-1]) if feature == FOCUSED else (0,)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(dc_shape, dtype=torch.float32))
@@ -499,16 +678,21 @@ def _grads(ctx, dq, dk, dv, dc, c):
     return dq, dk, dv, dc, None, None, None, None, None
 
 
+def _save(ctx, q, k, v, c, out, state, norms, den, args) -> None:
+    """Keep what the backward reads: the output itself only for FLatten (its queries' g.w)."""
+    ctx.save_for_backward(q, k, v, c, out if args[0] == FOCUSED else den, state, norms, den)
+    ctx.args = tuple(args)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, c, *args = inputs
-    ctx.save_for_backward(q, k, v, c, output[1])
-    ctx.args = tuple(args)
-    ctx.mark_non_differentiable(output[1])
+    _save(ctx, q, k, v, c, *output, args)
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, grad, _):
-    q, k, v, c, state = ctx.saved_tensors
-    return _grads(ctx, *torch.ops.subquad.linear_attention_backward(grad, q, k, v, c, state, *ctx.args), c)
+def _backward(ctx, grad, *_):
+    return _grads(ctx, *torch.ops.subquad.linear_attention_backward(grad, *ctx.saved_tensors, *ctx.args),
+                  ctx.saved_tensors[3])
 
 
 _linear_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -520,15 +704,13 @@ class _LinearAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, c, feature, p, num_prefix, rope_h, rope_w):
-        out, state = linear_attention_forward(q, k, v, c, feature, p, num_prefix, rope_h, rope_w)
-        ctx.save_for_backward(q, k, v, c, state)
-        ctx.args = (feature, p, num_prefix, rope_h, rope_w)
+        out, state, norms, den = linear_attention_forward(q, k, v, c, feature, p, num_prefix, rope_h, rope_w)
+        _save(ctx, q, k, v, c, out, state, norms, den, (feature, p, num_prefix, rope_h, rope_w))
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, c, state = ctx.saved_tensors
-        return _grads(ctx, *linear_attention_backward(grad, q, k, v, c, state, *ctx.args), c)
+        return _grads(ctx, *linear_attention_backward(grad, *ctx.saved_tensors, *ctx.args), ctx.saved_tensors[3])
 
 
 def _linear_attention(q, k, v, c, feature, p, num_prefix, rope_h, rope_w) -> Tensor:

@@ -148,6 +148,26 @@ def test_focused_linear_module_matches_hand_composition(grid, num_prefix, opts):
     assert_rel_close(m(x, grid=grid, num_prefix=num_prefix), F.linear(y, m.proj.weight, m.proj.bias), torch.float64)
 
 
+def test_focused_linear_module_matches_official_layout():
+    """The module against FLatten's forward written on (B, N, C) tokens as the official code lays it out
+    (flatten_swin.py's FocusedLinearAttention): the focused map over all C channels of a token, then heads."""
+    grid, h, c = (5, 6), 4, 32
+    m = randomize(attention.build("focused_linear", dim=c, num_heads=h, qkv_bias=True, pos_grid=grid)).double()
+    x = torch.randn(2, math.prod(grid), c, dtype=torch.float64)
+    b, n, _ = x.shape
+    q, k, v = F.linear(x, m.qkv.weight, m.qkv.bias).chunk(3, dim=-1)
+    k = k + m.positional_encoding
+    sp = F.softplus(m.scale)
+    q, k = ((F.relu(t) + 1e-6) / sp for t in (q, k))
+    q, k = (t.norm(dim=-1, keepdim=True) * t ** 3 / (t ** 3).norm(dim=-1, keepdim=True) for t in (q, k))
+    q, k, v = (t.reshape(b, n, h, -1).transpose(1, 2) for t in (q, k, v))
+    z = 1 / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + 1e-6)
+    y = (q @ (k.transpose(-2, -1) @ v) / n * z).transpose(1, 2).reshape(b, n, c)
+    v_img = v.reshape(b * h, *grid, -1).permute(0, 3, 1, 2)
+    y = y + F.conv2d(v_img, m.dwc.weight, m.dwc.bias, padding=2, groups=c // h).reshape(b, c, n).transpose(1, 2)
+    assert_rel_close(m(x, grid=grid), F.linear(y, m.proj.weight, m.proj.bias), torch.float64)
+
+
 # --- MALA -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rope,lepe,gate", [(False, False, False), (True, False, False), (False, True, False),

@@ -29,14 +29,19 @@ def _run(kind, q, k, v, scale, grid, num_prefix, opts, backend):
     return mala_attention(q, k, v, grid=grid, num_prefix=num_prefix, rope=opts.get("rope", False), backend=backend)
 
 
-def check_against_reference(kind, b, h, grid, num_prefix, d, dtype, device="cpu", dv=None, scale_shape=None, **opts):
+def check_against_reference(kind, b, h, grid, num_prefix, d, dtype, device="cpu", dv=None, scale_shape=None,
+                            head_gain=1.0, **opts):
     """Forward and gradients (q, k, v and FLatten's scale) of backend="triton" vs the float64 reference;
     returns the list of (what, error, tolerance) that failed. (A single scalar scale is not drawn: the
-    output depends on it only through the epsilons, so its gradient is a cancellation down to ~eps.)"""
+    output depends on it only through the epsilons, so its gradient is a cancellation down to ~eps.)
+    ``head_gain`` scales head 0 of q and k: small gains make FLatten's whole-token norms shrink that head's
+    features until its normaliser is close to the epsilon."""
     device = torch.device(device)
     n = num_prefix + math.prod(grid)
     dv = dv or d
-    q, k = (torch.randn(b, h, n, d, device=device).to(dtype).requires_grad_() for _ in range(2))
+    gain = torch.ones(h, 1, 1, device=device)
+    gain[0] = head_gain
+    q, k = ((torch.randn(b, h, n, d, device=device) * gain).to(dtype).requires_grad_() for _ in range(2))
     v = torch.randn(b, h, n, dv, device=device).to(dtype).requires_grad_()
     scale = (torch.randn(scale_shape, device=device).requires_grad_()
              if kind == "flatten" and scale_shape is not None else None)
@@ -66,6 +71,8 @@ CPU_CASES = [  # kind, batch, heads, grid, num_prefix, d, dtype, options
     ("flatten", 1, 2, (6, 4), 0, 24, torch.bfloat16, dict(p=2.5, scale_shape=(24,))),       # padded d, real p
     ("flatten", 2, 1, (3, 9), 4, 16, torch.float32, dict(p=3, dv=8)),                       # no scale, dv != d
     ("flatten", 1, 2, (4, 5), 1, 16, torch.float16, dict(p=2, scale_shape=(2, 16))),
+    ("flatten", 2, 3, (3, 4), 2, 16, torch.float32, dict(p=3, scale_shape=(3, 16), head_gain=0.03)),  # eps-bound head
+    ("flatten", 1, 3, (5, 3), 0, 16, torch.bfloat16, dict(p=3, scale_shape=(16,), head_gain=0.1)),
     ("mala", 2, 2, (5, 7), 1, 16, torch.float32, dict()),
     ("mala", 1, 2, (1, 6), 0, 16, torch.bfloat16, dict()),
     ("mala", 2, 2, (6, 8), 2, 16, torch.bfloat16, dict(rope=True)),
