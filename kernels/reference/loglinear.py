@@ -35,13 +35,15 @@ from .gathered import append_global_keys, attend_gathered, gather_rows, mask_to_
 class BlockHierarchy:
     """Blocks of every level (index 0 = level 1, the attention tiles), each in raster order of
     its level's block grid. ``children[l]`` (n_{l+1}, s*s): the level-l blocks in each block one
-    level up (-1 where the grid ends); ``parent[l]`` (n_l,) the inverse; ``ancestor[l]`` (n_1,):
-    the level-(l+1) block holding each finest block; ``counts[l]`` (n_l,): real tokens per block."""
+    level up (-1 where the grid ends); ``parent[l]`` (n_l,) the inverse and ``child_slot[l]`` (n_l,)
+    each block's column in its parent's row of ``children``; ``ancestor[l]`` (n_1,): the
+    level-(l+1) block holding each finest block; ``counts[l]`` (n_l,): real tokens per block."""
 
     side: int
     layouts: tuple[TileLayout, ...]
     children: tuple[torch.Tensor, ...]
     parent: tuple[torch.Tensor, ...]
+    child_slot: tuple[torch.Tensor, ...]
     ancestor: tuple[torch.Tensor, ...]
     counts: tuple[torch.Tensor, ...]
 
@@ -51,6 +53,13 @@ class BlockHierarchy:
 
     def num_blocks(self, level: int) -> int:
         return self.layouts[level].num_tiles
+
+    def group_of_finest(self, level: int) -> torch.Tensor:
+        """(n_1,) the candidate group of each finest block at ``level``: the level-(l+2) block that
+        holds it (its level-l ancestor's parent), or group 0 at the coarsest level (one group)."""
+        if level + 1 < self.num_levels:
+            return self.ancestor[level + 1]
+        return torch.zeros_like(self.ancestor[0])
 
 
 def _raster_id(coords: torch.Tensor, tiles_per_side: tuple[int, int]) -> torch.Tensor:
@@ -62,16 +71,17 @@ def block_hierarchy(grid: tuple[int, int], side: int, levels: int,
                     device: torch.device | None = None) -> BlockHierarchy:
     """(cached) The blocks of ``levels`` levels of side s, s^2, ... over an image grid."""
     layouts = tuple(tile_layout(grid, (side ** l, side ** l), False, device) for l in range(1, levels + 1))
-    children, parent, ancestor = [], [], [torch.arange(layouts[0].num_tiles, device=device)]
+    children, parent, slot, ancestor = [], [], [], [torch.arange(layouts[0].num_tiles, device=device)]
     offsets = torch.cartesian_prod(torch.arange(side), torch.arange(side)).to(device)
     for fine, coarse in zip(layouts, layouts[1:]):
         parent.append(_raster_id(fine.coords // side, coarse.tiles_per_side))
+        slot.append(_raster_id(fine.coords % side, (side, side)))
         child = coarse.coords[:, None, :] * side + offsets                   # (n_coarse, s*s, 2)
         inside = (child < torch.tensor(fine.tiles_per_side, device=device)).all(-1)
         children.append(torch.where(inside, _raster_id(child, fine.tiles_per_side), -1))
         ancestor.append(parent[-1][ancestor[-1]])
     counts = tuple(layout.valid.sum(-1) for layout in layouts)
-    return BlockHierarchy(side, layouts, tuple(children), tuple(parent), tuple(ancestor), counts)
+    return BlockHierarchy(side, layouts, tuple(children), tuple(parent), tuple(slot), tuple(ancestor), counts)
 
 
 def auto_levels(grid: tuple[int, int], side: int, top_k: int) -> int:
@@ -117,17 +127,24 @@ def normalize_options(grid: tuple[int, int], block_size: int = 16, top_k: int | 
 
 @dataclass(frozen=True, eq=False)
 class Selection:
-    """Per level (index 0 = finest), per (batch, head, query block): the selected key blocks
-    (B, h, n_l, K_l) and the candidates scored (B, h, n_l, C_l), -1 where none. At the coarsest
-    level every block is a candidate of every query block: (1, 1, n_L, n_L)."""
+    """Per level (index 0 = finest): the selected key blocks of every query block (B, h, n_l, K_l),
+    -1 where none, and the candidates scored. Query blocks with the same parent score the same
+    candidates (the children of the blocks their parent selected), so these are kept once per
+    group: (B, h, n_{l+1}, C_l), group = the parent (``hierarchy.parent[l]``); at the coarsest
+    level one group holds every query block and every block is a candidate: (1, 1, 1, n_L).
+    ``group_sizes[l]`` (groups,): the query blocks in each group."""
 
     selected: tuple[torch.Tensor, ...]
     candidates: tuple[torch.Tensor, ...]
+    group_sizes: tuple[torch.Tensor, ...]
 
     def cost(self) -> int:
         """Block pairs scored during the selection (the O(N log N) part)."""
-        return sum(int((c >= 0).sum()) * (s.shape[0] * s.shape[1]) // (c.shape[0] * c.shape[1])
-                   for s, c in zip(self.selected, self.candidates))
+        total = 0
+        for s, c, g in zip(self.selected, self.candidates, self.group_sizes):
+            pairs = ((c >= 0).sum(-1) * g.to(c.device)).sum()
+            total += int(pairs) * (s.shape[0] * s.shape[1]) // (c.shape[0] * c.shape[1])
+        return total
 
 
 def pool_blocks(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
@@ -136,25 +153,48 @@ def pool_blocks(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     return to_tiles(x.to(compute_dtype(x)), layout).sum(-2) / counts
 
 
+def pool_levels(x: torch.Tensor, hierarchy: BlockHierarchy) -> list[torch.Tensor]:
+    """``pool_blocks`` at every level, finest first, in O(N): level 1 sums the tokens (a reshape when
+    the grid is a multiple of s), each coarser level sums its children's sums (float32 or wider)."""
+    dtype, s, first = compute_dtype(x), hierarchy.side, hierarchy.layouts[0]
+    (height, width), (tiles_h, tiles_w) = first.grid, first.tiles_per_side
+    if height % s == 0 and width % s == 0:
+        sums = x.unflatten(-2, (tiles_h, s, tiles_w, s)).sum((-4, -2), dtype=dtype).flatten(-3, -2)
+    else:
+        sums = to_tiles(x, first).sum(-2, dtype=dtype)                   # padding slots hold 0
+    pooled = [sums / hierarchy.counts[0][:, None]]
+    for level, kids in enumerate(hierarchy.children, start=1):
+        padded = torch.cat([sums, sums.new_zeros(*sums.shape[:-2], 1, sums.shape[-1])], -2)
+        sums = padded[:, :, kids.masked_fill(kids < 0, sums.shape[-2])].sum(-2)
+        pooled.append(sums / hierarchy.counts[level][:, None])
+    return pooled
+
+
 @torch.no_grad()
 def select_blocks(pooled_q: Sequence[torch.Tensor], pooled_k: Sequence[torch.Tensor],
                   hierarchy: BlockHierarchy, top_k: Sequence[int]) -> Selection:
-    """Hierarchical top-K (coarse to fine) on pooled q, k of every level ((B, h, n_l, d) each)."""
+    """Hierarchical top-K (coarse to fine) on pooled q, k of every level ((B, h, n_l, d) each).
+
+    Below the coarsest level the siblings of one parent are scored together: their pooled queries
+    (s*s, d) against the parent's candidates (C, d), one small matrix product per parent."""
     top = hierarchy.num_levels - 1
     scores = pooled_q[top] @ pooled_k[top].transpose(-2, -1)
-    chosen = scores.topk(top_k[top], dim=-1).indices
-    selected = [chosen]
     n_top = scores.shape[-1]
-    candidates = [torch.arange(n_top, device=scores.device).expand(n_top, n_top)[None, None]]
+    selected = [scores.topk(top_k[top], dim=-1).indices]
+    candidates = [torch.arange(n_top, device=scores.device)[None, None, None]]
+    group_sizes = [torch.tensor([n_top])]
     for level in range(top - 1, -1, -1):
-        parents_choice = selected[0][:, :, hierarchy.parent[level]]                  # (B, h, n_l, K_{l+1})
-        kids = hierarchy.children[level][parents_choice.clamp_min(0)]                # (B, h, n_l, K_{l+1}, s*s)
-        cand = torch.where(parents_choice[..., None] >= 0, kids, -1).flatten(-2)
-        scores = (pooled_q[level][..., None, :] @ gather_rows(pooled_k[level], cand).transpose(-2, -1)).squeeze(-2)
-        best = scores.masked_fill(cand < 0, float("-inf")).topk(top_k[level], dim=-1)
-        selected.insert(0, torch.where(torch.isfinite(best.values), cand.gather(-1, best.indices), -1))
+        kids = hierarchy.children[level]                                             # (n_{l+1}, s*s)
+        choice = selected[0]                                                         # (B, h, n_{l+1}, K_{l+1})
+        cand = torch.where(choice[..., None] >= 0, kids[choice.clamp_min(0)], -1).flatten(-2)
+        scores = gather_rows(pooled_q[level], kids) @ gather_rows(pooled_k[level], cand).transpose(-2, -1)
+        best = scores.masked_fill(cand[..., None, :] < 0, float("-inf")).topk(top_k[level], dim=-1)
+        picked = cand[..., None, :].expand(scores.shape).gather(-1, best.indices)   # (B, h, n_{l+1}, s*s, K_l)
+        picked = torch.where(torch.isfinite(best.values), picked, -1)
+        selected.insert(0, picked[:, :, hierarchy.parent[level], hierarchy.child_slot[level]])
         candidates.insert(0, cand)
-    return Selection(tuple(selected), tuple(candidates))
+        group_sizes.insert(0, (kids >= 0).sum(-1))
+    return Selection(tuple(selected), tuple(candidates), tuple(group_sizes))
 
 
 def loglinear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
@@ -165,14 +205,14 @@ def loglinear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     tiles = hierarchy.layouts[0]
 
     def attend_grid(qg, kg, vg, kp, vp):
-        pooled = [[pool_blocks(x, layout) for layout in hierarchy.layouts] for x in (qg, kg, vg)]
+        pooled = [pool_levels(x, hierarchy) for x in (qg, kg, vg)]
         selection = select_blocks(pooled[0], pooled[1], hierarchy, top_k)
         fine = selection.selected[0]                                             # (B, h, n_1, K_1)
         keys = [gather_rows(to_tiles(kg, tiles), fine).flatten(3, 4)]
         values = [gather_rows(to_tiles(vg, tiles), fine).flatten(3, 4)]
         bias = [mask_to_bias(((fine >= 0)[..., None] & tiles.valid[fine.clamp_min(0)]).flatten(3))]
         for level, cand in enumerate(selection.candidates):
-            cand = cand[:, :, hierarchy.ancestor[level]]                         # per finest block
+            cand = cand[:, :, hierarchy.group_of_finest(level)]                  # per finest block
             keys.append(gather_rows(pooled[1][level], cand))
             values.append(gather_rows(pooled[2][level], cand))
             weight = hierarchy.counts[level].float().log()[cand.clamp_min(0)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from subquad.kernels import loglinear_attention
-from subquad.kernels.reference.loglinear import block_hierarchy, normalize_options, pool_blocks, select_blocks
+from subquad.kernels.reference.loglinear import block_hierarchy, normalize_options, pool_blocks, pool_levels, select_blocks
 from subquad.kernels.testing import assert_rel_close
 
 
@@ -64,12 +64,22 @@ def test_selection_equals_brute_force_top_k_level_by_level(grid, block, top_k, p
     q, k = torch.randn(2, 2, grid[0] * grid[1], 8, dtype=torch.float64), torch.randn(2, 2, grid[0] * grid[1], 8, dtype=torch.float64)
     side = math.isqrt(block)
     selection = package_selection(q, k, grid, side, top_k)
+    hierarchy = block_hierarchy(grid, side, len(top_k))
     want, want_cand, _ = brute_force_selection(q, k, grid, side, top_k)
     for (b, hd, level, qb), blocks in want.items():
         got = selection.selected[level][b, hd, qb].tolist()
         assert sorted(x for x in got if x >= 0) == sorted(blocks), (level, qb)
-        got_cand = selection.candidates[level][0 if level == len(top_k) - 1 else b, 0 if level == len(top_k) - 1 else hd, qb]
+        top = level == len(top_k) - 1          # candidates are kept per group: the parent, one group at the top
+        got_cand = selection.candidates[level][(0, 0, 0) if top else (b, hd, int(hierarchy.parent[level][qb]))]
         assert sorted(x for x in got_cand.tolist() if x >= 0) == sorted(want_cand[b, hd, level, qb])
+
+
+@pytest.mark.parametrize("grid,block,top_k,p", CASES)
+def test_pool_levels_equals_pooling_each_level_directly(grid, block, top_k, p):
+    hierarchy = block_hierarchy(grid, math.isqrt(block), len(top_k))
+    x = torch.randn(2, 3, grid[0] * grid[1], 5)
+    for got, layout in zip(pool_levels(x, hierarchy), hierarchy.layouts):
+        assert_rel_close(got, pool_blocks(x, layout), torch.float32)
 
 
 def explicit_llsa(q, k, v, grid, side, top_k, p):
