@@ -15,7 +15,8 @@ import torch
 
 from .backends import choose_backend
 from .reference.gathered import gather_rows, with_global_prefix
-from .reference.loglinear import BlockHierarchy, block_hierarchy, loglinear_attention_reference, pool_blocks, select_blocks
+from .reference.loglinear import (BlockHierarchy, block_hierarchy, loglinear_attention_reference, pool_levels,
+                                 select_blocks)
 from .reference.radial import radial_attention_reference, radial_plan
 from .tiles import TileLayout, from_tiles, to_tiles
 
@@ -40,14 +41,24 @@ def padding_bias(layout: TileLayout, num_prefix: int) -> torch.Tensor:
     return bias
 
 
-def run_core(core, layout: TileLayout, qg, kg, vg, kp, vp, lists, extra_keys=(), extra_values=(), extra_bias=()):
-    """Grid queries over prefix keys, the grid's tiles and extra key tiles, as listed per query tile."""
+def fixed_width_csr(lists: torch.Tensor, null_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, h, Q, L) key-tile lists, -1 padded -> a CSR of L entries per row where -1 lists
+    ``null_tile`` (a tile whose keys are all dropped): no device-to-host sync, for lists that
+    change every call and are (nearly) full."""
+    b, h, nq, width = lists.shape
+    starts = torch.arange(b * h, device=lists.device)[:, None] * nq + torch.arange(nq + 1, device=lists.device)
+    return ((starts * width).reshape(b, h, nq + 1).to(torch.int32),
+            lists.masked_fill(lists < 0, null_tile).flatten().to(torch.int32))
+
+
+def run_core(core, layout: TileLayout, qg, kg, vg, kp, vp, csr, extra_keys=(), extra_values=(), extra_bias=()):
+    """Grid queries over prefix keys, the grid's tiles and extra key tiles, as listed per query tile
+    by ``csr`` (row_ptr, col_idx)."""
     t = layout.tile_size
-    row_ptr, col_idx = csr_from_lists(lists)
     keys = torch.cat([kp, to_tiles(kg, layout).flatten(2, 3), *extra_keys], 2)
     values = torch.cat([vp, to_tiles(vg, layout).flatten(2, 3), *extra_values], 2)
     bias = torch.cat([padding_bias(layout, kp.shape[2]), *extra_bias])[None, None]
-    out = core(to_tiles(qg, layout).flatten(2, 3), keys, values, row_ptr, col_idx, t, t, kp.shape[2],
+    out = core(to_tiles(qg, layout).flatten(2, 3), keys, values, *csr, t, t, kp.shape[2],
                None, None, bias, None)
     return from_tiles(out.unflatten(2, (layout.num_tiles, t)), layout)
 
@@ -59,7 +70,7 @@ def radial_attention_on_core(q, k, v, grid, num_prefix, options, core_backend=No
     core = choose_backend("block_sparse_attention", core_backend, q)
     lists = plan.key_tiles[None, None]
     return with_global_prefix(q, k, v, num_prefix,
-                              lambda qg, kg, vg, kp, vp: run_core(core, plan.layout, qg, kg, vg, kp, vp, lists))
+                              lambda qg, kg, vg, kp, vp: run_core(core, plan.layout, qg, kg, vg, kp, vp, csr_from_lists(lists)))
 
 
 def pooled_key_tiles(pooled: torch.Tensor, hierarchy: BlockHierarchy, level: int):
@@ -81,9 +92,10 @@ def loglinear_attention_on_core(q, k, v, grid, num_prefix, side, top_k, core_bac
         return loglinear_attention_reference(q, k, v, grid, num_prefix, side, top_k)
     hierarchy = block_hierarchy(grid, side, len(top_k), q.device)
     core = choose_backend("block_sparse_attention", core_backend, q)
+    t = side * side
 
     def attend_grid(qg, kg, vg, kp, vp):
-        pooled = [[pool_blocks(x, layout) for layout in hierarchy.layouts] for x in (qg, kg, vg)]
+        pooled = [pool_levels(x, hierarchy) for x in (qg, kg, vg)]
         selection = select_blocks(pooled[0], pooled[1], hierarchy, top_k)
         b, h, n1 = selection.selected[0].shape[:3]
         lists, offset = [selection.selected[0]], hierarchy.num_blocks(0)
@@ -93,15 +105,18 @@ def loglinear_attention_on_core(q, k, v, grid, num_prefix, side, top_k, core_bac
             extra_k.append(k_tiles)
             extra_v.append(pooled_key_tiles(pooled[2][level].to(vg.dtype), hierarchy, level)[0])
             extra_bias.append(bias)
-            groups = bias.numel() // (side * side)
+            groups = bias.numel() // t
             if level + 1 < hierarchy.num_levels:     # the children of the blocks selected one level up
                 chosen = selection.selected[level + 1][:, :, hierarchy.ancestor[level + 1]]
                 lists.append(torch.where(chosen >= 0, chosen + offset, -1))
             else:                                    # every block of the coarsest level
                 lists.append((torch.arange(groups, device=q.device) + offset).expand(b, h, n1, groups))
             offset += groups
-        return run_core(core, hierarchy.layouts[0], qg, kg, vg, kp, vp, torch.cat(lists, -1),
-                        extra_k, extra_v, extra_bias)
+        extra_k.append(kg.new_zeros(b, h, t, kg.shape[-1]))          # the null tile: -1 entries list it
+        extra_v.append(vg.new_zeros(b, h, t, vg.shape[-1]))
+        extra_bias.append(torch.full((t,), float("-inf"), device=q.device))
+        csr = fixed_width_csr(torch.cat(lists, -1), offset)
+        return run_core(core, hierarchy.layouts[0], qg, kg, vg, kp, vp, csr, extra_k, extra_v, extra_bias)
 
     return with_global_prefix(q, k, v, num_prefix, attend_grid)
 
