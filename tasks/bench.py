@@ -187,17 +187,21 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
     return sizes
 
 
-SUITES = ("families", "linear", "block-sparse")
+SUITES = ("families", "linear", "block-sparse", "dit")
 
 
-def run_kernel_suite(suite: str, out_dir: Path) -> list[dict]:
-    """The Triton kernels' own benchmarks (CUDA only): ``linear`` (FLatten, MALA, agent attention
-    against their references and SDPA) or ``block-sparse`` (the core against SDPA and FlexAttention)."""
+def run_kernel_suite(suite: str, out_dir: Path, families: list[str] | None = None) -> list[dict]:
+    """The CUDA-only suites: ``linear`` (FLatten, MALA, agent attention against their references and
+    SDPA), ``block-sparse`` (the core against SDPA and FlexAttention) or ``dit`` (DiT training step and
+    sampling per family against the SDPA DiT, ``bench_dit``; ``families`` picks the families)."""
     if not torch.cuda.is_available():
-        raise ValueError(f"the {suite!r} suite times Triton kernels and needs a CUDA GPU")
+        raise ValueError(f"the {suite!r} suite times CUDA kernels and needs a CUDA GPU")
     if suite == "linear":
         from ..kernels.triton.bench_linear import bench_linear_family
         rows = bench_linear_family()
+    elif suite == "dit":
+        from .bench_dit import bench_dit
+        rows = bench_dit(families)
     else:
         from ..kernels.triton.bench_block_sparse import bench_block_sparse
         rows = bench_block_sparse()

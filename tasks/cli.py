@@ -19,16 +19,17 @@ def _models(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from .. import attention
     from .bench import BenchConfig, parse_sizes, run_bench, run_kernel_suite
+    families = [attention.canonical_name(f) for f in args.families.split(",")] if args.families else None
     if args.suite != "families":
-        run_kernel_suite(args.suite, Path(args.out))
+        run_kernel_suite(args.suite, Path(args.out), families)
         return
     cfg = BenchConfig.default(args.device)
     if args.dtype:
         cfg.dtype = DTYPES[args.dtype]
     if args.sizes:
         cfg.sizes = parse_sizes(args.sizes)
-    if args.families:
-        cfg.families = [attention.canonical_name(f) for f in args.families.split(",")]
+    if families:
+        cfg.families = families
     if args.repeats:
         cfg.repeats = args.repeats
     run_bench(cfg, Path(args.out))
@@ -84,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", help="comma-separated BxHxW, e.g. 32x56x56,4x128x128")
     p.add_argument("--families", help="comma-separated attention families (default: all)")
     p.add_argument("--repeats", type=int, help="timed repeats per case (median reported)")
-    p.add_argument("--suite", choices=["families", "linear", "block-sparse"], default="families",
+    p.add_argument("--suite", choices=["families", "linear", "block-sparse", "dit"], default="families",
                    help="families: every attention family vs SDPA (default); linear / block-sparse: the "
-                        "Triton kernels' own benchmarks (CUDA)")
+                        "Triton kernels' own benchmarks (CUDA); dit: DiT training step and sampling time "
+                        "per family vs the SDPA DiT (CUDA)")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")
     p.set_defaults(run=_bench)
     p = sub.add_parser("train", help="train a classification or segmentation recipe (also under accelerate launch)")

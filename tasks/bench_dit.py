@@ -1,0 +1,100 @@
+"""``subquad bench --suite dit``: a DiT's training step and sampling time per attention family,
+against the same DiT with dense softmax (SDPA), measured in the same run (CUDA, random weights).
+
+Cases: DiT-XL/2 on 512x512 images (64x64 latents: 32x32 = 1,024 tokens), DiT-XL/2 on 1024x1024
+(128x128 latents: 4,096 tokens) and a pixel-space DiT-B/1 on 256x256 images (65,536 tokens, as the
+LLSA paper trains). Training step: bf16 autocast forward, the noise-prediction MSE, backward and a
+fused AdamW step on fp32 weights (median ms). Sampling: ``Sampler.sample`` (DDIM, classifier-free
+guidance 4.0, so each step runs a batch of 2B) for ``SAMPLE_STEPS`` steps, seconds per call.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .. import attention
+from ..backbones.subquad_dit import create_dit
+from .dit_train_config import DiTModelConfig
+from .sample import Sampler
+
+# (label, model name, latent side, channels, training batch)
+DIT_CASES = [("DiT-XL/2 512px", "dit_xl_2", 64, 4, 8),
+             ("DiT-XL/2 1024px", "dit_xl_2", 128, 4, 2),
+             ("DiT-B/1 pixels 256px", "dit_b_1", 256, 3, 1)]
+SAMPLE_STEPS = 10
+NUM_CLASSES = 1000
+
+
+def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _train_step(model: torch.nn.Module, batch: int, side: int, channels: int) -> Callable[[], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randn(batch, channels, side, side, device="cuda")
+    t = torch.randint(0, 1000, (batch,), device="cuda").float()
+    y = torch.randint(0, NUM_CLASSES, (batch,), device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x, t, y)[:, :channels]
+        torch.nn.functional.mse_loss(out.float(), x).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _measure(family: str, name: str, side: int, channels: int, batch: int, repeats: int) -> dict:
+    model = create_dit(name, input_size=side, in_channels=channels, num_classes=NUM_CLASSES, attn=family).cuda()
+    try:
+        train_ms = _median_ms(_train_step(model, batch, side, channels), repeats)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        sampler = Sampler(model.eval(), None, DiTModelConfig(name=name))
+
+        def sample() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                sampler.sample(list(range(batch)), steps=SAMPLE_STEPS, cfg_scale=4.0, batch_size=batch,
+                               progress=False)
+        sample_s = _median_ms(sample, max(1, repeats // 3), warmup=1) / 1e3
+        return dict(train_step_ms=train_ms, train_peak_gib=peak, sample_s=sample_s)
+    except torch.cuda.OutOfMemoryError:
+        tqdm.write(f"bench dit: {family} {name} at {side}: out of memory")
+        nan = float("nan")
+        return dict(train_step_ms=nan, train_peak_gib=nan, sample_s=nan)
+    finally:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def bench_dit(families: list[str] | None = None, repeats: int = 5) -> list[dict]:
+    """One row per (case, family): training step ms, its peak memory, sampling seconds, and the
+    speedups over the softmax (SDPA) DiT of the same case."""
+    families = ["softmax"] + [f for f in (families or attention.list()) if f != "softmax"]
+    rows = []
+    jobs = [(case, family) for case in DIT_CASES for family in families]
+    for (label, name, side, channels, batch), family in tqdm(jobs, desc="bench dit", unit="case"):
+        patch = int(name.rsplit("_", 1)[1])
+        rows.append(dict(case=label, family=family, batch=batch, tokens=(side // patch) ** 2,
+                         sample_steps=SAMPLE_STEPS,
+                         **_measure(family, name, side, channels, batch, repeats)))
+    for r in rows:
+        base = next(x for x in rows if x["case"] == r["case"] and x["family"] == "softmax")
+        r["speedup_train"] = base["train_step_ms"] / r["train_step_ms"]
+        r["speedup_sample"] = base["sample_s"] / r["sample_s"]
+    return rows
