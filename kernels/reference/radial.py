@@ -25,9 +25,12 @@ and options (cached). Layouts:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import operator
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 
@@ -37,6 +40,23 @@ from .gathered import append_global_keys, attend_gathered, gather_rows, mask_to_
 
 LAYOUTS = ("official", "frames", "distance")
 OFFICIAL_SPLIT_THRESHOLD = 128      # hard-coded in the official code, independent of block_size
+Plan = TypeVar("Plan")
+
+
+def compile_constant(build: Callable[..., Plan]) -> Callable[..., Plan]:
+    """``build`` cached per arguments (hashable Python values such as grid, options and device) and
+    a constant under ``torch.compile``: dynamo runs it eagerly instead of tracing it and takes the
+    result as constants, so ``fullgraph=True`` captures its callers although what it builds has
+    data-dependent sizes (key lists). Its result must depend on its arguments only and be tensors
+    and Python values in tuples (dynamo does not resolve the properties of a constant object)."""
+    cached = functools.lru_cache(maxsize=128)(build)
+
+    @torch.compiler.assume_constant_result
+    @functools.wraps(build)
+    def constant(*args: object) -> Plan:
+        return cached(*args)
+
+    return constant
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,10 +65,7 @@ class RadialPlan:
 
     layout: TileLayout               # official: 1D blocks, the grid seen as (1, T*H*W)
     key_tiles: torch.Tensor          # (num_tiles, max_listed) long
-
-    @property
-    def density(self) -> float:
-        return float((self.key_tiles >= 0).sum()) / self.layout.num_tiles ** 2
+    density: float                   # listed tile pairs / all tile pairs
 
 
 def _official_band(d: int, tokens_per_frame: int, block_size: int, decay_factor: float) -> float:
@@ -198,9 +215,10 @@ def normalize_options(grid: tuple[int, ...], layout: str | None = None, tile: tu
             dense_radius if layout == "distance" else None)
 
 
-@functools.lru_cache(maxsize=128)
-def radial_plan(grid: tuple[int, ...], options: tuple, device: torch.device | None = None) -> RadialPlan:
-    """The (cached) tiles and key-tile lists for a grid and ``normalize_options(grid, ...)``."""
+@compile_constant
+def _plan_parts(grid: tuple[int, ...], options: tuple,
+                device: torch.device | None) -> tuple[tuple, torch.Tensor, float]:
+    """``radial_plan``'s parts: the TileLayout's fields, the key-tile lists and the density."""
     layout_name, tile, block_size, decay_factor, sink, dense_radius = options
     if layout_name == "official":
         t, h, w = grid
@@ -215,7 +233,24 @@ def radial_plan(grid: tuple[int, ...], options: tuple, device: torch.device | No
             num_frames, frame_tiles = (frames[0], (th, tw)) if frames else (th, (1, tw))
             tokens_per_frame = math.prod(grid[1:]) if frames else tile[0] * grid[1]
             mask = frames_block_mask(num_frames, frame_tiles, tokens_per_frame, layout.tile_size, decay_factor, sink)
-    return RadialPlan(layout, _lists(mask).to(device))
+    fields = tuple(getattr(layout, field.name) for field in dataclasses.fields(layout))
+    return fields, _lists(mask).to(device), float(mask.sum()) / mask.numel()
+
+
+def _static(value: object) -> object:
+    """``value`` (an int or a tuple of them, nested) with its ints as Python ints: under torch.compile
+    a symbolic size (a recompile at a new grid makes sizes dynamic) is specialized, with a guard."""
+    if isinstance(value, tuple):
+        return tuple(_static(v) for v in value)
+    return operator.index(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def radial_plan(grid: tuple[int, ...], options: tuple, device: torch.device | None = None) -> RadialPlan:
+    """The tiles and key-tile lists for a grid and ``normalize_options(grid, ...)``: built once per
+    (grid, options, device) and cached; under ``torch.compile`` constants, not traced (see
+    ``compile_constant``), and specialized to the grid and options."""
+    layout, key_tiles, density = _plan_parts(_static(grid), _static(options), device)
+    return RadialPlan(TileLayout(*layout), key_tiles, density)
 
 
 def attended_pairs(plan: RadialPlan, num_prefix: int = 0) -> int:

@@ -159,7 +159,8 @@ def test_attended_pairs_grow_as_n_log_n():
 
 def test_plans_are_cached():
     options = normalize_options((20, 20))
-    assert radial_plan((20, 20), options) is radial_plan((20, 20), options)
+    first, again = radial_plan((20, 20), options), radial_plan((20, 20), options)
+    assert first.key_tiles is again.key_tiles and first.layout.slots is again.layout.slots
 
 
 @pytest.mark.parametrize("grid,opts,match", [
@@ -231,6 +232,32 @@ def test_block_sparse_core_backend_equals_reference(grid, p, opts):
 @pytest.mark.skipif("triton" not in available_backends("radial_attention"), reason="no Triton")
 def test_triton_core_backend_equals_reference():
     check_backend("triton", (5, 9), 1, dict(tile=(4, 4)), heads=1)
+
+
+@pytest.mark.parametrize("backend,grid,opts", [
+    ("reference", (9, 11), dict(tile=(2, 2))), ("reference", (6, 9, 10), dict(tile=(1, 4, 4))),
+    ("reference", (7, 5, 6), dict(layout="official", block_size=16)),
+    pytest.param("triton", (5, 9), dict(tile=(4, 4)), marks=pytest.mark.skipif(
+        "triton" not in available_backends("radial_attention"), reason="no Triton"))])
+def test_compile_fullgraph(backend, grid, opts):
+    """The plan is a constant under torch.compile (built eagerly, not traced): the whole op is one graph."""
+    q, k, v = (torch.randn(1, 2, 1 + math.prod(grid), 16, requires_grad=True) for _ in range(3))
+    fn = lambda q, k, v: radial_attention(q, k, v, grid=grid, num_prefix=1, backend=backend, **opts)  # noqa: E731
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    want = fn(q, k, v)
+    assert_rel_close(out, want, what="compiled")
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        assert_rel_close(a, b, torch.float32, what=f"compiled d{name}")
+
+
+def test_compile_fullgraph_at_new_grids():
+    """A recompile at a new grid makes the sizes symbolic; the plan specializes them (one plan per grid)."""
+    fn = torch.compile(lambda q, grid: radial_attention(q, q, q, grid=grid, tile=(2, 2)), fullgraph=True,
+                       backend="eager")
+    for grid in ((8, 10), (12, 6), (9, 14)):
+        q = torch.randn(1, 2, math.prod(grid), 8)
+        assert_rel_close(fn(q, grid), radial_attention(q, q, q, grid=grid, tile=(2, 2)), what=f"grid {grid}")
 
 
 @pytest.mark.gpu
