@@ -65,7 +65,7 @@ class GridAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.needs_dense(grid):
-            if not self._said_dense:
+            if not self._said_dense and not torch.compiler.is_compiling():     # warnings.warn cannot be traced
                 warnings.warn(f"{self.family} attention on the grid {grid} ({math.prod(grid)} tokens) is "
                               "pointless; using exact dense attention for this grid", stacklevel=2)
                 self._said_dense = True

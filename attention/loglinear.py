@@ -28,7 +28,7 @@ class LogLinearSparseAttention(GridAttention):
     def needs_dense(self, grid):
         side = math.isqrt(self.block_size)
         finest_k = self.top_k[0] if isinstance(self.top_k, tuple) else self.top_k
-        return len(grid) == 2 and math.prod(-(-g // side) for g in grid) <= finest_k
+        return len(grid) == 2 and (-(-grid[0] // side)) * (-(-grid[1] // side)) <= finest_k
 
     def attend(self, x, q, k, v, grid, num_prefix):
         return loglinear_attention(q, k, v, grid=grid, num_prefix=num_prefix, backend=self.backend,
