@@ -54,12 +54,15 @@ def neighborhood_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
                                      grid: tuple[int, int], kernel_size: int, dilation: int,
                                      rpb: torch.Tensor | None, num_prefix: int) -> torch.Tensor:
     """Gather each grid query's k*k neighbours (plus the prefix keys) and attend; prefix queries
-    attend densely. q, k, v (B, h, N, d); rpb None or (h, 2k-1, 2k-1)."""
+    attend densely. q, k, v (B, h, N, d); rpb None or (h, 2k-1, 2k-1). Keys and values are cast to
+    ``compute_dtype`` before the gather, so each key's k*k gradient copies are summed in float32."""
     keys_of, rpb_row, rpb_col = neighborhood_index(grid, kernel_size, dilation, q.device)
+    dtype = compute_dtype(q)
 
     def attend_grid(qg, kg, vg, kp, vp):
+        kg, vg, kp, vp = (x.to(dtype) for x in (kg, vg, kp, vp))
         keys, values = gather_rows(kg, keys_of), gather_rows(vg, keys_of)      # (B, h, HW, k*k, d)
-        bias = torch.zeros(1, 1, *keys_of.shape, device=q.device, dtype=compute_dtype(q))
+        bias = torch.zeros(1, 1, *keys_of.shape, device=q.device, dtype=dtype)
         if rpb is not None:
             bias = bias + rpb.to(bias.dtype)[None, :, rpb_row, rpb_col]        # (1, h, HW, k*k)
         keys, values, bias = append_global_keys(keys, values, bias[..., None, :], kp, vp)

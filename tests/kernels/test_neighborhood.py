@@ -169,3 +169,21 @@ def test_float64_gradcheck():
     rpb = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
     fn = lambda q, kk, v, rpb: neighborhood_attention(q, kk, v, grid=(5, 6), kernel_size=3, rpb=rpb, num_prefix=1)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, kk, v, rpb), fast_mode=True)
+
+
+def test_bf16_reference_gradients_match_float64():
+    """Fed bf16, the reference gathers float32 key/value copies: each key's k*k gradient copies
+    (here 81, plus a prefix key seen by every query) are summed in float32, not in bf16."""
+    grid, n = (17, 14), 1 + 17 * 14
+    q, k, v = (torch.randn(1, 2, n, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 17, 17, dtype=torch.float64) * 0.1
+    want = neighborhood_attention(q, k, v, grid=grid, kernel_size=9, rpb=rpb, num_prefix=1, backend="reference")
+    g = torch.randn_like(want)
+    q16, k16, v16 = (x.detach().bfloat16().requires_grad_() for x in (q, k, v))
+    out = neighborhood_attention(q16, k16, v16, grid=grid, kernel_size=9, rpb=rpb.bfloat16(), num_prefix=1,
+                                 backend="reference")
+    assert_rel_close(out, want, torch.bfloat16, what="bf16 forward")
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q16, k16, v16), g.bfloat16()),
+                          torch.autograd.grad(want, (q, k, v), g)):
+        assert a.dtype == torch.bfloat16
+        assert_rel_close(a, b, torch.bfloat16, what=f"bf16 d{name}")
