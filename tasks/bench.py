@@ -59,9 +59,17 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
 
 # options that make a family comparable with its peers (natten has no relative position bias)
 BENCH_OPTIONS = {"neighborhood": {"rpb": False}}
+# neighborhood attention's window grows with the grid: k7 at 56x56, k13 at 128x128, k21 at 256x256 (the
+# sizes of natten's benchmarks), NAT's default 7 elsewhere
+NEIGHBORHOOD_KERNEL = {(56, 56): 7, (128, 128): 13, (256, 256): 21}
+
 # peer implementations measured beside a family: (label, backend)
 PEERS = {"neighborhood": [("natten", "natten"), ("flex", "flex")]}
 LINEAR_FAMILY = ("agent", "focused_linear", "mala")
+
+
+def _grid_options(name: str, grid: tuple[int, int]) -> dict:
+    return {"kernel_size": NEIGHBORHOOD_KERNEL.get(tuple(grid), 7)} if name == "neighborhood" else {}
 
 
 def _cases(name: str, cfg: BenchConfig, grid: tuple[int, int]) -> list[tuple[str, Callable]]:
@@ -70,7 +78,8 @@ def _cases(name: str, cfg: BenchConfig, grid: tuple[int, int]) -> list[tuple[str
     PyTorch reference for the linear family. Empty when the grid is too small for the family."""
     def attend_with(backend):
         module = attention.build(name, dim=cfg.heads * cfg.head_dim, num_heads=cfg.heads, backend=backend,
-                                 **BENCH_OPTIONS.get(name, {})).to(cfg.device, cfg.dtype)
+                                 **BENCH_OPTIONS.get(name, {}), **_grid_options(name, grid))
+        module = module.to(cfg.device, cfg.dtype)
         return None if module.needs_dense(grid) else (lambda q, k, v: module.attend(None, q, k, v, grid, 0))
 
     peers = list(PEERS.get(name, []))
