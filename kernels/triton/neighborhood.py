@@ -331,20 +331,26 @@ def default_config(grid: tuple[int, int], kernel_size: int, dilation: int, head_
     """Tile shapes and launch options per kernel: "fwd" and "bwd_q" (query tile TH x TW, key blocks
     KH x KW), "bwd_kv" (key tile TH x TW, query blocks QH x QW).
 
-    8 x 8 tiles and blocks with 4 warps were the fastest of the shapes measured on an H100 (bf16, d = 64,
-    56x56 k7 to 256x256 k21; e.g. 56x56 B32 k7 forward: 8x8 tiles 0.122 ms, 8x16 0.181 ms, 16x16 0.311 ms):
-    a window of k = 7 to 21 wastes least of a small tile's key rectangle. The pipeline is as deep as fits
-    in ~160 KB of shared memory (at most 3 stages forward, 2 backward)."""
+    Measured on an H100 (bf16, d = 64, 56x56 k7 to 256x256 k21): 8 x 8 query and key tiles with 4 warps
+    beat larger tiles (56x56 B32 k7 forward: 8x8 0.122 ms, 8x16 0.181 ms, 16x16 0.311 ms), since a small
+    tile wastes least of its key rectangle (8 + k - 1 on a side). The key blocks are 8 x 8 or 4 x 16,
+    whichever pads that rectangle less (k21: 28 x 32 instead of 32 x 32 keys, 0.225 -> 0.208 ms forward).
+    dK/dV programs take 8 x 16 query blocks with 16-bit inputs (k21: backward 0.82 -> 0.71 ms). The
+    pipeline is as deep as fits in ~160 KB of shared memory (at most 3 stages forward, 2 backward)."""
     elem = torch.finfo(dtype).bits // 8
     d = max(16, triton.next_power_of_2(head_dim))
-    tile = 64 * d       # elements of one 8 x 8 block of tokens
+    tile = 64 * d       # elements of one block of 64 tokens
     budget = 160 * 1024 // elem
     warps = 8 if elem == 4 else 4
     fwd_stages = max(1, min(3, (budget - tile) // (2 * tile)))
     bwd_stages = max(1, min(2, (budget - 2 * tile) // (2 * tile)))
-    return {"fwd": dict(TH=8, TW=8, KH=8, KW=8, num_warps=warps, num_stages=fwd_stages),
-            "bwd_q": dict(TH=8, TW=8, KH=8, KW=8, num_warps=warps, num_stages=bwd_stages),
-            "bwd_kv": dict(TH=8, TW=8, QH=8, QW=8, num_warps=warps, num_stages=bwd_stages)}
+    side = 8 + kernel_size - 1
+    padded = lambda kh, kw: _cdiv(side, kh) * kh * _cdiv(side, kw) * kw     # noqa: E731
+    kh, kw = (4, 16) if padded(4, 16) < padded(8, 8) else (8, 8)
+    qw = 16 if elem == 2 else 8
+    return {"fwd": dict(TH=8, TW=8, KH=kh, KW=kw, num_warps=warps, num_stages=fwd_stages),
+            "bwd_q": dict(TH=8, TW=8, KH=kh, KW=kw, num_warps=warps, num_stages=bwd_stages),
+            "bwd_kv": dict(TH=8, TW=8, QH=8, QW=qw, num_warps=warps, num_stages=bwd_stages)}
 
 
 def _consts(q: Tensor, kernel_size: int) -> dict:
