@@ -36,6 +36,7 @@ class TileLayout:
     position: torch.Tensor
     valid: torch.Tensor
     coords: torch.Tensor
+    morton: bool = False
 
     @property
     def num_tiles(self) -> int:
@@ -48,6 +49,11 @@ class TileLayout:
     @property
     def num_tokens(self) -> int:
         return math.prod(self.grid)
+
+    @property
+    def is_exact_raster(self) -> bool:
+        """Tiles in raster order that fill the grid exactly: tiling is then a reshape and a permute."""
+        return not self.morton and all(g % t == 0 for g, t in zip(self.grid, self.tile))
 
 
 def morton_codes(coords: torch.Tensor) -> torch.Tensor:
@@ -87,13 +93,20 @@ def tile_layout(grid: tuple[int, ...], tile: tuple[int, ...] | None = None, mort
     position = torch.empty(num_tokens, dtype=torch.long)
     position[slots[slots < num_tokens]] = torch.arange(slots.numel())[slots < num_tokens]
     return TileLayout(grid, tile, tiles_per_side, slots.to(device), position.to(device), valid.to(device),
-                      coords.to(device))
+                      coords.to(device), morton)
 
 
 def to_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     """(..., num_tokens, d) in raster order -> (..., num_tiles, tile_size, d); padding slots are 0."""
     if x.shape[-2] != layout.num_tokens:
         raise ValueError(f"to_tiles: {x.shape[-2]} tokens do not fill the grid {layout.grid}")
+    if layout.is_exact_raster:                  # (..., n0, t0, n1, t1, ..., d) -> (..., n0, n1, ..., t0, t1, ..., d)
+        ndim = len(layout.grid)
+        split = x.unflatten(-2, [s for pair in zip(layout.tiles_per_side, layout.tile) for s in pair])
+        lead = split.dim() - 2 * ndim - 1
+        order = [*range(lead), *(lead + 2 * a for a in range(ndim)), *(lead + 2 * a + 1 for a in range(ndim)),
+                 split.dim() - 1]
+        return split.permute(order).reshape(*x.shape[:-2], layout.num_tiles, layout.tile_size, x.shape[-1])
     padded = torch.cat([x, x.new_zeros(*x.shape[:-2], 1, x.shape[-1])], dim=-2)
     tiled = padded.index_select(-2, layout.slots.to(x.device))
     return tiled.unflatten(-2, (layout.num_tiles, layout.tile_size))
@@ -101,4 +114,11 @@ def to_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
 
 def from_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     """(..., num_tiles, tile_size, d) -> (..., num_tokens, d) in raster order (padding dropped)."""
+    if layout.is_exact_raster:
+        ndim = len(layout.grid)
+        split = x.unflatten(-2, layout.tile).unflatten(-2 - ndim, layout.tiles_per_side)
+        lead = split.dim() - 2 * ndim - 1
+        order = [*range(lead), *(a for pair in zip(range(lead, lead + ndim), range(lead + ndim, lead + 2 * ndim))
+                                 for a in pair), split.dim() - 1]
+        return split.permute(order).reshape(*x.shape[:-3], layout.num_tokens, x.shape[-1])
     return x.flatten(-3, -2).index_select(-2, layout.position.to(x.device))

@@ -64,3 +64,19 @@ def test_bad_tile_is_a_value_error():
         tile_layout((4, 4), (2, 2, 2))
     with pytest.raises(ValueError, match="tokens"):
         to_tiles(torch.zeros(1, 15, 2), tile_layout((4, 4), (2, 2)))
+
+
+@pytest.mark.parametrize("grid,tile", [((16, 24), (8, 8)), ((12, 8), (4, 2)), ((4, 6, 8), (2, 3, 4)), ((1, 64), (1, 16))])
+def test_exact_raster_tiling_is_the_slot_gather(grid, tile):
+    """Grids that tiles fill exactly are tiled by a reshape and a permute: the same tokens in the
+    same slots as the general gather by ``slots``, and from_tiles inverts it (gradients too)."""
+    layout = tile_layout(grid, tile)
+    assert layout.is_exact_raster and not tile_layout(grid, tile, morton=True).is_exact_raster
+    x = torch.randn(2, 3, layout.num_tokens, 5, requires_grad=True)
+    tiled = to_tiles(x, layout)
+    want = x.index_select(-2, layout.slots).unflatten(-2, (layout.num_tiles, layout.tile_size))
+    assert torch.equal(tiled, want)
+    assert torch.equal(from_tiles(tiled, layout), x)
+    g = torch.randn_like(tiled)
+    (grad,) = torch.autograd.grad(tiled, x, g)
+    assert torch.equal(grad, from_tiles(g, layout))
