@@ -64,6 +64,30 @@ def _window_start(u, length, KS):
 
 
 @triton.jit
+def _tile_tokens(tile, height, width, dilation, TH: tl.constexpr, TW: tl.constexpr):
+    """The TH x TW tile of program ``tile`` (``_group_tile``) and, per slot: whether it holds a token
+    (ok), its group coordinates (u_r, u_c) and raster index. Slots past the group's end repeat its
+    last token: they compute on a copy and are never stored."""
+    g_r, g_c, r0, c0, len_r, len_c = _group_tile(tile, height, width, dilation, TH, TW)
+    offs = tl.arange(0, TH * TW)
+    ok = (r0 + offs // TW < len_r) & (c0 + offs % TW < len_c)
+    u_r = tl.minimum(r0 + offs // TW, len_r - 1)
+    u_c = tl.minimum(c0 + offs % TW, len_c - 1)
+    return g_r, g_c, r0, c0, len_r, len_c, ok, u_r, u_c, _token(g_r, g_c, u_r, u_c, width, dilation)
+
+
+@triton.jit
+def _key_rectangle(r0, c0, len_r, len_c, KS, TH: tl.constexpr, TW: tl.constexpr):
+    """[r_lo, r_hi) x [c_lo, c_hi): the keys (group coordinates) that the windows of a query tile cover;
+    window starts grow with the position, so the first and last query of each axis bound it."""
+    r_lo = _window_start(r0, len_r, KS)
+    r_hi = _window_start(tl.minimum(r0 + TH, len_r) - 1, len_r, KS) + KS
+    c_lo = _window_start(c0, len_c, KS)
+    c_hi = _window_start(tl.minimum(c0 + TW, len_c) - 1, len_c, KS) + KS
+    return r_lo, r_hi, c_lo, c_hi
+
+
+@triton.jit
 def _first_viewer(g, KS):
     """The first group position whose window holds position g (windows start at most k//2 before u)."""
     return tl.where(g < KS, 0, g - KS // 2)
@@ -108,15 +132,11 @@ def _fwd_kernel(Q, K, V, O, LSE, Rpb,
     BLOCK_N: tl.constexpr = KH * KW
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // NH, bh % NH
-    g_r, g_c, r0, c0, len_r, len_c = _group_tile(tl.program_id(0), height, width, dilation, TH, TW)
+    g_r, g_c, r0, c0, len_r, len_c, q_ok, u_r, u_c, q_tok = _tile_tokens(tl.program_id(0), height, width, dilation,
+                                                                         TH, TW)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    # queries past the group's end compute on a copy of its last token and are not stored
-    q_ok = (r0 + offs_m // TW < len_r) & (c0 + offs_m % TW < len_c)
-    u_r = tl.minimum(r0 + offs_m // TW, len_r - 1)
-    u_c = tl.minimum(c0 + offs_m % TW, len_c - 1)
-    q_tok = _token(g_r, g_c, u_r, u_c, width, dilation)
     q = load_block(Q + b * sqb + h * sqh + (P + q_tok)[:, None] * sqn + cols[None, :], offs_m, BLOCK_M, cols,
                    HEAD_DIM, BLOCK_D, False)
     K += b * skb + h * skh
@@ -134,10 +154,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Rpb,
         vp = load_block(V + keys[:, None] * svn + cols[None, :], keys, P, cols, HEAD_DIM, BLOCK_D, True)
         s = tl.where(keys[None, :] < P, dot(q, tl.trans(kp), None, DOT_PRECISION) * qk_scale, float("-inf"))
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, vp, DOT_PRECISION)
-    r_lo = _window_start(r0, len_r, KS)
-    r_hi = _window_start(tl.minimum(r0 + TH, len_r) - 1, len_r, KS) + KS
-    c_lo = _window_start(c0, len_c, KS)
-    c_hi = _window_start(tl.minimum(c0 + TW, len_c) - 1, len_c, KS) + KS
+    r_lo, r_hi, c_lo, c_hi = _key_rectangle(r0, c0, len_r, len_c, KS, TH, TW)
     blocks_c = tl.cdiv(c_hi - c_lo, KW)
     for blk in range(tl.cdiv(r_hi - r_lo, KH) * blocks_c):
         k_r = r_lo + (blk // blocks_c) * KH + offs_n // KW
@@ -192,14 +209,11 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, Rpb, DRpb, DKP, DVP,
     BLOCK_N: tl.constexpr = KH * KW
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // NH, bh % NH
-    g_r, g_c, r0, c0, len_r, len_c = _group_tile(tl.program_id(0), height, width, dilation, TH, TW)
+    g_r, g_c, r0, c0, len_r, len_c, q_ok, u_r, u_c, q_tok = _tile_tokens(tl.program_id(0), height, width, dilation,
+                                                                         TH, TW)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    q_ok = (r0 + offs_m // TW < len_r) & (c0 + offs_m % TW < len_c)
-    u_r = tl.minimum(r0 + offs_m // TW, len_r - 1)
-    u_c = tl.minimum(c0 + offs_m % TW, len_c - 1)
-    q_tok = _token(g_r, g_c, u_r, u_c, width, dilation)
     q = load_block(Q + b * sqb + h * sqh + (P + q_tok)[:, None] * sqn + cols[None, :], offs_m, BLOCK_M, cols,
                    HEAD_DIM, BLOCK_D, False)
     do = load_block(DO + b * sdb + h * sdh + q_tok[:, None] * sdn + cols[None, :], offs_m, BLOCK_M, cols,
@@ -225,10 +239,7 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, Rpb, DRpb, DKP, DVP,
         rows = (bh * P + keys)[:, None] * BLOCK_D + cols[None, :]
         tl.atomic_add(DKP + rows, dkp * sm_scale, mask=keys[:, None] < P, sem="relaxed")
         tl.atomic_add(DVP + rows, dvp, mask=keys[:, None] < P, sem="relaxed")
-    r_lo = _window_start(r0, len_r, KS)
-    r_hi = _window_start(tl.minimum(r0 + TH, len_r) - 1, len_r, KS) + KS
-    c_lo = _window_start(c0, len_c, KS)
-    c_hi = _window_start(tl.minimum(c0 + TW, len_c) - 1, len_c, KS) + KS
+    r_lo, r_hi, c_lo, c_hi = _key_rectangle(r0, c0, len_r, len_c, KS, TH, TW)
     blocks_c = tl.cdiv(c_hi - c_lo, KW)
     for blk in range(tl.cdiv(r_hi - r_lo, KH) * blocks_c):
         kr0 = r_lo + (blk // blocks_c) * KH
@@ -260,14 +271,12 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Rpb,
     BLOCK_M: tl.constexpr = QH * QW
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // NH, bh % NH
-    g_r, g_c, r0, c0, len_r, len_c = _group_tile(tl.program_id(0), height, width, dilation, TH, TW)
+    g_r, g_c, r0, c0, len_r, len_c, k_ok, k_r, k_c, k_tok = _tile_tokens(tl.program_id(0), height, width, dilation,
+                                                                         TH, TW)
+    k_tok += P
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    k_ok = (r0 + offs_n // TW < len_r) & (c0 + offs_n % TW < len_c)
-    k_r = tl.minimum(r0 + offs_n // TW, len_r - 1)
-    k_c = tl.minimum(c0 + offs_n % TW, len_c - 1)
-    k_tok = P + _token(g_r, g_c, k_r, k_c, width, dilation)
     k = load_block(K + b * skb + h * skh + k_tok[:, None] * skn + cols[None, :], offs_n, BLOCK_N, cols,
                    HEAD_DIM, BLOCK_D, False)
     v = load_block(V + b * svb + h * svh + k_tok[:, None] * svn + cols[None, :], offs_n, BLOCK_N, cols,
