@@ -69,13 +69,15 @@ GridAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def with_global_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_prefix: int,
-                       attend_grid: GridAttention) -> torch.Tensor:
+                       attend_grid: GridAttention,
+                       dense: Callable[..., torch.Tensor] = softmax_attention_reference) -> torch.Tensor:
     """Split (B, h, N, d) into prefix and grid tokens: the prefix queries attend densely to all N
-    keys; ``attend_grid(q_grid, k_grid, v_grid, k_prefix, v_prefix)`` gives the grid queries'
+    keys (``dense``: the explicit reference, or SDPA where speed matters);
+    ``attend_grid(q_grid, k_grid, v_grid, k_prefix, v_prefix)`` gives the grid queries'
     output (B, h, N - P, dv), raster order, float32 or wider. Returns (B, h, N, dv) in q's dtype."""
     p = num_prefix
     grid_out = attend_grid(q[:, :, p:], k[:, :, p:], v[:, :, p:], k[:, :, :p], v[:, :, :p])
     if p == 0:
         return grid_out.to(q.dtype)
-    prefix_out = softmax_attention_reference(q[:, :, :p], k, v)
+    prefix_out = dense(q[:, :, :p], k, v)
     return torch.cat([prefix_out, grid_out.to(q.dtype)], dim=2)
