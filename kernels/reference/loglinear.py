@@ -18,7 +18,6 @@ tokens), and where fewer than K candidates exist the selection has -1 entries.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -26,6 +25,7 @@ from typing import Sequence
 import torch
 
 from .. import checks
+from ..compile_constant import compile_constant, fields_of
 from ..tiles import TileLayout, from_tiles, tile_layout, to_tiles
 from . import compute_dtype
 from .gathered import append_global_keys, attend_gathered, gather_rows, mask_to_bias, with_global_prefix
@@ -66,10 +66,9 @@ def _raster_id(coords: torch.Tensor, tiles_per_side: tuple[int, int]) -> torch.T
     return coords[..., 0] * tiles_per_side[1] + coords[..., 1]
 
 
-@functools.lru_cache(maxsize=64)
-def block_hierarchy(grid: tuple[int, int], side: int, levels: int,
-                    device: torch.device | None = None) -> BlockHierarchy:
-    """(cached) The blocks of ``levels`` levels of side s, s^2, ... over an image grid."""
+@compile_constant
+def _hierarchy_parts(grid: tuple[int, int], side: int, levels: int, device: torch.device | None) -> tuple:
+    """``block_hierarchy``'s fields, each TileLayout as its fields (see ``compile_constant``)."""
     layouts = tuple(tile_layout(grid, (side ** l, side ** l), False, device) for l in range(1, levels + 1))
     children, parent, slot, ancestor = [], [], [], [torch.arange(layouts[0].num_tiles, device=device)]
     offsets = torch.cartesian_prod(torch.arange(side), torch.arange(side)).to(device)
@@ -81,7 +80,17 @@ def block_hierarchy(grid: tuple[int, int], side: int, levels: int,
         children.append(torch.where(inside, _raster_id(child, fine.tiles_per_side), -1))
         ancestor.append(parent[-1][ancestor[-1]])
     counts = tuple(layout.valid.sum(-1) for layout in layouts)
-    return BlockHierarchy(side, layouts, tuple(children), tuple(parent), tuple(slot), tuple(ancestor), counts)
+    return (side, tuple(fields_of(layout) for layout in layouts), tuple(children), tuple(parent), tuple(slot),
+            tuple(ancestor), counts)
+
+
+def block_hierarchy(grid: tuple[int, int], side: int, levels: int,
+                    device: torch.device | None = None) -> BlockHierarchy:
+    """The blocks of ``levels`` levels of side s, s^2, ... over an image grid: built once per
+    (grid, side, levels, device) and cached; under ``torch.compile`` constants, not traced, and
+    specialized to the grid (see ``compile_constant``)."""
+    side, layouts, *index = _hierarchy_parts(grid, side, levels, device)
+    return BlockHierarchy(side, tuple([TileLayout(*fields) for fields in layouts]), *index)
 
 
 def auto_levels(grid: tuple[int, int], side: int, top_k: int) -> int:
@@ -96,18 +105,20 @@ def auto_levels(grid: tuple[int, int], side: int, top_k: int) -> int:
     return levels
 
 
+@compile_constant
 def normalize_options(grid: tuple[int, int], block_size: int = 16, top_k: int | Sequence[int] = 8,
                       levels: int | None = None) -> tuple[int, tuple[int, ...]]:
     """Check the selection options for this grid: (block side s, top-K per level, finest first).
 
     ``top_k``: one K for every level or one per level (then ``levels`` defaults to their number);
-    ``levels``: None picks ``auto_levels``.
+    ``levels``: None picks ``auto_levels``. Cached; under ``torch.compile`` the checks run eagerly
+    (see ``compile_constant``).
     """
     op = "loglinear_attention"
     side = math.isqrt(block_size) if isinstance(block_size, int) else 0
     if side < 2 or side * side != block_size:
         raise ValueError(f"{op}: block_size must be a perfect square >= 4 (blocks are s x s patches), got {block_size!r}")
-    per_level = tuple(top_k) if isinstance(top_k, (tuple, list)) else None
+    per_level = top_k if isinstance(top_k, tuple) else None              # compile_constant makes lists tuples
     if levels is None:
         levels = len(per_level) if per_level else auto_levels(grid, side, top_k if isinstance(top_k, int) else 1)
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:

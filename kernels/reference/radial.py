@@ -25,38 +25,19 @@ and options (cached). Layouts:
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-import operator
 from dataclasses import dataclass
-from typing import Callable, TypeVar
 
 import torch
 
+from ..compile_constant import compile_constant, fields_of
 from ..tiles import TileLayout, from_tiles, tile_layout, to_tiles
 from . import compute_dtype
 from .gathered import append_global_keys, attend_gathered, gather_rows, mask_to_bias, with_global_prefix
 
 LAYOUTS = ("official", "frames", "distance")
 OFFICIAL_SPLIT_THRESHOLD = 128      # hard-coded in the official code, independent of block_size
-Plan = TypeVar("Plan")
-
-
-def compile_constant(build: Callable[..., Plan]) -> Callable[..., Plan]:
-    """``build`` cached per arguments (hashable Python values such as grid, options and device) and
-    a constant under ``torch.compile``: dynamo runs it eagerly instead of tracing it and takes the
-    result as constants, so ``fullgraph=True`` captures its callers although what it builds has
-    data-dependent sizes (key lists). Its result must depend on its arguments only and be tensors
-    and Python values in tuples (dynamo does not resolve the properties of a constant object)."""
-    cached = functools.lru_cache(maxsize=128)(build)
-
-    @torch.compiler.assume_constant_result
-    @functools.wraps(build)
-    def constant(*args: object) -> Plan:
-        return cached(*args)
-
-    return constant
 
 
 @dataclass(frozen=True, eq=False)
@@ -233,23 +214,14 @@ def _plan_parts(grid: tuple[int, ...], options: tuple,
             num_frames, frame_tiles = (frames[0], (th, tw)) if frames else (th, (1, tw))
             tokens_per_frame = math.prod(grid[1:]) if frames else tile[0] * grid[1]
             mask = frames_block_mask(num_frames, frame_tiles, tokens_per_frame, layout.tile_size, decay_factor, sink)
-    fields = tuple(getattr(layout, field.name) for field in dataclasses.fields(layout))
-    return fields, _lists(mask).to(device), float(mask.sum()) / mask.numel()
-
-
-def _static(value: object) -> object:
-    """``value`` (an int or a tuple of them, nested) with its ints as Python ints: under torch.compile
-    a symbolic size (a recompile at a new grid makes sizes dynamic) is specialized, with a guard."""
-    if isinstance(value, tuple):
-        return tuple(_static(v) for v in value)
-    return operator.index(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    return fields_of(layout), _lists(mask).to(device), float(mask.sum()) / mask.numel()
 
 
 def radial_plan(grid: tuple[int, ...], options: tuple, device: torch.device | None = None) -> RadialPlan:
     """The tiles and key-tile lists for a grid and ``normalize_options(grid, ...)``: built once per
     (grid, options, device) and cached; under ``torch.compile`` constants, not traced (see
     ``compile_constant``), and specialized to the grid and options."""
-    layout, key_tiles, density = _plan_parts(_static(grid), _static(options), device)
+    layout, key_tiles, density = _plan_parts(grid, options, device)
     return RadialPlan(TileLayout(*layout), key_tiles, density)
 
 

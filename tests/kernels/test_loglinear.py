@@ -205,3 +205,38 @@ def test_triton_core_backend_equals_reference():
 @pytest.mark.parametrize("grid", [(64, 64), (128, 96)])
 def test_gpu_triton_backend_equals_reference(grid, dtype):
     check_backend("triton", grid, 1, {}, dtype=dtype, heads=4, d=64, device="cuda")
+
+
+# --- under torch.compile ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,grid,p,opts", [
+    ("reference", (33, 20), 0, {}), ("reference", (13, 17), 1, dict(top_k=4)),
+    ("reference", (21, 10), 2, dict(block_size=4, top_k=(4, 3))),
+    *(pytest.param("triton", grid, p, opts, marks=pytest.mark.skipif(
+        "triton" not in available_backends("loglinear_attention"), reason="no Triton"))
+      for grid, p, opts in (((9, 8), 1, dict(top_k=3)), ((17, 9), 1, dict(top_k=(3, 1)))))])
+def test_compile_fullgraph(backend, grid, p, opts):
+    """The options and the block hierarchy are constants under torch.compile (built eagerly, not
+    traced); pooling, the top-K selection, the gathers and the core's fixed-width CSR are traced:
+    the whole op is one graph. ``triton`` is the block-sparse core's kernel (the ``block_sparse``
+    backend's choice on CUDA); on CPU ``block_sparse`` runs the core's reference, whose CSR checks
+    read the indices on the host."""
+    q, k, v = (torch.randn(1, 2, p + math.prod(grid), 16, requires_grad=True) for _ in range(3))
+    fn = lambda q, k, v: loglinear_attention(q, k, v, grid=grid, num_prefix=p, backend=backend, **opts)  # noqa: E731
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    want = fn(q, k, v)
+    assert_rel_close(out, want, what="compiled")
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        assert_rel_close(a, b, torch.float32, what=f"compiled d{name}")
+
+
+def test_compile_fullgraph_at_new_grids():
+    """A recompile at a new grid makes the sizes symbolic; the options and the hierarchy specialize
+    them (one hierarchy per grid). ``top_k`` as a list: made a tuple for the cache."""
+    opts = dict(block_size=4, top_k=[3, 2])
+    fn = torch.compile(lambda q, grid: loglinear_attention(q, q, q, grid=grid, num_prefix=1, **opts),
+                       fullgraph=True, backend="eager")
+    for grid in ((13, 17), (21, 10), (30, 7)):
+        q = torch.randn(1, 2, 1 + math.prod(grid), 8)
+        assert_rel_close(fn(q, grid), loglinear_attention(q, q, q, grid=grid, num_prefix=1, **opts), what=f"grid {grid}")
