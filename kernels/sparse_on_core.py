@@ -14,10 +14,12 @@ import functools
 import torch
 
 from .backends import choose_backend
+from .compile_constant import compile_constant
 from .reference.gathered import gather_rows, with_global_prefix
 from .reference.loglinear import (BlockHierarchy, block_hierarchy, loglinear_attention_reference, pool_levels,
                                  select_blocks)
 from .reference.radial import radial_attention_reference, radial_plan
+from .reference.softmax import softmax_attention_sdpa
 from .tiles import TileLayout, from_tiles, to_tiles
 
 
@@ -63,14 +65,22 @@ def run_core(core, layout: TileLayout, qg, kg, vg, kp, vp, csr, extra_keys=(), e
     return from_tiles(out.unflatten(2, (layout.num_tiles, t)), layout)
 
 
+@compile_constant
+def radial_csr(grid: tuple[int, ...], options: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cached; a constant under torch.compile) The radial plan's key-tile lists as the core's CSR:
+    built once per grid, not per call (its boolean indexing waits for the device)."""
+    return csr_from_lists(radial_plan(grid, options, device).key_tiles[None, None])
+
+
 def radial_attention_on_core(q, k, v, grid, num_prefix, options, core_backend=None):
     plan = radial_plan(grid, options, q.device)
     if not core_fits(plan.layout.tile_size):
         return radial_attention_reference(q, k, v, grid, num_prefix, options)
     core = choose_backend("block_sparse_attention", core_backend, q)
-    lists = plan.key_tiles[None, None]
+    csr = radial_csr(grid, options, q.device)
     return with_global_prefix(q, k, v, num_prefix,
-                              lambda qg, kg, vg, kp, vp: run_core(core, plan.layout, qg, kg, vg, kp, vp, csr_from_lists(lists)))
+                              lambda qg, kg, vg, kp, vp: run_core(core, plan.layout, qg, kg, vg, kp, vp, csr),
+                              dense=softmax_attention_sdpa)
 
 
 def pooled_key_tiles(pooled: torch.Tensor, hierarchy: BlockHierarchy, level: int):
@@ -118,7 +128,7 @@ def loglinear_attention_on_core(q, k, v, grid, num_prefix, side, top_k, core_bac
         csr = fixed_width_csr(torch.cat(lists, -1), offset)
         return run_core(core, hierarchy.layouts[0], qg, kg, vg, kp, vp, csr, extra_k, extra_v, extra_bias)
 
-    return with_global_prefix(q, k, v, num_prefix, attend_grid)
+    return with_global_prefix(q, k, v, num_prefix, attend_grid, dense=softmax_attention_sdpa)
 
 
 def with_core_backend(fn, core_backend: str):
