@@ -10,8 +10,6 @@ guidance 4.0, so each step runs a batch of 2B) for ``SAMPLE_STEPS`` steps, secon
 from __future__ import annotations
 
 import gc
-import statistics
-import time
 from typing import Callable
 
 import torch
@@ -19,6 +17,7 @@ from tqdm import tqdm
 
 from .. import attention
 from ..backbones.subquad_dit import create_dit
+from .bench import median_ms
 from .dit_train_config import DiTModelConfig
 from .sample import Sampler
 
@@ -30,27 +29,15 @@ SAMPLE_STEPS = 10
 NUM_CLASSES = 1000
 
 
-def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def _train_step(model: torch.nn.Module, batch: int, side: int, channels: int) -> Callable[[], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randn(batch, channels, side, side, device="cuda")
-    t = torch.randint(0, 1000, (batch,), device="cuda").float()
-    y = torch.randint(0, NUM_CLASSES, (batch,), device="cuda")
+def _train_step(model: torch.nn.Module, batch: int, side: int, channels: int,
+                device: torch.device) -> Callable[[], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    x = torch.randn(batch, channels, side, side, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device).float()
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model(x, t, y)[:, :channels]
         torch.nn.functional.mse_loss(out.float(), x).backward()
         opt.step()
@@ -58,19 +45,22 @@ def _train_step(model: torch.nn.Module, batch: int, side: int, channels: int) ->
     return step
 
 
-def _measure(family: str, name: str, side: int, channels: int, batch: int, repeats: int) -> dict:
-    with torch.device("cuda"):              # initialised on the GPU: seconds, not a minute, for DiT-XL
+def _measure(family: str, name: str, side: int, channels: int, batch: int, repeats: int,
+             device: torch.device) -> dict:
+    with device:                            # initialised on the device: seconds, not a minute, for DiT-XL
         model = create_dit(name, input_size=side, in_channels=channels, num_classes=NUM_CLASSES, attn=family)
     try:
-        train_ms = _median_ms(_train_step(model, batch, side, channels), repeats)
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        train_ms = median_ms(_train_step(model, batch, side, channels, device), device, repeats, warmup=2)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
         sampler = Sampler(model.eval(), None, DiTModelConfig(name=name))
 
         def sample() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 sampler.sample(list(range(batch)), steps=SAMPLE_STEPS, cfg_scale=4.0, batch_size=batch,
                                progress=False)
-        sample_s = _median_ms(sample, max(1, repeats // 3), warmup=1) / 1e3
+        sample_s = median_ms(sample, device, max(1, repeats // 3), warmup=1) / 1e3
         return dict(train_step_ms=train_ms, train_peak_gib=peak, sample_s=sample_s)
     except torch.cuda.OutOfMemoryError:
         tqdm.write(f"bench dit: {family} {name} at {side}: out of memory")
@@ -79,21 +69,23 @@ def _measure(family: str, name: str, side: int, channels: int, batch: int, repea
     finally:
         del model
         gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def bench_dit(families: list[str] | None = None, repeats: int = 5) -> list[dict]:
-    """One row per (case, family): training step ms, its peak memory, sampling seconds, and the
-    speedups over the softmax (SDPA) DiT of the same case."""
+def bench_dit(families: list[str] | None = None, repeats: int = 5, cases: list[tuple] | None = None,
+              device: str = "cuda") -> list[dict]:
+    """One row per (case, family): training step ms, its peak memory (CUDA), sampling seconds, and
+    the speedups over the softmax (SDPA) DiT of the same case. ``cases``: ``DIT_CASES`` by default."""
+    dev = torch.device(device)
     families = ["softmax"] + [f for f in (families or attention.list()) if f != "softmax"]
     rows = []
-    jobs = [(case, family) for case in DIT_CASES for family in families]
+    jobs = [(case, family) for case in (cases or DIT_CASES) for family in families]
     for (label, name, side, channels, batch), family in tqdm(jobs, desc="bench dit", unit="case"):
         patch = int(name.rsplit("_", 1)[1])
         rows.append(dict(case=label, family=family, batch=batch, tokens=(side // patch) ** 2,
                          sample_steps=SAMPLE_STEPS,
-                         **_measure(family, name, side, channels, batch, repeats)))
+                         **_measure(family, name, side, channels, batch, repeats, dev)))
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()))
     for r in rows:
         base = next(x for x in rows if x["case"] == r["case"] and x["family"] == "softmax")
