@@ -119,6 +119,36 @@ def _window_scores(s, Rpb, q_r, q_c, start_r, start_c, k_r, k_c, qk_bias_scale, 
     return tl.where(inside, s, float("-inf"))
 
 
+@triton.jit
+def _prefix_block(q, K, V, p0, P, cols, skn, svn, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Prefix keys p0..p0+PB of a query tile: their k, v and the scores (log2 domain, -inf past P)."""
+    keys = p0 + tl.arange(0, PB)
+    kp = load_block(K + keys[:, None] * skn + cols[None, :], keys, P, cols, HEAD_DIM, BLOCK_D, True)
+    vp = load_block(V + keys[:, None] * svn + cols[None, :], keys, P, cols, HEAD_DIM, BLOCK_D, True)
+    s = tl.where(keys[None, :] < P, dot(q, tl.trans(kp), None, DOT_PRECISION) * qk_scale, float("-inf"))
+    return keys, kp, vp, s
+
+
+@triton.jit
+def _grid_block(q, K, V, Rpb, kr0, kc0, r_hi, c_hi, g_r, g_c, u_r, u_c, start_r, start_c, width, dilation, P,
+                cols, skn, svn, qk_scale, KS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KH: tl.constexpr,
+                KW: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The KH x KW key block at (kr0, kc0) of a query tile's key rectangle: its k, v and the scores of
+    the tile's queries, masked to their windows, with the relative position bias (log2 domain). Keys
+    past the rectangle are read at its last row/column (in bounds) and masked by the window test."""
+    offs_n = tl.arange(0, KH * KW)
+    k_r = kr0 + offs_n // KW
+    k_c = kc0 + offs_n % KW
+    k_tok = P + _token(g_r, g_c, tl.minimum(k_r, r_hi - 1), tl.minimum(k_c, c_hi - 1), width, dilation)
+    k = load_block(K + k_tok[:, None] * skn + cols[None, :], offs_n, KH * KW, cols, HEAD_DIM, BLOCK_D, False)
+    v = load_block(V + k_tok[:, None] * svn + cols[None, :], offs_n, KH * KW, cols, HEAD_DIM, BLOCK_D, False)
+    s = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+    s = _window_scores(s, Rpb, u_r[:, None], u_c[:, None], start_r[:, None], start_c[:, None],
+                       k_r[None, :], k_c[None, :], LOG2E, KS, HAS_RPB)
+    return k, v, s
+
+
 # --- forward ---------------------------------------------------------------------------------------
 
 @triton.jit
@@ -129,13 +159,11 @@ def _fwd_kernel(Q, K, V, O, LSE, Rpb,
                 TW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PB: tl.constexpr, HAS_RPB: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     BLOCK_M: tl.constexpr = TH * TW
-    BLOCK_N: tl.constexpr = KH * KW
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // NH, bh % NH
     g_r, g_c, r0, c0, len_r, len_c, q_ok, u_r, u_c, q_tok = _tile_tokens(tl.program_id(0), height, width, dilation,
                                                                          TH, TW)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     q = load_block(Q + b * sqb + h * sqh + (P + q_tok)[:, None] * sqn + cols[None, :], offs_m, BLOCK_M, cols,
                    HEAD_DIM, BLOCK_D, False)
@@ -147,25 +175,16 @@ def _fwd_kernel(Q, K, V, O, LSE, Rpb,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    offs_p = tl.arange(0, PB)
     for p0 in range(0, P, PB):
-        keys = p0 + offs_p
-        kp = load_block(K + keys[:, None] * skn + cols[None, :], keys, P, cols, HEAD_DIM, BLOCK_D, True)
-        vp = load_block(V + keys[:, None] * svn + cols[None, :], keys, P, cols, HEAD_DIM, BLOCK_D, True)
-        s = tl.where(keys[None, :] < P, dot(q, tl.trans(kp), None, DOT_PRECISION) * qk_scale, float("-inf"))
+        keys, kp, vp, s = _prefix_block(q, K, V, p0, P, cols, skn, svn, qk_scale, HEAD_DIM, BLOCK_D, PB,
+                                        DOT_PRECISION)
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, vp, DOT_PRECISION)
     r_lo, r_hi, c_lo, c_hi = _key_rectangle(r0, c0, len_r, len_c, KS, TH, TW)
     blocks_c = tl.cdiv(c_hi - c_lo, KW)
     for blk in range(tl.cdiv(r_hi - r_lo, KH) * blocks_c):
-        k_r = r_lo + (blk // blocks_c) * KH + offs_n // KW
-        k_c = c_lo + (blk % blocks_c) * KW + offs_n % KW
-        # keys past the rectangle are read at its last row/column (in bounds) and masked by the window test
-        k_tok = P + _token(g_r, g_c, tl.minimum(k_r, r_hi - 1), tl.minimum(k_c, c_hi - 1), width, dilation)
-        k = load_block(K + k_tok[:, None] * skn + cols[None, :], offs_n, BLOCK_N, cols, HEAD_DIM, BLOCK_D, False)
-        v = load_block(V + k_tok[:, None] * svn + cols[None, :], offs_n, BLOCK_N, cols, HEAD_DIM, BLOCK_D, False)
-        s = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _window_scores(s, Rpb, u_r[:, None], u_c[:, None], start_r[:, None], start_c[:, None],
-                           k_r[None, :], k_c[None, :], LOG2E, KS, HAS_RPB)
+        k, v, s = _grid_block(q, K, V, Rpb, r_lo + (blk // blocks_c) * KH, c_lo + (blk % blocks_c) * KW, r_hi, c_hi,
+                              g_r, g_c, u_r, u_c, start_r, start_c, width, dilation, P, cols, skn, svn, qk_scale,
+                              KS, HEAD_DIM, BLOCK_D, KH, KW, HAS_RPB, DOT_PRECISION)
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
     out, lse = softmax_finish(acc, m_i, l_i)
     tl.store(O + b * sob + h * soh + q_tok[:, None] * son + cols[None, :], out.to(O.dtype.element_ty),
@@ -206,13 +225,11 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, Rpb, DRpb, DKP, DVP,
     """dQ of one query tile; with it the prefix keys' dK, dV (float32 atomics into DKP, DVP of shape
     (B * H * P, BLOCK_D)) and the bias gradient (atomics into this program's table of DRpb)."""
     BLOCK_M: tl.constexpr = TH * TW
-    BLOCK_N: tl.constexpr = KH * KW
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // NH, bh % NH
     g_r, g_c, r0, c0, len_r, len_c, q_ok, u_r, u_c, q_tok = _tile_tokens(tl.program_id(0), height, width, dilation,
                                                                          TH, TW)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     q = load_block(Q + b * sqb + h * sqh + (P + q_tok)[:, None] * sqn + cols[None, :], offs_m, BLOCK_M, cols,
                    HEAD_DIM, BLOCK_D, False)
@@ -227,12 +244,9 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, Rpb, DRpb, DKP, DVP,
     start_r = _window_start(u_r, len_r, KS)
     start_c = _window_start(u_c, len_c, KS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    offs_p = tl.arange(0, PB)
     for p0 in range(0, P, PB):
-        keys = p0 + offs_p
-        kp = load_block(K + keys[:, None] * skn + cols[None, :], keys, P, cols, HEAD_DIM, BLOCK_D, True)
-        vp = load_block(V + keys[:, None] * svn + cols[None, :], keys, P, cols, HEAD_DIM, BLOCK_D, True)
-        s = tl.where(keys[None, :] < P, dot(q, tl.trans(kp), None, DOT_PRECISION) * qk_scale, float("-inf"))
+        keys, kp, vp, s = _prefix_block(q, K, V, p0, P, cols, skn, svn, qk_scale, HEAD_DIM, BLOCK_D, PB,
+                                        DOT_PRECISION)
         dq, _ = dq_step(dq, s, lse, delta, do, kp, vp, DOT_PRECISION)
         zero = tl.zeros([PB, BLOCK_D], dtype=tl.float32)
         dkp, dvp, _ = dkdv_step(zero, zero, tl.trans(s), lse, delta, q, do, vp, DOT_PRECISION)
@@ -244,14 +258,9 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, Rpb, DRpb, DKP, DVP,
     for blk in range(tl.cdiv(r_hi - r_lo, KH) * blocks_c):
         kr0 = r_lo + (blk // blocks_c) * KH
         kc0 = c_lo + (blk % blocks_c) * KW
-        k_r = kr0 + offs_n // KW
-        k_c = kc0 + offs_n % KW
-        k_tok = P + _token(g_r, g_c, tl.minimum(k_r, r_hi - 1), tl.minimum(k_c, c_hi - 1), width, dilation)
-        k = load_block(K + k_tok[:, None] * skn + cols[None, :], offs_n, BLOCK_N, cols, HEAD_DIM, BLOCK_D, False)
-        v = load_block(V + k_tok[:, None] * svn + cols[None, :], offs_n, BLOCK_N, cols, HEAD_DIM, BLOCK_D, False)
-        s = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _window_scores(s, Rpb, u_r[:, None], u_c[:, None], start_r[:, None], start_c[:, None],
-                           k_r[None, :], k_c[None, :], LOG2E, KS, HAS_RPB)
+        k, v, s = _grid_block(q, K, V, Rpb, kr0, kc0, r_hi, c_hi, g_r, g_c, u_r, u_c, start_r, start_c, width,
+                              dilation, P, cols, skn, svn, qk_scale, KS, HEAD_DIM, BLOCK_D, KH, KW, HAS_RPB,
+                              DOT_PRECISION)
         dq, ds = dq_step(dq, s, lse, delta, do, k, v, DOT_PRECISION)
         if HAS_RPB:
             _add_bias_grad(DRpb, ds, kr0 - r0, kc0 - c0, KS, TH, TW, KH, KW, DA, DB, DOT_PRECISION)
