@@ -129,6 +129,23 @@ def _load_scale(c_ptr, h, offs_c, mc, D: tl.constexpr, DP: tl.constexpr, FEATURE
 
 
 @triton.jit
+def _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT: tl.constexpr, FEATURE: tl.constexpr,
+                DP: tl.constexpr, DVP: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """This (batch, head)'s reduced [S (d x dv) | ksum (d) | vsum (dv)] as means over the N keys: S
+    (times 1/sqrt(d) for MALA) split for dot_split, kbar and vbar."""
+    base = state_ptr + bh * (DP * DVP + DP + DVP)
+    state = tl.load(base + offs_c[:, None] * DVP + offs_v[None, :])
+    if FEATURE == 0:
+        state = state * inv_n
+    else:
+        state = state * (scale_d * inv_n)
+    state_hi, state_lo = split_operand(state, DT, LOWP, INTERPRET)
+    kbar = tl.load(base + DP * DVP + offs_c) * inv_n
+    vbar = tl.load(base + DP * DVP + DP + offs_v) * inv_n
+    return state_hi, state_lo, kbar, vbar
+
+
+@triton.jit
 def _rope_cos_sin(trig_ptr, offs_n, mask_n, num_prefix, grid_h, grid_w, DPH: tl.constexpr):
     """cos, sin (tokens, channel pairs) of 2D RoPE. trig_ptr holds four (rows, DPH) tables: cos and sin
     of the row angles (nonzero on the first d/4 pairs), then of the column angles (the next d/4), so
@@ -324,15 +341,8 @@ def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
     c = _load_scale(c_ptr, h, offs_c, mc, D, DP, FEATURE)
-    base = state_ptr + bh * (DP * DVP + DP + DVP)
-    state = tl.load(base + offs_c[:, None] * DVP + offs_v[None, :])
-    if FEATURE == 0:
-        state = state * inv_n
-    else:
-        state = state * (scale_d * inv_n)
-    state_hi, state_lo = split_operand(state, DT, LOWP, INTERPRET)
-    kbar = tl.load(base + DP * DVP + offs_c) * inv_n
-    vbar = tl.load(base + DP * DVP + DP + offs_v) * inv_n
+    state_hi, state_lo, kbar, vbar = _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT, FEATURE,
+                                                 DP, DVP, LOWP, INTERPRET)
     q_base = q_ptr + b * s_qb + h * s_qh
     o_base = o_ptr + b * s_ob + h * s_oh
     lo = tl.program_id(1) * chunk
@@ -374,15 +384,8 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
     c = _load_scale(c_ptr, h, offs_c, mc, D, DP, FEATURE)
-    base = state_ptr + bh * (DP * DVP + DP + DVP)
-    state = tl.load(base + offs_c[:, None] * DVP + offs_v[None, :])
-    if FEATURE == 0:
-        state = state * inv_n
-    else:
-        state = state * (scale_d * inv_n)
-    state_hi, state_lo = split_operand(state, DT, LOWP, INTERPRET)
-    kbar = tl.load(base + DP * DVP + offs_c) * inv_n
-    vbar = tl.load(base + DP * DVP + DP + offs_v) * inv_n
+    state_hi, state_lo, kbar, vbar = _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT, FEATURE,
+                                                 DP, DVP, LOWP, INTERPRET)
     q_base = q_ptr + b * s_qb + h * s_qh
     g_base = do_ptr + b * s_gb + h * s_gh
     dq_base = dq_ptr + b * s_db + h * s_dh
