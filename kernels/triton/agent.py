@@ -110,6 +110,18 @@ def _pool_kernel(q_ptr, part_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_qb,
 
 
 @triton.jit
+def _aggregate_scores(kt, a_hi, a_lo, b1_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """A K^T / sqrt(d) + B1 (log2 domain) of the agents over a block of keys (k in its own dtype);
+    keys outside ``mn`` are left for the caller to mask."""
+    s = _scores(kt, a_hi, a_lo, True, LOWP, INTERPRET) * qk_scale
+    if HAS_BIAS:
+        s += tl.load(b1_ptr + h * NA * N + offs_a[:, None] * N + offs_n[None, :],
+                     mask=ma[:, None] & mn[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+    return s
+
+
+@triton.jit
 def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
                       N, H, chunk, qk_scale, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                       NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
@@ -138,10 +150,8 @@ def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
         mn = offs_n < hi
         kt = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc)
         vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
-        s = _scores(kt, a_hi, a_lo, True, LOWP, INTERPRET) * qk_scale
-        if HAS_BIAS:
-            s += tl.load(b1_ptr + h * NA * N + offs_a[:, None] * N + offs_n[None, :],
-                         mask=ma[:, None] & mn[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+        s = _aggregate_scores(kt, a_hi, a_lo, b1_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS, LOWP,
+                              INTERPRET)
         s = tl.where(mn[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -313,10 +323,8 @@ def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, gra
             mn = offs_n < hi
             kt = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc)
             vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
-            s = _scores(kt, a_hi, a_lo, True, LOWP, INTERPRET) * qk_scale
-            if HAS_BIAS:
-                s += tl.load(b1_ptr + h * NA * N + offs_a[:, None] * N + offs_n[None, :],
-                             mask=ma[:, None] & mn[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+            s = _aggregate_scores(kt, a_hi, a_lo, b1_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS,
+                                  LOWP, INTERPRET)
             p = tl.where(mn[None, :], tl.exp2(s - lse[:, None]), 0.0)
             ds = p * (dot_split_a(dva, tl.trans(vt), DT, LOWP, INTERPRET) - delta[:, None])
             dk = dot_split(tl.trans(ds), a_hi, a_lo, DT, LOWP, INTERPRET) * scale
