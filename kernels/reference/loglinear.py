@@ -142,37 +142,29 @@ class Selection:
     -1 where none, and the candidates scored. Query blocks with the same parent score the same
     candidates (the children of the blocks their parent selected), so these are kept once per
     group: (B, h, n_{l+1}, C_l), group = the parent (``hierarchy.parent[l]``); at the coarsest
-    level one group holds every query block and every block is a candidate: (1, 1, 1, n_L).
-    ``group_sizes[l]`` (groups,): the query blocks in each group."""
+    level one group holds every query block and every block is a candidate: (1, 1, 1, n_L)."""
 
     selected: tuple[torch.Tensor, ...]
     candidates: tuple[torch.Tensor, ...]
-    group_sizes: tuple[torch.Tensor, ...]
 
-    def cost(self) -> int:
-        """Block pairs scored during the selection (the O(N log N) part)."""
+    def cost(self, hierarchy: BlockHierarchy) -> int:
+        """Block pairs scored during the selection (the O(N log N) part): each group's candidates
+        times the query blocks in the group (a parent's children; every block at the top)."""
         total = 0
-        for s, c, g in zip(self.selected, self.candidates, self.group_sizes):
-            pairs = ((c >= 0).sum(-1) * g.to(c.device)).sum()
+        for level, (s, c) in enumerate(zip(self.selected, self.candidates)):
+            if level + 1 < hierarchy.num_levels:
+                group_sizes = (hierarchy.children[level] >= 0).sum(-1).to(c.device)
+            else:
+                group_sizes = s.shape[2]
+            pairs = ((c >= 0).sum(-1) * group_sizes).sum()
             total += int(pairs) * (s.shape[0] * s.shape[1]) // (c.shape[0] * c.shape[1])
         return total
 
 
-def pool_blocks(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-    """Mean of the real tokens of each block: (B, h, N_grid, d) -> (B, h, n, d), float32 or wider."""
-    counts = layout.valid.sum(-1, keepdim=True)
-    return to_tiles(x.to(compute_dtype(x)), layout).sum(-2) / counts
-
-
 def pool_levels(x: torch.Tensor, hierarchy: BlockHierarchy) -> list[torch.Tensor]:
-    """``pool_blocks`` at every level, finest first, in O(N): level 1 sums the tokens (a reshape when
-    the grid is a multiple of s), each coarser level sums its children's sums (float32 or wider)."""
-    dtype, s, first = compute_dtype(x), hierarchy.side, hierarchy.layouts[0]
-    (height, width), (tiles_h, tiles_w) = first.grid, first.tiles_per_side
-    if height % s == 0 and width % s == 0:
-        sums = x.unflatten(-2, (tiles_h, s, tiles_w, s)).sum((-4, -2), dtype=dtype).flatten(-3, -2)
-    else:
-        sums = to_tiles(x, first).sum(-2, dtype=dtype)                   # padding slots hold 0
+    """The mean of the real tokens of each block at every level, finest first, float32 or wider, in
+    O(N): level 1 sums the tokens of each tile, each coarser level sums its children's sums."""
+    sums = to_tiles(x, hierarchy.layouts[0]).sum(-2, dtype=compute_dtype(x))      # padding slots hold 0
     pooled = [sums / hierarchy.counts[0][:, None]]
     for level, kids in enumerate(hierarchy.children, start=1):
         padded = torch.cat([sums, sums.new_zeros(*sums.shape[:-2], 1, sums.shape[-1])], -2)
@@ -193,7 +185,6 @@ def select_blocks(pooled_q: Sequence[torch.Tensor], pooled_k: Sequence[torch.Ten
     n_top = scores.shape[-1]
     selected = [scores.topk(top_k[top], dim=-1).indices]
     candidates = [torch.arange(n_top, device=scores.device)[None, None, None]]
-    group_sizes = [torch.tensor([n_top])]
     for level in range(top - 1, -1, -1):
         kids = hierarchy.children[level]                                             # (n_{l+1}, s*s)
         choice = selected[0]                                                         # (B, h, n_{l+1}, K_{l+1})
@@ -204,8 +195,7 @@ def select_blocks(pooled_q: Sequence[torch.Tensor], pooled_k: Sequence[torch.Ten
         picked = torch.where(torch.isfinite(best.values), picked, -1)
         selected.insert(0, picked[:, :, hierarchy.parent[level], hierarchy.child_slot[level]])
         candidates.insert(0, cand)
-        group_sizes.insert(0, (kids >= 0).sum(-1))
-    return Selection(tuple(selected), tuple(candidates), tuple(group_sizes))
+    return Selection(tuple(selected), tuple(candidates))
 
 
 def loglinear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
