@@ -83,18 +83,19 @@ def radial_attention_on_core(q, k, v, grid, num_prefix, options, core_backend=No
                               dense=softmax_attention_sdpa)
 
 
-def pooled_key_tiles(pooled: torch.Tensor, hierarchy: BlockHierarchy, level: int):
-    """A level's pooled tokens (B, h, n, d) as key tiles, with their log(count) bias: grouped by
-    parent block below the coarsest level (tile g = the children of block g), in chunks at the top."""
+def pooled_tile_slots(hierarchy: BlockHierarchy, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How a level's pooled tokens form key tiles: the block in each slot (tiles, s*s), -1 for none,
+    grouped by parent block below the coarsest level (tile g = the children of block g), in chunks at
+    the top; and each slot's log(token count) bias (-inf for none), flattened."""
     t = hierarchy.side ** 2
     if level + 1 < hierarchy.num_levels:
         slots = hierarchy.children[level]                                    # (n_parent, t), -1: none
     else:
-        n = pooled.shape[2]
-        slots = torch.arange(-(-n // t) * t, device=pooled.device).reshape(-1, t)
+        n = hierarchy.num_blocks(level)
+        slots = torch.arange(-(-n // t) * t, device=hierarchy.counts[level].device).reshape(-1, t)
         slots = slots.masked_fill(slots >= n, -1)
     bias = hierarchy.counts[level].float().log()[slots.clamp_min(0)].masked_fill(slots < 0, float("-inf"))
-    return gather_rows(pooled, slots).flatten(2, 3), bias.flatten()
+    return slots, bias.flatten()
 
 
 def loglinear_attention_on_core(q, k, v, grid, num_prefix, side, top_k, core_backend=None):
@@ -111,9 +112,9 @@ def loglinear_attention_on_core(q, k, v, grid, num_prefix, side, top_k, core_bac
         lists, offset = [selection.selected[0]], hierarchy.num_blocks(0)
         extra_k, extra_v, extra_bias = [], [], []
         for level in range(hierarchy.num_levels):
-            k_tiles, bias = pooled_key_tiles(pooled[1][level].to(kg.dtype), hierarchy, level)
-            extra_k.append(k_tiles)
-            extra_v.append(pooled_key_tiles(pooled[2][level].to(vg.dtype), hierarchy, level)[0])
+            slots, bias = pooled_tile_slots(hierarchy, level)
+            extra_k.append(gather_rows(pooled[1][level].to(kg.dtype), slots).flatten(2, 3))
+            extra_v.append(gather_rows(pooled[2][level].to(vg.dtype), slots).flatten(2, 3))
             extra_bias.append(bias)
             groups = bias.numel() // t
             if level + 1 < hierarchy.num_levels:     # the children of the blocks selected one level up
