@@ -103,7 +103,7 @@ def load_row_stats(LSE, Delta, rows, row_mask):
     return tl.where(lse == float("-inf"), float("inf"), lse), delta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "Nq"])
 def delta_kernel(O, DO, Delta, sob, soh, son, sdb, sdh, sdn, H, Nq,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta = rowsum(dO * O) per query, (B * H, Nq) float32."""

@@ -84,7 +84,7 @@ def _scores(x, a_hi, a_lo, AGENTS_FIRST: tl.constexpr, LOWP: tl.constexpr, INTER
     return s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
 def _pool_kernel(q_ptr, part_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_qb, s_qh, s_qn,
                  A_SIDE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NAP: tl.constexpr, BLOCK_N: tl.constexpr,
                  LOWP: tl.constexpr, INTERPRET: tl.constexpr):
@@ -121,7 +121,7 @@ def _aggregate_scores(kt, a_hi, a_lo, b1_ptr, h, offs_n, offs_a, mn, ma, N, qk_s
     return s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "chunk", "grid_h", "grid_w"])
 def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
                       N, H, chunk, qk_scale, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                       NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
@@ -165,7 +165,7 @@ def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
     tl.store(acc_ptr + part * NAP * DVP + offs_a[:, None] * DVP + offs_v[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])
 def _merge_kernel(m_ptr, l_ptr, acc_ptr, va_ptr, lse_ptr, SPLITS, NAP: tl.constexpr, DVP: tl.constexpr):
     """V_A = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s and lse = m + log2(l) over the splits."""
     bh = tl.program_id(0)
@@ -197,7 +197,7 @@ def _broadcast_probs(qt, a_hi, a_lo, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_sc
     return p / tl.sum(p, axis=1)[:, None]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "chunk", "grid_h", "grid_w"])
 def _broadcast_kernel(q_ptr, agents_ptr, va_ptr, b2_ptr, o_ptr, N, H, chunk, qk_scale, grid_h, grid_w,
                       s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
                       NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
@@ -229,7 +229,7 @@ def _broadcast_kernel(q_ptr, agents_ptr, va_ptr, b2_ptr, o_ptr, N, H, chunk, qk_
         store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out, INTERPRET)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "N", "H", "chunk", "grid_h", "grid_w"])
 def _broadcast_bwd_kernel(q_ptr, do_ptr, agents_ptr, va_ptr, b2_ptr, dq_ptr, db2_ptr, part_ptr,
                           B, N, H, chunk, qk_scale, scale, grid_h, grid_w,
                           s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_db, s_dh, s_dn,
@@ -285,7 +285,7 @@ def _broadcast_bwd_kernel(q_ptr, do_ptr, agents_ptr, va_ptr, b2_ptr, dq_ptr, db2
         tl.debug_barrier()          # this batch element's dB2 stores are read by other threads at the next
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "N", "H", "chunk", "grid_h", "grid_w"])
 def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, grads_ptr, dk_ptr, dv_ptr,
                           db1_ptr, part_ptr, B, N, H, chunk, qk_scale, scale, grid_h, grid_w,
                           s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
@@ -343,7 +343,7 @@ def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, gra
         tl.debug_barrier()          # this batch element's dB1 stores are read by other threads at the next
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
 def _unpool_kernel(dq_ptr, da_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_db, s_dh, s_dn,
                    A_SIDE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NAP: tl.constexpr, BLOCK_N: tl.constexpr,
                    LOWP: tl.constexpr, INTERPRET: tl.constexpr):

@@ -74,7 +74,7 @@ def _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start, key_limit, mask
     return softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P"])
 def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, srb, srh, sbb, sbh,
                 H, Nq, Nk, P, qk_scale,
@@ -119,7 +119,7 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias,
         tl.store(LSE + bh * Nq + rows, lse)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P", "num_q_tiles", "num_chunks"])
 def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, TileMasks, KeyBias,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                    skgb, skgh, skgn, svgb, svgh, svgn, scb, sch, sbb, sbh,
@@ -202,7 +202,7 @@ def _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start, key_limi
     return dq_step(dq, s, lse, delta, do, k, v, DOT_PRECISION)[0]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P"])
 def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, srb, srh, sbb, sbh,
                   H, Nq, Nk, P, qk_scale, sm_scale,

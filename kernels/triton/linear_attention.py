@@ -195,7 +195,7 @@ def _load_grad_state(grads_ptr, bh, inv_n, scale_d, FEATURE: tl.constexpr, DT: t
 
 # --- kernels --------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H"])
 def _token_norms_kernel(q_ptr, k_ptr, c_ptr, norms_ptr, N, H, p, eps, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn,
                         P_INT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
     """FLatten's whole-token norms (Eq. 5-6 over all C = H * D channels) of a tile of tokens of q
@@ -235,7 +235,7 @@ def _token_norms_kernel(q_ptr, k_ptr, c_ptr, norms_ptr, N, H, p, eps, s_qb, s_qh
     tl.store(at + 3, tl.sqrt(sum_rp), mask=mn)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H"])
 def _query_gw_kernel(g_ptr, o_ptr, den_ptr, norms_ptr, gw_ptr, N, H, lin_eps, s_gb, s_gh, s_gn, s_ob, s_oh, s_on,
                      DV: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr):
     """g.w of a tile of queries over all heads: phi(q_i) . dL/dphi(q_i) / ||r_i||, which for O = num / den
@@ -255,7 +255,7 @@ def _query_gw_kernel(g_ptr, o_ptr, den_ptr, norms_ptr, gw_ptr, N, H, lin_eps, s_
     tl.store(gw_ptr + b * N + offs_n, lin_eps * acc / norm_r, mask=mn)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H"])
 def _key_gw_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, grads_ptr, gw_ptr, N, H, p, eps, inv_n,
                    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, P_INT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                    DP: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
@@ -282,7 +282,7 @@ def _key_gw_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, grads_ptr, gw_ptr, N, H, p, e
     tl.store(gw_ptr + b * N + offs_n, acc / norm_r, mask=mn)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
 def _state_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, trig_ptr, part_ptr,
                   N, H, chunk, p, eps, num_prefix, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                   FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
@@ -325,7 +325,7 @@ def _state_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, trig_ptr, part_ptr,
     tl.store(base + DP * DVP + DP + offs_v, tl.sum(vsum, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
 def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
                    N, H, chunk, p, eps, num_prefix, grid_h, grid_w, inv_n, scale_d, lin_eps,
                    s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
@@ -367,7 +367,7 @@ def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
         store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out, INTERPRET)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
 def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_ptr, dq_ptr, part_ptr,
                        N, H, chunk, p, eps, num_prefix, grid_h, grid_w, inv_n, scale_d, lin_eps,
                        s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_db, s_dh, s_dn,
@@ -445,7 +445,7 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_
     tl.store(part + DP * DVP + DP + DVP + offs_c, tl.sum(acc_c, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
 def _backward_k_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr, dc_ptr,
                        N, H, chunk, p, eps, num_prefix, grid_h, grid_w, inv_n, scale_d,
                        s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,

@@ -151,7 +151,7 @@ def _grid_block(q, K, V, Rpb, kr0, kc0, r_hi, c_hi, g_r, g_c, u_r, u_c, start_r,
 
 # --- forward ---------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["NH", "height", "width", "dilation", "P", "KS"])
 def _fwd_kernel(Q, K, V, O, LSE, Rpb,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 NH, height, width, dilation, P, qk_scale,
@@ -215,7 +215,7 @@ def _add_bias_grad(DRpb, ds, off_r, off_c, KS, TH: tl.constexpr, TW: tl.constexp
     tl.atomic_add(DRpb + bin_r[:, None] * (2 * KS - 1) + bin_c[None, :], z, mask=ok, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NH", "height", "width", "dilation", "P", "KS"])
 def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, Rpb, DRpb, DKP, DVP,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
                   NH, height, width, dilation, P, qk_scale, sm_scale,
@@ -268,7 +268,7 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, Rpb, DRpb, DKP, DVP,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None] & (cols[None, :] < HEAD_DIM))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NH", "height", "width", "dilation", "P", "KS"])
 def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Rpb,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, skgb, skgh, skgn, svgb, svgh, svgn,
                    NH, height, width, dilation, P, qk_scale, sm_scale,
