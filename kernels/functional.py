@@ -113,7 +113,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            col_idx: torch.Tensor, block_m: int, block_n: int, num_prefix: int = 0,
                            tile_mask_idx: torch.Tensor | None = None, tile_masks: torch.Tensor | None = None,
                            key_bias: torch.Tensor | None = None, scale: float | None = None,
-                           backend: str | None = None) -> torch.Tensor:
+                           tile_rows: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """Softmax attention of each query tile over its listed key tiles plus the prefix keys.
 
     Tokens are in tile order: query tile i = q[:, :, i*block_m:(i+1)*block_m], key tile j =
@@ -121,13 +121,16 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     attends. ``row_ptr`` (1|B, 1|heads, num_q_tiles+1) and ``col_idx`` (nnz,) int32 are a CSR of key
     tiles per query tile; ``tile_mask_idx``/``tile_masks`` mask keys inside listed tiles;
     ``key_bias`` (1|B, 1|heads, Nk) is added to the scores (-inf drops a key). A query with no key
-    gets 0. Layout details: ``subquad.kernels.reference.block_sparse``.
+    gets 0. ``tile_rows`` (self-attention): the tiles' token rows, so that tokens stay in place (a 2D
+    tile of a raster grid, no permutation); the prefix rows of the output are then 0. Layout details:
+    ``subquad.kernels.reference.block_sparse``.
     """
     checks.check_qkv(q, k, v, "block_sparse_attention")
     check_block_sparse_args(q, k, v, row_ptr, col_idx, block_m, block_n, num_prefix, tile_mask_idx, tile_masks,
-                            key_bias)
+                            key_bias, tile_rows)
     fn = choose_backend("block_sparse_attention", backend, q)
-    return fn(q, k, v, row_ptr, col_idx, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, key_bias, scale)
+    return fn(q, k, v, row_ptr, col_idx, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, key_bias, scale,
+              tile_rows)
 
 
 register_backend("block_sparse_attention", "reference", block_sparse_attention_reference)

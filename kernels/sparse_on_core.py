@@ -66,21 +66,28 @@ def run_core(core, layout: TileLayout, qg, kg, vg, kp, vp, csr, extra_keys=(), e
 
 
 @compile_constant
-def radial_csr(grid: tuple[int, ...], options: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cached; a constant under torch.compile) The radial plan's key-tile lists as the core's CSR:
-    built once per grid, not per call (its boolean indexing waits for the device)."""
-    return csr_from_lists(radial_plan(grid, options, device).key_tiles[None, None])
+def radial_core_layout(grid: tuple[int, ...], options: tuple, num_prefix: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cached; a constant under torch.compile) The radial plan as the core's CSR (row_ptr, col_idx) and
+    tile_rows (each tile slot's token row after the prefix: the tokens stay in raster order), built
+    once per grid, not per call (the CSR's boolean indexing waits for the device)."""
+    plan = radial_plan(grid, options, device)
+    return (*csr_from_lists(plan.key_tiles[None, None]), (plan.layout.slots + num_prefix).to(torch.int32))
 
 
 def radial_attention_on_core(q, k, v, grid, num_prefix, options, core_backend=None):
+    """The grid queries on the core with the tokens in place (no copy into tile order); the prefix
+    queries, dense over all keys, by SDPA."""
     plan = radial_plan(grid, options, q.device)
     if not core_fits(plan.layout.tile_size):
         return radial_attention_reference(q, k, v, grid, num_prefix, options)
     core = choose_backend("block_sparse_attention", core_backend, q)
-    csr = radial_csr(grid, options, q.device)
-    return with_global_prefix(q, k, v, num_prefix,
-                              lambda qg, kg, vg, kp, vp: run_core(core, plan.layout, qg, kg, vg, kp, vp, csr),
-                              dense=softmax_attention_sdpa)
+    row_ptr, col_idx, tile_rows = radial_core_layout(grid, options, num_prefix, q.device)
+    t = plan.layout.tile_size
+    out = core(q, k, v, row_ptr, col_idx, t, t, num_prefix, None, None, None, None, tile_rows)
+    if num_prefix == 0:
+        return out
+    return torch.cat([softmax_attention_sdpa(q[:, :, :num_prefix], k, v), out[:, :, num_prefix:]], dim=2)
 
 
 def pooled_tile_slots(hierarchy: BlockHierarchy, level: int) -> tuple[torch.Tensor, torch.Tensor]:

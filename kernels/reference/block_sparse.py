@@ -21,6 +21,13 @@ Tokens are already permuted into tile order (see ``kernels.tiles``). The layout:
   key standing for count tokens, as in log-linear attention). No gradient flows into it.
 
 A query that attends no key (empty row, no prefix, everything masked) gets output 0.
+
+Tokens in place (``tile_rows``): for self-attention on a grid the tokens may stay where they are (say,
+raster order after the prefix) instead of being permuted into tile order. ``tile_rows`` int32
+(num_tiles * block,) then gives the token row of each tile slot, for query and key tiles alike
+(block_m == block_n, Nq == Nk); a padding slot holds N (no token). It lists every row in [P, N)
+once, so a (B, H, N, d) output has the grid rows filled and the P prefix rows 0. A 2D (or 3D) tile
+of a raster grid is then read in place: ``kernels.tiles.TileLayout.slots + P`` is such a table.
 """
 from __future__ import annotations
 
@@ -104,7 +111,8 @@ def transpose_csr(row_ptr: torch.Tensor, col_idx: torch.Tensor, tile_mask_idx: t
 def check_block_sparse_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_ptr: torch.Tensor,
                             col_idx: torch.Tensor, block_m: int, block_n: int, num_prefix: int,
                             tile_mask_idx: torch.Tensor | None, tile_masks: torch.Tensor | None,
-                            key_bias: torch.Tensor | None, op: str = "block_sparse_attention") -> None:
+                            key_bias: torch.Tensor | None, tile_rows: torch.Tensor | None = None,
+                            op: str = "block_sparse_attention") -> None:
     """Shape, dtype and device checks of the layout (no host sync: index values are not read)."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
@@ -116,10 +124,20 @@ def check_block_sparse_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     if v.shape[-1] != d:
         raise ValueError(f"{op}: v must have the head dim of q ({d}), got {v.shape[-1]}")
     nqt = num_tiles(nq, block_m)
+    if tile_rows is not None:
+        if block_m != block_n or nq != nk:
+            raise ValueError(f"{op}: tile_rows (tokens in place) needs block_m == block_n and Nq == Nk, got "
+                             f"blocks {block_m}/{block_n} and Nq/Nk {nq}/{nk}")
+        if (tile_rows.dim() != 1 or tile_rows.numel() % block_m or tile_rows.dtype != torch.int32
+                or tile_rows.device != q.device):
+            raise ValueError(f"{op}: tile_rows must be a 1-D int32 tensor on {q.device} of whole tiles of "
+                             f"{block_m} slots, got {tile_rows.dtype} {tuple(tile_rows.shape)} on {tile_rows.device}")
+        nqt = tile_rows.numel() // block_m
     if (row_ptr.dim() != 3 or row_ptr.shape[0] not in (1, b) or row_ptr.shape[1] not in (1, h)
             or row_ptr.shape[2] != nqt + 1):
         raise ValueError(f"{op}: row_ptr must have shape (1 or B={b}, 1 or heads={h}, num_q_tiles+1={nqt + 1}) "
-                         f"for Nq={nq} and block_m={block_m}, got {tuple(row_ptr.shape)}")
+                         f"for {'tile_rows' if tile_rows is not None else f'Nq={nq}'} and block_m={block_m}, "
+                         f"got {tuple(row_ptr.shape)}")
     index_tensors = [("row_ptr", row_ptr), ("col_idx", col_idx)]
     if (tile_mask_idx is None) != (tile_masks is None):
         raise ValueError(f"{op}: tile_mask_idx and tile_masks go together; got only one of them")
@@ -166,7 +184,8 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
                                      row_ptr: torch.Tensor, col_idx: torch.Tensor, block_m: int, block_n: int,
                                      num_prefix: int = 0, tile_mask_idx: torch.Tensor | None = None,
                                      tile_masks: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
-                                     scale: float | None = None) -> torch.Tensor:
+                                     scale: float | None = None,
+                                     tile_rows: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + key_bias) v over the listed keys, by gathers, in float32.
 
     Each query tile gathers its prefix keys and listed key tiles (padded to the longest row), so
@@ -175,7 +194,12 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     b, h, nq, d = q.shape
     nk, p = k.shape[2], num_prefix
     scale = d ** -0.5 if scale is None else scale
-    nqt, nkt = num_tiles(nq, block_m), num_tiles(nk - p, block_n)
+    if tile_rows is None:
+        nqt, nkt = num_tiles(nq, block_m), num_tiles(nk - p, block_n)
+        slot_rows = None
+    else:
+        nqt = nkt = tile_rows.numel() // block_m
+        slot_rows = tile_rows.long()
     check_block_sparse_layout(row_ptr, col_idx, nkt, tile_mask_idx,
                               0 if tile_masks is None else tile_masks.shape[0])
     dev = q.device
@@ -185,7 +209,8 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     listed = slot < counts[..., None]                                               # (Bq, Hq, nqt, L)
     entry = (row_ptr[..., :-1, None].long() + slot).clamp(max=max(col_idx.numel() - 1, 0))
     tile = col_idx.long()[entry] if col_idx.numel() else torch.zeros_like(entry)
-    key_pos = p + tile[..., None] * block_n + torch.arange(block_n, device=dev)     # (Bq, Hq, nqt, L, BN)
+    key_pos = tile[..., None] * block_n + torch.arange(block_n, device=dev)         # (Bq, Hq, nqt, L, BN)
+    key_pos = p + key_pos if slot_rows is None else slot_rows[key_pos]
     allowed = (listed[..., None] & (key_pos < nk))[..., None, :, :].expand(*listed.shape[:3], block_m, width, block_n)
     if tile_mask_idx is not None:
         mask_id = tile_mask_idx.long()[entry] if col_idx.numel() else torch.full_like(entry, -1)
@@ -203,7 +228,10 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
         idx = key_pos.expand(b, h, nqt, span).reshape(b, h, nqt * span, 1).expand(b, h, nqt * span, x.shape[-1])
         return torch.gather(x.float(), 2, idx).reshape(b, h, nqt, span, x.shape[-1])
 
-    q_tiles = torch.nn.functional.pad(q.float(), (0, 0, 0, nqt * block_m - nq)).reshape(b, h, nqt, block_m, d)
+    if slot_rows is None:
+        q_tiles = torch.nn.functional.pad(q.float(), (0, 0, 0, nqt * block_m - nq)).reshape(b, h, nqt, block_m, d)
+    else:
+        q_tiles = q.float().index_select(2, slot_rows.clamp(max=nq - 1)).reshape(b, h, nqt, block_m, d)
     scores = (q_tiles * scale) @ gather(k).transpose(-1, -2)                        # (B, H, nqt, BM, S)
     if key_bias is not None:
         bias = torch.gather(key_bias.float().expand(b, h, nk), 2, key_pos.expand(b, h, nqt, span).reshape(b, h, -1))
@@ -213,4 +241,8 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     weights = torch.exp(scores - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)))
     total = weights.sum(-1, keepdim=True)
     out = (weights @ gather(v)) / torch.where(total > 0, total, torch.ones_like(total))
-    return out.reshape(b, h, nqt * block_m, -1)[:, :, :nq].to(q.dtype)
+    out = out.reshape(b, h, nqt * block_m, -1)
+    if slot_rows is None:
+        return out[:, :, :nq].to(q.dtype)
+    real = slot_rows < nq
+    return out.new_zeros(b, h, nq, out.shape[-1]).index_copy(2, slot_rows[real], out[:, :, real]).to(q.dtype)

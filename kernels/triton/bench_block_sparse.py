@@ -125,7 +125,7 @@ def sweep_launch_configs(device: str = "cuda", n: int = 32768, density: float = 
     results = []
     for bm, bn in tile_sizes:
         row_ptr, col_idx = block_mask_to_csr(mask.repeat_interleave(128 // bm, 2).repeat_interleave(128 // bn, 3))
-        args = (row_ptr, col_idx, None, None, None, bm, bn, 0, scale)
+        args = (row_ptr, col_idx, None, None, None, None, bm, bn, 0, scale)
         o, lse = bs.forward(q, k, v, *args)
         grads = bs.backward(do, q, k, v, o, lse, *args)
         for kind, candidates in SWEEP_CANDIDATES.items():

@@ -60,11 +60,20 @@ def _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id,
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start, key_limit, mask_id, skn, svn, qk_scale,
+def _tile_rows(TileRows, tile, offset, BLOCK: tl.constexpr, TABLE: tl.constexpr):
+    """Token rows of a tile: read from the table (tokens in place, e.g. a 2D tile of a raster grid; a
+    padding slot holds N) or the tile's consecutive rows after ``offset``."""
+    slots = tile * BLOCK + tl.arange(0, BLOCK)
+    if TABLE:
+        return tl.load(TileRows + slots)
+    return offset + slots
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
               CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    keys = start + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     k = _load_block(K + keys[:, None] * skn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
     v = _load_block(V + keys[:, None] * svn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
@@ -75,16 +84,16 @@ def _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start, key_limit, mask
 
 
 @triton.jit(do_not_specialize=["H", "Nq", "Nk", "P"])
-def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias,
+def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, srb, srh, sbb, sbh,
                 H, Nq, Nk, P, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = _tile_rows(TileRows, tile, 0, BLOCK_M, TABLE)
     cols = tl.arange(0, BLOCK_D)
     q = _load_block(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], rows, Nq, cols,
                     HEAD_DIM, BLOCK_D, CHECK_Q)
@@ -95,18 +104,19 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, P, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start, P, -1, skn, svn, qk_scale,
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start + tl.arange(0, BLOCK_N), P, -1,
+                                  skn, svn, qk_scale,
                                   HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, False, HAS_BIAS, True,
                                   DOT_PRECISION)
     row = RowPtr + b * srb + h * srh + tile
     lo = tl.load(row)
     hi = tl.load(row + 1)
     for e in range(lo, hi):
-        start = P + tl.load(ColIdx + e) * BLOCK_N
+        keys = _tile_rows(TileRows, tl.load(ColIdx + e), P, BLOCK_N, TABLE)
         mask_id = -1
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start, Nk, mask_id, skn, svn,
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, keys, Nk, mask_id, skn, svn,
                                   qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, HAS_MASK,
                                   HAS_BIAS,
                                   CHECK_K, DOT_PRECISION)
@@ -120,31 +130,30 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias,
 
 
 @triton.jit(do_not_specialize=["H", "Nq", "Nk", "P", "num_q_tiles", "num_chunks"])
-def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, TileMasks, KeyBias,
+def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, TileMasks, KeyBias, TileRows,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                    skgb, skgh, skgn, svgb, svgh, svgn, scb, sch, sbb, sbh,
                    H, Nq, Nk, P, num_q_tiles, num_chunks, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                    CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   PREFIX: tl.constexpr, CHUNK: tl.constexpr):
+                   TABLE: tl.constexpr, PREFIX: tl.constexpr, CHUNK: tl.constexpr):
     """dK, dV of one key tile; PREFIX: of one prefix block over one chunk of query tiles (float32 partials)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     if PREFIX:
         chunk = tile % num_chunks
-        start = (tile // num_chunks) * BLOCK_N
+        keys = (tile // num_chunks) * BLOCK_N + tl.arange(0, BLOCK_N)
         key_limit = P
         lo = chunk * CHUNK
         hi = tl.minimum(lo + CHUNK, num_q_tiles)
     else:
-        start = P + tile * BLOCK_N
+        keys = _tile_rows(TileRows, tile, P, BLOCK_N, TABLE)
         key_limit = Nk
         col = ColPtr + b * scb + h * sch + tile
         lo = tl.load(col)
         hi = tl.load(col + 1)
-    keys = start + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     k = _load_block(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], keys, key_limit, cols,
                     HEAD_DIM, BLOCK_D, CHECK_K)
@@ -165,7 +174,7 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, Til
         mask_id = -1
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
-        rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = _tile_rows(TileRows, q_tile, 0, BLOCK_M, TABLE)
         q = _load_block(Q + rows[:, None] * sqn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
         do = _load_block(DO + rows[:, None] * sdn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
         lse, delta = load_row_stats(LSE, Delta, rows, rows < Nq)
@@ -188,11 +197,10 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, Til
 
 
 @triton.jit
-def _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start, key_limit, mask_id, skn, svn, qk_scale,
+def _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    keys = start + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     k = _load_block(K + keys[:, None] * skn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
     v = _load_block(V + keys[:, None] * svn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
@@ -203,16 +211,17 @@ def _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start, key_limi
 
 
 @triton.jit(do_not_specialize=["H", "Nq", "Nk", "P"])
-def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias,
+def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, srb, srh, sbb, sbh,
                   H, Nq, Nk, P, qk_scale, sm_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  TABLE: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = _tile_rows(TileRows, tile, 0, BLOCK_M, TABLE)
     cols = tl.arange(0, BLOCK_D)
     q = _load_block(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], rows, Nq, cols,
                     HEAD_DIM, BLOCK_D, CHECK_Q)
@@ -224,18 +233,19 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMask
     KeyBias += b * sbb + h * sbh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, P, BLOCK_N):
-        dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start, P, -1, skn, svn, qk_scale,
+        dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start + tl.arange(0, BLOCK_N), P, -1,
+                         skn, svn, qk_scale,
                          HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, False, HAS_BIAS, True,
                          DOT_PRECISION)
     row = RowPtr + b * srb + h * srh + tile
     lo = tl.load(row)
     hi = tl.load(row + 1)
     for e in range(lo, hi):
-        start = P + tl.load(ColIdx + e) * BLOCK_N
+        keys = _tile_rows(TileRows, tl.load(ColIdx + e), P, BLOCK_N, TABLE)
         mask_id = -1
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
-        dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start, Nk, mask_id, skn, svn, qk_scale,
+        dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, keys, Nk, mask_id, skn, svn, qk_scale,
                          HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, HAS_MASK, HAS_BIAS, CHECK_K,
                          DOT_PRECISION)
     dq *= sm_scale
@@ -267,6 +277,14 @@ TUNED_CONFIGS: dict[tuple, dict] = {
     ("fwd", 128, 128, 64, 2): {"num_warps": 4, "num_stages": 3},
     ("bwd_kv", 128, 128, 64, 2): {"num_warps": 8, "num_stages": 2},
     ("bwd_q", 128, 128, 64, 2): {"num_warps": 8, "num_stages": 2},
+    # head dim 128 (FLUX, Wan; 16k tokens, 24 heads, 15% of the tiles): 64x64 fwd 4 warps 1.24 ms vs 8 warps
+    # 1.83 ms, bwd_kv 5.03 vs 7.37, bwd_q 5.58 vs 7.22; 128x128 fwd 8 warps 1.11 ms vs 4 warps 1.64
+    ("fwd", 64, 64, 128, 2): {"num_warps": 4, "num_stages": 3},
+    ("bwd_kv", 64, 64, 128, 2): {"num_warps": 4, "num_stages": 2},
+    ("bwd_q", 64, 64, 128, 2): {"num_warps": 4, "num_stages": 2},
+    ("fwd", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 3},
+    ("bwd_kv", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 2},
+    ("bwd_q", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 2},
 }
 
 
@@ -274,7 +292,7 @@ def launch_config(kind: str, block_m: int, block_n: int, head_dim: int, dtype: t
     """num_warps / num_stages for a kernel ("fwd", "bwd_kv", "bwd_q") on Hopper-class GPUs.
 
     Measured entries of TUNED_CONFIGS first; else the rule they suggest: 4 warps, 8 for 128x128 score
-    tiles in the backward, for 128x64 in the forward, and for head dims of 128 (4 warps spill there),
+    tiles in the backward, for 128x64 in the forward, and for 128-row tiles at head dim 128,
     with the deepest pipeline (at most 3) whose buffers fit in ~160 KB of shared memory.
     """
     elem = torch.finfo(dtype).bits // 8
@@ -290,19 +308,20 @@ def launch_config(kind: str, block_m: int, block_n: int, head_dim: int, dtype: t
         resident, per_stage = block_m * d, 2 * block_n * d
     wide = block_m * block_n >= 16384 if kind != "fwd" else block_m >= 128 and block_n <= 64
     stages = max(1, min(3, (160 * 1024 // elem - resident) // per_stage))
-    return {"num_warps": 8 if wide or d >= 128 or elem == 4 else 4, "num_stages": stages}
+    return {"num_warps": 8 if wide or (d >= 128 and block_m >= 128) or elem == 4 else 4, "num_stages": stages}
 
 
-def _common(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, key_bias, scale, placeholder):
+def _common(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, key_bias, tile_rows, scale, placeholder):
     """Launch constants shared by every kernel; the bias and masks arguments (``placeholder``, never
     read, stands in for an absent one) and the log2-domain score scale."""
     head_dim = q.shape[-1]
     nq, nk = q.shape[2], k.shape[2]
+    table = tile_rows is not None      # padding slots of the table hold N: the bounds checks drop them
     consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(head_dim)), MASK_WORDS=num_tiles(block_n, 32),
                   MASK_BITS=min(32, block_n), HAS_MASK=tile_mask_idx is not None, HAS_BIAS=key_bias is not None,
-                  CHECK_Q=nq % block_m != 0, CHECK_K=(nk - num_prefix) % block_n != 0,
-                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                  CHECK_Q=table or nq % block_m != 0, CHECK_K=table or (nk - num_prefix) % block_n != 0,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", TABLE=table)
     if key_bias is not None:
         key_bias = key_bias.float().contiguous()
         bias = (key_bias, *_strides(key_bias)[:2])
@@ -329,38 +348,50 @@ def _transposed_layout(row_ptr, col_idx, tile_mask_idx, num_k_tiles):
     return result
 
 
-def forward(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n, num_prefix, scale,
-            config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output (B, H, Nq, d) in q's dtype and the base-2 log-sum-exp (B, H, Nq) float32 (-inf: no key)."""
+def _num_q_tiles(nq: int, block_m: int, tile_rows: torch.Tensor | None) -> int:
+    return num_tiles(nq, block_m) if tile_rows is None else tile_rows.numel() // block_m
+
+
+def forward(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows, block_m, block_n, num_prefix,
+            scale, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output (B, H, Nq, d) in q's dtype and the base-2 log-sum-exp (B, H, Nq) float32 (-inf: no key);
+    with ``tile_rows`` the rows no tile lists (the prefix) are 0 with log-sum-exp -inf."""
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     b, h, nq, d = q.shape
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
+    if tile_rows is not None and num_prefix > 0:
+        o[:, :, :num_prefix].zero_()
+        lse[:, :, :num_prefix].fill_(float("-inf"))
     consts, bias, masks, qk_scale = _common(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks,
-                                            key_bias, scale, lse)
+                                            key_bias, tile_rows, scale, lse)
     config = config or launch_config("fwd", block_m, block_n, d, q.dtype)
     mask_idx = tile_mask_idx if tile_mask_idx is not None else col_idx
-    _fwd_kernel[(num_tiles(nq, block_m), b * h)](
-        q, k, v, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0],
+    _fwd_kernel[(_num_q_tiles(nq, block_m, tile_rows), b * h)](
+        q, k, v, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0], tile_rows if tile_rows is not None else col_idx,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(row_ptr)[:2], *bias[1:],
         h, nq, k.shape[2], num_prefix, qk_scale, **consts, **config)
     return o, lse
 
 
-def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n,
+def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows, block_m, block_n,
              num_prefix, scale, configs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (no gradient for key_bias). ``configs`` maps "bwd_kv"/"bwd_q" to launch configs."""
     do, q, k, v = _rows_contiguous(do), _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     b, h, nq, d = q.shape
     nk, p = k.shape[2], num_prefix
-    nqt, nkt = num_tiles(nq, block_m), num_tiles(nk - p, block_n)
-    consts, bias, masks, qk_scale = _common(q, k, block_m, block_n, p, tile_mask_idx, tile_masks, key_bias, scale,
-                                            lse)
+    nqt = _num_q_tiles(nq, block_m, tile_rows)
+    nkt = num_tiles(nk - p, block_n) if tile_rows is None else nqt
+    consts, bias, masks, qk_scale = _common(q, k, block_m, block_n, p, tile_mask_idx, tile_masks, key_bias,
+                                            tile_rows, scale, lse)
+    rows_arg = tile_rows if tile_rows is not None else col_idx
     configs = configs or {}
     delta = torch.empty_like(lse)
-    _delta_kernel[(nqt, b * h)](o, do, delta, *_strides(o), *_strides(do), h, nq, HEAD_DIM=d, BLOCK_M=block_m,
-                                BLOCK_D=consts["BLOCK_D"])
+    _delta_kernel[(num_tiles(nq, block_m), b * h)](o, do, delta, *_strides(o), *_strides(do), h, nq, HEAD_DIM=d,
+                                                   BLOCK_M=block_m, BLOCK_D=consts["BLOCK_D"])
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if tile_rows is not None and p > 0:
+        dq[:, :, :p].zero_()
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     col_ptr, row_idx, mask_idx_t = _transposed_layout(row_ptr, col_idx, tile_mask_idx, nkt)
@@ -370,7 +401,7 @@ def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, k
     if nkt > 0:
         _bwd_kv_kernel[(nkt, b * h)](
             q, k, v, do, dk, dv, lse, delta, col_ptr, row_idx,
-            mask_idx_t if mask_idx_t is not None else row_idx, masks, bias[0],
+            mask_idx_t if mask_idx_t is not None else row_idx, masks, bias[0], rows_arg,
             *common, *_strides(dk), *_strides(dv), *_strides(col_ptr)[:2], *tail, 1, qk_scale, scale,
             **consts, PREFIX=False, CHUNK=PREFIX_CHUNK, **kv_config)
     if p > 0:
@@ -378,7 +409,7 @@ def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, k
         parts = torch.empty(2, chunks, b * h, blocks * block_n, consts["BLOCK_D"], device=q.device,
                             dtype=torch.float32)
         _bwd_kv_kernel[(blocks * chunks, b * h)](
-            q, k, v, do, parts[0], parts[1], lse, delta, col_ptr, row_idx, row_idx, masks, bias[0],
+            q, k, v, do, parts[0], parts[1], lse, delta, col_ptr, row_idx, row_idx, masks, bias[0], rows_arg,
             *common, *_strides(dk), *_strides(dv), *_strides(col_ptr)[:2], *tail, chunks, qk_scale, scale,
             **{**consts, "HAS_MASK": False, "CHECK_K": True}, PREFIX=True, CHUNK=PREFIX_CHUNK, **kv_config)
         summed = parts.sum(1)[..., :p, :d].reshape(2, b, h, p, d)
@@ -387,7 +418,7 @@ def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, k
     q_config = configs.get("bwd_q") or launch_config("bwd_q", block_m, block_n, d, q.dtype)
     _bwd_q_kernel[(nqt, b * h)](
         q, k, v, do, dq, lse, delta, row_ptr, col_idx,
-        tile_mask_idx if tile_mask_idx is not None else col_idx, masks, bias[0],
+        tile_mask_idx if tile_mask_idx is not None else col_idx, masks, bias[0], rows_arg,
         *common, *_strides(dq), *_strides(row_ptr)[:2], *bias[1:], h, nq, nk, p, qk_scale, scale,
         **consts, **q_config)
     return dq, dk, dv
@@ -398,14 +429,16 @@ def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, k
 @torch.library.custom_op("subquad::block_sparse_attention_fwd", mutates_args=())
 def block_sparse_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_ptr: torch.Tensor,
                                col_idx: torch.Tensor, tile_mask_idx: torch.Tensor | None,
-                               tile_masks: torch.Tensor | None, key_bias: torch.Tensor | None, block_m: int,
-                               block_n: int, num_prefix: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return forward(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n,
+                               tile_masks: torch.Tensor | None, key_bias: torch.Tensor | None,
+                               tile_rows: torch.Tensor | None, block_m: int, block_n: int, num_prefix: int,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows, block_m, block_n,
                    num_prefix, scale)
 
 
 @block_sparse_attention_fwd.register_fake
-def _(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n, num_prefix, scale):
+def _(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows, block_m, block_n, num_prefix,
+      scale):
     b, h, nq, _ = q.shape
     return q.new_empty(b, h, nq, v.shape[-1]), q.new_empty(b, h, nq, dtype=torch.float32)
 
@@ -414,41 +447,43 @@ def _(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, b
 def block_sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                o: torch.Tensor, lse: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                                tile_mask_idx: torch.Tensor | None, tile_masks: torch.Tensor | None,
-                               key_bias: torch.Tensor | None, block_m: int, block_n: int, num_prefix: int,
+                               key_bias: torch.Tensor | None, tile_rows: torch.Tensor | None, block_m: int,
+                               block_n: int, num_prefix: int,
                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n,
-                    num_prefix, scale)
+    return backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows, block_m,
+                    block_n, num_prefix, scale)
 
 
 @block_sparse_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n, num_prefix,
-      scale):
+def _(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows, block_m, block_n,
+      num_prefix, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, block_m, block_n, num_prefix, scale = inputs
+    q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows, block_m, block_n, num_prefix, scale = \
+        inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias)
+    ctx.save_for_backward(q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows)
     ctx.static = (block_m, block_n, num_prefix, scale)
 
 
 def _backward_rule(ctx, do, dlse):
-    q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias = ctx.saved_tensors
+    q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows = ctx.saved_tensors
     dq, dk, dv = torch.ops.subquad.block_sparse_attention_bwd(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx,
-                                                              tile_masks, key_bias, *ctx.static)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                                                              tile_masks, key_bias, tile_rows, *ctx.static)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 block_sparse_attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def block_sparse_attention_triton(q, k, v, row_ptr, col_idx, block_m, block_n, num_prefix=0, tile_mask_idx=None,
-                                  tile_masks=None, key_bias=None, scale=None) -> torch.Tensor:
+                                  tile_masks=None, key_bias=None, scale=None, tile_rows=None) -> torch.Tensor:
     """The Triton backend of ``block_sparse_attention`` (arguments as the reference's)."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-1] > 128:
         raise ValueError(f"block_sparse_attention(backend='triton') takes float16, bfloat16 or float32 inputs with "
                          f"head_dim <= 128, got {q.dtype} with head_dim {q.shape[-1]}; use backend='reference'")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return torch.ops.subquad.block_sparse_attention_fwd(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks,
-                                                        key_bias, block_m, block_n, num_prefix, scale)[0]
+                                                        key_bias, tile_rows, block_m, block_n, num_prefix, scale)[0]

@@ -1,6 +1,7 @@
 """Block-sparse attention core: reference vs brute force, triton vs reference (CPU interpreter and GPU)."""
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -11,6 +12,7 @@ from subquad.kernels import available_backends, block_sparse_attention
 from subquad.kernels.reference.block_sparse import (block_mask_to_csr, csr_to_block_mask, num_tiles,
                                                     pack_tile_masks, transpose_csr, unpack_tile_masks)
 from subquad.kernels.testing import assert_rel_close
+from subquad.kernels.tiles import tile_layout
 
 requires_triton = pytest.mark.skipif("triton" not in available_backends("block_sparse_attention"),
                                      reason="triton is not installed")
@@ -223,6 +225,57 @@ def test_compile_fullgraph():
     check_against(torch.compile(fn, fullgraph=True, backend="aot_eager"),
                   lambda q, k, v: block_sparse_attention(q, k, v, backend="reference", **layout),
                   q, k, v, torch.float32, "compiled")
+
+
+def in_place_case(grid, tile, p, b=2, h=2, d=16, masks=False, dtype=torch.float32, device="cpu"):
+    """A layout over the 2D tiles of a raster grid after ``p`` prefix tokens, with its tile_rows, and the
+    brute force of the same attention: the tokens gathered into tile order by hand (padding slots
+    dropped by a -inf key bias), attended with the explicit mask, scattered back (prefix rows 0)."""
+    slots = tile_layout(grid, tile).slots
+    n, t = math.prod(grid), math.prod(tile)
+    layout = make_layout(b, h, slots.numel(), p + slots.numel(), t, t, p, masks=masks, device=device)
+    layout["tile_rows"] = (slots + p).to(device=device, dtype=torch.int32)
+    real = slots < n
+    rows = p + slots.clamp(max=n - 1)
+
+    def brute(q, k, v):
+        bias = torch.zeros(1, 1, p + slots.numel(), dtype=torch.float64)
+        bias[..., p:][..., ~real] = float("-inf")
+        keys = [torch.cat([x[:, :, :p], x[:, :, rows.to(x.device)]], 2) for x in (k, v)]
+        out_t = brute_force(q[:, :, rows.to(q.device)], *keys,
+                            {**{k_: v_ for k_, v_ in layout.items() if k_ != "tile_rows"}, "key_bias": bias})
+        out = out_t.new_zeros(b, h, p + n, d)
+        out[:, :, (p + slots[real]).to(out.device)] = out_t[:, :, real.to(out.device)]
+        return out
+    return layout, qkv(b, h, p + n, p + n, d, dtype, device), brute
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("grid,tile,p,masks", [((8, 12), (4, 4), 0, False), ((7, 10), (4, 4), 3, True),
+                                               ((5, 9), (2, 8), 17, False)])
+def test_tile_rows_attend_tokens_in_place(backend, grid, tile, p, masks):
+    """tile_rows: 2D tiles of a raster grid (non-divisible ones padded) read in place equal the tokens
+    permuted into tile order by hand; forward and gradients, prefix rows of the output 0."""
+    layout, (q, k, v), brute = in_place_case(grid, tile, p, masks=masks)
+    check_against(lambda q, k, v: block_sparse_attention(q, k, v, backend=backend, **layout), brute, q, k, v,
+                  torch.float32, f"{backend} in place")
+
+
+@requires_triton
+def test_tile_rows_bf16():
+    layout, (q, k, v), brute = in_place_case((7, 10), (4, 4), 2, dtype=torch.bfloat16)
+    check_against(lambda q, k, v: block_sparse_attention(q, k, v, backend="triton", **layout), brute, q, k, v,
+                  torch.bfloat16, "triton in place bf16")
+
+
+def test_tile_rows_argument_errors():
+    layout, (q, k, v), _ = in_place_case((8, 8), (4, 4), 0)
+    with pytest.raises(ValueError, match="block_m == block_n and Nq == Nk"):
+        block_sparse_attention(q, k[:, :, :-1], v[:, :, :-1], **layout)
+    with pytest.raises(ValueError, match="1-D int32"):
+        block_sparse_attention(q, k, v, **{**layout, "tile_rows": layout["tile_rows"].long()})
+    with pytest.raises(ValueError, match="row_ptr must have shape"):
+        block_sparse_attention(q, k, v, **{**layout, "tile_rows": layout["tile_rows"][:-16]})
 
 
 def test_dispatch_and_argument_errors():
