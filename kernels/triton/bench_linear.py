@@ -154,13 +154,17 @@ def profile_kernels(device: str = "cuda", sizes=SIZES, ops: Sequence[str] = OPS,
 
 SWEEP = {  # kernel config key -> candidates (BLOCK_N, num_warps, num_stages)
     "linear": {"state": ((32, 4, 3), (64, 8, 3), (64, 4, 2)), "output": ((32, 4, 3), (64, 8, 3), (64, 4, 2)),
-               "bwd_q": ((32, 8, 2), (16, 4, 2), (64, 8, 2)), "bwd_k": ((32, 8, 2), (16, 4, 2), (64, 8, 2))},
+               "bwd_q": ((32, 8, 2), (16, 4, 2), (64, 8, 2)), "bwd_k": ((32, 8, 2), (16, 4, 2), (64, 8, 2)),
+               "norms": ((32, 4, 2), (64, 4, 2), (64, 8, 3)), "focused_output": ((32, 4, 2), (64, 4, 2), (64, 8, 2)),
+               "gw_query": ((32, 4, 2), (64, 4, 2), (64, 8, 2)), "focused_bwd_k": ((32, 8, 2), (32, 4, 2), (64, 8, 2))},
     "agent": {"pool": ((64, 8, 3), (32, 4, 3)), "aggregate": ((32, 4, 3), (64, 8, 3), (16, 4, 3)),
               "broadcast": ((32, 4, 3), (64, 8, 3), (16, 4, 3)), "broadcast_bwd": ((32, 8, 2), (16, 4, 2)),
               "aggregate_bwd": ((32, 8, 2), (16, 4, 2)), "unpool": ((32, 4, 3), (64, 8, 3))},
 }
 KERNEL_OF = {"state": "_state_kernel", "output": "_output_kernel", "bwd_q": "_backward_q_kernel",
-             "bwd_k": "_backward_k_kernel", "pool": "_pool_kernel", "aggregate": "_aggregate_kernel",
+             "bwd_k": "_backward_k_kernel", "norms": "_token_norms_kernel", "focused_output": "_focused_output_kernel",
+             "gw_query": "_query_gw_kernel", "focused_bwd_k": "_focused_backward_k_kernel",
+             "pool": "_pool_kernel", "aggregate": "_aggregate_kernel",
              "broadcast": "_broadcast_kernel", "broadcast_bwd": "_broadcast_bwd_kernel",
              "aggregate_bwd": "_aggregate_bwd_kernel", "unpool": "_unpool_kernel"}
 

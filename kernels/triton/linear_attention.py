@@ -2,8 +2,8 @@
 
 Two passes over the tokens, the feature maps computed in registers and never stored:
   (0) FLatten only: the focused map's per-token norms over the whole token (all heads' channels, as the
-      official code applies the map before splitting heads), one small (B, N) record per token of q and
-      of k: [1/m, ||r||, ||r/m||, ||(r/m)^p||], m = max(r) (a pre-pass that sees every head of a token);
+      official code applies the map before splitting heads), one small (B, N) record per token of k:
+      [1/m, ||r||, ||r/m||, ||(r/m)^p||], m = max(r) (a pre-pass whose programs see every head of a token);
   (a) state:  S = sum_j phi(k_j)^T v_j  (d x dv),  z = sum_j phi(k_j),  sum_j v_j,
       with N split across programs (fp32 partial sums packed in one buffer, then one reduction);
   (b) output, per token:
@@ -11,6 +11,9 @@ Two passes over the tokens, the feature maps computed in registers and never sto
       MALA (Fan et al., ICCV 2025, Eq. 9-11): with s_i = phi(q_i) z / (M sqrt(d)),
           Y_i = (1 + 1 / (s_i + eps)) rot(phi(q_i)) S / (M sqrt(d)) - s_i sum_j v_j / M,
       rot = MALA's optional 2D RoPE, applied to phi(q), phi(k) inside the KV product only.
+      MALA's programs own one head and a chunk of tokens; FLatten's own a tile of tokens across all heads:
+      one pass over the heads for the queries' norms (kept in the same record for the backward), then the
+      per-head outputs, re-reading the tile from cache (no separate pass over q for its norms).
 The backward recomputes the feature maps. With G = dL/dO, FLatten: dnum_i = G_i / den_i,
 dden_i = -G_i.O_i / den_i, dphi(q_i) = S dnum_i / M + dden_i z / M, dS = sum_i phi(q_i)^T dnum_i,
 dz = sum_i dden_i phi(q_i), then dphi(k_j) = (dS v_j + dz) / M and dv_j = phi(k_j) dS / M.
@@ -23,7 +26,9 @@ computed before the per-head backward passes. For a query it collapses (phi . dp
 head): g.w = eps sum_h G_ih.O_ih / den_ih / ||r_i||, which needs the saved O and den. The query's factor
 ||r_i|| / ||r_i^p|| cancels in O_i only up to the official eps, so it is kept, not dropped: a head whose
 channels are small next to its token's other heads has phi(q_i) z / M near eps. For a key,
-g.w = sum_h phi_h(k_j) . (dS_h v_j + dz_h) / M / ||r_j||, one more pass over k and v once dS is reduced.
+g.w = sum_h phi_h(k_j) . (dS_h v_j + dz_h) / M / ||r_j||, computed by FLatten's key-side kernel itself:
+its programs own a tile of keys across all heads, take g.w in a first pass over the heads, then dk, dv and
+dc per head, re-reading the tiles from cache.
 
 Precision: with 16-bit inputs the products run on 16-bit tensor-core operands; forward values that the
 MALA combination can cancel use hi + lo splits of the fp32 operands (about 2^-16 relative), gradient
@@ -45,16 +50,23 @@ from ._common import (cdiv, dot_split, dot_split_a, dot_split_b, head_strides, l
 FOCUSED = 0      # FLatten: phi = focused map, O = phi(q) S / (phi(q) z)
 MALA = 1         # MALA: phi = ELU + 1, Y = beta phi(q) S - gamma sum v
 
-# Tile sizes and launch options per kernel (from sm_90 ptxas register reports and the H100 runs of
-# bench_linear); bench_linear overrides them for its sweep.
-CONFIG = {
-    "state": dict(BLOCK_N=32, num_warps=4, num_stages=3),
-    "output": dict(BLOCK_N=32, num_warps=4, num_stages=3, max_tiles=8),
-    "bwd_q": dict(BLOCK_N=32, num_warps=8, num_stages=2),
-    "bwd_k": dict(BLOCK_N=32, num_warps=8, num_stages=2),
-    "norms": dict(BLOCK_N=32, num_warps=4, num_stages=2),      # FLatten's cross-head passes without products
-    "gw_key": dict(BLOCK_N=32, num_warps=4, num_stages=2),
+# Tile sizes and launch options per kernel: the fastest of bench_linear-style sweeps on an H100 (bf16, 4 heads
+# of 64, the three sizes of bench_linear; per-kernel device times); bench_linear overrides them for its sweep.
+CONFIG = {   # per_sm: programs per SM that the N-split of a (batch, head) kernel aims at
+    "state": dict(BLOCK_N=32, num_warps=4, num_stages=3, per_sm=4),
+    "output": dict(BLOCK_N=64, num_warps=4, num_stages=2, per_sm=16, max_tiles=8),         # MALA
+    "bwd_q": dict(BLOCK_N=32, num_warps=4, num_stages=2, per_sm=4, wide_block_n=16),
+    "bwd_k": dict(BLOCK_N=32, num_warps=8, num_stages=3, per_sm=2),                         # MALA
+    # FLatten's kernels over all heads of a tile of tokens (grid: batch x token tiles)
+    "norms": dict(BLOCK_N=16, num_warps=2, num_stages=2, wide_block_n=16),
+    "focused_output": dict(BLOCK_N=64, num_warps=4, num_stages=2),
+    "gw_query": dict(BLOCK_N=32, num_warps=4, num_stages=2),
+    "focused_bwd_k": dict(BLOCK_N=32, num_warps=4, num_stages=3),
 }
+# A padded head_dim over 64 (DiT's 72 -> 128): tiles of at most 32 tokens (a kernel's wide_block_n where it
+# has one) and at least 8 warps. H100, H=16, d=72, N=1024, B=8, bf16: FLatten's query backward 1.93 ms with
+# 32 tokens, 0.76 ms with 16; its output kernel 0.27 ms with 32, 0.34 ms with 16.
+WIDE = dict(max_block_n=32, min_warps=8)
 
 
 # --- feature maps and RoPE ------------------------------------------------------------------
@@ -72,13 +84,65 @@ def _power(x, p, P_INT: tl.constexpr):
 
 
 @triton.jit
-def _focused_parts(x, c, mc, p, eps, inv_m, P_INT: tl.constexpr):
-    """r = (ReLU(x) + eps) / c, rn = r / m and rp = rn^p for this head's channels (m = the token's max(r))."""
-    r = tl.where(mc[None, :], (tl.maximum(x, 0.0) + eps) / c[None, :], 0.0)
+def _power_m1(x, p, P_INT: tl.constexpr):
+    """x ** (p - 1) for x > 0 (the focused map's derivative), without dividing x ** p by x."""
+    if P_INT == 1:
+        y = tl.full(x.shape, 1.0, tl.float32)
+    elif P_INT > 1:
+        y = x
+        for _ in tl.static_range(P_INT - 2):
+            y = y * x
+    else:
+        y = tl.exp2((p - 1.0) * tl.log2(x))
+    return y
+
+
+@triton.jit
+def _focused_parts(x, inv_c, mc, p, eps, inv_m, P_INT: tl.constexpr):
+    """r = (ReLU(x) + eps) / c, rn = r / m and rp = rn^p for this head's channels (m = the token's max(r));
+    inv_c = 1 / c."""
+    r = tl.where(mc[None, :], (tl.maximum(x, 0.0) + eps) * inv_c[None, :], 0.0)
     rn = tl.where(mc[None, :], r * inv_m[:, None], 1.0)       # 1 on padding keeps the power finite
     rp = tl.where(mc[None, :], _power(rn, p, P_INT), 0.0)
     rn = tl.where(mc[None, :], rn, 0.0)
     return r, rn, rp
+
+
+@triton.jit
+def _online_norms(x_base, s_h, s_n, c_ptr, H, offs_n, mn, p, eps, D: tl.constexpr, DP: tl.constexpr,
+                  P_INT: tl.constexpr):
+    """The whole-token [1/m, ||r||, ||r/m||, ||(r/m)^p||] (m = max(r) over all H heads' channels) of a
+    tile of tokens, in one pass over the heads; the running sums are rescaled whenever m grows, as an
+    online softmax rescales its sum."""
+    offs_c = tl.arange(0, DP)
+    mc = offs_c < D
+    m = tl.zeros(offs_n.shape, tl.float32)
+    sum_rn = tl.zeros(offs_n.shape, tl.float32)
+    sum_rp = tl.zeros(offs_n.shape, tl.float32)
+    for h in range(H):
+        inv_c = 1.0 / tl.load(c_ptr + h * D + offs_c, mask=mc, other=1.0)
+        x = load_tile(x_base + h * s_h, offs_n, offs_c, s_n, mn, mc).to(tl.float32)
+        r = tl.where(mc[None, :], (tl.maximum(x, 0.0) + eps) * inv_c[None, :], 0.0)
+        m_new = tl.maximum(m, tl.max(r, axis=1))
+        alpha = tl.where(m > 0, m / m_new, 1.0)        # m = 0 before the first head, when the sums are 0 too
+        alpha_p = _power(alpha, p, P_INT)
+        rn = tl.where(mc[None, :], r * (1.0 / m_new)[:, None], 1.0)
+        rp = tl.where(mc[None, :], _power(rn, p, P_INT), 0.0)
+        rn = tl.where(mc[None, :], rn, 0.0)
+        sum_rn = sum_rn * (alpha * alpha) + tl.sum(rn * rn, axis=1)
+        sum_rp = sum_rp * (alpha_p * alpha_p) + tl.sum(rp * rp, axis=1)
+        m = m_new
+    norm_rn = tl.sqrt(sum_rn)
+    return 1.0 / m, m * norm_rn, norm_rn, tl.sqrt(sum_rp)
+
+
+@triton.jit
+def _store_norms(rec_ptr, b, N, offs_n, mn, inv_m, norm_r, norm_rn, norm_rp):
+    at = rec_ptr + (b * N + offs_n) * 4
+    tl.store(at, inv_m, mask=mn)
+    tl.store(at + 1, norm_r, mask=mn)
+    tl.store(at + 2, norm_rn, mask=mn)
+    tl.store(at + 3, norm_rp, mask=mn)
 
 
 @triton.jit
@@ -97,9 +161,9 @@ def _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE: tl.constexpr):
 
 
 @triton.jit
-def _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE: tl.constexpr, P_INT: tl.constexpr):
+def _feature(x, inv_c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE: tl.constexpr, P_INT: tl.constexpr):
     if FEATURE == 0:
-        r, rn, rp = _focused_parts(x, c, mc, p, eps, inv_m, P_INT)
+        r, rn, rp = _focused_parts(x, inv_c, mc, p, eps, inv_m, P_INT)
         phi = rp * (norm_r / norm_rp)[:, None]
     else:
         phi = tl.where(mc[None, :], tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)
@@ -107,22 +171,23 @@ def _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE: tl.constexpr, P_
 
 
 @triton.jit
-def _focused_backward(g, gw, x, c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT: tl.constexpr):
+def _focused_backward(g, gw, x, inv_c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT: tl.constexpr):
     """(dL/dx, -dL/dr * r / c) for dL/dphi = g on this head and the token's whole g.w = gw; the second
     summed over rows gives dL/dc."""
-    r, rn, rp = _focused_parts(x, c, mc, p, eps, inv_m, P_INT)
-    w = rp / norm_rp[:, None]
-    rn_pm1 = tl.where(rn > 0, rp / tl.where(rn > 0, rn, 1.0), 0.0)
-    dr = (gw / norm_rn)[:, None] * rn + (norm_rn * p / norm_rp)[:, None] * rn_pm1 * (g - gw[:, None] * w)
-    dx = tl.where(x > 0, dr / c[None, :], 0.0)
-    return dx, -dr * r / c[None, :]
+    r, rn, rp = _focused_parts(x, inv_c, mc, p, eps, inv_m, P_INT)
+    inv_rp = 1.0 / norm_rp
+    w = rp * inv_rp[:, None]
+    rn_pm1 = tl.where(mc[None, :], _power_m1(tl.where(mc[None, :], rn, 1.0), p, P_INT), 0.0)
+    dr = (gw / norm_rn)[:, None] * rn + (norm_rn * p * inv_rp)[:, None] * rn_pm1 * (g - gw[:, None] * w)
+    dx = tl.where(x > 0, dr * inv_c[None, :], 0.0)
+    return dx, -dr * r * inv_c[None, :]
 
 
 @triton.jit
 def _load_scale(c_ptr, h, offs_c, mc, D: tl.constexpr, DP: tl.constexpr, FEATURE: tl.constexpr):
-    """softplus(s) of this head for the focused map; ones for MALA (unused there)."""
+    """1 / softplus(s) of this head for the focused map; ones for MALA (unused there)."""
     if FEATURE == 0:
-        c = tl.load(c_ptr + h * D + offs_c, mask=mc, other=1.0)
+        c = 1.0 / tl.load(c_ptr + h * D + offs_c, mask=mc, other=1.0)
     else:
         c = tl.full((DP,), 1.0, tl.float32)
     return c
@@ -196,43 +261,17 @@ def _load_grad_state(grads_ptr, bh, inv_n, scale_d, FEATURE: tl.constexpr, DT: t
 # --- kernels --------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=["N", "H"])
-def _token_norms_kernel(q_ptr, k_ptr, c_ptr, norms_ptr, N, H, p, eps, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn,
+def _token_norms_kernel(x_ptr, c_ptr, rec_ptr, N, H, p, eps, s_xb, s_xh, s_xn,
                         P_INT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """FLatten's whole-token norms (Eq. 5-6 over all C = H * D channels) of a tile of tokens of q
-    (program_id(2) = 0) or k (1): [1/m, ||r||, ||r/m||, ||(r/m)^p||] with m = max(r), in one pass over the
-    heads; the running sums are rescaled whenever m grows, as an online softmax rescales its sum."""
+    """FLatten's whole-token norms (Eq. 5-6 over all C = H * D channels) of a tile of tokens of the keys:
+    the (B, N, 4) record [1/m, ||r||, ||r/m||, ||(r/m)^p||] with m = max(r). (The queries' record is
+    written by _focused_output_kernel, which computes it on the way.)"""
     b = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    which = tl.program_id(2)
     mn = offs_n < N
-    offs_c = tl.arange(0, DP)
-    mc = offs_c < D
-    if which == 0:
-        x_base, s_h, s_n = q_ptr + b * s_qb, s_qh, s_qn
-    else:
-        x_base, s_h, s_n = k_ptr + b * s_kb, s_kh, s_kn
-    m = tl.zeros((BLOCK_N,), tl.float32)
-    sum_rn = tl.zeros((BLOCK_N,), tl.float32)
-    sum_rp = tl.zeros((BLOCK_N,), tl.float32)
-    for h in range(H):
-        c = tl.load(c_ptr + h * D + offs_c, mask=mc, other=1.0)
-        x = load_tile(x_base + h * s_h, offs_n, offs_c, s_n, mn, mc).to(tl.float32)
-        r = tl.where(mc[None, :], (tl.maximum(x, 0.0) + eps) / c[None, :], 0.0)
-        m_new = tl.maximum(m, tl.max(r, axis=1))
-        alpha = tl.where(m > 0, m / m_new, 1.0)        # m = 0 before the first head, when the sums are 0 too
-        alpha_p = _power(alpha, p, P_INT)
-        rn = tl.where(mc[None, :], r / m_new[:, None], 1.0)
-        rp = tl.where(mc[None, :], _power(rn, p, P_INT), 0.0)
-        rn = tl.where(mc[None, :], rn, 0.0)
-        sum_rn = sum_rn * (alpha * alpha) + tl.sum(rn * rn, axis=1)
-        sum_rp = sum_rp * (alpha_p * alpha_p) + tl.sum(rp * rp, axis=1)
-        m = m_new
-    norm_rn = tl.sqrt(sum_rn)
-    at = norms_ptr + ((which * tl.num_programs(0) + b) * N + offs_n) * 4
-    tl.store(at, 1.0 / m, mask=mn)
-    tl.store(at + 1, m * norm_rn, mask=mn)
-    tl.store(at + 2, norm_rn, mask=mn)
-    tl.store(at + 3, tl.sqrt(sum_rp), mask=mn)
+    inv_m, norm_r, norm_rn, norm_rp = _online_norms(x_ptr + b * s_xb, s_xh, s_xn, c_ptr, H, offs_n, mn, p, eps,
+                                                    D, DP, P_INT)
+    _store_norms(rec_ptr, b, N, offs_n, mn, inv_m, norm_r, norm_rn, norm_rp)
 
 
 @triton.jit(do_not_specialize=["N", "H"])
@@ -253,33 +292,6 @@ def _query_gw_kernel(g_ptr, o_ptr, den_ptr, norms_ptr, gw_ptr, N, H, lin_eps, s_
         acc += tl.sum(g * o, axis=1) / den
     norm_r = tl.load(norms_ptr + (b * N + offs_n) * 4 + 1, mask=mn, other=1.0)
     tl.store(gw_ptr + b * N + offs_n, lin_eps * acc / norm_r, mask=mn)
-
-
-@triton.jit(do_not_specialize=["N", "H"])
-def _key_gw_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, grads_ptr, gw_ptr, N, H, p, eps, inv_n,
-                   s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, P_INT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                   DP: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
-                   INTERPRET: tl.constexpr):
-    """g.w of a tile of keys over all heads: sum_h phi_h(k_j) . (dS_h v_j + dz_h) / M / ||r_j||."""
-    b = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mn = offs_n < N
-    DT = k_ptr.dtype.element_ty
-    offs_c = tl.arange(0, DP)
-    offs_v = tl.arange(0, DVP)
-    mc, mv = offs_c < D, offs_v < DV
-    inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, 0)
-    acc = tl.zeros((BLOCK_N,), tl.float32)
-    for h in range(H):
-        c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
-        d_state_hi, d_state_lo, d_ksum, d_vsum = _load_grad_state(grads_ptr, b * H + h, inv_n, 1.0, 0, DT, DP, DVP,
-                                                                  LOWP, INTERPRET)
-        x = load_tile(k_ptr + b * s_kb + h * s_kh, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
-        vt = load_tile(v_ptr + b * s_vb + h * s_vh, offs_n, offs_v, s_vn, mn, mv)
-        phi = _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, 0, P_INT)
-        d_phi = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP, INTERPRET) + d_ksum[None, :]
-        acc += tl.sum(phi * d_phi, axis=1)
-    tl.store(gw_ptr + b * N + offs_n, acc / norm_r, mask=mn)
 
 
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
@@ -326,22 +338,18 @@ def _state_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, trig_ptr, part_ptr,
 
 
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
-def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
-                   N, H, chunk, p, eps, num_prefix, grid_h, grid_w, inv_n, scale_d, lin_eps,
-                   s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
-                   FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
+def _output_kernel(q_ptr, trig_ptr, state_ptr, o_ptr, N, H, chunk, num_prefix, grid_h, grid_w, inv_n, scale_d,
+                   lin_eps, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, ROPE: tl.constexpr,
                    D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
                    BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
-    """O for one chunk of queries from the reduced state (FLatten's or MALA's combination); FLatten also
-    keeps its normaliser den (B*h, N) for the backward's g.w."""
+    """MALA's Y for one chunk of queries of one head from the reduced state."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     DT = q_ptr.dtype.element_ty
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
-    c = _load_scale(c_ptr, h, offs_c, mc, D, DP, FEATURE)
-    state_hi, state_lo, kbar, vbar = _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT, FEATURE,
+    state_hi, state_lo, kbar, vbar = _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT, 1,
                                                  DP, DVP, LOWP, INTERPRET)
     q_base = q_ptr + b * s_qb + h * s_qh
     o_base = o_ptr + b * s_ob + h * s_oh
@@ -351,20 +359,46 @@ def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
         x = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc).to(tl.float32)
-        inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE)
-        phi = _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT)
-        if FEATURE == 0:
-            den = tl.sum(phi * kbar[None, :], axis=1) + lin_eps
-            out = dot_split(phi, state_hi, state_lo, DT, LOWP, INTERPRET) / den[:, None]
-            tl.store(den_ptr + bh * N + offs_n, den, mask=mn)
-        else:
-            s = tl.sum(phi * kbar[None, :], axis=1) * scale_d
-            if ROPE:
-                cos, sin = _rope_cos_sin(trig_ptr, offs_n, mn, num_prefix, grid_h, grid_w, DP // 2)
-                phi = _rotate(phi, cos, sin, BLOCK_N, DP, False)
-            a = dot_split(phi, state_hi, state_lo, DT, LOWP, INTERPRET)
-            out = a * (1.0 + 1.0 / (s + lin_eps))[:, None] - s[:, None] * vbar[None, :]
+        phi = tl.where(mc[None, :], tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)
+        s = tl.sum(phi * kbar[None, :], axis=1) * scale_d
+        if ROPE:
+            cos, sin = _rope_cos_sin(trig_ptr, offs_n, mn, num_prefix, grid_h, grid_w, DP // 2)
+            phi = _rotate(phi, cos, sin, BLOCK_N, DP, False)
+        a = dot_split(phi, state_hi, state_lo, DT, LOWP, INTERPRET)
+        out = a * (1.0 + 1.0 / (s + lin_eps))[:, None] - s[:, None] * vbar[None, :]
         store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out, INTERPRET)
+
+
+@triton.jit(do_not_specialize=["N", "H"])
+def _focused_output_kernel(q_ptr, c_ptr, state_ptr, o_ptr, den_ptr, rec_ptr, N, H, p, eps, inv_n, lin_eps,
+                           s_qb, s_qh, s_qn, s_ob, s_oh, s_on, P_INT: tl.constexpr,
+                           D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
+                           BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """FLatten's O for a tile of tokens over all heads: first the queries' whole-token norms (one pass over
+    the heads, kept in the (B, N, 4) record for the backward), then per head
+    O = phi(q) S / M / (phi(q) z / M + eps), keeping the normaliser den (B*h, N) for the backward's g.w.
+    The second pass re-reads the tile it has just read (from cache)."""
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < N
+    DT = q_ptr.dtype.element_ty
+    offs_c = tl.arange(0, DP)
+    offs_v = tl.arange(0, DVP)
+    mc, mv = offs_c < D, offs_v < DV
+    q_base = q_ptr + b * s_qb
+    inv_m, norm_r, norm_rn, norm_rp = _online_norms(q_base, s_qh, s_qn, c_ptr, H, offs_n, mn, p, eps, D, DP, P_INT)
+    _store_norms(rec_ptr, b, N, offs_n, mn, inv_m, norm_r, norm_rn, norm_rp)
+    for h in range(H):
+        bh = b * H + h
+        inv_c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
+        state_hi, state_lo, kbar, vbar = _load_state(state_ptr, bh, offs_c, offs_v, inv_n, 1.0, DT, 0,
+                                                     DP, DVP, LOWP, INTERPRET)
+        x = load_tile(q_base + h * s_qh, offs_n, offs_c, s_qn, mn, mc).to(tl.float32)
+        phi = _feature(x, inv_c, mc, p, eps, inv_m, norm_r, norm_rp, 0, P_INT)
+        den = tl.sum(phi * kbar[None, :], axis=1) + lin_eps
+        out = dot_split(phi, state_hi, state_lo, DT, LOWP, INTERPRET) * (1.0 / den)[:, None]
+        tl.store(den_ptr + bh * N + offs_n, den, mask=mn)
+        store_tile(o_ptr + b * s_ob + h * s_oh, offs_n, offs_v, s_on, mn, mv, out, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
@@ -446,14 +480,12 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_
 
 
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
-def _backward_k_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr, dc_ptr,
-                       N, H, chunk, p, eps, num_prefix, grid_h, grid_w, inv_n, scale_d,
+def _backward_k_kernel(k_ptr, v_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr,
+                       N, H, chunk, num_prefix, grid_h, grid_w, inv_n, scale_d,
                        s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
-                       FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
-                       D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
+                       ROPE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
                        BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
-    """Key side: dk, dv from the reduced [dS | dz | dvbar] (and FLatten's per-token g.w); for FLatten a
-    partial dc over the chunk."""
+    """MALA's key side: dk, dv of one chunk of one head from the reduced [dS | dz | dvbar]."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -461,14 +493,12 @@ def _backward_k_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, grads_p
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
-    c = _load_scale(c_ptr, h, offs_c, mc, D, DP, FEATURE)
-    d_state_hi, d_state_lo, d_ksum, d_vsum = _load_grad_state(grads_ptr, bh, inv_n, scale_d, FEATURE, DT, DP, DVP,
+    d_state_hi, d_state_lo, d_ksum, d_vsum = _load_grad_state(grads_ptr, bh, inv_n, scale_d, 1, DT, DP, DVP,
                                                               LOWP, INTERPRET)
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
     dk_base = dk_ptr + b * s_dkb + h * s_dkh
     dv_base = dv_ptr + b * s_dvb + h * s_dvh
-    acc_c = tl.zeros((BLOCK_N, DP), tl.float32)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, N)
     for n0 in range(lo, hi, BLOCK_N):
@@ -476,8 +506,7 @@ def _backward_k_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, grads_p
         mn = offs_n < hi
         x = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
         vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
-        inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE)
-        phi = _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT)
+        phi = tl.where(mc[None, :], tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)
         d_rot = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP, INTERPRET)
         rot = phi
         if ROPE:
@@ -486,16 +515,56 @@ def _backward_k_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, grads_p
             d_rot = _rotate(d_rot, cos, sin, BLOCK_N, DP, True)
         d_phi = d_rot + d_ksum[None, :]
         dv = dot_split(rot, d_state_hi, d_state_lo, DT, LOWP, INTERPRET) + d_vsum[None, :]
-        if FEATURE == 0:
-            gw = tl.load(gw_ptr + b * N + offs_n, mask=mn, other=0.0)
-            dx, dc = _focused_backward(d_phi, gw, x, c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT)
-            acc_c += tl.where(mn[:, None], dc, 0.0)
-        else:
-            dx = d_phi * tl.where(x > 0, 1.0, phi)
+        dx = d_phi * tl.where(x > 0, 1.0, phi)
         store_tile(dk_base, offs_n, offs_c, s_dkn, mn, mc, dx, INTERPRET)
         store_tile(dv_base, offs_n, offs_v, s_dvn, mn, mv, dv, INTERPRET)
-    if FEATURE == 0:
-        tl.store(dc_ptr + (bh * tl.num_programs(1) + split) * DP + offs_c, tl.sum(acc_c, axis=0))
+
+
+@triton.jit(do_not_specialize=["N", "H"])
+def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, dv_ptr, dc_ptr, N, H, p, eps, inv_n,
+                               s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
+                               P_INT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
+                               DVP: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
+                               INTERPRET: tl.constexpr):
+    """FLatten's key side for a tile of tokens over all heads: first the keys' whole-token
+    g.w = sum_h phi_h(k_j) . (dS_h v_j + dz_h) / M / ||r_j|| (one pass over the heads), then per head dk, dv
+    and a partial dc (B, tiles, H, DP). The second pass re-reads the tiles it has just read (from cache)."""
+    b = tl.program_id(0)
+    tile = tl.program_id(1)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < N
+    DT = k_ptr.dtype.element_ty
+    offs_c = tl.arange(0, DP)
+    offs_v = tl.arange(0, DVP)
+    mc, mv = offs_c < D, offs_v < DV
+    k_base = k_ptr + b * s_kb
+    v_base = v_ptr + b * s_vb
+    inv_m, norm_r, norm_rn, norm_rp = _token_norms(rec_ptr, b, N, offs_n, mn, 0)
+    gw = tl.zeros((BLOCK_N,), tl.float32)
+    for h in range(H):
+        inv_c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
+        d_state_hi, d_state_lo, d_ksum, d_vsum = _load_grad_state(grads_ptr, b * H + h, inv_n, 1.0, 0, DT, DP, DVP,
+                                                                  LOWP, INTERPRET)
+        x = load_tile(k_base + h * s_kh, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
+        vt = load_tile(v_base + h * s_vh, offs_n, offs_v, s_vn, mn, mv)
+        phi = _feature(x, inv_c, mc, p, eps, inv_m, norm_r, norm_rp, 0, P_INT)
+        d_phi = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP, INTERPRET) + d_ksum[None, :]
+        gw += tl.sum(phi * d_phi, axis=1)
+    gw = gw / norm_r
+    for h in range(H):
+        inv_c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
+        d_state_hi, d_state_lo, d_ksum, d_vsum = _load_grad_state(grads_ptr, b * H + h, inv_n, 1.0, 0, DT, DP, DVP,
+                                                                  LOWP, INTERPRET)
+        x = load_tile(k_base + h * s_kh, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
+        vt = load_tile(v_base + h * s_vh, offs_n, offs_v, s_vn, mn, mv)
+        phi = _feature(x, inv_c, mc, p, eps, inv_m, norm_r, norm_rp, 0, P_INT)
+        d_phi = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP, INTERPRET) + d_ksum[None, :]
+        dv = dot_split(phi, d_state_hi, d_state_lo, DT, LOWP, INTERPRET)
+        dx, dc = _focused_backward(d_phi, gw, x, inv_c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT)
+        store_tile(dk_ptr + b * s_dkb + h * s_dkh, offs_n, offs_c, s_dkn, mn, mc, dx, INTERPRET)
+        store_tile(dv_ptr + b * s_dvb + h * s_dvh, offs_n, offs_v, s_dvn, mn, mv, dv, INTERPRET)
+        tl.store(dc_ptr + ((b * tl.num_programs(1) + tile) * H + h) * DP + offs_c,
+                 tl.sum(tl.where(mn[:, None], dc, 0.0), axis=0))
 
 
 # --- launchers ------------------------------------------------------------------------------
@@ -535,74 +604,65 @@ def _meta(q: Tensor, v: Tensor, feature: int, p: float, rope_h: int, rope_w: int
     return meta, trig
 
 
-def _launch_opts(cfg: dict, lowp: bool) -> dict:
+def _launch_opts(cfg: dict, meta: dict) -> dict:
     """The kernel's tile and launch options; fp32 inputs (exact fp32 products on the FMA units, which need
-    far more registers) take tiles of at most 16 tokens."""
-    return dict(BLOCK_N=cfg["BLOCK_N"] if lowp else min(cfg["BLOCK_N"], 16), num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"])
+    far more registers) take tiles of at most 16 tokens, and wide heads (a padded head_dim over 64, e.g.
+    DiT's 72 padded to 128) the smaller tiles and more warps of WIDE."""
+    block_n, warps = cfg["BLOCK_N"], cfg["num_warps"]
+    if not meta["LOWP"]:
+        block_n = min(block_n, 16)
+    if max(meta["DP"], meta["DVP"]) > 64:
+        block_n = min(block_n, cfg.get("wide_block_n", WIDE["max_block_n"]))
+        warps = max(warps, WIDE["min_warps"])
+    return dict(BLOCK_N=block_n, num_warps=warps, num_stages=cfg["num_stages"])
 
 
-def _whole_token_norms(q: Tensor, k: Tensor, c: Tensor, p: float, meta: dict) -> Tensor:
-    """(2, B, N, 4) float32: the [1/m, ||r||, ||r/m||, ||(r/m)^p||] record of every token of q, then of k."""
-    b, h, n, _ = q.shape
-    (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn) = head_strides(q), head_strides(k)
-    norms = q.new_empty(2, b, n, 4, dtype=torch.float32)
-    cfg = CONFIG["norms"]
-    launch(_token_norms_kernel, (b, cdiv(n, cfg["BLOCK_N"]), 2), q, k, c, norms, n, h, float(p), FOCUSED_EPS,
-           s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, P_INT=meta["P_INT"], D=meta["D"], DP=meta["DP"], **cfg)
-    return norms
+def _splits(cfg: dict, opts: dict, groups: int, n: int, device: torch.device) -> Tuple[int, int]:
+    return split_tokens(groups, n, opts["BLOCK_N"], num_programs_target(device, cfg["per_sm"]),
+                        cfg.get("max_tiles", 1 << 30))
 
 
 def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature: int, p: float,
                              num_prefix: int, rope_h: int, rope_w: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(O, state, norms, den): state (B*h, DP*DVP + DP + DVP) fp32 = [S | sum phi(k) | sum v] per head,
-    unnormalised; FLatten's whole-token norms (2, B, N, 4) and normaliser den (B*h, N), empty for MALA."""
+    unnormalised; FLatten's whole-token norms (2, B, N, 4) (queries, keys) and normaliser den (B*h, N),
+    empty for MALA."""
     b, h, n, d = q.shape
     dv = v.shape[-1]
     meta, trig = _meta(q, v, feature, p, rope_h, rope_w)
     dp, dvp = meta["DP"], meta["DVP"]
     focused = feature == FOCUSED
-    norms = _whole_token_norms(q, k, c, p, meta) if focused else q.new_empty(0, dtype=torch.float32)
-    den = q.new_empty(b * h, n if focused else 0, dtype=torch.float32)
-    norms_q, norms_k = (norms[0], norms[1]) if focused else (q, q)
     (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn) = map(head_strides, (q, k, v))
+    if focused:
+        norms = q.new_empty(2, b, n, 4, dtype=torch.float32)
+        opts = _launch_opts(CONFIG["norms"], meta)
+        launch(_token_norms_kernel, (b, cdiv(n, opts["BLOCK_N"])), k, c, norms[1], n, h, float(p), FOCUSED_EPS,
+               s_kb, s_kh, s_kn, P_INT=meta["P_INT"], D=d, DP=dp, **opts)
+    else:
+        norms = q.new_empty(0, dtype=torch.float32)
     cfg = CONFIG["state"]
-    splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], num_programs_target(q.device))
+    opts = _launch_opts(cfg, meta)
+    splits, chunk = _splits(cfg, opts, b * h, n, q.device)
     part = q.new_empty(b * h, splits, dp * dvp + dp + dvp, dtype=torch.float32)
-    launch(_state_kernel, (b * h, splits), k, v, c, norms_k, trig, part, n, h, chunk, float(p), FOCUSED_EPS,
-           num_prefix, rope_h, rope_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, **meta, **_launch_opts(cfg, meta["LOWP"]))
-    state = part.sum(1)
+    launch(_state_kernel, (b * h, splits), k, v, c, norms[1] if focused else q, trig, part, n, h, chunk, float(p),
+           FOCUSED_EPS, num_prefix, rope_h, rope_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, **meta, **opts)
+    state = part.sum(1) if splits > 1 else part[:, 0]
     out = q.new_empty(b, h, n, dv)
+    if focused:
+        den = q.new_empty(b * h, n, dtype=torch.float32)
+        opts = _launch_opts(CONFIG["focused_output"], meta)
+        launch(_focused_output_kernel, (b, cdiv(n, opts["BLOCK_N"])), q, c, state, out, den, norms[0], n, h,
+               float(p), FOCUSED_EPS, 1.0 / n, LINEAR_EPS, s_qb, s_qh, s_qn, out.stride(0), out.stride(1),
+               out.stride(2), P_INT=meta["P_INT"], D=d, DV=dv, DP=dp, DVP=dvp, LOWP=meta["LOWP"],
+               INTERPRET=meta["INTERPRET"], **opts)
+        return out, state, norms, den
     cfg = CONFIG["output"]
-    splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], 2 * num_programs_target(q.device), cfg["max_tiles"])
-    launch(_output_kernel, (b * h, splits), q, c, norms_q, trig, state, out, den if focused else q, n, h, chunk,
-           float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS, s_qb, s_qh, s_qn,
-           out.stride(0), out.stride(1), out.stride(2), **meta, **_launch_opts(cfg, meta["LOWP"]))
-    return out, state, norms, den
-
-
-def _whole_token_gw_query(grad: Tensor, out: Tensor, den: Tensor, norms_q: Tensor, meta: dict) -> Tensor:
-    """(B, N) float32 g.w of the queries (see _query_gw_kernel)."""
-    b, h, n, dv = grad.shape
-    (grad, s_gb, s_gh, s_gn), (out, s_ob, s_oh, s_on) = head_strides(grad), head_strides(out)
-    gw = grad.new_empty(b, n, dtype=torch.float32)
-    cfg = CONFIG["norms"]
-    launch(_query_gw_kernel, (b, cdiv(n, cfg["BLOCK_N"])), grad, out, den, norms_q, gw, n, h, LINEAR_EPS,
-           s_gb, s_gh, s_gn, s_ob, s_oh, s_on, DV=meta["DV"], DVP=meta["DVP"], **cfg)
-    return gw
-
-
-def _whole_token_gw_key(k: Tensor, v: Tensor, c: Tensor, norms_k: Tensor, grads: Tensor, p: float,
-                        meta: dict) -> Tensor:
-    """(B, N) float32 g.w of the keys (see _key_gw_kernel), from the reduced [dS | dz | dvbar]."""
-    b, h, n, _ = k.shape
-    (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn) = head_strides(k), head_strides(v)
-    gw = k.new_empty(b, n, dtype=torch.float32)
-    cfg = _launch_opts(CONFIG["gw_key"], meta["LOWP"])
-    launch(_key_gw_kernel, (b, cdiv(n, cfg["BLOCK_N"])), k, v, c, norms_k, grads, gw, n, h, float(p), FOCUSED_EPS,
-           1.0 / n, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, P_INT=meta["P_INT"], D=meta["D"], DV=meta["DV"],
-           DP=meta["DP"], DVP=meta["DVP"], LOWP=meta["LOWP"], INTERPRET=meta["INTERPRET"], **cfg)
-    return gw
+    opts = _launch_opts(cfg, meta)
+    splits, chunk = _splits(cfg, opts, b * h, n, q.device)
+    launch(_output_kernel, (b * h, splits), q, trig, state, out, n, h, chunk, num_prefix, rope_h, rope_w, 1.0 / n,
+           d ** -0.5, LINEAR_EPS, s_qb, s_qh, s_qn, out.stride(0), out.stride(1), out.stride(2), ROPE=meta["ROPE"],
+           D=d, DV=dv, DP=dp, DVP=dvp, LOWP=meta["LOWP"], INTERPRET=meta["INTERPRET"], **opts)
+    return out, state, norms, q.new_empty(b * h, 0, dtype=torch.float32)
 
 
 def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, out: Tensor, state: Tensor,
@@ -611,36 +671,48 @@ def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: 
     """(dq, dk, dv, dc): dc (h, d) float32 for FLatten, an empty tensor for MALA (no scale). ``out``,
     ``norms`` and ``den`` are FLatten's (empty for MALA)."""
     b, h, n, d = q.shape
+    d_v = v.shape[-1]
     meta, trig = _meta(q, v, feature, p, rope_h, rope_w)
     dp, dvp = meta["DP"], meta["DVP"]
     focused = feature == FOCUSED
-    norms_q, norms_k = (norms[0], norms[1]) if focused else (q, q)
-    gw_q = _whole_token_gw_query(grad, out, den, norms_q, meta) if focused else q
     (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn), (grad, s_gb, s_gh, s_gn) = map(
         head_strides, (q, k, v, grad))
-    target = num_programs_target(q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    gw_q = q
+    if focused:      # the queries' whole-token g.w (see _query_gw_kernel)
+        out, s_ob, s_oh, s_on = head_strides(out)
+        gw_q = grad.new_empty(b, n, dtype=torch.float32)
+        opts = _launch_opts(CONFIG["gw_query"], meta)
+        launch(_query_gw_kernel, (b, cdiv(n, opts["BLOCK_N"])), grad, out, den, norms[0], gw_q, n, h, LINEAR_EPS,
+               s_gb, s_gh, s_gn, s_ob, s_oh, s_on, DV=d_v, DVP=dvp, **opts)
 
     cfg = CONFIG["bwd_q"]
-    splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], target)
+    opts = _launch_opts(cfg, meta)
+    splits, chunk = _splits(cfg, opts, b * h, n, q.device)
     part = q.new_empty(b * h, splits, dp * dvp + 2 * dp + dvp, dtype=torch.float32)
-    launch(_backward_q_kernel, (b * h, splits), q, grad, c, norms_q, gw_q, trig, state, dq, part, n, h, chunk,
-           float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS, s_qb, s_qh, s_qn,
-           s_gb, s_gh, s_gn, dq.stride(0), dq.stride(1), dq.stride(2), **meta, **_launch_opts(cfg, meta["LOWP"]))
-    grads = part.sum(1)
+    launch(_backward_q_kernel, (b * h, splits), q, grad, c, norms[0] if focused else q, gw_q, trig, state, dq, part,
+           n, h, chunk, float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS,
+           s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, dq.stride(0), dq.stride(1), dq.stride(2), **meta, **opts)
+    grads = part.sum(1) if splits > 1 else part[:, 0]
 
-    gw_k = _whole_token_gw_key(k, v, c, norms_k, grads, p, meta) if focused else q
-    cfg = CONFIG["bwd_k"]
-    splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], target)
-    part_c = q.new_empty(b * h, splits, dp, dtype=torch.float32) if focused else q
-    launch(_backward_k_kernel, (b * h, splits), k, v, c, norms_k, gw_k, trig, grads, dk, dv, part_c, n, h, chunk,
-           float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-           dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), **meta,
-           **_launch_opts(cfg, meta["LOWP"]))
+    strides = (s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0),
+               dv.stride(1), dv.stride(2))
     if not focused:
+        cfg = CONFIG["bwd_k"]
+        opts = _launch_opts(cfg, meta)
+        splits, chunk = _splits(cfg, opts, b * h, n, q.device)
+        launch(_backward_k_kernel, (b * h, splits), k, v, trig, grads, dk, dv, n, h, chunk, num_prefix, rope_h,
+               rope_w, 1.0 / n, d ** -0.5, *strides, ROPE=meta["ROPE"], D=d, DV=d_v, DP=dp, DVP=dvp,
+               LOWP=meta["LOWP"], INTERPRET=meta["INTERPRET"], **opts)
         return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
-    dc = grads[:, dp * dvp + dp + dvp:] + part_c.sum(1)
-    return dq, dk, dv, dc.reshape(b, h, dp).sum(0)[:, :d]
+    opts = _launch_opts(CONFIG["focused_bwd_k"], meta)
+    tiles = cdiv(n, opts["BLOCK_N"])
+    part_c = q.new_empty(b, tiles, h, dp, dtype=torch.float32)
+    launch(_focused_backward_k_kernel, (b, tiles), k, v, c, norms[1], grads, dk, dv, part_c, n, h, float(p),
+           FOCUSED_EPS, 1.0 / n, *strides, P_INT=meta["P_INT"], D=d, DV=d_v, DP=dp, DVP=dvp, LOWP=meta["LOWP"],
+           INTERPRET=meta["INTERPRET"], **opts)
+    dc = grads[:, dp * dvp + dp + dvp:].reshape(b, h, dp).sum(0) + part_c.sum((0, 1))
+    return dq, dk, dv, dc[:, :d]
 
 
 # --- autograd: torch.library custom op (torch.compile) and an autograd.Function (eager) ------------
@@ -719,15 +791,23 @@ class _LinearAttention(torch.autograd.Function):
 def _linear_attention(q, k, v, c, feature, p, num_prefix, rope_h, rope_w) -> Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.subquad.linear_attention(q, k, v, c, feature, p, num_prefix, rope_h, rope_w)[0]
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or c.requires_grad)):
+        return linear_attention_forward(q, k, v, c, feature, p, num_prefix, rope_h, rope_w)[0]    # no autograd node
     return _LinearAttention.apply(q, k, v, c, feature, p, num_prefix, rope_h, rope_w)
 
 
 # --- backends for kernels.functional ---------------------------------------------------------
 
+_ONES: dict = {}
+
+
 def _softplus_scale(scale: Optional[Tensor], h: int, d: int, like: Tensor) -> Tensor:
     """softplus(s) as an (h, d) float32 tensor (ones when there is no scale)."""
     if scale is None:
-        return torch.ones(h, d, device=like.device, dtype=torch.float32)
+        key = (h, d, like.device)
+        if key not in _ONES:
+            _ONES[key] = torch.ones(h, d, device=like.device, dtype=torch.float32)
+        return _ONES[key]
     s = scale.reshape(-1, d) if scale.numel() > 1 else scale.reshape(1, 1)
     return torch.nn.functional.softplus(s.float()).expand(h, d).contiguous()
 

@@ -73,10 +73,14 @@ CPU_CASES = [  # kind, batch, heads, grid, num_prefix, d, dtype, options
     ("flatten", 1, 2, (4, 5), 1, 16, torch.float16, dict(p=2, scale_shape=(2, 16))),
     ("flatten", 2, 3, (3, 4), 2, 16, torch.float32, dict(p=3, scale_shape=(3, 16), head_gain=0.03)),  # eps-bound head
     ("flatten", 1, 3, (5, 3), 0, 16, torch.bfloat16, dict(p=3, scale_shape=(16,), head_gain=0.1)),
+    ("flatten", 2, 5, (7, 9), 2, 40, torch.bfloat16, dict(p=3, scale_shape=(5, 40))),      # 5 heads, N = 65: several tiles
+    ("flatten", 1, 2, (4, 4), 0, 72, torch.float32, dict(p=3, scale_shape=(2, 72))),        # DiT's head_dim 72
     ("mala", 2, 2, (5, 7), 1, 16, torch.float32, dict()),
     ("mala", 1, 2, (1, 6), 0, 16, torch.bfloat16, dict()),
     ("mala", 2, 2, (6, 8), 2, 16, torch.bfloat16, dict(rope=True)),
     ("mala", 1, 1, (7, 5), 0, 12, torch.float32, dict(rope=True, dv=20)),                    # padded d with RoPE
+    ("mala", 2, 3, (7, 9), 2, 40, torch.bfloat16, dict(rope=True)),                          # N = 65: several tiles
+    ("mala", 1, 2, (3, 4), 1, 72, torch.bfloat16, dict()),
 ]
 
 
