@@ -73,7 +73,7 @@ CPU_CASES = [  # kind, batch, heads, grid, num_prefix, d, dtype, options
     ("flatten", 1, 2, (4, 5), 1, 16, torch.float16, dict(p=2, scale_shape=(2, 16))),
     ("flatten", 2, 3, (3, 4), 2, 16, torch.float32, dict(p=3, scale_shape=(3, 16), head_gain=0.03)),  # eps-bound head
     ("flatten", 1, 3, (5, 3), 0, 16, torch.bfloat16, dict(p=3, scale_shape=(16,), head_gain=0.1)),
-    ("flatten", 2, 5, (7, 9), 2, 40, torch.bfloat16, dict(p=3, scale_shape=(5, 40))),      # 5 heads, N = 65: several tiles
+    ("flatten", 2, 5, (7, 9), 2, 40, torch.bfloat16, dict(p=3, scale_shape=(5, 40))),      # 5 heads, N = 65
     ("flatten", 1, 2, (4, 4), 0, 72, torch.float32, dict(p=3, scale_shape=(2, 72))),        # DiT's head_dim 72
     ("mala", 2, 2, (5, 7), 1, 16, torch.float32, dict()),
     ("mala", 1, 2, (1, 6), 0, 16, torch.bfloat16, dict()),
