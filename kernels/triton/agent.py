@@ -2,20 +2,26 @@
 
 A = adaptive average pooling of the grid queries to n = a x a agents (a Triton reduction over N);
 agent aggregation V_A = softmax_j(A k_j^T / sqrt(d) + B1) V is a flash-style online softmax over key
-blocks, split across programs and merged by log-sum-exp; agent broadcast
+blocks, split across programs and merged by log-sum-exp (one merge program per agent); agent broadcast
 O_i = softmax_a(q_i A^T / sqrt(d) + B2) V_A is one kernel per query block. The N x n score
 matrices live only in registers.
 
 Backward, with P2 = softmax of the broadcast scores and P1 of the aggregation scores:
-  dP2 = dO V_A^T, dS2 = P2 (dP2 - rowsum(dO O)), dq = dS2 A / sqrt(d), dV_A = P2^T dO,
+  dP2 = dO V_A^T, dS2 = P2 (dP2 - rowsum(dO O)) with rowsum(dO O) = rowsum(P2 dP2), dq = dS2 A / sqrt(d),
+  dV_A = P2^T dO,
   dA += dS2^T q / sqrt(d), dB2 = sum_batch dS2;
   dP1 = dV_A V^T, dS1 = P1 (dP1 - rowsum(dV_A V_A)), dk = dS1^T A / sqrt(d), dv = P1^T dV_A,
   dA += dS1 K / sqrt(d), dB1 = sum_batch dS1;  finally dq_grid += pool^T dA.
-The backward programs own a token range of one head and loop over the batch, so the bias gradients
-(shared by the batch) accumulate in place without atomics.
+The backward programs own a token chunk of one head and a group of batch elements and loop over the
+group, so the bias gradients (shared by the batch) accumulate in place without atomics, one slice per
+group (summed afterwards); chunks of >= 512 tokens keep the per-chunk [dV_A | dA] partials small, and
+the groups supply the programs that a short sequence cannot (backward_split).
 
 Precision: with 16-bit inputs the products take 16-bit operands; the scores, which are exponentiated,
-use the fp32 agents as hi + lo parts against the exact 16-bit q, k (fp32-accurate scores).
+use the fp32 agents as hi + lo parts against the exact 16-bit q, k (fp32-accurate scores), and so do
+P1 in P1 V and V_A in dP2 (see _aggregate_kernel). Products whose result is an output or a gradient
+take each fp32 operand rounded once (P2 in O, dS and P in dq, dk, dv and the dA, dV_A partials): an
+error of about 2^-9 per term, the size of the 16-bit rounding of the result itself.
 """
 import math
 from typing import Optional, Tuple
@@ -25,8 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (dot, dot_split, dot_split_a, dot_split_b, head_strides, launch, load_tile, num_programs_target,
-                      pad_dim, precision_flags, round_to, split_operand, split_tokens, store_tile)
+from ._common import (cdiv, dot, dot_split_a, dot_split_b, head_strides, launch, load_tile, num_programs_target, pad_dim,
+                      precision_flags, round_to, split_operand, split_tokens, store_tile)
 
 LOG2E = 1.4426950408889634
 
@@ -36,10 +42,13 @@ CONFIG = {
     "pool": dict(BLOCK_N=64, num_warps=8, num_stages=3),
     "aggregate": dict(BLOCK_N=32, num_warps=4, num_stages=3),
     "broadcast": dict(BLOCK_N=32, num_warps=4, num_stages=3, max_tiles=8),
-    "broadcast_bwd": dict(BLOCK_N=32, num_warps=8, num_stages=2),
-    "aggregate_bwd": dict(BLOCK_N=32, num_warps=8, num_stages=2),
+    "merge": dict(BLOCK_S=32, num_warps=4),
+    "broadcast_bwd": dict(BLOCK_N=64, num_warps=8, num_stages=2, min_chunk=512),
+    "aggregate_bwd": dict(BLOCK_N=64, num_warps=8, num_stages=2, min_chunk=512),
     "unpool": dict(BLOCK_N=32, num_warps=4, num_stages=3, max_tiles=8),
 }
+# the backward launches aim at this many programs per SM (see backward_split)
+BACKWARD_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -73,15 +82,10 @@ def _load_agents(agents_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE: tl.cons
 
 
 @triton.jit
-def _scores(x, a_hi, a_lo, AGENTS_FIRST: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
-    """A x^T (agents first) or x A^T in fp32 for x in its own dtype and A given by split_operand: the
-    scores are exponentiated, so the fp32 agents enter as hi + lo against the exact 16-bit x."""
-    if AGENTS_FIRST:
-        s = dot_split_b(x, tl.trans(a_hi), tl.trans(a_lo), LOWP, INTERPRET)
-        s = tl.trans(s)
-    else:
-        s = dot_split_b(x, tl.trans(a_hi), tl.trans(a_lo), LOWP, INTERPRET)
-    return s
+def _scores(x, a_hi, a_lo, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """x A^T in fp32 for x in its own dtype and A given by split_operand: the scores are exponentiated, so
+    the fp32 agents enter as hi + lo against the exact 16-bit x."""
+    return dot_split_b(x, tl.trans(a_hi), tl.trans(a_lo), LOWP, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
@@ -110,11 +114,21 @@ def _pool_kernel(q_ptr, part_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_qb,
 
 
 @triton.jit
+def _dot_split_first(a_hi, a_lo, b, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """a @ b for fp32 a given by split_operand and b already in its 16-bit dtype (exact): hi*b + lo*b."""
+    if LOWP:
+        out = dot(a_hi, b, LOWP, INTERPRET) + dot(a_lo, b, LOWP, INTERPRET)
+    else:
+        out = dot(a_hi, b, LOWP, INTERPRET)
+    return out
+
+
+@triton.jit
 def _aggregate_scores(kt, a_hi, a_lo, b1_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA: tl.constexpr,
                       HAS_BIAS: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
-    """A K^T / sqrt(d) + B1 (log2 domain) of the agents over a block of keys (k in its own dtype);
-    keys outside ``mn`` are left for the caller to mask."""
-    s = _scores(kt, a_hi, a_lo, True, LOWP, INTERPRET) * qk_scale
+    """A K^T / sqrt(d) + B1 (log2 domain, agents x keys) over a block of keys (k in its own dtype), computed
+    agents-first so that no transpose of the scores is needed; keys outside ``mn`` are left for the caller."""
+    s = _dot_split_first(a_hi, a_lo, tl.trans(kt), LOWP, INTERPRET) * qk_scale
     if HAS_BIAS:
         s += tl.load(b1_ptr + h * NA * N + offs_a[:, None] * N + offs_n[None, :],
                      mask=ma[:, None] & mn[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
@@ -127,7 +141,10 @@ def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
                       NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
                       DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                       LOWP: tl.constexpr, INTERPRET: tl.constexpr):
-    """Online softmax over one chunk of keys for every agent: running max, sum and P V (log2 domain)."""
+    """Online softmax over one chunk of keys for every agent: running max, sum and P V (log2 domain).
+    P enters P V as hi + lo: rounding it once, as flash attention does, would perturb V_A by 2^-9 / sqrt(N),
+    which is a percent of the differences between the agents' rows when the softmax is nearly flat, and
+    those differences are what dB2 sees (tests: test_flat_softmax_cpu)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -166,29 +183,38 @@ def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
 
 
 @triton.jit(do_not_specialize=["SPLITS"])
-def _merge_kernel(m_ptr, l_ptr, acc_ptr, va_ptr, lse_ptr, SPLITS, NAP: tl.constexpr, DVP: tl.constexpr):
-    """V_A = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s and lse = m + log2(l) over the splits."""
+def _merge_kernel(m_ptr, l_ptr, acc_ptr, va_ptr, lse_ptr, SPLITS, NAP: tl.constexpr, DVP: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
+    """For one agent of one (batch, head): V_A = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s and
+    lse = m + log2(l) over the splits, BLOCK_S splits at a time (one program per agent, so the merge is
+    as parallel as the agents, not serial over the splits of a head)."""
     bh = tl.program_id(0)
-    offs_a = tl.arange(0, NAP)
+    a = tl.program_id(1)
     offs_v = tl.arange(0, DVP)
-    m = tl.full((NAP,), float("-inf"), tl.float32)
-    for s in range(0, SPLITS):
-        m = tl.maximum(m, tl.load(m_ptr + (bh * SPLITS + s) * NAP + offs_a))
-    l_sum = tl.zeros((NAP,), tl.float32)
-    acc = tl.zeros((NAP, DVP), tl.float32)
-    for s in range(0, SPLITS):
-        w = tl.exp2(tl.load(m_ptr + (bh * SPLITS + s) * NAP + offs_a) - m)
-        l_sum += w * tl.load(l_ptr + (bh * SPLITS + s) * NAP + offs_a)
-        acc += w[:, None] * tl.load(acc_ptr + (bh * SPLITS + s) * NAP * DVP + offs_a[:, None] * DVP + offs_v[None, :])
-    tl.store(va_ptr + bh * NAP * DVP + offs_a[:, None] * DVP + offs_v[None, :], acc / l_sum[:, None])
-    tl.store(lse_ptr + bh * NAP + offs_a, m + tl.log2(l_sum))
+    m = tl.full((1,), float("-inf"), tl.float32)
+    l_sum = tl.zeros((1,), tl.float32)
+    acc = tl.zeros((DVP,), tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        ms = offs_s < SPLITS
+        rows = bh * SPLITS + offs_s
+        m_s = tl.load(m_ptr + rows * NAP + a, mask=ms, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(m_s, axis=0))
+        w = tl.where(ms, tl.exp2(m_s - m_new), 0.0)
+        alpha = tl.exp2(m - m_new)
+        l_sum = l_sum * alpha + tl.sum(w * tl.load(l_ptr + rows * NAP + a, mask=ms, other=0.0), axis=0)
+        acc_s = tl.load(acc_ptr + (rows[:, None] * NAP + a) * DVP + offs_v[None, :], mask=ms[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * acc_s, axis=0)
+        m = m_new
+    tl.store(va_ptr + (bh * NAP + a) * DVP + offs_v, acc / l_sum)
+    tl.store(lse_ptr + bh * NAP + a + tl.arange(0, 1), m + tl.log2(l_sum))
 
 
 @triton.jit
 def _broadcast_probs(qt, a_hi, a_lo, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA: tl.constexpr,
                      HAS_BIAS: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
     """P2 = softmax over agents of q A^T / sqrt(d) + B2 for a block of queries (q in its own dtype)."""
-    s = _scores(qt, a_hi, a_lo, False, LOWP, INTERPRET) * qk_scale
+    s = _scores(qt, a_hi, a_lo, LOWP, INTERPRET) * qk_scale
     if HAS_BIAS:
         s += tl.load(b2_ptr + h * N * NA + offs_n[:, None] * NA + offs_a[None, :],
                      mask=mn[:, None] & ma[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
@@ -203,7 +229,7 @@ def _broadcast_kernel(q_ptr, agents_ptr, va_ptr, b2_ptr, o_ptr, N, H, chunk, qk_
                       NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
                       DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                       LOWP: tl.constexpr, INTERPRET: tl.constexpr):
-    """O = P2 V_A for one chunk of queries."""
+    """O = P2 V_A for one chunk of queries (P2 rounded once to the input dtype, V_A as hi + lo)."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     DT = q_ptr.dtype.element_ty
@@ -225,22 +251,24 @@ def _broadcast_kernel(q_ptr, agents_ptr, va_ptr, b2_ptr, o_ptr, N, H, chunk, qk_
         qt = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc)
         p = _broadcast_probs(qt, a_hi, a_lo, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS, LOWP,
                              INTERPRET)
-        out = dot_split(p, va_hi, va_lo, DT, LOWP, INTERPRET)
+        out = dot_split_b(round_to(p, DT, INTERPRET), va_hi, va_lo, LOWP, INTERPRET)
         store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out, INTERPRET)
 
 
-@triton.jit(do_not_specialize=["B", "N", "H", "chunk", "grid_h", "grid_w"])
+@triton.jit(do_not_specialize=["B", "BPG", "N", "H", "chunk", "grid_h", "grid_w"])
 def _broadcast_bwd_kernel(q_ptr, do_ptr, agents_ptr, va_ptr, b2_ptr, dq_ptr, db2_ptr, part_ptr,
-                          B, N, H, chunk, qk_scale, scale, grid_h, grid_w,
+                          B, BPG, N, H, chunk, qk_scale, scale, grid_h, grid_w,
                           s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_db, s_dh, s_dn,
                           NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                           DP: tl.constexpr, DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
                           INTERPRET: tl.constexpr):
-    """Broadcast stage backward for one head and chunk of queries, looping over the batch: dq (without the
-    pooling term), dB2 accumulated in place, and per batch element partial [dV_A | dA]."""
+    """Broadcast stage backward for one head, one chunk of queries and one group of BPG batch elements:
+    dq (without the pooling term), the group's dB2 accumulated in place (its own slice of db2), and per
+    batch element partial [dV_A | dA]. rowsum(dO O) = rowsum(P2 dP2) needs no recomputed O."""
     h = tl.program_id(0)
     split = tl.program_id(1)
+    group = tl.program_id(2)
     DT = q_ptr.dtype.element_ty
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
@@ -248,7 +276,10 @@ def _broadcast_bwd_kernel(q_ptr, do_ptr, agents_ptr, va_ptr, b2_ptr, dq_ptr, db2
     mc, mv, ma = offs_c < D, offs_v < DV, offs_a < NA
     lo = split * chunk
     hi = tl.minimum(lo + chunk, N)
-    for b in range(0, B):
+    b_lo = group * BPG
+    b_hi = tl.minimum(b_lo + BPG, B)
+    db2_base = db2_ptr + (group * H + h) * N * NA
+    for b in range(b_lo, b_hi):
         bh = b * H + h
         agents = _load_agents(agents_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE, NAP, DP)
         a_hi, a_lo = split_operand(agents, DT, LOWP, INTERPRET)
@@ -266,17 +297,17 @@ def _broadcast_bwd_kernel(q_ptr, do_ptr, agents_ptr, va_ptr, b2_ptr, dq_ptr, db2
             g = load_tile(g_base, offs_n, offs_v, s_gn, mn, mv)
             p = _broadcast_probs(qt, a_hi, a_lo, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS,
                                  LOWP, INTERPRET)
-            out = dot_split(p, va_hi, va_lo, DT, LOWP, INTERPRET)
             dp = dot_split_b(g, tl.trans(va_hi), tl.trans(va_lo), LOWP, INTERPRET)
-            ds = p * (dp - tl.sum(g.to(tl.float32) * out, axis=1)[:, None])
-            dq = dot_split(ds, a_hi, a_lo, DT, LOWP, INTERPRET) * scale
+            ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+            ds16 = round_to(ds, DT, INTERPRET)
+            dq = dot(ds16, a_hi, LOWP, INTERPRET) * scale
             store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dq, INTERPRET)
-            acc_va += dot_split_a(tl.trans(p), g, DT, LOWP, INTERPRET)
-            acc_a += dot_split_a(tl.trans(ds), qt, DT, LOWP, INTERPRET)
+            acc_va += dot(tl.trans(round_to(p, DT, INTERPRET)), g, LOWP, INTERPRET)
+            acc_a += dot(tl.trans(ds16), qt, LOWP, INTERPRET)
             if BIAS_GRAD:
-                ptrs = db2_ptr + h * N * NA + offs_n[:, None] * NA + offs_a[None, :]
+                ptrs = db2_base + offs_n[:, None] * NA + offs_a[None, :]
                 m = mn[:, None] & ma[None, :]
-                if b > 0:
+                if b > b_lo:
                     ds += tl.load(ptrs, mask=m, other=0.0)
                 tl.store(ptrs, ds, mask=m)
         part = part_ptr + (bh * tl.num_programs(1) + split) * NAP * (DVP + DP)
@@ -285,18 +316,19 @@ def _broadcast_bwd_kernel(q_ptr, do_ptr, agents_ptr, va_ptr, b2_ptr, dq_ptr, db2
         tl.debug_barrier()          # this batch element's dB2 stores are read by other threads at the next
 
 
-@triton.jit(do_not_specialize=["B", "N", "H", "chunk", "grid_h", "grid_w"])
+@triton.jit(do_not_specialize=["B", "BPG", "N", "H", "chunk", "grid_h", "grid_w"])
 def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, grads_ptr, dk_ptr, dv_ptr,
-                          db1_ptr, part_ptr, B, N, H, chunk, qk_scale, scale, grid_h, grid_w,
+                          db1_ptr, part_ptr, B, BPG, N, H, chunk, qk_scale, scale, grid_h, grid_w,
                           s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
                           NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                           DP: tl.constexpr, DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
                           INTERPRET: tl.constexpr):
-    """Aggregation stage backward for one head and chunk of keys, looping over the batch: dk, dv, dB1 in
-    place and per batch element a partial dA = dS1 K / sqrt(d)."""
+    """Aggregation stage backward for one head, one chunk of keys and one group of BPG batch elements:
+    dk, dv, the group's dB1 in place and per batch element a partial dA = dS1 K / sqrt(d)."""
     h = tl.program_id(0)
     split = tl.program_id(1)
+    group = tl.program_id(2)
     DT = k_ptr.dtype.element_ty
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
@@ -304,7 +336,10 @@ def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, gra
     mc, mv, ma = offs_c < D, offs_v < DV, offs_a < NA
     lo = split * chunk
     hi = tl.minimum(lo + chunk, N)
-    for b in range(0, B):
+    b_lo = group * BPG
+    b_hi = tl.minimum(b_lo + BPG, B)
+    db1_base = db1_ptr + (group * H + h) * NA * N
+    for b in range(b_lo, b_hi):
         bh = b * H + h
         agents = _load_agents(agents_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE, NAP, DP)
         a_hi, a_lo = split_operand(agents, DT, LOWP, INTERPRET)
@@ -326,16 +361,17 @@ def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, gra
             s = _aggregate_scores(kt, a_hi, a_lo, b1_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS,
                                   LOWP, INTERPRET)
             p = tl.where(mn[None, :], tl.exp2(s - lse[:, None]), 0.0)
-            ds = p * (dot_split_a(dva, tl.trans(vt), DT, LOWP, INTERPRET) - delta[:, None])
-            dk = dot_split(tl.trans(ds), a_hi, a_lo, DT, LOWP, INTERPRET) * scale
+            ds = p * (_dot_split_first(dva_hi, dva_lo, tl.trans(vt), LOWP, INTERPRET) - delta[:, None])
+            ds16 = round_to(ds, DT, INTERPRET)
+            dk = dot(tl.trans(ds16), a_hi, LOWP, INTERPRET) * scale
             store_tile(dk_base, offs_n, offs_c, s_dkn, mn, mc, dk, INTERPRET)
-            dv = dot_split(tl.trans(p), dva_hi, dva_lo, DT, LOWP, INTERPRET)
+            dv = dot(tl.trans(round_to(p, DT, INTERPRET)), dva_hi, LOWP, INTERPRET)
             store_tile(dv_base, offs_n, offs_v, s_dvn, mn, mv, dv, INTERPRET)
-            acc_a += dot_split_a(ds, kt, DT, LOWP, INTERPRET)
+            acc_a += dot(ds16, kt, LOWP, INTERPRET)
             if BIAS_GRAD:
-                ptrs = db1_ptr + h * NA * N + offs_a[:, None] * N + offs_n[None, :]
+                ptrs = db1_base + offs_a[:, None] * N + offs_n[None, :]
                 m = ma[:, None] & mn[None, :]
-                if b > 0:
+                if b > b_lo:
                     ds += tl.load(ptrs, mask=m, other=0.0)
                 tl.store(ptrs, ds, mask=m)
         tl.store(part_ptr + (bh * tl.num_programs(1) + split) * NAP * DP + offs_a[:, None] * DP + offs_c[None, :],
@@ -382,6 +418,23 @@ def _launch_opts(cfg: dict, lowp: bool) -> dict:
                 num_stages=cfg["num_stages"])
 
 
+def backward_split(batch: int, heads: int, n: int, block_n: int, target: int, min_chunk: int
+                   ) -> Tuple[int, int, int, int]:
+    """(splits, chunk, groups, batches per group) of a backward launch over (heads, splits, groups).
+
+    Each program writes one [dV_A | dA] partial per batch element and token chunk, and one dB slice per
+    batch group: chunks of at least ``min_chunk`` tokens keep the partials a small fraction of the token
+    traffic, and groups of batch elements (each with its own dB slice, summed afterwards) supply the
+    programs that a short sequence cannot, so heads * splits * groups reaches ``target``."""
+    tiles = cdiv(n, block_n)
+    chunk_tiles = max(cdiv(min_chunk, block_n), cdiv(tiles, cdiv(target, heads)))
+    chunk = min(chunk_tiles, tiles) * block_n
+    splits = cdiv(n, chunk)
+    groups = min(batch, cdiv(target, heads * splits))
+    per_group = cdiv(batch, groups)
+    return splits, chunk, cdiv(batch, per_group), per_group
+
+
 def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor], b2: Optional[Tensor],
                             num_agents: int, num_prefix: int, grid_h: int, grid_w: int
                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -400,7 +453,7 @@ def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor
     part = q.new_empty(b * h, splits, nap, dp, dtype=torch.float32)
     launch(_pool_kernel, (b * h, splits), q, part, n, h, chunk, num_prefix, grid_h, grid_w, s_qb, s_qh, s_qn,
            A_SIDE=meta["A_SIDE"], D=d, DP=dp, NAP=nap, **flags, **_launch_opts(cfg, meta["LOWP"]))
-    agents = part.sum(1)
+    agents = part.sum(1) if splits > 1 else part.view(b * h, nap, dp)
 
     cfg = CONFIG["aggregate"]
     splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], target)
@@ -413,7 +466,10 @@ def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor
            **meta, **_launch_opts(cfg, meta["LOWP"]))
     va = q.new_empty(b * h, nap, dvp, dtype=torch.float32)
     lse = q.new_empty(b * h, nap, dtype=torch.float32)
-    launch(_merge_kernel, (b * h,), m_part, l_part, acc_part, va, lse, splits, NAP=nap, DVP=dvp)
+    cfg = CONFIG["merge"]
+    # the padding agents' rows are merged too (finite: their scores are the zero agent's), never read back
+    launch(_merge_kernel, (b * h, nap), m_part, l_part, acc_part, va, lse, splits, NAP=nap, DVP=dvp,
+           BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
 
     out = q.new_empty(b, h, n, dv)
     cfg = CONFIG["broadcast"]
@@ -434,31 +490,38 @@ def agent_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, b1: 
         head_strides, (q, k, v, grad))
     meta = _meta(q, v, num_agents)
     dp, dvp, nap = meta["DP"], meta["DVP"], meta["NAP"]
-    target = num_programs_target(q.device)
+    target = num_programs_target(q.device, per_sm=BACKWARD_PROGRAMS_PER_SM)
     has_bias = b1 is not None
     bias_grad = bias_grad and has_bias
-    db1 = q.new_empty(b1.shape if bias_grad else (0,), dtype=torch.float32)
-    db2 = q.new_empty(b2.shape if bias_grad else (0,), dtype=torch.float32)
     scale = d ** -0.5
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     flags = dict(NA=num_agents, HAS_BIAS=has_bias, BIAS_GRAD=bias_grad, **meta)
 
+    def bias_buffer(groups: int, shape) -> Tensor:
+        return q.new_empty((groups, *shape) if bias_grad else (0,), dtype=torch.float32)
+
+    def group_sum(buf: Tensor) -> Tensor:
+        return buf if not bias_grad else (buf[0] if buf.shape[0] == 1 else buf.sum(0))
+
     cfg = CONFIG["broadcast_bwd"]
-    splits, chunk = split_tokens(h, n, cfg["BLOCK_N"], target)
+    opts = _launch_opts(cfg, meta["LOWP"])
+    splits, chunk, groups, per_group = backward_split(b, h, n, opts["BLOCK_N"], target, cfg["min_chunk"])
+    db2 = bias_buffer(groups, b2.shape if bias_grad else ())
     part_q = q.new_empty(b * h, splits, nap * (dvp + dp), dtype=torch.float32)
-    launch(_broadcast_bwd_kernel, (h, splits), q, grad, agents, va, b2 if has_bias else q, dq,
-           db2 if bias_grad else q, part_q, b, n, h, chunk, scale * LOG2E, scale, grid_h, grid_w,
-           s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, dq.stride(0), dq.stride(1), dq.stride(2), **flags,
-           **_launch_opts(cfg, meta["LOWP"]))
-    grads_q = part_q.sum(1)
+    launch(_broadcast_bwd_kernel, (h, splits, groups), q, grad, agents, va, b2 if has_bias else q, dq,
+           db2 if bias_grad else q, part_q, b, per_group, n, h, chunk, scale * LOG2E, scale, grid_h, grid_w,
+           s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, dq.stride(0), dq.stride(1), dq.stride(2), **flags, **opts)
+    grads_q = part_q.sum(1) if splits > 1 else part_q.view(b * h, nap * (dvp + dp))
 
     cfg = CONFIG["aggregate_bwd"]
-    splits, chunk = split_tokens(h, n, cfg["BLOCK_N"], target)
+    opts = _launch_opts(cfg, meta["LOWP"])
+    splits, chunk, groups, per_group = backward_split(b, h, n, opts["BLOCK_N"], target, cfg["min_chunk"])
+    db1 = bias_buffer(groups, b1.shape if bias_grad else ())
     part_k = q.new_empty(b * h, splits, nap, dp, dtype=torch.float32)
-    launch(_aggregate_bwd_kernel, (h, splits), k, v, agents, b1 if has_bias else q, va, lse, grads_q, dk, dv,
-           db1 if bias_grad else q, part_k, b, n, h, chunk, scale * LOG2E, scale, grid_h, grid_w,
+    launch(_aggregate_bwd_kernel, (h, splits, groups), k, v, agents, b1 if has_bias else q, va, lse, grads_q, dk,
+           dv, db1 if bias_grad else q, part_k, b, per_group, n, h, chunk, scale * LOG2E, scale, grid_h, grid_w,
            s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, dk.stride(0), dk.stride(1), dk.stride(2),
-           dv.stride(0), dv.stride(1), dv.stride(2), **flags, **_launch_opts(cfg, meta["LOWP"]))
+           dv.stride(0), dv.stride(1), dv.stride(2), **flags, **opts)
     da = grads_q[:, nap * dvp:].reshape(b * h, nap, dp) + part_k.sum(1)
 
     cfg = CONFIG["unpool"]
@@ -466,7 +529,7 @@ def agent_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, b1: 
     launch(_unpool_kernel, (b * h, splits), dq, da, n, h, chunk, num_prefix, grid_h, grid_w, dq.stride(0),
            dq.stride(1), dq.stride(2), A_SIDE=meta["A_SIDE"], D=d, DP=dp, NAP=nap, LOWP=meta["LOWP"],
            INTERPRET=meta["INTERPRET"], **_launch_opts(cfg, meta["LOWP"]))
-    return dq, dk, dv, db1, db2
+    return dq, dk, dv, group_sum(db1), group_sum(db2)
 
 
 # --- autograd: torch.library custom op (torch.compile) and an autograd.Function (eager) ------------
