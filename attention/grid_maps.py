@@ -6,20 +6,28 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _linear_resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in): linear interpolation (align_corners=False) of a length-n_in axis as a matrix."""
+    eye = torch.eye(n_in, device=like.device, dtype=like.dtype)[None]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T
+
+
 def resize_map(m: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Resize the trailing 1 or 2 dims of ``m`` to ``size`` (linear / bilinear, align_corners=False).
 
     The identity when the size already matches, so a model at its training resolution uses its
-    parameters exactly.
+    parameters exactly. Bilinear interpolation is separable, so it runs as two small matrix products
+    (R_h m R_w^T): the same values as ``F.interpolate``, whose backward scatters into the small map
+    with atomics (24.6 ms forward+backward for 7x7 agent-bias maps resized to 256x256 on an H100).
     """
     spatial = tuple(m.shape[-len(size):])
     if spatial == tuple(size):
         return m
-    lead = m.shape[:-len(size)]
-    mode = "linear" if len(size) == 1 else "bilinear"
-    work = m.reshape(1, -1, *spatial).to(torch.promote_types(m.dtype, torch.float32))
-    out = F.interpolate(work, size=size, mode=mode, align_corners=False)
-    return out.reshape(*lead, *size).to(m.dtype)
+    work = m.to(torch.promote_types(m.dtype, torch.float32))
+    out = work @ _linear_resize_matrix(spatial[-1], size[-1], work).T
+    if len(size) == 2:
+        out = _linear_resize_matrix(spatial[0], size[0], work) @ out
+    return out.to(m.dtype)
 
 
 def depthwise_conv(channels: int, kernel_size: int) -> nn.Conv2d:

@@ -94,6 +94,22 @@ def test_agent_bias_uses_the_parameters_exactly_on_the_bias_grid():
     torch.testing.assert_close(b2.reshape(h, 7, 7, n), m.na_bias.permute(0, 2, 3, 1), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape,size", [((3, 4, 7, 7), (56, 40)), ((2, 7, 7), (5, 9)), ((4, 49), (13,)),
+                                        ((2, 3, 5), (64,)), ((1, 7, 7), (7, 30))])
+def test_resize_map_is_f_interpolate(shape, size):
+    """resize_map (two matrix products) gives F.interpolate's (bi)linear values and gradients, up and down."""
+    from subquad.attention.grid_maps import resize_map
+    m = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    out = resize_map(m, size)
+    flat = m.reshape(1, -1, *shape[-len(size):])
+    ref = F.interpolate(flat, size=size, mode="linear" if len(size) == 1 else "bilinear",
+                        align_corners=False).reshape(*shape[:-len(size)], *size)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, m, g)[0], torch.autograd.grad(ref, m, g)[0],
+                               rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("grid,num_prefix,opts", [
     ((14, 14), 1, {}),                                          # the official DeiT setting
     ((10, 12), 0, {}),
