@@ -520,6 +520,21 @@ def _backward_k_kernel(k_ptr, v_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr,
         store_tile(dv_base, offs_n, offs_v, s_dvn, mn, mv, dv, INTERPRET)
 
 
+@triton.jit
+def _focused_key_head(c_ptr, grads_ptr, k_head, v_head, bh, h, offs_n, mn, offs_c, mc, offs_v, mv, s_kn, s_vn, p,
+                      eps, inv_n, inv_m, norm_r, norm_rp, DT: tl.constexpr, P_INT: tl.constexpr, D: tl.constexpr,
+                      DP: tl.constexpr, DVP: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """One head of a key tile in FLatten's key backward: its scale, keys x, features phi, the gradient
+    d phi = dS v + dz reaching them, and the state gradient dS (hi, lo)."""
+    inv_c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
+    d_state_hi, d_state_lo, d_ksum, _ = _load_grad_state(grads_ptr, bh, inv_n, 1.0, 0, DT, DP, DVP, LOWP, INTERPRET)
+    x = load_tile(k_head, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
+    vt = load_tile(v_head, offs_n, offs_v, s_vn, mn, mv)
+    phi = _feature(x, inv_c, mc, p, eps, inv_m, norm_r, norm_rp, 0, P_INT)
+    d_phi = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP, INTERPRET) + d_ksum[None, :]
+    return inv_c, x, phi, d_phi, d_state_hi, d_state_lo
+
+
 @triton.jit(do_not_specialize=["N", "H"])
 def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, dv_ptr, dc_ptr, N, H, p, eps, inv_n,
                                s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
@@ -542,23 +557,15 @@ def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, 
     inv_m, norm_r, norm_rn, norm_rp = _token_norms(rec_ptr, b, N, offs_n, mn, 0)
     gw = tl.zeros((BLOCK_N,), tl.float32)
     for h in range(H):
-        inv_c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
-        d_state_hi, d_state_lo, d_ksum, d_vsum = _load_grad_state(grads_ptr, b * H + h, inv_n, 1.0, 0, DT, DP, DVP,
-                                                                  LOWP, INTERPRET)
-        x = load_tile(k_base + h * s_kh, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
-        vt = load_tile(v_base + h * s_vh, offs_n, offs_v, s_vn, mn, mv)
-        phi = _feature(x, inv_c, mc, p, eps, inv_m, norm_r, norm_rp, 0, P_INT)
-        d_phi = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP, INTERPRET) + d_ksum[None, :]
+        inv_c, x, phi, d_phi, d_state_hi, d_state_lo = _focused_key_head(
+            c_ptr, grads_ptr, k_base + h * s_kh, v_base + h * s_vh, b * H + h, h, offs_n, mn, offs_c, mc, offs_v, mv,
+            s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP, INTERPRET)
         gw += tl.sum(phi * d_phi, axis=1)
     gw = gw / norm_r
     for h in range(H):
-        inv_c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
-        d_state_hi, d_state_lo, d_ksum, d_vsum = _load_grad_state(grads_ptr, b * H + h, inv_n, 1.0, 0, DT, DP, DVP,
-                                                                  LOWP, INTERPRET)
-        x = load_tile(k_base + h * s_kh, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
-        vt = load_tile(v_base + h * s_vh, offs_n, offs_v, s_vn, mn, mv)
-        phi = _feature(x, inv_c, mc, p, eps, inv_m, norm_r, norm_rp, 0, P_INT)
-        d_phi = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP, INTERPRET) + d_ksum[None, :]
+        inv_c, x, phi, d_phi, d_state_hi, d_state_lo = _focused_key_head(
+            c_ptr, grads_ptr, k_base + h * s_kh, v_base + h * s_vh, b * H + h, h, offs_n, mn, offs_c, mc, offs_v, mv,
+            s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP, INTERPRET)
         dv = dot_split(phi, d_state_hi, d_state_lo, DT, LOWP, INTERPRET)
         dx, dc = _focused_backward(d_phi, gw, x, inv_c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT)
         store_tile(dk_ptr + b * s_dkb + h * s_dkh, offs_n, offs_c, s_dkn, mn, mc, dx, INTERPRET)
