@@ -24,3 +24,14 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, t
     err = relative_error(actual, expected)
     if not err < tol:
         raise AssertionError(f"{what} relative error {err:.3e} exceeds {tol:.1e}")
+
+
+def assert_compiles_to_the_same(fn, *inputs: torch.Tensor, what: str = "compiled") -> None:
+    """``torch.compile(fn, fullgraph=True)`` (aot_eager) gives eager ``fn``'s output and input gradients
+    (float32 tolerance): the op is one graph, and tracing it changes nothing."""
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*inputs)
+    want = fn(*inputs)
+    assert_rel_close(out, want, what=what)
+    g = torch.randn_like(out)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(want, inputs, g))):
+        assert_rel_close(a, b, torch.float32, what=f"{what} grad of input {i}")

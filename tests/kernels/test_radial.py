@@ -8,7 +8,7 @@ import torch
 from subquad.kernels import radial_attention
 from subquad.kernels.reference.radial import (attended_pairs, normalize_options, official_block_mask,
                                               radial_plan)
-from subquad.kernels.testing import assert_rel_close
+from subquad.kernels.testing import assert_compiles_to_the_same, assert_rel_close
 
 # official radial_attn/attn_mask.py (72788d4), gen_log_mask_shrinked(...)[:nb, :nb], recorded on CPU
 OFFICIAL = {
@@ -243,12 +243,7 @@ def test_compile_fullgraph(backend, grid, opts):
     """The plan is a constant under torch.compile (built eagerly, not traced): the whole op is one graph."""
     q, k, v = (torch.randn(1, 2, 1 + math.prod(grid), 16, requires_grad=True) for _ in range(3))
     fn = lambda q, k, v: radial_attention(q, k, v, grid=grid, num_prefix=1, backend=backend, **opts)  # noqa: E731
-    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
-    want = fn(q, k, v)
-    assert_rel_close(out, want, what="compiled")
-    g = torch.randn_like(out)
-    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
-        assert_rel_close(a, b, torch.float32, what=f"compiled d{name}")
+    assert_compiles_to_the_same(fn, q, k, v)
 
 
 def test_compile_fullgraph_at_new_grids():
