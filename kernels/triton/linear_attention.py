@@ -194,20 +194,27 @@ def _load_scale(c_ptr, h, offs_c, mc, D: tl.constexpr, DP: tl.constexpr, FEATURE
 
 
 @triton.jit
+def _load_reduced(base, offs_c, offs_v, inv_n, scale_d, DT: tl.constexpr, FEATURE: tl.constexpr, DP: tl.constexpr,
+                  DVP: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """A reduced [M (d x dv) | a (d) | b (dv)] record at ``base`` as means over the N keys: M (times
+    1/sqrt(d) for MALA) split for dot_split, a and b."""
+    m = tl.load(base + offs_c[:, None] * DVP + offs_v[None, :])
+    if FEATURE == 0:
+        m = m * inv_n
+    else:
+        m = m * (scale_d * inv_n)
+    m_hi, m_lo = split_operand(m, DT, LOWP, INTERPRET)
+    a = tl.load(base + DP * DVP + offs_c) * inv_n
+    b = tl.load(base + DP * DVP + DP + offs_v) * inv_n
+    return m_hi, m_lo, a, b
+
+
+@triton.jit
 def _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT: tl.constexpr, FEATURE: tl.constexpr,
                 DP: tl.constexpr, DVP: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
-    """This (batch, head)'s reduced [S (d x dv) | ksum (d) | vsum (dv)] as means over the N keys: S
-    (times 1/sqrt(d) for MALA) split for dot_split, kbar and vbar."""
-    base = state_ptr + bh * (DP * DVP + DP + DVP)
-    state = tl.load(base + offs_c[:, None] * DVP + offs_v[None, :])
-    if FEATURE == 0:
-        state = state * inv_n
-    else:
-        state = state * (scale_d * inv_n)
-    state_hi, state_lo = split_operand(state, DT, LOWP, INTERPRET)
-    kbar = tl.load(base + DP * DVP + offs_c) * inv_n
-    vbar = tl.load(base + DP * DVP + DP + offs_v) * inv_n
-    return state_hi, state_lo, kbar, vbar
+    """This (batch, head)'s reduced [S | ksum | vsum]: (S hi, S lo, kbar, vbar)."""
+    return _load_reduced(state_ptr + bh * (DP * DVP + DP + DVP), offs_c, offs_v, inv_n, scale_d, DT, FEATURE, DP,
+                         DVP, LOWP, INTERPRET)
 
 
 @triton.jit
@@ -244,18 +251,8 @@ def _rotate(x, cos, sin, BLOCK_N: tl.constexpr, DP: tl.constexpr, INVERSE: tl.co
 def _load_grad_state(grads_ptr, bh, inv_n, scale_d, FEATURE: tl.constexpr, DT: tl.constexpr, DP: tl.constexpr,
                      DVP: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
     """The reduced [dS | dz | dvbar] of one head, scaled as the forward scaled S: (dS hi, dS lo, dz, dvbar)."""
-    offs_c = tl.arange(0, DP)
-    offs_v = tl.arange(0, DVP)
-    base = grads_ptr + bh * (DP * DVP + 2 * DP + DVP)
-    d_state = tl.load(base + offs_c[:, None] * DVP + offs_v[None, :])
-    if FEATURE == 0:
-        d_state = d_state * inv_n
-    else:
-        d_state = d_state * (scale_d * inv_n)
-    d_state_hi, d_state_lo = split_operand(d_state, DT, LOWP, INTERPRET)
-    d_ksum = tl.load(base + DP * DVP + offs_c) * inv_n
-    d_vsum = tl.load(base + DP * DVP + DP + offs_v) * inv_n
-    return d_state_hi, d_state_lo, d_ksum, d_vsum
+    return _load_reduced(grads_ptr + bh * (DP * DVP + 2 * DP + DVP), tl.arange(0, DP), tl.arange(0, DVP), inv_n,
+                         scale_d, DT, FEATURE, DP, DVP, LOWP, INTERPRET)
 
 
 # --- kernels --------------------------------------------------------------------------------
