@@ -155,3 +155,17 @@ def dot_split_b(a, b_hi, b_lo, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
 def dot_round(a, b, DT: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
     """a @ b with each operand rounded once to DT: gradient products, where 2^-9 per element is ample."""
     return dot(round_to(a, DT, INTERPRET), round_to(b, DT, INTERPRET), LOWP, INTERPRET)
+
+
+@triton.jit
+def dot_terms(a, b_hi, b_lo, DT: tl.constexpr, TERMS: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """a @ b for fp32 a and b = (b_hi, b_lo) from split_operand, in TERMS 16-bit products: 3 is dot_split
+    (about 2^-16 relative), 2 rounds b once (a as hi + lo), 1 rounds both once (about 2^-9)."""
+    if TERMS == 3:
+        out = dot_split(a, b_hi, b_lo, DT, LOWP, INTERPRET)
+    elif TERMS == 2:
+        out = dot_split_a(a, b_hi, DT, LOWP, INTERPRET)
+    else:
+        out = dot(round_to(a, DT, INTERPRET), b_hi, LOWP, INTERPRET)
+    return out
+

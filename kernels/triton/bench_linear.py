@@ -117,14 +117,22 @@ def _fla_rows(q, k, v, grad, grid, b, dtype, tensor_bytes) -> List[Dict]:
 # --- per-kernel device time and a launch-configuration sweep (tuning aids) ---------------------
 
 def kernel_times(call: Callable, q, k, v, grad, reps: int = 5) -> Dict[str, float]:
-    """Mean device microseconds per forward+backward of each kernel (torch.profiler), host gaps excluded."""
+    """Mean device microseconds per forward+backward (``grad`` None: per forward) of each kernel
+    (torch.profiler), host gaps excluded."""
     from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        if grad is None:
+            with torch.no_grad():
+                call(q, k, v, "triton")
+        else:
+            torch.autograd.grad(call(q, k, v, "triton"), (q, k, v), grad)
     for _ in range(2):
-        torch.autograd.grad(call(q, k, v, "triton"), (q, k, v), grad)
+        step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            torch.autograd.grad(call(q, k, v, "triton"), (q, k, v), grad)
+            step()
         torch.cuda.synchronize()
     times: Dict[str, float] = {}
     for evt in prof.key_averages():
@@ -152,49 +160,117 @@ def profile_kernels(device: str = "cuda", sizes=SIZES, ops: Sequence[str] = OPS,
     return rows
 
 
-SWEEP = {  # kernel config key -> candidates (BLOCK_N, num_warps, num_stages)
-    "linear": {"state": ((32, 4, 3), (64, 8, 3), (64, 4, 2)), "output": ((32, 4, 3), (64, 8, 3), (64, 4, 2)),
+SWEEP = {  # kernel config key -> candidate launch options (BLOCK_N, num_warps, num_stages[, extra CONFIG keys])
+    "linear": {"state": ((32, 4, 3), (32, 4, 4), (32, 4, 2), (64, 4, 3), (32, 8, 3), (16, 4, 3, dict(per_sm=8))),
+               "output": ((64, 4, 2), (64, 4, 3), (32, 4, 2), (64, 4, 2, dict(per_sm=8)),
+                          (64, 4, 2, dict(per_sm=32, max_tiles=4)), (128, 8, 2)),
+               "focused_output": ((64, 4, 2), (64, 4, 3), (32, 4, 2), (64, 4, 2, dict(per_sm=8)),
+                                  (64, 4, 2, dict(per_sm=32, max_tiles=4)), (128, 8, 2)),
+               "norms": ((32, 4, 2), (16, 4, 2), (64, 4, 2), (32, 2, 2), (64, 8, 2), (128, 8, 2)),
                "bwd_q": ((32, 8, 2), (16, 4, 2), (64, 8, 2)), "bwd_k": ((32, 8, 2), (16, 4, 2), (64, 8, 2)),
-               "norms": ((32, 4, 2), (64, 4, 2), (64, 8, 3)), "focused_output": ((32, 4, 2), (64, 4, 2), (64, 8, 2)),
                "gw_query": ((32, 4, 2), (64, 4, 2), (64, 8, 2)), "focused_bwd_k": ((32, 8, 2), (32, 4, 2), (64, 8, 2))},
     "agent": {"pool": ((64, 8, 3), (32, 4, 3)), "aggregate": ((32, 4, 3), (64, 8, 3), (16, 4, 3)),
               "broadcast": ((32, 4, 3), (64, 8, 3), (16, 4, 3)), "broadcast_bwd": ((32, 8, 2), (16, 4, 2)),
               "aggregate_bwd": ((32, 8, 2), (16, 4, 2)), "unpool": ((32, 4, 3), (64, 8, 3))},
 }
 KERNEL_OF = {"state": "_state_kernel", "output": "_output_kernel", "bwd_q": "_backward_q_kernel",
-             "bwd_k": "_backward_k_kernel", "norms": "_token_norms_kernel", "focused_output": "_focused_output_kernel",
+             "bwd_k": "_backward_k_kernel", "norms": "_token_norms_kernel", "focused_output": "_output_kernel",
              "gw_query": "_query_gw_kernel", "focused_bwd_k": "_focused_backward_k_kernel",
              "pool": "_pool_kernel", "aggregate": "_aggregate_kernel",
              "broadcast": "_broadcast_kernel", "broadcast_bwd": "_broadcast_bwd_kernel",
              "aggregate_bwd": "_aggregate_bwd_kernel", "unpool": "_unpool_kernel"}
 
 
+def _set_candidate(config: Dict[str, dict], base: Dict[str, dict], key: str, cand: tuple) -> str:
+    """Set config[key] to the default ``base[key]`` changed by the candidate; returns its label."""
+    bn, w, st, *extra = cand
+    config[key].clear()
+    config[key].update(base[key], BLOCK_N=bn, num_warps=w, num_stages=st, **(extra[0] if extra else {}))
+    return f"{bn}/{w}/{st}" + "".join(f" {k}={v}" for k, v in (extra[0] if extra else {}).items())
+
+
 def sweep(device: str = "cuda", sizes=(((128, 128), 4), ((56, 56), 32)), ops=("focused_linear", "mala_rope", "agent"),
-          dtype: torch.dtype = torch.bfloat16) -> List[Dict]:
+          dtype: torch.dtype = torch.bfloat16, backward: bool = True, terms: Sequence[int] = ()) -> List[Dict]:
     """Each kernel's device time under each candidate configuration (all kernels of an op change together,
-    candidate i with candidate i; a kernel with fewer candidates keeps its last)."""
+    candidate i with candidate i; a kernel with fewer candidates keeps its last); ``backward=False`` times the
+    forward kernels alone. ``terms``: also time each OUTPUT_TERMS value (the output products) with the
+    fastest output candidates."""
     rows = []
     for ((gh, gw), b), op in itertools.product(sizes, ops):
         q, k, v, params = _inputs(b, gh * gw, dtype, device)
-        grad = torch.randn_like(q)
+        grad = torch.randn_like(q) if backward else None
         family = "agent" if op == "agent" else "linear"
         config = agent_kernels.CONFIG if family == "agent" else linear_kernels.CONFIG
         saved = {key: dict(cfg) for key, cfg in config.items()}
+        best: Dict[str, Tuple[float, tuple]] = {}
         for i in range(max(len(c) for c in SWEEP[family].values())):
-            chosen = {}
-            for key, cands in SWEEP[family].items():
-                bn, w, st = cands[min(i, len(cands) - 1)]
-                config[key].update(BLOCK_N=bn, num_warps=w, num_stages=st)
-                chosen[key] = f"{bn}/{w}/{st}"
+            picked = {key: cands[min(i, len(cands) - 1)] for key, cands in SWEEP[family].items()}
+            chosen = {key: (_set_candidate(config, saved, key, cand), cand) for key, cand in picked.items()}
             times = kernel_times(_op_call(op, (gh, gw), params), q, k, v, grad)
-            for key, cfg in chosen.items():
+            for key, (label, cand) in chosen.items():
                 if KERNEL_OF[key] in times:
-                    rows.append(dict(op=op, grid=f"{gh}x{gw}", batch=b, kernel=KERNEL_OF[key], config=cfg,
-                                     us=times[KERNEL_OF[key]]))
+                    us = times[KERNEL_OF[key]]
+                    rows.append(dict(op=op, grid=f"{gh}x{gw}", batch=b, kernel=KERNEL_OF[key], config=label,
+                                     terms=linear_kernels.OUTPUT_TERMS, us=us))
                     print("sweep", *rows[-1].values(), flush=True)      # a cut-short run keeps what it measured
+                    if us < best.get(key, (math.inf,))[0]:
+                        best[key] = (us, cand)
+        default_terms = linear_kernels.OUTPUT_TERMS
+        for t in (terms if family == "linear" else ()):
+            for key, (_, cand) in best.items():
+                _set_candidate(config, saved, key, cand)
+            linear_kernels.OUTPUT_TERMS = t
+            times = kernel_times(_op_call(op, (gh, gw), params), q, k, v, grad)
+            for key in ("output", "focused_output"):
+                if key in best and KERNEL_OF[key] in times:
+                    rows.append(dict(op=op, grid=f"{gh}x{gw}", batch=b, kernel=KERNEL_OF[key],
+                                     config=_set_candidate(config, saved, key, best[key][1]), terms=t,
+                                     us=times[KERNEL_OF[key]]))
+                    print("sweep", *rows[-1].values(), flush=True)
+        linear_kernels.OUTPUT_TERMS = default_terms
         for key in config:
             config[key].clear()
             config[key].update(saved[key])
+    return rows
+
+
+def host_costs(device: str = "cuda", size=((128, 128), 4), ops: Sequence[str] = ("focused_linear", "mala", "agent"),
+               dtype: torch.dtype = torch.bfloat16, calls: int = 100) -> List[Dict]:
+    """Where a forward's wall time goes: host microseconds per call (enqueueing ``calls`` forwards without
+    waiting), do_bench's median wall time, and the device time of the same forward replayed from a CUDA
+    graph (no host in the loop); prints each op's top host functions (cProfile)."""
+    import cProfile
+    import pstats
+    import time
+    (gh, gw), b = size
+    q, k, v, params = _inputs(b, gh * gw, dtype, device)
+    rows = []
+    for op in ops:
+        call = _op_call(op, (gh, gw), params)
+        with torch.no_grad():
+            fn = lambda: call(q, k, v, "triton")       # noqa: E731
+            wall = _median_ms(fn)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            host_us = (time.perf_counter() - start) / calls * 1e6
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            graph_ms = _median_ms(graph.replay)
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(calls):
+                fn()
+            profiler.disable()
+            torch.cuda.synchronize()
+        print(f"--- {op} {gh}x{gw} B{b}: host {host_us:.1f} us/call, wall {wall * 1e3:.1f} us, "
+              f"graph {graph_ms * 1e3:.1f} us")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+        rows.append(dict(op=op, grid=f"{gh}x{gw}", batch=b, host_us=host_us, wall_us=wall * 1e3,
+                         graph_us=graph_ms * 1e3))
     return rows
 
 
@@ -226,21 +302,30 @@ def _save_csv(rows: List[Dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
+    parser.add_argument("--forward", action="store_true", help="sweep the forward kernels alone")
+    parser.add_argument("--terms", default="", help="with --sweep: OUTPUT_TERMS values to time, e.g. 3,2,1")
+    parser.add_argument("--ops", default=None, help="with --sweep: ops to sweep, e.g. focused_linear,mala")
+    parser.add_argument("--no-bench", action="store_true", help="skip the benchmark table")
     parser.add_argument("--profile", action="store_true", help="also print per-kernel device times")
+    parser.add_argument("--host", action="store_true", help="also measure host time per forward (and cProfile it)")
     parser.add_argument("--out", default=".", help="folder for the CSV files")
     args = parser.parse_args()
     out = Path(args.out)
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy_bandwidth_gbps():.0f} GB/s")
-    rows = bench_linear_family()
-    _save_csv(rows, out / "bench_linear.csv")
-    _print_table(kernel_resources())
-    _print_table(rows)
+    if not args.no_bench:
+        rows = bench_linear_family()
+        _save_csv(rows, out / "bench_linear.csv")
+        _print_table(kernel_resources())
+        _print_table(rows)
     if args.profile:
         rows = profile_kernels()
         _save_csv(rows, out / "kernels_linear.csv")
         _print_table(rows)
+    if args.host:
+        _print_table(host_costs())
     if args.sweep:
-        rows = sweep()
+        ops = dict(ops=tuple(args.ops.split(","))) if args.ops else {}
+        rows = sweep(sizes=SIZES, backward=not args.forward, terms=[int(t) for t in args.terms.split(",") if t], **ops)
         _save_csv(rows, out / "sweep_linear.csv")
         _print_table(rows)
 

@@ -2,8 +2,9 @@
 
 Two passes over the tokens, the feature maps computed in registers and never stored:
   (0) FLatten only: the focused map's per-token norms over the whole token (all heads' channels, as the
-      official code applies the map before splitting heads), one small (B, N) record per token of k:
-      [1/m, ||r||, ||r/m||, ||(r/m)^p||], m = max(r) (a pre-pass whose programs see every head of a token);
+      official code applies the map before splitting heads), one small (B, N) record per token of q and of k:
+      [1/m, ||r||, ||r/m||, ||(r/m)^p||], m = max(r) (one pre-pass whose programs load every head of a tile
+      of tokens as one 3D tile);
   (a) state:  S = sum_j phi(k_j)^T v_j  (d x dv),  z = sum_j phi(k_j),  sum_j v_j,
       with N split across programs (fp32 partial sums packed in one buffer, then one reduction);
   (b) output, per token:
@@ -11,9 +12,7 @@ Two passes over the tokens, the feature maps computed in registers and never sto
       MALA (Fan et al., ICCV 2025, Eq. 9-11): with s_i = phi(q_i) z / (M sqrt(d)),
           Y_i = (1 + 1 / (s_i + eps)) rot(phi(q_i)) S / (M sqrt(d)) - s_i sum_j v_j / M,
       rot = MALA's optional 2D RoPE, applied to phi(q), phi(k) inside the KV product only.
-      MALA's programs own one head and a chunk of tokens; FLatten's own a tile of tokens across all heads:
-      one pass over the heads for the queries' norms (kept in the same record for the backward), then the
-      per-head outputs, re-reading the tile from cache (no separate pass over q for its norms).
+      Programs own one head and a chunk of tokens, so each loads its head's state once.
 The backward recomputes the feature maps. With G = dL/dO, FLatten: dnum_i = G_i / den_i,
 dden_i = -G_i.O_i / den_i, dphi(q_i) = S dnum_i / M + dden_i z / M, dS = sum_i phi(q_i)^T dnum_i,
 dz = sum_i dden_i phi(q_i), then dphi(k_j) = (dS v_j + dz) / M and dv_j = phi(k_j) dS / M.
@@ -30,9 +29,11 @@ g.w = sum_h phi_h(k_j) . (dS_h v_j + dz_h) / M / ||r_j||, computed by FLatten's 
 its programs own a tile of keys across all heads, take g.w in a first pass over the heads, then dk, dv and
 dc per head, re-reading the tiles from cache.
 
-Precision: with 16-bit inputs the products run on 16-bit tensor-core operands; forward values that the
-MALA combination can cancel use hi + lo splits of the fp32 operands (about 2^-16 relative), gradient
-products round each operand once. fp32 inputs keep exact fp32 products.
+Precision: with 16-bit inputs the products run on 16-bit tensor-core operands. The state's product uses a
+hi + lo split of phi(k) (about 2^-16 relative); the output's phi(q) S rounds both operands once
+(OUTPUT_TERMS = 1: about 2^-9, the size of the output's own 16-bit rounding; 3 products would carry it to
+2^-16 and cost the output kernel 15-20% on an H200); gradient products round each operand once. fp32 inputs
+keep exact fp32 products.
 """
 from typing import Optional, Tuple
 
@@ -44,25 +45,31 @@ from torch import Tensor
 from ..reference.feature_maps import FOCUSED_EPS
 from ..reference.linear_attention import LINEAR_EPS
 from ..reference.rope import rope_2d_angles
-from ._common import (cdiv, dot_split, dot_split_a, dot_split_b, head_strides, launch, load_tile,
+from ._common import (cdiv, dot_split, dot_split_a, dot_split_b, dot_terms, head_strides, launch, load_tile,
                       num_programs_target, pad_dim, precision_flags, split_operand, split_tokens, store_tile)
 
 FOCUSED = 0      # FLatten: phi = focused map, O = phi(q) S / (phi(q) z)
 MALA = 1         # MALA: phi = ELU + 1, Y = beta phi(q) S - gamma sum v
 
-# Tile sizes and launch options per kernel: the fastest of bench_linear-style sweeps on an H100 (bf16, 4 heads
-# of 64, the three sizes of bench_linear; per-kernel device times); bench_linear overrides them for its sweep.
+# Tile sizes and launch options per kernel: the fastest of bench_linear sweeps (bf16, 4 heads of 64, the three
+# sizes of bench_linear; per-kernel device times; H100, the forward's re-checked on an H200); bench_linear
+# overrides them for its sweep.
 CONFIG = {   # per_sm: programs per SM that the N-split of a (batch, head) kernel aims at
     "state": dict(BLOCK_N=32, num_warps=4, num_stages=3, per_sm=4),
-    "output": dict(BLOCK_N=64, num_warps=4, num_stages=2, per_sm=16, max_tiles=8),         # MALA
+    "output": dict(BLOCK_N=64, num_warps=4, num_stages=2, per_sm=8, max_tiles=8),          # MALA
     "bwd_q": dict(BLOCK_N=32, num_warps=4, num_stages=2, per_sm=4, wide_block_n=16),
     "bwd_k": dict(BLOCK_N=32, num_warps=8, num_stages=3, per_sm=2),                         # MALA
+    "focused_output": dict(BLOCK_N=64, num_warps=4, num_stages=2, per_sm=8, max_tiles=8),    # FLatten
     # FLatten's kernels over all heads of a tile of tokens (grid: batch x token tiles)
-    "norms": dict(BLOCK_N=16, num_warps=2, num_stages=2, wide_block_n=16),
-    "focused_output": dict(BLOCK_N=64, num_warps=4, num_stages=2),
+    "norms": dict(BLOCK_N=32, num_warps=4, num_stages=2),
     "gw_query": dict(BLOCK_N=32, num_warps=4, num_stages=2),
     "focused_bwd_k": dict(BLOCK_N=32, num_warps=4, num_stages=3),
 }
+# 16-bit products per output phi(q) @ S (dot_terms): 1 rounds phi(q) and S once each (about 2^-9, the output's
+# own bf16 rounding; bf16 MALA/FLatten outputs then lie ~3e-3 from float64); 3 carries S to about 2^-16
+# (~5e-6). H200, 128x128 B4: MALA output kernel 25 us with 1, 33 us with 3.
+OUTPUT_TERMS = 1
+NORMS_TILE = 8192      # elements of one (tokens, heads, channels) tile of the norms kernel
 # A padded head_dim over 64 (DiT's 72 -> 128): tiles of at most 32 tokens (a kernel's wide_block_n where it
 # has one) and at least 8 warps. H100, H=16, d=72, N=1024, B=8, bf16: FLatten's query backward 1.93 ms with
 # 32 tokens, 0.76 ms with 16; its output kernel 0.27 ms with 32, 0.34 ms with 16.
@@ -110,27 +117,32 @@ def _focused_parts(x, inv_c, mc, p, eps, inv_m, P_INT: tl.constexpr):
 
 @triton.jit
 def _online_norms(x_base, s_h, s_n, c_ptr, H, offs_n, mn, p, eps, D: tl.constexpr, DP: tl.constexpr,
-                  P_INT: tl.constexpr):
+                  HB: tl.constexpr, P_INT: tl.constexpr):
     """The whole-token [1/m, ||r||, ||r/m||, ||(r/m)^p||] (m = max(r) over all H heads' channels) of a
-    tile of tokens, in one pass over the heads; the running sums are rescaled whenever m grows, as an
-    online softmax rescales its sum."""
+    tile of tokens, loading HB heads at a time as one (tokens, HB, DP) tile; across head blocks the running
+    sums are rescaled whenever m grows, as an online softmax rescales its sum."""
     offs_c = tl.arange(0, DP)
-    mc = offs_c < D
+    offs_h = tl.arange(0, HB)
     m = tl.zeros(offs_n.shape, tl.float32)
     sum_rn = tl.zeros(offs_n.shape, tl.float32)
     sum_rp = tl.zeros(offs_n.shape, tl.float32)
-    for h in range(H):
-        inv_c = 1.0 / tl.load(c_ptr + h * D + offs_c, mask=mc, other=1.0)
-        x = load_tile(x_base + h * s_h, offs_n, offs_c, s_n, mn, mc).to(tl.float32)
-        r = tl.where(mc[None, :], (tl.maximum(x, 0.0) + eps) * inv_c[None, :], 0.0)
-        m_new = tl.maximum(m, tl.max(r, axis=1))
+    for h0 in range(0, H, HB):
+        heads = h0 + offs_h
+        m_hc = (heads < H)[:, None] & (offs_c < D)[None, :]
+        inv_c = 1.0 / tl.load(c_ptr + heads[:, None] * D + offs_c[None, :], mask=m_hc, other=1.0)
+        mask = mn[:, None, None] & m_hc[None, :, :]
+        x = tl.load(x_base + offs_n[:, None, None] * s_n + heads[None, :, None] * s_h + offs_c[None, None, :],
+                    mask=mask, other=0.0).to(tl.float32)
+        r = tl.where(mask, (tl.maximum(x, 0.0) + eps) * inv_c[None, :, :], 0.0)
+        m_new = tl.maximum(m, tl.max(tl.max(r, axis=2), axis=1))
+        m_new = tl.maximum(m_new, 1e-30)                # padding tokens (r = 0) divide by it too
         alpha = tl.where(m > 0, m / m_new, 1.0)        # m = 0 before the first head, when the sums are 0 too
         alpha_p = _power(alpha, p, P_INT)
-        rn = tl.where(mc[None, :], r * (1.0 / m_new)[:, None], 1.0)
-        rp = tl.where(mc[None, :], _power(rn, p, P_INT), 0.0)
-        rn = tl.where(mc[None, :], rn, 0.0)
-        sum_rn = sum_rn * (alpha * alpha) + tl.sum(rn * rn, axis=1)
-        sum_rp = sum_rp * (alpha_p * alpha_p) + tl.sum(rp * rp, axis=1)
+        rn = tl.where(mask, r * (1.0 / m_new)[:, None, None], 1.0)
+        rp = tl.where(mask, _power(rn, p, P_INT), 0.0)
+        rn = tl.where(mask, rn, 0.0)
+        sum_rn = sum_rn * (alpha * alpha) + tl.sum(tl.sum(rn * rn, axis=2), axis=1)
+        sum_rp = sum_rp * (alpha_p * alpha_p) + tl.sum(tl.sum(rp * rp, axis=2), axis=1)
         m = m_new
     norm_rn = tl.sqrt(sum_rn)
     return 1.0 / m, m * norm_rn, norm_rn, tl.sqrt(sum_rp)
@@ -258,17 +270,23 @@ def _load_grad_state(grads_ptr, bh, inv_n, scale_d, FEATURE: tl.constexpr, DT: t
 # --- kernels --------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=["N", "H"])
-def _token_norms_kernel(x_ptr, c_ptr, rec_ptr, N, H, p, eps, s_xb, s_xh, s_xn,
-                        P_INT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """FLatten's whole-token norms (Eq. 5-6 over all C = H * D channels) of a tile of tokens of the keys:
-    the (B, N, 4) record [1/m, ||r||, ||r/m||, ||(r/m)^p||] with m = max(r). (The queries' record is
-    written by _focused_output_kernel, which computes it on the way.)"""
+def _token_norms_kernel(q_ptr, k_ptr, c_ptr, rec_ptr, B, N, H, p, eps, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn,
+                        P_INT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, HB: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """FLatten's whole-token norms (Eq. 5-6 over all C = H * D channels) of a tile of tokens of the queries
+    (program_id(2) = 0) or the keys (1): the (2, B, N, 4) record [1/m, ||r||, ||r/m||, ||(r/m)^p||] with
+    m = max(r)."""
     b = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < N
-    inv_m, norm_r, norm_rn, norm_rp = _online_norms(x_ptr + b * s_xb, s_xh, s_xn, c_ptr, H, offs_n, mn, p, eps,
-                                                    D, DP, P_INT)
-    _store_norms(rec_ptr, b, N, offs_n, mn, inv_m, norm_r, norm_rn, norm_rp)
+    which = tl.program_id(2)
+    if which == 0:
+        x_base, s_xh, s_xn = q_ptr + b * s_qb, s_qh, s_qn
+    else:
+        x_base, s_xh, s_xn = k_ptr + b * s_kb, s_kh, s_kn
+    inv_m, norm_r, norm_rn, norm_rp = _online_norms(x_base, s_xh, s_xn, c_ptr, H, offs_n, mn, p, eps, D, DP, HB,
+                                                    P_INT)
+    _store_norms(rec_ptr + which * B * N * 4, b, N, offs_n, mn, inv_m, norm_r, norm_rn, norm_rp)
 
 
 @triton.jit(do_not_specialize=["N", "H"])
@@ -335,18 +353,21 @@ def _state_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, trig_ptr, part_ptr,
 
 
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
-def _output_kernel(q_ptr, trig_ptr, state_ptr, o_ptr, N, H, chunk, num_prefix, grid_h, grid_w, inv_n, scale_d,
-                   lin_eps, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, ROPE: tl.constexpr,
-                   D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
+def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr, N, H, chunk, p, eps, num_prefix,
+                   grid_h, grid_w, inv_n, scale_d, lin_eps, s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
+                   FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
+                   D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, TERMS: tl.constexpr,
                    BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
-    """MALA's Y for one chunk of queries of one head from the reduced state."""
+    """The output of one chunk of queries of one head from the reduced state: FLatten's O (keeping its
+    normaliser den (B*h, N) for the backward's g.w) or MALA's Y."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     DT = q_ptr.dtype.element_ty
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
-    state_hi, state_lo, kbar, vbar = _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT, 1,
+    c = _load_scale(c_ptr, h, offs_c, mc, D, DP, FEATURE)
+    state_hi, state_lo, kbar, vbar = _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT, FEATURE,
                                                  DP, DVP, LOWP, INTERPRET)
     q_base = q_ptr + b * s_qb + h * s_qh
     o_base = o_ptr + b * s_ob + h * s_oh
@@ -356,46 +377,20 @@ def _output_kernel(q_ptr, trig_ptr, state_ptr, o_ptr, N, H, chunk, num_prefix, g
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
         x = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc).to(tl.float32)
-        phi = tl.where(mc[None, :], tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)
-        s = tl.sum(phi * kbar[None, :], axis=1) * scale_d
-        if ROPE:
-            cos, sin = _rope_cos_sin(trig_ptr, offs_n, mn, num_prefix, grid_h, grid_w, DP // 2)
-            phi = _rotate(phi, cos, sin, BLOCK_N, DP, False)
-        a = dot_split(phi, state_hi, state_lo, DT, LOWP, INTERPRET)
-        out = a * (1.0 + 1.0 / (s + lin_eps))[:, None] - s[:, None] * vbar[None, :]
+        inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE)
+        phi = _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT)
+        if FEATURE == 0:
+            den = tl.sum(phi * kbar[None, :], axis=1) + lin_eps
+            out = dot_terms(phi, state_hi, state_lo, DT, TERMS, LOWP, INTERPRET) * (1.0 / den)[:, None]
+            tl.store(den_ptr + bh * N + offs_n, den, mask=mn)
+        else:
+            s = tl.sum(phi * kbar[None, :], axis=1) * scale_d
+            if ROPE:
+                cos, sin = _rope_cos_sin(trig_ptr, offs_n, mn, num_prefix, grid_h, grid_w, DP // 2)
+                phi = _rotate(phi, cos, sin, BLOCK_N, DP, False)
+            a = dot_terms(phi, state_hi, state_lo, DT, TERMS, LOWP, INTERPRET)
+            out = a * (1.0 + 1.0 / (s + lin_eps))[:, None] - s[:, None] * vbar[None, :]
         store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out, INTERPRET)
-
-
-@triton.jit(do_not_specialize=["N", "H"])
-def _focused_output_kernel(q_ptr, c_ptr, state_ptr, o_ptr, den_ptr, rec_ptr, N, H, p, eps, inv_n, lin_eps,
-                           s_qb, s_qh, s_qn, s_ob, s_oh, s_on, P_INT: tl.constexpr,
-                           D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                           BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
-    """FLatten's O for a tile of tokens over all heads: first the queries' whole-token norms (one pass over
-    the heads, kept in the (B, N, 4) record for the backward), then per head
-    O = phi(q) S / M / (phi(q) z / M + eps), keeping the normaliser den (B*h, N) for the backward's g.w.
-    The second pass re-reads the tile it has just read (from cache)."""
-    b = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mn = offs_n < N
-    DT = q_ptr.dtype.element_ty
-    offs_c = tl.arange(0, DP)
-    offs_v = tl.arange(0, DVP)
-    mc, mv = offs_c < D, offs_v < DV
-    q_base = q_ptr + b * s_qb
-    inv_m, norm_r, norm_rn, norm_rp = _online_norms(q_base, s_qh, s_qn, c_ptr, H, offs_n, mn, p, eps, D, DP, P_INT)
-    _store_norms(rec_ptr, b, N, offs_n, mn, inv_m, norm_r, norm_rn, norm_rp)
-    for h in range(H):
-        bh = b * H + h
-        inv_c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
-        state_hi, state_lo, kbar, vbar = _load_state(state_ptr, bh, offs_c, offs_v, inv_n, 1.0, DT, 0,
-                                                     DP, DVP, LOWP, INTERPRET)
-        x = load_tile(q_base + h * s_qh, offs_n, offs_c, s_qn, mn, mc).to(tl.float32)
-        phi = _feature(x, inv_c, mc, p, eps, inv_m, norm_r, norm_rp, 0, P_INT)
-        den = tl.sum(phi * kbar[None, :], axis=1) + lin_eps
-        out = dot_split(phi, state_hi, state_lo, DT, LOWP, INTERPRET) * (1.0 / den)[:, None]
-        tl.store(den_ptr + bh * N + offs_n, den, mask=mn)
-        store_tile(o_ptr + b * s_ob + h * s_oh, offs_n, offs_v, s_on, mn, mv, out, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
@@ -640,10 +635,12 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
     if focused:
         norms = q.new_empty(2, b, n, 4, dtype=torch.float32)
         opts = _launch_opts(CONFIG["norms"], meta)
-        launch(_token_norms_kernel, (b, cdiv(n, opts["BLOCK_N"])), k, c, norms[1], n, h, float(p), FOCUSED_EPS,
-               s_kb, s_kh, s_kn, P_INT=meta["P_INT"], D=d, DP=dp, **opts)
+        heads = min(1 << (h - 1).bit_length(), max(1, NORMS_TILE // (opts["BLOCK_N"] * dp)))
+        launch(_token_norms_kernel, (b, cdiv(n, opts["BLOCK_N"]), 2), q, k, c, norms, b, n, h, float(p), FOCUSED_EPS,
+               s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, P_INT=meta["P_INT"], D=d, DP=dp, HB=heads, **opts)
+        den = q.new_empty(b * h, n, dtype=torch.float32)
     else:
-        norms = q.new_empty(0, dtype=torch.float32)
+        norms = den = q.new_empty(0, dtype=torch.float32)
     cfg = CONFIG["state"]
     opts = _launch_opts(cfg, meta)
     splits, chunk = _splits(cfg, opts, b * h, n, q.device)
@@ -652,21 +649,14 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
            FOCUSED_EPS, num_prefix, rope_h, rope_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, **meta, **opts)
     state = part.sum(1) if splits > 1 else part[:, 0]
     out = q.new_empty(b, h, n, dv)
-    if focused:
-        den = q.new_empty(b * h, n, dtype=torch.float32)
-        opts = _launch_opts(CONFIG["focused_output"], meta)
-        launch(_focused_output_kernel, (b, cdiv(n, opts["BLOCK_N"])), q, c, state, out, den, norms[0], n, h,
-               float(p), FOCUSED_EPS, 1.0 / n, LINEAR_EPS, s_qb, s_qh, s_qn, out.stride(0), out.stride(1),
-               out.stride(2), P_INT=meta["P_INT"], D=d, DV=dv, DP=dp, DVP=dvp, LOWP=meta["LOWP"],
-               INTERPRET=meta["INTERPRET"], **opts)
-        return out, state, norms, den
-    cfg = CONFIG["output"]
+    cfg = CONFIG["focused_output" if focused else "output"]
     opts = _launch_opts(cfg, meta)
     splits, chunk = _splits(cfg, opts, b * h, n, q.device)
-    launch(_output_kernel, (b * h, splits), q, trig, state, out, n, h, chunk, num_prefix, rope_h, rope_w, 1.0 / n,
-           d ** -0.5, LINEAR_EPS, s_qb, s_qh, s_qn, out.stride(0), out.stride(1), out.stride(2), ROPE=meta["ROPE"],
-           D=d, DV=dv, DP=dp, DVP=dvp, LOWP=meta["LOWP"], INTERPRET=meta["INTERPRET"], **opts)
-    return out, state, norms, q.new_empty(b * h, 0, dtype=torch.float32)
+    launch(_output_kernel, (b * h, splits), q, c, norms[0] if focused else q, trig, state, out,
+           den if focused else q, n, h, chunk,
+           float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS, s_qb, s_qh, s_qn,
+           out.stride(0), out.stride(1), out.stride(2), TERMS=OUTPUT_TERMS, **meta, **opts)
+    return out, state, norms, den if focused else q.new_empty(b * h, 0, dtype=torch.float32)
 
 
 def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, out: Tensor, state: Tensor,
