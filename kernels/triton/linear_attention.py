@@ -117,10 +117,12 @@ def _focused_parts(x, inv_c, mc, p, eps, inv_m, P_INT: tl.constexpr):
 
 @triton.jit
 def _online_norms(x_base, s_h, s_n, c_ptr, H, offs_n, mn, p, eps, D: tl.constexpr, DP: tl.constexpr,
-                  HB: tl.constexpr, P_INT: tl.constexpr):
+                  HB: tl.constexpr, EVEN: tl.constexpr, P_INT: tl.constexpr):
     """The whole-token [1/m, ||r||, ||r/m||, ||(r/m)^p||] (m = max(r) over all H heads' channels) of a
     tile of tokens, loading HB heads at a time as one (tokens, HB, DP) tile; across head blocks the running
-    sums are rescaled whenever m grows, as an online softmax rescales its sum."""
+    sums are rescaled whenever m grows, as an online softmax rescales its sum. EVEN: D = DP and HB divides H,
+    so no channel or head is padding (padding tokens are never stored). About nine operations per element:
+    the kernel is bound by them as much as by its loads."""
     offs_c = tl.arange(0, DP)
     offs_h = tl.arange(0, HB)
     m = tl.zeros(offs_n.shape, tl.float32)
@@ -130,17 +132,18 @@ def _online_norms(x_base, s_h, s_n, c_ptr, H, offs_n, mn, p, eps, D: tl.constexp
         heads = h0 + offs_h
         m_hc = (heads < H)[:, None] & (offs_c < D)[None, :]
         inv_c = 1.0 / tl.load(c_ptr + heads[:, None] * D + offs_c[None, :], mask=m_hc, other=1.0)
+        eps_c = tl.where(m_hc, eps * inv_c, 0.0)             # 0 on padding, where x loads as 0: r = 0 there
         mask = mn[:, None, None] & m_hc[None, :, :]
         x = tl.load(x_base + offs_n[:, None, None] * s_n + heads[None, :, None] * s_h + offs_c[None, None, :],
                     mask=mask, other=0.0).to(tl.float32)
-        r = tl.where(mask, (tl.maximum(x, 0.0) + eps) * inv_c[None, :, :], 0.0)
-        m_new = tl.maximum(m, tl.max(tl.max(r, axis=2), axis=1))
-        m_new = tl.maximum(m_new, 1e-30)                # padding tokens (r = 0) divide by it too
+        r = tl.maximum(x, 0.0) * inv_c[None, :, :] + eps_c[None, :, :]
+        if not EVEN:
+            r = tl.where(m_hc[None, :, :], r, 0.0)
+        m_new = tl.maximum(tl.maximum(m, tl.max(tl.max(r, axis=2), axis=1)), 1e-30)   # > 0 on padding tokens too
         alpha = tl.where(m > 0, m / m_new, 1.0)        # m = 0 before the first head, when the sums are 0 too
         alpha_p = _power(alpha, p, P_INT)
-        rn = tl.where(mask, r * (1.0 / m_new)[:, None, None], 1.0)
-        rp = tl.where(mask, _power(rn, p, P_INT), 0.0)
-        rn = tl.where(mask, rn, 0.0)
+        rn = r * (1.0 / m_new)[:, None, None]
+        rp = _power(rn, p, P_INT)                      # 0 where r = 0 (padding), for any p > 0
         sum_rn = sum_rn * (alpha * alpha) + tl.sum(tl.sum(rn * rn, axis=2), axis=1)
         sum_rp = sum_rp * (alpha_p * alpha_p) + tl.sum(tl.sum(rp * rp, axis=2), axis=1)
         m = m_new
@@ -272,7 +275,7 @@ def _load_grad_state(grads_ptr, bh, inv_n, scale_d, FEATURE: tl.constexpr, DT: t
 @triton.jit(do_not_specialize=["N", "H"])
 def _token_norms_kernel(q_ptr, k_ptr, c_ptr, rec_ptr, B, N, H, p, eps, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn,
                         P_INT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, HB: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        EVEN: tl.constexpr, BLOCK_N: tl.constexpr):
     """FLatten's whole-token norms (Eq. 5-6 over all C = H * D channels) of a tile of tokens of the queries
     (program_id(2) = 0) or the keys (1): the (2, B, N, 4) record [1/m, ||r||, ||r/m||, ||(r/m)^p||] with
     m = max(r)."""
@@ -285,7 +288,7 @@ def _token_norms_kernel(q_ptr, k_ptr, c_ptr, rec_ptr, B, N, H, p, eps, s_qb, s_q
     else:
         x_base, s_xh, s_xn = k_ptr + b * s_kb, s_kh, s_kn
     inv_m, norm_r, norm_rn, norm_rp = _online_norms(x_base, s_xh, s_xn, c_ptr, H, offs_n, mn, p, eps, D, DP, HB,
-                                                    P_INT)
+                                                    EVEN, P_INT)
     _store_norms(rec_ptr + which * B * N * 4, b, N, offs_n, mn, inv_m, norm_r, norm_rn, norm_rp)
 
 
@@ -637,7 +640,8 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
         opts = _launch_opts(CONFIG["norms"], meta)
         heads = min(1 << (h - 1).bit_length(), max(1, NORMS_TILE // (opts["BLOCK_N"] * dp)))
         launch(_token_norms_kernel, (b, cdiv(n, opts["BLOCK_N"]), 2), q, k, c, norms, b, n, h, float(p), FOCUSED_EPS,
-               s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, P_INT=meta["P_INT"], D=d, DP=dp, HB=heads, **opts)
+               s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, P_INT=meta["P_INT"], D=d, DP=dp, HB=heads,
+               EVEN=d == dp and h % heads == 0, **opts)
         den = q.new_empty(b * h, n, dtype=torch.float32)
     else:
         norms = den = q.new_empty(0, dtype=torch.float32)

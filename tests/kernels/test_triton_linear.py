@@ -75,6 +75,9 @@ CPU_CASES = [  # kind, batch, heads, grid, num_prefix, d, dtype, options
     ("flatten", 1, 3, (5, 3), 0, 16, torch.bfloat16, dict(p=3, scale_shape=(16,), head_gain=0.1)),
     ("flatten", 2, 5, (7, 9), 2, 40, torch.bfloat16, dict(p=3, scale_shape=(5, 40))),      # 5 heads, N = 65
     ("flatten", 1, 2, (4, 4), 0, 72, torch.float32, dict(p=3, scale_shape=(2, 72))),        # DiT's head_dim 72
+    # more heads than one (tokens, heads, channels) tile of the norms kernel holds: norms over head blocks
+    ("flatten", 1, 6, (3, 4), 1, 72, torch.bfloat16, dict(p=3, scale_shape=(6, 72))),
+    ("flatten", 1, 8, (2, 5), 0, 64, torch.bfloat16, dict(p=2.5, scale_shape=(8, 64))),
     ("mala", 2, 2, (5, 7), 1, 16, torch.float32, dict()),
     ("mala", 1, 2, (1, 6), 0, 16, torch.bfloat16, dict()),
     ("mala", 2, 2, (6, 8), 2, 16, torch.bfloat16, dict(rope=True)),
