@@ -51,12 +51,37 @@ def _inputs(b: int, n: int, dtype: torch.dtype, device: str):
     return q, k, v, params
 
 
-def _time_pair(fn: Callable, inputs: Sequence[torch.Tensor], grad: torch.Tensor) -> Tuple[float, float]:
-    """(forward ms without autograd, forward+backward ms) of fn() -> O with respect to ``inputs``."""
-    with torch.no_grad():
-        fwd = _median_ms(fn)
-    fwd_bwd = _median_ms(lambda: torch.autograd.grad(fn(), inputs, grad))
-    return fwd, fwd_bwd
+def _graph_ms(fn: Callable[[], object]) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph: its device time with no host in the loop (what
+    torch.compile's CUDA graphs or a captured model see); NaN if ``fn`` cannot be captured."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as e:
+        print(f"bench_linear: not captured in a CUDA graph: {str(e).splitlines()[0][:120]}")
+        return math.nan
+    return _median_ms(graph.replay)
+
+
+def _time_pair(fn: Callable, inputs: Sequence[torch.Tensor], grad: torch.Tensor,
+               graphs: bool = False) -> Tuple[float, ...]:
+    """(forward ms without autograd, forward+backward ms) of fn() -> O with respect to ``inputs``, each the
+    median wall time of eager calls; ``graphs``: then also both replayed from CUDA graphs."""
+    def forward():
+        with torch.no_grad():
+            return fn()
+
+    def forward_backward():
+        return torch.autograd.grad(fn(), inputs, grad)
+    times = (_median_ms(forward), _median_ms(forward_backward))
+    return times + ((_graph_ms(forward), _graph_ms(forward_backward)) if graphs else ())
 
 
 def copy_bandwidth_gbps(device: str = "cuda") -> float:
@@ -69,7 +94,8 @@ def copy_bandwidth_gbps(device: str = "cuda") -> float:
 def bench_linear_family(device: str = "cuda", sizes: Sequence[Tuple[Tuple[int, int], int]] = SIZES,
                         ops: Sequence[str] = OPS, dtype: torch.dtype = torch.bfloat16,
                         with_reference: bool = True) -> List[Dict]:
-    """One row per (op, size, pass) with triton/reference/SDPA ms, effective GB/s and the ratios."""
+    """One row per (op, size, pass) with triton/reference/SDPA ms, effective GB/s and the ratios: eager (the
+    wall time of each call, host included) and replayed from CUDA graphs (device time alone)."""
     rows = []
     for (gh, gw), b in sizes:
         n = gh * gw
@@ -81,17 +107,27 @@ def bench_linear_family(device: str = "cuda", sizes: Sequence[Tuple[Tuple[int, i
             call = _op_call(op, (gh, gw), params)
             inputs = [q, k, v] + ([params["scale"]] if op == "focused_linear" else [])
             inputs += [params["b1"], params["b2"]] if op == "agent" else []
-            triton_ms = _time_pair(lambda: call(q, k, v, "triton"), inputs, grad)
-            ref_ms = (_time_pair(lambda: call(q, k, v, "reference"), inputs, grad) if with_reference
-                      else (math.nan, math.nan))
-            for i, (pass_name, min_bytes) in enumerate((("forward", 4 * tensor_bytes),
-                                                         ("forward+backward", 11 * tensor_bytes))):
-                rows.append(dict(op=op, grid=f"{gh}x{gw}", batch=b, heads=HEADS, head_dim=HEAD_DIM,
-                                 dtype=str(dtype).split(".")[-1], pass_=pass_name, triton_ms=triton_ms[i],
-                                 reference_ms=ref_ms[i], sdpa_ms=sdpa[i],
-                                 gbps=min_bytes / (triton_ms[i] * 1e-3) / 1e9,
-                                 x_reference=ref_ms[i] / triton_ms[i], x_sdpa=sdpa[i] / triton_ms[i]))
+            triton_ms = _time_pair(lambda: call(q, k, v, "triton"), inputs, grad, graphs=True)
+            ref_ms = (_time_pair(lambda: call(q, k, v, "reference"), inputs, grad, graphs=True) if with_reference
+                      else (math.nan,) * 4)
+            rows += _rows(op, (gh, gw), b, dtype, tensor_bytes, triton_ms, ref_ms, sdpa)
         rows.extend(_fla_rows(q, k, v, grad, (gh, gw), b, dtype, tensor_bytes))
+    return rows
+
+
+def _rows(op: str, grid, b: int, dtype, tensor_bytes: int, ours, ref, sdpa) -> List[Dict]:
+    """The forward and forward+backward rows of one op from its (fwd, fwd+bwd, graph fwd, graph fwd+bwd) times
+    and its reference's; effective GB/s over the minimum bytes: q, k, v read and O written once, and for the
+    backward also dO read and dq, dk, dv written once."""
+    rows = []
+    passes = (("forward", 4 * tensor_bytes), ("forward+backward", 11 * tensor_bytes))
+    for i, (pass_name, min_bytes) in enumerate(passes):
+        rows.append(dict(op=op, grid=f"{grid[0]}x{grid[1]}", batch=b, heads=HEADS, head_dim=HEAD_DIM,
+                         dtype=str(dtype).split(".")[-1], pass_=pass_name, triton_ms=ours[i], graph_ms=ours[2 + i],
+                         reference_ms=ref[i], reference_graph_ms=ref[2 + i], sdpa_ms=sdpa[i],
+                         gbps=min_bytes / (ours[i] * 1e-3) / 1e9, gbps_graph=min_bytes / (ours[2 + i] * 1e-3) / 1e9,
+                         x_reference=ref[i] / ours[i], x_reference_graph=ref[2 + i] / ours[2 + i],
+                         x_sdpa=sdpa[i] / ours[i]))
     return rows
 
 
@@ -107,11 +143,8 @@ def _fla_rows(q, k, v, grad, grid, b, dtype, tensor_bytes) -> List[Dict]:
     def fn():
         return fused_chunk_linear_attn(qt, kt, vt, normalize=True)[0]
 
-    fwd, fwd_bwd = _time_pair(fn, (qt, kt, vt), gt)
-    return [dict(op="fla_fused_chunk_linear_attn (causal)", grid=f"{grid[0]}x{grid[1]}", batch=b, heads=HEADS,
-                 head_dim=HEAD_DIM, dtype=str(dtype).split(".")[-1], pass_=p, triton_ms=t, reference_ms=math.nan,
-                 sdpa_ms=math.nan, gbps=nb / (t * 1e-3) / 1e9, x_reference=math.nan, x_sdpa=math.nan)
-            for p, t, nb in (("forward", fwd, 4 * tensor_bytes), ("forward+backward", fwd_bwd, 11 * tensor_bytes))]
+    return _rows("fla_fused_chunk_linear_attn (causal)", grid, b, dtype, tensor_bytes,
+                 _time_pair(fn, (qt, kt, vt), gt, graphs=True), (math.nan,) * 4, (math.nan,) * 2)
 
 
 # --- per-kernel device time and a launch-configuration sweep (tuning aids) ---------------------
@@ -167,6 +200,10 @@ SWEEP = {  # kernel config key -> candidate launch options (BLOCK_N, num_warps, 
                "focused_output": ((64, 4, 2), (64, 4, 3), (32, 4, 2), (64, 4, 2, dict(per_sm=8)),
                                   (64, 4, 2, dict(per_sm=32, max_tiles=4)), (128, 8, 2)),
                "norms": ((32, 4, 2), (16, 4, 2), (64, 4, 2), (32, 2, 2), (64, 8, 2), (128, 8, 2)),
+               "focused_state_heads": ((32, 8, 2), (16, 4, 2, dict(per_sm=4)), (16, 8, 2), (32, 4, 2),
+                                       (64, 8, 2, dict(per_sm=1)), (32, 8, 3)),
+               "focused_output_heads": ((32, 8, 2), (16, 4, 2, dict(per_sm=4)), (16, 8, 2), (32, 4, 2),
+                                        (64, 8, 2, dict(per_sm=1)), (32, 8, 3)),
                "bwd_q": ((32, 8, 2), (16, 4, 2), (64, 8, 2)), "bwd_k": ((32, 8, 2), (16, 4, 2), (64, 8, 2)),
                "gw_query": ((32, 4, 2), (64, 4, 2), (64, 8, 2)), "focused_bwd_k": ((32, 8, 2), (32, 4, 2), (64, 8, 2))},
     "agent": {"pool": ((64, 8, 3), (32, 4, 3)), "aggregate": ((32, 4, 3), (64, 8, 3), (16, 4, 3)),
@@ -176,6 +213,8 @@ SWEEP = {  # kernel config key -> candidate launch options (BLOCK_N, num_warps, 
 KERNEL_OF = {"state": "_state_kernel", "output": "_output_kernel", "bwd_q": "_backward_q_kernel",
              "bwd_k": "_backward_k_kernel", "norms": "_token_norms_kernel", "focused_output": "_output_kernel",
              "gw_query": "_query_gw_kernel", "focused_bwd_k": "_focused_backward_k_kernel",
+             "focused_state_heads": "_focused_state_heads_kernel",
+             "focused_output_heads": "_focused_output_heads_kernel",
              "pool": "_pool_kernel", "aggregate": "_aggregate_kernel",
              "broadcast": "_broadcast_kernel", "broadcast_bwd": "_broadcast_bwd_kernel",
              "aggregate_bwd": "_aggregate_bwd_kernel", "unpool": "_unpool_kernel"}
@@ -221,7 +260,7 @@ def sweep(device: str = "cuda", sizes=(((128, 128), 4), ((56, 56), 32)), ops=("f
                 _set_candidate(config, saved, key, cand)
             linear_kernels.OUTPUT_TERMS = t
             times = kernel_times(_op_call(op, (gh, gw), params), q, k, v, grad)
-            for key in ("output", "focused_output"):
+            for key in ("output", "focused_output", "focused_output_heads"):
                 if key in best and KERNEL_OF[key] in times:
                     rows.append(dict(op=op, grid=f"{gh}x{gw}", batch=b, kernel=KERNEL_OF[key],
                                      config=_set_candidate(config, saved, key, best[key][1]), terms=t,
