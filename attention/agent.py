@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from ..kernels import checks
-from ..kernels.functional import agent_attention
-from ..kernels.reference.grid_conv import depthwise_conv_on_grid
+from ..kernels.functional import agent_attention, depthwise_conv_on_grid
 from .base import GridAttention
 from .grid_maps import depthwise_conv, resize_map
 from .registry import register
@@ -71,7 +70,8 @@ class AgentAttention(GridAttention):
         y = agent_attention(q, k, v, grid=grid, num_agents=self.num_agents,
                             agent_bias=self.agent_bias(grid, num_prefix), num_prefix=num_prefix,
                             backend=self.backend)
-        return y + depthwise_conv_on_grid(v, self.dwc.weight, self.dwc.bias, grid, num_prefix)
+        return depthwise_conv_on_grid(v, self.dwc.weight, self.dwc.bias, grid=grid, num_prefix=num_prefix, residual=y,
+                                      backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_agents={self.num_agents}, bias_grid={self.bias_grid}"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.functional import focused_linear_attention
-from ..kernels.reference.grid_conv import depthwise_conv_on_grid
+from ..kernels.functional import depthwise_conv_on_grid, focused_linear_attention
 from .base import GridAttention
 from .grid_maps import depthwise_conv, resize_map
 from .registry import register
@@ -46,7 +45,8 @@ class FocusedLinearAttention(GridAttention):
         y = focused_linear_attention(q, k, v, grid=grid, focusing_factor=self.focusing_factor,
                                      scale=self.scale.reshape(self.num_heads, self.head_dim),
                                      num_prefix=num_prefix, backend=self.backend)
-        return y + depthwise_conv_on_grid(v, self.dwc.weight, self.dwc.bias, grid, num_prefix)
+        return depthwise_conv_on_grid(v, self.dwc.weight, self.dwc.bias, grid=grid, num_prefix=num_prefix, residual=y,
+                                      backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, focusing_factor={self.focusing_factor}, pos_grid={self.pos_grid}"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..kernels.functional import mala_attention
-from ..kernels.reference.grid_conv import depthwise_conv_on_grid
+from ..kernels.functional import depthwise_conv_on_grid, mala_attention
 from .base import GridAttention
 from .grid_maps import depthwise_conv
 from .registry import register
@@ -31,7 +30,8 @@ class MagnitudeAwareLinearAttention(GridAttention):
     def attend(self, x, q, k, v, grid, num_prefix):
         y = mala_attention(q, k, v, grid=grid, num_prefix=num_prefix, rope=self.rope, backend=self.backend)
         if self.lepe is not None:
-            y = y + depthwise_conv_on_grid(v, self.lepe.weight, self.lepe.bias, grid, num_prefix)
+            y = depthwise_conv_on_grid(v, self.lepe.weight, self.lepe.bias, grid=grid, num_prefix=num_prefix,
+                                       residual=y, backend=self.backend)
         if self.gate is not None:
             b, n, _ = x.shape
             y = y * self.gate(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)

@@ -38,8 +38,7 @@ from torch import nn
 from ..attention import AgentAttention, GridAttention, build, canonical_name
 from ..attention.grid_maps import depthwise_conv, resize_map
 from ..kernels import checks
-from ..kernels.functional import softmax_attention
-from ..kernels.reference.grid_conv import depthwise_conv_on_grid
+from ..kernels.functional import depthwise_conv_on_grid, softmax_attention
 from ..kernels.reference.rope import apply_rope_2d
 
 NUM_STAGES = 4
@@ -144,7 +143,8 @@ class RoPESoftmaxAttention(GridAttention):
         grid = checks.check_image_grid(grid, "RoPE softmax attention")
         y = softmax_attention(apply_rope_2d(q, grid, num_prefix), apply_rope_2d(k, grid, num_prefix), v,
                               backend=self.backend)
-        y = y + depthwise_conv_on_grid(v, self.lepe.weight, self.lepe.bias, grid, num_prefix)
+        y = depthwise_conv_on_grid(v, self.lepe.weight, self.lepe.bias, grid=grid, num_prefix=num_prefix, residual=y,
+                                   backend=self.backend)
         b, n, _ = x.shape
         return y * self.gate(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 

@@ -106,3 +106,39 @@ def check_top_k(top_k: int, num_blocks: int, what: str, op: str) -> None:
     if top_k > num_blocks:
         raise ValueError(f"{op}: top_k={top_k} is larger than the {num_blocks} {what}; "
                          "use a smaller top_k (or dense attention for so small a grid)")
+
+
+# --- depthwise conv on the grid (DWC / LePE) ------------------------------------------------
+
+def check_grid_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grid: Sequence[int],
+                    num_prefix: int, residual: torch.Tensor | None, op: str = "depthwise_conv_on_grid") -> Grid:
+    """x (B, heads, N, d) floating point; weight (C, 1, k, k) with k odd and C = heads*d or d; bias None
+    or (C,); N = P + prod(grid); residual None or x's shape, dtype and device."""
+    if x.dim() != 4 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{op}: x must be a floating point tensor (B, heads, N, head_dim), got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    h, d = x.shape[1], x.shape[-1]
+    if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"{op}: weight must have shape (C, 1, k, k) (a depthwise k x k filter per channel), "
+                         f"got {tuple(weight.shape)}")
+    channels, k = weight.shape[0], weight.shape[-1]
+    if channels not in (h * d, d):
+        raise ValueError(f"{op}: weight has {channels} channels; need heads*head_dim = {h * d} (one filter per "
+                         f"channel) or head_dim = {d} (one filter shared by the heads)")
+    if k % 2 == 0:
+        raise ValueError(f"{op}: the kernel size must be odd (the filter is centred on its token), got {k}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype not in _FLOAT_DTYPES or t.device != x.device):
+            raise ValueError(f"{op}: {name} must be floating point on x's device {x.device}, got {t.dtype} on "
+                             f"{t.device}")
+    if bias is not None and tuple(bias.shape) != (channels,):
+        raise ValueError(f"{op}: bias must have shape (C,) = ({channels},), got {tuple(bias.shape)}")
+    grid = check_grid(grid)
+    check_tokens(x.shape[2], grid, num_prefix)
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"{op}: residual must have x's dtype and device ({x.dtype} on {x.device}), got "
+                             f"{residual.dtype} on {residual.device}")
+    return grid

@@ -13,6 +13,7 @@ from . import checks
 from .backends import choose_backend, register_backend
 from .reference.agent import agent_attention_reference
 from .reference.feature_maps import elu_feature_map, focused_feature_map
+from .reference.grid_conv import depthwise_conv_on_grid_reference
 from .reference.linear_attention import magnitude_aware_linear_attention, normalized_linear_attention
 from .reference.rope import apply_rope_2d
 from .reference.softmax import softmax_attention_reference, softmax_attention_sdpa
@@ -78,6 +79,22 @@ def mala_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: S
     return fn(q, k, v, grid if rope else None, num_prefix)
 
 
+def depthwise_conv_on_grid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                           grid: Sequence[int], num_prefix: int = 0, residual: torch.Tensor | None = None,
+                           backend: str | None = None) -> torch.Tensor:
+    """residual + a depthwise k x k conv of the grid tokens of x (B, heads, N, d) (DWC / LePE).
+
+    ``weight`` (C, 1, k, k), k odd: C = heads*d is one filter per channel (agent attention, MALA), C = d one
+    filter per head channel shared by the heads (FLatten); ``bias`` None or (C,). Zero padding keeps the
+    grid; a video grid (T, H, W) convolves each frame with the 2D filter. The conv is 0 on the prefix rows,
+    so there the output is the residual (0 when ``residual`` is None). Backends: ``reference`` (F.conv2d on
+    permuted copies), ``triton`` (in place on the token layout, the residual add fused; the default on CUDA).
+    """
+    grid = checks.check_grid_conv(x, weight, bias, grid, num_prefix, residual)
+    fn = choose_backend("depthwise_conv_on_grid", backend, x)
+    return fn(x, weight, bias, grid, num_prefix, residual)
+
+
 # --- reference backends -------------------------------------------------------------------
 
 def _focused_linear_reference(q, k, v, focusing_factor, scale):
@@ -102,6 +119,7 @@ register_backend("softmax_attention", "reference", softmax_attention_reference)
 register_backend("agent_attention", "reference", agent_attention_reference)
 register_backend("focused_linear_attention", "reference", _focused_linear_reference)
 register_backend("mala_attention", "reference", _mala_reference)
+register_backend("depthwise_conv_on_grid", "reference", depthwise_conv_on_grid_reference)
 
 
 # --- block-sparse attention core ------------------------------------------------------------------
@@ -254,3 +272,5 @@ else:                   # imported outside the try, so that an error in these mo
     register_backend("mala_attention", "triton", mala_attention_triton)
     from .triton.neighborhood import neighborhood_attention_triton
     register_backend("neighborhood_attention", "triton", neighborhood_attention_triton)
+    from .triton.grid_conv import depthwise_conv_on_grid_triton
+    register_backend("depthwise_conv_on_grid", "triton", depthwise_conv_on_grid_triton)

@@ -196,18 +196,22 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
     return sizes
 
 
-SUITES = ("families", "linear", "block-sparse", "dit")
+SUITES = ("families", "linear", "block-sparse", "grid-conv", "dit")
 
 
 def run_kernel_suite(suite: str, out_dir: Path, families: list[str] | None = None) -> list[dict]:
     """The CUDA-only suites: ``linear`` (FLatten, MALA, agent attention against their references and
-    SDPA), ``block-sparse`` (the core against SDPA and FlexAttention) or ``dit`` (DiT training step and
+    SDPA), ``block-sparse`` (the core against SDPA and FlexAttention), ``grid-conv`` (the depthwise conv on
+    the grid, DWC / LePE, against the cuDNN reference) or ``dit`` (DiT training step and
     sampling per family against the SDPA DiT, ``bench_dit``; ``families`` picks the families)."""
     if not torch.cuda.is_available():
         raise ValueError(f"the {suite!r} suite times CUDA kernels and needs a CUDA GPU")
     if suite == "linear":
         from ..kernels.triton.bench_linear import bench_linear_family
         rows = bench_linear_family()
+    elif suite == "grid-conv":
+        from ..kernels.triton.bench_grid_conv import bench_grid_conv
+        rows = bench_grid_conv()
     elif suite == "dit":
         from .bench_dit import bench_dit
         rows = bench_dit(families)

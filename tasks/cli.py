@@ -85,10 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", help="comma-separated BxHxW, e.g. 32x56x56,4x128x128")
     p.add_argument("--families", help="comma-separated attention families (default: all)")
     p.add_argument("--repeats", type=int, help="timed repeats per case (median reported)")
-    p.add_argument("--suite", choices=["families", "linear", "block-sparse", "dit"], default="families",
-                   help="families: every attention family vs SDPA (default); linear / block-sparse: the "
-                        "Triton kernels' own benchmarks (CUDA); dit: DiT training step and sampling time "
-                        "per family vs the SDPA DiT (CUDA)")
+    p.add_argument("--suite", choices=["families", "linear", "block-sparse", "grid-conv", "dit"], default="families",
+                   help="families: every attention family vs SDPA (default); linear / block-sparse / "
+                        "grid-conv: the Triton kernels' own benchmarks (CUDA); dit: DiT training step and "
+                        "sampling time per family vs the SDPA DiT (CUDA)")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")
     p.set_defaults(run=_bench)
     p = sub.add_parser("train", help="train a classification or segmentation recipe (also under accelerate launch)")

@@ -5,13 +5,14 @@ import torch
 import torch.nn.functional as F
 
 
-def depthwise_conv_on_grid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                           grid: tuple[int, ...], num_prefix: int) -> torch.Tensor:
-    """Depthwise 2D conv of the grid tokens of x (B, h, N, d); zeros at the prefix positions.
+def depthwise_conv_on_grid_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                     grid: tuple[int, ...], num_prefix: int,
+                                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """residual + depthwise 2D conv of the grid tokens of x (B, h, N, d); the conv is 0 at the prefix positions.
 
-    ``weight`` is (C, 1, k, k) with C = h*d (one filter per channel) or C = d (one filter per
-    head channel, shared by all heads, as FLatten does). A video grid (T, H, W) convolves each
-    frame. Zero padding keeps the grid size.
+    ``weight`` is (C, 1, k, k) with C = h*d (one filter per channel) or C = d (one filter per head
+    channel, shared by all heads, as FLatten does). A video grid (T, H, W) convolves each
+    frame. Zero padding keeps the grid size. ``residual`` None adds nothing.
     """
     b, h, _, d = x.shape
     *frames, gh, gw = grid
@@ -31,4 +32,5 @@ def depthwise_conv_on_grid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     else:
         y = y.reshape(b, h, t, d, gh, gw).permute(0, 1, 2, 4, 5, 3)
     y = y.reshape(b, h, t * gh * gw, d)
-    return torch.cat([y.new_zeros(b, h, num_prefix, d), y], dim=2)
+    y = torch.cat([y.new_zeros(b, h, num_prefix, d), y], dim=2)
+    return y if residual is None else residual + y
