@@ -200,10 +200,6 @@ SWEEP = {  # kernel config key -> candidate launch options (BLOCK_N, num_warps, 
                "focused_output": ((64, 4, 2), (64, 4, 3), (32, 4, 2), (64, 4, 2, dict(per_sm=8)),
                                   (64, 4, 2, dict(per_sm=32, max_tiles=4)), (128, 8, 2)),
                "norms": ((32, 4, 2), (16, 4, 2), (64, 4, 2), (32, 2, 2), (64, 8, 2), (128, 8, 2)),
-               "focused_state_heads": ((32, 8, 2), (16, 4, 2, dict(per_sm=4)), (16, 8, 2), (32, 4, 2),
-                                       (64, 8, 2, dict(per_sm=1)), (32, 8, 3)),
-               "focused_output_heads": ((32, 8, 2), (16, 4, 2, dict(per_sm=4)), (16, 8, 2), (32, 4, 2),
-                                        (64, 8, 2, dict(per_sm=1)), (32, 8, 3)),
                "bwd_q": ((32, 8, 2), (16, 4, 2), (64, 8, 2)), "bwd_k": ((32, 8, 2), (16, 4, 2), (64, 8, 2)),
                "gw_query": ((32, 4, 2), (64, 4, 2), (64, 8, 2)), "focused_bwd_k": ((32, 8, 2), (32, 4, 2), (64, 8, 2))},
     "agent": {"pool": ((64, 8, 3), (32, 4, 3)), "aggregate": ((32, 4, 3), (64, 8, 3), (16, 4, 3)),
@@ -213,8 +209,6 @@ SWEEP = {  # kernel config key -> candidate launch options (BLOCK_N, num_warps, 
 KERNEL_OF = {"state": "_state_kernel", "output": "_output_kernel", "bwd_q": "_backward_q_kernel",
              "bwd_k": "_backward_k_kernel", "norms": "_token_norms_kernel", "focused_output": "_output_kernel",
              "gw_query": "_query_gw_kernel", "focused_bwd_k": "_focused_backward_k_kernel",
-             "focused_state_heads": "_focused_state_heads_kernel",
-             "focused_output_heads": "_focused_output_heads_kernel",
              "pool": "_pool_kernel", "aggregate": "_aggregate_kernel",
              "broadcast": "_broadcast_kernel", "broadcast_bwd": "_broadcast_bwd_kernel",
              "aggregate_bwd": "_aggregate_bwd_kernel", "unpool": "_unpool_kernel"}
@@ -260,7 +254,7 @@ def sweep(device: str = "cuda", sizes=(((128, 128), 4), ((56, 56), 32)), ops=("f
                 _set_candidate(config, saved, key, cand)
             linear_kernels.OUTPUT_TERMS = t
             times = kernel_times(_op_call(op, (gh, gw), params), q, k, v, grad)
-            for key in ("output", "focused_output", "focused_output_heads"):
+            for key in ("output", "focused_output"):
                 if key in best and KERNEL_OF[key] in times:
                     rows.append(dict(op=op, grid=f"{gh}x{gw}", batch=b, kernel=KERNEL_OF[key],
                                      config=_set_candidate(config, saved, key, best[key][1]), terms=t,

@@ -46,7 +46,7 @@ from ..reference.feature_maps import FOCUSED_EPS
 from ..reference.linear_attention import LINEAR_EPS
 from ..reference.rope import rope_2d_angles
 from ._common import (cdiv, dot_split, dot_split_a, dot_split_b, dot_terms, head_strides, launch, load_tile,
-                      num_programs_target, pad_dim, precision_flags, round_to, split_operand, split_tokens, store_tile)
+                      num_programs_target, pad_dim, precision_flags, split_operand, split_tokens, store_tile)
 
 FOCUSED = 0      # FLatten: phi = focused map, O = phi(q) S / (phi(q) z)
 MALA = 1         # MALA: phi = ELU + 1, Y = beta phi(q) S - gamma sum v
@@ -60,11 +60,8 @@ CONFIG = {   # per_sm: programs per SM that the N-split of a (batch, head) kerne
     "bwd_q": dict(BLOCK_N=32, num_warps=4, num_stages=2, per_sm=4, wide_block_n=16),
     "bwd_k": dict(BLOCK_N=32, num_warps=8, num_stages=3, per_sm=2),                         # MALA
     "focused_output": dict(BLOCK_N=64, num_warps=4, num_stages=2, per_sm=8, max_tiles=8),    # FLatten
-    # FLatten with every head of a tile in registers (grid: batch x token chunks; HEADS_STATE)
-    "focused_state_heads": dict(BLOCK_N=32, num_warps=8, num_stages=2, per_sm=2),
-    "focused_output_heads": dict(BLOCK_N=32, num_warps=8, num_stages=2, per_sm=2),
     # FLatten's kernels over all heads of a tile of tokens (grid: batch x token tiles)
-    "norms": dict(BLOCK_N=32, num_warps=4, num_stages=2),
+    "norms": dict(BLOCK_N=64, num_warps=4, num_stages=2),
     "gw_query": dict(BLOCK_N=32, num_warps=4, num_stages=2),
     "focused_bwd_k": dict(BLOCK_N=32, num_warps=4, num_stages=3),
 }
@@ -73,9 +70,6 @@ CONFIG = {   # per_sm: programs per SM that the N-split of a (batch, head) kerne
 # (~5e-6). H200, 128x128 B4: MALA output kernel 25 us with 1, 33 us with 3.
 OUTPUT_TERMS = 1
 NORMS_TILE = 8192      # elements of one (tokens, heads, channels) tile of the norms kernel
-# FLatten keeps every head of a tile in registers (no norms pre-pass) when its states, padded heads x d x dv,
-# have at most this many elements (4 heads of 64, DeiT-T's 3, Swin's 3-12 heads of 32)
-HEADS_STATE = 16384
 # A padded head_dim over 64 (DiT's 72 -> 128): tiles of at most 32 tokens (a kernel's wide_block_n where it
 # has one) and at least 8 warps. H100, H=16, d=72, N=1024, B=8, bf16: FLatten's query backward 1.93 ms with
 # 32 tokens, 0.76 ms with 16; its output kernel 0.27 ms with 32, 0.34 ms with 16.
@@ -181,20 +175,6 @@ def _online_norms(x_base, s_h, s_n, c_ptr, H, offs_n, mn, p, eps, D: tl.constexp
         m = m_new
     norm_rn = tl.sqrt(sum_rn)
     return 1.0 / m, m * norm_rn, norm_rn, tl.sqrt(sum_rp)
-
-
-@triton.jit
-def _focused_heads(x, inv_c, eps_c, m_hc, p, EVEN: tl.constexpr, P_INT: tl.constexpr):
-    """phi (heads, tokens, channels) of a block that holds every head of its tokens, and the tokens' record
-    [1/m, ||r||, ||r/m||, ||(r/m)^p||]: the whole-token norms in registers, with no pre-pass."""
-    r = _relu_scaled(x, inv_c, eps_c, m_hc, EVEN)
-    m = tl.maximum(tl.max(tl.max(r, axis=2), axis=0), 1e-30)
-    inv_m = 1.0 / m
-    rp, sum_rn, sum_rp = _power_sums(r, inv_m, p, P_INT)
-    norm_rn = tl.sqrt(sum_rn)
-    norm_rp = tl.sqrt(sum_rp)
-    phi = rp * (m * norm_rn / norm_rp)[None, :, None]
-    return phi, inv_m, m * norm_rn, norm_rn, norm_rp
 
 
 @triton.jit
@@ -442,81 +422,6 @@ def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
         store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out, INTERPRET)
 
 
-@triton.jit(do_not_specialize=["N", "H", "chunk"])
-def _focused_state_heads_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, part_ptr, N, H, chunk, p, eps,
-                                s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, P_INT: tl.constexpr, D: tl.constexpr,
-                                DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, HP: tl.constexpr,
-                                EVEN: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
-                                INTERPRET: tl.constexpr):
-    """FLatten's keys with every head of a chunk of tokens in registers (for H d dv small enough): the
-    whole-token norms of each tile (kept in the keys' record for the backward, no pre-pass), phi, and each
-    head's partial [S | sum phi(k) | 0], as _state_kernel writes them."""
-    b = tl.program_id(0)
-    split = tl.program_id(1)
-    DT = k_ptr.dtype.element_ty
-    offs_h = tl.arange(0, HP)
-    offs_c = tl.arange(0, DP)
-    offs_v = tl.arange(0, DVP)
-    inv_c, eps_c, m_hc = _scale_rows(c_ptr, offs_h, offs_c, H, eps, D)
-    m_hv = (offs_h < H)[:, None] & (offs_v < DV)[None, :]
-    acc = tl.zeros((HP, DP, DVP), tl.float32)
-    ksum = tl.zeros((HP, BLOCK_N, DP), tl.float32)
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, N)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mn = offs_n < hi
-        x = _load_heads(k_ptr + b * s_kb, offs_h, offs_n, offs_c, s_kh, s_kn, m_hc[:, None, :] & mn[None, :, None])
-        phi, inv_m, norm_r, norm_rn, norm_rp = _focused_heads(x.to(tl.float32), inv_c, eps_c, m_hc, p, EVEN, P_INT)
-        _store_norms(rec_ptr, b, N, offs_n, mn, inv_m, norm_r, norm_rn, norm_rp)
-        phi = tl.where(mn[None, :, None], phi, 0.0)
-        vt = _load_heads(v_ptr + b * s_vb, offs_h, offs_n, offs_v, s_vh, s_vn, m_hv[:, None, :] & mn[None, :, None])
-        ksum += phi
-        acc += dot_split_a(tl.trans(phi, (0, 2, 1)), vt, DT, LOWP, INTERPRET)
-    m_h = offs_h < H
-    base = part_ptr + ((b * H + offs_h) * tl.num_programs(1) + split) * (DP * DVP + DP + DVP)
-    tl.store(base[:, None, None] + offs_c[None, :, None] * DVP + offs_v[None, None, :], acc, mask=m_h[:, None, None])
-    tl.store(base[:, None] + DP * DVP + offs_c[None, :], tl.sum(ksum, axis=1), mask=m_h[:, None])
-    tl.store(base[:, None] + DP * DVP + DP + offs_v[None, :], tl.zeros((HP, DVP), tl.float32), mask=m_h[:, None])
-
-
-@triton.jit(do_not_specialize=["N", "H", "chunk"])
-def _focused_output_heads_kernel(q_ptr, c_ptr, state_ptr, o_ptr, den_ptr, rec_ptr, N, H, chunk, p, eps, inv_n,
-                                 lin_eps, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, P_INT: tl.constexpr,
-                                 D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                                 HP: tl.constexpr, EVEN: tl.constexpr, TERMS: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 LOWP: tl.constexpr, INTERPRET: tl.constexpr):
-    """FLatten's O with every head of a chunk of queries in registers (for H d dv small enough): the queries'
-    whole-token norms (kept in their record), O = phi(q) S / M / (phi(q) z / M + eps) for every head from the
-    states loaded once per program, and the normaliser den (B*h, N) for the backward."""
-    b = tl.program_id(0)
-    DT = q_ptr.dtype.element_ty
-    offs_h = tl.arange(0, HP)
-    offs_c = tl.arange(0, DP)
-    offs_v = tl.arange(0, DVP)
-    inv_c, eps_c, m_hc = _scale_rows(c_ptr, offs_h, offs_c, H, eps, D)
-    m_h = offs_h < H
-    m_hv = m_h[:, None] & (offs_v < DV)[None, :]
-    base = state_ptr + (b * H + offs_h) * (DP * DVP + DP + DVP)
-    state = tl.load(base[:, None, None] + offs_c[None, :, None] * DVP + offs_v[None, None, :], mask=m_h[:, None, None],
-                    other=0.0) * inv_n
-    state_hi, state_lo = split_operand(state, DT, LOWP, INTERPRET)
-    kbar = tl.load(base[:, None] + DP * DVP + offs_c[None, :], mask=m_h[:, None], other=0.0) * inv_n
-    lo = tl.program_id(1) * chunk
-    hi = tl.minimum(lo + chunk, N)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mn = offs_n < hi
-        x = _load_heads(q_ptr + b * s_qb, offs_h, offs_n, offs_c, s_qh, s_qn, m_hc[:, None, :] & mn[None, :, None])
-        phi, inv_m, norm_r, norm_rn, norm_rp = _focused_heads(x.to(tl.float32), inv_c, eps_c, m_hc, p, EVEN, P_INT)
-        _store_norms(rec_ptr, b, N, offs_n, mn, inv_m, norm_r, norm_rn, norm_rp)
-        den = tl.sum(phi * kbar[:, None, :], axis=2) + lin_eps
-        out = dot_terms(phi, state_hi, state_lo, DT, TERMS, LOWP, INTERPRET) * (1.0 / den)[:, :, None]
-        tl.store(den_ptr + (b * H + offs_h)[:, None] * N + offs_n[None, :], den, mask=m_h[:, None] & mn[None, :])
-        at = o_ptr + b * s_ob + offs_h[:, None, None] * s_oh + offs_n[None, :, None] * s_on + offs_v[None, None, :]
-        tl.store(at, round_to(out, o_ptr.dtype.element_ty, INTERPRET), mask=m_hv[:, None, :] & mn[None, :, None])
-
-
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
 def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_ptr, dq_ptr, part_ptr,
                        N, H, chunk, p, eps, num_prefix, grid_h, grid_w, inv_n, scale_d, lin_eps,
@@ -755,8 +660,6 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
     meta, trig = _meta(q, v, feature, p, rope_h, rope_w)
     dp, dvp = meta["DP"], meta["DVP"]
     focused = feature == FOCUSED
-    if focused and (1 << (h - 1).bit_length()) * dp * dvp <= HEADS_STATE:
-        return _focused_forward_heads(q, k, v, c, p, meta)
     (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn) = map(head_strides, (q, k, v))
     if focused:
         norms = q.new_empty(2, b, n, 4, dtype=torch.float32)
@@ -784,36 +687,6 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
            float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS, s_qb, s_qh, s_qn,
            out.stride(0), out.stride(1), out.stride(2), TERMS=OUTPUT_TERMS, **meta, **opts)
     return out, state, norms, den if focused else q.new_empty(b * h, 0, dtype=torch.float32)
-
-
-def _focused_forward_heads(q: Tensor, k: Tensor, v: Tensor, c: Tensor, p: float,
-                           meta: dict) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """linear_attention_forward for FLatten with every head of a tile in registers: two kernels (keys, then
-    queries) that compute the whole-token norms themselves, instead of a pre-pass over q and k."""
-    b, h, n, d = q.shape
-    dv = v.shape[-1]
-    dp, dvp = meta["DP"], meta["DVP"]
-    (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn) = map(head_strides, (q, k, v))
-    hp = 1 << (h - 1).bit_length()
-    shape = dict(P_INT=meta["P_INT"], D=d, DV=dv, DP=dp, DVP=dvp, HP=hp, EVEN=d == dp and h == hp, LOWP=meta["LOWP"],
-                 INTERPRET=meta["INTERPRET"])
-    norms = q.new_empty(2, b, n, 4, dtype=torch.float32)
-    cfg = CONFIG["focused_state_heads"]
-    opts = _launch_opts(cfg, meta)
-    splits, chunk = _splits(cfg, opts, b, n, q.device)
-    part = q.new_empty(b * h, splits, dp * dvp + dp + dvp, dtype=torch.float32)
-    launch(_focused_state_heads_kernel, (b, splits), k, v, c, norms[1], part, n, h, chunk, float(p), FOCUSED_EPS,
-           s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, **shape, **opts)
-    state = part.sum(1) if splits > 1 else part[:, 0]
-    out = q.new_empty(b, h, n, dv)
-    den = q.new_empty(b * h, n, dtype=torch.float32)
-    cfg = CONFIG["focused_output_heads"]
-    opts = _launch_opts(cfg, meta)
-    splits, chunk = _splits(cfg, opts, b, n, q.device)
-    launch(_focused_output_heads_kernel, (b, splits), q, c, state, out, den, norms[0], n, h, chunk, float(p),
-           FOCUSED_EPS, 1.0 / n, LINEAR_EPS, s_qb, s_qh, s_qn, out.stride(0), out.stride(1), out.stride(2),
-           TERMS=OUTPUT_TERMS, **shape, **opts)
-    return out, state, norms, den
 
 
 def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, out: Tensor, state: Tensor,
