@@ -6,6 +6,7 @@ forward, and the speedup over SDPA (SDPA time / family time). Saved as a CSV and
 from __future__ import annotations
 
 import csv
+import importlib.util
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ NEIGHBORHOOD_KERNEL = {(56, 56): 7, (128, 128): 13, (256, 256): 21}
 # peer implementations measured beside a family: (label, backend)
 PEERS = {"neighborhood": [("natten", "natten"), ("flex", "flex")]}
 LINEAR_FAMILY = ("agent", "focused_linear", "mala")
+PEER_PACKAGES = {"natten": "natten"}     # peers backed by an optional package
+_SKIPPED: set = set()
 
 
 def _grid_options(name: str, grid: tuple[int, int]) -> dict:
@@ -82,11 +85,22 @@ def _cases(name: str, cfg: BenchConfig, grid: tuple[int, int]) -> list[tuple[str
         module = module.to(cfg.device, cfg.dtype)
         return None if module.needs_dense(grid) else (lambda q, k, v: module.attend(None, q, k, v, grid, 0))
 
-    peers = list(PEERS.get(name, []))
+    peers = [(label, backend) for label, backend in PEERS.get(name, []) if _peer_installed(backend)]
     if cfg.device.type == "cuda" and name in LINEAR_FAMILY:
         peers.append(("reference", "reference"))
     cases = [(name, attend_with(None))] + [(f"{name}[{label}]", attend_with(backend)) for label, backend in peers]
     return [(label, fn) for label, fn in cases if fn is not None]
+
+
+def _peer_installed(backend: str) -> bool:
+    """False (and said once) for a peer whose package is missing, e.g. natten, which has no wheel for every
+    torch: the bench then measures the rest instead of stopping."""
+    if backend in PEER_PACKAGES and importlib.util.find_spec(PEER_PACKAGES[backend]) is None:
+        if backend not in _SKIPPED:
+            _SKIPPED.add(backend)
+            tqdm.write(f"bench: peer {backend!r} skipped: the {PEER_PACKAGES[backend]} package is not installed")
+        return False
+    return True
 
 
 def bench_families(cfg: BenchConfig) -> list[dict]:

@@ -221,3 +221,21 @@ def test_gpu_fuzz(poisoned):
         if failed:
             failures.append((config, failed))
     assert not failures, f"{len(failures)} of 200 configurations failed: {failures[:5]}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared, expected", [(False, "triton"), (True, "reference")])
+def test_gpu_default_backend_by_filter(monkeypatch, shared, expected):
+    """On CUDA the default is the Triton kernel for per-channel filters and the reference (cudnn) for filters
+    shared by the heads, whose Triton backward measured slower."""
+    from subquad.kernels import backends
+    calls = []
+    for name in ("triton", "reference"):
+        impl = backends._BACKENDS["depthwise_conv_on_grid"][name]
+        monkeypatch.setitem(backends._BACKENDS["depthwise_conv_on_grid"], name,
+                            lambda *a, _impl=impl, _name=name: calls.append(_name) or _impl(*a))
+    h, d = 4, 64
+    x = torch.randn(2, h, 1 + 14 * 14, d, device="cuda")
+    weight = torch.randn(d if shared else h * d, 1, 5, 5, device="cuda")
+    depthwise_conv_on_grid(x, weight, None, grid=(14, 14), num_prefix=1)
+    assert calls == [expected]

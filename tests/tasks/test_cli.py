@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from subquad.tasks.zoo import subquad_model_names
 
@@ -42,6 +43,17 @@ def test_bench_writes_table_csv_and_plot(tmp_path):
     png = (tmp_path / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "x SDPA fwd" in res.stdout
+
+
+def test_bench_skips_a_peer_whose_package_is_missing(monkeypatch, capsys):
+    from subquad.tasks import bench
+    monkeypatch.setitem(bench.PEER_PACKAGES, "natten", "subquad_no_such_package")
+    monkeypatch.setattr(bench, "_SKIPPED", set())
+    cfg = bench.BenchConfig(torch.device("cpu"), torch.float32, [(1, 12, 12)], families=["neighborhood"],
+                            repeats=1, warmup=0)
+    families = {r["family"] for r in bench.bench_families(cfg)}
+    assert families == {"softmax", "neighborhood", "neighborhood[flex]"}
+    assert "peer 'natten' skipped" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [
