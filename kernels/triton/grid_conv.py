@@ -45,14 +45,16 @@ CONFIG = {
 
 @triton.jit
 def _tile(j, num_prefix, grid_h, grid_w, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
-    """(rows, columns, token index of the frame's first token) of tile j; tiles in raster order per frame."""
+    """(rows, columns, token index of the frame's first token, the tile's token indices, which of them lie in
+    the grid) of tile j; tiles in raster order per frame."""
     tiles_w = tl.cdiv(grid_w, TILE_W)
     tiles = tl.cdiv(grid_h, TILE_H) * tiles_w
     frame, tile = j // tiles, j % tiles
     offs = tl.arange(0, TILE_H * TILE_W)
     row = (tile // tiles_w) * TILE_H + offs // TILE_W
     col = (tile % tiles_w) * TILE_W + offs % TILE_W
-    return row, col, num_prefix + frame * grid_h * grid_w
+    first = num_prefix + frame * grid_h * grid_w
+    return row, col, first, first + row * grid_w + col, (row < grid_h) & (col < grid_w)
 
 
 @triton.jit
@@ -117,11 +119,9 @@ def _forward_kernel(x_ptr, taps_ptr, b_ptr, r_ptr, o_ptr, num_prefix, grid_h, gr
     if j == grid_items:
         _prefix_rows(r_base, s_rn, o_base, s_on, num_prefix, offs_c, mc, HAS_RES, TILE_H * TILE_W, DP, INTERPRET)
     else:
-        row, col, first = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
+        row, col, first, tok, inside = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
         acc = _conv(x_ptr + b * s_xb + h * s_xh, s_xn, taps_ptr, s_tap, chan, first, row, col, grid_h, grid_w, offs_c,
                     mc, K, False, TILE_H * TILE_W, DP)
-        inside = (row < grid_h) & (col < grid_w)
-        tok = first + row * grid_w + col
         if HAS_BIAS:
             acc += tl.load(b_ptr + chan, mask=mc, other=0.0).to(tl.float32)[None, :]
         if HAS_RES:
@@ -160,11 +160,9 @@ def _backward_kernel(g_ptr, x_ptr, taps_ptr, dx_ptr, part_ptr, num_prefix, grid_
         if j == grid_items:
             _prefix_rows(g_base, s_gn, dx_base, s_dn, num_prefix, offs_c, mc, False, TILE_H * TILE_W, DP, INTERPRET)
         else:
-            row, col, first = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
+            row, col, first, tok, inside = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
             dx = _conv(g_base, s_gn, taps_ptr, s_tap, chan, first, row, col, grid_h, grid_w, offs_c, mc, K, True,
                        TILE_H * TILE_W, DP)
-            inside = (row < grid_h) & (col < grid_w)
-            tok = first + row * grid_w + col
             store_tile(dx_base, tok, offs_c, s_dn, inside, mc, dx, INTERPRET)
             g = load_tile(g_base, tok, offs_c, s_gn, inside, mc).to(tl.float32)
             _accumulate(part + K * K * DP, offs_c, tl.sum(g, axis=0))
