@@ -46,12 +46,50 @@ def split_tokens(groups: int, n: int, block_n: int, target: int, max_tiles: int 
 
 
 LAUNCHED: Dict[str, object] = {}
+# Triton releases whose launch path (JITFunction.run calling CompiledKernel.run with every bound argument in
+# signature order, launch hooks as HookChain) the fast path below reproduces; others take kernel[grid] always.
+_FAST_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2]) in {(3, 6), (3, 7), (3, 8)}
+_FAST: Dict[tuple, tuple] = {}
+try:        # the current stream's handle, read as Triton's own launch path reads it
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:
+    _raw_stream = lambda device: torch.cuda.current_stream(device).cuda_stream    # noqa: E731
+_FAST_MAX = 4096      # cached launches before the table is cleared (new shapes, dtypes or options)
 
 
 def launch(kernel, grid: Tuple[int, ...], *args, **kwargs) -> None:
-    """kernel[grid](*args, **kwargs), keeping the compiled kernel by name: its n_regs / n_spills feed the
-    resource report of bench_linear."""
-    LAUNCHED[kernel.__name__] = kernel[grid](*args, **kwargs)
+    """kernel[grid](*args, **kwargs) with the host cost of a cached launch.
+
+    Triton's JITFunction.run binds and specialises every argument, builds a cache key from the options'
+    string and launch metadata for its hooks on each call: tens of microseconds, more than these kernels
+    run at small sizes. The first call for a key (kernel, device, constexpr options, each argument's
+    specialisation) goes through it and compiles; later ones call the compiled kernel's launcher directly
+    with the same arguments in signature order. Launch hooks (profilers) and the CPU interpreter always
+    take Triton's own path. The compiled kernel is kept by name: its n_regs / n_spills feed the resource
+    report of bench_linear."""
+    hooks = triton.knobs.runtime.launch_enter_hook.calls if _FAST_TRITON else True
+    if hooks or os.environ.get("TRITON_INTERPRET") == "1":
+        LAUNCHED[kernel.__name__] = kernel[grid](*args, **kwargs)
+        return
+    device = torch.cuda.current_device()
+    # what Triton specialises on: a tensor's dtype and 16-byte alignment; any other argument by its value (exact,
+    # so never coarser than Triton's own int specialisations); inline, as a function call per argument costs more
+    key = (kernel, device, *kwargs.items(),
+           *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args])
+    fast = _FAST.get(key)
+    if fast is None:
+        compiled = kernel[grid](*args, **kwargs)
+        LAUNCHED[kernel.__name__] = compiled
+        names = kernel.arg_names[len(args):]
+        if len(_FAST) >= _FAST_MAX:
+            _FAST.clear()
+        if all(name in kwargs for name in names):
+            _FAST[key] = (compiled.run, compiled.function, compiled.packed_metadata,
+                          tuple(kwargs[name] for name in names))
+        return
+    run, function, metadata, constexprs = fast
+    grid = tuple(grid) + (1, 1)
+    run(grid[0], grid[1], grid[2], _raw_stream(device), function, metadata, None, None, None, *args, *constexprs)
 
 
 def head_strides(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:
