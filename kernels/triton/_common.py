@@ -17,10 +17,14 @@ def pad_dim(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+# Kernels run on Triton's CPU interpreter: triton.jit reads the variable when it decorates them, at import.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def precision_flags(dtype: torch.dtype) -> Dict[str, bool]:
     """LOWP: 16-bit inputs, so products take 16-bit operands (fp32 values as hi + lo pairs where it
     matters); fp32 inputs keep exact fp32 products. INTERPRET: running on the CPU interpreter."""
-    return dict(LOWP=dtype != torch.float32, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1")
+    return dict(LOWP=dtype != torch.float32, INTERPRET=INTERPRET)
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,6 +58,7 @@ try:        # the current stream's handle, read as Triton's own launch path read
     from torch._C import _cuda_getCurrentRawStream as _raw_stream
 except ImportError:
     _raw_stream = lambda device: torch.cuda.current_stream(device).cuda_stream    # noqa: E731
+_SCALARS = frozenset((int, float, bool, type(None)))
 _FAST_MAX = 4096      # cached launches before the table is cleared (new shapes, dtypes or options)
 
 
@@ -68,14 +73,17 @@ def launch(kernel, grid: Tuple[int, ...], *args, **kwargs) -> None:
     take Triton's own path. The compiled kernel is kept by name: its n_regs / n_spills feed the resource
     report of bench_linear."""
     hooks = triton.knobs.runtime.launch_enter_hook.calls if _FAST_TRITON else True
-    if hooks or os.environ.get("TRITON_INTERPRET") == "1":
+    if hooks or INTERPRET:
         LAUNCHED[kernel.__name__] = kernel[grid](*args, **kwargs)
         return
     device = torch.cuda.current_device()
-    # what Triton specialises on: a tensor's dtype and 16-byte alignment; any other argument by its value (exact,
-    # so never coarser than Triton's own int specialisations); inline, as a function call per argument costs more
-    key = (kernel, device, *kwargs.items(),
-           *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args])
+    try:    # what Triton specialises on: a scalar's value (exact, so never coarser than Triton's int
+        # specialisations), a tensor's dtype and alignment; inline, as a call per argument costs more
+        key = (kernel, device, *kwargs.items(),
+               *[a if a.__class__ in _SCALARS else (a.dtype, a.data_ptr() & 15) for a in args])
+    except AttributeError:      # an argument that is neither: Triton's path
+        LAUNCHED[kernel.__name__] = kernel[grid](*args, **kwargs)
+        return
     fast = _FAST.get(key)
     if fast is None:
         compiled = kernel[grid](*args, **kwargs)
@@ -94,9 +102,11 @@ def launch(kernel, grid: Tuple[int, ...], *args, **kwargs) -> None:
 
 def head_strides(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:
     """x (B, h, N, d) with unit stride on d (copied if not) and its (batch, head, token) strides."""
-    if x.stride(-1) != 1:
+    strides = x.stride()
+    if strides[-1] != 1:
         x = x.contiguous()
-    return x, x.stride(0), x.stride(1), x.stride(2)
+        strides = x.stride()
+    return x, strides[0], strides[1], strides[2]
 
 
 @triton.jit

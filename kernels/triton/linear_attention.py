@@ -35,6 +35,7 @@ hi + lo split of phi(k) (about 2^-16 relative); the output's phi(q) S rounds bot
 2^-16 and cost the output kernel 15-20% on an H200); gradient products round each operand once. fp32 inputs
 keep exact fp32 products.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -625,11 +626,17 @@ def _p_int(p: float) -> int:
 
 
 def _meta(q: Tensor, v: Tensor, feature: int, p: float, rope_h: int, rope_w: int):
-    d, dv = q.shape[-1], v.shape[-1]
-    meta = dict(FEATURE=feature, P_INT=_p_int(p), ROPE=rope_h > 0, D=d, DV=dv, DP=pad_dim(d), DVP=pad_dim(dv),
-                **precision_flags(q.dtype))
-    trig = _rope_trig(rope_h, rope_w, d, meta["DP"], q.device) if rope_h > 0 else q
+    """The kernels' constexpr options and the RoPE tables (q itself, unused, without RoPE)."""
+    meta = _constexprs(q.dtype, q.shape[-1], v.shape[-1], feature, p, rope_h > 0)
+    trig = _rope_trig(rope_h, rope_w, q.shape[-1], meta["DP"], q.device) if rope_h > 0 else q
     return meta, trig
+
+
+@functools.lru_cache(maxsize=None)
+def _constexprs(dtype: torch.dtype, d: int, dv: int, feature: int, p: float, rope: bool) -> dict:
+    """Kept per signature: building it costs a few microseconds of every call's host time (read only)."""
+    return dict(FEATURE=feature, P_INT=_p_int(p), ROPE=rope, D=d, DV=dv, DP=pad_dim(d), DVP=pad_dim(dv),
+                **precision_flags(dtype))
 
 
 def _launch_opts(cfg: dict, meta: dict) -> dict:

@@ -36,7 +36,7 @@ class _Kernel:
 @pytest.fixture
 def fast_path(monkeypatch):
     """The cached path as it runs on a GPU: no interpreter, a supported Triton, device 0, stream 7."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_common, "INTERPRET", False)
     monkeypatch.setattr(_common, "_FAST_TRITON", True)
     monkeypatch.setattr(_common, "_FAST", {})
     monkeypatch.setattr(_common, "_raw_stream", lambda device: 7)
@@ -70,17 +70,19 @@ def test_launch_cache_hits_only_the_same_specialisation(fast_path):
         assert kernel.log[before + 1][0] == "direct", (args, kwargs)
 
 
-def test_launch_takes_tritons_path_under_hooks_and_the_interpreter(fast_path, monkeypatch):
+def test_launch_takes_tritons_path_when_it_cannot_cache(fast_path, monkeypatch):
     kernel = _Kernel()
     x = torch.zeros(64)
     monkeypatch.setattr(_common, "_FAST_TRITON", False)            # an unsupported Triton release
     for _ in range(2):
         _common.launch(kernel, (1,), x, 100, 0.5, BLOCK=16, FLAG=True)
     monkeypatch.setattr(_common, "_FAST_TRITON", True)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for _ in range(2):                                              # an argument neither scalar nor tensor
+        _common.launch(kernel, (1,), x, "100", 0.5, BLOCK=16, FLAG=True)
+    monkeypatch.setattr(_common, "INTERPRET", True)
     for _ in range(2):
         _common.launch(kernel, (1,), x, 100, 0.5, BLOCK=16, FLAG=True)
-    assert [entry[0] for entry in kernel.log] == ["triton"] * 4
+    assert [entry[0] for entry in kernel.log] == ["triton"] * 6
     assert not _common._FAST
 
 
