@@ -1,4 +1,5 @@
-"""Helpers shared by the linear-family Triton kernels: tiles, matrix products, padding, the N-split policy."""
+"""Helpers shared by the Triton kernels: the cached launch; for the linear family also tiles, matrix products,
+padding and the N-split policy."""
 import functools
 import os
 from typing import Dict, Tuple

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..reference.block_sparse import num_tiles, transpose_csr
+from ._common import launch
 from ._flash import LOG2E as _LOG2E
 from ._flash import delta_kernel as _delta_kernel
 from ._flash import dkdv_step, dq_step, load_row_stats, softmax_finish, softmax_step
@@ -367,7 +368,7 @@ def forward(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile
                                             key_bias, tile_rows, scale, lse)
     config = config or launch_config("fwd", block_m, block_n, d, q.dtype)
     mask_idx = tile_mask_idx if tile_mask_idx is not None else col_idx
-    _fwd_kernel[(_num_q_tiles(nq, block_m, tile_rows), b * h)](
+    launch(_fwd_kernel, (_num_q_tiles(nq, block_m, tile_rows), b * h),
         q, k, v, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0], tile_rows if tile_rows is not None else col_idx,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(row_ptr)[:2], *bias[1:],
         h, nq, k.shape[2], num_prefix, qk_scale, **consts, **config)
@@ -387,8 +388,8 @@ def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, k
     rows_arg = tile_rows if tile_rows is not None else col_idx
     configs = configs or {}
     delta = torch.empty_like(lse)
-    _delta_kernel[(num_tiles(nq, block_m), b * h)](o, do, delta, *_strides(o), *_strides(do), h, nq, HEAD_DIM=d,
-                                                   BLOCK_M=block_m, BLOCK_D=consts["BLOCK_D"])
+    launch(_delta_kernel, (num_tiles(nq, block_m), b * h), o, do, delta, *_strides(o), *_strides(do), h, nq,
+           HEAD_DIM=d, BLOCK_M=block_m, BLOCK_D=consts["BLOCK_D"])
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     if tile_rows is not None and p > 0:
         dq[:, :, :p].zero_()
@@ -399,7 +400,7 @@ def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, k
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     tail = (*bias[1:], h, nq, nk, p, nqt)
     if nkt > 0:
-        _bwd_kv_kernel[(nkt, b * h)](
+        launch(_bwd_kv_kernel, (nkt, b * h),
             q, k, v, do, dk, dv, lse, delta, col_ptr, row_idx,
             mask_idx_t if mask_idx_t is not None else row_idx, masks, bias[0], rows_arg,
             *common, *_strides(dk), *_strides(dv), *_strides(col_ptr)[:2], *tail, 1, qk_scale, scale,
@@ -408,7 +409,7 @@ def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, k
         chunks, blocks = num_tiles(nqt, PREFIX_CHUNK), num_tiles(p, block_n)
         parts = torch.empty(2, chunks, b * h, blocks * block_n, consts["BLOCK_D"], device=q.device,
                             dtype=torch.float32)
-        _bwd_kv_kernel[(blocks * chunks, b * h)](
+        launch(_bwd_kv_kernel, (blocks * chunks, b * h),
             q, k, v, do, parts[0], parts[1], lse, delta, col_ptr, row_idx, row_idx, masks, bias[0], rows_arg,
             *common, *_strides(dk), *_strides(dv), *_strides(col_ptr)[:2], *tail, chunks, qk_scale, scale,
             **{**consts, "HAS_MASK": False, "CHECK_K": True}, PREFIX=True, CHUNK=PREFIX_CHUNK, **kv_config)
@@ -416,7 +417,7 @@ def backward(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, k
         dk[:, :, :p] = summed[0]
         dv[:, :, :p] = summed[1]
     q_config = configs.get("bwd_q") or launch_config("bwd_q", block_m, block_n, d, q.dtype)
-    _bwd_q_kernel[(nqt, b * h)](
+    launch(_bwd_q_kernel, (nqt, b * h),
         q, k, v, do, dq, lse, delta, row_ptr, col_idx,
         tile_mask_idx if tile_mask_idx is not None else col_idx, masks, bias[0], rows_arg,
         *common, *_strides(dq), *_strides(row_ptr)[:2], *bias[1:], h, nq, nk, p, qk_scale, scale,

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import launch
 from ._flash import (LOG2E, delta_kernel, dkdv_step, dot, dq_step, load_block, load_row_stats, softmax_finish,
                      softmax_step)
 
@@ -387,7 +388,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], height: int,
     lse = torch.empty(b, nh, n, device=q.device, dtype=torch.float32)
     cfg = dict((config or default_config((height, width), kernel_size, dilation, d, q.dtype))["fwd"])
     tiles = _num_tiles(height, width, dilation, cfg["TH"], cfg["TW"])
-    _fwd_kernel[(tiles, b * nh)](
+    launch(_fwd_kernel, (tiles, b * nh),
         q, k, v, o, lse, rpb.contiguous() if rpb is not None else lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), nh, height, width, dilation, num_prefix,
         scale * 1.4426950408889634, **_consts(q, kernel_size), **cfg, PB=PREFIX_BLOCK, HAS_RPB=rpb is not None)
@@ -406,8 +407,8 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     block_d = consts["BLOCK_D"]
     configs = config or default_config((height, width), kernel_size, dilation, d, q.dtype)
     delta = torch.empty_like(lse)
-    delta_kernel[(_cdiv(n, 128), b * nh)](o, do, delta, *_strides(o), *_strides(do), nh, n, HEAD_DIM=d,
-                                          BLOCK_M=128, BLOCK_D=block_d)
+    launch(delta_kernel, (_cdiv(n, 128), b * nh), o, do, delta, *_strides(o), *_strides(do), nh, n, HEAD_DIM=d,
+           BLOCK_M=128, BLOCK_D=block_d)
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     if p > 0:
         dq[:, :, :p].zero_()
@@ -421,7 +422,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     drpb_parts = torch.zeros(b * nh * tiles if rpb is not None else 0, side, side, device=q.device,
                              dtype=torch.float32)
     prefix_grads = torch.zeros(2, b * nh * p, block_d, device=q.device, dtype=torch.float32)
-    _bwd_q_kernel[(tiles, b * nh)](
+    launch(_bwd_q_kernel, (tiles, b * nh),
         q, k, v, do, dq, lse, delta, rpb_arg, drpb_parts if rpb is not None else lse,
         *(prefix_grads if p > 0 else (lse, lse)), *common, *_strides(dq), nh, height, width, dilation, p, qk_scale,
         scale, **consts, **cfg,
@@ -430,7 +431,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
 
     cfg = dict(configs["bwd_kv"])
     tiles = _num_tiles(height, width, dilation, cfg["TH"], cfg["TW"])
-    _bwd_kv_kernel[(tiles, b * nh)](
+    launch(_bwd_kv_kernel, (tiles, b * nh),
         q, k, v, do, dk, dv, lse, delta, rpb_arg, *common, *_strides(dk), *_strides(dv), nh, height, width,
         dilation, p, qk_scale, scale, **consts, **cfg, HAS_RPB=rpb is not None)
     if p > 0:
