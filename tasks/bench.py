@@ -163,12 +163,14 @@ def save_csv(rows: list[dict], path: Path) -> None:
 def save_plot(rows: list[dict], path: Path, title: str) -> None:
     """Two log-log panels, forward and forward+backward milliseconds against tokens, a line per family."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     families = list(dict.fromkeys(r["family"] for r in rows))
     colors = dict(zip(families, plt.cm.tab20.colors))
+    ticks = {float(r["tokens"]): f"{r['grid']} B{r['batch']}" for r in rows}     # a labelled tick per measured size
     for ax, key, label in zip(axes, ("fwd_ms", "fwd_bwd_ms"), ("forward", "forward + backward")):
         for family in families:
             pts = sorted((float(r["tokens"]), float(r[key])) for r in rows if r["family"] == family)
@@ -177,6 +179,8 @@ def save_plot(rows: list[dict], path: Path, title: str) -> None:
                      dict(color=colors[family], linestyle=":" if "[" in family else "-"))
             ax.plot(*zip(*pts), marker="o", label=family if family != BASELINE else "softmax (SDPA)", **style)
         ax.set(xscale="log", yscale="log", xlabel="tokens N (grid H x W)", ylabel="ms (median)", title=label)
+        ax.set_xticks(list(ticks), [f"{size}\nN={tokens:,.0f}" for tokens, size in ticks.items()])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())     # minor labels overlap on a short range
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(title, fontsize=10)
