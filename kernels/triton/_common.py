@@ -2,7 +2,7 @@
 padding and the N-split policy."""
 import functools
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -73,32 +73,35 @@ def launch(kernel, grid: Tuple[int, ...], *args, **kwargs) -> None:
     with the same arguments in signature order. Launch hooks (profilers) and the CPU interpreter always
     take Triton's own path. The compiled kernel is kept by name: its n_regs / n_spills feed the resource
     report of bench_linear."""
-    hooks = triton.knobs.runtime.launch_enter_hook.calls if _FAST_TRITON else True
-    if hooks or INTERPRET:
-        LAUNCHED[kernel.__name__] = kernel[grid](*args, **kwargs)
-        return
-    device = torch.cuda.current_device()
-    try:    # what Triton specialises on: a scalar's value (exact, so never coarser than Triton's int
-        # specialisations), a tensor's dtype and alignment; inline, as a call per argument costs more
-        key = (kernel, device, *kwargs.items(),
-               *[a if a.__class__ in _SCALARS else (a.dtype, a.data_ptr() & 15) for a in args])
-    except AttributeError:      # an argument that is neither: Triton's path
-        LAUNCHED[kernel.__name__] = kernel[grid](*args, **kwargs)
-        return
-    fast = _FAST.get(key)
+    key = _launch_key(kernel, args, kwargs)
+    fast = _FAST.get(key) if key is not None else None
     if fast is None:
         compiled = kernel[grid](*args, **kwargs)
         LAUNCHED[kernel.__name__] = compiled
-        names = kernel.arg_names[len(args):]
-        if len(_FAST) >= _FAST_MAX:
-            _FAST.clear()
-        if all(name in kwargs for name in names):
+        names = kernel.arg_names[len(args):]            # the constexprs, passed by keyword
+        if key is not None and all(name in kwargs for name in names):
+            if len(_FAST) >= _FAST_MAX:
+                _FAST.clear()
             _FAST[key] = (compiled.run, compiled.function, compiled.packed_metadata,
                           tuple(kwargs[name] for name in names))
         return
     run, function, metadata, constexprs = fast
     grid = tuple(grid) + (1, 1)
-    run(grid[0], grid[1], grid[2], _raw_stream(device), function, metadata, None, None, None, *args, *constexprs)
+    run(grid[0], grid[1], grid[2], _raw_stream(key[1]), function, metadata, None, None, None, *args, *constexprs)
+
+
+def _launch_key(kernel, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """(kernel, device, options, what Triton specialises each argument on: a scalar's value (exact, so never
+    coarser than Triton's int specialisations), a tensor's dtype and alignment); None where the launch is not
+    cached: under hooks or the interpreter, on other Triton releases, for an argument neither scalar nor
+    tensor. Built inline, as a function call per argument costs more than the key."""
+    if INTERPRET or not _FAST_TRITON or triton.knobs.runtime.launch_enter_hook.calls:
+        return None
+    try:
+        return (kernel, torch.cuda.current_device(), *kwargs.items(),
+                *[a if a.__class__ in _SCALARS else (a.dtype, a.data_ptr() & 15) for a in args])
+    except AttributeError:
+        return None
 
 
 def head_strides(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:
