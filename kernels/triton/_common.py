@@ -78,12 +78,13 @@ def launch(kernel, grid: Tuple[int, ...], *args, **kwargs) -> None:
     if fast is None:
         compiled = kernel[grid](*args, **kwargs)
         LAUNCHED[kernel.__name__] = compiled
-        names = kernel.arg_names[len(args):]            # the constexprs, passed by keyword
-        if key is not None and all(name in kwargs for name in names):
-            if len(_FAST) >= _FAST_MAX:
-                _FAST.clear()
-            _FAST[key] = (compiled.run, compiled.function, compiled.packed_metadata,
-                          tuple(kwargs[name] for name in names))
+        if key is not None:
+            names = kernel.arg_names[len(args):]            # the constexprs, passed by keyword
+            if all(name in kwargs for name in names):
+                if len(_FAST) >= _FAST_MAX:
+                    _FAST.clear()
+                _FAST[key] = (compiled.run, compiled.function, compiled.packed_metadata,
+                              tuple(kwargs[name] for name in names))
         return
     run, function, metadata, constexprs = fast
     grid = tuple(grid) + (1, 1)
