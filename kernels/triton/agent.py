@@ -23,6 +23,7 @@ P1 in P1 V and V_A in dP2 (see _aggregate_kernel). Products whose result is an o
 take each fp32 operand rounded once (P2 in O, dS and P in dq, dk, dv and the dA, dV_A partials): an
 error of about 2^-9 per term, the size of the 16-bit rounding of the result itself.
 """
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -407,8 +408,14 @@ def _unpool_kernel(dq_ptr, da_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_db
 # --- launchers ------------------------------------------------------------------------------
 
 def _meta(q: Tensor, v: Tensor, num_agents: int) -> dict:
-    return dict(D=q.shape[-1], DV=v.shape[-1], DP=pad_dim(q.shape[-1]), DVP=pad_dim(v.shape[-1]),
-                NAP=pad_dim(num_agents), A_SIDE=math.isqrt(num_agents), **precision_flags(q.dtype))
+    """The kernels' constexpr options (read only: kept per signature, as linear_attention keeps its own)."""
+    return _constexprs(q.dtype, q.shape[-1], v.shape[-1], num_agents)
+
+
+@functools.lru_cache(maxsize=None)
+def _constexprs(dtype: torch.dtype, d: int, dv: int, num_agents: int) -> dict:
+    return dict(D=d, DV=dv, DP=pad_dim(d), DVP=pad_dim(dv), NAP=pad_dim(num_agents), A_SIDE=math.isqrt(num_agents),
+                **precision_flags(dtype))
 
 
 def _launch_opts(cfg: dict, lowp: bool) -> dict:

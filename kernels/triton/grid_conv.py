@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cdiv, head_strides, launch, load_tile, num_programs_target, pad_dim, precision_flags, round_to
+from ._common import INTERPRET, cdiv, head_strides, launch, load_tile, num_programs_target, pad_dim, round_to
 from ._common import store_tile
 
 # Tile sizes and launch options (not yet tuned on a GPU: bench_grid_conv.sweep times the alternatives); 8 warps
@@ -239,7 +239,7 @@ def grid_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], residua
            num_prefix, grid_h, grid_w, grid_items, items, taps.stride(0), s_xb, s_xh, s_xn, s_rb, s_rh, s_rn,
            out.stride(0), out.stride(1), out.stride(2), D=d, DP=pad_dim(d), K=weight.shape[-1],
            PER_HEAD=weight.shape[0] == h * d, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-           INTERPRET=precision_flags(x.dtype)["INTERPRET"], **cfg)
+           INTERPRET=INTERPRET, **cfg)
     return out
 
 
@@ -251,7 +251,6 @@ def grid_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     (grad, s_gb, s_gh, s_gn), (x, s_xb, s_xh, s_xn) = head_strides(grad), head_strides(x)
     dx = torch.empty_like(x)
     dp = pad_dim(d)
-    interpret = precision_flags(x.dtype)["INTERPRET"]
     cfg = CONFIG["backward"]
     grid_items, items = _items(num_prefix, frames, grid_h, grid_w, cfg["TILE_H"], cfg["TILE_W"])
     total = b * items
@@ -262,13 +261,13 @@ def grid_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     launch(_backward_kernel, (splits, h), grad, x, taps, dx, part, num_prefix, grid_h, grid_w, grid_items, items,
            total, chunk, taps.stride(0), s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, dx.stride(0), dx.stride(1),
            dx.stride(2), D=d, DP=dp, K=k, PER_HEAD=channels == h * d, TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"],
-           INTERPRET=interpret, num_warps=cfg["num_warps"])
+           INTERPRET=INTERPRET, num_warps=cfg["num_warps"])
     dw, db = _filter_grads_like(weight, bias)
     groups = channels // d
     cfg = CONFIG["reduce"]
     launch(_reduce_kernel, (groups, k * k + (bias is not None)), part, dw, db if bias is not None else dw,
            h * splits // groups,
-           D=d, DP=dp, K=k, BLOCK_R=cfg["BLOCK_R"], INTERPRET=interpret, num_warps=cfg["num_warps"])
+           D=d, DP=dp, K=k, BLOCK_R=cfg["BLOCK_R"], INTERPRET=INTERPRET, num_warps=cfg["num_warps"])
     return dx, dw, db
 
 
