@@ -1,9 +1,57 @@
 """subquad: vision and diffusion backbones on efficient attention.
 
 ``import subquad`` registers every model with timm: ``timm.create_model("agent_deit_tiny_patch16_224")``.
+
+The import itself is light (no torch, timm, diffusers): the subpackages load on first use, and the
+models are registered with timm as soon as timm is imported (at once when it already is), so that
+``subquad --help`` answers without loading either.
 """
-from . import attention, backbones, kernels
-from .tasks.accelerate_pipeline import accelerate_pipeline
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 __version__ = "0.1.0"
-__all__ = ["accelerate_pipeline", "attention", "backbones", "kernels"]
+__all__ = ["accelerate_pipeline", "attention", "backbones", "kernels", "tasks"]
+
+_SUBPACKAGES = ("attention", "backbones", "kernels", "tasks")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name == "accelerate_pipeline":      # loads diffusers: only on first use
+        return importlib.import_module(f"{__name__}.tasks.pipelines").accelerate_pipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _register_models() -> None:
+    importlib.import_module(f"{__name__}.backbones")
+
+
+class _RegisterWhenTimmLoads(importlib.abc.MetaPathFinder):
+    """Registers subquad's models right after ``import timm`` completes, then steps aside."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "timm":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("timm")
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            _register_models()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "timm" in sys.modules:
+    _register_models()
+else:
+    sys.meta_path.insert(0, _RegisterWhenTimmLoads())

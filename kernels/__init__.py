@@ -1,15 +1,30 @@
-"""subquad.kernels: functional attention ops with a PyTorch reference and (on CUDA) Triton kernels."""
-from .backends import available_backends, choose_backend
-from .functional import agent_attention, depthwise_conv_on_grid, focused_linear_attention, mala_attention
-from .functional import loglinear_attention, neighborhood_attention, radial_attention, softmax_attention
-from .functional import block_sparse_attention
+"""subquad.kernels: functional attention ops on (B, heads, N, d) tensors plus the grid, each with a
+PyTorch reference and (on CUDA) Triton kernels; one folder per family, shared pieces in ``core``."""
+# the families in the order of every family table (families() follows the order they register in)
+from .softmax import softmax_attention  # isort: skip
+from .agent import agent_attention  # isort: skip
+from .linear import focused_linear_attention, mala_attention  # isort: skip
+from .neighborhood import neighborhood_attention  # isort: skip
+from .radial import radial_attention  # isort: skip
+from .loglinear import loglinear_attention  # isort: skip
+from .block_sparse import block_sparse_attention
+from .core import checks
+from .core.dispatch import available_backends, choose_backend
+from .core.family import Family, families, family
+from .core.rope import apply_rope_2d
+from .grid_conv import depthwise_conv_on_grid
 
 __all__ = [
+    "Family",
     "agent_attention",
+    "apply_rope_2d",
     "available_backends",
     "block_sparse_attention",
+    "checks",
     "choose_backend",
     "depthwise_conv_on_grid",
+    "families",
+    "family",
     "focused_linear_attention",
     "loglinear_attention",
     "mala_attention",

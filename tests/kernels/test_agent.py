@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from subquad.kernels import agent_attention
-from subquad.kernels.testing import assert_rel_close
+from subquad.kernels.core.testing import assert_rel_close
 
 
 def pooling_matrix(h, w, a):

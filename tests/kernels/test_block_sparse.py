@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from subquad.kernels import available_backends, block_sparse_attention
-from subquad.kernels.reference.block_sparse import (block_mask_to_csr, csr_to_block_mask, num_tiles,
+from subquad.kernels.block_sparse.layout import (block_mask_to_csr, csr_to_block_mask, num_tiles,
                                                     pack_tile_masks, transpose_csr, unpack_tile_masks)
-from subquad.kernels.testing import assert_rel_close
-from subquad.kernels.tiles import tile_layout
+from subquad.kernels.core.testing import assert_rel_close
+from subquad.kernels.core.tiles import tile_layout
 
 requires_triton = pytest.mark.skipif("triton" not in available_backends("block_sparse_attention"),
                                      reason="triton is not installed")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from subquad.kernels import focused_linear_attention
-from subquad.kernels.testing import assert_rel_close
+from subquad.kernels.core.testing import assert_rel_close
 
 NORMALISER_EPS = 1e-6
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from subquad.kernels import available_backends, depthwise_conv_on_grid
-from subquad.kernels.testing import assert_rel_close
+from subquad.kernels.core.testing import assert_rel_close
 
 
 def brute_force(x, weight, bias, grid, num_prefix, residual=None):

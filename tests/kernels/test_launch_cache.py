@@ -8,7 +8,7 @@ import pytest
 import torch
 import triton
 
-from subquad.kernels.triton import _common
+from subquad.kernels.core import triton_common as _common
 
 
 class _Compiled:
@@ -99,7 +99,7 @@ def test_cached_launch_matches_triton_launch_on_gpu(monkeypatch):
     """MALA's and FLatten's kernels launched through the cache give bit-identical outputs to Triton's own
     launch, also when a misaligned view (2 bytes off) follows aligned inputs: a specialisation the cache must
     not reuse."""
-    from subquad.kernels.triton.linear_attention import FOCUSED, MALA, linear_attention_forward
+    from subquad.kernels.linear.triton import FOCUSED, MALA, linear_attention_forward
     b, h, n, d = 2, 3, 40 * 24, 64
     buffers = [torch.randn(b * h * n * d + 1, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     c = torch.rand(h, d, device="cuda") + 0.5

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from subquad.kernels import loglinear_attention
-from subquad.kernels.reference.loglinear import block_hierarchy, normalize_options, pool_levels, select_blocks
-from subquad.kernels.testing import assert_compiles_to_the_same, assert_rel_close
-from subquad.kernels.tiles import to_tiles
+from subquad.kernels.loglinear.plan import block_hierarchy, normalize_options, pool_levels, select_blocks
+from subquad.kernels.core.testing import assert_compiles_to_the_same, assert_rel_close
+from subquad.kernels.core.tiles import to_tiles
 
 
 def blocks_of(grid, size):
@@ -194,11 +194,21 @@ def check_backend(backend, grid, p, opts, dtype=torch.float32, heads=2, d=16, de
 
 
 @pytest.mark.parametrize("grid,p,opts", [((13, 17), 1, dict(top_k=4)), ((40, 36), 0, dict(top_k=(5, 3))),
-                                         ((70, 50), 2, dict(top_k=(8, 4))), ((9, 11), 0, dict(block_size=9, top_k=3))])
+                                         ((70, 50), 2, dict(top_k=(8, 4)))])
 def test_block_sparse_core_backend_equals_reference(grid, p, opts):
     """Selected tiles plus pooled tokens as extra key tiles of the core's CSR (run by the core's
-    reference here; 3x3 blocks are too small for the core and run the reference)."""
+    reference here)."""
     check_backend("block_sparse", grid, p, opts)
+
+
+def test_blocks_the_core_cannot_run():
+    """3x3 blocks are too small for the core: naming the core's backend is an error that says why;
+    with no backend named the reference runs."""
+    q = torch.randn(1, 1, 9 * 11, 16)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        loglinear_attention(q, q, q, grid=(9, 11), backend="block_sparse", block_size=9, top_k=3)
+    assert_rel_close(loglinear_attention(q, q, q, grid=(9, 11), block_size=9, top_k=3),
+                     loglinear_attention(q, q, q, grid=(9, 11), backend="reference", block_size=9, top_k=3))
 
 
 @pytest.mark.skipif("triton" not in available_backends("loglinear_attention"), reason="no Triton")

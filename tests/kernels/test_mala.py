@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from subquad.kernels import focused_linear_attention, mala_attention
-from subquad.kernels.testing import assert_rel_close
+from subquad.kernels.core.testing import assert_rel_close
 
 EPS = 1e-6
 

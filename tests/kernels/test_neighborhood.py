@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from subquad.kernels import neighborhood_attention
-from subquad.kernels.testing import assert_rel_close
+from subquad.kernels.core.testing import assert_rel_close
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*without torch.compile:UserWarning"),
               pytest.mark.filterwarnings("ignore:return_lse is deprecated:FutureWarning")]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from subquad.kernels import radial_attention
-from subquad.kernels.reference.radial import (attended_pairs, normalize_options, official_block_mask,
+from subquad.kernels.radial.plan import (attended_pairs, normalize_options, official_block_mask,
                                               radial_plan)
-from subquad.kernels.testing import assert_compiles_to_the_same, assert_rel_close
+from subquad.kernels.core.testing import assert_compiles_to_the_same, assert_rel_close
 
 # official radial_attn/attn_mask.py (72788d4), gen_log_mask_shrinked(...)[:nb, :nb], recorded on CPU
 OFFICIAL = {
@@ -171,7 +171,7 @@ def test_plans_are_cached():
     ((4, 8, 8), dict(tile=(2, 4, 4)), r"tile\[0\] == 1"),
     ((8, 8), dict(decay_factor=0), "decay_factor"),
     ((8, 8), dict(dense_radius=0), "dense_radius must be an int >= 1"),
-    ((8, 8), dict(window=3), "unknown mask options"),
+    ((8, 8), dict(window=3), "unknown options"),
 ])
 def test_bad_options_are_value_errors(grid, opts, match):
     q = torch.randn(1, 1, math.prod(grid), 8)
@@ -208,7 +208,7 @@ def test_bf16_reference_gradients_match_float64(grid, opts):
 from subquad.kernels import available_backends  # noqa: E402
 
 CORE_CASES = [((13, 17), 1, dict(tile=(4, 4))), ((30, 21), 0, dict()), ((6, 9, 10), 1, dict(tile=(1, 4, 4))),
-              ((7, 5, 6), 2, dict(layout="official", block_size=16)), ((9, 11), 1, dict(tile=(2, 2)))]
+              ((7, 5, 6), 2, dict(layout="official", block_size=16))]
 
 
 def check_backend(backend, grid, p, opts, dtype=torch.float32, heads=2, d=16, device="cpu"):
@@ -224,9 +224,18 @@ def check_backend(backend, grid, p, opts, dtype=torch.float32, heads=2, d=16, de
 
 @pytest.mark.parametrize("grid,p,opts", CORE_CASES)
 def test_block_sparse_core_backend_equals_reference(grid, p, opts):
-    """The plan as the core's CSR (run by the core's reference here; the tile (2, 2) is too small
-    for the core and runs the reference)."""
+    """The plan as the core's CSR (run by the core's reference here)."""
     check_backend("block_sparse", grid, p, opts)
+
+
+def test_tiles_the_core_cannot_run():
+    """A tile of 4 tokens is too small for the core: naming the core's backend is an error that says
+    why; with no backend named the reference runs."""
+    q = torch.randn(1, 1, 1 + 9 * 11, 16)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        radial_attention(q, q, q, grid=(9, 11), num_prefix=1, backend="block_sparse", tile=(2, 2))
+    assert_rel_close(radial_attention(q, q, q, grid=(9, 11), num_prefix=1, tile=(2, 2)),
+                     radial_attention(q, q, q, grid=(9, 11), num_prefix=1, backend="reference", tile=(2, 2)))
 
 
 @pytest.mark.skipif("triton" not in available_backends("radial_attention"), reason="no Triton")

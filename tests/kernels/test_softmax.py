@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from subquad.kernels import softmax_attention
-from subquad.kernels.testing import assert_rel_close
+from subquad.kernels.core.testing import assert_rel_close
 
 BACKENDS = ["sdpa", "reference"]
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from subquad.kernels.tiles import from_tiles, morton_codes, tile_layout, to_tiles
+from subquad.kernels.core.tiles import from_tiles, morton_codes, tile_layout, to_tiles
 
 GRIDS = [((13, 17), None), ((1, 1), None), ((3, 5, 7), None), ((16, 16), (4, 4)), ((9, 4), (2, 3)),
          ((5, 6, 7), (1, 4, 4)), ((2, 3), (8, 8))]

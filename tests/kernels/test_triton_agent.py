@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from subquad.kernels import agent_attention
-from subquad.kernels.testing import REL_TOL, relative_error
+from subquad.kernels.core.testing import REL_TOL, relative_error
 
 
 def check_against_reference(b, h, grid, num_agents, num_prefix, d, dtype, device="cpu", bias="grad",
@@ -88,7 +88,7 @@ def test_many_programs_cpu(dtype, monkeypatch):
     """The launch shapes of a large GPU on small inputs: the forward split over many key chunks (merged
     BLOCK_S splits at a time, over several blocks), the backward split over token chunks and over uneven
     groups of batch elements, each group with its own bias-gradient slice summed afterwards."""
-    from subquad.kernels.triton import agent as agent_kernels
+    from subquad.kernels.agent import triton as agent_kernels
     config = {key: dict(cfg) for key, cfg in agent_kernels.CONFIG.items()}
     for key in ("pool", "aggregate", "broadcast", "broadcast_bwd", "aggregate_bwd", "unpool"):
         config[key].update(BLOCK_N=16)

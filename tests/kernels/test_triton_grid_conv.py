@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from subquad.kernels import depthwise_conv_on_grid
-from subquad.kernels.testing import REL_TOL, assert_compiles_to_the_same, relative_error
+from subquad.kernels.core.testing import REL_TOL, assert_compiles_to_the_same, relative_error
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_triton_matches_reference_cpu(poisoned, b, h, grid, num_prefix, d, k, sh
 @pytest.mark.parametrize("tile", [(4, 16), (16, 8)])
 def test_other_tile_shapes_cpu(poisoned, monkeypatch, tile):
     """Tile shapes other than the default (the benchmark's sweep tries them) cover the same grid."""
-    from subquad.kernels.triton.grid_conv import CONFIG
+    from subquad.kernels.grid_conv.triton import CONFIG
     for key in ("forward", "backward"):
         monkeypatch.setitem(CONFIG, key, dict(CONFIG[key], TILE_H=tile[0], TILE_W=tile[1]))
     assert check_against_reference(2, 2, (9, 17), 1, 16, 3, False, torch.float32) == []
@@ -127,11 +127,14 @@ def test_no_grad_forward_has_no_autograd_node():
     assert out.grad_fn is None and relative_error(out, want) < 1e-6
 
 
-def test_float64_falls_back_to_reference():
+def test_float64_is_the_reference_only():
+    """The kernels compute in fp32: float64 named for Triton is an error saying so; unnamed, the reference runs."""
     x, weight, bias, res = _inputs(1, 2, (3, 4), 1, 8, 3, False, torch.float64, "cpu", param_dtype=torch.float64)
-    out = depthwise_conv_on_grid(x, weight, bias, grid=(3, 4), num_prefix=1, residual=res, backend="triton")
-    torch.testing.assert_close(out, depthwise_conv_on_grid(x, weight, bias, grid=(3, 4), num_prefix=1, residual=res,
-                                                           backend="reference"))
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        depthwise_conv_on_grid(x, weight, bias, grid=(3, 4), num_prefix=1, residual=res, backend="triton")
+    torch.testing.assert_close(depthwise_conv_on_grid(x, weight, bias, grid=(3, 4), num_prefix=1, residual=res),
+                               depthwise_conv_on_grid(x, weight, bias, grid=(3, 4), num_prefix=1, residual=res,
+                                                      backend="reference"))
 
 
 def test_custom_op_registration():
@@ -158,8 +161,8 @@ def test_compile_fullgraph_cpu():
 def test_bench_and_sweep_run_cpu(monkeypatch):
     """The benchmark's code path on a tiny case, each timed call run once (do_bench needs a GPU); the sweep
     sets the kernels' tile configuration and restores it."""
-    from subquad.kernels.triton import bench_grid_conv as bench
-    from subquad.kernels.triton import grid_conv
+    from subquad.tasks import bench_grid_conv as bench
+    from subquad.kernels.grid_conv import triton as grid_conv
 
     def run_once(fn):
         fn()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from subquad.kernels import focused_linear_attention, mala_attention
-from subquad.kernels.testing import REL_TOL, relative_error
+from subquad.kernels.core.testing import REL_TOL, relative_error
 
 
 def _poison_allocator(device, numel):
@@ -92,10 +92,14 @@ def test_triton_matches_reference_cpu(kind, b, h, grid, num_prefix, d, dtype, op
     assert check_against_reference(kind, b, h, grid, num_prefix, d, dtype, **opts) == []
 
 
-def test_float64_falls_back_to_reference():
+def test_float64_is_the_reference_only():
+    """The kernels compute in fp32: float64 named for Triton is an error saying so; unnamed, the reference runs."""
     q, k, v = (torch.randn(1, 2, 13, 8, dtype=torch.float64) for _ in range(3))
-    out = mala_attention(q, k, v, grid=(3, 4), num_prefix=1, backend="triton")
-    torch.testing.assert_close(out, mala_attention(q, k, v, grid=(3, 4), num_prefix=1, backend="reference"))
+    for op in (mala_attention, focused_linear_attention):
+        with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+            op(q, k, v, grid=(3, 4), num_prefix=1, backend="triton")
+        torch.testing.assert_close(op(q, k, v, grid=(3, 4), num_prefix=1),
+                                   op(q, k, v, grid=(3, 4), num_prefix=1, backend="reference"))
 
 
 def test_custom_op_registration():

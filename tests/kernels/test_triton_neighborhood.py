@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from subquad.kernels import available_backends, neighborhood_attention
-from subquad.kernels.testing import assert_rel_close
+from subquad.kernels.core.testing import assert_rel_close
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends("neighborhood_attention"),
                                 reason="triton is not installed")
@@ -48,7 +48,7 @@ def check_case(grid, kernel_size, dilation, num_prefix, use_rpb, dtype, batch=1,
 
 def _with_config(q, k, v, rpb, config, grid, kernel_size, dilation, num_prefix):
     """The grid queries' attention through explicitly tiled kernels (num_prefix = 0 only)."""
-    from subquad.kernels.triton import neighborhood as na
+    from subquad.kernels.neighborhood import triton as na
 
     assert num_prefix == 0
 
@@ -100,7 +100,7 @@ def test_other_tile_shapes(config):
 
 def test_rejects_unsupported_inputs():
     q = torch.randn(1, 1, 16, 8, dtype=torch.float64)
-    with pytest.raises(ValueError, match="backend='reference'"):
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32.*reference"):
         neighborhood_attention(q, q, q, grid=(4, 4), kernel_size=3, backend="triton")
 
 

@@ -1,0 +1,448 @@
+"""Block-sparse flash attention in Triton, forward and backward (FlashAttention-2, Dao 2023, Alg. 1-2).
+
+The layout (CSR of key tiles per query tile, prefix keys, tile bit masks, key bias) is described in
+``kernels.reference.block_sparse``. Forward: one program per (query tile, batch x head) runs the
+online softmax over the prefix keys and the listed key tiles and saves the log-sum-exp. Backward:
+delta = rowsum(dO * O); dK, dV per key tile over the query tiles that list it (the transposed CSR,
+built with torch on the device); dK, dV of prefix keys per chunk of query tiles, summed after; dQ
+per query tile over its keys. Scores live in the log2 domain (exp2) with float32 accumulation.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..core.triton_common import (LOG2E, delta_kernel, dkdv_step, dot_acc, dq_step, launch, load_block, load_row_stats,
+                                  rows_contiguous, softmax_finish, softmax_step, store_block, strides)
+from ..core.triton_op import triton_op
+from .layout import num_tiles, transpose_csr
+
+PREFIX_CHUNK = 16       # query tiles per program in the prefix keys' dK/dV (partial sums, added with torch)
+
+
+@triton.jit
+def _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr,
+                 HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CHECK_K: tl.constexpr,
+                 TRANSPOSED: tl.constexpr):
+    """Add the key bias and set -inf where a key is absent or masked; s is (M, N), or (N, M) if TRANSPOSED."""
+    if HAS_BIAS:
+        bias = tl.load(KeyBias + keys, mask=keys < key_limit, other=0.0) * LOG2E
+        if TRANSPOSED:
+            s += bias[:, None]
+        else:
+            s += bias[None, :]
+    if CHECK_K:
+        if TRANSPOSED:
+            s = tl.where(keys[:, None] < key_limit, s, float("-inf"))
+        else:
+            s = tl.where(keys[None, :] < key_limit, s, float("-inf"))
+    if HAS_MASK:
+        if mask_id >= 0:
+            # expand (BLOCK_M, words) words to (BLOCK_M, BLOCK_N) bits in registers: far fewer live
+            # registers than a gather of one word per score
+            rows = tl.arange(0, BLOCK_M)
+            words = tl.load(TileMasks + mask_id * (BLOCK_M * MASK_WORDS) + rows[:, None] * MASK_WORDS
+                            + tl.arange(0, MASK_WORDS)[None, :])
+            bits = (words[:, :, None] >> tl.arange(0, MASK_BITS)[None, None, :]) & 1
+            keep = tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
+            if TRANSPOSED:
+                keep = tl.trans(keep)
+            s = tl.where(keep, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _tile_rows(TileRows, tile, offset, BLOCK: tl.constexpr, TABLE: tl.constexpr):
+    """Token rows of a tile: read from the table (tokens in place, e.g. a 2D tile of a raster grid; a
+    padding slot holds N) or the tile's consecutive rows after ``offset``."""
+    slots = tile * BLOCK + tl.arange(0, BLOCK)
+    if TABLE:
+        return tl.load(TileRows + slots)
+    return offset + slots
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+              CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    cols = tl.arange(0, BLOCK_D)
+    k = load_block(K + keys[:, None] * skn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    v = load_block(V + keys[:, None] * svn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    s = dot_acc(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+    s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
+                     HAS_MASK, HAS_BIAS, CHECK_K, False)
+    return softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
+
+
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P"])
+def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, srb, srh, sbb, sbh,
+                H, Nq, Nk, P, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = _tile_rows(TileRows, tile, 0, BLOCK_M, TABLE)
+    cols = tl.arange(0, BLOCK_D)
+    q = load_block(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], rows, Nq, cols,
+                    HEAD_DIM, BLOCK_D, CHECK_Q)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    KeyBias += b * sbb + h * sbh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, P, BLOCK_N):
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start + tl.arange(0, BLOCK_N), P, -1,
+                                  skn, svn, qk_scale,
+                                  HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, False, HAS_BIAS, True,
+                                  DOT_PRECISION)
+    row = RowPtr + b * srb + h * srh + tile
+    lo = tl.load(row)
+    hi = tl.load(row + 1)
+    for e in range(lo, hi):
+        keys = _tile_rows(TileRows, tl.load(ColIdx + e), P, BLOCK_N, TABLE)
+        mask_id = -1
+        if HAS_MASK:
+            mask_id = tl.load(MaskIdx + e)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, keys, Nk, mask_id, skn, svn,
+                                  qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, HAS_MASK,
+                                  HAS_BIAS,
+                                  CHECK_K, DOT_PRECISION)
+    out, lse = softmax_finish(acc, m_i, l_i)
+    store_block(O + b * sob + h * soh + rows[:, None] * son + cols[None, :], out.to(O.dtype.element_ty),
+                 rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
+    if CHECK_Q:
+        tl.store(LSE + bh * Nq + rows, lse, mask=rows < Nq)
+    else:
+        tl.store(LSE + bh * Nq + rows, lse)
+
+
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P", "num_q_tiles", "num_chunks"])
+def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, TileMasks, KeyBias, TileRows,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                   skgb, skgh, skgn, svgb, svgh, svgn, scb, sch, sbb, sbh,
+                   H, Nq, Nk, P, num_q_tiles, num_chunks, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   TABLE: tl.constexpr, PREFIX: tl.constexpr, CHUNK: tl.constexpr):
+    """dK, dV of one key tile; PREFIX: of one prefix block over one chunk of query tiles (float32 partials)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    if PREFIX:
+        chunk = tile % num_chunks
+        keys = (tile // num_chunks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_limit = P
+        lo = chunk * CHUNK
+        hi = tl.minimum(lo + CHUNK, num_q_tiles)
+    else:
+        keys = _tile_rows(TileRows, tile, P, BLOCK_N, TABLE)
+        key_limit = Nk
+        col = ColPtr + b * scb + h * sch + tile
+        lo = tl.load(col)
+        hi = tl.load(col + 1)
+    cols = tl.arange(0, BLOCK_D)
+    k = load_block(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], keys, key_limit, cols,
+                    HEAD_DIM, BLOCK_D, CHECK_K)
+    v = load_block(V + b * svb + h * svh + keys[:, None] * svn + cols[None, :], keys, key_limit, cols,
+                    HEAD_DIM, BLOCK_D, CHECK_K)
+    Q += b * sqb + h * sqh
+    DO += b * sdb + h * sdh
+    LSE += bh * Nq
+    Delta += bh * Nq
+    KeyBias += b * sbb + h * sbh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for e in range(lo, hi):
+        if PREFIX:
+            q_tile = e
+        else:
+            q_tile = tl.load(RowIdx + e)
+        mask_id = -1
+        if HAS_MASK:
+            mask_id = tl.load(MaskIdx + e)
+        rows = _tile_rows(TileRows, q_tile, 0, BLOCK_M, TABLE)
+        q = load_block(Q + rows[:, None] * sqn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
+        do = load_block(DO + rows[:, None] * sdn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
+        lse, delta = load_row_stats(LSE, Delta, rows, rows < Nq)
+        s_t = dot_acc(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
+        s_t = _mask_scores(s_t, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
+                           HAS_MASK, HAS_BIAS, CHECK_K, True)
+        dk, dv, _ = dkdv_step(dk, dv, s_t, lse, delta, q, do, v, DOT_PRECISION)
+    dk *= sm_scale
+    if PREFIX:
+        # partials (num_chunks, B*H, prefix blocks * BLOCK_N, BLOCK_D): always in bounds
+        out_rows = ((chunk * tl.num_programs(1) + bh) * (tl.num_programs(0) // num_chunks) * BLOCK_N
+                    + keys)
+        tl.store(DK + out_rows[:, None] * BLOCK_D + cols[None, :], dk)
+        tl.store(DV + out_rows[:, None] * BLOCK_D + cols[None, :], dv)
+    else:
+        store_block(DK + b * skgb + h * skgh + keys[:, None] * skgn + cols[None, :], dk.to(DK.dtype.element_ty),
+                     keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+        store_block(DV + b * svgb + h * svgh + keys[:, None] * svgn + cols[None, :], dv.to(DV.dtype.element_ty),
+                     keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+
+
+@triton.jit
+def _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    cols = tl.arange(0, BLOCK_D)
+    k = load_block(K + keys[:, None] * skn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    v = load_block(V + keys[:, None] * svn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    s = dot_acc(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+    s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
+                     HAS_MASK, HAS_BIAS, CHECK_K, False)
+    return dq_step(dq, s, lse, delta, do, k, v, DOT_PRECISION)[0]
+
+
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P"])
+def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, srb, srh, sbb, sbh,
+                  H, Nq, Nk, P, qk_scale, sm_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  TABLE: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = _tile_rows(TileRows, tile, 0, BLOCK_M, TABLE)
+    cols = tl.arange(0, BLOCK_D)
+    q = load_block(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], rows, Nq, cols,
+                    HEAD_DIM, BLOCK_D, CHECK_Q)
+    do = load_block(DO + b * sdb + h * sdh + rows[:, None] * sdn + cols[None, :], rows, Nq, cols,
+                     HEAD_DIM, BLOCK_D, CHECK_Q)
+    lse, delta = load_row_stats(LSE + bh * Nq, Delta + bh * Nq, rows, rows < Nq)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    KeyBias += b * sbb + h * sbh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, P, BLOCK_N):
+        dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start + tl.arange(0, BLOCK_N), P, -1,
+                         skn, svn, qk_scale,
+                         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, False, HAS_BIAS, True,
+                         DOT_PRECISION)
+    row = RowPtr + b * srb + h * srh + tile
+    lo = tl.load(row)
+    hi = tl.load(row + 1)
+    for e in range(lo, hi):
+        keys = _tile_rows(TileRows, tl.load(ColIdx + e), P, BLOCK_N, TABLE)
+        mask_id = -1
+        if HAS_MASK:
+            mask_id = tl.load(MaskIdx + e)
+        dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, keys, Nk, mask_id, skn, svn, qk_scale,
+                         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, HAS_MASK, HAS_BIAS, CHECK_K,
+                         DOT_PRECISION)
+    dq *= sm_scale
+    store_block(DQ + b * sgb + h * sgh + rows[:, None] * sgn + cols[None, :], dq.to(DQ.dtype.element_ty),
+                 rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
+
+
+# --- launch ------------------------------------------------------------------------------------
+
+# (kind, block_m, block_n, padded head dim, bytes per element) -> the fastest launch config measured by
+# ``bench_block_sparse.sweep_launch_configs`` on an H100 (bf16, 32k tokens, 4 heads, 25% of the tiles; e.g.
+# bwd_kv 128x64: 4 warps 1.86 ms, 8 warps 3.12 ms); other shapes use the rule in ``launch_config``.
+TUNED_CONFIGS: dict[tuple, dict] = {
+    ("fwd", 128, 64, 64, 2): {"num_warps": 8, "num_stages": 4},
+    ("bwd_kv", 128, 64, 64, 2): {"num_warps": 4, "num_stages": 2},
+    ("bwd_q", 128, 64, 64, 2): {"num_warps": 4, "num_stages": 3},
+    ("fwd", 64, 64, 64, 2): {"num_warps": 4, "num_stages": 3},
+    ("bwd_kv", 64, 64, 64, 2): {"num_warps": 4, "num_stages": 2},
+    ("bwd_q", 64, 64, 64, 2): {"num_warps": 4, "num_stages": 2},
+    ("fwd", 128, 128, 64, 2): {"num_warps": 4, "num_stages": 3},
+    ("bwd_kv", 128, 128, 64, 2): {"num_warps": 8, "num_stages": 2},
+    ("bwd_q", 128, 128, 64, 2): {"num_warps": 8, "num_stages": 2},
+    # head dim 128 (FLUX, Wan; 16k tokens, 24 heads, 15% of the tiles): 64x64 fwd 4 warps 1.24 ms vs 8 warps
+    # 1.83 ms, bwd_kv 5.03 vs 7.37, bwd_q 5.58 vs 7.22; 128x128 fwd 8 warps 1.11 ms vs 4 warps 1.64
+    ("fwd", 64, 64, 128, 2): {"num_warps": 4, "num_stages": 3},
+    ("bwd_kv", 64, 64, 128, 2): {"num_warps": 4, "num_stages": 2},
+    ("bwd_q", 64, 64, 128, 2): {"num_warps": 4, "num_stages": 2},
+    ("fwd", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 3},
+    ("bwd_kv", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 2},
+    ("bwd_q", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 2},
+}
+
+
+def launch_config(kind: str, block_m: int, block_n: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """num_warps / num_stages for a kernel ("fwd", "bwd_kv", "bwd_q") on Hopper-class GPUs.
+
+    Measured entries of TUNED_CONFIGS first; else the rule they suggest: 4 warps, 8 for 128x128 score
+    tiles in the backward, for 128x64 in the forward, and for 128-row tiles at head dim 128,
+    with the deepest pipeline (at most 3) whose buffers fit in ~160 KB of shared memory.
+    """
+    elem = torch.finfo(dtype).bits // 8
+    d = max(16, triton.next_power_of_2(head_dim))
+    tuned = TUNED_CONFIGS.get((kind, block_m, block_n, d, elem))
+    if tuned is not None:
+        return dict(tuned)
+    if kind == "bwd_kv":        # k, v resident; q and dO stream
+        resident, per_stage = 2 * block_n * d, 2 * block_m * d
+    elif kind == "bwd_q":       # q, dO resident; k, v stream
+        resident, per_stage = 2 * block_m * d, 2 * block_n * d
+    else:
+        resident, per_stage = block_m * d, 2 * block_n * d
+    wide = block_m * block_n >= 16384 if kind != "fwd" else block_m >= 128 and block_n <= 64
+    stages = max(1, min(3, (160 * 1024 // elem - resident) // per_stage))
+    return {"num_warps": 8 if wide or (d >= 128 and block_m >= 128) or elem == 4 else 4, "num_stages": stages}
+
+
+def _common(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, key_bias, tile_rows, scale, placeholder):
+    """Launch constants shared by every kernel; the bias and masks arguments (``placeholder``, never
+    read, stands in for an absent one) and the log2-domain score scale."""
+    head_dim = q.shape[-1]
+    nq, nk = q.shape[2], k.shape[2]
+    table = tile_rows is not None      # padding slots of the table hold N: the bounds checks drop them
+    consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+                  BLOCK_D=max(16, triton.next_power_of_2(head_dim)), MASK_WORDS=num_tiles(block_n, 32),
+                  MASK_BITS=min(32, block_n), HAS_MASK=tile_mask_idx is not None, HAS_BIAS=key_bias is not None,
+                  CHECK_Q=table or nq % block_m != 0, CHECK_K=table or (nk - num_prefix) % block_n != 0,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", TABLE=table)
+    if key_bias is not None:
+        key_bias = key_bias.float().contiguous()
+        bias = (key_bias, *strides(key_bias)[:2])
+    else:
+        bias = (placeholder, 0, 0)
+    masks = tile_masks.contiguous() if tile_masks is not None else placeholder
+    return consts, bias, masks, scale * LOG2E.value
+
+
+_TRANSPOSED_CACHE: OrderedDict[tuple, tuple] = OrderedDict()
+
+
+def _transposed_layout(row_ptr, col_idx, tile_mask_idx, num_k_tiles):
+    """``transpose_csr``, cached for layouts used again unchanged (same tensors, same versions)."""
+    tensors = (row_ptr, col_idx) if tile_mask_idx is None else (row_ptr, col_idx, tile_mask_idx)
+    key = (num_k_tiles, *((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors))
+    hit = _TRANSPOSED_CACHE.get(key)
+    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
+        return hit[1]
+    result = transpose_csr(row_ptr, col_idx, tile_mask_idx, num_k_tiles)
+    _TRANSPOSED_CACHE[key] = (tuple(weakref.ref(t) for t in tensors), result)
+    while len(_TRANSPOSED_CACHE) > 64:
+        _TRANSPOSED_CACHE.popitem(last=False)
+    return result
+
+
+def _num_q_tiles(nq: int, block_m: int, tile_rows: torch.Tensor | None) -> int:
+    return num_tiles(nq, block_m) if tile_rows is None else tile_rows.numel() // block_m
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, tile_mask_idx: Tensor | None,
+            tile_masks: Tensor | None, key_bias: Tensor | None, tile_rows: Tensor | None, block_m: int, block_n: int,
+            num_prefix: int, scale: float, config: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Output (B, H, Nq, d) in q's dtype and the base-2 log-sum-exp (B, H, Nq) float32 (-inf: no key);
+    with ``tile_rows`` the rows no tile lists (the prefix) are 0 with log-sum-exp -inf."""
+    q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
+    b, h, nq, d = q.shape
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
+    if tile_rows is not None and num_prefix > 0:
+        o[:, :, :num_prefix].zero_()
+        lse[:, :, :num_prefix].fill_(float("-inf"))
+    consts, bias, masks, qk_scale = _common(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks,
+                                            key_bias, tile_rows, scale, lse)
+    config = config or launch_config("fwd", block_m, block_n, d, q.dtype)
+    mask_idx = tile_mask_idx if tile_mask_idx is not None else col_idx
+    launch(_fwd_kernel, (_num_q_tiles(nq, block_m, tile_rows), b * h),
+        q, k, v, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0], tile_rows if tile_rows is not None else col_idx,
+        *strides(q), *strides(k), *strides(v), *strides(o), *strides(row_ptr)[:2], *bias[1:],
+        h, nq, k.shape[2], num_prefix, qk_scale, **consts, **config)
+    return o, lse
+
+
+def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, row_ptr: Tensor, col_idx: Tensor,
+             tile_mask_idx: Tensor | None, tile_masks: Tensor | None, key_bias: Tensor | None, tile_rows: Tensor | None,
+             block_m: int, block_n: int, num_prefix: int, scale: float,
+             configs: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv (no gradient for key_bias). ``configs`` maps "bwd_kv"/"bwd_q" to launch configs."""
+    do, q, k, v = rows_contiguous(do), rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
+    b, h, nq, d = q.shape
+    nk, p = k.shape[2], num_prefix
+    nqt = _num_q_tiles(nq, block_m, tile_rows)
+    nkt = num_tiles(nk - p, block_n) if tile_rows is None else nqt
+    consts, bias, masks, qk_scale = _common(q, k, block_m, block_n, p, tile_mask_idx, tile_masks, key_bias,
+                                            tile_rows, scale, lse)
+    rows_arg = tile_rows if tile_rows is not None else col_idx
+    configs = configs or {}
+    delta = torch.empty_like(lse)
+    launch(delta_kernel, (num_tiles(nq, block_m), b * h), o, do, delta, *strides(o), *strides(do), h, nq,
+           HEAD_DIM=d, BLOCK_M=block_m, BLOCK_D=consts["BLOCK_D"])
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if tile_rows is not None and p > 0:
+        dq[:, :, :p].zero_()
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    col_ptr, row_idx, mask_idx_t = _transposed_layout(row_ptr, col_idx, tile_mask_idx, nkt)
+    kv_config = configs.get("bwd_kv") or launch_config("bwd_kv", block_m, block_n, d, q.dtype)
+    common = (*strides(q), *strides(k), *strides(v), *strides(do))
+    tail = (*bias[1:], h, nq, nk, p, nqt)
+    if nkt > 0:
+        launch(_bwd_kv_kernel, (nkt, b * h),
+            q, k, v, do, dk, dv, lse, delta, col_ptr, row_idx,
+            mask_idx_t if mask_idx_t is not None else row_idx, masks, bias[0], rows_arg,
+            *common, *strides(dk), *strides(dv), *strides(col_ptr)[:2], *tail, 1, qk_scale, scale,
+            **consts, PREFIX=False, CHUNK=PREFIX_CHUNK, **kv_config)
+    if p > 0:
+        chunks, blocks = num_tiles(nqt, PREFIX_CHUNK), num_tiles(p, block_n)
+        parts = torch.empty(2, chunks, b * h, blocks * block_n, consts["BLOCK_D"], device=q.device,
+                            dtype=torch.float32)
+        launch(_bwd_kv_kernel, (blocks * chunks, b * h),
+            q, k, v, do, parts[0], parts[1], lse, delta, col_ptr, row_idx, row_idx, masks, bias[0], rows_arg,
+            *common, *strides(dk), *strides(dv), *strides(col_ptr)[:2], *tail, chunks, qk_scale, scale,
+            **{**consts, "HAS_MASK": False, "CHECK_K": True}, PREFIX=True, CHUNK=PREFIX_CHUNK, **kv_config)
+        summed = parts.sum(1)[..., :p, :d].reshape(2, b, h, p, d)
+        dk[:, :, :p] = summed[0]
+        dv[:, :, :p] = summed[1]
+    q_config = configs.get("bwd_q") or launch_config("bwd_q", block_m, block_n, d, q.dtype)
+    launch(_bwd_q_kernel, (nqt, b * h),
+        q, k, v, do, dq, lse, delta, row_ptr, col_idx,
+        tile_mask_idx if tile_mask_idx is not None else col_idx, masks, bias[0], rows_arg,
+        *common, *strides(dq), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, p, qk_scale, scale,
+        **consts, **q_config)
+    return dq, dk, dv
+
+
+# --- the op: custom ops for torch.compile, an autograd.Function in eager mode ------------------------
+
+def _forward_fake(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows, block_m, block_n,
+                  num_prefix, scale):
+    b, h, nq, _ = q.shape
+    return q.new_empty(b, h, nq, v.shape[-1]), q.new_empty(b, h, nq, dtype=torch.float32)
+
+
+def _backward_fake(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows, block_m,
+                   block_n, num_prefix, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _gradients(run_backward, do, saved, args, needs):
+    """Gradients of q, k, v; the layout tensors (and the key bias) get none."""
+    (q, k, v), layout, (o, lse) = saved[:3], saved[3:9], saved[9:]
+    return (*run_backward(do, q, k, v, o, lse, *layout, *args), *([None] * len(layout)))
+
+
+_block_sparse_attention = triton_op(
+    "block_sparse_attention", forward, backward, num_tensors=9, forward_fake=_forward_fake,
+    backward_fake=_backward_fake, save=lambda inputs, outputs: (*inputs[:9], *outputs), gradients=_gradients)
+
+
+def block_sparse_attention_triton(q, k, v, row_ptr, col_idx, block_m, block_n, num_prefix=0, tile_mask_idx=None,
+                                  tile_masks=None, key_bias=None, scale=None, tile_rows=None) -> Tensor:
+    """The Triton backend of ``block_sparse_attention`` (arguments as the reference's)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _block_sparse_attention(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows,
+                                   block_m, block_n, num_prefix, scale)

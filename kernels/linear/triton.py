@@ -1,0 +1,811 @@
+"""Non-causal linear attention in Triton: FLatten's focused map and MALA's magnitude-aware form.
+
+Two passes over the tokens, the feature maps computed in registers and never stored:
+  (0) FLatten only: the focused map's per-token norms over the whole token (all heads' channels, as the
+      official code applies the map before splitting heads), one small (B, N) record per token of q and of k:
+      [1/m, ||r||, ||r/m||, ||(r/m)^p||], m = max(r) (one pre-pass whose programs load every head of a tile
+      of tokens as one 3D tile);
+  (a) state:  S = sum_j phi(k_j)^T v_j  (d x dv),  z = sum_j phi(k_j),  sum_j v_j,
+      with N split across programs (fp32 partial sums packed in one buffer, then one reduction);
+  (b) output, per token:
+      FLatten (Han et al., ICCV 2023, Eq. 3):  O_i = phi(q_i) S / M / (phi(q_i) z / M + eps);
+      MALA (Fan et al., ICCV 2025, Eq. 9-11): with s_i = phi(q_i) z / (M sqrt(d)),
+          Y_i = (1 + 1 / (s_i + eps)) rot(phi(q_i)) S / (M sqrt(d)) - s_i sum_j v_j / M,
+      rot = MALA's optional 2D RoPE, applied to phi(q), phi(k) inside the KV product only.
+      Programs own one head and a chunk of tokens, so each loads its head's state once.
+The backward recomputes the feature maps. With G = dL/dO, FLatten: dnum_i = G_i / den_i,
+dden_i = -G_i.O_i / den_i, dphi(q_i) = S dnum_i / M + dden_i z / M, dS = sum_i phi(q_i)^T dnum_i,
+dz = sum_i dden_i phi(q_i), then dphi(k_j) = (dS v_j + dz) / M and dv_j = phi(k_j) dS / M.
+MALA: da_i = G_i beta_i, ds_i = -G_i.a_i / (s_i + eps)^2 - G_i.vbar, and the same two reductions
+(plus dvbar = -sum_i s_i G_i). The focused map phi = ||r|| w with w = r^p / ||r^p|| and
+r = (ReLU(x) + eps) / softplus(s) has dL/dr = (g.w) r / ||r|| + p ||r|| r^(p-1) (g - (g.w) w) / ||r^p||,
+evaluated on r / max(r) (the expression is scale-free), and dL/dsoftplus(s) = -sum dL/dr r / softplus(s).
+The norms and g.w span the whole token, so g.w = sum_h phi_h . g_h / ||r|| is a cross-head reduction,
+computed before the per-head backward passes. For a query it collapses (phi . dphi = G.O eps / den per
+head): g.w = eps sum_h G_ih.O_ih / den_ih / ||r_i||, which needs the saved O and den. The query's factor
+||r_i|| / ||r_i^p|| cancels in O_i only up to the official eps, so it is kept, not dropped: a head whose
+channels are small next to its token's other heads has phi(q_i) z / M near eps. For a key,
+g.w = sum_h phi_h(k_j) . (dS_h v_j + dz_h) / M / ||r_j||, computed by FLatten's key-side kernel itself:
+its programs own a tile of keys across all heads, take g.w in a first pass over the heads, then dk, dv and
+dc per head, re-reading the tiles from cache.
+
+Precision: with 16-bit inputs the products run on 16-bit tensor-core operands. The state's product uses a
+hi + lo split of phi(k) (about 2^-16 relative); the output's phi(q) S rounds both operands once
+(OUTPUT_TERMS = 1: about 2^-9, the size of the output's own 16-bit rounding; 3 products would carry it to
+2^-16 and cost the output kernel 15-20% on an H200); gradient products round each operand once. fp32 inputs
+keep exact fp32 products.
+"""
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..core.rope import rope_2d_angles
+from ..core.triton_common import (cdiv, dot_split, dot_split_a, dot_split_b, dot_terms, head_strides, launch, load_tile,
+                                  num_programs_target, pad_dim, precision_flags, split_operand, split_tokens,
+                                  store_tile)
+from ..core.triton_op import triton_op
+from .reference import FOCUSED_EPS, LINEAR_EPS
+
+FOCUSED = 0      # FLatten: phi = focused map, O = phi(q) S / (phi(q) z)
+MALA = 1         # MALA: phi = ELU + 1, Y = beta phi(q) S - gamma sum v
+
+# Tile sizes and launch options per kernel: the fastest of bench_linear sweeps (bf16, 4 heads of 64, the three
+# sizes of bench_linear; per-kernel device times; H100, the forward's re-checked on an H200); bench_linear
+# overrides them for its sweep.
+CONFIG = {   # per_sm: programs per SM that the N-split of a (batch, head) kernel aims at
+    "state": dict(BLOCK_N=32, num_warps=4, num_stages=3, per_sm=4),
+    "output": dict(BLOCK_N=64, num_warps=4, num_stages=2, per_sm=8, max_tiles=8),          # MALA
+    "bwd_q": dict(BLOCK_N=32, num_warps=4, num_stages=2, per_sm=4, wide_block_n=16),
+    "bwd_k": dict(BLOCK_N=32, num_warps=8, num_stages=3, per_sm=2),                         # MALA
+    "focused_output": dict(BLOCK_N=64, num_warps=4, num_stages=2, per_sm=8, max_tiles=8),    # FLatten
+    # FLatten's kernels over all heads of a tile of tokens (grid: batch x token tiles)
+    "norms": dict(BLOCK_N=64, num_warps=4, num_stages=2),
+    "gw_query": dict(BLOCK_N=32, num_warps=4, num_stages=2),
+    "focused_bwd_k": dict(BLOCK_N=32, num_warps=4, num_stages=3),
+}
+# 16-bit products per output phi(q) @ S (dot_terms): 1 rounds phi(q) and S once each (about 2^-9, the output's
+# own bf16 rounding; bf16 MALA/FLatten outputs then lie ~3e-3 from float64); 3 carries S to about 2^-16
+# (~5e-6). H200, 128x128 B4: MALA output kernel 25 us with 1, 33 us with 3.
+OUTPUT_TERMS = 1
+NORMS_TILE = 8192      # elements of one (tokens, heads, channels) tile of the norms kernel
+# A padded head_dim over 64 (DiT's 72 -> 128): tiles of at most 32 tokens (a kernel's wide_block_n where it
+# has one) and at least 8 warps. H100, H=16, d=72, N=1024, B=8, bf16: FLatten's query backward 1.93 ms with
+# 32 tokens, 0.76 ms with 16; its output kernel 0.27 ms with 32, 0.34 ms with 16.
+WIDE = dict(max_block_n=32, min_warps=8)
+
+
+# --- feature maps and RoPE ------------------------------------------------------------------
+
+@triton.jit
+def _power(x, p, P_INT: tl.constexpr):
+    """x ** p for x > 0: repeated products when p is a small integer, exp2(p log2 x) otherwise."""
+    if P_INT > 0:
+        y = x
+        for _ in tl.static_range(P_INT - 1):
+            y = y * x
+    else:
+        y = tl.exp2(p * tl.log2(x))
+    return y
+
+
+@triton.jit
+def _power_m1(x, p, P_INT: tl.constexpr):
+    """x ** (p - 1) for x > 0 (the focused map's derivative), without dividing x ** p by x."""
+    if P_INT == 1:
+        y = tl.full(x.shape, 1.0, tl.float32)
+    elif P_INT > 1:
+        y = x
+        for _ in tl.static_range(P_INT - 2):
+            y = y * x
+    else:
+        y = tl.exp2((p - 1.0) * tl.log2(x))
+    return y
+
+
+@triton.jit
+def _focused_parts(x, inv_c, mc, p, eps, inv_m, P_INT: tl.constexpr):
+    """r = (ReLU(x) + eps) / c, rn = r / m and rp = rn^p for this head's channels (m = the token's max(r));
+    inv_c = 1 / c."""
+    r = tl.where(mc[None, :], (tl.maximum(x, 0.0) + eps) * inv_c[None, :], 0.0)
+    rn = tl.where(mc[None, :], r * inv_m[:, None], 1.0)       # 1 on padding keeps the power finite
+    rp = tl.where(mc[None, :], _power(rn, p, P_INT), 0.0)
+    rn = tl.where(mc[None, :], rn, 0.0)
+    return r, rn, rp
+
+
+@triton.jit
+def _load_heads(base, heads, offs_n, offs_c, s_h, s_n, mask):
+    """A (heads, tokens, channels) block of a (B, h, N, d) tensor's batch at ``base``, 0 outside ``mask``."""
+    return tl.load(base + heads[:, None, None] * s_h + offs_n[None, :, None] * s_n + offs_c[None, None, :], mask=mask,
+                   other=0.0)
+
+
+@triton.jit
+def _relu_scaled(x, inv_c, eps_c, m_hc, EVEN: tl.constexpr):
+    """r = (ReLU(x) + eps) / c of a (heads, tokens, channels) block, given 1/c and eps/c per (head, channel);
+    0 on padding heads and channels (EVEN: there are none)."""
+    r = tl.maximum(x, 0.0) * inv_c[:, None, :] + eps_c[:, None, :]
+    if not EVEN:
+        r = tl.where(m_hc[:, None, :], r, 0.0)
+    return r
+
+
+@triton.jit
+def _power_sums(r, inv_m, p, P_INT: tl.constexpr):
+    """rp = (r / m)^p of a (heads, tokens, channels) block and the per-token sums of (r / m)^2 and rp^2."""
+    rn = r * inv_m[None, :, None]
+    rp = _power(rn, p, P_INT)                      # 0 where r = 0 (padding), for any p > 0
+    return rp, tl.sum(tl.sum(rn * rn, axis=2), axis=0), tl.sum(tl.sum(rp * rp, axis=2), axis=0)
+
+
+@triton.jit
+def _scale_rows(c_ptr, heads, offs_c, H, eps, D: tl.constexpr):
+    """(1/c, eps/c, mask) per (head, channel) of the focused map's scale c = softplus(s), 0 on padding."""
+    m_hc = (heads < H)[:, None] & (offs_c < D)[None, :]
+    inv_c = 1.0 / tl.load(c_ptr + heads[:, None] * D + offs_c[None, :], mask=m_hc, other=1.0)
+    return inv_c, tl.where(m_hc, eps * inv_c, 0.0), m_hc
+
+
+@triton.jit
+def _online_norms(x_base, s_h, s_n, c_ptr, H, offs_n, mn, p, eps, D: tl.constexpr, DP: tl.constexpr,
+                  HB: tl.constexpr, EVEN: tl.constexpr, P_INT: tl.constexpr):
+    """The whole-token [1/m, ||r||, ||r/m||, ||(r/m)^p||] (m = max(r) over all H heads' channels) of a
+    tile of tokens, loading HB heads at a time as one (HB, tokens, DP) block; across head blocks the running
+    sums are rescaled whenever m grows, as an online softmax rescales its sum. EVEN: D = DP and HB divides H,
+    so no channel or head is padding (padding tokens are never stored). About nine operations per element:
+    the kernel is bound by them as much as by its loads."""
+    offs_c = tl.arange(0, DP)
+    offs_h = tl.arange(0, HB)
+    m = tl.zeros(offs_n.shape, tl.float32)
+    sum_rn = tl.zeros(offs_n.shape, tl.float32)
+    sum_rp = tl.zeros(offs_n.shape, tl.float32)
+    for h0 in range(0, H, HB):
+        heads = h0 + offs_h
+        inv_c, eps_c, m_hc = _scale_rows(c_ptr, heads, offs_c, H, eps, D)
+        x = _load_heads(x_base, heads, offs_n, offs_c, s_h, s_n, m_hc[:, None, :] & mn[None, :, None])
+        r = _relu_scaled(x.to(tl.float32), inv_c, eps_c, m_hc, EVEN)
+        m_new = tl.maximum(tl.maximum(m, tl.max(tl.max(r, axis=2), axis=0)), 1e-30)   # > 0 on padding tokens too
+        alpha = tl.where(m > 0, m / m_new, 1.0)        # m = 0 before the first head, when the sums are 0 too
+        alpha_p = _power(alpha, p, P_INT)
+        _, block_rn, block_rp = _power_sums(r, 1.0 / m_new, p, P_INT)
+        sum_rn = sum_rn * (alpha * alpha) + block_rn
+        sum_rp = sum_rp * (alpha_p * alpha_p) + block_rp
+        m = m_new
+    norm_rn = tl.sqrt(sum_rn)
+    return 1.0 / m, m * norm_rn, norm_rn, tl.sqrt(sum_rp)
+
+
+@triton.jit
+def _store_norms(rec_ptr, b, N, offs_n, mn, inv_m, norm_r, norm_rn, norm_rp):
+    at = rec_ptr + (b * N + offs_n) * 4
+    tl.store(at, inv_m, mask=mn)
+    tl.store(at + 1, norm_r, mask=mn)
+    tl.store(at + 2, norm_rn, mask=mn)
+    tl.store(at + 3, norm_rp, mask=mn)
+
+
+@triton.jit
+def _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE: tl.constexpr):
+    """The whole-token record [1/m, ||r||, ||rn||, ||rp||] of each token (ones for MALA, unused there)."""
+    if FEATURE == 0:
+        at = norms_ptr + (b * N + offs_n) * 4
+        inv_m = tl.load(at, mask=mn, other=1.0)
+        norm_r = tl.load(at + 1, mask=mn, other=1.0)
+        norm_rn = tl.load(at + 2, mask=mn, other=1.0)
+        norm_rp = tl.load(at + 3, mask=mn, other=1.0)
+    else:
+        inv_m = tl.full(offs_n.shape, 1.0, tl.float32)
+        norm_r, norm_rn, norm_rp = inv_m, inv_m, inv_m
+    return inv_m, norm_r, norm_rn, norm_rp
+
+
+@triton.jit
+def _feature(x, inv_c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE: tl.constexpr, P_INT: tl.constexpr):
+    if FEATURE == 0:
+        r, rn, rp = _focused_parts(x, inv_c, mc, p, eps, inv_m, P_INT)
+        phi = rp * (norm_r / norm_rp)[:, None]
+    else:
+        phi = tl.where(mc[None, :], tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)
+    return phi
+
+
+@triton.jit
+def _focused_backward(g, gw, x, inv_c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT: tl.constexpr):
+    """(dL/dx, -dL/dr * r / c) for dL/dphi = g on this head and the token's whole g.w = gw; the second
+    summed over rows gives dL/dc."""
+    r, rn, rp = _focused_parts(x, inv_c, mc, p, eps, inv_m, P_INT)
+    inv_rp = 1.0 / norm_rp
+    w = rp * inv_rp[:, None]
+    rn_pm1 = tl.where(mc[None, :], _power_m1(tl.where(mc[None, :], rn, 1.0), p, P_INT), 0.0)
+    dr = (gw / norm_rn)[:, None] * rn + (norm_rn * p * inv_rp)[:, None] * rn_pm1 * (g - gw[:, None] * w)
+    dx = tl.where(x > 0, dr * inv_c[None, :], 0.0)
+    return dx, -dr * r * inv_c[None, :]
+
+
+@triton.jit
+def _load_scale(c_ptr, h, offs_c, mc, D: tl.constexpr, DP: tl.constexpr, FEATURE: tl.constexpr):
+    """1 / softplus(s) of this head for the focused map; ones for MALA (unused there)."""
+    if FEATURE == 0:
+        c = 1.0 / tl.load(c_ptr + h * D + offs_c, mask=mc, other=1.0)
+    else:
+        c = tl.full((DP,), 1.0, tl.float32)
+    return c
+
+
+@triton.jit
+def _load_reduced(base, offs_c, offs_v, inv_n, scale_d, DT: tl.constexpr, FEATURE: tl.constexpr, DP: tl.constexpr,
+                  DVP: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """A reduced [M (d x dv) | a (d) | b (dv)] record at ``base`` as means over the N keys: M (times
+    1/sqrt(d) for MALA) split for dot_split, a and b."""
+    m = tl.load(base + offs_c[:, None] * DVP + offs_v[None, :])
+    if FEATURE == 0:
+        m = m * inv_n
+    else:
+        m = m * (scale_d * inv_n)
+    m_hi, m_lo = split_operand(m, DT, LOWP, INTERPRET)
+    a = tl.load(base + DP * DVP + offs_c) * inv_n
+    b = tl.load(base + DP * DVP + DP + offs_v) * inv_n
+    return m_hi, m_lo, a, b
+
+
+@triton.jit
+def _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT: tl.constexpr, FEATURE: tl.constexpr,
+                DP: tl.constexpr, DVP: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """This (batch, head)'s reduced [S | ksum | vsum]: (S hi, S lo, kbar, vbar)."""
+    return _load_reduced(state_ptr + bh * (DP * DVP + DP + DVP), offs_c, offs_v, inv_n, scale_d, DT, FEATURE, DP,
+                         DVP, LOWP, INTERPRET)
+
+
+@triton.jit
+def _rope_cos_sin(trig_ptr, offs_n, mask_n, num_prefix, grid_h, grid_w, DPH: tl.constexpr):
+    """cos, sin (tokens, channel pairs) of 2D RoPE. trig_ptr holds four (rows, DPH) tables: cos and sin
+    of the row angles (nonzero on the first d/4 pairs), then of the column angles (the next d/4), so
+    a row term plus a column term gives every pair's value. Prefix tokens are not rotated."""
+    g = offs_n - num_prefix
+    on_grid = mask_n & (g >= 0)
+    g = tl.maximum(g, 0)
+    offs_i = tl.arange(0, DPH)
+    m = on_grid[:, None] & (offs_i < DPH)[None, :]
+    at_row = (g // grid_w)[:, None] * DPH + offs_i[None, :]
+    at_col = (g % grid_w)[:, None] * DPH + offs_i[None, :]
+    col_tables = trig_ptr + 2 * grid_h * DPH
+    cos = tl.load(trig_ptr + at_row, mask=m, other=0.0) + tl.load(col_tables + at_col, mask=m, other=0.0)
+    sin = (tl.load(trig_ptr + grid_h * DPH + at_row, mask=m, other=0.0)
+           + tl.load(col_tables + grid_w * DPH + at_col, mask=m, other=0.0))
+    return tl.where(on_grid[:, None], cos, 1.0), sin
+
+
+@triton.jit
+def _rotate(x, cos, sin, BLOCK_N: tl.constexpr, DP: tl.constexpr, INVERSE: tl.constexpr):
+    """Rotate channel pairs (2i, 2i+1) of x by the pair's angle (INVERSE: by minus it, the transpose)."""
+    xe, xo = tl.split(tl.reshape(x, (BLOCK_N, DP // 2, 2)))
+    if INVERSE:
+        ye, yo = xe * cos + xo * sin, xo * cos - xe * sin
+    else:
+        ye, yo = xe * cos - xo * sin, xo * cos + xe * sin
+    return tl.reshape(tl.join(ye, yo), (BLOCK_N, DP))
+
+
+@triton.jit
+def _load_grad_state(grads_ptr, bh, inv_n, scale_d, FEATURE: tl.constexpr, DT: tl.constexpr, DP: tl.constexpr,
+                     DVP: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """The reduced [dS | dz | dvbar] of one head, scaled as the forward scaled S: (dS hi, dS lo, dz, dvbar)."""
+    return _load_reduced(grads_ptr + bh * (DP * DVP + 2 * DP + DVP), tl.arange(0, DP), tl.arange(0, DVP), inv_n,
+                         scale_d, DT, FEATURE, DP, DVP, LOWP, INTERPRET)
+
+
+# --- kernels --------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["N", "H"])
+def _token_norms_kernel(q_ptr, k_ptr, c_ptr, rec_ptr, B, N, H, p, eps, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn,
+                        P_INT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, HB: tl.constexpr,
+                        EVEN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """FLatten's whole-token norms (Eq. 5-6 over all C = H * D channels) of a tile of tokens of the queries
+    (program_id(2) = 0) or the keys (1): the (2, B, N, 4) record [1/m, ||r||, ||r/m||, ||(r/m)^p||] with
+    m = max(r)."""
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < N
+    which = tl.program_id(2)
+    if which == 0:
+        x_base, s_xh, s_xn = q_ptr + b * s_qb, s_qh, s_qn
+    else:
+        x_base, s_xh, s_xn = k_ptr + b * s_kb, s_kh, s_kn
+    inv_m, norm_r, norm_rn, norm_rp = _online_norms(x_base, s_xh, s_xn, c_ptr, H, offs_n, mn, p, eps, D, DP, HB,
+                                                    EVEN, P_INT)
+    _store_norms(rec_ptr + which * B * N * 4, b, N, offs_n, mn, inv_m, norm_r, norm_rn, norm_rp)
+
+
+@triton.jit(do_not_specialize=["N", "H"])
+def _query_gw_kernel(g_ptr, o_ptr, den_ptr, norms_ptr, gw_ptr, N, H, lin_eps, s_gb, s_gh, s_gn, s_ob, s_oh, s_on,
+                     DV: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """g.w of a tile of queries over all heads: phi(q_i) . dL/dphi(q_i) / ||r_i||, which for O = num / den
+    (den = phi . z / M + eps) collapses to eps sum_h G_ih . O_ih / den_ih / ||r_i||."""
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < N
+    offs_v = tl.arange(0, DVP)
+    mv = offs_v < DV
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for h in range(H):
+        g = load_tile(g_ptr + b * s_gb + h * s_gh, offs_n, offs_v, s_gn, mn, mv).to(tl.float32)
+        o = load_tile(o_ptr + b * s_ob + h * s_oh, offs_n, offs_v, s_on, mn, mv).to(tl.float32)
+        den = tl.load(den_ptr + (b * H + h) * N + offs_n, mask=mn, other=1.0)
+        acc += tl.sum(g * o, axis=1) / den
+    norm_r = tl.load(norms_ptr + (b * N + offs_n) * 4 + 1, mask=mn, other=1.0)
+    tl.store(gw_ptr + b * N + offs_n, lin_eps * acc / norm_r, mask=mn)
+
+
+@triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
+def _state_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, trig_ptr, part_ptr,
+                  N, H, chunk, p, eps, num_prefix, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                  FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
+                  D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """Partial [S = sum_j rot(phi(k_j))^T v_j | sum_j phi(k_j) | sum_j v_j] over one chunk of tokens.
+    The two sums accumulate per token row and are reduced once, after the loop."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b, h = bh // H, bh % H
+    DT = k_ptr.dtype.element_ty
+    offs_c = tl.arange(0, DP)
+    offs_v = tl.arange(0, DVP)
+    mc, mv = offs_c < D, offs_v < DV
+    c = _load_scale(c_ptr, h, offs_c, mc, D, DP, FEATURE)
+    k_base = k_ptr + b * s_kb + h * s_kh
+    v_base = v_ptr + b * s_vb + h * s_vh
+    acc = tl.zeros((DP, DVP), tl.float32)
+    ksum = tl.zeros((BLOCK_N, DP), tl.float32)
+    vsum = tl.zeros((BLOCK_N, DVP), tl.float32)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, N)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mn = offs_n < hi
+        x = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
+        vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
+        inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE)
+        phi = tl.where(mn[:, None], _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT), 0.0)
+        ksum += phi
+        if FEATURE == 1:
+            vsum += vt.to(tl.float32)
+        if ROPE:
+            cos, sin = _rope_cos_sin(trig_ptr, offs_n, mn, num_prefix, grid_h, grid_w, DP // 2)
+            phi = _rotate(phi, cos, sin, BLOCK_N, DP, False)
+        acc += dot_split_a(tl.trans(phi), vt, DT, LOWP, INTERPRET)
+    base = part_ptr + (bh * tl.num_programs(1) + split) * (DP * DVP + DP + DVP)
+    tl.store(base + offs_c[:, None] * DVP + offs_v[None, :], acc)
+    tl.store(base + DP * DVP + offs_c, tl.sum(ksum, axis=0))
+    tl.store(base + DP * DVP + DP + offs_v, tl.sum(vsum, axis=0))
+
+
+@triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
+def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr, N, H, chunk, p, eps, num_prefix,
+                   grid_h, grid_w, inv_n, scale_d, lin_eps, s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
+                   FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
+                   D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, TERMS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """The output of one chunk of queries of one head from the reduced state: FLatten's O (keeping its
+    normaliser den (B*h, N) for the backward's g.w) or MALA's Y."""
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    DT = q_ptr.dtype.element_ty
+    offs_c = tl.arange(0, DP)
+    offs_v = tl.arange(0, DVP)
+    mc, mv = offs_c < D, offs_v < DV
+    c = _load_scale(c_ptr, h, offs_c, mc, D, DP, FEATURE)
+    state_hi, state_lo, kbar, vbar = _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT, FEATURE,
+                                                 DP, DVP, LOWP, INTERPRET)
+    q_base = q_ptr + b * s_qb + h * s_qh
+    o_base = o_ptr + b * s_ob + h * s_oh
+    lo = tl.program_id(1) * chunk
+    hi = tl.minimum(lo + chunk, N)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mn = offs_n < hi
+        x = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc).to(tl.float32)
+        inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE)
+        phi = _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT)
+        if FEATURE == 0:
+            den = tl.sum(phi * kbar[None, :], axis=1) + lin_eps
+            out = dot_terms(phi, state_hi, state_lo, DT, TERMS, LOWP, INTERPRET) * (1.0 / den)[:, None]
+            tl.store(den_ptr + bh * N + offs_n, den, mask=mn)
+        else:
+            s = tl.sum(phi * kbar[None, :], axis=1) * scale_d
+            if ROPE:
+                cos, sin = _rope_cos_sin(trig_ptr, offs_n, mn, num_prefix, grid_h, grid_w, DP // 2)
+                phi = _rotate(phi, cos, sin, BLOCK_N, DP, False)
+            a = dot_terms(phi, state_hi, state_lo, DT, TERMS, LOWP, INTERPRET)
+            out = a * (1.0 + 1.0 / (s + lin_eps))[:, None] - s[:, None] * vbar[None, :]
+        store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out, INTERPRET)
+
+
+@triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
+def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_ptr, dq_ptr, part_ptr,
+                       N, H, chunk, p, eps, num_prefix, grid_h, grid_w, inv_n, scale_d, lin_eps,
+                       s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_db, s_dh, s_dn,
+                       FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
+                       D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """Query side: dq (FLatten: with the per-token g.w of _query_gw_kernel), and partial
+    [dS (d x dv) | dz (d) | dvbar (dv) | dc (d)] over one chunk."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b, h = bh // H, bh % H
+    DT = q_ptr.dtype.element_ty
+    offs_c = tl.arange(0, DP)
+    offs_v = tl.arange(0, DVP)
+    mc, mv = offs_c < D, offs_v < DV
+    c = _load_scale(c_ptr, h, offs_c, mc, D, DP, FEATURE)
+    state_hi, state_lo, kbar, vbar = _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT, FEATURE,
+                                                 DP, DVP, LOWP, INTERPRET)
+    q_base = q_ptr + b * s_qb + h * s_qh
+    g_base = do_ptr + b * s_gb + h * s_gh
+    dq_base = dq_ptr + b * s_db + h * s_dh
+    acc_state = tl.zeros((DP, DVP), tl.float32)
+    acc_k = tl.zeros((BLOCK_N, DP), tl.float32)
+    acc_v = tl.zeros((BLOCK_N, DVP), tl.float32)
+    acc_c = tl.zeros((BLOCK_N, DP), tl.float32)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, N)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mn = offs_n < hi
+        x = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc).to(tl.float32)
+        g = load_tile(g_base, offs_n, offs_v, s_gn, mn, mv).to(tl.float32)
+        inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE)
+        phi = tl.where(mn[:, None], _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT), 0.0)
+        if FEATURE == 0:
+            den = tl.sum(phi * kbar[None, :], axis=1) + lin_eps
+            out = dot_split(phi, state_hi, state_lo, DT, LOWP, INTERPRET) / den[:, None]
+            d_num = g / den[:, None]
+            d_den = -tl.sum(g * out, axis=1) / den
+            d_phi = (dot_split(d_num, tl.trans(state_hi), tl.trans(state_lo), DT, LOWP, INTERPRET)
+                     + d_den[:, None] * kbar[None, :])
+            d_num_hi, d_num_lo = split_operand(d_num, DT, LOWP, INTERPRET)
+            acc_state += dot_split(tl.trans(phi), d_num_hi, d_num_lo, DT, LOWP, INTERPRET)
+            acc_k += d_den[:, None] * phi
+            gw = tl.load(gw_ptr + b * N + offs_n, mask=mn, other=0.0)
+            dx, dc = _focused_backward(d_phi, gw, x, c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT)
+            acc_c += tl.where(mn[:, None], dc, 0.0)
+        else:
+            s = tl.sum(phi * kbar[None, :], axis=1) * scale_d
+            inv_s = 1.0 / (s + lin_eps)
+            rot = phi
+            if ROPE:
+                cos, sin = _rope_cos_sin(trig_ptr, offs_n, mn, num_prefix, grid_h, grid_w, DP // 2)
+                rot = _rotate(phi, cos, sin, BLOCK_N, DP, False)
+            a = dot_split(rot, state_hi, state_lo, DT, LOWP, INTERPRET)
+            d_a = g * (1.0 + inv_s)[:, None]
+            d_s = -tl.sum(g * a, axis=1) * inv_s * inv_s - tl.sum(g * vbar[None, :], axis=1)
+            d_rot = dot_split(d_a, tl.trans(state_hi), tl.trans(state_lo), DT, LOWP, INTERPRET)
+            if ROPE:
+                d_rot = _rotate(d_rot, cos, sin, BLOCK_N, DP, True)
+            d_phi = d_rot + (d_s * scale_d)[:, None] * kbar[None, :]
+            d_a_hi, d_a_lo = split_operand(d_a, DT, LOWP, INTERPRET)
+            acc_state += dot_split(tl.trans(rot), d_a_hi, d_a_lo, DT, LOWP, INTERPRET)
+            acc_k += d_s[:, None] * phi
+            acc_v -= s[:, None] * g
+            dx = d_phi * tl.where(x > 0, 1.0, phi)
+        store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dx, INTERPRET)
+    part = part_ptr + (bh * tl.num_programs(1) + split) * (DP * DVP + 2 * DP + DVP)
+    tl.store(part + offs_c[:, None] * DVP + offs_v[None, :], acc_state)
+    if FEATURE == 0:
+        tl.store(part + DP * DVP + offs_c, tl.sum(acc_k, axis=0))
+    else:
+        tl.store(part + DP * DVP + offs_c, tl.sum(acc_k, axis=0) * scale_d)
+    tl.store(part + DP * DVP + DP + offs_v, tl.sum(acc_v, axis=0))
+    tl.store(part + DP * DVP + DP + DVP + offs_c, tl.sum(acc_c, axis=0))
+
+
+@triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
+def _backward_k_kernel(k_ptr, v_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr,
+                       N, H, chunk, num_prefix, grid_h, grid_w, inv_n, scale_d,
+                       s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
+                       ROPE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """MALA's key side: dk, dv of one chunk of one head from the reduced [dS | dz | dvbar]."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b, h = bh // H, bh % H
+    DT = k_ptr.dtype.element_ty
+    offs_c = tl.arange(0, DP)
+    offs_v = tl.arange(0, DVP)
+    mc, mv = offs_c < D, offs_v < DV
+    d_state_hi, d_state_lo, d_ksum, d_vsum = _load_grad_state(grads_ptr, bh, inv_n, scale_d, 1, DT, DP, DVP,
+                                                              LOWP, INTERPRET)
+    k_base = k_ptr + b * s_kb + h * s_kh
+    v_base = v_ptr + b * s_vb + h * s_vh
+    dk_base = dk_ptr + b * s_dkb + h * s_dkh
+    dv_base = dv_ptr + b * s_dvb + h * s_dvh
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, N)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mn = offs_n < hi
+        x = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
+        vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
+        phi = tl.where(mc[None, :], tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)
+        d_rot = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP, INTERPRET)
+        rot = phi
+        if ROPE:
+            cos, sin = _rope_cos_sin(trig_ptr, offs_n, mn, num_prefix, grid_h, grid_w, DP // 2)
+            rot = _rotate(phi, cos, sin, BLOCK_N, DP, False)
+            d_rot = _rotate(d_rot, cos, sin, BLOCK_N, DP, True)
+        d_phi = d_rot + d_ksum[None, :]
+        dv = dot_split(rot, d_state_hi, d_state_lo, DT, LOWP, INTERPRET) + d_vsum[None, :]
+        dx = d_phi * tl.where(x > 0, 1.0, phi)
+        store_tile(dk_base, offs_n, offs_c, s_dkn, mn, mc, dx, INTERPRET)
+        store_tile(dv_base, offs_n, offs_v, s_dvn, mn, mv, dv, INTERPRET)
+
+
+@triton.jit
+def _focused_key_head(c_ptr, grads_ptr, k_head, v_head, bh, h, offs_n, mn, offs_c, mc, offs_v, mv, s_kn, s_vn, p,
+                      eps, inv_n, inv_m, norm_r, norm_rp, DT: tl.constexpr, P_INT: tl.constexpr, D: tl.constexpr,
+                      DP: tl.constexpr, DVP: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """One head of a key tile in FLatten's key backward: its scale, keys x, features phi, the gradient
+    d phi = dS v + dz reaching them, and the state gradient dS (hi, lo)."""
+    inv_c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
+    d_state_hi, d_state_lo, d_ksum, _ = _load_grad_state(grads_ptr, bh, inv_n, 1.0, 0, DT, DP, DVP, LOWP, INTERPRET)
+    x = load_tile(k_head, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
+    vt = load_tile(v_head, offs_n, offs_v, s_vn, mn, mv)
+    phi = _feature(x, inv_c, mc, p, eps, inv_m, norm_r, norm_rp, 0, P_INT)
+    d_phi = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP, INTERPRET) + d_ksum[None, :]
+    return inv_c, x, phi, d_phi, d_state_hi, d_state_lo
+
+
+@triton.jit(do_not_specialize=["N", "H"])
+def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, dv_ptr, dc_ptr, N, H, p, eps, inv_n,
+                               s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
+                               P_INT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
+                               DVP: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
+                               INTERPRET: tl.constexpr):
+    """FLatten's key side for a tile of tokens over all heads: first the keys' whole-token
+    g.w = sum_h phi_h(k_j) . (dS_h v_j + dz_h) / M / ||r_j|| (one pass over the heads), then per head dk, dv
+    and a partial dc (B, tiles, H, DP). The second pass re-reads the tiles it has just read (from cache)."""
+    b = tl.program_id(0)
+    tile = tl.program_id(1)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < N
+    DT = k_ptr.dtype.element_ty
+    offs_c = tl.arange(0, DP)
+    offs_v = tl.arange(0, DVP)
+    mc, mv = offs_c < D, offs_v < DV
+    k_base = k_ptr + b * s_kb
+    v_base = v_ptr + b * s_vb
+    inv_m, norm_r, norm_rn, norm_rp = _token_norms(rec_ptr, b, N, offs_n, mn, 0)
+    gw = tl.zeros((BLOCK_N,), tl.float32)
+    for h in range(H):
+        inv_c, x, phi, d_phi, d_state_hi, d_state_lo = _focused_key_head(
+            c_ptr, grads_ptr, k_base + h * s_kh, v_base + h * s_vh, b * H + h, h, offs_n, mn, offs_c, mc, offs_v, mv,
+            s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP, INTERPRET)
+        gw += tl.sum(phi * d_phi, axis=1)
+    gw = gw / norm_r
+    for h in range(H):
+        inv_c, x, phi, d_phi, d_state_hi, d_state_lo = _focused_key_head(
+            c_ptr, grads_ptr, k_base + h * s_kh, v_base + h * s_vh, b * H + h, h, offs_n, mn, offs_c, mc, offs_v, mv,
+            s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP, INTERPRET)
+        dv = dot_split(phi, d_state_hi, d_state_lo, DT, LOWP, INTERPRET)
+        dx, dc = _focused_backward(d_phi, gw, x, inv_c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT)
+        store_tile(dk_ptr + b * s_dkb + h * s_dkh, offs_n, offs_c, s_dkn, mn, mc, dx, INTERPRET)
+        store_tile(dv_ptr + b * s_dvb + h * s_dvh, offs_n, offs_v, s_dvn, mn, mv, dv, INTERPRET)
+        tl.store(dc_ptr + ((b * tl.num_programs(1) + tile) * H + h) * DP + offs_c,
+                 tl.sum(tl.where(mn[:, None], dc, 0.0), axis=0))
+
+
+# --- launchers ------------------------------------------------------------------------------
+
+_TRIG_CACHE: dict = {}
+
+
+def _rope_trig(grid_h: int, grid_w: int, d: int, dp: int, device: torch.device) -> Tensor:
+    """Flat float32 tables for _rope_cos_sin: cos and sin of the row angles (grid_h, dp/2), zero beyond the
+    first d/4 pairs, then of the column angles (grid_w, dp/2), zero outside pairs [d/4, d/2). The angles
+    come from the reference's table so both rotate identically."""
+    key = (grid_h, grid_w, d, dp, str(device))
+    if key not in _TRIG_CACHE:
+        sin_r, cos_r = rope_2d_angles((grid_h, 1), d, device)       # (grid_h, d): channel 2i holds pair i
+        sin_c, cos_c = rope_2d_angles((1, grid_w), d, device)
+        pairs = torch.arange(dp // 2, device=device)
+        row_pairs, col_pairs = pairs < d // 4, (pairs >= d // 4) & (pairs < d // 2)
+
+        def table(values, keep):
+            out = torch.zeros(values.shape[0], dp // 2, device=device)
+            out[:, : d // 2] = values[:, 0::2]
+            return out * keep
+        _TRIG_CACHE[key] = torch.cat([table(cos_r, row_pairs), table(sin_r, row_pairs),
+                                      table(cos_c, col_pairs), table(sin_c, col_pairs)]).flatten().contiguous()
+    return _TRIG_CACHE[key]
+
+
+def _p_int(p: float) -> int:
+    return int(p) if float(p).is_integer() and 1 <= p <= 8 else 0
+
+
+def _meta(q: Tensor, v: Tensor, feature: int, p: float, rope_h: int, rope_w: int):
+    """The kernels' constexpr options and the RoPE tables (q itself, unused, without RoPE)."""
+    meta = _constexprs(q.dtype, q.shape[-1], v.shape[-1], feature, p, rope_h > 0)
+    trig = _rope_trig(rope_h, rope_w, q.shape[-1], meta["DP"], q.device) if rope_h > 0 else q
+    return meta, trig
+
+
+@functools.lru_cache(maxsize=None)
+def _constexprs(dtype: torch.dtype, d: int, dv: int, feature: int, p: float, rope: bool) -> dict:
+    """Kept per signature: building it costs a few microseconds of every call's host time (read only)."""
+    return dict(FEATURE=feature, P_INT=_p_int(p), ROPE=rope, D=d, DV=dv, DP=pad_dim(d), DVP=pad_dim(dv),
+                **precision_flags(dtype))
+
+
+def _launch_opts(cfg: dict, meta: dict) -> dict:
+    """The kernel's tile and launch options; fp32 inputs (exact fp32 products on the FMA units, which need
+    far more registers) take tiles of at most 16 tokens, and wide heads (a padded head_dim over 64, e.g.
+    DiT's 72 padded to 128) the smaller tiles and more warps of WIDE."""
+    block_n, warps = cfg["BLOCK_N"], cfg["num_warps"]
+    if not meta["LOWP"]:
+        block_n = min(block_n, 16)
+    if max(meta["DP"], meta["DVP"]) > 64:
+        block_n = min(block_n, cfg.get("wide_block_n", WIDE["max_block_n"]))
+        warps = max(warps, WIDE["min_warps"])
+    return dict(BLOCK_N=block_n, num_warps=warps, num_stages=cfg["num_stages"])
+
+
+def _splits(cfg: dict, opts: dict, groups: int, n: int, device: torch.device) -> Tuple[int, int]:
+    return split_tokens(groups, n, opts["BLOCK_N"], num_programs_target(device, cfg["per_sm"]),
+                        cfg.get("max_tiles", 1 << 30))
+
+
+def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature: int, p: float,
+                             num_prefix: int, rope_h: int, rope_w: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(O, state, norms, den): state (B*h, DP*DVP + DP + DVP) fp32 = [S | sum phi(k) | sum v] per head,
+    unnormalised; FLatten's whole-token norms (2, B, N, 4) (queries, keys) and normaliser den (B*h, N),
+    empty for MALA."""
+    b, h, n, d = q.shape
+    dv = v.shape[-1]
+    meta, trig = _meta(q, v, feature, p, rope_h, rope_w)
+    dp, dvp = meta["DP"], meta["DVP"]
+    focused = feature == FOCUSED
+    (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn) = map(head_strides, (q, k, v))
+    if focused:
+        norms = q.new_empty(2, b, n, 4, dtype=torch.float32)
+        opts = _launch_opts(CONFIG["norms"], meta)
+        heads = min(1 << (h - 1).bit_length(), max(1, NORMS_TILE // (opts["BLOCK_N"] * dp)))
+        launch(_token_norms_kernel, (b, cdiv(n, opts["BLOCK_N"]), 2), q, k, c, norms, b, n, h, float(p), FOCUSED_EPS,
+               s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, P_INT=meta["P_INT"], D=d, DP=dp, HB=heads,
+               EVEN=d == dp and h % heads == 0, **opts)
+        den = q.new_empty(b * h, n, dtype=torch.float32)
+    else:
+        norms = den = q.new_empty(0, dtype=torch.float32)
+    cfg = CONFIG["state"]
+    opts = _launch_opts(cfg, meta)
+    splits, chunk = _splits(cfg, opts, b * h, n, q.device)
+    part = q.new_empty(b * h, splits, dp * dvp + dp + dvp, dtype=torch.float32)
+    launch(_state_kernel, (b * h, splits), k, v, c, norms[1] if focused else q, trig, part, n, h, chunk, float(p),
+           FOCUSED_EPS, num_prefix, rope_h, rope_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, **meta, **opts)
+    state = part.sum(1) if splits > 1 else part[:, 0]
+    out = q.new_empty(b, h, n, dv)
+    cfg = CONFIG["focused_output" if focused else "output"]
+    opts = _launch_opts(cfg, meta)
+    splits, chunk = _splits(cfg, opts, b * h, n, q.device)
+    launch(_output_kernel, (b * h, splits), q, c, norms[0] if focused else q, trig, state, out,
+           den if focused else q, n, h, chunk,
+           float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS, s_qb, s_qh, s_qn,
+           out.stride(0), out.stride(1), out.stride(2), TERMS=OUTPUT_TERMS, **meta, **opts)
+    return out, state, norms, den if focused else q.new_empty(b * h, 0, dtype=torch.float32)
+
+
+def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, out: Tensor, state: Tensor,
+                              norms: Tensor, den: Tensor, feature: int, p: float, num_prefix: int, rope_h: int,
+                              rope_w: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dc): dc (h, d) float32 for FLatten, an empty tensor for MALA (no scale). ``out``,
+    ``norms`` and ``den`` are FLatten's (empty for MALA)."""
+    b, h, n, d = q.shape
+    d_v = v.shape[-1]
+    meta, trig = _meta(q, v, feature, p, rope_h, rope_w)
+    dp, dvp = meta["DP"], meta["DVP"]
+    focused = feature == FOCUSED
+    (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn), (grad, s_gb, s_gh, s_gn) = map(
+        head_strides, (q, k, v, grad))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    gw_q = q
+    if focused:      # the queries' whole-token g.w (see _query_gw_kernel)
+        out, s_ob, s_oh, s_on = head_strides(out)
+        gw_q = grad.new_empty(b, n, dtype=torch.float32)
+        opts = _launch_opts(CONFIG["gw_query"], meta)
+        launch(_query_gw_kernel, (b, cdiv(n, opts["BLOCK_N"])), grad, out, den, norms[0], gw_q, n, h, LINEAR_EPS,
+               s_gb, s_gh, s_gn, s_ob, s_oh, s_on, DV=d_v, DVP=dvp, **opts)
+
+    cfg = CONFIG["bwd_q"]
+    opts = _launch_opts(cfg, meta)
+    splits, chunk = _splits(cfg, opts, b * h, n, q.device)
+    part = q.new_empty(b * h, splits, dp * dvp + 2 * dp + dvp, dtype=torch.float32)
+    launch(_backward_q_kernel, (b * h, splits), q, grad, c, norms[0] if focused else q, gw_q, trig, state, dq, part,
+           n, h, chunk, float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS,
+           s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, dq.stride(0), dq.stride(1), dq.stride(2), **meta, **opts)
+    grads = part.sum(1) if splits > 1 else part[:, 0]
+
+    strides = (s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0),
+               dv.stride(1), dv.stride(2))
+    if not focused:
+        cfg = CONFIG["bwd_k"]
+        opts = _launch_opts(cfg, meta)
+        splits, chunk = _splits(cfg, opts, b * h, n, q.device)
+        launch(_backward_k_kernel, (b * h, splits), k, v, trig, grads, dk, dv, n, h, chunk, num_prefix, rope_h,
+               rope_w, 1.0 / n, d ** -0.5, *strides, ROPE=meta["ROPE"], D=d, DV=d_v, DP=dp, DVP=dvp,
+               LOWP=meta["LOWP"], INTERPRET=meta["INTERPRET"], **opts)
+        return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
+    opts = _launch_opts(CONFIG["focused_bwd_k"], meta)
+    tiles = cdiv(n, opts["BLOCK_N"])
+    part_c = q.new_empty(b, tiles, h, dp, dtype=torch.float32)
+    launch(_focused_backward_k_kernel, (b, tiles), k, v, c, norms[1], grads, dk, dv, part_c, n, h, float(p),
+           FOCUSED_EPS, 1.0 / n, *strides, P_INT=meta["P_INT"], D=d, DV=d_v, DP=dp, DVP=dvp, LOWP=meta["LOWP"],
+           INTERPRET=meta["INTERPRET"], **opts)
+    dc = grads[:, dp * dvp + dp + dvp:].reshape(b, h, dp).sum(0) + part_c.sum((0, 1))
+    return dq, dk, dv, dc[:, :d]
+
+
+# --- the op: custom ops for torch.compile, an autograd.Function in eager mode ------------------------
+
+def _forward_fake(q, k, v, c, feature, p, num_prefix, rope_h, rope_w):
+    b, h, n, d = q.shape
+    dp, dvp = pad_dim(d), pad_dim(v.shape[-1])
+    focused = feature == FOCUSED
+    return (q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b * h, dp * dvp + dp + dvp, dtype=torch.float32),
+            q.new_empty((2, b, n, 4) if focused else (0,), dtype=torch.float32),
+            q.new_empty(b * h, n if focused else 0, dtype=torch.float32))
+
+
+def _backward_fake(grad, q, k, v, c, out, state, norms, den, feature, p, num_prefix, rope_h, rope_w):
+    dc_shape = (q.shape[1], q.shape[-1]) if feature == FOCUSED else (0,)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(dc_shape, dtype=torch.float32))
+
+
+def _save(inputs, outputs):
+    """What the backward reads: the output itself only for FLatten (its queries' g.w)."""
+    out, state, norms, den = outputs
+    return (*inputs[:4], out if inputs[4] == FOCUSED else den, state, norms, den)
+
+
+def _gradients(run_backward, grad, saved, args, needs):
+    dq, dk, dv, dc = run_backward(grad, *saved, *args)
+    c = saved[3]
+    return dq, dk, dv, dc.to(c.dtype) if args[0] == FOCUSED and needs[3] else None
+
+
+_linear_attention = triton_op("linear_attention", linear_attention_forward, linear_attention_backward,
+                              num_tensors=4, forward_fake=_forward_fake, backward_fake=_backward_fake, save=_save,
+                              gradients=_gradients)
+
+
+# --- backends of focused_linear_attention and mala_attention -------------------------------------
+
+_ONES: dict = {}
+
+
+def _softplus_scale(scale: Optional[Tensor], h: int, d: int, like: Tensor) -> Tensor:
+    """softplus(s) as an (h, d) float32 tensor (ones when there is no scale)."""
+    if scale is None:
+        key = (h, d, like.device)
+        if key not in _ONES:
+            _ONES[key] = torch.ones(h, d, device=like.device, dtype=torch.float32)
+        return _ONES[key]
+    s = scale.reshape(-1, d) if scale.numel() > 1 else scale.reshape(1, 1)
+    return torch.nn.functional.softplus(s.float()).expand(h, d).contiguous()
+
+
+def focused_linear_attention_triton(q: Tensor, k: Tensor, v: Tensor, focusing_factor: float,
+                                    scale: Optional[Tensor]) -> Tensor:
+    """FLatten's focused linear attention (arguments as the reference's)."""
+    c = _softplus_scale(scale, q.shape[1], q.shape[-1], q)
+    return _linear_attention(q, k, v, c, FOCUSED, float(focusing_factor), 0, 0, 0)
+
+
+def mala_attention_triton(q: Tensor, k: Tensor, v: Tensor, rope_grid: Optional[Tuple[int, int]],
+                          num_prefix: int) -> Tensor:
+    """MALA with phi = ELU + 1 and optional 2D RoPE (arguments as the reference's)."""
+    rope_h, rope_w = rope_grid if rope_grid is not None else (0, 0)
+    return _linear_attention(q, k, v, q, MALA, 1.0, num_prefix, rope_h, rope_w)

@@ -1,0 +1,53 @@
+"""Log-linear sparse attention (LLSA; Zhou et al., "Log-linear Sparse Attention", 2025, arXiv 2512.16615):
+hierarchical top-K block selection over mean-pooled q, k, then attention over the selected blocks plus
+the pooled tokens met on the way, O(N log N)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..block_sparse import TRITON_REQUIRES
+from ..block_sparse.layout import core_fits
+from ..core import checks
+from ..core.dispatch import TRITON, Requirement, choose_backend, register_backend
+from ..core.family import Family, check_options, register_family
+from .block_sparse import loglinear_attention_on_core, loglinear_attention_on_triton
+from .plan import normalize_options
+from .reference import loglinear_attention_reference
+
+FAMILY = register_family(Family(
+    name="loglinear", aliases=("llsa",), title="log-linear sparse attention", paper="Zhou et al., 2025",
+    cost="O(N log N)", op="loglinear_attention", options={"block_size": 16, "top_k": 8, "levels": None},
+    grid_ranks=(2,), training_free=True))
+
+CORE_TILES = Requirement("blocks of a power of two >= 16 tokens (the block-sparse core's tiles)",
+                         lambda f: core_fits(f["tile_size"]))
+
+
+def loglinear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],
+                        num_prefix: int = 0, backend: str | None = None, **select_opts) -> torch.Tensor:
+    """Log-linear sparse attention (Sec. 3) on an image grid.
+
+    ``select_opts``: ``block_size`` (16: 4x4 patches), ``top_k`` (8; or one K per level, finest
+    first), ``levels`` (None: enough levels that the coarsest selection is no costlier than the
+    others). Hierarchical top-K over mean-pooled blocks; each query block attends to its selected
+    blocks plus the pooled tokens of the blocks scored on the way (weighted by their sizes) and the
+    prefix tokens. Selection is discrete; gradients flow to q, k, v. Backends: ``reference``
+    (explicit index lists), ``block_sparse`` / ``triton`` (the block-sparse core; ``triton`` is the
+    default on CUDA). Details: ``subquad.kernels.loglinear.plan``.
+    """
+    grid = checks.check_self_attention(q, k, v, grid, num_prefix, "loglinear_attention")
+    grid = checks.check_image_grid(grid, "loglinear_attention")
+    check_options(FAMILY, select_opts)
+    side, top_k = normalize_options(grid, **select_opts)
+    fn = choose_backend("loglinear_attention", backend, q, v=v, grid=grid, tile_size=side * side)
+    return fn(q, k, v, grid, num_prefix, side, top_k)
+
+
+if TRITON:
+    register_backend("loglinear_attention", "triton", loglinear_attention_on_triton,
+                     requires=(*TRITON_REQUIRES, CORE_TILES))
+register_backend("loglinear_attention", "block_sparse", loglinear_attention_on_core, requires=(CORE_TILES,),
+                 auto=False)
+register_backend("loglinear_attention", "reference", loglinear_attention_reference)

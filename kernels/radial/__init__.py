@@ -1,0 +1,51 @@
+"""Radial attention (Li et al., "Radial Attention: O(n log n) Sparse Attention with Energy Decay for
+Long Video Generation", 2025): a static block mask whose density decays with distance."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..block_sparse import TRITON_REQUIRES
+from ..block_sparse.layout import core_fits
+from ..core import checks
+from ..core.dispatch import TRITON, Requirement, choose_backend, register_backend
+from ..core.family import Family, check_options, register_family
+from .block_sparse import radial_attention_on_core, radial_attention_on_triton
+from .plan import attended_pairs, normalize_options, radial_plan
+from .reference import radial_attention_reference
+
+FAMILY = register_family(Family(
+    name="radial", title="radial attention", paper="Li et al., 2025", cost="O(N log N)", op="radial_attention",
+    options={"layout": None, "tile": None, "block_size": 128, "decay_factor": 1.0, "sink": None, "dense_radius": 1},
+    grid_ranks=(2, 3), training_free=True))
+
+CORE_TILES = Requirement("tiles of a power of two >= 16 tokens (the block-sparse core's tiles)",
+                         lambda f: core_fits(f["tile_size"]))
+
+
+def radial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],
+                     num_prefix: int = 0, backend: str | None = None, **mask_opts) -> torch.Tensor:
+    """Radial attention (Sec. 4): a static energy-decay block mask, O(n log n) pairs.
+
+    ``mask_opts``: ``layout`` ("official", "frames" (video default), "distance" (image default)),
+    ``tile`` (frames/distance tiles; (1, 8, 8) for video, (8, 8) for images), ``block_size``
+    (official, 128), ``decay_factor`` (1.0), ``sink`` (attend the first frame; default on for
+    video), ``dense_radius`` (distance, 1). Prefix tokens attend and are attended densely.
+    Backends: ``reference`` (gathers the listed tiles), ``block_sparse`` / ``triton`` (the block-sparse
+    core; ``triton`` is the default on CUDA). Details: ``subquad.kernels.radial.plan``.
+    """
+    grid = checks.check_self_attention(q, k, v, grid, num_prefix, "radial_attention")
+    check_options(FAMILY, mask_opts)
+    options = normalize_options(grid, **mask_opts)
+    tile_size = radial_plan(grid, options, q.device).layout.tile_size
+    fn = choose_backend("radial_attention", backend, q, v=v, grid=grid, tile_size=tile_size)
+    return fn(q, k, v, grid, num_prefix, options)
+
+
+if TRITON:
+    register_backend("radial_attention", "triton", radial_attention_on_triton, requires=(*TRITON_REQUIRES, CORE_TILES))
+register_backend("radial_attention", "block_sparse", radial_attention_on_core, requires=(CORE_TILES,), auto=False)
+register_backend("radial_attention", "reference", radial_attention_reference)
+
+__all__ = ["FAMILY", "attended_pairs", "normalize_options", "radial_attention", "radial_plan"]

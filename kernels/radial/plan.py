@@ -1,0 +1,232 @@
+"""Radial attention (Li et al., "Radial Attention: O(n log n) Sparse Attention with Energy Decay for
+Long Video Generation", 2025, Sec. 4): a static mask whose compute density decays with distance.
+
+Tokens at frame distance d (g = bit_length(d)) are attended within a spatial window whose area
+halves each time d doubles; once the window would be smaller than one block, only every
+(block / window)-th frame distance is kept. Summed over distances, each query sees O(S log T) keys
+for T frames of S tokens: O(n log n) in total. The mask is stated on blocks and built once per grid
+and options (cached). Layouts:
+
+- ``official``: the official code's mask (radial_attn/attn_mask.py at 72788d4) for video grids,
+  exactly: 1D blocks of ``block_size`` raster tokens; per frame pair a token band
+  |i - j| <= w, w = max(2^bit_length(S) / 2^g * decay_factor, block) (full frame for d <= 1);
+  frame distances subsampled once 2^bit_length(S) / 2^g < 128 (the official threshold); the first
+  frame a sink (``sink=True``, as for Wan; HunyuanVideo has none); each frame pair's token mask
+  reduced to blocks (a block is kept when more than 60% of its non-empty columns are more than
+  1/3 dense); the trailing partial block dense.
+- ``frames`` (the default for video): the same schedule with the band replaced by a square window of
+  tiles (tiles of one frame) of about the band's area, centred on the query tile. A band on the
+  raster index is a horizontal stripe; the window is a neighbourhood. On an image grid the rows of
+  tiles play the frames.
+- ``distance`` (the default for images): decay with 2D tile distance. Tiles within Chebyshev
+  distance ``dense_radius`` are kept; farther, distances double from shell to shell and each shell
+  keeps the tiles on a lattice of stride 2^shell (relative to the query tile), so every shell costs
+  the same and a query tile sees O(log N) tiles.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..core.compile_constant import compile_constant, fields_of
+from ..core.tiles import TileLayout, tile_layout
+
+LAYOUTS = ("official", "frames", "distance")
+OFFICIAL_SPLIT_THRESHOLD = 128      # hard-coded in the official code, independent of block_size
+
+
+@dataclass(frozen=True, eq=False)
+class RadialPlan:
+    """The tiles of the grid and, per query tile, the key tiles it attends (-1 pads the lists)."""
+
+    layout: TileLayout               # official: 1D blocks, the grid seen as (1, T*H*W)
+    key_tiles: torch.Tensor          # (num_tiles, max_listed) long
+    density: float                   # listed tile pairs / all tile pairs
+
+
+def _official_band(d: int, tokens_per_frame: int, block_size: int, decay_factor: float) -> float:
+    if d <= 1:
+        return tokens_per_frame
+    return max(2 ** tokens_per_frame.bit_length() / 2 ** d.bit_length() * decay_factor, block_size)
+
+
+def _kept_distance(d: int, tokens_per_frame: int, threshold: int) -> bool:
+    """Temporal subsampling: below one block of density, keep every (block / density)-th distance."""
+    density = 2 ** tokens_per_frame.bit_length() / 2 ** d.bit_length()
+    return density >= threshold or d % int(threshold / density) == 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _official_pair_blocks(tokens_per_frame: int, block_size: int, band: int, row_offset: int,
+                          col_offset: int) -> torch.Tensor:
+    """The official reduction to blocks of one frame pair's band mask, computed from counts.
+
+    The frame pair's S x S mask |r - c| <= band sits at (row_offset, col_offset) inside a window of
+    ceil(S / block) blocks per side (tokens beyond it are cut off, as in the official code). For
+    each block and each of its columns, count the rows of the block that attend it.
+    """
+    s, bs = tokens_per_frame, block_size
+    nb = -(-s // bs)
+    rows0 = torch.arange(nb)[:, None, None] * bs - row_offset                  # first frame row of each block
+    c = (torch.arange(nb)[None, :, None] * bs + torch.arange(bs)) - col_offset  # frame column of each slot
+    lo = torch.maximum(rows0.clamp_min(0), c - band)
+    hi = torch.minimum((rows0 + bs).clamp_max(s), c + band + 1)
+    count = (hi - lo).clamp_min(0) * ((c >= 0) & (c < s))                       # (nb, nb, bs)
+    nonzero = (count > 0).sum(-1)
+    dense = (3 * count > bs).sum(-1)                                           # column density > 1/3
+    return (nonzero > 0) & (5 * dense > 3 * nonzero)                           # > 60% of non-empty columns
+
+
+def official_block_mask(num_frames: int, tokens_per_frame: int, block_size: int, decay_factor: float,
+                        sink: bool) -> torch.Tensor:
+    """(nb, nb) bool over 1D blocks of ``block_size`` raster tokens, nb = ceil(T*S / block)."""
+    s, bs = tokens_per_frame, block_size
+    total = num_frames * s
+    nb, nbf = -(-total // bs), -(-s // bs)
+    mask = torch.zeros(nb, nb, dtype=torch.bool)
+    if total % bs:                    # the official code keeps the block straddling the video's end dense
+        mask[total // bs:] = True
+        mask[:, total // bs:] = True
+    for i in range(num_frames):
+        for j in range(num_frames):
+            d = abs(i - j)
+            if sink and j == 0:
+                band = s
+            elif _kept_distance(d, s, OFFICIAL_SPLIT_THRESHOLD):
+                band = math.floor(_official_band(d, s, bs, decay_factor))
+            else:
+                continue
+            blocks = _official_pair_blocks(s, bs, min(band, s), (i * s) % bs, (j * s) % bs)
+            r, c = (i * s) // bs, (j * s) // bs
+            mask[r:r + nbf, c:c + nbf] |= blocks[:nb - r, :nb - c]
+    return mask
+
+
+def frames_block_mask(num_frames: int, frame_tiles: tuple[int, int], tokens_per_frame: int, tile_size: int,
+                      decay_factor: float, sink: bool) -> torch.Tensor:
+    """(tiles, tiles) bool; tiles numbered frame by frame, raster order within a frame.
+
+    Frame distances d <= 1 (and the sink frame) are full; farther, a square window of radius r
+    tiles whose area, (2r + 1)^2 tiles, is about the official band's 2w + 1 tokens.
+    """
+    fh, fw = frame_tiles
+    s = tokens_per_frame
+    t = torch.arange(num_frames * fh * fw)
+    frame, ty, tx = t // (fh * fw), (t // fw) % fh, t % fw
+    radius = torch.full((num_frames,), -1)                                    # per frame distance; -1: dropped
+    for d in range(num_frames):
+        if d <= 1:
+            radius[d] = max(fh, fw)
+        elif _kept_distance(d, s, tile_size):
+            band = 2 ** s.bit_length() / 2 ** d.bit_length() * decay_factor
+            radius[d] = max(0, round((math.sqrt((2 * band + 1) / tile_size) - 1) / 2))
+    d = (frame[:, None] - frame[None, :]).abs()
+    chebyshev = torch.maximum((ty[:, None] - ty[None, :]).abs(), (tx[:, None] - tx[None, :]).abs())
+    mask = chebyshev <= radius[d]
+    if sink:
+        mask |= (frame == 0)[None, :]
+    return mask
+
+
+def distance_block_mask(tiles_per_side: tuple[int, int], dense_radius: int) -> torch.Tensor:
+    """(tiles, tiles) bool for an image: near tiles kept, farther shells on doubling lattices."""
+    th, tw = tiles_per_side
+    t = torch.arange(th * tw)
+    dy = (t // tw)[None, :] - (t // tw)[:, None]
+    dx = (t % tw)[None, :] - (t % tw)[:, None]
+    shell = torch.maximum(dy.abs(), dx.abs()) // (dense_radius + 1)
+    stride = 2 ** _bit_length(shell)
+    return (dy % stride == 0) & (dx % stride == 0)
+
+
+def _bit_length(x: torch.Tensor) -> torch.Tensor:
+    bits, x = torch.zeros_like(x), x.clone()
+    while bool((x > 0).any()):
+        bits += (x > 0).long()
+        x >>= 1
+    return bits
+
+
+def _lists(mask: torch.Tensor) -> torch.Tensor:
+    """(Q, K) bool -> (Q, max per row) long key indices, ascending, -1 padded."""
+    rows, cols = mask.nonzero(as_tuple=True)                       # row-major: ascending within a row
+    counts = mask.sum(-1)
+    slot = torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[rows]
+    lists = torch.full((mask.shape[0], max(int(counts.max()), 1)), -1, dtype=torch.long)
+    lists[rows, slot] = cols
+    return lists
+
+
+def normalize_options(grid: tuple[int, ...], layout: str | None = None, tile: tuple[int, ...] | None = None,
+                      block_size: int = 128, decay_factor: float = 1.0, sink: bool | None = None,
+                      dense_radius: int = 1) -> tuple:
+    """Check the mask options for this grid; return them as a hashable tuple with defaults filled in."""
+    video = len(grid) == 3
+    layout = layout or ("frames" if video else "distance")
+    if layout not in LAYOUTS:
+        raise ValueError(f"radial_attention: layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "distance" and video:
+        raise ValueError(f"radial_attention: layout='distance' is image-only; got the video grid {grid} "
+                         "(use layout='frames' or 'official')")
+    if layout == "official" and not video:
+        raise ValueError(f"radial_attention: layout='official' is the official video mask and needs a "
+                         f"(T, H, W) grid; got the image grid {grid} (use 'distance' or 'frames')")
+    if layout == "official":
+        if tile is not None:
+            raise ValueError("radial_attention: layout='official' uses 1D blocks of block_size tokens, not tile")
+        if not (isinstance(block_size, int) and block_size >= 1):
+            raise ValueError(f"radial_attention: block_size must be an int >= 1, got {block_size!r}")
+    else:
+        tile = tuple(tile) if tile is not None else ((1, 8, 8) if video else (8, 8))
+        if len(tile) != len(grid) or any(not isinstance(t, int) or t < 1 for t in tile):
+            raise ValueError(f"radial_attention: tile {tile} must give one int >= 1 per axis of the grid {grid}")
+        if video and tile[0] != 1:
+            raise ValueError(f"radial_attention: layout='frames' needs tiles within one frame, tile[0] == 1; got {tile}")
+    if decay_factor <= 0:
+        raise ValueError(f"radial_attention: decay_factor must be > 0, got {decay_factor}")
+    if not (isinstance(dense_radius, int) and dense_radius >= 1):    # at 0 the lattices miss their shells
+        raise ValueError(f"radial_attention: dense_radius must be an int >= 1, got {dense_radius!r}")
+    sink = video if sink is None else bool(sink)
+    return (layout, tile, block_size if layout == "official" else None, float(decay_factor), sink,
+            dense_radius if layout == "distance" else None)
+
+
+@compile_constant
+def _plan_parts(grid: tuple[int, ...], options: tuple,
+                device: torch.device | None) -> tuple[tuple, torch.Tensor, float]:
+    """``radial_plan``'s parts: the TileLayout's fields, the key-tile lists and the density."""
+    layout_name, tile, block_size, decay_factor, sink, dense_radius = options
+    if layout_name == "official":
+        t, h, w = grid
+        layout = tile_layout((1, t * h * w), (1, block_size), False, device)
+        mask = official_block_mask(t, h * w, block_size, decay_factor, sink)
+    else:
+        layout = tile_layout(grid, tile, False, device)
+        if layout_name == "distance":
+            mask = distance_block_mask(layout.tiles_per_side, dense_radius)
+        else:
+            *frames, th, tw = layout.tiles_per_side                       # image: each row of tiles is a frame
+            num_frames, frame_tiles = (frames[0], (th, tw)) if frames else (th, (1, tw))
+            tokens_per_frame = math.prod(grid[1:]) if frames else tile[0] * grid[1]
+            mask = frames_block_mask(num_frames, frame_tiles, tokens_per_frame, layout.tile_size, decay_factor, sink)
+    return fields_of(layout), _lists(mask).to(device), float(mask.sum()) / mask.numel()
+
+
+def radial_plan(grid: tuple[int, ...], options: tuple, device: torch.device | None = None) -> RadialPlan:
+    """The tiles and key-tile lists for a grid and ``normalize_options(grid, ...)``: built once per
+    (grid, options, device) and cached; under ``torch.compile`` constants, not traced (see
+    ``compile_constant``), and specialized to the grid and options."""
+    layout, key_tiles, density = _plan_parts(grid, options, device)
+    return RadialPlan(TileLayout(*layout), key_tiles, density)
+
+
+def attended_pairs(plan: RadialPlan, num_prefix: int = 0) -> int:
+    """Number of (query, key) token pairs the mask lets through, prefix pairs included."""
+    per_tile = plan.layout.valid.sum(-1)
+    listed = plan.key_tiles >= 0
+    keys = (per_tile[plan.key_tiles.clamp_min(0)] * listed).sum(-1)
+    n = plan.layout.num_tokens
+    return int((per_tile * keys).sum()) + num_prefix * (num_prefix + n) + n * num_prefix

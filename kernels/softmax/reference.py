@@ -1,0 +1,22 @@
+"""Dense softmax attention: softmax(q k^T / sqrt(d)) v (Vaswani et al., 2017, Eq. 1)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..core.precision import compute_dtype
+
+
+def softmax_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                scale: float | None = None) -> torch.Tensor:
+    """Explicit softmax attention in at least float32 (the brute-force ground truth)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qf, kf, vf = (t.to(compute_dtype(q)) for t in (q, k, v))
+    scores = (qf * scale) @ kf.transpose(-2, -1)
+    return (scores.softmax(dim=-1) @ vf).to(q.dtype)
+
+
+def softmax_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           scale: float | None = None) -> torch.Tensor:
+    """PyTorch's fused scaled_dot_product_attention: the baseline every figure is compared with."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
