@@ -1,31 +1,47 @@
-"""The ``subquad`` command line: ``subquad models``, ``bench``, ``train``, ``eval``, ``data synthetic``,
-``sample``, ``accelerate-pipeline``."""
+"""The ``subquad`` command line: ``subquad models``, ``families``, ``bench``, ``train``, ``eval``,
+``data synthetic``, ``sample``, ``accelerate-pipeline``.
+
+The parser is built without torch, so that ``subquad --help`` answers at once: each sub-command imports
+what it runs inside its handler, and the family names, which come from the kernels' records (and so
+from torch), are listed by ``subquad families`` rather than in the help texts.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-import torch
+from .bench import SUITES
+from .tables import format_table
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("bfloat16", "float16", "float32")       # torch dtype names, resolved in the handlers
+
+# Each handler imports what it runs (torch, timm, diffusers) when called: the parser must not load them.
 
 
 def _models(args: argparse.Namespace) -> None:
-    from .zoo import MODEL_COLUMNS, format_table, model_table
+    from .zoo import MODEL_COLUMNS, model_table
     print(format_table(model_table(), MODEL_COLUMNS))
 
 
+def _families(args: argparse.Namespace) -> None:
+    from .zoo import FAMILY_COLUMNS, family_table
+    print(format_table(family_table(), FAMILY_COLUMNS))
+
+
 def _bench(args: argparse.Namespace) -> None:
+    import torch
+
     from .. import attention
-    from .bench import BenchConfig, parse_sizes, run_bench, run_kernel_suite
+    from .bench.families import BenchConfig, parse_sizes, run_bench
+    from .bench.suites import run_suite
     families = [attention.canonical_name(f) for f in args.families.split(",")] if args.families else None
     if args.suite != "families":
-        run_kernel_suite(args.suite, Path(args.out), families)
+        run_suite(args.suite, Path(args.out), families)
         return
     cfg = BenchConfig.default(args.device)
     if args.dtype:
-        cfg.dtype = DTYPES[args.dtype]
+        cfg.dtype = getattr(torch, args.dtype)
     if args.sizes:
         cfg.sizes = parse_sizes(args.sizes)
     if families:
@@ -36,19 +52,19 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .config import load_config
-    from .train import train
+    from .train.config import load_config
+    from .train.trainer import train
     train(load_config(args.config, args.set), resume=args.resume)
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .config import load_config
-    from .train import evaluate
+    from .train.config import load_config
+    from .train.trainer import evaluate
     evaluate(load_config(args.config, args.set), args.checkpoint)
 
 
 def _data_synthetic(args: argparse.Namespace) -> None:
-    from .synthetic import write_classification, write_segmentation
+    from .train.data.synthetic import write_classification, write_segmentation
     out = Path(args.out)
     for name, write in (("synthetic_cls", write_classification), ("synthetic_ade/ADEChallengeData2016", write_segmentation)):
         if (out / name).exists():
@@ -59,12 +75,12 @@ def _data_synthetic(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from .sample import run_sample
+    from .train.sample import run_sample
     run_sample(args)
 
 
 def _accelerate_pipeline(args: argparse.Namespace) -> None:
-    from .accelerate_pipeline import run_accelerate_pipeline
+    from .pipelines.command import run_accelerate_pipeline
     run_accelerate_pipeline(args)
 
 
@@ -79,13 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="the model zoo: name, attention, params, GFLOPs")
     p.set_defaults(run=_models)
+    p = sub.add_parser("families", help="the attention families: name, aliases, paper, cost, grids, training-free")
+    p.set_defaults(run=_families)
     p = sub.add_parser("bench", help="time every attention family against SDPA (table, CSV, PNG)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--sizes", help="comma-separated BxHxW, e.g. 32x56x56,4x128x128")
-    p.add_argument("--families", help="comma-separated attention families (default: all)")
+    p.add_argument("--families", help="comma-separated attention families or aliases (default: all; "
+                                      "`subquad families` lists them)")
     p.add_argument("--repeats", type=int, help="timed repeats per case (median reported)")
-    p.add_argument("--suite", choices=["families", "linear", "block-sparse", "grid-conv", "dit"], default="families",
+    p.add_argument("--suite", choices=SUITES, default="families",
                    help="families: every attention family vs SDPA (default); linear / block-sparse / "
                         "grid-conv: the Triton kernels' own benchmarks (CUDA); dit: DiT training step and "
                         "sampling time per family vs the SDPA DiT (CUDA)")
@@ -131,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random", choices=["dit", "pixart", "sd3", "flux", "wan"],
                    help="instead of --model: time one call of a random-weight transformer of this class")
     p.add_argument("--size", choices=["tiny", "full"], default="full", help="--random: the released model's size or tiny")
-    p.add_argument("--attn", required=True, help="neighborhood (nat), radial, loglinear (llsa) or agent")
+    p.add_argument("--attn", required=True, help="a training-free attention family or alias (`subquad families` "
+                                                 "lists them: training-free yes)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the attention op, e.g. kernel_size=13; repeatable")
     p.add_argument("--dense-layers", help="blocks kept dense, e.g. 0,1,27 or 0-3")
@@ -147,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each variant before the timed one")
     p.add_argument("--repeats", type=int, default=3, help="--random: timed calls (median reported)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--out", default="accelerate_out", help="folder for dense.png, accelerated.png and report.json")
     p.set_defaults(run=_accelerate_pipeline)

@@ -1,17 +1,22 @@
-"""The model zoo as a table: every subquad model with its family, parameters and GFLOPs."""
+"""The model zoo and the attention families as tables: every subquad model with its families, parameters
+and GFLOPs (``subquad models``); every family record with its aliases, paper, cost and grids
+(``subquad families``)."""
 from __future__ import annotations
 
 import timm
 import torch
-from timm.models import get_pretrained_cfg
+from timm.models import get_pretrained_cfg, model_entrypoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..backbones import DiT
+from .. import backbones, kernels
+from ..backbones.diffusion_transformer import DiT
+from .tables import Column
 
 
 def subquad_model_names() -> list[str]:
-    """Every timm model name that subquad registers (its model modules are named ``subquad_*``)."""
-    return timm.list_models(module=[m for m in timm.list_modules() if m.startswith("subquad_")])
+    """Every timm model name that subquad registers (its entrypoint is defined in ``subquad.backbones``)."""
+    return [name for name in timm.list_models()
+            if model_entrypoint(name).__module__.startswith(f"{backbones.__name__}.")]
 
 
 def count_model(name: str, **kwargs) -> dict:
@@ -39,17 +44,22 @@ def count_model(name: str, **kwargs) -> dict:
 
 
 def model_table() -> list[dict]:
+    """``count_model`` of every subquad model."""
     return [count_model(name) for name in subquad_model_names()]
 
 
-def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """A fixed-width text table; ``columns`` = [(key, header, format spec)]."""
-    cells = [[format(r[k], f) if r[k] is not None else "-" for k, _, f in columns] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, (_, h, _) in enumerate(columns)]
-    left = [f == "s" for _, _, f in columns]
-    line = lambda vals: "  ".join(v.ljust(w) if lj else v.rjust(w) for v, w, lj in zip(vals, widths, left)).rstrip()
-    return "\n".join([line([h for _, h, _ in columns]), line(["-" * w for w in widths])] + [line(c) for c in cells])
+MODEL_COLUMNS: list[Column] = [("model", "model", "s"), ("attention", "attention", "s"),
+                               ("params_m", "params (M)", ".2f"), ("gflops", "GFLOPs", ".2f"), ("input", "input", "s")]
 
 
-MODEL_COLUMNS = [("model", "model", "s"), ("attention", "attention", "s"), ("params_m", "params (M)", ".2f"),
-                 ("gflops", "GFLOPs", ".2f"), ("input", "input", "s")]
+def family_table() -> list[dict]:
+    """One row per attention family record, in table order."""
+    return [{"family": r.name, "aliases": ", ".join(r.aliases), "attention": r.title, "paper": r.paper, "cost": r.cost,
+             "grids": " ".join({2: "2D", 3: "3D"}.get(n, f"{n}D") for n in r.grid_ranks),
+             "pipeline": "yes" if r.training_free else "no"}
+            for r in kernels.families()]
+
+
+FAMILY_COLUMNS: list[Column] = [("family", "family", "s"), ("aliases", "aliases", "s"), ("attention", "attention", "s"),
+                                ("paper", "paper", "s"), ("cost", "cost", "s"), ("grids", "grids", "s"),
+                                ("pipeline", "training-free", "s")]

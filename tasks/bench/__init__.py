@@ -1,0 +1,8 @@
+"""``subquad bench``: speed measured against the baselines in the same run.
+
+Suites: ``families`` (every attention family against SDPA on CPU or GPU: table, CSV, PNG;
+``families.py``), ``linear``, ``block-sparse`` and ``grid-conv`` (the Triton kernels' own benchmarks,
+CUDA), ``dit`` (DiT training step and sampling per family against the SDPA DiT, CUDA). ``run_suite``
+in ``suites.py`` runs one; this module stays free of torch so that the CLI can list the suites.
+"""
+SUITES = ("families", "linear", "block-sparse", "grid-conv", "dit")

@@ -1,0 +1,87 @@
+"""``subquad accelerate-pipeline``: a local diffusers pipeline dense vs accelerated from one seed (images and
+``report.json``), or one call of a random-weight transformer of a supported class dense vs accelerated."""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import yaml
+from diffusers import DiffusionPipeline
+from torchvision.utils import save_image
+
+from .compare import compare_pipeline
+from .random_models import benchmark_transformer
+PIPELINE_ARGUMENTS = ("prompt", "negative_prompt", "class_labels", "height", "width", "num_frames",
+                      "num_inference_steps", "guidance_scale")
+
+
+def parse_options(items: Iterable[str]) -> dict[str, Any]:
+    """``["kernel_size=13", "layout=official"]`` -> ``{"kernel_size": 13, "layout": "official"}`` (values as YAML)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"an attention option is KEY=VALUE, got {item!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def parse_indices(text: str | None) -> list[int]:
+    """``"0,1,4-6"`` -> ``[0, 1, 4, 5, 6]``."""
+    indices = []
+    for part in filter(None, (text or "").split(",")):
+        first, _, last = part.partition("-")
+        indices += range(int(first), int(last or first) + 1)
+    return indices
+
+
+def pipeline_call_kwargs(pipe: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """The given ``PIPELINE_ARGUMENTS`` values (None: not given), checked against ``pipe.__call__``."""
+    accepted = inspect.signature(pipe.__call__).parameters
+    given = {k: v for k, v in values.items() if v is not None}
+    unknown = [k for k in given if k not in accepted]
+    if unknown:
+        raise ValueError(f"{type(pipe).__name__} does not take {', '.join(unknown)}; it takes "
+                         f"{', '.join(k for k in PIPELINE_ARGUMENTS if k in accepted)}")
+    return given
+
+
+def _save_images(images: torch.Tensor, path: Path) -> None:
+    save_image(images, str(path), nrow=min(8, len(images)))
+
+
+def run_accelerate_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    """``subquad accelerate-pipeline``: a local pipeline dense vs accelerated (images, report.json), or
+    with ``--random KIND`` one random-weight transformer call dense vs accelerated (speed only)."""
+    dtype = getattr(torch, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    options = parse_options(args.opt)
+    swap = dict(dense_layers=parse_indices(args.dense_layers), **options)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.random:
+        report = benchmark_transformer(args.random, args.attn, size=args.size, height=args.height or 1024,
+                                       width=args.width or 1024, num_frames=args.num_frames or 1, dtype=dtype,
+                                       device=device, repeats=args.repeats, **swap)
+    else:
+        if args.model is None:
+            raise ValueError("give --model <a local diffusers pipeline folder> (or --random KIND for a speed test)")
+        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        values = {k: getattr(args, k) for k in PIPELINE_ARGUMENTS}
+        if values["class_labels"] is not None:
+            values["class_labels"] = parse_indices(values["class_labels"])
+        report, dense, fast = compare_pipeline(pipe, pipeline_call_kwargs(pipe, values), args.attn, seed=args.seed,
+                                               warmup=args.warmup, dense_steps=args.dense_steps, **swap)
+        _save_images(dense, out / "dense.png")
+        _save_images(fast, out / "accelerated.png")
+    report = {"attn": args.attn, "options": options, "dense_layers": swap["dense_layers"],
+              "dense_steps": args.dense_steps, **report}
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    for key, value in report.items():
+        print(f"{key:>16}  {value:.4g}" if isinstance(value, float) else f"{key:>16}  {value}")
+    return report

@@ -1,0 +1,225 @@
+"""Random-weight transformers and pipelines of every supported class, built from configs (no download).
+
+``random_transformer(kind, size)``: ``size="tiny"`` for tests (a few thousand parameters, every
+weight N(0, 0.3^2) so that no zero-initialised layer hides the attention), ``size="full"`` for
+speed (the released models' configurations: DiT-XL/2, PixArt-Sigma, SD3-medium, FLUX.1-dev,
+Wan2.1-T2V-14B; PyTorch's default init). ``transformer_inputs`` makes one call's inputs at a latent
+size; ``tiny_pipeline(kind)`` a whole pipeline with tiny VAE and scheduler, fed prompt embeddings
+instead of a text encoder; ``benchmark_transformer`` times one transformer call dense vs accelerated.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Any, Iterable, Iterator
+
+import diffusers
+import torch
+from diffusers import (AutoencoderKL, AutoencoderKLWan, DDIMScheduler, DiTTransformer2DModel,
+                       FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, PixArtTransformer2DModel,
+                       SD3Transformer2DModel, UniPCMultistepScheduler, WanTransformer3DModel)
+from torch import nn
+
+from .accelerate import accelerate_pipeline
+from .compare import cosine_similarity
+from .families import AttentionOp
+
+KINDS = ("dit", "pixart", "sd3", "flux", "wan")
+_CLASSES = {"dit": DiTTransformer2DModel, "pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel,
+            "flux": FluxTransformer2DModel, "wan": WanTransformer3DModel}
+CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
+    "dit": {
+        "tiny": dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                     sample_size=10, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero"),
+        "full": dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                     sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero"),
+    },
+    "pixart": {
+        "tiny": dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                     sample_size=10, patch_size=2, cross_attention_dim=16, caption_channels=32,
+                     norm_type="ada_norm_single", use_additional_conditions=False),
+        "full": dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                     sample_size=128, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
+                     norm_type="ada_norm_single", use_additional_conditions=False, interpolation_scale=2),
+    },
+    "sd3": {
+        "tiny": dict(sample_size=10, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                     num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                     pooled_projection_dim=16, pos_embed_max_size=16, dual_attention_layers=(0,)),
+        "full": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                     attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                     caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192),
+    },
+    "flux": {
+        "tiny": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                     num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)),
+        "full": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                     guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+    },
+    "wan": {
+        "tiny": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                     text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32),
+        "full": dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                     out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+                     cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6),
+    },
+}
+TEXT_TOKENS = {"dit": 0, "pixart": 300, "sd3": 333, "flux": 512, "wan": 512}   # the released pipelines' lengths
+VAE_SCALE = 8            # pixels per latent side in every full-size pipeline (Flux packs 2x2 latents per token)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def random_transformer(kind: str, size: str = "tiny", *, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
+    """A random-weight transformer of ``kind`` (one of ``KINDS``), in eval mode."""
+    if kind not in CONFIGS or size not in CONFIGS[kind]:
+        raise ValueError(f"no {size!r} config for {kind!r}; kinds: {', '.join(KINDS)}; sizes: tiny, full")
+    torch.manual_seed(seed)
+    with torch.device(device), _default_dtype(dtype):
+        model = _CLASSES[kind](**CONFIGS[kind][size])
+    if size == "tiny":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def transformer_inputs(kind: str, transformer: nn.Module, *, latent_size: tuple[int, int], latent_frames: int = 1,
+                       batch: int = 1, text_tokens: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Keyword inputs for one call of ``transformer`` on latents of ``latent_size`` (H, W) at timestep 500."""
+    cfg, p = transformer.config, next(transformer.parameters())
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(p.device, p.dtype)  # noqa: E731
+    text = TEXT_TOKENS[kind] if text_tokens is None else text_tokens
+    h, w = latent_size
+    t = torch.full((batch,), 500.0, device=p.device)
+    if kind == "dit":
+        return dict(hidden_states=rand(batch, cfg.in_channels, h, w), timestep=t,
+                    class_labels=torch.arange(batch, device=p.device) % cfg.num_embeds_ada_norm)
+    if kind == "pixart":
+        return dict(hidden_states=rand(batch, cfg.in_channels, h, w), timestep=t,
+                    encoder_hidden_states=rand(batch, text, cfg.caption_channels),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    if kind == "sd3":
+        return dict(hidden_states=rand(batch, cfg.in_channels, h, w), timestep=t,
+                    encoder_hidden_states=rand(batch, text, cfg.joint_attention_dim),
+                    pooled_projections=rand(batch, cfg.pooled_projection_dim))
+    if kind == "flux":
+        rows, cols = h // 2, w // 2
+        ids = torch.zeros(rows, cols, 3, device=p.device, dtype=p.dtype)
+        ids[..., 1] += torch.arange(rows, device=p.device)[:, None]
+        ids[..., 2] += torch.arange(cols, device=p.device)[None, :]
+        extra = {"guidance": torch.full((batch,), 3.5, device=p.device)} if cfg.guidance_embeds else {}
+        return dict(hidden_states=rand(batch, rows * cols, cfg.in_channels), timestep=t / 1000,
+                    encoder_hidden_states=rand(batch, text, cfg.joint_attention_dim),
+                    pooled_projections=rand(batch, cfg.pooled_projection_dim), img_ids=ids.reshape(-1, 3),
+                    txt_ids=torch.zeros(text, 3, device=p.device, dtype=p.dtype), **extra)
+    if kind == "wan":
+        return dict(hidden_states=rand(batch, cfg.in_channels, latent_frames, h, w), timestep=t,
+                    encoder_hidden_states=rand(batch, text, cfg.text_dim))
+    raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
+
+
+def _tiny_vae(latent_channels: int, **config: Any) -> AutoencoderKL:
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=latent_channels,
+                         norm_num_groups=8, sample_size=80, **config).eval()
+
+
+def tiny_pipeline(kind: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """A tiny random pipeline of ``kind`` and the call keywords for 80x80 images: 10x10 latents, a 5x5
+    token grid (Wan: 5 frames, a (2, 5, 5) grid). Text pipelines get prompt embeddings, no text encoder;
+    they need the ``transformers`` package installed (diffusers' pipeline classes do)."""
+    transformer = random_transformer(kind, seed=seed)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    text = 7
+    if kind == "dit":
+        pipe = diffusers.DiTPipeline(transformer=transformer, vae=_tiny_vae(4), scheduler=DDIMScheduler())
+        return pipe, dict(class_labels=[1, 2], num_inference_steps=3, guidance_scale=1.0)
+    if kind == "pixart":
+        pipe = diffusers.PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=_tiny_vae(4),
+                                             transformer=transformer, scheduler=DDIMScheduler())
+        embeds = torch.randn(1, text, 32, generator=g)
+        return pipe, dict(prompt_embeds=embeds, prompt_attention_mask=torch.ones(1, text), negative_prompt=None,
+                          negative_prompt_embeds=torch.zeros_like(embeds),
+                          negative_prompt_attention_mask=torch.ones(1, text), height=80, width=80,
+                          num_inference_steps=3, guidance_scale=2.0, use_resolution_binning=False)
+    if kind == "sd3":
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(4, shift_factor=0.0),
+            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+            tokenizer_3=None)
+        embeds, pooled = torch.randn(1, text, 32, generator=g), torch.randn(1, 16, generator=g)
+        return pipe, dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                          negative_prompt_embeds=torch.zeros_like(embeds),
+                          negative_pooled_prompt_embeds=torch.zeros_like(pooled), height=80, width=80,
+                          num_inference_steps=3, guidance_scale=2.0)
+    if kind == "flux":
+        pipe = diffusers.FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(4, shift_factor=0.0),
+                                      text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                      transformer=transformer)
+        return pipe, dict(prompt_embeds=torch.randn(1, text, 32, generator=g),
+                          pooled_prompt_embeds=torch.randn(1, 16, generator=g), height=80, width=80,
+                          num_inference_steps=3)
+    if kind == "wan":
+        vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                               latents_std=[1.0] * 4).eval()
+        pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
+                                     scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                                                       use_flow_sigmas=True, flow_shift=3.0))
+        embeds = torch.randn(1, text, 16, generator=g)
+        return pipe, dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), height=80,
+                          width=80, num_frames=5, num_inference_steps=3, guidance_scale=2.0)
+    raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
+
+
+def _time(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "full", height: int = 1024,
+                          width: int = 1024, num_frames: int = 1, batch: int = 1, repeats: int = 3,
+                          dtype: torch.dtype = torch.bfloat16, device: str = "cuda", dense_layers: Iterable[int] = (),
+                          **options: Any) -> dict[str, Any]:
+    """One transformer call on random weights at a pixel resolution, dense vs accelerated.
+
+    Pixels map to latents by 8 per side (and 4 frames per latent frame for video, as Wan's VAE).
+    Returns the token grid, both median times, the speedup and the output cosine similarity.
+    """
+    transformer = random_transformer(kind, size, dtype=dtype, device=device)
+    frames = (num_frames - 1) // 4 + 1 if kind == "wan" else 1
+    inputs = transformer_inputs(kind, transformer, latent_size=(height // VAE_SCALE, width // VAE_SCALE),
+                                latent_frames=frames, batch=batch)
+    call = lambda: transformer(**inputs, return_dict=False)[0]  # noqa: E731
+    dense_s, dense = _time(call, repeats), call()
+    with accelerate_pipeline(transformer, attn, dense_layers=dense_layers, **options) as swap:
+        fast_s, fast = _time(call, repeats), call()
+        grid = swap.policy.grid
+    return {"kind": kind, "size": size, "grid": grid, "tokens": int(torch.tensor(grid).prod()),
+            "dense_ms": dense_s * 1e3, "accelerated_ms": fast_s * 1e3, "speedup": dense_s / fast_s,
+            "output_cosine": cosine_similarity(fast.float(), dense.float())}

@@ -1,0 +1,204 @@
+"""``subquad sample``: class-conditional images from a trained DiT with any diffusers scheduler.
+
+    subquad sample --checkpoint runs/dit_synthetic --scheduler dpm++ --steps 25 --cfg-scale 2 --num 16
+
+The run's recipe (saved in its checkpoint) rebuilds the DiT, its VAE and its objective; the EMA
+weights are used when the run has them. Image i starts from the noise of seed ``seed + i``, so an
+image does not depend on the batch it is drawn in. With ``--fid-ref`` and ``--inception-weights``
+(a torchvision ``inception_v3`` state dict on disk; nothing is downloaded) the FID against a folder
+of reference images is reported; it uses torchvision's Inception, so it is comparable between runs
+of this command, not with the TF-Inception FID of papers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.models import inception_v3
+from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from ...backbones.diffusion_transformer import DiT
+from .checkpoint import find_latest, read_state, read_tensors
+from .config import DiTModelConfig, parse_config
+from .diffusion import build_dit, load_vae
+from .objectives import make_objective
+
+DDPM_SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler",
+                   "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+                   "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler", "heun": "HeunDiscreteScheduler"}
+FLOW_SCHEDULERS = {"euler": "FlowMatchEulerDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
+                   "unipc": "UniPCMultistepScheduler"}
+
+
+def make_scheduler(name: str, cfg: DiTModelConfig, learn_sigma: bool) -> Any:
+    """A diffusers scheduler for a model trained with ``cfg``'s objective.
+
+    ``name``: a short name (``ddim``, ``dpm++``, ``euler``...; for flow models ``euler``, ``dpm++``,
+    ``unipc``) or any diffusers scheduler class name, configured from the training noise schedule.
+    Pixel-space models (no ``cfg.vae``) clip the predicted x_0 to [-1, 1] where the scheduler can
+    (DDPM, DDIM), as ADM samples pixels; latents are not clipped.
+    """
+    objective = make_objective(cfg, learn_sigma)
+    if cfg.objective == "flow":
+        if name not in FLOW_SCHEDULERS and name != "FlowMatchEulerDiscreteScheduler":
+            raise ValueError(f"a flow-matching model samples with {', '.join(FLOW_SCHEDULERS)}; got {name!r}")
+        if FLOW_SCHEDULERS.get(name, name) == "FlowMatchEulerDiscreteScheduler":
+            return objective.scheduler
+        cls = getattr(diffusers, FLOW_SCHEDULERS[name])
+        return cls(num_train_timesteps=cfg.num_train_timesteps, use_flow_sigmas=True,
+                   prediction_type="flow_prediction", flow_shift=1.0)
+    cls = getattr(diffusers, DDPM_SCHEDULERS.get(name, name), None)
+    if cls is None or not hasattr(cls, "from_config") or "Scheduler" not in cls.__name__:
+        raise ValueError(f"unknown scheduler {name!r}; short names: {', '.join(DDPM_SCHEDULERS)}, or any diffusers "
+                         f"scheduler class name")
+    extra = {"clip_sample": cfg.vae is None}
+    if cls is not diffusers.DDPMScheduler and "variance_type" in inspect.signature(cls.__init__).parameters:
+        extra["variance_type"] = None              # the sampler hands these schedulers eps only
+    if cls is diffusers.DPMSolverMultistepScheduler:
+        extra["algorithm_type"] = "dpmsolver++"
+    return cls.from_config(objective.scheduler.config, **extra)
+
+
+@dataclass
+class Sampler:
+    """A DiT, its optional VAE and the recipe's model section: everything sampling needs."""
+    model: DiT
+    vae: diffusers.AutoencoderKL | None
+    cfg: DiTModelConfig
+
+    @classmethod
+    def from_run(cls, checkpoint: str, ema: bool = True, device: str = "cpu") -> Sampler:
+        """The DiT of a subquad run (or one of its checkpoint folders), EMA weights unless ``ema=False``."""
+        where = Path(checkpoint)
+        folder = where if (where / "state.json").is_file() else find_latest(where)
+        if folder is None:
+            raise ValueError(f"no subquad checkpoint in {where}")
+        state = read_state(folder)
+        if state["task"] != "dit":
+            raise ValueError(f"{folder} is a {state['task']!r} run, not a DiT")
+        recipe = parse_config(state["config"], source=str(folder))
+        vae = load_vae(recipe.model.vae) if recipe.model.vae else None
+        model_cfg = dataclasses.replace(recipe.model, checkpoint=None)
+        model = build_dit(model_cfg, state["num_classes"], recipe.data.img_size, vae)
+        tensors = read_tensors(folder)
+        prefix = "ema." if ema and any(k.startswith("ema.") for k in tensors) else "model."
+        model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        return cls(model.to(device).eval(), vae.to(device) if vae else None, model_cfg)
+
+    @torch.no_grad()
+    def sample(self, labels: list[int], *, scheduler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0,
+               seed: int = 0, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1] for the class ``labels``; image i from seed ``seed + i``."""
+        model = self.model
+        num_classes = model.config.num_classes
+        if any(not 0 <= y < num_classes for y in labels):
+            raise ValueError(f"class labels must be in [0, {num_classes - 1}], got {labels}")
+        if cfg_scale != 1.0 and model.config.class_dropout_prob <= 0:
+            raise ValueError("classifier-free guidance needs a model trained with class_dropout_prob > 0")
+        device = next(model.parameters()).device
+        channels, side = model.config.in_channels, model.config.input_size
+        images = []
+        for start in tqdm(range(0, len(labels), batch_size), desc="sample", disable=not progress):
+            chunk = labels[start:start + batch_size]
+            sched = make_scheduler(scheduler, self.cfg, model.config.learn_sigma)
+            sched.set_timesteps(steps, device=device)
+            noise = [torch.randn(channels, side, side, generator=torch.Generator().manual_seed(seed + start + i))
+                     for i in range(len(chunk))]
+            x = torch.stack(noise).to(device) * getattr(sched, "init_noise_sigma", 1.0)   # flow schedulers: 1
+            y = torch.tensor(chunk, device=device)
+            generator = torch.Generator(device).manual_seed(seed + start)
+            keep_sigma = isinstance(sched, diffusers.DDPMScheduler) and model.config.learn_sigma
+            step_kwargs = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
+            for t in sched.timesteps:
+                tt = t.to(device, torch.float32).expand(len(chunk))
+                xin = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+                out = model.forward_with_cfg(xin, tt, y, cfg_scale) if cfg_scale != 1.0 else model(xin, tt, y)
+                x = sched.step(out if keep_sigma else out[:, :channels], t, x, **step_kwargs).prev_sample
+            images.append(self.decode(x))
+        return torch.cat(images)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vae is not None:
+            x = self.vae.decode(x / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)).sample
+        return ((x.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+# --- FID with local Inception weights ------------------------------------------------------------
+
+
+def inception_features(images: torch.Tensor, weights: str, batch_size: int = 32) -> torch.Tensor:
+    """2048-d pool features of torchvision's Inception-v3 (``weights``: its state dict file) for images in [0, 1]."""
+    net = inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=True)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    missing, _ = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("AuxLogits.")}, strict=False)
+    if missing:
+        raise ValueError(f"{weights} is not a torchvision inception_v3 state dict (missing {missing[:3]}...)")
+    net.fc = torch.nn.Identity()
+    net.eval()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    feats = []
+    with torch.no_grad():
+        for chunk in images.split(batch_size):
+            x = F.interpolate(chunk.float(), size=(299, 299), mode="bilinear", align_corners=False)
+            feats.append(net((x - mean) / std).double())
+    return torch.cat(feats)
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID between two feature sets (N, D): |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    vals, vecs = torch.linalg.eigh(cov_a)
+    root_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+    # Tr((S_a S_b)^1/2) = Tr((S_a^1/2 S_b S_a^1/2)^1/2): the eigenvalues of a symmetric PSD matrix
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
+
+
+def load_images(folder: str, size: int, limit: int) -> torch.Tensor:
+    """Up to ``limit`` images (any depth below ``folder``, sorted) resized to ``size``, in [0, 1]."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not paths:
+        raise ValueError(f"no images under {folder}")
+    out = [center_crop(resize(pil_to_tensor(Image.open(p).convert("RGB")), size, antialias=True), size)
+           for p in paths[:limit]]
+    return torch.stack(out).float() / 255
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+
+def run_sample(args: Any) -> dict[str, Any]:
+    """``subquad sample``: a PNG grid (and with --fid-ref, the FID) from a DiT run."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sampler = Sampler.from_run(args.checkpoint, ema=not args.no_ema, device=device)
+    num_classes = sampler.model.config.num_classes
+    labels = [int(v) for v in args.labels.split(",")] if args.labels else [i % num_classes for i in range(args.num)]
+    images = sampler.sample(labels, scheduler=args.scheduler, steps=args.steps, cfg_scale=args.cfg_scale,
+                            seed=args.seed, batch_size=args.batch_size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, str(out), nrow=args.nrow or min(8, len(images)))
+    report: dict[str, Any] = {"images": len(images), "grid": str(out), "scheduler": args.scheduler,
+                              "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed}
+    if args.fid_ref:
+        if not args.inception_weights:
+            raise ValueError("--fid-ref needs --inception-weights (a local torchvision inception_v3 state dict)")
+        reference = load_images(args.fid_ref, images.shape[-1], args.fid_ref_limit)
+        report["fid"] = frechet_distance(inception_features(images, args.inception_weights),
+                                         inception_features(reference, args.inception_weights))
+        report["fid_reference_images"] = len(reference)
+    else:
+        report["fid"] = "skipped (no --fid-ref / --inception-weights)"
+    print(json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,91 @@
+"""``subquad bench``: the families suite end to end on the CPU, its peers, the DiT suite on a tiny case and
+the kernel suites' code paths (the real sizes need a GPU: .ci/gpu-check, .ci/gpu-tasks)."""
+import csv
+import math
+
+import pytest
+import torch
+
+from subquad import attention, kernels
+from subquad.kernels.grid_conv import triton as grid_conv_kernels
+from subquad.tasks.bench import families as bench
+from subquad.tasks.bench import grid_conv
+from subquad.tasks.bench.dit import bench_dit
+from subquad.tasks.bench.suites import run_suite
+
+
+def test_bench_writes_table_csv_and_plot(run_subquad, tmp_path):
+    res = run_subquad("bench", "--device", "cpu", "--sizes", "1x12x12,1x16x20", "--repeats", "2",
+                      "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    families = {r["family"] for r in rows}
+    assert {"softmax", "mala", "focused_linear", "agent"} <= families
+    assert {r["grid"] for r in rows} == {"12x12", "16x20"}
+    assert {"neighborhood[natten]", "neighborhood[flex]"} <= families
+    for r in rows:
+        assert float(r["fwd_ms"]) > 0
+        if "[" not in r["family"]:   # peers may lack a backward (natten on CPU) or a memory probe (flex)
+            assert float(r["fwd_bwd_ms"]) > 0 and float(r["peak_mib"]) > 0
+        if r["family"] == "softmax":
+            assert float(r["speedup_fwd"]) == pytest.approx(1.0)
+    png = (tmp_path / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "x SDPA fwd" in res.stdout
+
+
+def test_bench_skips_a_peer_whose_package_is_missing(monkeypatch, capsys):
+    monkeypatch.setitem(bench.PEER_PACKAGES, "natten", "subquad_no_such_package")
+    monkeypatch.setattr(bench, "_SKIPPED", set())
+    cfg = bench.BenchConfig(torch.device("cpu"), torch.float32, [(1, 12, 12)], families=["neighborhood"],
+                            repeats=1, warmup=0)
+    families = {r["family"] for r in bench.bench_families(cfg)}
+    assert families == {"softmax", "neighborhood", "neighborhood[flex]"}
+    assert "peer 'natten' skipped" in capsys.readouterr().out
+
+
+def test_peers_come_from_the_backends_of_each_family_op():
+    """Other libraries' backends (natten, FlexAttention) are peers everywhere; a family with nothing but its
+    reference and its Triton kernel (the linear family) is compared with its reference on CUDA."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert bench.peers("neighborhood", cpu) == bench.peers("neighborhood", cuda) == [("natten", "natten"),
+                                                                                     ("flex", "flex")]
+    linear = {name for name in attention.list() if bench.peers(name, cuda) == [("reference", "reference")]}
+    if "triton" in kernels.available_backends("mala_attention"):
+        assert linear == {"agent", "focused_linear", "mala"}
+    assert all(bench.peers(name, cpu) == [] for name in attention.list() if name != "neighborhood")
+
+
+def test_bench_dit_rows_and_speedups():
+    rows = bench_dit(["mala"], repeats=1, cases=[("tiny", "dit_s_8", 32, 4, 1)], device="cpu")
+    assert [r["family"] for r in rows] == ["softmax", "mala"]
+    for r in rows:
+        assert r["tokens"] == 16 and r["train_step_ms"] > 0 and r["sample_s"] > 0
+        assert math.isnan(r["train_peak_gib"])            # peak memory is the CUDA allocator's
+    assert rows[0]["speedup_train"] == 1.0 and rows[0]["speedup_sample"] == 1.0
+    assert math.isclose(rows[1]["speedup_train"], rows[0]["train_step_ms"] / rows[1]["train_step_ms"])
+
+
+def test_grid_conv_bench_and_sweep_run_cpu(monkeypatch):
+    """The grid-conv suite's code path on a tiny case, each timed call run once (do_bench needs a GPU); the
+    sweep sets the kernels' tile configuration and restores it."""
+    def run_once(fn):
+        fn()
+        return 1.0
+
+    case = dict(device="cpu", sizes=[((3, 4), 1)], uses=[("flatten", 5, True)], dtype=torch.float32, timer=run_once)
+    (row,) = grid_conv.bench_grid_conv(num_prefix=1, **case)
+    assert row["use"] == "flatten" and row["channels"] == "d" and row["triton_fwd_bwd_ms"] == 1.0
+    assert row["fwd_gbps"] == pytest.approx(3 * 4 * 13 * 64 * 4 / 1e-3 / 1e9) and row["x_reference_fwd"] == 1.0
+    before = {key: dict(cfg) for key, cfg in grid_conv_kernels.CONFIG.items()}
+    monkeypatch.setitem(grid_conv.SWEEP, "TILE", ((4, 16),))
+    monkeypatch.setitem(grid_conv.SWEEP, "num_warps", (2,))
+    (row,) = grid_conv.sweep(**case)
+    assert row["tile"] == "4x16" and row["num_warps"] == 2
+    assert grid_conv_kernels.CONFIG == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the suites")
+def test_kernel_suites_need_cuda(tmp_path):
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        run_suite("linear", tmp_path)

@@ -1,0 +1,256 @@
+"""accelerate_pipeline on tiny random transformers and pipelines of every supported class (no download)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import Transformer2DModel
+
+from subquad import kernels
+from subquad.tasks.cli import main
+from subquad.tasks.pipelines import accelerate_pipeline, compare_pipeline, pipeline_families, supported_transformers
+from subquad.tasks.pipelines.random_models import KINDS, random_transformer, tiny_pipeline, transformer_inputs
+
+# Tiny inputs: 10x10 latents with patch 2 (Flux: 2x2 packing) = a 5x5 token grid; Wan: 2 latent frames.
+GRIDS = {"dit": (5, 5), "pixart": (5, 5), "sd3": (5, 5), "flux": (5, 5), "wan": (2, 5, 5)}
+TEXT = 7
+PREFIXES = {"dit": {0}, "pixart": {0}, "sd3": {0, TEXT}, "flux": {TEXT}, "wan": {0}}   # SD3: attn2 sees no text
+LAYERS = {
+    "dit": {"transformer_blocks.0.attn1": 0, "transformer_blocks.1.attn1": 1},
+    "pixart": {"transformer_blocks.0.attn1": 0, "transformer_blocks.1.attn1": 1},
+    "sd3": {"transformer_blocks.0.attn": 0, "transformer_blocks.0.attn2": 0, "transformer_blocks.1.attn": 1},
+    "flux": {"transformer_blocks.0.attn": 0, "single_transformer_blocks.0.attn": 1},
+    "wan": {"blocks.0.attn1": 0, "blocks.1.attn1": 1},
+}
+IMAGE_KINDS = [k for k in KINDS if k != "wan"]
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="diffusers' text-to-image pipeline classes need `transformers`")
+
+
+def _model_and_inputs(kind: str):
+    model = random_transformer(kind)
+    return model, transformer_inputs(kind, model, latent_size=(10, 10), latent_frames=2, batch=2, text_tokens=TEXT)
+
+
+@torch.no_grad()
+def _run(model, inputs) -> torch.Tensor:
+    return model(**inputs, return_dict=False)[0]
+
+
+def _processors(model) -> dict:
+    return {name: m.processor for name, m in model.named_modules() if hasattr(m, "set_processor")}
+
+
+class DenseSpy:
+    """An op that is exact dense attention and records the grid and prefix count it is given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __call__(self, q, k, v, *, grid, num_prefix):
+        self.calls.append((tuple(grid), num_prefix, q.shape[2]))
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_token_split_and_grid(kind):
+    """A dense op in every swapped layer reproduces the transformer and sees the right grid and text prefix."""
+    model, inputs = _model_and_inputs(kind)
+    reference = _run(model, inputs)
+    spy = DenseSpy()
+    with accelerate_pipeline(model, spy) as swap:
+        out = _run(model, inputs)
+    assert swap.layers == LAYERS[kind]
+    assert {c[0] for c in spy.calls} == {GRIDS[kind]}
+    assert {c[1] for c in spy.calls} == PREFIXES[kind]
+    assert len(spy.calls) == len(LAYERS[kind])
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+EXACT = [(kind, "neighborhood", {"kernel_size": 5}, {"kernel_size": 3}) for kind in IMAGE_KINDS] + [
+    pytest.param(kind, "radial", {}, {"tile": (2, 2)}) for kind in IMAGE_KINDS] + [
+    pytest.param("wan", "radial", {}, None)]
+
+
+@pytest.mark.parametrize("kind, attn, covering, sparse", EXACT)
+def test_window_covering_the_grid_is_dense(kind, attn, covering, sparse):
+    """A 5x5 neighborhood window, or radial attention whose first tile (8x8) holds the 5x5 grid (and, for
+    video, whose dense frame distance 1 spans both latent frames), is exact dense attention; smaller
+    windows or tiles are not."""
+    model, inputs = _model_and_inputs(kind)
+    reference = _run(model, inputs)
+    with accelerate_pipeline(model, attn, **covering):
+        out = _run(model, inputs)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    if sparse is not None:
+        with accelerate_pipeline(model, attn, **sparse):
+            assert not torch.allclose(_run(model, inputs), reference, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", IMAGE_KINDS)
+def test_loglinear_runs_close_to_dense(kind):
+    """LLSA always adds pooled keys beside the selected blocks, so it is never exactly dense: close only."""
+    model, inputs = _model_and_inputs(kind)
+    reference = _run(model, inputs)
+    with accelerate_pipeline(model, "llsa", block_size=4, top_k=2):
+        out = _run(model, inputs)
+    assert F.cosine_similarity(out.flatten(), reference.flatten(), dim=0) > 0.8
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_restore_gives_back_the_exact_processors(kind):
+    model, inputs = _model_and_inputs(kind)
+    before, reference = _processors(model), _run(model, inputs)
+    swap = accelerate_pipeline(model, DenseSpy())
+    assert all(before[name] is not model.get_submodule(name).processor for name in LAYERS[kind])
+    with pytest.raises(ValueError, match="already accelerated"):
+        accelerate_pipeline(model, DenseSpy())
+    swap.restore()
+    after = _processors(model)
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    assert not model._forward_pre_hooks
+    assert torch.equal(_run(model, inputs), reference)
+
+
+def test_unsupported_transformer_is_refused_and_left_unchanged():
+    model = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=8, num_layers=1,
+                               norm_num_groups=4)
+    before = _processors(model)
+    with pytest.raises(ValueError) as error:
+        accelerate_pipeline(model, "agent")
+    for name in supported_transformers():
+        assert name in str(error.value)
+    assert "Transformer2DModel" in str(error.value)
+    assert all(m.processor is before[n] for n, m in model.named_modules() if n in before)
+
+
+def test_bad_family_or_options_leave_the_transformer_unchanged():
+    wan, dit = random_transformer("wan"), random_transformer("dit")
+    before_wan, before_dit = _processors(wan), _processors(dit)
+    for family in ("agent", "neighborhood"):
+        with pytest.raises(ValueError, match="video grids"):
+            accelerate_pipeline(wan, family, kernel_size=3)
+    with pytest.raises(ValueError, match="unknown attention family"):
+        accelerate_pipeline(dit, "swin")
+    with pytest.raises(ValueError, match="kernel_size"):
+        accelerate_pipeline(dit, "neighborhood")          # the window size has no default
+    with pytest.raises(ValueError, match="do not fit agent"):
+        accelerate_pipeline(dit, "agent", window=3)
+    with pytest.raises(ValueError, match="out of range"):
+        accelerate_pipeline(dit, "agent", dense_layers=[2])
+    for model, before in ((wan, before_wan), (dit, before_dit)):
+        assert all(model.get_submodule(n).processor is p for n, p in before.items())
+        assert not model._forward_pre_hooks
+
+
+def test_families_by_name_are_the_training_free_records():
+    """The families a pipeline takes by name are the records marked training-free (dense softmax aside), with
+    their aliases; a family that needs training is refused with that list."""
+    offered = pipeline_families()
+    assert list(offered) == [r.name for r in kernels.families() if r.training_free and r.name != "softmax"]
+    assert set(offered) == {"neighborhood", "radial", "loglinear", "agent"}
+    dit = random_transformer("dit")
+    for name in ("softmax", "flatten", "mala"):
+        with pytest.raises(ValueError, match="unknown attention family") as error:
+            accelerate_pipeline(dit, name)
+        assert all(n in str(error.value) for r in offered.values() for n in r.names)
+
+
+def test_video_and_option_checks_of_radial_and_loglinear():
+    wan = random_transformer("wan")
+    before = _processors(wan)
+    with pytest.raises(ValueError, match="video grids"):
+        accelerate_pipeline(wan, "loglinear")
+    with pytest.raises(ValueError, match="its options"):
+        accelerate_pipeline(wan, "radial", window=3)
+    assert all(wan.get_submodule(n).processor is p for n, p in before.items())
+
+
+def test_dense_layers_and_dense_steps():
+    model, inputs = _model_and_inputs("dit")
+    reference = _run(model, inputs)
+    with accelerate_pipeline(model, "agent", num_agents=4, dense_layers=[0, 1]):
+        assert torch.equal(_run(model, inputs), reference)
+    with accelerate_pipeline(model, "agent", num_agents=4, dense_layers=[1]):
+        assert not torch.allclose(_run(model, inputs), reference, atol=1e-3)
+
+    def at(t: float) -> dict:
+        return {**inputs, "timestep": torch.full((2,), t)}
+    dense = {t: _run(model, at(t)) for t in (900.0, 500.0)}
+    with accelerate_pipeline(model, "agent", num_agents=4, dense_steps=1) as swap:
+        assert torch.equal(_run(model, at(900.0)), dense[900.0])          # step 0: dense
+        assert torch.equal(_run(model, at(900.0)), dense[900.0])          # same timestep (CFG's second call)
+        assert not torch.allclose(_run(model, at(500.0)), dense[500.0], atol=1e-3)   # step 1: agent
+        assert swap.policy.step == 1
+        assert torch.equal(_run(model, at(900.0)), dense[900.0])          # a new run starts dense again
+
+
+def test_grid_smaller_than_the_window_stays_dense():
+    model, inputs = _model_and_inputs("dit")
+    reference = _run(model, inputs)
+    with accelerate_pipeline(model, "neighborhood", kernel_size=7), pytest.warns(UserWarning, match="stays dense"):
+        out = _run(model, inputs)
+    assert torch.equal(out, reference)
+
+
+def test_flux_grid_from_image_ids_and_bad_ids():
+    model, inputs = _model_and_inputs("flux")
+    spy = DenseSpy()
+    with accelerate_pipeline(model, spy):
+        _run(model, {**inputs, "img_ids": inputs["img_ids"].reshape(5, 5, 3)[:, :4].reshape(20, 3),
+                     "hidden_states": inputs["hidden_states"][:, :20]})
+        assert spy.calls[0][0] == (5, 4)
+        shuffled = inputs["img_ids"][torch.randperm(25)]
+        with pytest.raises(ValueError, match="not one raster grid"):
+            _run(model, {**inputs, "img_ids": shuffled})
+
+
+@needs_transformers
+@pytest.mark.parametrize("kind", KINDS)
+def test_pipelines_end_to_end(kind):
+    """The whole tiny pipeline, dense vs swapped from one seed: an exactly dense swap gives the same images."""
+    pipe, call = tiny_pipeline(kind)
+    pipe.set_progress_bar_config(disable=True)
+    before = _processors(pipe.transformer)
+    attn, options = ("neighborhood", {"kernel_size": 5}) if kind != "wan" else (DenseSpy(), {})
+    report, dense, fast = compare_pipeline(pipe, call, attn, **options)
+    assert report["psnr_db"] > 60 and report["ssim"] > 0.999 and report["latent_cosine"] > 0.99999
+    assert dense.shape == fast.shape and dense.shape[1] == 3
+    assert all(pipe.transformer.get_submodule(n).processor is p for n, p in before.items())
+
+
+def test_agent_on_a_pipeline_reports_fidelity():
+    pipe, call = tiny_pipeline("dit")
+    pipe.set_progress_bar_config(disable=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report, _, _ = compare_pipeline(pipe, call, "agent", num_agents=4, dense_steps=1)
+    assert 0 < report["latent_cosine"] < 1 and 0 < report["ssim"] < 1 and report["dense_s"] > 0
+
+
+def test_cli_on_a_saved_pipeline(tmp_path):
+    pipe, _ = tiny_pipeline("dit")
+    pipe.save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "out"
+    code = main(["accelerate-pipeline", "--model", str(tmp_path / "pipe"), "--attn", "nat", "--opt", "kernel_size=5",
+                 "--class-labels", "1,2", "--num-inference-steps", "2", "--guidance-scale", "1", "--warmup", "0",
+                 "--dtype", "float32", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["psnr_db"] > 60 and report["options"] == {"kernel_size": 5}
+    assert (out / "dense.png").is_file() and (out / "accelerated.png").is_file()
+    assert main(["accelerate-pipeline", "--model", str(tmp_path / "pipe"), "--attn", "nat", "--opt", "kernel_size=5",
+                 "--prompt", "a cat", "--device", "cpu", "--out", str(out)]) == 2       # DiT takes no prompt
+
+
+def test_cli_random_transformer(tmp_path):
+    code = main(["accelerate-pipeline", "--random", "flux", "--size", "tiny", "--attn", "neighborhood", "--opt",
+                 "kernel_size=3", "--height", "80", "--width", "80", "--repeats", "1", "--dtype", "float32",
+                 "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["grid"] == [5, 5] and report["dense_ms"] > 0
