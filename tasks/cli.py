@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random", choices=["dit", "pixart", "sd3", "flux", "wan"],
                    help="instead of --model: time one call of a random-weight transformer of this class")
     p.add_argument("--size", choices=["tiny", "full"], default="full", help="--random: the released model's size or tiny")
-    p.add_argument("--attn", required=True, help="a training-free attention family or alias (`subquad families` "
-                                                 "lists them: training-free yes)")
+    p.add_argument("--attn", required=True, help="an attention family or alias that is training-free, dense softmax "
+                                                 "aside (`subquad families` lists them)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the attention op, e.g. kernel_size=13; repeatable")
     p.add_argument("--dense-layers", help="blocks kept dense, e.g. 0,1,27 or 0-3")

@@ -14,8 +14,8 @@ from subquad.tasks.train.data.synthetic import write_classification
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on 2 shared cores two threads wait on
-    each other (10x slower seen here): every task test runs on one thread."""
+    """Tiny models gain nothing from a second intra-op thread, and on a few shared cores two threads wait
+    on each other: every task test runs on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
