@@ -38,8 +38,8 @@ from ..core.triton_common import (LOG2E, cdiv, dot, dot_split_a, dot_split_b, he
 from ..core.triton_op import triton_op
 
 
-# Tile sizes and launch options per kernel (sm_90 ptxas register reports and the H100 runs of
-# bench_linear); bench_linear overrides them for its sweep.
+# Tile sizes and launch options per kernel (sm_90 ptxas register reports and the sweeps of
+# ``subquad bench --suite linear``, which overrides them while it sweeps).
 CONFIG = {
     "pool": dict(BLOCK_N=64, num_warps=8, num_stages=3),
     "aggregate": dict(BLOCK_N=32, num_warps=4, num_stages=3),
@@ -84,16 +84,16 @@ def _load_agents(agents_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE: tl.cons
 
 
 @triton.jit
-def _scores(x, a_hi, a_lo, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+def _scores(x, a_hi, a_lo, LOWP: tl.constexpr):
     """x A^T in fp32 for x in its own dtype and A given by split_operand: the scores are exponentiated, so
     the fp32 agents enter as hi + lo against the exact 16-bit x."""
-    return dot_split_b(x, tl.trans(a_hi), tl.trans(a_lo), LOWP, INTERPRET)
+    return dot_split_b(x, tl.trans(a_hi), tl.trans(a_lo), LOWP)
 
 
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
 def _pool_kernel(q_ptr, part_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_qb, s_qh, s_qn,
                  A_SIDE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                 LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+                 LOWP: tl.constexpr):
     """Partial bin sums sum_{i in bin a} q_i over one chunk of tokens: (NAP, DP) fp32."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -111,26 +111,26 @@ def _pool_kernel(q_ptr, part_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_qb,
         mn = offs_n < hi
         x = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc)
         member = tl.where(_bins(offs_n, offs_a, num_prefix, grid_h, grid_w, A_SIDE) & mn[:, None], 1.0, 0.0)
-        acc += dot(tl.trans(round_to(member, DT, INTERPRET)), x, LOWP, INTERPRET)      # 0/1 weights: exact in 16 bits
+        acc += dot(tl.trans(round_to(member, DT)), x, LOWP)      # 0/1 weights: exact in 16 bits
     tl.store(part_ptr + (bh * tl.num_programs(1) + split) * NAP * DP + offs_a[:, None] * DP + offs_c[None, :], acc)
 
 
 @triton.jit
-def _dot_split_first(a_hi, a_lo, b, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+def _dot_split_first(a_hi, a_lo, b, LOWP: tl.constexpr):
     """a @ b for fp32 a given by split_operand and b already in its 16-bit dtype (exact): hi*b + lo*b."""
     if LOWP:
-        out = dot(a_hi, b, LOWP, INTERPRET) + dot(a_lo, b, LOWP, INTERPRET)
+        out = dot(a_hi, b, LOWP) + dot(a_lo, b, LOWP)
     else:
-        out = dot(a_hi, b, LOWP, INTERPRET)
+        out = dot(a_hi, b, LOWP)
     return out
 
 
 @triton.jit
 def _aggregate_scores(kt, a_hi, a_lo, b1_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, LOWP: tl.constexpr):
     """A K^T / sqrt(d) + B1 (log2 domain, agents x keys) over a block of keys (k in its own dtype), computed
     agents-first so that no transpose of the scores is needed; keys outside ``mn`` are left for the caller."""
-    s = _dot_split_first(a_hi, a_lo, tl.trans(kt), LOWP, INTERPRET) * qk_scale
+    s = _dot_split_first(a_hi, a_lo, tl.trans(kt), LOWP) * qk_scale
     if HAS_BIAS:
         s += tl.load(b1_ptr + h * NA * N + offs_a[:, None] * N + offs_n[None, :],
                      mask=ma[:, None] & mn[None, :], other=0.0).to(tl.float32) * LOG2E
@@ -142,7 +142,7 @@ def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
                       N, H, chunk, qk_scale, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                       NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
                       DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+                      LOWP: tl.constexpr):
     """Online softmax over one chunk of keys for every agent: running max, sum and P V (log2 domain).
     P enters P V as hi + lo: rounding it once, as flash attention does, would perturb V_A by 2^-9 / sqrt(N),
     which is a percent of the differences between the agents' rows when the softmax is nearly flat, and
@@ -156,7 +156,7 @@ def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
     offs_a = tl.arange(0, NAP)
     mc, mv, ma = offs_c < D, offs_v < DV, offs_a < NA
     a_hi, a_lo = split_operand(_load_agents(agents_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE, NAP, DP),
-                               DT, LOWP, INTERPRET)
+                               DT, LOWP)
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
     m_i = tl.full((NAP,), float("-inf"), tl.float32)
@@ -169,14 +169,13 @@ def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
         mn = offs_n < hi
         kt = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc)
         vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
-        s = _aggregate_scores(kt, a_hi, a_lo, b1_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS, LOWP,
-                              INTERPRET)
+        s = _aggregate_scores(kt, a_hi, a_lo, b1_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS, LOWP)
         s = tl.where(mn[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot_split_a(p, vt, DT, LOWP, INTERPRET)
+        acc = acc * alpha[:, None] + dot_split_a(p, vt, DT, LOWP)
         m_i = m_new
     part = bh * tl.num_programs(1) + split
     tl.store(m_ptr + part * NAP + offs_a, m_i)
@@ -214,9 +213,9 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, va_ptr, lse_ptr, SPLITS, NAP: tl.conste
 
 @triton.jit
 def _broadcast_probs(qt, a_hi, a_lo, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, LOWP: tl.constexpr):
     """P2 = softmax over agents of q A^T / sqrt(d) + B2 for a block of queries (q in its own dtype)."""
-    s = _scores(qt, a_hi, a_lo, LOWP, INTERPRET) * qk_scale
+    s = _scores(qt, a_hi, a_lo, LOWP) * qk_scale
     if HAS_BIAS:
         s += tl.load(b2_ptr + h * N * NA + offs_n[:, None] * NA + offs_a[None, :],
                      mask=mn[:, None] & ma[None, :], other=0.0).to(tl.float32) * LOG2E
@@ -230,7 +229,7 @@ def _broadcast_kernel(q_ptr, agents_ptr, va_ptr, b2_ptr, o_ptr, N, H, chunk, qk_
                       s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
                       NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
                       DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+                      LOWP: tl.constexpr):
     """O = P2 V_A for one chunk of queries (P2 rounded once to the input dtype, V_A as hi + lo)."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
@@ -240,9 +239,9 @@ def _broadcast_kernel(q_ptr, agents_ptr, va_ptr, b2_ptr, o_ptr, N, H, chunk, qk_
     offs_a = tl.arange(0, NAP)
     mc, mv, ma = offs_c < D, offs_v < DV, offs_a < NA
     a_hi, a_lo = split_operand(_load_agents(agents_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE, NAP, DP),
-                               DT, LOWP, INTERPRET)
+                               DT, LOWP)
     va_hi, va_lo = split_operand(tl.load(va_ptr + bh * NAP * DVP + offs_a[:, None] * DVP + offs_v[None, :]),
-                                 DT, LOWP, INTERPRET)
+                                 DT, LOWP)
     q_base = q_ptr + b * s_qb + h * s_qh
     o_base = o_ptr + b * s_ob + h * s_oh
     lo = tl.program_id(1) * chunk
@@ -251,10 +250,9 @@ def _broadcast_kernel(q_ptr, agents_ptr, va_ptr, b2_ptr, o_ptr, N, H, chunk, qk_
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
         qt = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc)
-        p = _broadcast_probs(qt, a_hi, a_lo, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS, LOWP,
-                             INTERPRET)
-        out = dot_split_b(round_to(p, DT, INTERPRET), va_hi, va_lo, LOWP, INTERPRET)
-        store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out, INTERPRET)
+        p = _broadcast_probs(qt, a_hi, a_lo, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS, LOWP)
+        out = dot_split_b(round_to(p, DT), va_hi, va_lo, LOWP)
+        store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out)
 
 
 @triton.jit(do_not_specialize=["B", "BPG", "N", "H", "chunk", "grid_h", "grid_w"])
@@ -263,8 +261,7 @@ def _broadcast_bwd_kernel(q_ptr, do_ptr, agents_ptr, va_ptr, b2_ptr, dq_ptr, db2
                           s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_db, s_dh, s_dn,
                           NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                           DP: tl.constexpr, DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
-                          INTERPRET: tl.constexpr):
+                          BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
     """Broadcast stage backward for one head, one chunk of queries and one group of BPG batch elements:
     dq (without the pooling term), the group's dB2 accumulated in place (its own slice of db2), and per
     batch element partial [dV_A | dA]. rowsum(dO O) = rowsum(P2 dP2) needs no recomputed O."""
@@ -284,9 +281,9 @@ def _broadcast_bwd_kernel(q_ptr, do_ptr, agents_ptr, va_ptr, b2_ptr, dq_ptr, db2
     for b in range(b_lo, b_hi):
         bh = b * H + h
         agents = _load_agents(agents_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE, NAP, DP)
-        a_hi, a_lo = split_operand(agents, DT, LOWP, INTERPRET)
+        a_hi, a_lo = split_operand(agents, DT, LOWP)
         va = tl.load(va_ptr + bh * NAP * DVP + offs_a[:, None] * DVP + offs_v[None, :])
-        va_hi, va_lo = split_operand(va, DT, LOWP, INTERPRET)
+        va_hi, va_lo = split_operand(va, DT, LOWP)
         q_base = q_ptr + b * s_qb + h * s_qh
         g_base = do_ptr + b * s_gb + h * s_gh
         dq_base = dq_ptr + b * s_db + h * s_dh
@@ -298,14 +295,14 @@ def _broadcast_bwd_kernel(q_ptr, do_ptr, agents_ptr, va_ptr, b2_ptr, dq_ptr, db2
             qt = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc)
             g = load_tile(g_base, offs_n, offs_v, s_gn, mn, mv)
             p = _broadcast_probs(qt, a_hi, a_lo, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS,
-                                 LOWP, INTERPRET)
-            dp = dot_split_b(g, tl.trans(va_hi), tl.trans(va_lo), LOWP, INTERPRET)
+                                 LOWP)
+            dp = dot_split_b(g, tl.trans(va_hi), tl.trans(va_lo), LOWP)
             ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
-            ds16 = round_to(ds, DT, INTERPRET)
-            dq = dot(ds16, a_hi, LOWP, INTERPRET) * scale
-            store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dq, INTERPRET)
-            acc_va += dot(tl.trans(round_to(p, DT, INTERPRET)), g, LOWP, INTERPRET)
-            acc_a += dot(tl.trans(ds16), qt, LOWP, INTERPRET)
+            ds16 = round_to(ds, DT)
+            dq = dot(ds16, a_hi, LOWP) * scale
+            store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dq)
+            acc_va += dot(tl.trans(round_to(p, DT)), g, LOWP)
+            acc_a += dot(tl.trans(ds16), qt, LOWP)
             if BIAS_GRAD:
                 ptrs = db2_base + offs_n[:, None] * NA + offs_a[None, :]
                 m = mn[:, None] & ma[None, :]
@@ -324,8 +321,7 @@ def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, gra
                           s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
                           NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                           DP: tl.constexpr, DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
-                          INTERPRET: tl.constexpr):
+                          BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
     """Aggregation stage backward for one head, one chunk of keys and one group of BPG batch elements:
     dk, dv, the group's dB1 in place and per batch element a partial dA = dS1 K / sqrt(d)."""
     h = tl.program_id(0)
@@ -344,9 +340,9 @@ def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, gra
     for b in range(b_lo, b_hi):
         bh = b * H + h
         agents = _load_agents(agents_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE, NAP, DP)
-        a_hi, a_lo = split_operand(agents, DT, LOWP, INTERPRET)
+        a_hi, a_lo = split_operand(agents, DT, LOWP)
         dva = tl.load(grads_ptr + bh * NAP * (DVP + DP) + offs_a[:, None] * DVP + offs_v[None, :])
-        dva_hi, dva_lo = split_operand(dva, DT, LOWP, INTERPRET)
+        dva_hi, dva_lo = split_operand(dva, DT, LOWP)
         va = tl.load(va_ptr + bh * NAP * DVP + offs_a[:, None] * DVP + offs_v[None, :])
         delta = tl.sum(dva * va, axis=1)
         lse = tl.load(lse_ptr + bh * NAP + offs_a)
@@ -361,15 +357,15 @@ def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, gra
             kt = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc)
             vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
             s = _aggregate_scores(kt, a_hi, a_lo, b1_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS,
-                                  LOWP, INTERPRET)
+                                  LOWP)
             p = tl.where(mn[None, :], tl.exp2(s - lse[:, None]), 0.0)
-            ds = p * (_dot_split_first(dva_hi, dva_lo, tl.trans(vt), LOWP, INTERPRET) - delta[:, None])
-            ds16 = round_to(ds, DT, INTERPRET)
-            dk = dot(tl.trans(ds16), a_hi, LOWP, INTERPRET) * scale
-            store_tile(dk_base, offs_n, offs_c, s_dkn, mn, mc, dk, INTERPRET)
-            dv = dot(tl.trans(round_to(p, DT, INTERPRET)), dva_hi, LOWP, INTERPRET)
-            store_tile(dv_base, offs_n, offs_v, s_dvn, mn, mv, dv, INTERPRET)
-            acc_a += dot(ds16, kt, LOWP, INTERPRET)
+            ds = p * (_dot_split_first(dva_hi, dva_lo, tl.trans(vt), LOWP) - delta[:, None])
+            ds16 = round_to(ds, DT)
+            dk = dot(tl.trans(ds16), a_hi, LOWP) * scale
+            store_tile(dk_base, offs_n, offs_c, s_dkn, mn, mc, dk)
+            dv = dot(tl.trans(round_to(p, DT)), dva_hi, LOWP)
+            store_tile(dv_base, offs_n, offs_v, s_dvn, mn, mv, dv)
+            acc_a += dot(ds16, kt, LOWP)
             if BIAS_GRAD:
                 ptrs = db1_base + offs_a[:, None] * N + offs_n[None, :]
                 m = ma[:, None] & mn[None, :]
@@ -384,7 +380,7 @@ def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, gra
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
 def _unpool_kernel(dq_ptr, da_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_db, s_dh, s_dn,
                    A_SIDE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+                   LOWP: tl.constexpr):
     """dq_i += sum over the bins a holding grid token i of dA_a / |bin a|."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
@@ -393,7 +389,7 @@ def _unpool_kernel(dq_ptr, da_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_db
     offs_a = tl.arange(0, NAP)
     mc = offs_c < D
     da = _load_agents(da_ptr, bh, offs_a, offs_c, grid_h, grid_w, A_SIDE, NAP, DP)
-    da_hi, da_lo = split_operand(da, DT, LOWP, INTERPRET)
+    da_hi, da_lo = split_operand(da, DT, LOWP)
     dq_base = dq_ptr + b * s_db + h * s_dh
     lo = num_prefix + tl.program_id(1) * chunk
     hi = tl.minimum(lo + chunk, N)
@@ -402,8 +398,8 @@ def _unpool_kernel(dq_ptr, da_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_db
         mn = offs_n < hi
         member = tl.where(_bins(offs_n, offs_a, num_prefix, grid_h, grid_w, A_SIDE) & mn[:, None], 1.0, 0.0)
         dq = load_tile(dq_base, offs_n, offs_c, s_dn, mn, mc).to(tl.float32)
-        dq += dot_split_b(round_to(member, DT, INTERPRET), da_hi, da_lo, LOWP, INTERPRET)
-        store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dq, INTERPRET)
+        dq += dot_split_b(round_to(member, DT), da_hi, da_lo, LOWP)
+        store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dq)
 
 
 # --- launchers ------------------------------------------------------------------------------
@@ -452,7 +448,7 @@ def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor
     (q, s_qb, s_qh, s_qn), (k, s_kb, s_kh, s_kn), (v, s_vb, s_vh, s_vn) = map(head_strides, (q, k, v))
     meta = _meta(q, v, num_agents)
     dp, dvp, nap = meta["DP"], meta["DVP"], meta["NAP"]
-    flags = dict(LOWP=meta["LOWP"], INTERPRET=meta["INTERPRET"])
+    flags = dict(LOWP=meta["LOWP"])
     target = num_programs_target(q.device)
     has_bias = b1 is not None
 
@@ -536,7 +532,7 @@ def agent_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, b1: 
     splits, chunk = split_tokens(b * h, n - num_prefix, cfg["BLOCK_N"], 2 * target, cfg["max_tiles"])
     launch(_unpool_kernel, (b * h, splits), dq, da, n, h, chunk, num_prefix, grid_h, grid_w, dq.stride(0),
            dq.stride(1), dq.stride(2), A_SIDE=meta["A_SIDE"], D=d, DP=dp, NAP=nap, LOWP=meta["LOWP"],
-           INTERPRET=meta["INTERPRET"], **_launch_opts(cfg, meta["LOWP"]))
+           **_launch_opts(cfg, meta["LOWP"]))
     return dq, dk, dv, group_sum(db1), group_sum(db2)
 
 

@@ -1,7 +1,7 @@
 """Block-sparse flash attention in Triton, forward and backward (FlashAttention-2, Dao 2023, Alg. 1-2).
 
 The layout (CSR of key tiles per query tile, prefix keys, tile bit masks, key bias) is described in
-``kernels.reference.block_sparse``. Forward: one program per (query tile, batch x head) runs the
+``kernels.block_sparse.layout``. Forward: one program per (query tile, batch x head) runs the
 online softmax over the prefix keys and the listed key tiles and saves the log-sum-exp. Backward:
 delta = rowsum(dO * O); dK, dV per key tile over the query tiles that list it (the transposed CSR,
 built with torch on the device); dK, dV of prefix keys per chunk of query tiles, summed after; dQ
@@ -253,9 +253,9 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMask
 
 # --- launch ------------------------------------------------------------------------------------
 
-# (kind, block_m, block_n, padded head dim, bytes per element) -> the fastest launch config measured by
-# ``bench_block_sparse.sweep_launch_configs`` on an H100 (bf16, 32k tokens, 4 heads, 25% of the tiles; e.g.
-# bwd_kv 128x64: 4 warps 1.86 ms, 8 warps 3.12 ms); other shapes use the rule in ``launch_config``.
+# (kind, block_m, block_n, padded head dim, bytes per element) -> the fastest launch config of the sweep of
+# ``subquad bench --suite block-sparse`` (bf16; head dim 64: 32k tokens, 4 heads, 25% of the tiles; head dim
+# 128: FLUX/Wan-sized calls, 16k tokens, 24 heads, 15% of the tiles); other shapes use ``launch_config``'s rule.
 TUNED_CONFIGS: dict[tuple, dict] = {
     ("fwd", 128, 64, 64, 2): {"num_warps": 8, "num_stages": 4},
     ("bwd_kv", 128, 64, 64, 2): {"num_warps": 4, "num_stages": 2},
@@ -266,8 +266,6 @@ TUNED_CONFIGS: dict[tuple, dict] = {
     ("fwd", 128, 128, 64, 2): {"num_warps": 4, "num_stages": 3},
     ("bwd_kv", 128, 128, 64, 2): {"num_warps": 8, "num_stages": 2},
     ("bwd_q", 128, 128, 64, 2): {"num_warps": 8, "num_stages": 2},
-    # head dim 128 (FLUX, Wan; 16k tokens, 24 heads, 15% of the tiles): 64x64 fwd 4 warps 1.24 ms vs 8 warps
-    # 1.83 ms, bwd_kv 5.03 vs 7.37, bwd_q 5.58 vs 7.22; 128x128 fwd 8 warps 1.11 ms vs 4 warps 1.64
     ("fwd", 64, 64, 128, 2): {"num_warps": 4, "num_stages": 3},
     ("bwd_kv", 64, 64, 128, 2): {"num_warps": 4, "num_stages": 2},
     ("bwd_q", 64, 64, 128, 2): {"num_warps": 4, "num_stages": 2},
@@ -300,7 +298,8 @@ def launch_config(kind: str, block_m: int, block_n: int, head_dim: int, dtype: t
     return {"num_warps": 8 if wide or (d >= 128 and block_m >= 128) or elem == 4 else 4, "num_stages": stages}
 
 
-def _common(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, key_bias, tile_rows, scale, placeholder):
+def _launch_args(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, key_bias, tile_rows, scale,
+                 placeholder):
     """Launch constants shared by every kernel; the bias and masks arguments (``placeholder``, never
     read, stands in for an absent one) and the log2-domain score scale."""
     head_dim = q.shape[-1]
@@ -353,7 +352,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
     if tile_rows is not None and num_prefix > 0:
         o[:, :, :num_prefix].zero_()
         lse[:, :, :num_prefix].fill_(float("-inf"))
-    consts, bias, masks, qk_scale = _common(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks,
+    consts, bias, masks, qk_scale = _launch_args(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks,
                                             key_bias, tile_rows, scale, lse)
     config = config or launch_config("fwd", block_m, block_n, d, q.dtype)
     mask_idx = tile_mask_idx if tile_mask_idx is not None else col_idx
@@ -374,7 +373,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     nk, p = k.shape[2], num_prefix
     nqt = _num_q_tiles(nq, block_m, tile_rows)
     nkt = num_tiles(nk - p, block_n) if tile_rows is None else nqt
-    consts, bias, masks, qk_scale = _common(q, k, block_m, block_n, p, tile_mask_idx, tile_masks, key_bias,
+    consts, bias, masks, qk_scale = _launch_args(q, k, block_m, block_n, p, tile_mask_idx, tile_masks, key_bias,
                                             tile_rows, scale, lse)
     rows_arg = tile_rows if tile_rows is not None else col_idx
     configs = configs or {}

@@ -28,8 +28,8 @@ LOG2E = tl.constexpr(1.4426950408889634)     # scores in the log2 domain: exp(x)
 
 def precision_flags(dtype: torch.dtype) -> Dict[str, bool]:
     """LOWP: 16-bit inputs, so products take 16-bit operands (fp32 values as hi + lo pairs where it
-    matters); fp32 inputs keep exact fp32 products. INTERPRET: running on the CPU interpreter."""
-    return dict(LOWP=dtype != torch.float32, INTERPRET=INTERPRET)
+    matters); fp32 inputs keep exact fp32 products."""
+    return dict(LOWP=dtype != torch.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,7 +76,7 @@ def launch(kernel, grid: Tuple[int, ...], *args, **kwargs) -> None:
     specialisation) goes through it and compiles; later ones call the compiled kernel's launcher directly
     with the same arguments in signature order. Launch hooks (profilers) and the CPU interpreter always
     take Triton's own path. The compiled kernel is kept by name: its n_regs / n_spills feed the resource
-    report of bench_linear."""
+    report of ``subquad bench --suite linear``."""
     key = _launch_key(kernel, args, kwargs)
     fast = _FAST.get(key) if key is not None else None
     if fast is None:
@@ -136,10 +136,10 @@ def load_tile(base, offs_n, offs_c, stride_n, mask_n, mask_c):
 
 
 @triton.jit
-def round_to(x, DT: tl.constexpr, INTERPRET: tl.constexpr):
+def round_to(x, DT: tl.constexpr):
     """fp32 x rounded to nearest-even in DT, as the GPU converts. The CPU interpreter truncates
     fp32 -> bfloat16, so there the bits are rounded first (the usual add-0x7fff-plus-odd-bit trick)."""
-    if INTERPRET and DT == tl.bfloat16:
+    if INTERPRETING and DT == tl.bfloat16:
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         x = bits.to(tl.float32, bitcast=True)
@@ -147,18 +147,18 @@ def round_to(x, DT: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def store_tile(base, offs_n, offs_c, stride_n, mask_n, mask_c, value, INTERPRET: tl.constexpr):
+def store_tile(base, offs_n, offs_c, stride_n, mask_n, mask_c, value):
     ptrs = base + offs_n[:, None] * stride_n + offs_c[None, :]
-    tl.store(ptrs, round_to(value, base.dtype.element_ty, INTERPRET), mask=mask_n[:, None] & mask_c[None, :])
+    tl.store(ptrs, round_to(value, base.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
 
 
 @triton.jit
-def dot(a, b, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+def dot(a, b, LOWP: tl.constexpr):
     """a @ b with fp32 accumulation: 16-bit operands as given (LOWP), exact fp32 products otherwise. The CPU
     interpreter multiplies bfloat16 bit patterns as integers, so there the (already rounded) operands are
     upcast first: the same products."""
     if LOWP:
-        if INTERPRET:
+        if INTERPRETING:
             out = tl.dot(a.to(tl.float32), b.to(tl.float32))
         else:
             out = tl.dot(a, b)
@@ -168,72 +168,72 @@ def dot(a, b, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def hi_lo(x, DT: tl.constexpr, INTERPRET: tl.constexpr):
+def hi_lo(x, DT: tl.constexpr):
     """fp32 x as hi + lo in the 16-bit dtype DT: hi carries 8 (bf16) or 11 (fp16) bits, lo the next ones."""
-    hi = round_to(x, DT, INTERPRET)
-    return hi, round_to(x - hi.to(tl.float32), DT, INTERPRET)
+    hi = round_to(x, DT)
+    return hi, round_to(x - hi.to(tl.float32), DT)
 
 
 @triton.jit
-def split_operand(x, DT: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+def split_operand(x, DT: tl.constexpr, LOWP: tl.constexpr):
     """(hi, lo) of an fp32 operand for dot_split: 16-bit parts with LOWP, (x, x) otherwise (lo unused)."""
     if LOWP:
-        hi, lo = hi_lo(x, DT, INTERPRET)
+        hi, lo = hi_lo(x, DT)
     else:
         hi, lo = x, x
     return hi, lo
 
 
 @triton.jit
-def dot_split(a, b_hi, b_lo, DT: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+def dot_split(a, b_hi, b_lo, DT: tl.constexpr, LOWP: tl.constexpr):
     """a @ b for fp32 a and b given by split_operand, to about 2^-16 relative with 16-bit operands
     (hi*hi + hi*lo + lo*hi): for forward values, where the MALA combination can cancel."""
     if LOWP:
-        a_hi, a_lo = hi_lo(a, DT, INTERPRET)
-        out = (dot(a_hi, b_hi, LOWP, INTERPRET) + dot(a_hi, b_lo, LOWP, INTERPRET)
-               + dot(a_lo, b_hi, LOWP, INTERPRET))
+        a_hi, a_lo = hi_lo(a, DT)
+        out = (dot(a_hi, b_hi, LOWP) + dot(a_hi, b_lo, LOWP)
+               + dot(a_lo, b_hi, LOWP))
     else:
-        out = dot(a, b_hi, LOWP, INTERPRET)
+        out = dot(a, b_hi, LOWP)
     return out
 
 
 @triton.jit
-def dot_split_a(a, b, DT: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+def dot_split_a(a, b, DT: tl.constexpr, LOWP: tl.constexpr):
     """a @ b for fp32 a and b already in DT (exact): hi*b + lo*b."""
     if LOWP:
-        a_hi, a_lo = hi_lo(a, DT, INTERPRET)
-        out = dot(a_hi, b, LOWP, INTERPRET) + dot(a_lo, b, LOWP, INTERPRET)
+        a_hi, a_lo = hi_lo(a, DT)
+        out = dot(a_hi, b, LOWP) + dot(a_lo, b, LOWP)
     else:
-        out = dot(a, b, LOWP, INTERPRET)
+        out = dot(a, b, LOWP)
     return out
 
 
 @triton.jit
-def dot_split_b(a, b_hi, b_lo, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+def dot_split_b(a, b_hi, b_lo, LOWP: tl.constexpr):
     """a @ b for a already in DT (exact) and fp32 b given by split_operand: a*hi + a*lo."""
     if LOWP:
-        out = dot(a, b_hi, LOWP, INTERPRET) + dot(a, b_lo, LOWP, INTERPRET)
+        out = dot(a, b_hi, LOWP) + dot(a, b_lo, LOWP)
     else:
-        out = dot(a, b_hi, LOWP, INTERPRET)
+        out = dot(a, b_hi, LOWP)
     return out
 
 
 @triton.jit
-def dot_round(a, b, DT: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+def dot_round(a, b, DT: tl.constexpr, LOWP: tl.constexpr):
     """a @ b with each operand rounded once to DT: gradient products, where 2^-9 per element is ample."""
-    return dot(round_to(a, DT, INTERPRET), round_to(b, DT, INTERPRET), LOWP, INTERPRET)
+    return dot(round_to(a, DT), round_to(b, DT), LOWP)
 
 
 @triton.jit
-def dot_terms(a, b_hi, b_lo, DT: tl.constexpr, TERMS: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+def dot_terms(a, b_hi, b_lo, DT: tl.constexpr, TERMS: tl.constexpr, LOWP: tl.constexpr):
     """a @ b for fp32 a and b = (b_hi, b_lo) from split_operand, in TERMS 16-bit products: 3 is dot_split
     (about 2^-16 relative), 2 rounds b once (a as hi + lo), 1 rounds both once (about 2^-9)."""
     if TERMS == 3:
-        out = dot_split(a, b_hi, b_lo, DT, LOWP, INTERPRET)
+        out = dot_split(a, b_hi, b_lo, DT, LOWP)
     elif TERMS == 2:
-        out = dot_split_a(a, b_hi, DT, LOWP, INTERPRET)
+        out = dot_split_a(a, b_hi, DT, LOWP)
     else:
-        out = dot(round_to(a, DT, INTERPRET), b_hi, LOWP, INTERPRET)
+        out = dot(round_to(a, DT), b_hi, LOWP)
     return out
 
 

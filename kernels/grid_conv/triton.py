@@ -26,11 +26,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..core.triton_common import (INTERPRET, cdiv, head_strides, launch, load_tile, num_programs_target, pad_dim,
+from ..core.triton_common import (cdiv, head_strides, launch, load_tile, num_programs_target, pad_dim,
                                   round_to, store_tile)
 from ..core.triton_op import triton_op
 
-# Tile sizes and launch options (not yet tuned on a GPU: bench_grid_conv.sweep times the alternatives); 8 warps
+# Tile sizes and launch options (``subquad bench --suite grid-conv --sweep`` times the alternatives); 8 warps
 # keep a 64-token tile under 130 registers (sm_90 ptxas, bf16, d = 64, k = 5: no spills). backward: per_sm
 # programs per SM that the chunks aim at (two 8-warp programs fit an SM's registers), and at least min_tiles
 # tiles per chunk, so that the partials stay a few percent of the chunk's bytes ((k*k + 1) / (128 min_tiles)
@@ -87,7 +87,7 @@ def _conv(base, stride_n, taps_ptr, s_tap, chan, first, row, col, grid_h, grid_w
 
 @triton.jit
 def _prefix_rows(src_base, s_src, dst_base, s_dst, num_prefix, offs_c, mc, COPY: tl.constexpr, TOKENS: tl.constexpr,
-                 DP: tl.constexpr, INTERPRET: tl.constexpr):
+                 DP: tl.constexpr):
     """dst[:P] = src[:P] (COPY) or 0: the conv is 0 on the prefix rows."""
     for p0 in range(0, num_prefix, TOKENS):
         offs = p0 + tl.arange(0, TOKENS)
@@ -96,7 +96,7 @@ def _prefix_rows(src_base, s_src, dst_base, s_dst, num_prefix, offs_c, mc, COPY:
             rows = load_tile(src_base, offs, offs_c, s_src, m, mc).to(tl.float32)
         else:
             rows = tl.zeros((TOKENS, DP), tl.float32)
-        store_tile(dst_base, offs, offs_c, s_dst, m, mc, rows, INTERPRET)
+        store_tile(dst_base, offs, offs_c, s_dst, m, mc, rows)
 
 
 # --- kernels --------------------------------------------------------------------------------
@@ -105,8 +105,7 @@ def _prefix_rows(src_base, s_src, dst_base, s_dst, num_prefix, offs_c, mc, COPY:
 def _forward_kernel(x_ptr, taps_ptr, b_ptr, r_ptr, o_ptr, num_prefix, grid_h, grid_w, grid_items, items, s_tap,
                     s_xb, s_xh, s_xn, s_rb, s_rh, s_rn, s_ob, s_oh, s_on,
                     D: tl.constexpr, DP: tl.constexpr, K: tl.constexpr, PER_HEAD: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     """out = residual + bias + conv(x) for one tile of one (batch, head); item ``grid_items`` of a batch
     element (there when P > 0) is its prefix rows. ``items`` = tiles per batch element, prefix item included."""
     b = (tl.program_id(0) // items).to(tl.int64)        # batch offsets may pass 2^31 elements
@@ -118,7 +117,7 @@ def _forward_kernel(x_ptr, taps_ptr, b_ptr, r_ptr, o_ptr, num_prefix, grid_h, gr
     r_base = r_ptr + b * s_rb + h * s_rh
     o_base = o_ptr + b * s_ob + h * s_oh
     if j == grid_items:
-        _prefix_rows(r_base, s_rn, o_base, s_on, num_prefix, offs_c, mc, HAS_RES, TILE_H * TILE_W, DP, INTERPRET)
+        _prefix_rows(r_base, s_rn, o_base, s_on, num_prefix, offs_c, mc, HAS_RES, TILE_H * TILE_W, DP)
     else:
         row, col, first, tok, inside = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
         acc = _conv(x_ptr + b * s_xb + h * s_xh, s_xn, taps_ptr, s_tap, chan, first, row, col, grid_h, grid_w, offs_c,
@@ -127,7 +126,7 @@ def _forward_kernel(x_ptr, taps_ptr, b_ptr, r_ptr, o_ptr, num_prefix, grid_h, gr
             acc += tl.load(b_ptr + chan, mask=mc, other=0.0).to(tl.float32)[None, :]
         if HAS_RES:
             acc += load_tile(r_base, tok, offs_c, s_rn, inside, mc).to(tl.float32)
-        store_tile(o_base, tok, offs_c, s_on, inside, mc, acc, INTERPRET)
+        store_tile(o_base, tok, offs_c, s_on, inside, mc, acc)
 
 
 @triton.jit
@@ -140,7 +139,7 @@ def _accumulate(ptr, offs_c, value):
 def _backward_kernel(g_ptr, x_ptr, taps_ptr, dx_ptr, part_ptr, num_prefix, grid_h, grid_w, grid_items, items,
                      total, chunk, s_tap, s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, s_db, s_dh, s_dn,
                      D: tl.constexpr, DP: tl.constexpr, K: tl.constexpr, PER_HEAD: tl.constexpr,
-                     TILE_H: tl.constexpr, TILE_W: tl.constexpr, INTERPRET: tl.constexpr):
+                     TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     """dx for a chunk of the (batch, tile) items of one head, and the chunk's fp32 partials
     [dw tap 0 .. tap K*K-1 | dbias] (K*K + 1 rows of DP) at part[head, chunk], kept in place: a partial row
     is tiny and stays in this program's cache, so a load-add-store per item costs little."""
@@ -159,12 +158,12 @@ def _backward_kernel(g_ptr, x_ptr, taps_ptr, dx_ptr, part_ptr, num_prefix, grid_
         g_base = g_ptr + b * s_gb + h * s_gh
         dx_base = dx_ptr + b * s_db + h * s_dh
         if j == grid_items:
-            _prefix_rows(g_base, s_gn, dx_base, s_dn, num_prefix, offs_c, mc, False, TILE_H * TILE_W, DP, INTERPRET)
+            _prefix_rows(g_base, s_gn, dx_base, s_dn, num_prefix, offs_c, mc, False, TILE_H * TILE_W, DP)
         else:
             row, col, first, tok, inside = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
             dx = _conv(g_base, s_gn, taps_ptr, s_tap, chan, first, row, col, grid_h, grid_w, offs_c, mc, K, True,
                        TILE_H * TILE_W, DP)
-            store_tile(dx_base, tok, offs_c, s_dn, inside, mc, dx, INTERPRET)
+            store_tile(dx_base, tok, offs_c, s_dn, inside, mc, dx)
             g = load_tile(g_base, tok, offs_c, s_gn, inside, mc).to(tl.float32)
             _accumulate(part + K * K * DP, offs_c, tl.sum(g, axis=0))
             x_base = x_ptr + b * s_xb + h * s_xh
@@ -177,7 +176,7 @@ def _backward_kernel(g_ptr, x_ptr, taps_ptr, dx_ptr, part_ptr, num_prefix, grid_
 
 @triton.jit(do_not_specialize=["rows"])
 def _reduce_kernel(part_ptr, dw_ptr, db_ptr, rows, D: tl.constexpr, DP: tl.constexpr, K: tl.constexpr,
-                   BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
+                   BLOCK_R: tl.constexpr):
     """Row ``tap`` of the filter gradients of channel group g (a head, or all heads for a shared filter):
     the sum of its ``rows`` partials, stored as dw[g*D + c, tap] (dbias[g*D + c] for tap K*K)."""
     g = tl.program_id(0)
@@ -193,9 +192,9 @@ def _reduce_kernel(part_ptr, dw_ptr, db_ptr, rows, D: tl.constexpr, DP: tl.const
     mc = offs_c < D
     chan = g * D + offs_c
     if tap < K * K:
-        tl.store(dw_ptr + chan * (K * K) + tap, round_to(total, dw_ptr.dtype.element_ty, INTERPRET), mask=mc)
+        tl.store(dw_ptr + chan * (K * K) + tap, round_to(total, dw_ptr.dtype.element_ty), mask=mc)
     else:
-        tl.store(db_ptr + chan, round_to(total, db_ptr.dtype.element_ty, INTERPRET), mask=mc)
+        tl.store(db_ptr + chan, round_to(total, db_ptr.dtype.element_ty), mask=mc)
 
 
 # --- launchers ------------------------------------------------------------------------------
@@ -228,7 +227,7 @@ def _output_like(x: Tensor, residual: Optional[Tensor]) -> Tensor:
 
 def grid_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], num_prefix: int,
                       frames: int, grid_h: int, grid_w: int) -> Tensor:
-    """residual + conv(x) (residual None: 0), in x's dtype; arguments as checked by kernels.functional."""
+    """residual + conv(x) (residual None: 0), in x's dtype; arguments as checked by ``depthwise_conv_on_grid``."""
     b, h, _, d = x.shape
     x, s_xb, s_xh, s_xn = head_strides(x)
     out = _output_like(x, residual)
@@ -239,8 +238,7 @@ def grid_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], residua
     launch(_forward_kernel, (b * items, h), x, taps, bias.contiguous() if bias is not None else x, res, out,
            num_prefix, grid_h, grid_w, grid_items, items, taps.stride(0), s_xb, s_xh, s_xn, s_rb, s_rh, s_rn,
            out.stride(0), out.stride(1), out.stride(2), D=d, DP=pad_dim(d), K=weight.shape[-1],
-           PER_HEAD=weight.shape[0] == h * d, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-           INTERPRET=INTERPRET, **cfg)
+           PER_HEAD=weight.shape[0] == h * d, HAS_BIAS=bias is not None, HAS_RES=residual is not None, **cfg)
     return out
 
 
@@ -262,13 +260,13 @@ def grid_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     launch(_backward_kernel, (splits, h), grad, x, taps, dx, part, num_prefix, grid_h, grid_w, grid_items, items,
            total, chunk, taps.stride(0), s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, dx.stride(0), dx.stride(1),
            dx.stride(2), D=d, DP=dp, K=k, PER_HEAD=channels == h * d, TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"],
-           INTERPRET=INTERPRET, num_warps=cfg["num_warps"])
+           num_warps=cfg["num_warps"])
     dw, db = _filter_grads_like(weight, bias)
     groups = channels // d
     cfg = CONFIG["reduce"]
     launch(_reduce_kernel, (groups, k * k + (bias is not None)), part, dw, db if bias is not None else dw,
            h * splits // groups,
-           D=d, DP=dp, K=k, BLOCK_R=cfg["BLOCK_R"], INTERPRET=INTERPRET, num_warps=cfg["num_warps"])
+           D=d, DP=dp, K=k, BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["num_warps"])
     return dx, dw, db
 
 

@@ -32,7 +32,7 @@ dc per head, re-reading the tiles from cache.
 Precision: with 16-bit inputs the products run on 16-bit tensor-core operands. The state's product uses a
 hi + lo split of phi(k) (about 2^-16 relative); the output's phi(q) S rounds both operands once
 (OUTPUT_TERMS = 1: about 2^-9, the size of the output's own 16-bit rounding; 3 products would carry it to
-2^-16 and cost the output kernel 15-20% on an H200); gradient products round each operand once. fp32 inputs
+2^-16 at a measurable cost in the output kernel); gradient products round each operand once. fp32 inputs
 keep exact fp32 products.
 """
 import functools
@@ -53,9 +53,8 @@ from .reference import FOCUSED_EPS, LINEAR_EPS
 FOCUSED = 0      # FLatten: phi = focused map, O = phi(q) S / (phi(q) z)
 MALA = 1         # MALA: phi = ELU + 1, Y = beta phi(q) S - gamma sum v
 
-# Tile sizes and launch options per kernel: the fastest of bench_linear sweeps (bf16, 4 heads of 64, the three
-# sizes of bench_linear; per-kernel device times; H100, the forward's re-checked on an H200); bench_linear
-# overrides them for its sweep.
+# Tile sizes and launch options per kernel: the fastest of the sweeps of ``subquad bench --suite linear`` (bf16,
+# 4 heads of 64, the three standard sizes, per-kernel device times), which overrides them while it sweeps.
 CONFIG = {   # per_sm: programs per SM that the N-split of a (batch, head) kernel aims at
     "state": dict(BLOCK_N=32, num_warps=4, num_stages=3, per_sm=4),
     "output": dict(BLOCK_N=64, num_warps=4, num_stages=2, per_sm=8, max_tiles=8),          # MALA
@@ -69,12 +68,12 @@ CONFIG = {   # per_sm: programs per SM that the N-split of a (batch, head) kerne
 }
 # 16-bit products per output phi(q) @ S (dot_terms): 1 rounds phi(q) and S once each (about 2^-9, the output's
 # own bf16 rounding; bf16 MALA/FLatten outputs then lie ~3e-3 from float64); 3 carries S to about 2^-16
-# (~5e-6). H200, 128x128 B4: MALA output kernel 25 us with 1, 33 us with 3.
+# (~5e-6) at about a third more time in the output kernel.
 OUTPUT_TERMS = 1
 NORMS_TILE = 8192      # elements of one (tokens, heads, channels) tile of the norms kernel
 # A padded head_dim over 64 (DiT's 72 -> 128): tiles of at most 32 tokens (a kernel's wide_block_n where it
-# has one) and at least 8 warps. H100, H=16, d=72, N=1024, B=8, bf16: FLatten's query backward 1.93 ms with
-# 32 tokens, 0.76 ms with 16; its output kernel 0.27 ms with 32, 0.34 ms with 16.
+# has one) and at least 8 warps: wider tiles spill registers there (FLatten's query backward is fastest at 16
+# tokens, its output kernel at 32).
 WIDE = dict(max_block_n=32, min_warps=8)
 
 
@@ -238,7 +237,7 @@ def _load_scale(c_ptr, h, offs_c, mc, D: tl.constexpr, DP: tl.constexpr, FEATURE
 
 @triton.jit
 def _load_reduced(base, offs_c, offs_v, inv_n, scale_d, DT: tl.constexpr, FEATURE: tl.constexpr, DP: tl.constexpr,
-                  DVP: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+                  DVP: tl.constexpr, LOWP: tl.constexpr):
     """A reduced [M (d x dv) | a (d) | b (dv)] record at ``base`` as means over the N keys: M (times
     1/sqrt(d) for MALA) split for dot_split, a and b."""
     m = tl.load(base + offs_c[:, None] * DVP + offs_v[None, :])
@@ -246,7 +245,7 @@ def _load_reduced(base, offs_c, offs_v, inv_n, scale_d, DT: tl.constexpr, FEATUR
         m = m * inv_n
     else:
         m = m * (scale_d * inv_n)
-    m_hi, m_lo = split_operand(m, DT, LOWP, INTERPRET)
+    m_hi, m_lo = split_operand(m, DT, LOWP)
     a = tl.load(base + DP * DVP + offs_c) * inv_n
     b = tl.load(base + DP * DVP + DP + offs_v) * inv_n
     return m_hi, m_lo, a, b
@@ -254,10 +253,10 @@ def _load_reduced(base, offs_c, offs_v, inv_n, scale_d, DT: tl.constexpr, FEATUR
 
 @triton.jit
 def _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT: tl.constexpr, FEATURE: tl.constexpr,
-                DP: tl.constexpr, DVP: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+                DP: tl.constexpr, DVP: tl.constexpr, LOWP: tl.constexpr):
     """This (batch, head)'s reduced [S | ksum | vsum]: (S hi, S lo, kbar, vbar)."""
     return _load_reduced(state_ptr + bh * (DP * DVP + DP + DVP), offs_c, offs_v, inv_n, scale_d, DT, FEATURE, DP,
-                         DVP, LOWP, INTERPRET)
+                         DVP, LOWP)
 
 
 @triton.jit
@@ -292,10 +291,10 @@ def _rotate(x, cos, sin, BLOCK_N: tl.constexpr, DP: tl.constexpr, INVERSE: tl.co
 
 @triton.jit
 def _load_grad_state(grads_ptr, bh, inv_n, scale_d, FEATURE: tl.constexpr, DT: tl.constexpr, DP: tl.constexpr,
-                     DVP: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+                     DVP: tl.constexpr, LOWP: tl.constexpr):
     """The reduced [dS | dz | dvbar] of one head, scaled as the forward scaled S: (dS hi, dS lo, dz, dvbar)."""
     return _load_reduced(grads_ptr + bh * (DP * DVP + 2 * DP + DVP), tl.arange(0, DP), tl.arange(0, DVP), inv_n,
-                         scale_d, DT, FEATURE, DP, DVP, LOWP, INTERPRET)
+                         scale_d, DT, FEATURE, DP, DVP, LOWP)
 
 
 # --- kernels --------------------------------------------------------------------------------
@@ -345,7 +344,7 @@ def _state_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, trig_ptr, part_ptr,
                   N, H, chunk, p, eps, num_prefix, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                   FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
                   D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                  BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+                  BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
     """Partial [S = sum_j rot(phi(k_j))^T v_j | sum_j phi(k_j) | sum_j v_j] over one chunk of tokens.
     The two sums accumulate per token row and are reduced once, after the loop."""
     bh = tl.program_id(0)
@@ -376,7 +375,7 @@ def _state_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, trig_ptr, part_ptr,
         if ROPE:
             cos, sin = _rope_cos_sin(trig_ptr, offs_n, mn, num_prefix, grid_h, grid_w, DP // 2)
             phi = _rotate(phi, cos, sin, BLOCK_N, DP, False)
-        acc += dot_split_a(tl.trans(phi), vt, DT, LOWP, INTERPRET)
+        acc += dot_split_a(tl.trans(phi), vt, DT, LOWP)
     base = part_ptr + (bh * tl.num_programs(1) + split) * (DP * DVP + DP + DVP)
     tl.store(base + offs_c[:, None] * DVP + offs_v[None, :], acc)
     tl.store(base + DP * DVP + offs_c, tl.sum(ksum, axis=0))
@@ -388,7 +387,7 @@ def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
                    grid_h, grid_w, inv_n, scale_d, lin_eps, s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
                    FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
                    D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, TERMS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+                   BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
     """The output of one chunk of queries of one head from the reduced state: FLatten's O (keeping its
     normaliser den (B*h, N) for the backward's g.w) or MALA's Y."""
     bh = tl.program_id(0)
@@ -399,7 +398,7 @@ def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
     mc, mv = offs_c < D, offs_v < DV
     c = _load_scale(c_ptr, h, offs_c, mc, D, DP, FEATURE)
     state_hi, state_lo, kbar, vbar = _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT, FEATURE,
-                                                 DP, DVP, LOWP, INTERPRET)
+                                                 DP, DVP, LOWP)
     q_base = q_ptr + b * s_qb + h * s_qh
     o_base = o_ptr + b * s_ob + h * s_oh
     lo = tl.program_id(1) * chunk
@@ -412,16 +411,16 @@ def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
         phi = _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT)
         if FEATURE == 0:
             den = tl.sum(phi * kbar[None, :], axis=1) + lin_eps
-            out = dot_terms(phi, state_hi, state_lo, DT, TERMS, LOWP, INTERPRET) * (1.0 / den)[:, None]
+            out = dot_terms(phi, state_hi, state_lo, DT, TERMS, LOWP) * (1.0 / den)[:, None]
             tl.store(den_ptr + bh * N + offs_n, den, mask=mn)
         else:
             s = tl.sum(phi * kbar[None, :], axis=1) * scale_d
             if ROPE:
                 cos, sin = _rope_cos_sin(trig_ptr, offs_n, mn, num_prefix, grid_h, grid_w, DP // 2)
                 phi = _rotate(phi, cos, sin, BLOCK_N, DP, False)
-            a = dot_terms(phi, state_hi, state_lo, DT, TERMS, LOWP, INTERPRET)
+            a = dot_terms(phi, state_hi, state_lo, DT, TERMS, LOWP)
             out = a * (1.0 + 1.0 / (s + lin_eps))[:, None] - s[:, None] * vbar[None, :]
-        store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out, INTERPRET)
+        store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out)
 
 
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
@@ -430,7 +429,7 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_
                        s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_db, s_dh, s_dn,
                        FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
                        D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                       BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+                       BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
     """Query side: dq (FLatten: with the per-token g.w of _query_gw_kernel), and partial
     [dS (d x dv) | dz (d) | dvbar (dv) | dc (d)] over one chunk."""
     bh = tl.program_id(0)
@@ -442,7 +441,7 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_
     mc, mv = offs_c < D, offs_v < DV
     c = _load_scale(c_ptr, h, offs_c, mc, D, DP, FEATURE)
     state_hi, state_lo, kbar, vbar = _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT, FEATURE,
-                                                 DP, DVP, LOWP, INTERPRET)
+                                                 DP, DVP, LOWP)
     q_base = q_ptr + b * s_qb + h * s_qh
     g_base = do_ptr + b * s_gb + h * s_gh
     dq_base = dq_ptr + b * s_db + h * s_dh
@@ -461,13 +460,13 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_
         phi = tl.where(mn[:, None], _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT), 0.0)
         if FEATURE == 0:
             den = tl.sum(phi * kbar[None, :], axis=1) + lin_eps
-            out = dot_split(phi, state_hi, state_lo, DT, LOWP, INTERPRET) / den[:, None]
+            out = dot_split(phi, state_hi, state_lo, DT, LOWP) / den[:, None]
             d_num = g / den[:, None]
             d_den = -tl.sum(g * out, axis=1) / den
-            d_phi = (dot_split(d_num, tl.trans(state_hi), tl.trans(state_lo), DT, LOWP, INTERPRET)
+            d_phi = (dot_split(d_num, tl.trans(state_hi), tl.trans(state_lo), DT, LOWP)
                      + d_den[:, None] * kbar[None, :])
-            d_num_hi, d_num_lo = split_operand(d_num, DT, LOWP, INTERPRET)
-            acc_state += dot_split(tl.trans(phi), d_num_hi, d_num_lo, DT, LOWP, INTERPRET)
+            d_num_hi, d_num_lo = split_operand(d_num, DT, LOWP)
+            acc_state += dot_split(tl.trans(phi), d_num_hi, d_num_lo, DT, LOWP)
             acc_k += d_den[:, None] * phi
             gw = tl.load(gw_ptr + b * N + offs_n, mask=mn, other=0.0)
             dx, dc = _focused_backward(d_phi, gw, x, c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT)
@@ -479,19 +478,19 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_
             if ROPE:
                 cos, sin = _rope_cos_sin(trig_ptr, offs_n, mn, num_prefix, grid_h, grid_w, DP // 2)
                 rot = _rotate(phi, cos, sin, BLOCK_N, DP, False)
-            a = dot_split(rot, state_hi, state_lo, DT, LOWP, INTERPRET)
+            a = dot_split(rot, state_hi, state_lo, DT, LOWP)
             d_a = g * (1.0 + inv_s)[:, None]
             d_s = -tl.sum(g * a, axis=1) * inv_s * inv_s - tl.sum(g * vbar[None, :], axis=1)
-            d_rot = dot_split(d_a, tl.trans(state_hi), tl.trans(state_lo), DT, LOWP, INTERPRET)
+            d_rot = dot_split(d_a, tl.trans(state_hi), tl.trans(state_lo), DT, LOWP)
             if ROPE:
                 d_rot = _rotate(d_rot, cos, sin, BLOCK_N, DP, True)
             d_phi = d_rot + (d_s * scale_d)[:, None] * kbar[None, :]
-            d_a_hi, d_a_lo = split_operand(d_a, DT, LOWP, INTERPRET)
-            acc_state += dot_split(tl.trans(rot), d_a_hi, d_a_lo, DT, LOWP, INTERPRET)
+            d_a_hi, d_a_lo = split_operand(d_a, DT, LOWP)
+            acc_state += dot_split(tl.trans(rot), d_a_hi, d_a_lo, DT, LOWP)
             acc_k += d_s[:, None] * phi
             acc_v -= s[:, None] * g
             dx = d_phi * tl.where(x > 0, 1.0, phi)
-        store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dx, INTERPRET)
+        store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dx)
     part = part_ptr + (bh * tl.num_programs(1) + split) * (DP * DVP + 2 * DP + DVP)
     tl.store(part + offs_c[:, None] * DVP + offs_v[None, :], acc_state)
     if FEATURE == 0:
@@ -507,7 +506,7 @@ def _backward_k_kernel(k_ptr, v_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr,
                        N, H, chunk, num_prefix, grid_h, grid_w, inv_n, scale_d,
                        s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
                        ROPE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                       BLOCK_N: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+                       BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
     """MALA's key side: dk, dv of one chunk of one head from the reduced [dS | dz | dvbar]."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -517,7 +516,7 @@ def _backward_k_kernel(k_ptr, v_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr,
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
     d_state_hi, d_state_lo, d_ksum, d_vsum = _load_grad_state(grads_ptr, bh, inv_n, scale_d, 1, DT, DP, DVP,
-                                                              LOWP, INTERPRET)
+                                                              LOWP)
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
     dk_base = dk_ptr + b * s_dkb + h * s_dkh
@@ -530,31 +529,31 @@ def _backward_k_kernel(k_ptr, v_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr,
         x = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
         vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
         phi = tl.where(mc[None, :], tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)
-        d_rot = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP, INTERPRET)
+        d_rot = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP)
         rot = phi
         if ROPE:
             cos, sin = _rope_cos_sin(trig_ptr, offs_n, mn, num_prefix, grid_h, grid_w, DP // 2)
             rot = _rotate(phi, cos, sin, BLOCK_N, DP, False)
             d_rot = _rotate(d_rot, cos, sin, BLOCK_N, DP, True)
         d_phi = d_rot + d_ksum[None, :]
-        dv = dot_split(rot, d_state_hi, d_state_lo, DT, LOWP, INTERPRET) + d_vsum[None, :]
+        dv = dot_split(rot, d_state_hi, d_state_lo, DT, LOWP) + d_vsum[None, :]
         dx = d_phi * tl.where(x > 0, 1.0, phi)
-        store_tile(dk_base, offs_n, offs_c, s_dkn, mn, mc, dx, INTERPRET)
-        store_tile(dv_base, offs_n, offs_v, s_dvn, mn, mv, dv, INTERPRET)
+        store_tile(dk_base, offs_n, offs_c, s_dkn, mn, mc, dx)
+        store_tile(dv_base, offs_n, offs_v, s_dvn, mn, mv, dv)
 
 
 @triton.jit
 def _focused_key_head(c_ptr, grads_ptr, k_head, v_head, bh, h, offs_n, mn, offs_c, mc, offs_v, mv, s_kn, s_vn, p,
                       eps, inv_n, inv_m, norm_r, norm_rp, DT: tl.constexpr, P_INT: tl.constexpr, D: tl.constexpr,
-                      DP: tl.constexpr, DVP: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+                      DP: tl.constexpr, DVP: tl.constexpr, LOWP: tl.constexpr):
     """One head of a key tile in FLatten's key backward: its scale, keys x, features phi, the gradient
     d phi = dS v + dz reaching them, and the state gradient dS (hi, lo)."""
     inv_c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
-    d_state_hi, d_state_lo, d_ksum, _ = _load_grad_state(grads_ptr, bh, inv_n, 1.0, 0, DT, DP, DVP, LOWP, INTERPRET)
+    d_state_hi, d_state_lo, d_ksum, _ = _load_grad_state(grads_ptr, bh, inv_n, 1.0, 0, DT, DP, DVP, LOWP)
     x = load_tile(k_head, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
     vt = load_tile(v_head, offs_n, offs_v, s_vn, mn, mv)
     phi = _feature(x, inv_c, mc, p, eps, inv_m, norm_r, norm_rp, 0, P_INT)
-    d_phi = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP, INTERPRET) + d_ksum[None, :]
+    d_phi = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP) + d_ksum[None, :]
     return inv_c, x, phi, d_phi, d_state_hi, d_state_lo
 
 
@@ -562,8 +561,7 @@ def _focused_key_head(c_ptr, grads_ptr, k_head, v_head, bh, h, offs_n, mn, offs_
 def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, dv_ptr, dc_ptr, N, H, p, eps, inv_n,
                                s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
                                P_INT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
-                               DVP: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
-                               INTERPRET: tl.constexpr):
+                               DVP: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
     """FLatten's key side for a tile of tokens over all heads: first the keys' whole-token
     g.w = sum_h phi_h(k_j) . (dS_h v_j + dz_h) / M / ||r_j|| (one pass over the heads), then per head dk, dv
     and a partial dc (B, tiles, H, DP). The second pass re-reads the tiles it has just read (from cache)."""
@@ -582,17 +580,17 @@ def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, 
     for h in range(H):
         inv_c, x, phi, d_phi, d_state_hi, d_state_lo = _focused_key_head(
             c_ptr, grads_ptr, k_base + h * s_kh, v_base + h * s_vh, b * H + h, h, offs_n, mn, offs_c, mc, offs_v, mv,
-            s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP, INTERPRET)
+            s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP)
         gw += tl.sum(phi * d_phi, axis=1)
     gw = gw / norm_r
     for h in range(H):
         inv_c, x, phi, d_phi, d_state_hi, d_state_lo = _focused_key_head(
             c_ptr, grads_ptr, k_base + h * s_kh, v_base + h * s_vh, b * H + h, h, offs_n, mn, offs_c, mc, offs_v, mv,
-            s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP, INTERPRET)
-        dv = dot_split(phi, d_state_hi, d_state_lo, DT, LOWP, INTERPRET)
+            s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP)
+        dv = dot_split(phi, d_state_hi, d_state_lo, DT, LOWP)
         dx, dc = _focused_backward(d_phi, gw, x, inv_c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT)
-        store_tile(dk_ptr + b * s_dkb + h * s_dkh, offs_n, offs_c, s_dkn, mn, mc, dx, INTERPRET)
-        store_tile(dv_ptr + b * s_dvb + h * s_dvh, offs_n, offs_v, s_dvn, mn, mv, dv, INTERPRET)
+        store_tile(dk_ptr + b * s_dkb + h * s_dkh, offs_n, offs_c, s_dkn, mn, mc, dx)
+        store_tile(dv_ptr + b * s_dvb + h * s_dvh, offs_n, offs_v, s_dvn, mn, mv, dv)
         tl.store(dc_ptr + ((b * tl.num_programs(1) + tile) * H + h) * DP + offs_c,
                  tl.sum(tl.where(mn[:, None], dc, 0.0), axis=0))
 
@@ -735,14 +733,14 @@ def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: 
         splits, chunk = _splits(cfg, opts, b * h, n, q.device)
         launch(_backward_k_kernel, (b * h, splits), k, v, trig, grads, dk, dv, n, h, chunk, num_prefix, rope_h,
                rope_w, 1.0 / n, d ** -0.5, *strides, ROPE=meta["ROPE"], D=d, DV=d_v, DP=dp, DVP=dvp,
-               LOWP=meta["LOWP"], INTERPRET=meta["INTERPRET"], **opts)
+               LOWP=meta["LOWP"], **opts)
         return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
     opts = _launch_opts(CONFIG["focused_bwd_k"], meta)
     tiles = cdiv(n, opts["BLOCK_N"])
     part_c = q.new_empty(b, tiles, h, dp, dtype=torch.float32)
     launch(_focused_backward_k_kernel, (b, tiles), k, v, c, norms[1], grads, dk, dv, part_c, n, h, float(p),
            FOCUSED_EPS, 1.0 / n, *strides, P_INT=meta["P_INT"], D=d, DV=d_v, DP=dp, DVP=dvp, LOWP=meta["LOWP"],
-           INTERPRET=meta["INTERPRET"], **opts)
+           **opts)
     dc = grads[:, dp * dvp + dp + dvp:].reshape(b, h, dp).sum(0) + part_c.sum((0, 1))
     return dq, dk, dv, dc[:, :d]
 

@@ -338,11 +338,10 @@ def default_config(grid: tuple[int, int], kernel_size: int, dilation: int, head_
     """Tile shapes and launch options per kernel: "fwd" and "bwd_q" (query tile TH x TW, key blocks
     KH x KW), "bwd_kv" (key tile TH x TW, query blocks QH x QW).
 
-    Measured on an H100 (bf16, d = 64, 56x56 k7 to 256x256 k21): 8 x 8 query and key tiles with 4 warps
-    beat larger tiles (56x56 B32 k7 forward: 8x8 0.122 ms, 8x16 0.181 ms, 16x16 0.311 ms), since a small
-    tile wastes least of its key rectangle (8 + k - 1 on a side). The key blocks are 8 x 8 or 4 x 16,
-    whichever pads that rectangle less (k21: 28 x 32 instead of 32 x 32 keys, 0.225 -> 0.208 ms forward).
-    dK/dV programs take 8 x 16 query blocks with 16-bit inputs (k21: backward 0.82 -> 0.71 ms). The
+    From sweeps in bf16, d = 64, 56x56 k7 to 256x256 k21: 8 x 8 query and key tiles with 4 warps beat
+    larger tiles, since a small tile wastes least of its key rectangle (8 + k - 1 on a side). The key blocks
+    are 8 x 8 or 4 x 16, whichever pads that rectangle less (k21: 28 x 32 instead of 32 x 32 keys).
+    dK/dV programs take 8 x 16 query blocks with 16-bit inputs. The
     pipeline is as deep as fits in ~160 KB of shared memory (at most 3 stages forward, 2 backward)."""
     elem = torch.finfo(dtype).bits // 8
     d = max(16, triton.next_power_of_2(head_dim))

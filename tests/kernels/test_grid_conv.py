@@ -1,12 +1,27 @@
-"""depthwise_conv_on_grid: the reference against a brute force written with explicit loops over the filter
-taps (no F.conv2d), in float64, forward and gradients; the argument checks of the functional entry point."""
+"""Depthwise conv on the grid (kernels/grid_conv): the reference against a brute force, the Triton kernels
+against the reference.
+
+depthwise_conv_on_grid: the reference against a brute force written with explicit loops over the filter
+taps (no F.conv2d), in float64, forward and gradients; the argument checks of the functional entry point.
+
+The Triton backend of depthwise_conv_on_grid (kernels/triton/grid_conv.py) against the reference.
+
+The ground truth is the reference evaluated in float64 on the same inputs (16-bit values upcast). CPU tests
+run the kernels under TRITON_INTERPRET=1 (tests/conftest.py) with small shapes; the `gpu` tests use real
+sizes and a fuzz over random configurations. Fresh allocations are filled with NaN, so an output element
+that a kernel forgets to write fails the comparison.
+"""
 import math
+import random
 
 import pytest
 import torch
 
 from subquad.kernels import available_backends, depthwise_conv_on_grid
-from subquad.kernels.core.testing import assert_rel_close
+from subquad.kernels.core.testing import REL_TOL, assert_compiles_to_the_same, assert_rel_close, relative_error
+
+
+# --- the reference against a brute force ----------------------------------------------------------
 
 
 def brute_force(x, weight, bias, grid, num_prefix, residual=None):
@@ -98,3 +113,213 @@ def test_bad_arguments_raise(backend, change, message):
     x, weight, bias = args.pop("x"), args.pop("weight"), args.pop("bias")
     with pytest.raises(ValueError, match=message):
         depthwise_conv_on_grid(x, weight, bias, backend=backend, **args)
+
+
+# --- the Triton kernels against the reference -----------------------------------------------------
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """torch.empty, torch.empty_like and Tensor.new_empty return NaN-filled floating point tensors."""
+    def poison(make):
+        def wrapped(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return wrapped
+
+    for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")):
+        monkeypatch.setattr(owner, name, poison(getattr(owner, name)))
+
+
+def _inputs(b, h, grid, num_prefix, d, k, shared, dtype, device, bias=True, residual=True, strided=False,
+            param_dtype=torch.float32):
+    """x, weight, bias, residual; ``strided``: x and the residual as (B, N, h, d)-layout views with unit channel
+    stride (x is one third of a qkv projection, as in the modules)."""
+    n = num_prefix + math.prod(grid)
+    if strided:
+        x = torch.randn(b, n, 3, h, d, device=device).to(dtype)[:, :, 2].transpose(1, 2)
+        res = torch.randn(b, n, h, d, device=device).to(dtype).transpose(1, 2)
+    else:
+        x, res = (torch.randn(b, h, n, d, device=device).to(dtype) for _ in range(2))
+    channels = d if shared else h * d
+    weight = torch.randn(channels, 1, k, k, device=device).to(param_dtype)
+    return [x, weight, torch.randn(channels, device=device).to(param_dtype) if bias else None,
+            res if residual else None]
+
+
+def check_against_reference(b, h, grid, num_prefix, d, k, shared, dtype, device="cpu", **opts):
+    """Forward and the gradients of x, weight, bias and residual (those given) of backend="triton" vs the
+    float64 reference; returns the list of (what, error, tolerance) that failed."""
+    inputs = _inputs(b, h, grid, num_prefix, d, k, shared, dtype, torch.device(device), **opts)
+    names = [n for n, t in zip(("dx", "dweight", "dbias", "dresidual"), inputs) if t is not None]
+    leaves = [t.requires_grad_() for t in inputs if t is not None]
+    x, weight, bias, res = inputs
+    out = depthwise_conv_on_grid(x, weight, bias, grid=grid, num_prefix=num_prefix, residual=res, backend="triton")
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad)
+
+    ref_inputs = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    ref_leaves = [t for t in ref_inputs if t is not None]
+    ref = depthwise_conv_on_grid(*ref_inputs[:3], grid=grid, num_prefix=num_prefix, residual=ref_inputs[3],
+                                 backend="reference")
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
+
+    tol = REL_TOL[dtype]
+    failed = []
+    for what, a, e, leaf in zip(["out", *names], [out, *grads], [ref, *ref_grads], [x, *leaves]):
+        assert a.dtype == leaf.dtype, what
+        err = relative_error(a, e)
+        if not err < tol:
+            failed.append((what, err, tol))
+    return failed
+
+
+CPU_CASES = [  # batch, heads, grid, prefix, head_dim, kernel, shared filter, dtype, options
+    (2, 2, (5, 7), 1, 16, 3, False, torch.float32, dict()),                        # agent: C = h*d, k = 3
+    (1, 3, (3, 9), 4, 24, 5, True, torch.bfloat16, dict()),                        # FLatten: C = d, padded d
+    (2, 2, (1, 6), 0, 16, 5, False, torch.float32, dict()),                        # MALA's LePE: C = h*d, k = 5
+    (1, 2, (2, 3, 5), 1, 16, 3, False, torch.bfloat16, dict()),                    # video: per frame
+    (1, 2, (2, 3, 5), 0, 16, 5, True, torch.float32, dict()),
+    (1, 2, (4, 4), 1, 72, 7, False, torch.float32, dict()),                        # k = 7 > grid, d = 72
+    (2, 1, (11, 19), 1, 16, 3, False, torch.float32, dict()),                      # 2 x 3 tiles per frame
+    (1, 2, (9, 10), 2, 16, 5, True, torch.bfloat16, dict()),                       # 2 x 2 tiles, shared filter
+    (2, 2, (5, 7), 1, 16, 3, False, torch.bfloat16, dict(bias=False, residual=False)),
+    (1, 2, (6, 5), 0, 24, 5, True, torch.float32, dict(bias=False)),
+    (1, 3, (3, 4), 1, 16, 3, False, torch.float32, dict(residual=False)),
+    (1, 2, (5, 7), 1, 16, 3, False, torch.float16, dict()),
+    (2, 2, (4, 6), 1, 16, 3, False, torch.bfloat16, dict(strided=True)),           # qkv view, (B, N, h, d) residual
+    (1, 2, (5, 3), 1, 16, 5, True, torch.bfloat16, dict(param_dtype=torch.bfloat16)),
+]
+
+
+@pytest.mark.parametrize("b,h,grid,num_prefix,d,k,shared,dtype,opts", CPU_CASES)
+def test_triton_matches_reference_cpu(poisoned, b, h, grid, num_prefix, d, k, shared, dtype, opts):
+    assert check_against_reference(b, h, grid, num_prefix, d, k, shared, dtype, **opts) == []
+
+
+@pytest.mark.parametrize("tile", [(4, 16), (16, 8)])
+def test_other_tile_shapes_cpu(poisoned, monkeypatch, tile):
+    """Tile shapes other than the default (the benchmark's sweep tries them) cover the same grid."""
+    from subquad.kernels.grid_conv.triton import CONFIG
+    for key in ("forward", "backward"):
+        monkeypatch.setitem(CONFIG, key, dict(CONFIG[key], TILE_H=tile[0], TILE_W=tile[1]))
+    assert check_against_reference(2, 2, (9, 17), 1, 16, 3, False, torch.float32) == []
+
+
+def test_output_takes_the_residual_layout():
+    x, weight, bias, res = _inputs(1, 2, (3, 4), 1, 16, 3, False, torch.float32, "cpu", strided=True)
+    out = depthwise_conv_on_grid(x, weight, bias, grid=(3, 4), num_prefix=1, residual=res, backend="triton")
+    assert out.stride() == res.stride()
+
+
+def test_gradients_of_a_subset():
+    """Only the inputs that need a gradient get one (frozen x, residual without grad)."""
+    x, weight, bias, res = _inputs(1, 2, (3, 4), 1, 16, 3, False, torch.float32, "cpu")
+    weight.requires_grad_()
+    out = depthwise_conv_on_grid(x, weight, bias, grid=(3, 4), num_prefix=1, residual=res, backend="triton")
+    (dw,) = torch.autograd.grad(out, weight, torch.ones_like(out))
+    want = depthwise_conv_on_grid(x, weight, bias, grid=(3, 4), num_prefix=1, residual=res, backend="reference")
+    assert relative_error(dw, torch.autograd.grad(want, weight, torch.ones_like(want))[0]) < 1e-5
+
+
+def test_no_grad_forward_has_no_autograd_node():
+    x, weight, bias, res = (t.requires_grad_() for t in _inputs(1, 2, (3, 4), 1, 16, 3, True, torch.float32, "cpu"))
+    with torch.no_grad():
+        out = depthwise_conv_on_grid(x, weight, bias, grid=(3, 4), num_prefix=1, residual=res, backend="triton")
+        want = depthwise_conv_on_grid(x, weight, bias, grid=(3, 4), num_prefix=1, residual=res, backend="reference")
+    assert out.grad_fn is None and relative_error(out, want) < 1e-6
+
+
+def test_float64_is_the_reference_only():
+    """The kernels compute in fp32: float64 named for Triton is an error saying so; unnamed, the reference runs."""
+    x, weight, bias, res = _inputs(1, 2, (3, 4), 1, 8, 3, False, torch.float64, "cpu", param_dtype=torch.float64)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        depthwise_conv_on_grid(x, weight, bias, grid=(3, 4), num_prefix=1, residual=res, backend="triton")
+    torch.testing.assert_close(depthwise_conv_on_grid(x, weight, bias, grid=(3, 4), num_prefix=1, residual=res),
+                               depthwise_conv_on_grid(x, weight, bias, grid=(3, 4), num_prefix=1, residual=res,
+                                                      backend="reference"))
+
+
+def test_custom_op_registration():
+    """Schema, fake (meta) implementation and autograd registration, checked by torch.library.opcheck."""
+    x, weight, bias, res = (t.requires_grad_() for t in _inputs(1, 2, (3, 4), 1, 16, 3, False, torch.float32, "cpu"))
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.subquad.grid_conv.default, (x, weight, bias, res, 1, 1, 3, 4), test_utils=utils)
+    torch.library.opcheck(torch.ops.subquad.grid_conv.default, (x, weight, None, None, 0, 1, 1, 13), test_utils=utils)
+    torch.library.opcheck(torch.ops.subquad.grid_conv_backward.default,
+                          (torch.randn_like(x), x.detach(), weight.detach(), bias.detach(), 1, 1, 3, 4),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph_cpu():
+    """torch.compile(fullgraph=True) traces through the custom op (fake tensors) and its autograd formula."""
+    inputs = [t.requires_grad_() for t in _inputs(1, 2, (2, 3, 4), 1, 16, 5, True, torch.float32, "cpu")]
+
+    def fn(x, weight, bias, res):
+        return depthwise_conv_on_grid(x, weight, bias, grid=(2, 3, 4), num_prefix=1, residual=res, backend="triton")
+
+    assert_compiles_to_the_same(fn, *inputs)
+
+
+USES = [(3, False), (5, True), (5, False)]    # (kernel, shared filter): agent's DWC, FLatten's DWC, MALA's LePE
+
+
+REAL_SIZES = [(32, (56, 56), 1), (1, (256, 256), 1)]       # batch, grid, prefix tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,grid,num_prefix", REAL_SIZES)
+@pytest.mark.parametrize("k,shared", USES)
+def test_gpu_real_sizes(poisoned, k, shared, b, grid, num_prefix, dtype):
+    assert check_against_reference(b, 4, grid, num_prefix, 64, k, shared, dtype, device="cuda") == []
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph():
+    inputs = [t.requires_grad_() for t in _inputs(2, 4, (14, 14), 1, 64, 3, False, torch.float32, "cuda")]
+
+    def fn(x, weight, bias, res):
+        return depthwise_conv_on_grid(x, weight, bias, grid=(14, 14), num_prefix=1, residual=res, backend="triton")
+
+    assert_compiles_to_the_same(fn, *inputs)
+
+
+@pytest.mark.gpu
+def test_gpu_fuzz(poisoned):
+    """200 random configurations (batch, heads, image or video grid, prefix, use, dtype): zero failures.
+    Head dims stay at 64 and bias and residual are always given, so that the kernels compile a handful of
+    times (the CPU tests cover padded dims, no bias, no residual)."""
+    rng = random.Random(1234)
+    failures = []
+    for i in range(200):
+        k, shared = rng.choice(USES)
+        if rng.random() < 0.2:
+            grid = (rng.randint(2, 3), rng.randint(1, 12), rng.randint(1, 12))
+        else:
+            grid = (rng.randint(1, 40), rng.randint(1, 40))
+        config = dict(b=rng.randint(1, 3), h=rng.randint(1, 4), grid=grid, num_prefix=rng.choice([0, 0, 1, 4]),
+                      d=64, k=k, shared=shared, dtype=rng.choice([torch.float32, torch.bfloat16]))
+        torch.manual_seed(i)
+        failed = check_against_reference(device="cuda", **config)
+        if failed:
+            failures.append((config, failed))
+    assert not failures, f"{len(failures)} of 200 configurations failed: {failures[:5]}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared, expected", [(False, "triton"), (True, "reference")])
+def test_gpu_default_backend_by_filter(monkeypatch, shared, expected):
+    """On CUDA the default is the Triton kernel for per-channel filters and the reference (cudnn) for filters
+    shared by the heads, whose Triton backward measured slower."""
+    from subquad.kernels import backends
+    calls = []
+    for name in ("triton", "reference"):
+        impl = backends._BACKENDS["depthwise_conv_on_grid"][name]
+        monkeypatch.setitem(backends._BACKENDS["depthwise_conv_on_grid"], name,
+                            lambda *a, _impl=impl, _name=name: calls.append(_name) or _impl(*a))
+    h, d = 4, 64
+    x = torch.randn(2, h, 1 + 14 * 14, d, device="cuda")
+    weight = torch.randn(d if shared else h * d, 1, 5, 5, device="cuda")
+    depthwise_conv_on_grid(x, weight, None, grid=(14, 14), num_prefix=1)
+    assert calls == [expected]
