@@ -10,8 +10,10 @@ from .loglinear import LogLinearSparseAttention
 from .mala import MagnitudeAwareLinearAttention
 from .neighborhood import NeighborhoodAttention
 from .radial import RadialAttention
-from .registry import build, canonical_name, get, list, names, register
+from .registry import build, canonical_name, get, list, names, register, register_standalone, standalone_names
+from .rope_softmax import RoPESoftmaxAttention
 from .softmax import SoftmaxAttention
+from .window import WindowAttention
 
 __all__ = [
     "AgentAttention",
@@ -21,11 +23,15 @@ __all__ = [
     "MagnitudeAwareLinearAttention",
     "NeighborhoodAttention",
     "RadialAttention",
+    "RoPESoftmaxAttention",
     "SoftmaxAttention",
+    "WindowAttention",
     "build",
     "canonical_name",
     "get",
     "list",
     "names",
     "register",
+    "register_standalone",
+    "standalone_names",
 ]

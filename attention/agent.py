@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import checks
-from ..kernels.functional import agent_attention, depthwise_conv_on_grid
+from ..kernels import agent_attention, checks, depthwise_conv_on_grid
 from .base import GridAttention
 from .grid_maps import depthwise_conv, resize_map
 from .registry import register
@@ -20,7 +19,8 @@ class AgentAttention(GridAttention):
     Options (the paper's defaults): ``num_agents`` = a*a agent tokens pooled from the grid
     queries (49); ``bias_grid``: the grid on which the row/column agent biases are defined (14x14,
     a 224px image at patch 16); ``dwc_kernel_size`` (3). Each bias is a per-head, per-agent 7x7
-    map resized to the grid plus row and column terms; prefix tokens get their own term.
+    map resized to the grid plus row and column terms; prefix tokens get their own term, unless
+    ``prefix_bias=False`` (the official Agent-Swin/PVT, which have no prefix tokens).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *, num_agents: int = 49,

@@ -1,4 +1,9 @@
-"""Attention families by name: ``build("mala", dim=384, num_heads=6)``."""
+"""Attention modules by name: ``build("mala", dim=384, num_heads=6)``.
+
+The families' names and aliases are their records' (``subquad.kernels.families()``). A few modules
+are no kernel family (Swin's shifted windows, MAViT's RoPE softmax blocks): they are registered
+apart as standalone modules, built by name the same way, and not listed among the families.
+"""
 from __future__ import annotations
 
 import builtins
@@ -6,44 +11,66 @@ from typing import Callable
 
 from torch import nn
 
-_FAMILIES: dict[str, type[nn.Module]] = {}
-_ALIASES: dict[str, str] = {}
+from ..kernels import families, family
+
+_MODULES: dict[str, type[nn.Module]] = {}
+_STANDALONE: dict[str, type[nn.Module]] = {}
 
 
-def register(name: str, *aliases: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: make an attention module buildable by ``name`` (and its aliases)."""
+def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: the attention module of the family ``name`` (buildable by its name and aliases)."""
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
-        for n in (name, *aliases):
-            if n in _FAMILIES or n in _ALIASES:
-                raise ValueError(f"attention name {n!r} is registered twice")
-        _FAMILIES[name] = cls
-        _ALIASES.update({a: name for a in aliases})
+        record = family(name)
+        if record.name != name:
+            raise ValueError(f"register the module under the family's name {record.name!r}, not {name!r}")
+        if name in _MODULES:
+            raise ValueError(f"attention family {name!r} has a module already: {_MODULES[name].__name__}")
+        _MODULES[name] = cls
+        cls.family = name
+        return cls
+    return wrap
+
+
+def register_standalone(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: an attention module that is no kernel family, buildable by ``name``."""
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in _STANDALONE or any(name in record.names for record in families()):
+            raise ValueError(f"attention name {name!r} is taken")
+        _STANDALONE[name] = cls
         cls.family = name
         return cls
     return wrap
 
 
 def canonical_name(name: str) -> str:
-    """The family a name or alias stands for; ValueError listing the valid names otherwise."""
-    if name in _FAMILIES:
+    """The family (or standalone module) a name or alias stands for; ValueError listing the valid names otherwise."""
+    if isinstance(name, str) and name in _STANDALONE:
         return name
-    if name in _ALIASES:
-        return _ALIASES[name]
-    raise ValueError(f"unknown attention family {name!r}; valid names: {', '.join(names(aliases=True))}")
+    record = next((f for f in families() if name in f.names), None)
+    if record is None or record.name not in _MODULES:
+        raise ValueError(f"unknown attention family {name!r}; valid names: "
+                         f"{', '.join(names(aliases=True) + standalone_names())}")
+    return record.name
 
 
 def get(name: str) -> type[nn.Module]:
-    return _FAMILIES[canonical_name(name)]
+    name = canonical_name(name)
+    return _STANDALONE[name] if name in _STANDALONE else _MODULES[name]
 
 
 def build(name: str, **kwargs) -> nn.Module:
-    """Build the attention module of family ``name`` with timm's Attention keywords plus family options."""
+    """Build the attention module ``name`` with timm's Attention keywords plus its options."""
     return get(name)(**kwargs)
 
 
 def names(aliases: bool = False) -> builtins.list[str]:
-    """Every registered family (with ``aliases=True``, the aliases too), sorted."""
-    return sorted(_FAMILIES) + (sorted(_ALIASES) if aliases else [])
+    """Every family with a module (with ``aliases=True``, their aliases too), sorted."""
+    return sorted(_MODULES) + (sorted(a for n in _MODULES for a in family(n).aliases) if aliases else [])
+
+
+def standalone_names() -> builtins.list[str]:
+    """The standalone modules (no kernel family), sorted."""
+    return sorted(_STANDALONE)
 
 
 def list() -> builtins.list[str]:  # noqa: A001 - the public name the interface promises

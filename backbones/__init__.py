@@ -1,10 +1,22 @@
-"""subquad.backbones: timm-registered models (importing this registers them)."""
-from . import subquad_deit
+"""subquad.backbones: timm-registered models (importing this registers them).
+
+``DiT`` loads on first use: it is a diffusers model, and importing diffusers is slow.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import deit, dit, mavit, nat, pvt, swin
 from .attention_schedule import AttentionSchedule
+from .hierarchical import HierarchicalTransformer
 from .vit import GridBlock, GridVisionTransformer
 
-__all__ = ["AttentionSchedule", "GridBlock", "GridVisionTransformer", "subquad_deit"]
-from . import subquad_dit  # noqa: E402
-from .dit import DiT  # noqa: E402
-from . import subquad_hier, subquad_mavit, subquad_nat, subquad_pvt, subquad_swin  # noqa: E402
-from .hierarchical import HierarchicalTransformer  # noqa: E402
+__all__ = ["AttentionSchedule", "DiT", "GridBlock", "GridVisionTransformer", "HierarchicalTransformer",
+           "deit", "dit", "mavit", "nat", "pvt", "swin"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DiT":      # imports diffusers: only on first use
+        return importlib.import_module(f"{__name__}.diffusion_transformer").DiT
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
-"""A 4-stage hierarchical vision transformer with any attention family per block.
+"""A 4-stage hierarchical vision transformer with any attention per block.
 
-One machinery for the papers' hierarchical families (each configured in its own ``subquad_*.py``):
+One machinery for the papers' hierarchical models (each configured in its own model file):
 Swin-style (Agent-Swin, FLatten-Swin: Liu et al., ICCV 2021), PVT-style (Agent-PVT, FLatten-PVT:
 Wang et al., ICCV 2021), NAT/DiNAT (Hassani et al., CVPR 2023 / arXiv 2209.15001) and MALA's MAViT
 (Fan et al., ICCV 2025). A convolutional stem takes the image to stride 4; stage i (downsampling by 2
@@ -10,23 +10,16 @@ the stem and downsampling convolutions, absolute position embeddings (PVT), a co
 position encoding before each block and a depthwise-conv MLP (MAViT), layer scale, the final norm
 and the head.
 
-Attention per block: ``attn`` is one family for every block, or one entry per block (stages in
-order), each a name or ``(name, options)``. Options are merged as: where the block sits
-(``placement_options``: agents per stage, bias/position maps on the stage grid, Swin's shift on
-every second block) < ``attn_kwargs[family]`` < the entry's own options. Besides the registered
-families (``subquad.attention``), three backbone variants the interface lacks live here:
-``window`` (Swin's shifted-window softmax attention), ``softmax_rope`` (MAViT's softmax blocks)
-and, under the name ``agent``, agent attention as the official Agent-Swin/PVT run it (no
-prefix-token biases, no dense fallback).
+Attention per block: ``attn`` and ``attn_kwargs`` as in ``AttentionSchedule``, any name that
+``subquad.attention.build`` takes (``window``: Swin's shifted windows; ``softmax_rope``: MAViT's
+softmax blocks). Where a block sits sets some options (``placement_options``).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, calculate_drop_path_rates, trunc_normal_
 from timm.models import build_model_with_cfg
@@ -35,186 +28,27 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
-from ..attention import AgentAttention, GridAttention, build, canonical_name
+from ..attention import build
 from ..attention.grid_maps import depthwise_conv, resize_map
-from ..kernels import checks
-from ..kernels.functional import depthwise_conv_on_grid, softmax_attention
-from ..kernels.reference.rope import apply_rope_2d
+from .attention_schedule import AttentionSchedule, AttnEntry
 
 NUM_STAGES = 4
 STRIDE = 32                       # of the last stage: input sides must be multiples of it
 AGENTS_PER_STAGE = (9, 16, 49, 49)  # Agent Attention's Swin/PVT configs ("9-16-49-49")
 
 
-# --- attention variants of the hierarchical papers -------------------------------------------
-
-class WindowAttention(GridAttention):
-    """Softmax attention inside non-overlapping windows with a relative position bias; with
-    ``shift=True`` the windows are shifted by half a window (Swin's W-MSA / SW-MSA, Liu et al.,
-    ICCV 2021, Sec. 3.2, Eq. 4).
-
-    As in Swin, a window at least as large as a grid side shrinks to that side (and does not shift
-    along it); the bias table, defined for ``window_size``, is then read at the smaller offsets.
-    Grids that are not multiples of the window are zero-padded at the bottom and right and the
-    padded keys are masked, so any grid works. Keys from another region of a cyclically rolled
-    window get Swin's additive -100, which keeps the official checkpoints' outputs exact.
-    """
-
-    def __init__(self, dim: int, num_heads: int = 8, *, window_size: int = 7, shift: bool = False, **kwargs) -> None:
-        super().__init__(dim, num_heads, **kwargs)
-        self.window_size, self.shift = window_size, shift
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        trunc_normal_(self.relative_position_bias_table, std=0.02)
-
-    def position_bias(self, window: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """(heads, A, A) for a window of A = wh * ww tokens: table[offset of query from key]."""
-        size = self.window_size
-        coords = torch.stack(torch.meshgrid(torch.arange(window[0], device=device),
-                                            torch.arange(window[1], device=device), indexing="ij")).flatten(1)
-        offset = coords[:, :, None] - coords[:, None, :] + (size - 1)
-        return self.relative_position_bias_table[offset[0] * (2 * size - 1) + offset[1]].permute(2, 0, 1)
-
-    def layout(self, grid: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-        """(window, shift, padded grid) for this grid."""
-        window = tuple(min(self.window_size, side) for side in grid)
-        shift = tuple(w // 2 if self.shift and side > self.window_size else 0 for w, side in zip(window, grid))
-        padded = tuple(side + (-side % w) for side, w in zip(grid, window))
-        return window, shift, padded
-
-    def window_mask(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor | None:
-        """(windows, A, A) additive mask, or None when every window is whole and unrolled.
-
-        Tokens get a label per region of the rolled map (Swin's 3 x 3 regions) and padding a label of
-        its own; a query attends only the keys with its label."""
-        window, shift, padded = self.layout(grid)
-        if not any(shift) and padded == tuple(grid):
-            return None
-        labels = []
-        for side, w, s, p in zip(grid, window, shift, padded):
-            rolled = torch.arange(p, device=device)
-            region = (rolled >= p - w).long() + (rolled >= p - s).long() if s else torch.zeros_like(rolled)
-            labels.append(torch.where((rolled + s) % p < side, region, 3))    # 3: padding
-        label = labels[0][:, None] * 4 + labels[1][None, :]
-        label = label.reshape(padded[0] // window[0], window[0], padded[1] // window[1], window[1])
-        label = label.transpose(1, 2).reshape(-1, window[0] * window[1])
-        return (label[:, :, None] != label[:, None, :]).float() * -100.0
-
-    def attend(self, x, q, k, v, grid, num_prefix):
-        if num_prefix:
-            raise ValueError("window attention takes no prefix tokens (it is for the hierarchical backbones); "
-                             f"got num_prefix={num_prefix}")
-        grid = checks.check_image_grid(grid, "window attention")
-        window, shift, padded = self.layout(grid)
-        rows, cols = padded[0] // window[0], padded[1] // window[1]
-
-        def to_windows(t: torch.Tensor) -> torch.Tensor:          # (B, h, N, d) -> (B, h, windows, A, d)
-            b, h, _, d = t.shape
-            t = F.pad(t.reshape(b, h, *grid, d), (0, 0, 0, padded[1] - grid[1], 0, padded[0] - grid[0]))
-            t = t.roll((-shift[0], -shift[1]), dims=(2, 3)) if any(shift) else t
-            return t.reshape(b, h, rows, window[0], cols, window[1], d).transpose(3, 4).flatten(2, 3).flatten(3, 4)
-
-        scores = (to_windows(q) * self.head_dim ** -0.5) @ to_windows(k).transpose(-2, -1)
-        scores = scores + self.position_bias(window, q.device)[:, None].to(scores.dtype)
-        mask = self.window_mask(grid, q.device)
-        if mask is not None:
-            scores = scores + mask.to(scores.dtype)
-        y = scores.softmax(dim=-1) @ to_windows(v)                  # (B, h, windows, A, d)
-        b, h, _, _, d = y.shape
-        y = y.reshape(b, h, rows, cols, *window, d).transpose(3, 4).reshape(b, h, *padded, d)
-        y = y.roll(shift, dims=(2, 3)) if any(shift) else y
-        return y[:, :, :grid[0], :grid[1]].reshape(b, h, grid[0] * grid[1], d)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, window_size={self.window_size}, shift={self.shift}"
-
-
-class RoPESoftmaxAttention(GridAttention):
-    """MAViT's softmax blocks (Fan et al., ICCV 2025; official ``classfication_release/model.py``):
-    softmax attention of 2D-RoPE-rotated q and k, plus a depthwise ``lepe_kernel_size`` LePE of V,
-    the sum multiplied by a linear gate of the input before the projection (the MALA blocks' extras,
-    around softmax instead of MALA)."""
-
-    def __init__(self, dim: int, num_heads: int = 8, *, lepe_kernel_size: int = 5, **kwargs) -> None:
-        super().__init__(dim, num_heads, **kwargs)
-        self.lepe = depthwise_conv(dim, lepe_kernel_size)
-        self.gate = nn.Linear(dim, dim)
-
-    def attend(self, x, q, k, v, grid, num_prefix):
-        grid = checks.check_image_grid(grid, "RoPE softmax attention")
-        y = softmax_attention(apply_rope_2d(q, grid, num_prefix), apply_rope_2d(k, grid, num_prefix), v,
-                              backend=self.backend)
-        y = depthwise_conv_on_grid(v, self.lepe.weight, self.lepe.bias, grid=grid, num_prefix=num_prefix, residual=y,
-                                   backend=self.backend)
-        b, n, _ = x.shape
-        return y * self.gate(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-
-
-class HierarchicalAgentAttention(AgentAttention):
-    """Agent attention (Han et al., ECCV 2024) as the official Agent-Swin/PVT run it: no prefix-token
-    biases (these backbones have no prefix tokens and the official checkpoints lack them)."""
-
-    def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:
-        super().__init__(dim, num_heads, prefix_bias=False, **kwargs)
-
-
-BACKBONE_ATTENTION: dict[str, type[GridAttention]] = {
-    "window": WindowAttention,
-    "softmax_rope": RoPESoftmaxAttention,
-    "agent": HierarchicalAgentAttention,
-}
-
-
-def attention_family(name: str) -> str:
-    """The canonical family of ``name``: a backbone variant above or a registered family (alias resolved)."""
-    return name if name in BACKBONE_ATTENTION else canonical_name(name)
-
-
-def build_attention(name: str, **kwargs: Any) -> nn.Module:
-    """Build a block's attention: a backbone variant above, else ``subquad.attention.build``."""
-    family = attention_family(name)
-    return BACKBONE_ATTENTION[family](**kwargs) if family in BACKBONE_ATTENTION else build(family, **kwargs)
-
-
 def placement_options(family: str, stage: int, index: int, grid: tuple[int, int]) -> dict[str, Any]:
-    """Options that depend on where a block sits, with the papers' choices: 9/16/49/49 agents per stage
-    and agent bias maps on the stage grid (Agent Attention), FLatten's positional encoding on the stage
-    grid, Swin's shifted windows on every second block. ``grid`` is the stage grid at the model's
-    ``img_size``; the maps are resized when the input differs."""
+    """Options that depend on where a block sits, with the papers' choices: 9/16/49/49 agents per stage,
+    agent bias maps on the stage grid and no prefix-token biases (Agent Attention's Swin/PVT),
+    FLatten's positional encoding on the stage grid, Swin's shifted windows on every second block.
+    ``grid`` is the stage grid at the model's ``img_size``; the maps are resized when the input differs."""
     if family == "agent":
-        return dict(num_agents=AGENTS_PER_STAGE[stage], bias_grid=grid)
+        return dict(num_agents=AGENTS_PER_STAGE[stage], bias_grid=grid, prefix_bias=False)
     if family == "focused_linear":
         return dict(pos_grid=grid)
     if family == "window":
         return dict(shift=index % 2 == 1)
     return {}
-
-
-AttnEntry = Union[str, tuple[str, Mapping[str, Any]]]
-
-
-@dataclass(frozen=True)
-class AttentionPlan:
-    """The attention family and options of every block, stages in order (``names`` as in ``AttentionSchedule``)."""
-    names: list[str]
-    options: list[dict[str, Any]]
-
-    @classmethod
-    def resolve(cls, attn: str | Sequence[AttnEntry], attn_kwargs: Mapping[str, Mapping[str, Any]] | None,
-                depths: Sequence[int], grids: Sequence[tuple[int, int]]) -> "AttentionPlan":
-        entries = [attn] * sum(depths) if isinstance(attn, str) else list(attn)
-        if len(entries) != sum(depths):
-            raise ValueError(f"attn lists {len(entries)} entries for {sum(depths)} blocks (depths {tuple(depths)}); "
-                             "give one family name, or one name or (name, options) per block")
-        family_options = {attention_family(k): dict(v) for k, v in (attn_kwargs or {}).items()}
-        names, options = [], []
-        positions = [(s, i) for s, depth in enumerate(depths) for i in range(depth)]
-        for entry, (stage, index) in zip(entries, positions):
-            name, own = (entry, {}) if isinstance(entry, str) else entry
-            family = attention_family(name)
-            names.append(family)
-            options.append({**placement_options(family, stage, index, grids[stage]),
-                            **family_options.get(family, {}), **own})
-        return cls(names, options)
 
 
 # --- building blocks ------------------------------------------------------------------------
@@ -312,7 +146,7 @@ class HierarchicalBlock(nn.Module):
         name, options = attn
         self.cpe = depthwise_conv(dim, 3) if cpe else None
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = build_attention(name, dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop,
+        self.attn = build(name, dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop,
                                     **options)
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -400,7 +234,7 @@ class HierarchicalTransformer(nn.Module):
     def __init__(self, *, img_size: int | tuple[int, int] = 224, in_chans: int = 3, num_classes: int = 1000,
                  global_pool: str = "avg", embed_dims: Sequence[int] = (96, 192, 384, 768),
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
-                 mlp_ratios: float | Sequence[float] = 4., attn: str | Sequence[AttnEntry] = "softmax",
+                 mlp_ratios: float | Sequence[float] = 4., attn: AttnEntry | Sequence[AttnEntry] = "softmax",
                  attn_kwargs: Mapping[str, Mapping[str, Any]] | None = None, stem: str = "patch",
                  downsample: str = "merge", pos_embed: bool = False, cpe: bool = False, mlp: str = "mlp",
                  layer_scale: float | None | Sequence[float | None] = None, qkv_bias: bool = True,
@@ -413,12 +247,16 @@ class HierarchicalTransformer(nn.Module):
                                          ((embed_dims, "embed_dims"), (depths, "depths"), (num_heads, "num_heads")))
         mlp_ratios, layer_scale = _per_stage(mlp_ratios, "mlp_ratios"), _per_stage(layer_scale, "layer_scale")
         grids = [(img_size[0] // (4 * 2 ** i), img_size[1] // (4 * 2 ** i)) for i in range(NUM_STAGES)]
-        self.attn_schedule = AttentionPlan.resolve(attn, attn_kwargs, depths, grids)
+
+        def placement(name: str, stage: int, index: int) -> dict[str, Any]:
+            return placement_options(name, stage, index, grids[stage])
+
+        self.attn_schedule = AttentionSchedule(attn, attn_kwargs, depths, placement)
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = embed_dims[-1]
         self.patch_embed = make_stem(stem, in_chans, embed_dims[0])
         drop_paths = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
-        stages, block_specs = [], iter(zip(self.attn_schedule.names, self.attn_schedule.options))
+        stages, block_specs = [], iter(self.attn_schedule)
         for i in range(NUM_STAGES):
             blocks = [HierarchicalBlock(embed_dims[i], num_heads[i], next(block_specs), mlp_ratio=mlp_ratios[i],
                                         qkv_bias=qkv_bias, mlp=mlp, cpe=cpe, layer_scale=layer_scale[i],
@@ -541,7 +379,7 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-# --- registration helpers shared by the model files ------------------------------------------
+# --- helpers of the model files ------------------------------------------
 
 def hierarchical_cfg(**kwargs: Any) -> dict[str, Any]:
     """A pretrained_cfg for a hierarchical model at 224x224. No hosted weights: load an official

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import build
-from .attention_schedule import AttentionSchedule
+from .attention_schedule import AttentionSchedule, AttnEntry
 
 
 class GridBlock(nn.Module):
@@ -53,11 +53,12 @@ class GridBlock(nn.Module):
 class GridVisionTransformer(VisionTransformer):
     """timm ``VisionTransformer`` whose blocks get the patch grid; ``attn`` picks the attention.
 
-    ``attn``: a family name or one name per block; ``attn_kwargs``: ``{family: options}``.
-    Everything else is timm's (``dynamic_img_size=True`` lets the grid follow the input).
+    ``attn``: a name (or ``(name, options)``) for every block, or one per block; ``attn_kwargs``:
+    ``{name: options}`` (``AttentionSchedule``). Everything else is timm's (``dynamic_img_size=True``
+    lets the grid follow the input).
     """
 
-    def __init__(self, *, attn: str | Sequence[str] = "softmax",
+    def __init__(self, *, attn: AttnEntry | Sequence[AttnEntry] = "softmax",
                  attn_kwargs: dict[str, dict[str, Any]] | None = None, depth: int = 12, **kwargs) -> None:
         if kwargs.get("patch_drop_rate"):
             raise ValueError("patch_drop_rate drops grid tokens, which breaks the grid the attention needs")

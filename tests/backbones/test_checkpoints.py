@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from subquad.backbones import subquad_mavit, subquad_nat, subquad_pvt, subquad_swin
+from subquad.backbones import mavit, nat, pvt, swin
 
 
 # --- the official module structures as data ---------------------------------------------------
@@ -165,10 +165,10 @@ def official_nat(name):
 
 # official keys the conversion drops on purpose: buffers we recompute, FLatten-PVT's unused final norm
 DROPPED = {"swin": r"(relative_position_index|attn_mask)$", "pvt": r"^norm\.", "mavit": r"\.RoPE\.angle$", "nat": r"^$"}
-CASES = ([(n, "swin", official_swin, subquad_swin) for n in OFFICIAL_SWIN]
-         + [(n, "pvt", official_pvt, subquad_pvt) for n in OFFICIAL_PVT]
-         + [(n, "mavit", official_mavit, subquad_mavit) for n in OFFICIAL_MAVIT]
-         + [(f"{f}_{s}", "nat", official_nat, subquad_nat) for f in ("nat", "dinat") for s in OFFICIAL_NAT])
+CASES = ([(n, "swin", official_swin, swin) for n in OFFICIAL_SWIN]
+         + [(n, "pvt", official_pvt, pvt) for n in OFFICIAL_PVT]
+         + [(n, "mavit", official_mavit, mavit) for n in OFFICIAL_MAVIT]
+         + [(f"{f}_{s}", "nat", official_nat, nat) for f in ("nat", "dinat") for s in OFFICIAL_NAT])
 
 
 def tensors(shapes, device="meta"):
@@ -195,34 +195,34 @@ def test_conversion_covers_every_official_key(name, layout, official, module):
 
 def test_conversion_places_values():
     """Where the layouts differ, the numbers land in the right place."""
-    pvt = tensors(official_pvt("agent_pvt_tiny"), device="cpu")
+    pvt_state = tensors(official_pvt("agent_pvt_tiny"), device="cpu")
     with torch.device("meta"):
         model = timm.create_model("agent_pvt_tiny")
-    out = subquad_pvt.checkpoint_filter_fn(pvt, model)
+    out = pvt.checkpoint_filter_fn(pvt_state, model)
     qkv = out["stages.1.blocks.0.attn.qkv.weight"]
-    assert torch.equal(qkv[:128], pvt["block2.0.attn.q.weight"])
-    assert torch.equal(qkv[128:], pvt["block2.0.attn.kv.weight"])
-    assert torch.equal(out["stages.2.downsample.proj.weight"], pvt["patch_embed3.proj.weight"])
-    assert torch.equal(out["stages.3.pos_embed"], pvt["pos_embed4"])
+    assert torch.equal(qkv[:128], pvt_state["block2.0.attn.q.weight"])
+    assert torch.equal(qkv[128:], pvt_state["block2.0.attn.kv.weight"])
+    assert torch.equal(out["stages.2.downsample.proj.weight"], pvt_state["patch_embed3.proj.weight"])
+    assert torch.equal(out["stages.3.pos_embed"], pvt_state["pos_embed4"])
 
-    mavit = tensors(official_mavit("mavit_tiny"), device="cpu")
+    mavit_state = tensors(official_mavit("mavit_tiny"), device="cpu")
     with torch.device("meta"):
         model = timm.create_model("mavit_tiny")
-    out = subquad_mavit.checkpoint_filter_fn(mavit, model)
-    qkvo = mavit["layers.2.blocks.1.attn.qkvo.weight"].flatten(1)
+    out = mavit.checkpoint_filter_fn(mavit_state, model)
+    qkvo = mavit_state["layers.2.blocks.1.attn.qkvo.weight"].flatten(1)
     assert torch.equal(out["stages.2.blocks.1.attn.qkv.weight"], qkvo[:768])
     assert torch.equal(out["stages.2.blocks.1.attn.gate.weight"], qkvo[768:])
-    assert torch.equal(out["stages.1.blocks.0.ls2.gamma"], mavit["layers.1.blocks.0.gamma_2"].flatten())
-    assert torch.equal(out["stages.1.downsample.norm.running_var"], mavit["layers.0.downsample.norm.running_var"])
-    assert torch.equal(out["head.fc.weight"], mavit["head.weight"].flatten(1))
+    assert torch.equal(out["stages.1.blocks.0.ls2.gamma"], mavit_state["layers.1.blocks.0.gamma_2"].flatten())
+    assert torch.equal(out["stages.1.downsample.norm.running_var"], mavit_state["layers.0.downsample.norm.running_var"])
+    assert torch.equal(out["head.fc.weight"], mavit_state["head.weight"].flatten(1))
 
     shapes = official_swin("agent_swin_tiny_patch4_window7_224")
-    swin = {k: torch.full(s, float(i)) for i, (k, s) in enumerate(shapes.items())}
+    swin_state = {k: torch.full(s, float(i)) for i, (k, s) in enumerate(shapes.items())}
     with torch.device("meta"):
         model = timm.create_model("agent_swin_tiny_patch4_window7_224")
-    out = subquad_swin.checkpoint_filter_fn(swin, model)
-    assert torch.equal(out["stages.1.downsample.reduction.weight"], swin["layers.0.downsample.reduction.weight"])
-    assert torch.equal(out["head.fc.bias"], swin["head.bias"])
+    out = swin.checkpoint_filter_fn(swin_state, model)
+    assert torch.equal(out["stages.1.downsample.reduction.weight"], swin_state["layers.0.downsample.reduction.weight"])
+    assert torch.equal(out["head.fc.bias"], swin_state["head.bias"])
 
 
 def test_official_file_loads_through_timm(tmp_path):
@@ -253,8 +253,8 @@ def test_mismatched_checkpoint_lists_missing_and_unexpected_keys():
         model = timm.create_model("agent_pvt_tiny")
     with pytest.raises(ValueError, match=r"missing keys \(1\): \['stages.2.blocks.1.attn.an_bias'\]"
                                          r"(.|\n)*unexpected keys \(1\): \['stages.2.blocks.1.attn.extra'\]"):
-        subquad_pvt.checkpoint_filter_fn(state, model)
+        pvt.checkpoint_filter_fn(state, model)
     with torch.device("meta"):
-        swin = timm.create_model("agent_swin_tiny_patch4_window7_224")
+        swin_model = timm.create_model("agent_swin_tiny_patch4_window7_224")
     with pytest.raises(ValueError, match="missing keys"):                 # a PVT checkpoint into a Swin model
-        subquad_swin.checkpoint_filter_fn(tensors(official_pvt("agent_pvt_tiny")), swin)
+        swin.checkpoint_filter_fn(tensors(official_pvt("agent_pvt_tiny")), swin_model)

@@ -1,11 +1,15 @@
-"""DiT: sizes match the paper, any attention, diffusers save/load and schedulers, timm creation."""
+"""The registered DiT models: sizes match the paper, any attention, timm creation, ``create_dit``, and
+registering them loads no diffusers."""
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
-from diffusers import DDIMScheduler
 
 import subquad
 from subquad.backbones import DiT
+from subquad.backbones.dit import create_dit
 
 # DiT paper, Table 1 (millions). The official count includes the fixed sin-cos position table
 # (a frozen parameter there, 256 x hidden for a 32x32 latent at patch 2); ours computes it.
@@ -41,38 +45,6 @@ def test_forward_backward_any_attention_non_square(attn):
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
-def test_adaln_zero_starts_as_zero_output():
-    model = DiT(input_size=16, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=5)
-    out = model(torch.randn(1, 4, 16, 16), torch.tensor([5]), torch.tensor([1]))
-    assert torch.count_nonzero(out) == 0
-
-
-def test_diffusers_save_and_load_roundtrip(tmp_path):
-    model = DiT(input_size=16, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=5,
-                attn=["mala", "agent"], attn_kwargs={"agent": {"num_agents": 16}})
-    torch.nn.init.normal_(model.final_layer.linear.weight)
-    model.save_pretrained(tmp_path)
-    loaded = DiT.from_pretrained(tmp_path)
-    assert [b.attn.family for b in loaded.blocks] == ["mala", "agent"]
-    args = torch.randn(1, 4, 16, 16), torch.tensor([7]), torch.tensor([2])
-    torch.testing.assert_close(loaded.eval()(*args), model.eval()(*args))
-
-
-def test_cfg_null_class_and_ddim_sampling_loop():
-    model = DiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=3,
-                learn_sigma=False).eval()
-    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
-    scheduler = DDIMScheduler(num_train_timesteps=1000)
-    scheduler.set_timesteps(5)
-    x = torch.randn(2, 4, 8, 8)
-    y = torch.tensor([0, 2])
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            eps = model.forward_with_cfg(x, t.expand(2), y, cfg_scale=4.0)
-            x = scheduler.step(eps, t, x).prev_sample
-    assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
-
-
 def test_bad_latent_shape_errors():
     model = timm.create_model("dit_s_8", depth=1)
     with pytest.raises(ValueError, match="not divisible by patch_size=8"):
@@ -82,5 +54,20 @@ def test_bad_latent_shape_errors():
 
 
 def test_every_dit_name_registered():
-    names = subquad.backbones.subquad_dit.dit_model_names()
+    names = list(subquad.backbones.dit.default_cfgs)
     assert len(names) == 16 and all(timm.is_model(n) for n in names)
+
+
+def test_create_dit_builds_the_named_configuration():
+    model = create_dit("dit_b_4", depth=1, num_classes=3)
+    assert isinstance(model, DiT) and model.patch_size == 4
+    assert (model.config.hidden_size, model.config.depth, model.config.num_classes) == (768, 1, 3)
+    with pytest.raises(ValueError, match="dit_s_2"):
+        create_dit("dit_m_2")
+
+
+def test_registering_the_models_loads_no_diffusers():
+    code = ("import sys, subquad, timm; timm.create_model('agent_deit_tiny_patch16_224'); "
+            "print(sorted(m for m in ('diffusers', 'transformers', 'scipy') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

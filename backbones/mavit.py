@@ -10,33 +10,19 @@ before pooling.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-from timm.models import generate_default_cfgs
+from timm.models import generate_default_cfgs, register_model
 
 from .hierarchical import HierarchicalTransformer, check_converted, create_hierarchical, hierarchical_cfg, rename_keys
-from .registry import register_variant
 
-MAVIT_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8),
-                 drop_path_rate=0.1, head_hidden_size=2048, layer_scale=(1., 1., 1., 1.)),
-    "small": dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 9, 3), num_heads=(1, 2, 5, 8),
-                  drop_path_rate=0.15, head_hidden_size=2048, layer_scale=(1., 1., 1., 1.)),
-    "base": dict(embed_dims=(96, 192, 384, 512), depths=(4, 6, 12, 6), num_heads=(1, 2, 6, 8),
-                 drop_path_rate=0.4, head_hidden_size=2048, layer_scale=(1., 1., 1e-6, 1e-6)),
-    "large": dict(embed_dims=(96, 192, 448, 640), depths=(4, 7, 19, 8), num_heads=(1, 2, 7, 10),
-                  drop_path_rate=0.55, head_hidden_size=2560, layer_scale=(1e-6, 1e-6, 1e-6, 1e-6)),
-}
-MAVIT_ARGS: dict[str, Any] = dict(stem="conv_bn", downsample="conv_bn", cpe=True, mlp="dwconv", mlp_ratios=3.5,
-                                  norm_eps=1e-6, final_norm=False,
-                                  attn_kwargs={"mala": dict(rope=True, lepe=True, lepe_kernel_size=5, gate=True),
-                                               "softmax_rope": dict(lepe_kernel_size=5)})
+STAGE_ATTENTION = ("mala", "mala", "softmax_rope", "softmax_rope")
 
 
-def mavit_attention(depths: tuple[int, ...]) -> list[str]:
+def mavit_attention(depths: Sequence[int]) -> list[str]:
     """MALA in stages 1-2, RoPE softmax in stages 3-4."""
-    return [name for name, depth in zip(("mala", "mala", "softmax_rope", "softmax_rope"), depths) for _ in range(depth)]
+    return [name for name, depth in zip(STAGE_ATTENTION, depths) for _ in range(depth)]
 
 
 def _split_qkvo(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -81,20 +67,56 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
     return check_converted(state_dict, model, "the official MAViT layout")
 
 
+def _create_mavit(variant: str, pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+    """The MALA/softmax split by stage stays when ``depths`` is changed (unless ``attn`` is given)."""
+    kwargs.setdefault("attn", mavit_attention(kwargs["depths"]))
+    kwargs = {**dict(stem="conv_bn", downsample="conv_bn", cpe=True, mlp="dwconv", mlp_ratios=3.5, norm_eps=1e-6,
+                     final_norm=False, attn_kwargs={"mala": dict(rope=True, lepe=True, lepe_kernel_size=5, gate=True),
+                                                    "softmax_rope": dict(lepe_kernel_size=5)}), **kwargs}
+    return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **kwargs)
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return hierarchical_cfg(license="apache-2.0", paper_ids="arXiv:2507.00698", crop_pct=0.875,
+                            paper_name="Rectifying Magnitude Neglect in Linear Attention",
+                            origin_url="https://github.com/qhfan/MALA", **kwargs)
+
+
 default_cfgs = generate_default_cfgs({
-    f"mavit_{size}": hierarchical_cfg(license="apache-2.0", paper_ids="arXiv:2507.00698", crop_pct=0.875,
-                                      paper_name="Rectifying Magnitude Neglect in Linear Attention",
-                                      origin_url="https://github.com/qhfan/MALA")
-    for size in MAVIT_SIZES})
+    "mavit_tiny": _cfg(),
+    "mavit_small": _cfg(),
+    "mavit_base": _cfg(),
+    "mavit_large": _cfg(),
+})
 
 
-def create_mavit(variant: str, pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
-    """Build ``mavit_{size}``; user keywords override (changed ``depths`` keep the MALA/softmax split by stage)."""
-    size = variant.split("_")[1]
-    depths = kwargs.get("depths", MAVIT_SIZES[size]["depths"])
-    args = dict(MAVIT_ARGS, **MAVIT_SIZES[size], attn=mavit_attention(depths))
-    return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
+@register_model
+def mavit_tiny(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+    """MAViT-T at 224x224."""
+    model_args = dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8),
+                      drop_path_rate=0.1, head_hidden_size=2048, layer_scale=(1., 1., 1., 1.))
+    return _create_mavit("mavit_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-for _size in MAVIT_SIZES:
-    register_variant(__name__, f"mavit_{_size}", create_mavit, f"MALA's MAViT-{_size[0].upper()} at 224x224.")
+@register_model
+def mavit_small(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+    """MAViT-S at 224x224."""
+    model_args = dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 9, 3), num_heads=(1, 2, 5, 8),
+                      drop_path_rate=0.15, head_hidden_size=2048, layer_scale=(1., 1., 1., 1.))
+    return _create_mavit("mavit_small", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def mavit_base(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+    """MAViT-B at 224x224."""
+    model_args = dict(embed_dims=(96, 192, 384, 512), depths=(4, 6, 12, 6), num_heads=(1, 2, 6, 8),
+                      drop_path_rate=0.4, head_hidden_size=2048, layer_scale=(1., 1., 1e-6, 1e-6))
+    return _create_mavit("mavit_base", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def mavit_large(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+    """MAViT-L at 224x224."""
+    model_args = dict(embed_dims=(96, 192, 448, 640), depths=(4, 7, 19, 8), num_heads=(1, 2, 7, 10),
+                      drop_path_rate=0.55, head_hidden_size=2560, layer_scale=(1e-6, 1e-6, 1e-6, 1e-6))
+    return _create_mavit("mavit_large", pretrained=pretrained, **dict(model_args, **kwargs))
