@@ -9,7 +9,7 @@ from timm.models import get_pretrained_cfg, model_entrypoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import backbones, kernels
-from ..backbones.diffusion_transformer import DiT
+from ..backbones import DiT
 from .tables import Column
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import gc
 from typing import Callable
 
+import timm
 import torch
 from tqdm import tqdm
 
 from ... import attention
-from ...backbones.dit import create_dit
 from ..train.config import DiTModelConfig
 from ..train.sample import Sampler
 from .families import BASELINE
@@ -49,7 +49,7 @@ def _train_step(model: torch.nn.Module, batch: int, side: int, channels: int,
 def _measure(family: str, name: str, side: int, channels: int, batch: int, repeats: int,
              device: torch.device) -> dict:
     with device:                            # initialised on the device: seconds, not a minute, for DiT-XL
-        model = create_dit(name, input_size=side, in_channels=channels, num_classes=NUM_CLASSES, attn=family)
+        model = timm.create_model(name, input_size=side, in_channels=channels, num_classes=NUM_CLASSES, attn=family)
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -19,7 +19,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from ...backbones.diffusion_transformer import DiT
+from ...backbones import DiT
 from .config import DiTDataConfig, DiTModelConfig, TrainConfig
 from .data.sampling import eval_loader
 from .data.synthetic import write_classification

@@ -27,7 +27,7 @@ from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from ...backbones.diffusion_transformer import DiT
+from ...backbones import DiT
 from .checkpoint import find_latest, read_state, read_tensors
 from .config import DiTModelConfig, parse_config
 from .diffusion import build_dit, load_vae
