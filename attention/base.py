@@ -8,8 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..kernels import checks
-from ..kernels.functional import softmax_attention
+from ..kernels import checks, softmax_attention
 
 
 class GridAttention(nn.Module):

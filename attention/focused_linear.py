@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.functional import depthwise_conv_on_grid, focused_linear_attention
+from ..kernels import depthwise_conv_on_grid, focused_linear_attention
 from .base import GridAttention
 from .grid_maps import depthwise_conv, resize_map
 from .registry import register
 
 
-@register("focused_linear", "flatten")
+@register("focused_linear")
 class FocusedLinearAttention(GridAttention):
     """O = phi_p(Q) (phi_p(K)^T V) / (phi_p(Q) sum_j phi_p(k_j)) + DWC(V)  (Eq. 3-7).
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from ..kernels.functional import loglinear_attention
+from ..kernels import loglinear_attention
 from .base import GridAttention
 from .registry import register
 
 
-@register("loglinear", "llsa")
+@register("loglinear")
 class LogLinearSparseAttention(GridAttention):
     """Hierarchical top-K block selection over mean-pooled q, k, then attention over the selected
     blocks plus the pooled tokens met on the way (Sec. 3), O(N log N).

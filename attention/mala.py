@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..kernels.functional import depthwise_conv_on_grid, mala_attention
+from ..kernels import depthwise_conv_on_grid, mala_attention
 from .base import GridAttention
 from .grid_maps import depthwise_conv
 from .registry import register

@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import checks
-from ..kernels.functional import neighborhood_attention, softmax_attention
+from ..kernels import checks, neighborhood_attention, softmax_attention
 from .base import GridAttention
 from .registry import register
 
 
-@register("neighborhood", "nat")
+@register("neighborhood")
 class NeighborhoodAttention(GridAttention):
     """Each grid token attends to the k x k window around it (every ``dilation``-th token), shifted
     inward at borders, plus the prefix tokens (NAT Eq. 2-3), with NAT's relative position bias.

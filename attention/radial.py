@@ -2,8 +2,8 @@
 Long Video Generation", 2025)."""
 from __future__ import annotations
 
-from ..kernels.functional import radial_attention
-from ..kernels.reference.radial import normalize_options, radial_plan
+from ..kernels import radial_attention
+from ..kernels.radial import normalize_options, radial_plan
 from .base import GridAttention
 from .registry import register
 

@@ -1,12 +1,12 @@
 """Dense softmax attention (SDPA): the baseline every figure is compared with."""
 from __future__ import annotations
 
-from ..kernels.functional import softmax_attention
+from ..kernels import softmax_attention
 from .base import GridAttention
 from .registry import register
 
 
-@register("softmax", "sdpa", "dense")
+@register("softmax")
 class SoftmaxAttention(GridAttention):
     """softmax(q k^T / sqrt(d)) v over all tokens (Vaswani et al., 2017); the grid only gets checked."""
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import subquad.attention as attention
-from subquad.kernels.testing import assert_rel_close
+from subquad.kernels.core.testing import assert_rel_close
 
 FAMILIES = ["softmax", "agent", "focused_linear", "mala"]
 # per-family options that make a (6, 6) grid a real (non-fallback) case

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import subquad.attention as attention
 from subquad.kernels import agent_attention, focused_linear_attention, mala_attention
-from subquad.kernels.testing import assert_rel_close
+from subquad.kernels.core.testing import assert_rel_close
 
 
 def randomize(m):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import subquad.attention as attention
 from subquad.kernels import loglinear_attention, neighborhood_attention, radial_attention
-from subquad.kernels.testing import assert_rel_close
+from subquad.kernels.core.testing import assert_rel_close
 
 # options under which a 13 x 17 grid is a real (sparse, non-fallback) case
 OPTIONS = {"neighborhood": dict(kernel_size=5, dilation=2), "radial": dict(tile=(4, 4)),
