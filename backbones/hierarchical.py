@@ -381,6 +381,13 @@ def _init_weights(module: nn.Module) -> None:
 
 # --- helpers of the model files ------------------------------------------
 
+# the papers whose Swin and PVT variants the model files register (their pretrained_cfg entries)
+AGENT_PAPER = dict(paper_name="Agent Attention", paper_ids="arXiv:2312.08874",
+                   origin_url="https://github.com/LeapLabTHU/Agent-Attention")
+FLATTEN_PAPER = dict(paper_name="FLatten Transformer", paper_ids="arXiv:2308.00442",
+                     origin_url="https://github.com/LeapLabTHU/FLatten-Transformer")
+
+
 def hierarchical_cfg(**kwargs: Any) -> dict[str, Any]:
     """A pretrained_cfg for a hierarchical model at 224x224. No hosted weights: load an official
     checkpoint with ``pretrained=True, pretrained_cfg_overlay=dict(file=path)``; a training checkpoint

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from timm.models import generate_default_cfgs, register_model
 
-from .hierarchical import HierarchicalTransformer, check_converted, create_hierarchical, hierarchical_cfg, rename_keys
+from .hierarchical import (AGENT_PAPER, FLATTEN_PAPER, HierarchicalTransformer, check_converted, create_hierarchical,
+                           hierarchical_cfg, rename_keys)
 
 
 def _merge_q_kv(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,18 +60,13 @@ def _create_pvt(variant: str, pretrained: bool = False, **kwargs: Any) -> Hierar
     return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-AGENT = dict(paper_name="Agent Attention", paper_ids="arXiv:2312.08874",
-             origin_url="https://github.com/LeapLabTHU/Agent-Attention")
-FLATTEN = dict(paper_name="FLatten Transformer", paper_ids="arXiv:2308.00442",
-               origin_url="https://github.com/LeapLabTHU/FLatten-Transformer")
-
 default_cfgs = generate_default_cfgs({
-    "agent_pvt_tiny": hierarchical_cfg(license="apache-2.0", crop_pct=0.875, **AGENT),
-    "agent_pvt_small": hierarchical_cfg(license="apache-2.0", crop_pct=0.875, **AGENT),
-    "agent_pvt_medium": hierarchical_cfg(license="apache-2.0", crop_pct=0.875, **AGENT),
-    "agent_pvt_large": hierarchical_cfg(license="apache-2.0", crop_pct=0.875, **AGENT),
-    "flatten_pvt_tiny": hierarchical_cfg(license="apache-2.0", crop_pct=0.875, **FLATTEN),
-    "flatten_pvt_small": hierarchical_cfg(license="apache-2.0", crop_pct=0.875, **FLATTEN),
+    "agent_pvt_tiny": hierarchical_cfg(license="apache-2.0", crop_pct=0.875, **AGENT_PAPER),
+    "agent_pvt_small": hierarchical_cfg(license="apache-2.0", crop_pct=0.875, **AGENT_PAPER),
+    "agent_pvt_medium": hierarchical_cfg(license="apache-2.0", crop_pct=0.875, **AGENT_PAPER),
+    "agent_pvt_large": hierarchical_cfg(license="apache-2.0", crop_pct=0.875, **AGENT_PAPER),
+    "flatten_pvt_tiny": hierarchical_cfg(license="apache-2.0", crop_pct=0.875, **FLATTEN_PAPER),
+    "flatten_pvt_small": hierarchical_cfg(license="apache-2.0", crop_pct=0.875, **FLATTEN_PAPER),
 })
 
 

@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import torch
 from timm.models import generate_default_cfgs, register_model
 
-from .hierarchical import HierarchicalTransformer, check_converted, create_hierarchical, hierarchical_cfg, rename_keys
+from .hierarchical import (AGENT_PAPER, FLATTEN_PAPER, HierarchicalTransformer, check_converted, create_hierarchical,
+                           hierarchical_cfg, rename_keys)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
@@ -58,18 +59,13 @@ def _create_swin(variant: str, pretrained: bool = False, *, paper_attn: tuple[st
     return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-AGENT = dict(paper_name="Agent Attention", paper_ids="arXiv:2312.08874",
-             origin_url="https://github.com/LeapLabTHU/Agent-Attention")
-FLATTEN = dict(paper_name="FLatten Transformer", paper_ids="arXiv:2308.00442",
-               origin_url="https://github.com/LeapLabTHU/FLatten-Transformer")
-
 default_cfgs = generate_default_cfgs({
-    "agent_swin_tiny_patch4_window7_224": hierarchical_cfg(license="mit", **AGENT),
-    "agent_swin_small_patch4_window7_224": hierarchical_cfg(license="mit", **AGENT),
-    "agent_swin_base_patch4_window7_224": hierarchical_cfg(license="mit", **AGENT),
-    "flatten_swin_tiny_patch4_window7_224": hierarchical_cfg(license="mit", **FLATTEN),
-    "flatten_swin_small_patch4_window7_224": hierarchical_cfg(license="mit", **FLATTEN),
-    "flatten_swin_base_patch4_window7_224": hierarchical_cfg(license="mit", **FLATTEN),
+    "agent_swin_tiny_patch4_window7_224": hierarchical_cfg(license="mit", **AGENT_PAPER),
+    "agent_swin_small_patch4_window7_224": hierarchical_cfg(license="mit", **AGENT_PAPER),
+    "agent_swin_base_patch4_window7_224": hierarchical_cfg(license="mit", **AGENT_PAPER),
+    "flatten_swin_tiny_patch4_window7_224": hierarchical_cfg(license="mit", **FLATTEN_PAPER),
+    "flatten_swin_small_patch4_window7_224": hierarchical_cfg(license="mit", **FLATTEN_PAPER),
+    "flatten_swin_base_patch4_window7_224": hierarchical_cfg(license="mit", **FLATTEN_PAPER),
     "subquad_hier_tiny": hierarchical_cfg(license="apache-2.0"),
     "subquad_hier_small": hierarchical_cfg(license="apache-2.0"),
     "subquad_hier_base": hierarchical_cfg(license="apache-2.0"),

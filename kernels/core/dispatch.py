@@ -50,6 +50,8 @@ class Backend:
 
 _BACKENDS: dict[str, list[Backend]] = {}
 _WARNED: set[tuple[str, str]] = set()
+_CHOSEN: dict[tuple, Callable] = {}      # per call signature: the choice is made once, not per call
+_CHOSEN_MAX = 4096
 
 
 def register_backend(op: str, name: str, fn: Callable, requires: tuple[Requirement, ...] = (),
@@ -59,6 +61,7 @@ def register_backend(op: str, name: str, fn: Callable, requires: tuple[Requireme
     if any(b.name == name for b in backends):
         raise ValueError(f"{op} already has a backend {name!r}")
     backends.append(Backend(name, fn, tuple(requires), auto))
+    _CHOSEN.clear()
 
 
 def available_backends(op: str) -> list[str]:
@@ -77,14 +80,28 @@ def call_facts(x: torch.Tensor, v: torch.Tensor | None = None, **extra: Any) -> 
                 value_dim=(x if v is None else v).shape[-1], **extra)
 
 
-def choose_backend(op: str, backend: str | None, x: torch.Tensor, **facts: Any) -> Callable:
-    """The implementation of ``op`` for a call on ``x`` (facts: ``call_facts(x, **facts)``).
+def choose_backend(op: str, backend: str | None, x: torch.Tensor, v: torch.Tensor | None = None,
+                   **facts: Any) -> Callable:
+    """The implementation of ``op`` for a call on ``x`` (and values ``v``; facts: ``call_facts(x, v, **facts)``).
 
     ``backend=None``: the first automatic backend whose requirements hold. A named backend that the
-    op lacks, or whose requirements fail, is a ValueError saying why.
+    op lacks, or whose requirements fail, is a ValueError saying why. Remembered per call signature
+    (op, backend and facts), so a repeated call costs one dictionary lookup.
     """
+    if torch.compiler.is_compiling():
+        return _choose(op, backend, call_facts(x, v, **facts))
+    key = (op, backend, x.device, x.dtype, x.shape[-1], (x if v is None else v).shape[-1], *facts.items())
+    fn = _CHOSEN.get(key)
+    if fn is None:
+        fn = _choose(op, backend, call_facts(x, v, **facts))
+        if len(_CHOSEN) >= _CHOSEN_MAX:
+            _CHOSEN.clear()
+        _CHOSEN[key] = fn
+    return fn
+
+
+def _choose(op: str, backend: str | None, call: dict[str, Any]) -> Callable:
     backends = _BACKENDS.get(op, [])
-    call = call_facts(x, **facts)
     if backend is not None:
         chosen = next((b for b in backends if b.name == backend), None)
         if chosen is None:

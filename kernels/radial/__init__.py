@@ -12,7 +12,7 @@ from ..core import checks
 from ..core.dispatch import TRITON, Requirement, choose_backend, register_backend
 from ..core.family import Family, check_options, register_family
 from .block_sparse import radial_attention_on_core, radial_attention_on_triton
-from .plan import attended_pairs, normalize_options, radial_plan
+from .plan import attended_pairs, normalize_options, radial_plan, tile_size
 from .reference import radial_attention_reference
 
 FAMILY = register_family(Family(
@@ -38,8 +38,7 @@ def radial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid:
     grid = checks.check_self_attention(q, k, v, grid, num_prefix, "radial_attention")
     check_options(FAMILY, mask_opts)
     options = normalize_options(grid, **mask_opts)
-    tile_size = radial_plan(grid, options, q.device).layout.tile_size
-    fn = choose_backend("radial_attention", backend, q, v=v, grid=grid, tile_size=tile_size)
+    fn = choose_backend("radial_attention", backend, q, v=v, grid=grid, tile_size=tile_size(options))
     return fn(q, k, v, grid, num_prefix, options)
 
 
@@ -48,4 +47,4 @@ if TRITON:
 register_backend("radial_attention", "block_sparse", radial_attention_on_core, requires=(CORE_TILES,), auto=False)
 register_backend("radial_attention", "reference", radial_attention_reference)
 
-__all__ = ["FAMILY", "attended_pairs", "normalize_options", "radial_attention", "radial_plan"]
+__all__ = ["FAMILY", "attended_pairs", "normalize_options", "radial_attention", "radial_plan", "tile_size"]

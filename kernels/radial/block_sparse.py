@@ -10,7 +10,7 @@ from ..block_sparse.layout import csr_from_lists
 from ..core.compile_constant import compile_constant
 from ..core.dispatch import choose_backend
 from ..softmax import softmax_attention_sdpa
-from .plan import radial_plan
+from .plan import radial_plan, tile_size
 
 
 @compile_constant
@@ -28,7 +28,7 @@ def radial_attention_on_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """The grid queries on the core (``core_backend``: the core's own choice when None); the prefix
     queries, dense over all keys, by SDPA."""
     row_ptr, col_idx, tile_rows = radial_core_layout(grid, options, num_prefix, q.device)
-    t = radial_plan(grid, options, q.device).layout.tile_size
+    t = tile_size(options)
     core = choose_backend("block_sparse_attention", core_backend, q, v=v)
     out = core(q, k, v, row_ptr, col_idx, t, t, num_prefix, None, None, None, None, tile_rows)
     if num_prefix == 0:

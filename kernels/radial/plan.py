@@ -194,6 +194,13 @@ def normalize_options(grid: tuple[int, ...], layout: str | None = None, tile: tu
             dense_radius if layout == "distance" else None)
 
 
+def tile_size(options: tuple) -> int:
+    """Tokens per tile of the plan for ``normalize_options``' result (a block of ``block_size`` tokens for
+    the official layout), without building the plan."""
+    layout_name, tile, block_size = options[:3]
+    return block_size if layout_name == "official" else math.prod(tile)
+
+
 @compile_constant
 def _plan_parts(grid: tuple[int, ...], options: tuple,
                 device: torch.device | None) -> tuple[tuple, torch.Tensor, float]:

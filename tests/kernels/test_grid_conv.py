@@ -13,11 +13,13 @@ that a kernel forgets to write fails the comparison.
 """
 import math
 import random
+import warnings
 
 import pytest
 import torch
 
-from subquad.kernels import available_backends, depthwise_conv_on_grid
+from subquad.kernels import available_backends, choose_backend, depthwise_conv_on_grid
+from subquad.kernels.core.dispatch import backends_of
 from subquad.kernels.core.testing import REL_TOL, assert_compiles_to_the_same, assert_rel_close, relative_error
 
 
@@ -309,17 +311,15 @@ def test_gpu_fuzz(poisoned):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shared, expected", [(False, "triton"), (True, "reference")])
-def test_gpu_default_backend_by_filter(monkeypatch, shared, expected):
+def test_gpu_default_backend_by_filter(shared, expected):
     """On CUDA the default is the Triton kernel for per-channel filters and the reference (cudnn) for filters
-    shared by the heads, whose Triton backward measured slower."""
-    from subquad.kernels import backends
-    calls = []
-    for name in ("triton", "reference"):
-        impl = backends._BACKENDS["depthwise_conv_on_grid"][name]
-        monkeypatch.setitem(backends._BACKENDS["depthwise_conv_on_grid"], name,
-                            lambda *a, _impl=impl, _name=name: calls.append(_name) or _impl(*a))
+    shared by the heads, whose Triton backward measured slower: a preference, so no warning."""
     h, d = 4, 64
     x = torch.randn(2, h, 1 + 14 * 14, d, device="cuda")
     weight = torch.randn(d if shared else h * d, 1, 5, 5, device="cuda")
-    depthwise_conv_on_grid(x, weight, None, grid=(14, 14), num_prefix=1)
-    assert calls == [expected]
+    impl = {b.name: b.fn for b in backends_of("depthwise_conv_on_grid")}[expected]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chosen = choose_backend("depthwise_conv_on_grid", None, x, grid=(14, 14), per_channel=not shared)
+        depthwise_conv_on_grid(x, weight, None, grid=(14, 14), num_prefix=1)
+    assert chosen is impl

@@ -24,6 +24,7 @@ def op(monkeypatch):
     a peer that is never chosen automatically, and the reference."""
     monkeypatch.setattr(dispatch, "_BACKENDS", {})
     monkeypatch.setattr(dispatch, "_WARNED", set())
+    monkeypatch.setattr(dispatch, "_CHOSEN", {})
     register_backend("op", "fast", fast, requires=(dispatch.dtypes(torch.float16), dispatch.head_dim_at_most(8)))
     register_backend("op", "peer", lambda x: "peer", auto=False)
     register_backend("op", "reference", reference)
@@ -40,6 +41,15 @@ def test_first_backend_whose_requirements_hold(op):
     assert choose_backend(op, None, torch.zeros(1, 1, 4, 16, dtype=torch.float16))(None) == "reference"
     assert choose_backend(op, None, torch.zeros(1, 1, 4, 8))(None) == "reference"
     assert choose_backend(op, "peer", torch.zeros(1, 1, 4, 8))(None) == "peer"      # named, never automatic
+
+
+def test_the_choice_is_remembered_per_call_signature(op):
+    x = torch.zeros(1, 1, 4, 8, dtype=torch.float16)
+    assert choose_backend(op, None, x)(None) == "fast"
+    dispatch._BACKENDS[op][0] = dispatch.Backend("fast", reference)        # a later change is not seen ...
+    assert choose_backend(op, None, x)(None) == "fast"
+    register_backend(op, "other", fast)                                     # ... until a backend registers
+    assert choose_backend(op, None, x)(None) == "reference"
 
 
 def test_named_backend_that_cannot_run_names_the_requirement(op):
@@ -67,6 +77,7 @@ def test_reference_on_cuda_warns_once_naming_what_failed(op):
 def test_preferences_fall_back_silently(monkeypatch):
     monkeypatch.setattr(dispatch, "_BACKENDS", {})
     monkeypatch.setattr(dispatch, "_WARNED", set())
+    monkeypatch.setattr(dispatch, "_CHOSEN", {})
     register_backend("op", "fast", fast, requires=(Requirement("a wide head", lambda f: f["head_dim"] > 8,
                                                                preference=True),))
     register_backend("op", "reference", reference)
@@ -93,6 +104,7 @@ def test_real_ops_on_cuda_choose_triton_or_say_why(monkeypatch):
     from subquad.kernels.radial.reference import radial_attention_reference
 
     monkeypatch.setattr(dispatch, "_WARNED", set())
+    monkeypatch.setattr(dispatch, "_CHOSEN", {})
     q = torch.randn(1, 2, 16 * 16, 64, device="cuda", dtype=torch.bfloat16)
     assert choose_backend("radial_attention", None, q, grid=(16, 16), tile_size=64) is radial_attention_on_triton
     with pytest.warns(UserWarning, match="radial_attention runs its PyTorch reference on CUDA.*power of two >= 16"):
