@@ -1,5 +1,5 @@
 """Swin's shifted-window attention: built by name (not a family), padding and masking against dense
-attention with the window mask; shifted windows against timm's Swin are in tests/backbones/test_swin.py."""
+attention with the window mask; shifted windows against timm's Swin are in tests/test_backbones/test_swin.py."""
 import pytest
 import torch
 

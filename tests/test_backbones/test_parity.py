@@ -1,7 +1,7 @@
 """Parameter counts and GFLOPs (multiply-accumulates, fvcore's convention) at 224x224 of every named
 hierarchical model next to its paper's: parameters within 1%, FLOPs within 5%.
 
-``python tests/backbones/test_parity.py`` prints the table as markdown (the README section).
+``python tests/test_backbones/test_parity.py`` prints the table as markdown (the README section).
 
 How the numbers are counted: on the meta device with torch's FlopCounterMode / 2 (convolutions,
 linears and the attention's matmuls), as ``subquad.tasks.zoo.count_model``. Where a paper counts
