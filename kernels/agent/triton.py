@@ -39,7 +39,7 @@ from ..core.triton_op import triton_op
 
 
 # Tile sizes and launch options per kernel (sm_90 ptxas register reports and the sweeps of
-# ``subquad bench --suite linear``, which overrides them while it sweeps).
+# ``python -m subquad.tasks.bench.linear --sweep``, which overrides them while it sweeps).
 CONFIG = {
     "pool": dict(BLOCK_N=64, num_warps=8, num_stages=3),
     "aggregate": dict(BLOCK_N=32, num_warps=4, num_stages=3),

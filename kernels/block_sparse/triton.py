@@ -254,8 +254,9 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMask
 # --- launch ------------------------------------------------------------------------------------
 
 # (kind, block_m, block_n, padded head dim, bytes per element) -> the fastest launch config of the sweep of
-# ``subquad bench --suite block-sparse`` (bf16; head dim 64: 32k tokens, 4 heads, 25% of the tiles; head dim
-# 128: FLUX/Wan-sized calls, 16k tokens, 24 heads, 15% of the tiles); other shapes use ``launch_config``'s rule.
+# ``python -m subquad.tasks.bench.block_sparse --sweep`` (bf16; head dim 64: 32k tokens, 4 heads, 25% of the
+# tiles; head dim 128: FLUX/Wan-sized calls, 16k tokens, 24 heads, 15% of the tiles); other shapes use
+# ``launch_config``'s rule.
 TUNED_CONFIGS: dict[tuple, dict] = {
     ("fwd", 128, 64, 64, 2): {"num_warps": 8, "num_stages": 4},
     ("bwd_kv", 128, 64, 64, 2): {"num_warps": 4, "num_stages": 2},

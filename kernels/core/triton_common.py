@@ -76,7 +76,7 @@ def launch(kernel, grid: Tuple[int, ...], *args, **kwargs) -> None:
     specialisation) goes through it and compiles; later ones call the compiled kernel's launcher directly
     with the same arguments in signature order. Launch hooks (profilers) and the CPU interpreter always
     take Triton's own path. The compiled kernel is kept by name: its n_regs / n_spills feed the resource
-    report of ``subquad bench --suite linear``."""
+    report of ``python -m subquad.tasks.bench.linear``."""
     key = _launch_key(kernel, args, kwargs)
     fast = _FAST.get(key) if key is not None else None
     if fast is None:

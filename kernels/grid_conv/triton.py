@@ -30,7 +30,7 @@ from ..core.triton_common import (cdiv, head_strides, launch, load_tile, num_pro
                                   round_to, store_tile)
 from ..core.triton_op import triton_op
 
-# Tile sizes and launch options (``subquad bench --suite grid-conv --sweep`` times the alternatives); 8 warps
+# Tile sizes and launch options (``python -m subquad.tasks.bench.grid_conv --sweep`` times them); 8 warps
 # keep a 64-token tile under 130 registers (sm_90 ptxas, bf16, d = 64, k = 5: no spills). backward: per_sm
 # programs per SM that the chunks aim at (two 8-warp programs fit an SM's registers), and at least min_tiles
 # tiles per chunk, so that the partials stay a few percent of the chunk's bytes ((k*k + 1) / (128 min_tiles)

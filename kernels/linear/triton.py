@@ -53,8 +53,8 @@ from .reference import FOCUSED_EPS, LINEAR_EPS
 FOCUSED = 0      # FLatten: phi = focused map, O = phi(q) S / (phi(q) z)
 MALA = 1         # MALA: phi = ELU + 1, Y = beta phi(q) S - gamma sum v
 
-# Tile sizes and launch options per kernel: the fastest of the sweeps of ``subquad bench --suite linear`` (bf16,
-# 4 heads of 64, the three standard sizes, per-kernel device times), which overrides them while it sweeps.
+# Tile sizes and launch options per kernel: the fastest of the sweeps of ``python -m subquad.tasks.bench.linear
+# --sweep`` (bf16, 4 heads of 64, the three standard sizes, per-kernel device times), which overrides them.
 CONFIG = {   # per_sm: programs per SM that the N-split of a (batch, head) kernel aims at
     "state": dict(BLOCK_N=32, num_warps=4, num_stages=3, per_sm=4),
     "output": dict(BLOCK_N=64, num_warps=4, num_stages=2, per_sm=8, max_tiles=8),          # MALA
