@@ -6,12 +6,15 @@ from __future__ import annotations
 import torch
 
 from ..core import checks
-from ..core.dispatch import (TRITON, TRITON_DTYPES, choose_backend, dtypes, head_dim_at_most, register_backend,
-                             triton_device)
-from .layout import check_block_sparse_args
+from ..core.dispatch import (TRITON, TRITON_DTYPES, Requirement, choose_backend, dtypes, head_dim_at_most,
+                             register_backend, triton_device)
+from .layout import check_block_sparse_args, core_fits
 from .reference import block_sparse_attention_reference
 
 TRITON_REQUIRES = (triton_device(), dtypes(*TRITON_DTYPES), head_dim_at_most(128))
+# for the families that run on the core: the facts' ``tile_size`` is the tokens of one of their tiles
+CORE_TILES = Requirement("tiles of a power of two >= 16 tokens (the block-sparse core's tiles)",
+                         lambda f: core_fits(f["tile_size"]))
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, row_ptr: torch.Tensor,

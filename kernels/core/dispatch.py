@@ -1,7 +1,7 @@
 """Backends of the functional ops, each declaring what it can run; one policy picks among them.
 
 Every op registers its backends in order of preference with the requirements each needs (a CUDA
-tensor, a dtype, a head dim, a tile size, a grid rank: ``Requirement``). ``backend=None`` takes
+tensor, a dtype, a head dim, a tile size: ``Requirement``). ``backend=None`` takes
 the first automatic backend whose requirements hold; when that is the PyTorch reference on a CUDA
 tensor it warns once, naming what the faster backend lacked. A backend named explicitly that
 cannot run is a ValueError naming the requirement that failed.
@@ -161,7 +161,3 @@ def head_dim_at_most(limit: int, same_value_dim: bool = False) -> Requirement:
                            lambda f: f["head_dim"] <= limit and f["value_dim"] == f["head_dim"])
     return Requirement(f"head_dim <= {limit}", lambda f: f["head_dim"] <= limit)
 
-
-def grid_ranks(*ranks: int) -> Requirement:
-    what = " or ".join({2: "an image grid (H, W)", 3: "a video grid (T, H, W)"}[r] for r in ranks)
-    return Requirement(what, lambda f: f.get("grid") is None or len(f["grid"]) in ranks)

@@ -3,12 +3,13 @@ stores, matrix products with 16-bit operands (hi + lo splits of fp32 values) for
 flash-attention steps (FlashAttention-2, Dao 2023, Alg. 1-2) of the softmax-attention kernels (block-sparse
 core, neighborhood attention), whose scores live in the log2 domain (exp2) with float32 accumulation."""
 import functools
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .dispatch import INTERPRET
 
 
 def cdiv(a: int, b: int) -> int:
@@ -20,9 +21,8 @@ def pad_dim(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-# Kernels run on Triton's CPU interpreter: triton.jit reads the variable when it decorates them, at import.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-INTERPRETING = tl.constexpr(INTERPRET)       # the same flag, for jit functions that read it as a global
+# INTERPRET (kernels run on Triton's CPU interpreter) as a constexpr, for jit functions that read it as a global
+INTERPRETING = tl.constexpr(INTERPRET)
 LOG2E = tl.constexpr(1.4426950408889634)     # scores in the log2 domain: exp(x) = exp2(x * LOG2E)
 
 

@@ -7,10 +7,9 @@ from typing import Sequence
 
 import torch
 
-from ..block_sparse import TRITON_REQUIRES
-from ..block_sparse.layout import core_fits
+from ..block_sparse import CORE_TILES, TRITON_REQUIRES
 from ..core import checks
-from ..core.dispatch import TRITON, Requirement, choose_backend, register_backend
+from ..core.dispatch import TRITON, choose_backend, register_backend
 from ..core.family import Family, check_options, register_family
 from .block_sparse import loglinear_attention_on_core, loglinear_attention_on_triton
 from .plan import normalize_options
@@ -20,9 +19,6 @@ FAMILY = register_family(Family(
     name="loglinear", aliases=("llsa",), title="log-linear sparse attention", paper="Zhou et al., 2025",
     cost="O(N log N)", op="loglinear_attention", options={"block_size": 16, "top_k": 8, "levels": None},
     grid_ranks=(2,), training_free=True))
-
-CORE_TILES = Requirement("blocks of a power of two >= 16 tokens (the block-sparse core's tiles)",
-                         lambda f: core_fits(f["tile_size"]))
 
 
 def loglinear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],

@@ -6,10 +6,9 @@ from typing import Sequence
 
 import torch
 
-from ..block_sparse import TRITON_REQUIRES
-from ..block_sparse.layout import core_fits
+from ..block_sparse import CORE_TILES, TRITON_REQUIRES
 from ..core import checks
-from ..core.dispatch import TRITON, Requirement, choose_backend, register_backend
+from ..core.dispatch import TRITON, choose_backend, register_backend
 from ..core.family import Family, check_options, register_family
 from .block_sparse import radial_attention_on_core, radial_attention_on_triton
 from .plan import attended_pairs, normalize_options, radial_plan, tile_size
@@ -19,9 +18,6 @@ FAMILY = register_family(Family(
     name="radial", title="radial attention", paper="Li et al., 2025", cost="O(N log N)", op="radial_attention",
     options={"layout": None, "tile": None, "block_size": 128, "decay_factor": 1.0, "sink": None, "dense_radius": 1},
     grid_ranks=(2, 3), training_free=True))
-
-CORE_TILES = Requirement("tiles of a power of two >= 16 tokens (the block-sparse core's tiles)",
-                         lambda f: core_fits(f["tile_size"]))
 
 
 def radial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],
