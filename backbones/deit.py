@@ -18,10 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from ..kernels import family
+from .pretrained import build_with_pretrained
 from .vit import GridVisionTransformer
 
 
@@ -29,9 +30,8 @@ def _create_deit(variant: str, pretrained: bool = False, **kwargs: Any) -> GridV
     """``attn`` defaults to the family that the name's prefix names (``flatten_deit_*``: focused_linear)."""
     kwargs.setdefault("attn", family(variant.split("_deit_")[0]).name)
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        GridVisionTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+    return build_with_pretrained(
+        GridVisionTransformer, variant, pretrained, checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, model_entrypoint, register_model
+from timm.models import generate_default_cfgs, model_entrypoint, register_model
+
+from .pretrained import build_with_pretrained
 
 if TYPE_CHECKING:
     from .diffusion_transformer import DiT
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
 def _create_dit(variant: str, pretrained: bool = False, **kwargs: Any) -> DiT:
     from .diffusion_transformer import DiT     # imports diffusers: only when a DiT is built
     kwargs.pop("pretrained_cfg", None)
-    return build_model_with_cfg(DiT, variant, pretrained, kwargs_filter=("in_chans",), **kwargs)
+    return build_with_pretrained(DiT, variant, pretrained, kwargs_filter=("in_chans",), **kwargs)
 
 
 def create_dit(variant: str, pretrained: bool = False, **kwargs: Any) -> DiT:

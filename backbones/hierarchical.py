@@ -22,7 +22,6 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging
@@ -31,6 +30,7 @@ from torch import nn
 from ..attention import build
 from ..attention.grid_maps import depthwise_conv, resize_map
 from .attention_schedule import AttentionSchedule, AttnEntry
+from .pretrained import build_with_pretrained, check_state_dict
 
 NUM_STAGES = 4
 STRIDE = 32                       # of the last stage: input sides must be multiples of it
@@ -403,8 +403,8 @@ def create_hierarchical(variant: str, pretrained: bool, filter_fn: Callable, **k
     (``features_only=True`` returns the stage outputs at ``out_indices``, strides 4, 8, 16, 32)."""
     out_indices = kwargs.pop("out_indices", tuple(range(NUM_STAGES)))
     check_out_indices(out_indices, NUM_STAGES, variant)
-    return build_model_with_cfg(HierarchicalTransformer, variant, pretrained, pretrained_filter_fn=filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    return build_with_pretrained(HierarchicalTransformer, variant, pretrained, filter_fn,
+                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
 def rename_keys(state_dict: Mapping[str, torch.Tensor], rules: Sequence[tuple[str, str]],
@@ -424,14 +424,7 @@ def rename_keys(state_dict: Mapping[str, torch.Tensor], rules: Sequence[tuple[st
 
 
 def check_converted(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
-    """Strict key check of a converted state dict: a ValueError listing the missing and unexpected keys.
-
-    The classifier is left out: timm drops it itself when ``num_classes`` differs from the checkpoint's."""
-    expected = {k for k in model.state_dict() if not k.startswith("head.fc.")}
-    given = {k for k in state_dict if not k.startswith("head.fc.")}
-    missing, unexpected = sorted(expected - given), sorted(given - expected)
-    if missing or unexpected:
-        raise ValueError(f"the checkpoint does not match {type(model).__name__} after converting it from {source}:\n"
-                         f"  missing keys ({len(missing)}): {missing}\n"
-                         f"  unexpected keys ({len(unexpected)}): {unexpected}")
-    return dict(state_dict)
+    """Strict check of a state dict converted from the layout ``source``: ``check_state_dict``'s ValueError
+    naming the missing and unexpected keys and the shape mismatches (the classifier aside: timm drops it
+    itself when ``num_classes`` differs from the checkpoint's)."""
+    return check_state_dict(state_dict, model, converted_from=source)
