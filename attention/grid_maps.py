@@ -6,10 +6,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
+_RESIZE_MATRICES: dict[tuple, torch.Tensor] = {}
+
+
 def _linear_resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
-    """(n_out, n_in): linear interpolation (align_corners=False) of a length-n_in axis as a matrix."""
+    """(n_out, n_in): linear interpolation (align_corners=False) of a length-n_in axis as a matrix.
+
+    A constant of the sizes: built once per (sizes, device, dtype) in eager mode, where building it
+    every call cost a dozen small launches per resized map."""
+    if torch.compiler.is_compiling():           # traced once into the graph: no cache to guard on
+        return _build_resize_matrix(n_in, n_out, like)
+    key = (n_in, n_out, like.device, like.dtype)
+    if key not in _RESIZE_MATRICES:
+        _RESIZE_MATRICES[key] = _build_resize_matrix(n_in, n_out, like)
+    return _RESIZE_MATRICES[key]
+
+
+def _build_resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(n_in, device=like.device, dtype=like.dtype)[None]
-    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
 
 
 def resize_map(m: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -24,9 +39,10 @@ def resize_map(m: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     if spatial == tuple(size):
         return m
     work = m.to(torch.promote_types(m.dtype, torch.float32))
-    out = work @ _linear_resize_matrix(spatial[-1], size[-1], work).T
-    if len(size) == 2:
-        out = _linear_resize_matrix(spatial[0], size[0], work) @ out
+    with torch.autocast(work.device.type, enabled=False):      # the maps stay in float32 under autocast
+        out = work @ _linear_resize_matrix(spatial[-1], size[-1], work).T
+        if len(size) == 2:
+            out = _linear_resize_matrix(spatial[0], size[0], work) @ out
     return out.to(m.dtype)
 
 

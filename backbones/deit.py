@@ -9,9 +9,11 @@ DeiT configuration, it is theirs:
   encoding on K.
 - MALA-DeiT (MALA): every block, ELU+1 map with 2D RoPE and a 5x5 LePE.
 - NAT-DeiT: every block a 7x7 neighbourhood with NAT's relative position bias.
-- Radial-DeiT: the 2D energy-decay mask on 2x2 tiles (the 14x14 grid has too few 8x8 tiles).
-- LLSA-DeiT: 4x4-token blocks, top-4 selection (one level at 14x14).
-Densities at 224px: NAT 0.25, radial 0.30, LLSA 0.33 of the dense attention's pairs.
+- Radial-DeiT: the 2D energy-decay mask on 8x8-token tiles.
+- LLSA-DeiT: 8x8-token blocks, top-4 selection.
+Radial and LLSA tiles are the block-sparse core's (64 tokens): at 224px the 14x14 grid has 2x2 tiles, every
+pair is kept and the blocks attend densely (exactly the dense model); the sparsity starts at larger inputs
+(radial keeps 0.25 of the pairs at 1024px, 0.09 at 2048px). NAT keeps 0.25 of the pairs at 224px.
 """
 from __future__ import annotations
 
@@ -187,47 +189,47 @@ def nat_deit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> GridVi
 
 @register_model
 def radial_deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> GridVisionTransformer:
-    """Radial-DeiT-T: radial attention on 2x2 tiles in every block."""
+    """Radial-DeiT-T: radial attention on 8x8-token tiles in every block."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
-                      attn_kwargs={"radial": dict(tile=(2, 2))})
+                      attn_kwargs={"radial": dict(tile=(8, 8))})
     return _create_deit("radial_deit_tiny_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def radial_deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> GridVisionTransformer:
-    """Radial-DeiT-S: radial attention on 2x2 tiles in every block."""
+    """Radial-DeiT-S: radial attention on 8x8-token tiles in every block."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                      attn_kwargs={"radial": dict(tile=(2, 2))})
+                      attn_kwargs={"radial": dict(tile=(8, 8))})
     return _create_deit("radial_deit_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def radial_deit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> GridVisionTransformer:
-    """Radial-DeiT-B: radial attention on 2x2 tiles in every block."""
+    """Radial-DeiT-B: radial attention on 8x8-token tiles in every block."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                      attn_kwargs={"radial": dict(tile=(2, 2))})
+                      attn_kwargs={"radial": dict(tile=(8, 8))})
     return _create_deit("radial_deit_base_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def llsa_deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> GridVisionTransformer:
-    """LLSA-DeiT-T: log-linear sparse attention in every block."""
+    """LLSA-DeiT-T: log-linear sparse attention (8x8-token blocks, top 4) in every block."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
-                      attn_kwargs={"llsa": dict(block_size=16, top_k=4)})
+                      attn_kwargs={"llsa": dict(block_size=64, top_k=4)})
     return _create_deit("llsa_deit_tiny_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def llsa_deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> GridVisionTransformer:
-    """LLSA-DeiT-S: log-linear sparse attention in every block."""
+    """LLSA-DeiT-S: log-linear sparse attention (8x8-token blocks, top 4) in every block."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                      attn_kwargs={"llsa": dict(block_size=16, top_k=4)})
+                      attn_kwargs={"llsa": dict(block_size=64, top_k=4)})
     return _create_deit("llsa_deit_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def llsa_deit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> GridVisionTransformer:
-    """LLSA-DeiT-B: log-linear sparse attention in every block."""
+    """LLSA-DeiT-B: log-linear sparse attention (8x8-token blocks, top 4) in every block."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                      attn_kwargs={"llsa": dict(block_size=16, top_k=4)})
+                      attn_kwargs={"llsa": dict(block_size=64, top_k=4)})
     return _create_deit("llsa_deit_base_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))

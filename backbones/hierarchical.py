@@ -273,7 +273,7 @@ class HierarchicalTransformer(nn.Module):
         else:
             self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                        input_fmt="NHWC")
-        self.head_hidden_size = self.head.num_features
+        self.head_hidden_size = head_hidden_size or self.num_features
         self.apply(_init_weights)
         for stage in self.stages:
             if stage.pos_embed is not None:

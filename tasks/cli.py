@@ -37,7 +37,8 @@ def _bench(args: argparse.Namespace) -> None:
     from .bench.suites import run_suite
     families = [attention.canonical_name(f) for f in args.families.split(",")] if args.families else None
     if args.suite != "families":
-        run_suite(args.suite, Path(args.out), families)
+        run_suite(args.suite, Path(args.out), families, compile=args.compile,
+                  models=args.models.split(",") if args.models else None)
         return
     cfg = BenchConfig.default(args.device)
     if args.dtype:
@@ -107,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", choices=SUITES, default="families",
                    help="families: every attention family vs SDPA (default); linear / block-sparse / "
                         "grid-conv: the Triton kernels' own benchmarks (CUDA); dit: DiT training step and "
-                        "sampling time per family vs the SDPA DiT (CUDA)")
+                        "sampling time per family vs the SDPA DiT (CUDA); models: whole timm models vs "
+                        "timm's dense peers (CUDA)")
+    p.add_argument("--compile", action="store_true", help="models suite: also time torch.compile(model)")
+    p.add_argument("--models", help="models suite: comma-separated substrings of the model names to keep "
+                                    "(e.g. mala,nat); the dense peers always run")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")
     p.set_defaults(run=_bench)
     p = sub.add_parser("train", help="train a classification or segmentation recipe (also under accelerate launch)")

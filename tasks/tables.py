@@ -36,11 +36,12 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column] | Non
 
 
 def save_csv(rows: Sequence[dict[str, Any]], out: Path | str | TextIO) -> None:
-    """Write ``rows`` as CSV with a header (the first row's keys) to a path or an open text file."""
+    """Write ``rows`` as CSV with a header (every key, in order of first appearance; a row without a key
+    leaves its cell empty) to a path or an open text file."""
     if isinstance(out, (str, Path)):
         with open(out, "w", newline="") as f:
             save_csv(rows, f)
         return
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
     writer.writerows(rows)

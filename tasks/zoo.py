@@ -19,12 +19,15 @@ def subquad_model_names() -> list[str]:
             if model_entrypoint(name).__module__.startswith(f"{backbones.__name__}.")]
 
 
-def count_model(name: str, **kwargs) -> dict:
-    """Parameters and GFLOPs of ``name`` at its default input size, built on the meta device (no memory).
+def count_model(name: str, img_size: int | None = None, **kwargs) -> dict:
+    """Parameters and GFLOPs of ``name`` at its default input size (or ``img_size`` square), built on the
+    meta device (no memory).
 
     GFLOPs follow the papers' convention: multiply-accumulates / 1e9 (fvcore counts the same way).
     """
     size = get_pretrained_cfg(name).input_size
+    if img_size is not None and img_size != size[-1]:
+        size, kwargs = (size[0], img_size, img_size), dict(kwargs, img_size=img_size)
     with torch.device("meta"):
         model = timm.create_model(name, **kwargs)
         inputs = (torch.empty(1, *size),)

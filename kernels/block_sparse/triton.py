@@ -426,7 +426,7 @@ def _forward_fake(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias
 
 def _backward_fake(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows, block_m,
                    block_n, num_prefix, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))   # as backward's
 
 
 def _gradients(run_backward, do, saved, args, needs):

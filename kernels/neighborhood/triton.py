@@ -439,7 +439,8 @@ def _forward_fake(q, k, v, rpb, height, width, kernel_size, dilation, num_prefix
 def _backward_fake(do, q, k, v, o, lse, rpb, height, width, kernel_size, dilation, num_prefix, scale):
     side = 2 * kernel_size - 1
     drpb = q.new_empty((q.shape[1], side, side) if rpb is not None else (0, side, side), dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))   # as backward's
+    return dq, dk, dv, drpb
 
 
 def _gradients(run_backward, do, saved, args, needs):

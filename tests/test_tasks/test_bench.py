@@ -11,6 +11,7 @@ from subquad.kernels.grid_conv import triton as grid_conv_kernels
 from subquad.tasks.bench import families as bench
 from subquad.tasks.bench import grid_conv
 from subquad.tasks.bench.dit import bench_dit
+from subquad.tasks.bench.models import ModelCase, bench_models, save_models_plot
 from subquad.tasks.bench.suites import run_suite
 
 
@@ -89,3 +90,29 @@ def test_grid_conv_bench_and_sweep_run_cpu(monkeypatch):
 def test_kernel_suites_need_cuda(tmp_path):
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         run_suite("linear", tmp_path)
+
+
+def test_bench_models_rows_ratios_and_plot(tmp_path):
+    """The models suite's code path on a tiny CPU case: the dense peer first, ratios to it, host time per
+    block, FLOP-ideal speedup from the FLOP counter, a CSV kept after every row and a plot."""
+    case = ModelCase("tiny", "deit_tiny_patch16_224", ("mala_deit_tiny_patch16_224",), 32, 1)
+    rows = bench_models((case,), repeats=1, device="cpu", csv_path=tmp_path / "m.csv")
+    assert [r["model"] for r in rows] == ["deit_tiny_patch16_224", "mala_deit_tiny_patch16_224"]
+    peer, mala = rows
+    assert peer["speedup_infer"] == peer["speedup_train"] == peer["flop_ideal"] == 1.0
+    assert mala["speedup_infer"] == pytest.approx(mala["infer_img_s"] / peer["infer_img_s"])
+    assert mala["flop_ideal"] == pytest.approx(peer["gflops"] / mala["gflops"])
+    for r in rows:
+        assert r["infer_img_s"] > 0 and r["train_img_s"] > 0 and r["host_us_per_block"] > 0 and r["gflops"] > 0
+    assert [r["model"] for r in csv.DictReader(open(tmp_path / "m.csv"))] == [r["model"] for r in rows]
+    save_models_plot(rows, tmp_path / "m.png", "tiny")
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_models_keeps_going_past_a_failing_model(tmp_path, capsys):
+    case = ModelCase("tiny", "deit_tiny_patch16_224", ("no_such_model_patch16_224",), 32, 1)
+    rows = bench_models((case,), repeats=1, device="cpu", csv_path=tmp_path / "m.csv")
+    assert [r.get("error") for r in rows] == [None, "RuntimeError"]
+    assert rows[0]["infer_img_s"] > 0 and math.isnan(rows[1]["infer_img_s"])
+    assert "bench models: no_such_model_patch16_224 at tiny B1: RuntimeError" in capsys.readouterr().out
+    assert len(list(csv.DictReader(open(tmp_path / "m.csv")))) == 2

@@ -1,0 +1,225 @@
+"""``subquad bench --suite models``: whole models as a user builds them with ``timm.create_model``, against
+timm's dense model of the same size, measured in the same run.
+
+Per model and case: inference images/s (eval, no grad) and training images/s (forward, cross-entropy,
+backward, fused AdamW step on fp32 weights), both under bf16 autocast on CUDA; the peak memory of each; the host time per block (how long one inference forward takes to *issue*, after a sync, divided by
+the depth: the Python and launch cost that a GPU-bound model hides and a host-bound one does not); GFLOPs
+per image from the FLOP counter and the FLOP-ideal speedup (peer GFLOPs / model GFLOPs). ``compile=True``
+adds the same rows for ``torch.compile(model)`` with the compile time (the first calls).
+
+Cases: DeiT-S at 224² B128, 1024² B4 and 2048² B1 against timm ``deit_small_patch16_224``; the
+hierarchical tiny models at 224² B128 against timm ``swin_tiny_patch4_window7_224``. DiT is the ``dit``
+suite.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+import timm
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from ..tables import format_table, save_csv
+from ..zoo import count_model
+from .measure import median_ms
+
+matplotlib.use("Agg")
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """``models`` at ``img_size`` and ``batch`` against the dense timm model ``peer``."""
+    label: str
+    peer: str
+    models: tuple[str, ...]
+    img_size: int
+    batch: int
+
+
+DEIT_SMALL = tuple(f"{f}_deit_small_patch16_224" for f in ("agent", "flatten", "mala", "nat", "radial", "llsa"))
+HIER_TINY = ("agent_swin_tiny_patch4_window7_224", "flatten_swin_tiny_patch4_window7_224", "agent_pvt_tiny",
+             "flatten_pvt_tiny", "nat_tiny", "dinat_tiny", "mavit_tiny")
+MODEL_CASES = (
+    ModelCase("DeiT-S 224", "deit_small_patch16_224", DEIT_SMALL, 224, 128),
+    ModelCase("DeiT-S 1024", "deit_small_patch16_224", DEIT_SMALL, 1024, 4),
+    ModelCase("DeiT-S 2048", "deit_small_patch16_224", DEIT_SMALL, 2048, 1),
+    ModelCase("Swin-T 224", "swin_tiny_patch4_window7_224", HIER_TINY, 224, 128),
+)
+NUM_CLASSES = 1000
+
+MODEL_COLUMNS = [("case", "case", "s"), ("model", "model", "s"), ("compiled", "compiled", "s"),
+                 ("infer_img_s", "infer img/s", ".1f"), ("train_img_s", "train img/s", ".1f"),
+                 ("infer_peak_gib", "infer peak GiB", ".2f"), ("train_peak_gib", "train peak GiB", ".2f"), ("host_us_per_block", "host µs/block", ".0f"),
+                 ("gflops", "GFLOPs/img", ".2f"), ("flop_ideal", "FLOP-ideal x", ".2f"),
+                 ("speedup_infer", "x peer infer", ".2f"), ("speedup_train", "x peer train", ".2f"),
+                 ("compile_s", "compile s", ".1f")]
+
+
+def _create(name: str, case: ModelCase, device: torch.device) -> torch.nn.Module:
+    size = {} if case.img_size == 224 else {"img_size": case.img_size}
+    with device:
+        return timm.create_model(name, num_classes=NUM_CLASSES, **size)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _steps(model: torch.nn.Module, case: ModelCase, device: torch.device) -> tuple[Callable, Callable]:
+    """(inference forward, training step) closures over fixed random inputs."""
+    x = torch.randn(case.batch, 3, case.img_size, case.img_size, device=device)
+    y = torch.randint(0, NUM_CLASSES, (case.batch,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def infer() -> torch.Tensor:
+        with torch.no_grad(), _autocast(device):
+            return model(x)
+
+    def train() -> None:
+        with _autocast(device):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return infer, train
+
+
+def _host_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median time for ``fn()`` to return when the device is idle at its start: the cost of issuing its work."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    _sync(device)
+    return sorted(times)[len(times) // 2]
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float:
+    """The CUDA allocator's peak since the last reset (NaN on CPU, which has no such counter)."""
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+
+
+def _depth(model: torch.nn.Module) -> int:
+    return sum(1 for m in model.modules() if hasattr(m, "attn") and isinstance(m.attn, torch.nn.Module)) or 1
+
+
+def measure_model(name: str, case: ModelCase, device: torch.device, repeats: int, compile: bool = False) -> dict:
+    """One row: throughput, peak memory, host time per block (and compile time) of ``name`` in ``case``."""
+    row = dict(case=case.label, model=name, compiled="yes" if compile else "no", batch=case.batch,
+               img_size=case.img_size, compile_s=float("nan"))
+    model = None
+    try:
+        model = _create(name, case, device)
+        row["gflops"] = count_model(name, img_size=case.img_size)["gflops"]
+        depth = _depth(model)
+        if compile:
+            model = torch.compile(model)
+        infer, train = _steps(model, case, device)
+        if compile:
+            start = time.perf_counter()
+            model.eval()
+            infer()
+            model.train()
+            train()
+            _sync(device)
+            row["compile_s"] = time.perf_counter() - start
+        model.eval()
+        _reset_peak(device)
+        infer_ms = median_ms(infer, device, repeats, warmup=2)
+        row["infer_peak_gib"] = _peak_gib(device)
+        row["host_us_per_block"] = _host_ms(infer, device, repeats) * 1e3 / depth
+        model.train()
+        _reset_peak(device)
+        train_ms = median_ms(train, device, repeats, warmup=2)
+        row["train_peak_gib"] = _peak_gib(device)
+        row["infer_img_s"] = case.batch / infer_ms * 1e3
+        row["train_img_s"] = case.batch / train_ms * 1e3
+    except Exception as e:          # one model's failure (out of memory, a compile error) costs its row only
+        tqdm.write(f"bench models: {name} at {case.label} B{case.batch}: {type(e).__name__}: {str(e)[:300]}")
+        nan = float("nan")
+        row.update({key: row.get(key, nan) for key in ("gflops", "infer_img_s", "train_img_s", "infer_peak_gib",
+                                                         "train_peak_gib", "host_us_per_block")}, error=type(e).__name__)
+    finally:
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def bench_models(cases: tuple[ModelCase, ...] = MODEL_CASES, repeats: int = 10, device: str = "cuda",
+                 compile: bool = False, models: list[str] | None = None, csv_path: Path | None = None) -> list[dict]:
+    """One row per (case, model, eager/compiled), the peer first; ratios to the peer of the same case and
+    mode. ``models`` keeps only the subquad models whose name contains one of these strings; ``csv_path``
+    is rewritten after every row, so that an interrupted run keeps what it measured."""
+    dev = torch.device(device)
+    modes = (False, True) if compile else (False,)
+    jobs = [(case, name, mode) for case in cases for mode in modes
+            for name in (case.peer,) + tuple(m for m in case.models if not models or any(s in m for s in models))]
+    rows = []
+    for case, name, mode in tqdm(jobs, desc="bench models", unit="model"):
+        row = measure_model(name, case, dev, repeats, compile=mode)
+        rows.append(row)
+        if csv_path is not None:
+            save_csv(rows, csv_path)
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    for r in rows:
+        peer = next(p for p in rows if p["case"] == r["case"] and p["compiled"] == r["compiled"]
+                    and p["model"] == next(c.peer for c in cases if c.label == r["case"]))
+        r["flop_ideal"] = peer["gflops"] / r["gflops"]
+        r["speedup_infer"] = r["infer_img_s"] / peer["infer_img_s"]
+        r["speedup_train"] = r["train_img_s"] / peer["train_img_s"]
+    return rows
+
+
+def save_models_plot(rows: list[dict], path: Path, title: str) -> None:
+    """One panel per case: inference and training throughput of each model as a ratio to its dense peer."""
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig = Figure(figsize=(4.2 * len(cases), 4.8))
+    for ax, case in zip(fig.subplots(1, len(cases), squeeze=False)[0], cases):
+        these = [r for r in rows if r["case"] == case]
+        labels = [r["model"].replace("_patch16_224", "").replace("_patch4_window7_224", "")
+                  + (" (compiled)" if r["compiled"] == "yes" else "") for r in these]
+        pos = range(len(these))
+        ax.barh([p - 0.2 for p in pos], [r["speedup_infer"] for r in these], height=0.4, label="inference")
+        ax.barh([p + 0.2 for p in pos], [r["speedup_train"] for r in these], height=0.4, label="training")
+        ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_yticks(list(pos), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlabel="throughput / dense peer", title=f"{case} B{these[0]['batch']}")
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run_models_bench(out_dir: Path, compile: bool = False, models: list[str] | None = None) -> list[dict]:
+    """Measure every case, print the table, save ``bench_models.csv`` and ``bench_models.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = bench_models(compile=compile, models=models, csv_path=out_dir / "bench_models.csv")
+    save_csv(rows, out_dir / "bench_models.csv")
+    title = (f"subquad bench --suite models: {torch.cuda.get_device_name()}, bf16 autocast, "
+             f"random weights, same-run ratios to timm's dense model")
+    save_models_plot(rows, out_dir / "bench_models.png", title)
+    print(format_table(rows, MODEL_COLUMNS))
+    print(f"saved {out_dir / 'bench_models.csv'} and {out_dir / 'bench_models.png'}")
+    return rows
