@@ -11,10 +11,13 @@ from ..core.dispatch import (TRITON, TRITON_DTYPES, Requirement, choose_backend,
                              triton_device)
 from .reference import depthwise_conv_on_grid_reference
 
-# A filter shared by the heads (FLatten) runs cudnn's conv by default: the Triton backward, which also sums
-# dweight over the heads, measured slower there (docs/bench_grid_conv_h200.csv).
-PER_CHANNEL_FILTER = Requirement("one filter per channel (weight of heads*head_dim channels) when chosen "
-                                 "automatically", lambda f: f.get("named", False) or f["per_channel"], preference=True)
+# A filter shared by the heads (FLatten) runs cudnn's conv by default when a gradient is needed: the Triton
+# backward, which also sums dweight over the heads, measured slower there, while its forward (in place, the
+# residual add fused) is faster than cudnn's on permuted copies (docs/bench_grid_conv_h200.csv).
+PER_CHANNEL_FILTER = Requirement("one filter per channel (weight of heads*head_dim channels), or no gradient, when "
+                                 "chosen automatically",
+                                 lambda f: f.get("named", False) or f["per_channel"] or not f["needs_grad"],
+                                 preference=True)
 
 
 def depthwise_conv_on_grid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -27,11 +30,12 @@ def depthwise_conv_on_grid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     grid; a video grid (T, H, W) convolves each frame with the 2D filter. The conv is 0 on the prefix rows,
     so there the output is the residual (0 when ``residual`` is None). Backends: ``reference`` (F.conv2d on
     permuted copies), ``triton`` (in place on the token layout, the residual add fused; the default on CUDA
-    for per-channel filters, ``reference`` for shared ones).
+    for per-channel filters, and for shared ones when no gradient is needed; else ``reference``).
     """
     grid = checks.check_grid_conv(x, weight, bias, grid, num_prefix, residual)
     per_channel = weight.shape[0] == x.shape[1] * x.shape[-1]
-    fn = choose_backend("depthwise_conv_on_grid", backend, x, grid=grid, per_channel=per_channel)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    fn = choose_backend("depthwise_conv_on_grid", backend, x, grid=grid, per_channel=per_channel, needs_grad=needs_grad)
     return fn(x, weight, bias, grid, num_prefix, residual)
 
 

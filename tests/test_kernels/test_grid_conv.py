@@ -310,16 +310,19 @@ def test_gpu_fuzz(poisoned):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shared, expected", [(False, "triton"), (True, "reference")])
-def test_gpu_default_backend_by_filter(shared, expected):
-    """On CUDA the default is the Triton kernel for per-channel filters and the reference (cudnn) for filters
-    shared by the heads, whose Triton backward measured slower: a preference, so no warning."""
+@pytest.mark.parametrize("shared, needs_grad, expected", [(False, True, "triton"), (False, False, "triton"),
+                                                          (True, True, "reference"), (True, False, "triton")])
+def test_gpu_default_backend_by_filter(shared, needs_grad, expected):
+    """On CUDA the default is the Triton kernel for per-channel filters, and for filters shared by the heads
+    when no gradient is needed; shared filters that need one take the reference (cudnn), whose backward
+    measured faster than the Triton one (which sums dweight over the heads): a preference, so no warning."""
     h, d = 4, 64
     x = torch.randn(2, h, 1 + 14 * 14, d, device="cuda")
-    weight = torch.randn(d if shared else h * d, 1, 5, 5, device="cuda")
+    weight = torch.randn(d if shared else h * d, 1, 5, 5, device="cuda", requires_grad=needs_grad)
     impl = {b.name: b.fn for b in backends_of("depthwise_conv_on_grid")}[expected]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        chosen = choose_backend("depthwise_conv_on_grid", None, x, grid=(14, 14), per_channel=not shared)
+        chosen = choose_backend("depthwise_conv_on_grid", None, x, grid=(14, 14), per_channel=not shared,
+                                needs_grad=needs_grad)
         depthwise_conv_on_grid(x, weight, None, grid=(14, 14), num_prefix=1)
     assert chosen is impl
