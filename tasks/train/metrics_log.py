@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from .checkpoint import read_json, writing
+
 
 class MetricsLog:
     KINDS = ("train", "eval")
@@ -20,7 +22,8 @@ class MetricsLog:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         path = self.folder / "metrics.json"
-        self.rows: dict[str, list[dict]] = json.loads(path.read_text()) if path.is_file() else {k: [] for k in self.KINDS}
+        self.rows: dict[str, list[dict]] = read_json(path, "metrics log", self.KINDS) if path.is_file() else \
+            {k: [] for k in self.KINDS}
 
     def truncate(self, step: int) -> None:
         """Forget rows logged after ``step`` (by a run that was killed before its next checkpoint)."""
@@ -33,7 +36,8 @@ class MetricsLog:
         self._write()
 
     def _write(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        with writing(self.folder):
+            self.folder.mkdir(parents=True, exist_ok=True)
         _replace(self.folder / "metrics.json", lambda f: json.dump(self.rows, f, indent=1))
         for kind, rows in self.rows.items():
             if rows:
@@ -50,6 +54,7 @@ def _write_csv(f, columns: list[str], rows: list[dict]) -> None:
 
 def _replace(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        write(f)
-    os.replace(tmp, path)
+    with writing(path):
+        with open(tmp, "w", newline="") as f:
+            write(f)
+        os.replace(tmp, path)

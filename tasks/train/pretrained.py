@@ -8,7 +8,8 @@ module's ``checkpoint_filter_fn`` (timm's convention), so they load under our na
 The check runs on a copy of the model on the meta device, before anything is trained: every tensor
 the model needs must be in the checkpoint with the right shape, and nothing else may be, except
 the classifier, which is dropped (reset to random) when the class count differs. A checkpoint of
-another model is a ``ValueError`` listing what does not fit. The load itself is timm's
+another model is a ``ValueError`` listing what does not fit (``subquad.backbones.pretrained``, which
+also makes timm's ``pretrained_cfg_overlay=dict(file=...)`` strict); a missing file a ``FileNotFoundError``. The load itself is timm's
 (``pretrained_cfg_overlay``), so it happens on the full model before a ``features_only`` wrapper
 renames or prunes anything.
 """
@@ -16,13 +17,26 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from .checkpoint import find_latest, read_tensors
+from ...backbones.pretrained import check_state_dict, classifier_keys
+from .checkpoint import find_latest, load_safetensors, read_tensors
+
+
+def load_plain(path: str | Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, no pickled code runs. A file
+    it refuses (code in the pickle, not a torch file, truncated) is a ``ValueError`` naming ``what``, the file
+    and the unpickler's reason in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:          # UnpicklingError, RuntimeError (zip), EOFError...: the reason is in the text
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split(". ")[0].splitlines()
+        raise ValueError(f"{what} {path} is not plain weights that torch.load(weights_only=True) reads "
+                         f"({reason[0] if reason else type(e).__name__})") from e
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -38,14 +52,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "model."
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        state = load_file(path)
+        state = load_safetensors(path)
     elif path.suffix in (".pth", ".pt", ".bin"):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:      # the safe unpickler refuses anything but tensors and plain containers
-            raise ValueError(f"{path} could not be read as plain weights (torch.load weights_only=True): {e}") from e
+        state = load_plain(path, "checkpoint")
         for key in ("model", "state_dict", "module"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
@@ -64,11 +75,6 @@ def input_normalization(name: str) -> tuple[tuple, tuple]:
     return tuple(cfg.mean), tuple(cfg.std)
 
 
-def _classifier_keys(model: nn.Module) -> set[str]:
-    names = model.pretrained_cfg.get("classifier") or ()
-    return {f"{n}.{s}" for n in ((names,) if isinstance(names, str) else names) for s in ("weight", "bias")}
-
-
 def _checkpoint_filter(name: str):
     module = sys.modules[timm.models.model_entrypoint(name).__module__]
     return getattr(module, "checkpoint_filter_fn", None)
@@ -79,26 +85,14 @@ def check_weights(name: str, kwargs: dict, state: dict[str, torch.Tensor], num_c
 
     ``num_classes`` is the new model's (0 for a ``features_only`` backbone, which has no classifier).
     """
-    with torch.device("meta"):
-        model = timm.create_model(name, num_classes=num_classes, **kwargs)
+    with torch.device("meta"):          # the file in its config: the model files' filters name it in their errors
+        model = timm.create_model(name, num_classes=num_classes, pretrained_cfg_overlay=dict(file=str(source)),
+                                  **kwargs)
     filter_fn = _checkpoint_filter(name)
     state = filter_fn(dict(state), model) if filter_fn else dict(state)
-    head = _classifier_keys(model)
-    weight_key = next((k for k in sorted(head) if k.endswith(".weight") and k in state), None)
-    ckpt_classes = state[weight_key].shape[0] if weight_key else 0
-    if ckpt_classes != num_classes:
-        state = {k: v for k, v in state.items() if k not in head}
-    own = model.state_dict()
-    skip = head if ckpt_classes != num_classes else set()
-    missing = [k for k in own if k not in state and k not in skip]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
-             if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{len(v)} {what} (e.g. {', '.join(v[:3])})" for what, v in
-                 (("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatches", wrong)) if v]
-        raise ValueError(f"checkpoint {source} does not fit model {name}: {'; '.join(parts)}")
-    return ckpt_classes
+    weight_key = next((k for k in sorted(classifier_keys(model)) if k.endswith(".weight") and k in state), None)
+    check_state_dict(state, model, str(source))
+    return state[weight_key].shape[0] if weight_key else 0
 
 
 def create_model(name: str, kwargs: dict, num_classes: int, checkpoint: str | None = None,
