@@ -7,7 +7,8 @@ mixed precision and devices come from accelerate. Counts are in optimizer steps:
 ``run.eval_interval`` steps the model (and its EMA) is evaluated; every ``run.checkpoint_interval``
 steps a resumable checkpoint is written (see ``checkpoint.py``). ``resume=True`` restores model,
 optimizer, scheduler, EMA, loss scaler, data position and random states, so the run continues as
-if it had never stopped. At the end the final metrics, the training throughput and the peak memory
+if it had never stopped. A run holds ``run.output_dir`` while it runs (``run_lock.py``): a second run
+into the same folder is refused. At the end the final metrics, the training throughput and the peak memory
 are printed.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -35,10 +36,11 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .checkpoint import (begin_checkpoint, commit_checkpoint, decode_tree, encode_tree, find_latest, read_rng,
-                         read_state, read_tensors, set_rng_state, write_rng, STATE)
+                         read_state, read_tensors, set_rng_state, writing, write_rng, STATE)
 from .config import TrainConfig
 from .data.sampling import train_loader
 from .metrics_log import MetricsLog
+from .run_lock import acquire_run_lock, release_run_lock
 
 
 class Task(Protocol):
@@ -151,7 +153,40 @@ class Trainer:
             check_checkpoint_model(read_state(self.resume_from), cfg, self.resume_from)
         elif resume:
             print(f"--resume: no checkpoint in {self.ckpt_root} yet, starting from step 0")
-        self.accelerator = acc = make_accelerator(run.mixed_precision)
+        self.accelerator, self.bar = make_accelerator(run.mixed_precision), None
+        self.lock = self._hold_output()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _hold_output(self) -> Path | None:
+        """The main process locks ``run.output_dir`` (see ``run_lock.py``); if it cannot, every process
+        raises its error (no process is left waiting for the others)."""
+        acc, lock, error = self.accelerator, None, None
+        if acc.is_main_process:
+            try:
+                lock = acquire_run_lock(self.out)
+            except (ValueError, OSError) as e:
+                error = e
+        if acc.num_processes > 1:
+            error = broadcast_object_list([error])[0]
+        if error is not None:
+            raise error
+        return lock
+
+    def close(self) -> None:
+        """End the progress bar and release ``run.output_dir`` (``train`` calls it at the end, also on an error)."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.lock is not None:
+            release_run_lock(self.lock)
+            self.lock = None
+
+    def _build(self) -> None:
+        """Task, data, model, optimizer and schedule; the checkpoint's state when resuming."""
+        cfg, run, acc = self.cfg, self.cfg.run, self.accelerator
         set_seed(run.seed + acc.process_index)
         with acc.main_process_first():
             self.task = build_task(cfg)
@@ -189,7 +224,8 @@ class Trainer:
         self.log = MetricsLog(self.out) if acc.is_main_process else None
         if self.log:
             self.log.truncate(self.step)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            with writing(self.out / "config.yaml"):
+                (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             name = cfg.model.name if cfg.task != "seg" else f"{cfg.model.head} on {cfg.model.backbone}"
             params = sum(p.numel() for p in model.parameters()) / 1e6
             print(f"{cfg.task}: {name} ({params:.2f}M parameters), {len(self.task.train_set)} training images, "
@@ -288,8 +324,8 @@ class Trainer:
     def fit(self) -> dict:
         acc, run = self.accelerator, self.cfg.run
         images_per_step = self.cfg.data.batch_size * run.grad_accum_steps * acc.num_processes
-        bar = tqdm(total=self.total, initial=self.step, desc=f"train {self.cfg.task}", unit="step",
-                   disable=not acc.is_main_process, dynamic_ncols=True)
+        self.bar = bar = tqdm(total=self.total, initial=self.step, desc=f"train {self.cfg.task}", unit="step",
+                              disable=not acc.is_main_process, dynamic_ncols=True)
         watch = Stopwatch(acc.device)
         first_step, interval_losses, metrics = self.step, [], {}
         batches = self._micro_batches()
@@ -351,7 +387,11 @@ class Trainer:
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train a recipe to its last step (resuming from ``run.output_dir`` if asked); the final metrics."""
-    return Trainer(cfg, resume).fit()
+    trainer = Trainer(cfg, resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
 
 
 def evaluate(cfg: TrainConfig, checkpoint: str | None = None) -> dict[str, Any]:
