@@ -302,6 +302,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise ValueError(f"{where}: expected {names}, got {value!r}")
 
 
+# numbers a recipe must keep positive (counts, sizes, lengths) or >= 0; a section without the key skips it
+POSITIVE = ("data.batch_size", "data.eval_batch_size", "data.img_size", "data.crop_size", "data.eval_stride",
+            "data.num_classes", "data.val_images", "schedule.steps", "schedule.epochs", "run.grad_accum_steps",
+            "run.log_interval", "run.eval_interval", "run.checkpoint_interval", "run.keep_checkpoints")
+NON_NEGATIVE = ("data.workers", "schedule.warmup_steps", "schedule.warmup_epochs")
+
+
 def _check(cfg: TrainConfig, source: str) -> None:
     """Cross-field rules a type cannot express."""
     s, r = cfg.schedule, cfg.run
@@ -313,9 +320,11 @@ def _check(cfg: TrainConfig, source: str) -> None:
         raise ValueError(f"{source}: a schedule in epochs takes warmup_epochs, not warmup_steps")
     if r.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"{source}: run.mixed_precision must be no, bf16 or fp16, got {r.mixed_precision!r}")
-    for key in ("grad_accum_steps", "log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
-        if getattr(r, key) < 1:
-            raise ValueError(f"{source}: run.{key} must be >= 1")
+    for key in POSITIVE + NON_NEGATIVE:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name, None)
+        if value is not None and (value <= 0 if key in POSITIVE else value < 0):
+            raise ValueError(f"{source}: {key} must be {'positive' if key in POSITIVE else '>= 0'}, got {value}")
     if cfg.optim.no_decay and cfg.optim.layer_decay is not None:
         raise ValueError(f"{source}: optim.no_decay and optim.layer_decay cannot be combined")
     if cfg.task == "cls" and cfg.data.format not in ("imagefolder", "hf"):

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ...backbones import DiT
 from .config import DiTDataConfig, DiTModelConfig, TrainConfig
+from .data.images import read_image
 from .data.sampling import eval_loader
 from .data.synthetic import write_classification
 from .objectives import make_objective
@@ -82,7 +83,7 @@ def image_datasets(data: DiTDataConfig) -> tuple[ImageFolder, ImageFolder]:
         if not (root / split).is_dir():
             raise ValueError(f"data folder {root / split} not found: a DiT recipe needs {root}/{split}/<class>/<image> "
                              f"(set data.synthetic: true to generate the synthetic set at {root})")
-        sets.append(ImageFolder(str(root / split), transform=image_transform(data, train)))
+        sets.append(ImageFolder(str(root / split), transform=image_transform(data, train), loader=read_image))
     if sets[0].classes != sets[1].classes:
         raise ValueError(f"{root}: the {data.train_split} and {data.val_split} splits have different classes")
     return sets[0], sets[1]

@@ -21,17 +21,18 @@ from typing import Any
 import diffusers
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.models import inception_v3
 from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
 from torchvision.utils import save_image
 from tqdm import tqdm
 
 from ...backbones import DiT
-from .checkpoint import find_latest, read_state, read_tensors
+from .checkpoint import find_latest, read_state, read_tensors, writing
 from .config import DiTModelConfig, parse_config
+from .data.images import read_image
 from .diffusion import build_dit, load_vae
 from .objectives import make_objective
+from .pretrained import load_plain
 
 DDPM_SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler",
                    "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
@@ -99,6 +100,9 @@ class Sampler:
     def sample(self, labels: list[int], *, scheduler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0,
                seed: int = 0, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
         """Images (N, 3, H, W) in [0, 1] for the class ``labels``; image i from seed ``seed + i``."""
+        if not labels or steps < 1 or batch_size < 1:
+            raise ValueError(f"sampling needs class labels, steps >= 1 and batch_size >= 1; got {len(labels)} labels, "
+                             f"steps={steps}, batch_size={batch_size}")
         model = self.model
         num_classes = model.config.num_classes
         if any(not 0 <= y < num_classes for y in labels):
@@ -136,15 +140,27 @@ class Sampler:
 # --- FID with local Inception weights ------------------------------------------------------------
 
 
-def inception_features(images: torch.Tensor, weights: str, batch_size: int = 32) -> torch.Tensor:
-    """2048-d pool features of torchvision's Inception-v3 (``weights``: its state dict file) for images in [0, 1]."""
+def load_inception(weights: str | Path) -> torch.nn.Module:
+    """torchvision's Inception-v3 with the state dict at ``weights``, its classifier removed: the FID's feature net.
+
+    A file that is missing is a ``FileNotFoundError``; one that is not a plain inception_v3 state dict
+    (a pickle with code in it, another model) a ``ValueError`` naming it."""
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"--inception-weights {weights} does not exist")
+    state = load_plain(weights, "--inception-weights")
     net = inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=True)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"--inception-weights {weights} holds a {type(state).__name__}, not a state dict")
     missing, _ = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("AuxLogits.")}, strict=False)
     if missing:
-        raise ValueError(f"{weights} is not a torchvision inception_v3 state dict (missing {missing[:3]}...)")
+        raise ValueError(f"--inception-weights {weights} is not a torchvision inception_v3 state dict "
+                         f"(missing {missing[:3]}...)")
     net.fc = torch.nn.Identity()
-    net.eval()
+    return net.eval()
+
+
+def inception_features(images: torch.Tensor, net: torch.nn.Module, batch_size: int = 32) -> torch.Tensor:
+    """2048-d pool features of ``load_inception``'s net for images in [0, 1]."""
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     feats = []
     with torch.no_grad():
@@ -170,7 +186,7 @@ def load_images(folder: str, size: int, limit: int) -> torch.Tensor:
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not paths:
         raise ValueError(f"no images under {folder}")
-    out = [center_crop(resize(pil_to_tensor(Image.open(p).convert("RGB")), size, antialias=True), size)
+    out = [center_crop(resize(pil_to_tensor(read_image(p)), size, antialias=True), size)
            for p in paths[:limit]]
     return torch.stack(out).float() / 255
 
@@ -180,6 +196,13 @@ def load_images(folder: str, size: int, limit: int) -> torch.Tensor:
 
 def run_sample(args: Any) -> dict[str, Any]:
     """``subquad sample``: a PNG grid (and with --fid-ref, the FID) from a DiT run."""
+    for option in ("steps", "num", "batch_size", "nrow", "fid_ref_limit"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be positive, got {value}")
+    if args.fid_ref and not args.inception_weights:
+        raise ValueError("--fid-ref needs --inception-weights (a local torchvision inception_v3 state dict)")
+    inception = load_inception(args.inception_weights) if args.fid_ref else None      # before the slow part
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sampler = Sampler.from_run(args.checkpoint, ema=not args.no_ema, device=device)
     num_classes = sampler.model.config.num_classes
@@ -187,16 +210,15 @@ def run_sample(args: Any) -> dict[str, Any]:
     images = sampler.sample(labels, scheduler=args.scheduler, steps=args.steps, cfg_scale=args.cfg_scale,
                             seed=args.seed, batch_size=args.batch_size)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, str(out), nrow=args.nrow or min(8, len(images)))
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_image(images, str(out), nrow=args.nrow or min(8, len(images)))
     report: dict[str, Any] = {"images": len(images), "grid": str(out), "scheduler": args.scheduler,
                               "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed}
-    if args.fid_ref:
-        if not args.inception_weights:
-            raise ValueError("--fid-ref needs --inception-weights (a local torchvision inception_v3 state dict)")
+    if inception is not None:
         reference = load_images(args.fid_ref, images.shape[-1], args.fid_ref_limit)
-        report["fid"] = frechet_distance(inception_features(images, args.inception_weights),
-                                         inception_features(reference, args.inception_weights))
+        report["fid"] = frechet_distance(inception_features(images, inception),
+                                         inception_features(reference, inception))
         report["fid_reference_images"] = len(reference)
     else:
         report["fid"] = "skipped (no --fid-ref / --inception-weights)"

@@ -19,6 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from .images import read_image
+
 IGNORE_INDEX = 255
 SPLITS = ("training", "validation")
 
@@ -45,12 +47,15 @@ def _check_pair(image: Path, annotation: Path, num_classes: int) -> str | None:
     """None if the pair is usable, else a sentence saying why not."""
     if not annotation.is_file():
         return f"{image.name} has no annotation {annotation}"
-    with Image.open(image) as im, Image.open(annotation) as ann:
-        if im.size != ann.size:
-            return f"{annotation} is {ann.size[0]}x{ann.size[1]} but its image is {im.size[0]}x{im.size[1]}"
-        if ann.mode not in ("L", "P"):
-            return f"{annotation} is a {ann.mode} image, expected 8-bit labels (mode L or P)"
-        high = int(np.asarray(ann).max())
+    try:
+        with Image.open(image) as im, Image.open(annotation) as ann:
+            if im.size != ann.size:
+                return f"{annotation} is {ann.size[0]}x{ann.size[1]} but its image is {im.size[0]}x{im.size[1]}"
+            if ann.mode not in ("L", "P"):
+                return f"{annotation} is a {ann.mode} image, expected 8-bit labels (mode L or P)"
+            high = int(np.asarray(ann).max())
+    except (OSError, SyntaxError) as e:     # PIL: not an image, or a truncated one
+        return f"{image} or its annotation {annotation} cannot be read ({e})"
     if high > num_classes:
         return f"{annotation} has label {high}, above the {num_classes} classes (valid: 0 = ignore, 1..{num_classes})"
     return None
@@ -90,6 +95,6 @@ class ADE20K(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int):
-        image = np.asarray(Image.open(self.images[index]).convert("RGB"))
-        label = reduce_zero_label(np.asarray(Image.open(self.annotations[index])))
+        image = np.asarray(read_image(self.images[index]))
+        label = reduce_zero_label(np.asarray(read_image(self.annotations[index], mode=None)))
         return self.transform(image, label) if self.transform else (image, label)

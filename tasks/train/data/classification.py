@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from ..config import ClsDataConfig
+from .images import read_image
 from .synthetic import write_classification
 
 
@@ -54,7 +55,7 @@ def _image_folder(root: Path, split: str, transform: Callable) -> ImageFolder:
     if not (root / split).is_dir():
         raise ValueError(f"data folder {root / split} not found: an ImageFolder recipe needs {root}/{split}/<class>/"
                          f"<image> (set data.synthetic: true to generate the synthetic set at {root})")
-    return ImageFolder(str(root / split), transform=transform)
+    return ImageFolder(str(root / split), transform=transform, loader=read_image)
 
 
 def classification_datasets(cfg: ClsDataConfig, mean: tuple, std: tuple) -> tuple[Dataset, Dataset, list[str]]:
