@@ -179,13 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line; for one a DataLoader re-raised from a worker process, the worker's message
+    (the last line of the worker's traceback) rather than the whole traceback."""
+    text = str(error).strip()
+    if "\nOriginal Traceback" in text:
+        text = text.splitlines()[-1].partition(": ")[2]
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a sub-command; bad input (``ValueError``: exit 2) and files that cannot be read or written
+    (``OSError``: exit 1) are one line ``subquad <command>: error: ...`` on stderr, not a traceback."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except ValueError as e:
-        print(f"subquad {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:
+        print(f"subquad {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
     return 0
 
 
