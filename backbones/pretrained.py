@@ -40,7 +40,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, s
     naming the missing and unexpected keys and the shape mismatches.
 
     ``source``: what to call the checkpoint (default: the pretrained config's ``file``);
-    ``converted_from``: the layout a filter converted it from, for the message. A first-conv weight
+    ``converted_from``: the official layout a filter also reads, for the message. A first-conv weight
     that differs only in its input channels passes (timm adapts it to ``in_chans``)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     own, head = model.state_dict(), classifier_keys(model)
@@ -56,9 +56,9 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, s
                  (("missing keys", missing), ("unexpected keys", unexpected),
                   ("shape mismatches (checkpoint vs model)", wrong)) if keys]
         name = source or cfg.get("file") or "the state dict"
-        converted = f" (converted from {converted_from})" if converted_from else ""
-        raise ValueError(f"checkpoint {name}{converted} does not fit model {cfg.get('architecture', type(model).__name__)}: "
-                         f"{'; '.join(parts)}")
+        converted = f" (read in our layout or {converted_from})" if converted_from else ""
+        model_name = cfg.get("architecture", type(model).__name__)
+        raise ValueError(f"checkpoint {name}{converted} does not fit model {model_name}: {'; '.join(parts)}")
     return dict(state_dict)
 
 
