@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import agent_attention, checks, depthwise_conv_on_grid
+from ..kernels import agent_attention, checks, depthwise_conv_on_grid, family
+from ..kernels.core.family import check_options
 from .base import GridAttention
 from .grid_maps import depthwise_conv, resize_map
 from .registry import register
@@ -27,9 +28,12 @@ class AgentAttention(GridAttention):
                  bias_grid: int | tuple[int, int] = 14, dwc_kernel_size: int = 3, prefix_bias: bool = True,
                  **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        checks.check_perfect_square(num_agents, "num_agents")
-        gh, gw = (bias_grid, bias_grid) if isinstance(bias_grid, int) else tuple(bias_grid)
-        h, n = num_heads, num_agents
+        name = type(self).__name__
+        check_options(family("agent"), dict(num_agents=num_agents), name)
+        gh, gw = checks.check_ints(bias_grid, "bias_grid", name, lengths=(2,), scalar=True)
+        dwc_kernel_size = checks.check_int(dwc_kernel_size, "dwc_kernel_size", name, odd=True)
+        prefix_bias = checks.check_bool(prefix_bias, "prefix_bias", name)
+        h, n = self.num_heads, checks.as_int(num_agents)
         self.num_agents, self.bias_grid = n, (gh, gw)
         self.dwc = depthwise_conv(dim, dwc_kernel_size)
         self.an_bias = nn.Parameter(torch.zeros(h, n, 7, 7))        # agent -> grid token, 2D map

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..kernels import checks, softmax_attention
+from .registry import module_backends, module_options
 
 
 class GridAttention(nn.Module):
@@ -26,13 +27,23 @@ class GridAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
                  scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0.,
                  proj_drop: float = 0., norm_layer: type[nn.Module] | None = None,
-                 backend: str | None = None, device=None, dtype=None) -> None:
+                 backend: str | None = None, device=None, dtype=None, **unknown) -> None:
         super().__init__()
-        if num_heads < 1 or dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
+        name = type(self).__name__
+        if unknown:
+            raise ValueError(f"{name}: unknown options {sorted(unknown)}; valid: {module_options(type(self))}")
+        dim, num_heads = checks.check_int(dim, "dim", name), checks.check_int(num_heads, "num_heads", name)
+        if dim % num_heads:
+            raise ValueError(f"{name}: num_heads={num_heads} must divide dim={dim}")
+        for flag, value in (("qkv_bias", qkv_bias), ("qk_norm", qk_norm), ("scale_norm", scale_norm),
+                            ("proj_bias", proj_bias)):
+            checks.check_bool(value, flag, name)
         if attn_drop:
-            raise ValueError(f"{type(self).__name__} does not support attn_drop={attn_drop} "
+            raise ValueError(f"{name} does not support attn_drop={attn_drop} "
                              "(no attention matrix is formed); use proj_drop or drop_path")
+        if not 0 <= checks.check_float(proj_drop, "proj_drop", name) < 1:
+            raise ValueError(f"{name}: proj_drop must be a probability in [0, 1), got {proj_drop!r}")
+        checks.check_choice(backend, "backend", module_backends(type(self)), name, allow_none=True)
         norm_layer = norm_layer or nn.LayerNorm
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.backend = backend

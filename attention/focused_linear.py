@@ -3,9 +3,11 @@ Linear Attention", ICCV 2023). Parameter names follow the official code."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import depthwise_conv_on_grid, focused_linear_attention
+from ..kernels import checks, depthwise_conv_on_grid, family, focused_linear_attention
+from ..kernels.core.family import check_options
 from .base import GridAttention
 from .grid_maps import depthwise_conv, resize_map
 from .registry import register
@@ -27,10 +29,12 @@ class FocusedLinearAttention(GridAttention):
     def __init__(self, dim: int, num_heads: int = 8, *, focusing_factor: float = 3, kernel_size: int = 5,
                  pos_grid: tuple[int, int] | None = None, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
+        name = type(self).__name__
+        check_options(family("focused_linear"), dict(focusing_factor=focusing_factor), name)
         self.focusing_factor = focusing_factor
-        self.dwc = depthwise_conv(self.head_dim, kernel_size)
-        self.scale = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_grid = tuple(pos_grid) if pos_grid is not None else None
+        self.dwc = depthwise_conv(self.head_dim, checks.check_int(kernel_size, "kernel_size", name, odd=True))
+        self.scale = nn.Parameter(torch.zeros(1, 1, self.dim))
+        self.pos_grid = checks.check_ints(pos_grid, "pos_grid", name, lengths=(2,)) if pos_grid is not None else None
         self.positional_encoding = (nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], dim))
                                     if pos_grid is not None else None)
         self.to(**self.factory_kwargs)
@@ -41,7 +45,7 @@ class FocusedLinearAttention(GridAttention):
             pe = resize_map(pe, tuple(grid[-2:])).flatten(2).transpose(1, 2)    # (h, H*W, d)
             if len(grid) == 3:
                 pe = pe.repeat(1, grid[0], 1)
-            k = torch.cat([k[:, :, :num_prefix], k[:, :, num_prefix:] + pe.to(k.dtype)], dim=2)
+            k = k + F.pad(pe.to(k.dtype), (0, 0, num_prefix, 0))      # one pass over k; prefix keys get none
         y = focused_linear_attention(q, k, v, grid=grid, focusing_factor=self.focusing_factor,
                                      scale=self.scale.reshape(self.num_heads, self.head_dim),
                                      num_prefix=num_prefix, backend=self.backend)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from ..kernels import loglinear_attention
+from ..kernels import family, loglinear_attention
+from ..kernels.core.family import check_options
 from .base import GridAttention
 from .registry import register
 
@@ -22,6 +23,7 @@ class LogLinearSparseAttention(GridAttention):
     def __init__(self, dim: int, num_heads: int = 8, *, block_size: int = 16, top_k: int | Sequence[int] = 8,
                  levels: int | None = None, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
+        check_options(family("loglinear"), dict(block_size=block_size, top_k=top_k, levels=levels), type(self).__name__)
         self.block_size, self.levels = block_size, levels
         self.top_k = tuple(top_k) if isinstance(top_k, (tuple, list)) else top_k
 

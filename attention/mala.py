@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..kernels import depthwise_conv_on_grid, mala_attention
+from ..kernels import checks, depthwise_conv_on_grid, family, mala_attention
+from ..kernels.core.family import check_options
 from .base import GridAttention
 from .grid_maps import depthwise_conv
 from .registry import register
@@ -22,9 +23,16 @@ class MagnitudeAwareLinearAttention(GridAttention):
     def __init__(self, dim: int, num_heads: int = 8, *, rope: bool = False, lepe: bool = False,
                  lepe_kernel_size: int = 5, gate: bool = False, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        self.rope = rope
-        self.lepe = depthwise_conv(dim, lepe_kernel_size) if lepe else None
-        self.gate = nn.Linear(dim, dim) if gate else None
+        name = type(self).__name__
+        check_options(family("mala"), dict(rope=rope), name)
+        lepe, gate = checks.check_bool(lepe, "lepe", name), checks.check_bool(gate, "gate", name)
+        lepe_kernel_size = checks.check_int(lepe_kernel_size, "lepe_kernel_size", name, odd=True)
+        if rope and self.head_dim % 4:
+            raise ValueError(f"{name}(rope=True): 2D RoPE needs head_dim divisible by 4, got head_dim={self.head_dim} "
+                             f"(dim={self.dim} / num_heads={self.num_heads})")
+        self.rope = bool(rope)
+        self.lepe = depthwise_conv(self.dim, lepe_kernel_size) if lepe else None
+        self.gate = nn.Linear(self.dim, self.dim) if gate else None
         self.to(**self.factory_kwargs)
 
     def attend(self, x, q, k, v, grid, num_prefix):

@@ -25,11 +25,12 @@ class NeighborhoodAttention(GridAttention):
     def __init__(self, dim: int, num_heads: int = 8, *, kernel_size: int = 7, dilation: int = 1,
                  rpb: bool = True, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        checks.check_neighborhood((), kernel_size, dilation, "NeighborhoodAttention")
-        self.kernel_size, self.dilation = kernel_size, dilation
-        if rpb:
+        name = type(self).__name__
+        self.kernel_size, self.dilation = checks.check_neighborhood((), kernel_size, dilation, name)
+        kernel_size = self.kernel_size
+        if checks.check_bool(rpb, "rpb", name):
             like = self.qkv.weight                # follows the device/dtype the base module was built with
-            self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1,
+            self.rpb = nn.Parameter(torch.zeros(self.num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1,
                                                 device=like.device, dtype=like.dtype))
             nn.init.trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
         else:

@@ -2,7 +2,8 @@
 Long Video Generation", 2025)."""
 from __future__ import annotations
 
-from ..kernels import radial_attention
+from ..kernels import family, radial_attention
+from ..kernels.core.family import check_options
 from ..kernels.radial import normalize_options, radial_plan
 from .base import GridAttention
 from .registry import register
@@ -22,8 +23,10 @@ class RadialAttention(GridAttention):
                  tile: tuple[int, ...] | None = None, block_size: int = 128, decay_factor: float = 1.0,
                  sink: bool | None = None, dense_radius: int = 1, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        self.mask_opts = dict(layout=layout, tile=None if tile is None else tuple(tile), block_size=block_size,
-                              decay_factor=decay_factor, sink=sink, dense_radius=dense_radius)
+        options = dict(layout=layout, tile=tile, block_size=block_size, decay_factor=decay_factor, sink=sink,
+                       dense_radius=dense_radius)
+        check_options(family("radial"), options, type(self).__name__)
+        self.mask_opts = {**options, "tile": None if tile is None else tuple(tile)}
 
     def needs_dense(self, grid):
         return radial_plan(grid, normalize_options(grid, **self.mask_opts)).density == 1.0

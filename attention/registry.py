@@ -7,11 +7,13 @@ apart as standalone modules, built by name the same way, and not listed among th
 from __future__ import annotations
 
 import builtins
+import inspect
 from typing import Callable
 
 from torch import nn
 
-from ..kernels import families, family
+from ..kernels import available_backends, families, family
+from ..kernels.core.dispatch import backend_names
 
 _MODULES: dict[str, type[nn.Module]] = {}
 _STANDALONE: dict[str, type[nn.Module]] = {}
@@ -40,6 +42,25 @@ def register_standalone(name: str) -> Callable[[type[nn.Module]], type[nn.Module
         cls.family = name
         return cls
     return wrap
+
+
+def module_options(cls: type[nn.Module]) -> tuple[str, ...]:
+    """The keywords an attention module class takes: its own (its family's options among them), then those
+    of the classes it derives from (timm Attention's)."""
+    names: builtins.list[str] = []
+    for klass in cls.__mro__:
+        if klass is nn.Module or "__init__" not in vars(klass):
+            continue
+        for p in inspect.signature(vars(klass)["__init__"]).parameters.values():
+            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names:
+                names.append(p.name)
+    return tuple(names)
+
+
+def module_backends(cls: type[nn.Module]) -> builtins.list[str]:
+    """The backend names a module of ``cls`` may be given: its family op's; for a standalone module, any op's."""
+    record = next((f for f in families() if f.name == getattr(cls, "family", None)), None)
+    return available_backends(record.op) if record is not None else backend_names()
 
 
 def canonical_name(name: str) -> str:

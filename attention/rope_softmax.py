@@ -19,7 +19,11 @@ class RoPESoftmaxAttention(GridAttention):
 
     def __init__(self, dim: int, num_heads: int = 8, *, lepe_kernel_size: int = 5, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        self.lepe = depthwise_conv(dim, lepe_kernel_size)
+        if self.head_dim % 4:
+            raise ValueError(f"{type(self).__name__}: 2D RoPE needs head_dim divisible by 4, got head_dim={self.head_dim} "
+                             f"(dim={self.dim} / num_heads={self.num_heads})")
+        self.lepe = depthwise_conv(dim, checks.check_int(lepe_kernel_size, "lepe_kernel_size", type(self).__name__,
+                                                         odd=True))
         self.gate = nn.Linear(dim, dim)
         self.to(**self.factory_kwargs)
 

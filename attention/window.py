@@ -26,7 +26,9 @@ class WindowAttention(GridAttention):
 
     def __init__(self, dim: int, num_heads: int = 8, *, window_size: int = 7, shift: bool = False, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        self.window_size, self.shift = window_size, shift
+        name = type(self).__name__
+        self.window_size = window_size = checks.check_int(window_size, "window_size", name)
+        self.shift = checks.check_bool(shift, "shift", name)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.to(**self.factory_kwargs)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import numbers
+import operator
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 Grid = tuple[int, ...]
@@ -11,15 +14,95 @@ Grid = tuple[int, ...]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_grid(grid: Sequence[int]) -> Grid:
-    """Return ``grid`` as a tuple of 2 (H, W) or 3 (T, H, W) positive ints."""
+# --- option values: one helper per pattern; each error names the option, the value and what is valid ---
+
+def _prefix(op: str) -> str:
+    return f"{op}: " if op else ""
+
+
+def as_int(value: Any) -> int | None:
+    """``value`` as a Python int when it is an integer (Python, NumPy or a one-element integer tensor),
+    else None: bools, floats (7.0 too) and strings are not integers."""
+    if type(value) is int:
+        return value
+    if isinstance(value, (bool, np.bool_, float, str)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
     try:
-        grid = tuple(int(g) for g in grid)
+        return operator.index(value)
     except TypeError:
-        raise ValueError(f"grid must be a tuple (H, W) or (T, H, W), got {grid!r}") from None
-    if len(grid) not in (2, 3) or any(g < 1 for g in grid):
-        raise ValueError(f"grid must be (H, W) or (T, H, W) with every side >= 1, got {grid}")
-    return grid
+        return None
+
+
+def check_int(value: Any, name: str, op: str = "", *, minimum: int = 1, odd: bool = False) -> int:
+    """``value`` as an int >= ``minimum`` (and odd, with ``odd=True``); ValueError otherwise."""
+    number = as_int(value)
+    if number is None or number < minimum or (odd and number % 2 == 0):
+        what = f"an {'odd ' if odd else ''}int >= {minimum}"
+        raise ValueError(f"{_prefix(op)}{name} must be {what}, got {value!r}")
+    return number
+
+
+def check_bool(value: Any, name: str, op: str = "", *, allow_none: bool = False) -> bool | None:
+    """``value`` as a bool (True/False, NumPy bools too; None too with ``allow_none``); 0, 1 and strings are errors."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        valid = "True, False or None" if allow_none else "True or False"
+        raise ValueError(f"{_prefix(op)}{name} must be {valid}, got {value!r}")
+    return bool(value)
+
+
+def check_float(value: Any, name: str, op: str = "", *, positive: bool = False) -> float:
+    """``value`` as a finite float (ints too; > 0 with ``positive=True``); NaN, inf, bools and strings are errors."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        number = float(value)
+        if math.isfinite(number) and (number > 0 or not positive):
+            return number
+    what = "a finite number > 0" if positive else "a finite number"
+    raise ValueError(f"{_prefix(op)}{name} must be {what}, got {value!r}")
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str], op: str = "", *, allow_none: bool = False) -> str | None:
+    """``value`` if it is one of the strings ``choices`` (or None with ``allow_none``); ValueError listing them."""
+    if (value is None and allow_none) or (isinstance(value, str) and value in choices):
+        return value
+    none = " (or None)" if allow_none else ""
+    raise ValueError(f"{_prefix(op)}{name} must be one of {tuple(choices)}{none}, got {value!r}")
+
+
+def check_ints(value: Any, name: str, op: str = "", *, lengths: Sequence[int] = (2, 3), minimum: int = 1,
+               scalar: bool = False) -> tuple[int, ...]:
+    """``value`` as a tuple of ints >= ``minimum`` (a tuple or list of ``lengths`` items; with ``scalar=True``
+    one int stands for ``lengths[0]`` copies of itself); ValueError otherwise."""
+    if scalar and as_int(value) is not None:
+        numbers_ = (as_int(value),) * lengths[0]
+    else:
+        numbers_ = tuple(as_int(v) for v in value) if isinstance(value, (tuple, list, torch.Size)) else None
+    if numbers_ is None or len(numbers_) not in lengths or any(n is None or n < minimum for n in numbers_):
+        counts = " or ".join(str(n) for n in lengths)
+        one = f"an int >= {minimum} or " if scalar else ""
+        raise ValueError(f"{_prefix(op)}{name} must be {one}a tuple of {counts} ints >= {minimum}, got {value!r}")
+    return numbers_
+
+
+def check_grid(grid: Sequence[int]) -> Grid:
+    """Return ``grid`` as a tuple of 2 (H, W) or 3 (T, H, W) ints >= 1 (Python, NumPy or torch ints;
+    7.5, 8.0 and "8" are errors, not rounded)."""
+    sides = tuple(grid) if isinstance(grid, (tuple, list, torch.Size)) else None
+    if sides is None or len(sides) not in (2, 3):
+        raise ValueError(f"grid must be (H, W) or (T, H, W), a tuple of 2 or 3 ints, got {grid!r}")
+    ints = tuple(as_int(g) for g in sides)
+    if any(g is None or g < 1 for g in ints):
+        raise ValueError(f"grid must be (H, W) or (T, H, W) with every side an int >= 1, got {sides}")
+    return ints
+
+
+def check_input_dtype(x: torch.Tensor, expected: torch.dtype, what: str) -> None:
+    """A module's input must have its parameters' dtype, unless autocast is on for x's device (then the
+    layers cast): a float16 input into a float32 module is a ValueError naming both dtypes."""
+    if x.dtype != expected and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{what} has {expected} parameters but got a {x.dtype} input; cast the input "
+                         f"(x.to({expected})) or the module (.to({x.dtype})), or run under torch.autocast")
 
 
 def check_image_grid(grid: Sequence[int], op: str) -> tuple[int, int]:
@@ -31,8 +114,7 @@ def check_image_grid(grid: Sequence[int], op: str) -> tuple[int, int]:
 
 def check_tokens(num_tokens: int, grid: Sequence[int], num_prefix: int) -> None:
     """N must equal P + prod(grid); the error names all three."""
-    if num_prefix < 0:
-        raise ValueError(f"num_prefix must be >= 0, got {num_prefix}")
+    num_prefix = check_int(num_prefix, "num_prefix", minimum=0)
     if num_tokens != num_prefix + math.prod(grid):
         raise ValueError(
             f"token count N={num_tokens} does not match num_prefix P={num_prefix} plus the grid "
@@ -54,6 +136,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str) -> Non
         raise ValueError(
             f"{op}: shapes do not agree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
             "(need q (B, h, N, d), k (B, h, M, d), v (B, h, M, dv))")
+    if q.shape[-1] < 1 or v.shape[-1] < 1:
+        raise ValueError(f"{op}: head dims must be >= 1, got d={q.shape[-1]} (q, k) and dv={v.shape[-1]} (v)")
 
 
 def check_self_attention(q, k, v, grid, num_prefix: int, op: str) -> Grid:
@@ -66,32 +150,50 @@ def check_self_attention(q, k, v, grid, num_prefix: int, op: str) -> Grid:
     return grid
 
 
-def check_perfect_square(n: int, what: str) -> int:
-    a = math.isqrt(n)
-    if n < 1 or a * a != n:
-        raise ValueError(f"{what} must be a perfect square (agents are pooled to an a x a grid), got {n}")
+def check_perfect_square(n: int, what: str, op: str = "") -> int:
+    """The side a of ``n`` = a * a >= 1 (an int; agents are pooled to an a x a grid)."""
+    number = as_int(n)
+    a = math.isqrt(number) if number is not None and number >= 1 else 0
+    if a < 1 or a * a != number:
+        raise ValueError(f"{_prefix(op)}{what} must be a perfect square int >= 1 (agents are pooled to an a x a "
+                         f"grid), got {n!r}")
     return a
 
 
 # --- sparse families: neighborhood, radial, log-linear ------------------------------------
 
-def check_neighborhood(grid: Sequence[int], kernel_size: int, dilation: int, op: str) -> None:
-    """An odd kernel >= 1 and a dilation >= 1 whose dilated window fits every grid side.
+def check_neighborhood(grid: Sequence[int], kernel_size: int, dilation: int, op: str) -> tuple[int, int]:
+    """(kernel_size, dilation): an odd kernel >= 1 and a dilation >= 1 whose dilated window fits every grid
+    side (pass ``grid=()`` to check the two alone).
 
     NATTEN's rule is kernel_size * dilation <= side: each of the ``dilation`` interleaved groups of a
     side must hold a whole window (kernel_size * dilation > side implies dilation * (k-1) + 1 may
     still fit, but the smallest group does not).
     """
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"{op}: kernel_size must be an odd int >= 1 (the window is centred on the query), got {kernel_size!r}")
-    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"{op}: dilation must be an int >= 1, got {dilation!r}")
+    kernel_size = check_int(kernel_size, "kernel_size", op, odd=True)      # odd: the window is centred on the query
+    dilation = check_int(dilation, "dilation", op)
     for side in grid:
         if kernel_size * dilation > side:
             raise ValueError(
                 f"{op}: kernel_size * dilation = {kernel_size} * {dilation} = {kernel_size * dilation} is larger "
                 f"than the grid side {side} of {tuple(grid)}; every dilation group of a side must hold "
                 "kernel_size tokens: use a smaller kernel or dilation, or dense attention")
+    return kernel_size, dilation
+
+
+def padded_neighborhood(grid: Sequence[int], kernel_size: int, dilation: int) -> tuple[int, tuple[int, ...]]:
+    """(dilation, padded grid) for a neighborhood module on ``grid``, as NATTEN's NeighborhoodAttention2D
+    (<= 0.17, which the official NAT/DiNAT models use) does it: a side under kernel_size * dilation is
+    padded up to it (with tokens whose input is zero; the output is cropped).
+
+    A dilation >= every side is first lowered to the longest side, which gives the same output: each grid
+    token is then alone in its dilation group on both axes, and its window is that group, kernel_size
+    positions of which only the token itself is real, whatever the dilation. Without this, kernel_size=3,
+    dilation=100 on an 8x8 grid would pad to 300x300; it pads to 24x24.
+    """
+    dilation = min(dilation, max(grid))
+    window = kernel_size * dilation
+    return dilation, tuple(max(side, window) for side in grid)
 
 
 def check_rpb(rpb, num_heads: int, kernel_size: int, op: str) -> None:
@@ -101,8 +203,7 @@ def check_rpb(rpb, num_heads: int, kernel_size: int, op: str) -> None:
 
 
 def check_top_k(top_k: int, num_blocks: int, what: str, op: str) -> None:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"{op}: top_k must be an int >= 1, got {top_k!r}")
+    top_k = check_int(top_k, "top_k", op)
     if top_k > num_blocks:
         raise ValueError(f"{op}: top_k={top_k} is larger than the {num_blocks} {what}; "
                          "use a smaller top_k (or dense attention for so small a grid)")

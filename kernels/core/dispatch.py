@@ -69,6 +69,11 @@ def available_backends(op: str) -> list[str]:
     return sorted(b.name for b in _BACKENDS.get(op, []))
 
 
+def backend_names() -> list[str]:
+    """Every backend name of any op, sorted."""
+    return sorted({b.name for backends in _BACKENDS.values() for b in backends})
+
+
 def backends_of(op: str) -> tuple[Backend, ...]:
     """The backends of ``op`` in order of preference."""
     return tuple(_BACKENDS.get(op, []))
@@ -123,6 +128,19 @@ def _choose(op: str, backend: str | None, call: dict[str, Any]) -> Callable:
         skipped.append((b, unmet))
     raise ValueError(f"{op}: no backend can run {describe(call)}: "
                      + "; ".join(f"{b.name!r} needs {r.what}" for b, r in skipped))
+
+
+def empty_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """The output of a call with no batch or no heads (B = 0 or heads = 0): an empty (B, heads, N, dv)
+    tensor, what the reference returns, connected to q, k, v for autograd; None when there is work.
+    The ops return it after the checks and the choice of backend, before calling the backend: the
+    fused kernels' launch grids divide by B * heads."""
+    if q.shape[0] and q.shape[1]:
+        return None
+    out = q.new_zeros(*q.shape[:3], v.shape[-1])
+    if q.requires_grad or k.requires_grad or v.requires_grad:
+        out = out + (q.sum() + k.sum() + v.sum()) * 0
+    return out
 
 
 def describe(facts: Facts) -> str:

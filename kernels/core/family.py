@@ -6,7 +6,9 @@ Each family folder (``kernels/<family>/__init__.py``) declares its record next t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+OptionCheck = Callable[[Mapping[str, Any], str], None]     # check(options, op): ValueError naming a bad one
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,10 @@ class Family:
     ``op``: its functional op in ``subquad.kernels``; ``options``: the op's family options with their
     defaults (None: chosen from the grid); ``grid_ranks``: 2 for image grids (H, W), 3 for video
     grids (T, H, W); ``training_free``: it can replace dense attention in a pretrained model
-    without training (the pipeline accelerator offers it).
+    without training (the pipeline accelerator offers it); ``check(options, op)``: checks the values
+    of the options given (those that need no grid: types and ranges), a ValueError naming the option,
+    its value and what is valid (the op runs it on every call, the module and the pipeline
+    accelerator when they are built).
     """
 
     name: str
@@ -30,6 +35,7 @@ class Family:
     options: Mapping[str, Any] = field(default_factory=dict)
     grid_ranks: tuple[int, ...] = (2, 3)
     training_free: bool = False
+    check: OptionCheck | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -63,8 +69,12 @@ def family(name: str) -> Family:
     raise ValueError(f"unknown attention family {name!r}; valid names: {', '.join(valid)}")
 
 
-def check_options(record: Family, options: Mapping[str, Any]) -> None:
-    """Options the family's op does not take are a ValueError listing those it takes."""
+def check_options(record: Family, options: Mapping[str, Any], op: str | None = None) -> None:
+    """Options the family's op does not take are a ValueError listing those it takes; then the values,
+    by the family's ``check`` (``op`` names the caller in its messages; the family's op by default)."""
+    op = op or record.op
     unknown = set(options) - set(record.options)
     if unknown:
-        raise ValueError(f"{record.op}: unknown options {sorted(unknown)}; valid: {tuple(record.options)}")
+        raise ValueError(f"{op}: unknown options {sorted(unknown)}; valid: {tuple(record.options)}")
+    if record.check is not None:
+        record.check(options, op)

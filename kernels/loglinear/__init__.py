@@ -9,16 +9,16 @@ import torch
 
 from ..block_sparse import CORE_TILES, TRITON_REQUIRES
 from ..core import checks
-from ..core.dispatch import TRITON, choose_backend, register_backend
+from ..core.dispatch import TRITON, choose_backend, empty_output, register_backend
 from ..core.family import Family, check_options, register_family
 from .block_sparse import loglinear_attention_on_core, loglinear_attention_on_triton
-from .plan import normalize_options
+from .plan import check_select_options, normalize_options
 from .reference import loglinear_attention_reference
 
 FAMILY = register_family(Family(
     name="loglinear", aliases=("llsa",), title="log-linear sparse attention", paper="Zhou et al., 2025",
     cost="O(N log N)", op="loglinear_attention", options={"block_size": 16, "top_k": 8, "levels": None},
-    grid_ranks=(2,), training_free=True))
+    grid_ranks=(2,), training_free=True, check=check_select_options))
 
 
 def loglinear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],
@@ -27,7 +27,8 @@ def loglinear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
 
     ``select_opts``: ``block_size`` (16: 4x4 patches), ``top_k`` (8; or one K per level, finest
     first), ``levels`` (None: enough levels that the coarsest selection is no costlier than the
-    others). Hierarchical top-K over mean-pooled blocks; each query block attends to its selected
+    others; at most until one block covers the grid; a block wider than the grid shrinks to the
+    smallest power of two covering it). Hierarchical top-K over mean-pooled blocks; each query block attends to its selected
     blocks plus the pooled tokens of the blocks scored on the way (weighted by their sizes) and the
     prefix tokens. Selection is discrete; gradients flow to q, k, v. Backends: ``reference``
     (explicit index lists), ``block_sparse`` / ``triton`` (the block-sparse core; ``triton`` is the
@@ -38,6 +39,9 @@ def loglinear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     check_options(FAMILY, select_opts)
     side, top_k = normalize_options(grid, **select_opts)
     fn = choose_backend("loglinear_attention", backend, q, v=v, grid=grid, tile_size=side * side)
+    empty = empty_output(q, k, v)
+    if empty is not None:
+        return empty
     return fn(q, k, v, grid, num_prefix, side, top_k)
 
 

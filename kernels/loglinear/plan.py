@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -105,26 +105,54 @@ def auto_levels(grid: tuple[int, int], side: int, top_k: int) -> int:
     return levels
 
 
+def check_select_options(options: Mapping[str, Any], op: str = "loglinear_attention") -> None:
+    """The selection options' values that need no grid: ``block_size`` a perfect square int >= 4,
+    ``top_k`` an int >= 1 or a non-empty tuple or list of them (top_k <= 0 would select nothing, and
+    the automatic level count would never stop), ``levels`` None or an int >= 1."""
+    if "block_size" in options:
+        block_size = checks.as_int(options["block_size"])
+        side = math.isqrt(block_size) if block_size is not None and block_size >= 0 else 0
+        if side < 2 or side * side != block_size:
+            raise ValueError(f"{op}: block_size must be a perfect square int >= 4 (blocks are s x s patches), "
+                             f"got {options['block_size']!r}")
+    if "top_k" in options:
+        top_k = options["top_k"]
+        if isinstance(top_k, (tuple, list)):
+            if not top_k or any(checks.as_int(k) is None or checks.as_int(k) < 1 for k in top_k):
+                raise ValueError(f"{op}: top_k must be an int >= 1 or a non-empty tuple of them (one per level, "
+                                 f"finest first), got {top_k!r}")
+        else:
+            checks.check_int(top_k, "top_k", op)
+    if options.get("levels") is not None:
+        checks.check_int(options["levels"], "levels", op)
+
+
 @compile_constant
 def normalize_options(grid: tuple[int, int], block_size: int = 16, top_k: int | Sequence[int] = 8,
                       levels: int | None = None) -> tuple[int, tuple[int, ...]]:
     """Check the selection options for this grid: (block side s, top-K per level, finest first).
 
     ``top_k``: one K for every level or one per level (then ``levels`` defaults to their number);
-    ``levels``: None picks ``auto_levels``. Cached; under ``torch.compile`` the checks run eagerly
-    (see ``compile_constant``).
+    ``levels``: None picks ``auto_levels``; at most the levels until one block covers the grid. A
+    block side larger than the grid's longest side is clamped to the smallest power of two covering
+    it (one block holds the grid either way: the same selection and output, without a huge padded
+    block). Cached; under ``torch.compile`` the checks run eagerly (see ``compile_constant``).
     """
     op = "loglinear_attention"
-    side = math.isqrt(block_size) if isinstance(block_size, int) else 0
-    if side < 2 or side * side != block_size:
-        raise ValueError(f"{op}: block_size must be a perfect square >= 4 (blocks are s x s patches), got {block_size!r}")
-    per_level = top_k if isinstance(top_k, tuple) else None              # compile_constant makes lists tuples
+    check_select_options(dict(block_size=block_size, top_k=top_k, levels=levels), op)
+    # a block wider than the grid is one block whatever its size: the smallest power of two covering the grid
+    side = min(math.isqrt(block_size), max(2, 1 << (max(grid) - 1).bit_length()))
+    # compile_constant makes lists tuples; NumPy or torch ints become Python ints here
+    per_level = tuple(checks.as_int(k) for k in top_k) if isinstance(top_k, tuple) else None
+    top_k, levels = checks.as_int(top_k) if per_level is None else None, checks.as_int(levels)
     if levels is None:
-        levels = len(per_level) if per_level else auto_levels(grid, side, top_k if isinstance(top_k, int) else 1)
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-        raise ValueError(f"{op}: levels must be an int >= 1, got {levels!r}")
+        levels = len(per_level) if per_level else auto_levels(grid, side, top_k)
     if per_level is not None and len(per_level) != levels:
         raise ValueError(f"{op}: top_k gives {len(per_level)} values for {levels} levels")
+    covering = next(l for l in range(1, 64) if side ** l >= max(grid))        # one block covers the grid
+    if levels > covering:
+        raise ValueError(f"{op}: levels={levels} is more than the grid {tuple(grid)} has: at level {covering} one "
+                         f"block of {side ** covering}x{side ** covering} tokens covers it; use levels <= {covering}")
     top_k = per_level or (top_k,) * levels
     for level, k in enumerate(top_k):
         blocks = math.prod(-(-g // side ** (level + 1)) for g in grid)

@@ -8,16 +8,16 @@ import torch
 
 from ..block_sparse import CORE_TILES, TRITON_REQUIRES
 from ..core import checks
-from ..core.dispatch import TRITON, choose_backend, register_backend
+from ..core.dispatch import TRITON, choose_backend, empty_output, register_backend
 from ..core.family import Family, check_options, register_family
 from .block_sparse import radial_attention_on_core, radial_attention_on_triton
-from .plan import attended_pairs, normalize_options, radial_plan, tile_size
+from .plan import attended_pairs, check_mask_options, normalize_options, radial_plan, tile_size
 from .reference import radial_attention_reference
 
 FAMILY = register_family(Family(
     name="radial", title="radial attention", paper="Li et al., 2025", cost="O(N log N)", op="radial_attention",
     options={"layout": None, "tile": None, "block_size": 128, "decay_factor": 1.0, "sink": None, "dense_radius": 1},
-    grid_ranks=(2, 3), training_free=True))
+    grid_ranks=(2, 3), training_free=True, check=check_mask_options))
 
 
 def radial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],
@@ -28,6 +28,9 @@ def radial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid:
     ``tile`` (frames/distance tiles; (1, 8, 8) for video, (8, 8) for images), ``block_size``
     (official, 128), ``decay_factor`` (1.0), ``sink`` (attend the first frame; default on for
     video), ``dense_radius`` (distance, 1). Prefix tokens attend and are attended densely.
+    A tile side larger than the grid's is clamped to the smallest power of two covering that side
+    (an official ``block_size`` larger than the video to the smallest power of two above its token
+    count): one tile spans the side either way, without a huge padded tile.
     Backends: ``reference`` (gathers the listed tiles), ``block_sparse`` / ``triton`` (the block-sparse
     core; ``triton`` is the default on CUDA). Details: ``subquad.kernels.radial.plan``.
     """
@@ -35,6 +38,9 @@ def radial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid:
     check_options(FAMILY, mask_opts)
     options = normalize_options(grid, **mask_opts)
     fn = choose_backend("radial_attention", backend, q, v=v, grid=grid, tile_size=tile_size(options))
+    empty = empty_output(q, k, v)
+    if empty is not None:
+        return empty
     return fn(q, k, v, grid, num_prefix, options)
 
 
@@ -43,4 +49,4 @@ if TRITON:
 register_backend("radial_attention", "block_sparse", radial_attention_on_core, requires=(CORE_TILES,), auto=False)
 register_backend("radial_attention", "reference", radial_attention_reference)
 
-__all__ = ["FAMILY", "attended_pairs", "normalize_options", "radial_attention", "radial_plan", "tile_size"]
+__all__ = ["FAMILY", "attended_pairs", "check_mask_options", "normalize_options", "radial_attention", "radial_plan", "tile_size"]

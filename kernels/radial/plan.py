@@ -28,9 +28,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 
+from ..core import checks
 from ..core.compile_constant import compile_constant, fields_of
 from ..core.tiles import TileLayout, tile_layout
 
@@ -160,14 +162,42 @@ def _lists(mask: torch.Tensor) -> torch.Tensor:
     return lists
 
 
+def check_mask_options(options: Mapping[str, Any], op: str = "radial_attention") -> None:
+    """The mask options' values that need no grid: ``layout`` one of LAYOUTS (or None), ``tile`` None or
+    2 or 3 ints >= 1, ``block_size`` and ``dense_radius`` ints >= 1 (at dense_radius 0 the lattices miss
+    their shells), ``decay_factor`` a finite number > 0, ``sink`` True, False or None."""
+    if "layout" in options:
+        checks.check_choice(options["layout"], "layout", LAYOUTS, op, allow_none=True)
+    if options.get("tile") is not None:
+        checks.check_ints(options["tile"], "tile", op)
+    for name in ("block_size", "dense_radius"):
+        if name in options:
+            checks.check_int(options[name], name, op)
+    if "decay_factor" in options:
+        checks.check_float(options["decay_factor"], "decay_factor", op, positive=True)
+    if "sink" in options:
+        checks.check_bool(options["sink"], "sink", op, allow_none=True)
+
+
+def _covering_power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def normalize_options(grid: tuple[int, ...], layout: str | None = None, tile: tuple[int, ...] | None = None,
                       block_size: int = 128, decay_factor: float = 1.0, sink: bool | None = None,
                       dense_radius: int = 1) -> tuple:
-    """Check the mask options for this grid; return them as a hashable tuple with defaults filled in."""
+    """Check the mask options for this grid; return them as a hashable tuple with defaults filled in.
+
+    A tile side larger than the grid side shrinks to the smallest power of two that covers the side
+    (a tile of (1000, 1000) on a 4x4 grid is one 4x4 tile, not a million padded slots); one tile spans
+    that side either way, so the distance layout's mask is the same, and the frames layout counts the
+    tile's tokens closer to the real ones. Likewise an official ``block_size`` larger than the video
+    shrinks to the smallest power of two above its token count: one block, dense, either way.
+    """
+    check_mask_options(dict(layout=layout, tile=tile, block_size=block_size, decay_factor=decay_factor, sink=sink,
+                            dense_radius=dense_radius))
     video = len(grid) == 3
     layout = layout or ("frames" if video else "distance")
-    if layout not in LAYOUTS:
-        raise ValueError(f"radial_attention: layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "distance" and video:
         raise ValueError(f"radial_attention: layout='distance' is image-only; got the video grid {grid} "
                          "(use layout='frames' or 'official')")
@@ -177,21 +207,17 @@ def normalize_options(grid: tuple[int, ...], layout: str | None = None, tile: tu
     if layout == "official":
         if tile is not None:
             raise ValueError("radial_attention: layout='official' uses 1D blocks of block_size tokens, not tile")
-        if not (isinstance(block_size, int) and block_size >= 1):
-            raise ValueError(f"radial_attention: block_size must be an int >= 1, got {block_size!r}")
+        block_size = min(checks.as_int(block_size), _covering_power_of_two(math.prod(grid) + 1))
     else:
-        tile = tuple(tile) if tile is not None else ((1, 8, 8) if video else (8, 8))
-        if len(tile) != len(grid) or any(not isinstance(t, int) or t < 1 for t in tile):
+        tile = checks.check_ints(tile, "tile", "radial_attention") if tile is not None else ((1, 8, 8) if video else (8, 8))
+        if len(tile) != len(grid):
             raise ValueError(f"radial_attention: tile {tile} must give one int >= 1 per axis of the grid {grid}")
         if video and tile[0] != 1:
             raise ValueError(f"radial_attention: layout='frames' needs tiles within one frame, tile[0] == 1; got {tile}")
-    if decay_factor <= 0:
-        raise ValueError(f"radial_attention: decay_factor must be > 0, got {decay_factor}")
-    if not (isinstance(dense_radius, int) and dense_radius >= 1):    # at 0 the lattices miss their shells
-        raise ValueError(f"radial_attention: dense_radius must be an int >= 1, got {dense_radius!r}")
+        tile = tuple(min(t, _covering_power_of_two(side)) for t, side in zip(tile, grid))
     sink = video if sink is None else bool(sink)
     return (layout, tile, block_size if layout == "official" else None, float(decay_factor), sink,
-            dense_radius if layout == "distance" else None)
+            checks.as_int(dense_radius) if layout == "distance" else None)
 
 
 def tile_size(options: tuple) -> int:

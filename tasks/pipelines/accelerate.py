@@ -28,6 +28,9 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor as 
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor as DiffusersWanAttnProcessor
 from torch import nn
 
+from ... import kernels
+from ...kernels import checks
+from ...kernels.core.family import check_options
 from .families import AttentionOp, resolve_family
 from .processors import (FluxAttnProcessor, GridAttentionPolicy, JointAttnProcessor, SelfAttnProcessor,
                          WanAttnProcessor, _SwappedProcessor)
@@ -170,16 +173,21 @@ def accelerate_pipeline(pipe: Any, attn: str | AttentionOp, *, dense_layers: Ite
     ``op(q, k, v, *, grid, num_prefix, **options)`` on (B, heads, N, d).
     ``dense_layers``: block indices (in forward order; Flux counts its double-stream blocks first)
     that keep dense attention; ``dense_steps``: the first denoising steps stay dense.
-    Every check runs before anything changes: on an error the pipeline is left as it was.
+    Every check runs before anything changes: on an error the pipeline is left as it was; the values of
+    a named family's options are checked here (``Family.check``), not at the first denoising step.
     """
     transformers = _transformers_of(pipe)
-    dense_layers = sorted(set(int(i) for i in dense_layers))
-    if dense_steps < 0:
-        raise ValueError(f"dense_steps must be >= 0, got {dense_steps}")
+    try:
+        dense_layers = sorted(set(checks.check_int(i, "dense_layers", minimum=0) for i in dense_layers))
+    except TypeError:
+        raise ValueError(f"dense_layers must be an iterable of block indices (ints >= 0), got {dense_layers!r}") from None
+    dense_steps = checks.check_int(dense_steps, "dense_steps", minimum=0)
     plans, family = [], None
     for transformer in transformers:
         spec = SUPPORTED[type(transformer)]
         family = resolve_family(attn, options, spec.grid_dims, type(transformer).__name__)
+        if not callable(attn):
+            check_options(kernels.family(family[0]), options, "accelerate_pipeline")
         targets = _targets(transformer, spec)
         num_blocks = max((block for *_, block in targets), default=-1) + 1
         if any(not 0 <= i < num_blocks for i in dense_layers):
