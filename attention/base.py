@@ -54,6 +54,7 @@ class GridAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self._said_dense = False
+        self._dense_grids: dict[tuple[int, ...], bool] = {}
         self.factory_kwargs = {"device": device, "dtype": dtype}
         self.to(**self.factory_kwargs)
 
@@ -66,6 +67,15 @@ class GridAttention(nn.Module):
         """True when the grid is so small that the mechanism is pointless (exact dense attention instead)."""
         return False
 
+    def _needs_dense_on(self, grid: tuple[int, ...]) -> bool:
+        """``needs_dense`` remembered per grid in eager mode (the options are fixed at construction; planning a
+        mask to find out costs tens of microseconds of every call's host time)."""
+        if torch.compiler.is_compiling():
+            return self.needs_dense(grid)
+        if grid not in self._dense_grids:
+            self._dense_grids[grid] = self.needs_dense(grid)
+        return self._dense_grids[grid]
+
     def forward(self, x: torch.Tensor, grid: Sequence[int], num_prefix: int = 0) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"{type(self).__name__} expects x of shape (B, N, {self.dim}), got {tuple(x.shape)}")
@@ -74,7 +84,7 @@ class GridAttention(nn.Module):
         checks.check_tokens(n, grid, num_prefix)
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.needs_dense(grid):
+        if self._needs_dense_on(grid):
             if not self._said_dense and not torch.compiler.is_compiling():     # warnings.warn cannot be traced
                 warnings.warn(f"{self.family} attention on the grid {grid} ({math.prod(grid)} tokens) is "
                               "pointless; using exact dense attention for this grid", stacklevel=2)
