@@ -18,7 +18,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..core.triton_common import (LOG2E, delta_kernel, dkdv_step, dot_acc, dq_step, launch, load_block, load_row_stats,
-                                  rows_contiguous, softmax_finish, softmax_step, store_block, strides)
+                                  rows_contiguous, softmax_finish, softmax_step, store_block, strides,
+                                  transposed_scores)
 from ..core.triton_op import triton_op
 from .layout import num_tiles, transpose_csr
 
@@ -176,7 +177,7 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, Til
         q = load_block(Q + rows[:, None] * sqn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
         do = load_block(DO + rows[:, None] * sdn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
         lse, delta = load_row_stats(LSE, Delta, rows, rows < Nq)
-        s_t = dot_acc(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
+        s_t = transposed_scores(k, q, DOT_PRECISION) * qk_scale
         s_t = _mask_scores(s_t, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                            HAS_MASK, HAS_BIAS, CHECK_K, True)
         dk, dv, _ = dkdv_step(dk, dv, s_t, lse, delta, q, do, v, DOT_PRECISION)

@@ -168,6 +168,22 @@ def dot(a, b, LOWP: tl.constexpr):
 
 
 @triton.jit
+def operand_dtype(x_ptr):
+    """The dtype DT that fp32 intermediates are rounded to as tl.dot operands (split_operand, dot_split,
+    dot_terms) in a kernel reading x_ptr's inputs: bf16 for fp16 inputs as for bf16 ones, the inputs' own
+    dtype otherwise (fp32: exact fp32 products). fp16's range (6e-5 normal, 65504 largest) does not hold what
+    such intermediates reach when the inputs are merely small or large (a linear-attention normaliser near its
+    eps makes 1 / den about 1e6; features of about 1e-6 are fp16 subnormals); bf16 has fp32's, and hi + lo
+    pairs still carry 16 bits. fp16 input tiles meeting bf16 operands are split exactly by dot_split_a and
+    dot_split_b. Returned as a one-element zero of that dtype (a jit function returns tensors, not dtypes):
+    ``DT = operand_dtype(x_ptr).dtype``."""
+    DT = x_ptr.dtype.element_ty
+    if DT == tl.float16:
+        DT = tl.bfloat16
+    return tl.zeros((1,), DT)
+
+
+@triton.jit
 def hi_lo(x, DT: tl.constexpr):
     """fp32 x as hi + lo in the 16-bit dtype DT: hi carries 8 (bf16) or 11 (fp16) bits, lo the next ones."""
     hi = round_to(x, DT)
@@ -199,10 +215,15 @@ def dot_split(a, b_hi, b_lo, DT: tl.constexpr, LOWP: tl.constexpr):
 
 @triton.jit
 def dot_split_a(a, b, DT: tl.constexpr, LOWP: tl.constexpr):
-    """a @ b for fp32 a and b already in DT (exact): hi*b + lo*b."""
+    """a @ b for fp32 a and a 16-bit input tile b (exact): hi*b + lo*b. A b of another 16-bit dtype than DT
+    (fp16 inputs with bf16 operands, see operand_dtype) is split too, exactly: hi*b_hi + lo*b_hi + hi*b_lo."""
     if LOWP:
         a_hi, a_lo = hi_lo(a, DT)
-        out = dot(a_hi, b, LOWP) + dot(a_lo, b, LOWP)
+        if b.dtype == DT:
+            out = dot(a_hi, b, LOWP) + dot(a_lo, b, LOWP)
+        else:
+            b_hi, b_lo = hi_lo(b.to(tl.float32), DT)
+            out = dot(a_hi, b_hi, LOWP) + dot(a_lo, b_hi, LOWP) + dot(a_hi, b_lo, LOWP)
     else:
         out = dot(a, b, LOWP)
     return out
@@ -210,9 +231,14 @@ def dot_split_a(a, b, DT: tl.constexpr, LOWP: tl.constexpr):
 
 @triton.jit
 def dot_split_b(a, b_hi, b_lo, LOWP: tl.constexpr):
-    """a @ b for a already in DT (exact) and fp32 b given by split_operand: a*hi + a*lo."""
+    """a @ b for a 16-bit input tile a (exact) and fp32 b given by split_operand: a*hi + a*lo. An a of another
+    16-bit dtype than b's parts (fp16 inputs with bf16 operands) is split too: a_hi*hi + a_hi*lo + a_lo*hi."""
     if LOWP:
-        out = dot(a, b_hi, LOWP) + dot(a, b_lo, LOWP)
+        if a.dtype == b_hi.dtype:
+            out = dot(a, b_hi, LOWP) + dot(a, b_lo, LOWP)
+        else:
+            a_hi, a_lo = hi_lo(a.to(tl.float32), b_hi.dtype)
+            out = dot(a_hi, b_hi, LOWP) + dot(a_hi, b_lo, LOWP) + dot(a_lo, b_hi, LOWP)
     else:
         out = dot(a, b_hi, LOWP)
     return out
@@ -305,9 +331,37 @@ def softmax_finish(acc, m_i, l_i):
 
 
 @triton.jit
+def recomputed_probabilities(x, DT: tl.constexpr):
+    """exp2(x) for x = s - lse, the backward's recomputed scores less the forward's log-sum-exp: the
+    probabilities, <= 1 in exact arithmetic. At large scores one fp32 rounding step is many log2 units (16 at
+    |s| ~ 2^27, q and k ~ 1e4), so a recomputed score that rounds otherwise than the forward's (another sum
+    order; transposed_scores avoids that in the block-sparse core) gives p = 2^16 or more. With DT = fp16, where
+    p is cast to fp16 (largest 65504) before its products, that is inf and then NaN in the gradients, so x is
+    capped at 0 there (NaN kept): one min per score, which bf16 and fp32 (whose p stays finite) skip."""
+    if DT == tl.float16:
+        x = tl.minimum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.math.exp2(x)
+
+
+@triton.jit
+def transposed_scores(k, q, DOT_PRECISION: tl.constexpr):
+    """k @ q^T: the key side's (N, M) scores, rounded as the forward's q @ k^T rounded them, so that
+    exp2(s - lse) <= 1 holds for the recomputed scores too (see recomputed_probabilities). On the GPU an element
+    of either orientation is the same tensor-core products, accumulated per k step in the same order (the gpu
+    tests of tests/test_kernels/test_numerics.py check the outcome at scores of ~1e8); the CPU interpreter's
+    BLAS matmul sums in an order that follows the operands' layout, so there the forward's product is computed
+    and transposed."""
+    if INTERPRETING:
+        s_t = tl.trans(dot_acc(q, tl.trans(k), None, DOT_PRECISION))
+    else:
+        s_t = dot_acc(k, tl.trans(q), None, DOT_PRECISION)
+    return s_t
+
+
+@triton.jit
 def dq_step(dq, s, lse, delta, do, k, v, DOT_PRECISION: tl.constexpr):
     """dQ += dS K for one key block (unscaled) from the masked log2-domain scores ``s`` (M, N); also dS."""
-    p = tl.math.exp2(s - lse[:, None])
+    p = recomputed_probabilities(s - lse[:, None], k.dtype)
     dp = dot_acc(do, tl.trans(v), None, DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     return dot_acc(ds.to(k.dtype), k, dq, DOT_PRECISION), ds
@@ -316,8 +370,8 @@ def dq_step(dq, s, lse, delta, do, k, v, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def dkdv_step(dk, dv, s_t, lse, delta, q, do, v, DOT_PRECISION: tl.constexpr):
     """dV += P^T dO and dK += dS^T Q (unscaled) for one query block from the transposed masked scores
-    ``s_t`` (N, M); also dS^T."""
-    p_t = tl.math.exp2(s_t - lse[None, :])
+    ``s_t`` (N, M) (transposed_scores); also dS^T."""
+    p_t = recomputed_probabilities(s_t - lse[None, :], do.dtype)
     dv = dot_acc(p_t.to(do.dtype), do, dv, DOT_PRECISION)
     dp_t = dot_acc(v, tl.trans(do), None, DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])

@@ -31,9 +31,13 @@ dc per head, re-reading the tiles from cache.
 
 Precision: with 16-bit inputs the products run on 16-bit tensor-core operands. The state's product uses a
 hi + lo split of phi(k) (about 2^-16 relative); the output's phi(q) S rounds both operands once
-(OUTPUT_TERMS = 1: about 2^-9, the size of the output's own 16-bit rounding; 3 products would carry it to
-2^-16 at a measurable cost in the output kernel); gradient products round each operand once. fp32 inputs
-keep exact fp32 products.
+(OUTPUT_TERMS = 1: about 2^-9, the size of the output's own bf16 rounding; 3 products would carry it to
+2^-16 at a measurable cost in the output kernel); gradient products split their fp32 operands too. fp32
+inputs keep exact fp32 products. The 16-bit operands of fp32 intermediates are bf16 for fp16 inputs as well
+(operand_dtype): small inputs put the features near FOCUSED_EPS and 1 / den near 1 / LINEAR_EPS = 1e6, out of
+fp16's range (6e-5 to 65504) but not of bf16's. fp16 tiles that meet such operands (v) are split into bf16
+hi + lo exactly, one product more; the fp16 output takes OUTPUT_TERMS_FP16 = 3 products (2^-16), so that
+single bf16 roundings do not cost fp16 outputs their precision.
 """
 import functools
 from typing import Optional, Tuple
@@ -45,8 +49,8 @@ from torch import Tensor
 
 from ..core.rope import rope_2d_angles
 from ..core.triton_common import (cdiv, dot_split, dot_split_a, dot_split_b, dot_terms, head_strides, launch, load_tile,
-                                  num_programs_target, pad_dim, precision_flags, split_operand, split_tokens,
-                                  store_tile)
+                                  num_programs_target, operand_dtype, pad_dim, precision_flags, split_operand,
+                                  split_tokens, store_tile)
 from ..core.triton_op import triton_op
 from .reference import FOCUSED_EPS, LINEAR_EPS
 
@@ -70,6 +74,7 @@ CONFIG = {   # per_sm: programs per SM that the N-split of a (batch, head) kerne
 # own bf16 rounding; bf16 MALA/FLatten outputs then lie ~3e-3 from float64); 3 carries S to about 2^-16
 # (~5e-6) at about a third more time in the output kernel.
 OUTPUT_TERMS = 1
+OUTPUT_TERMS_FP16 = 3   # fp16 outputs (bf16 operands): 1 product would be 2^-9, four times fp16's own rounding
 NORMS_TILE = 8192      # elements of one (tokens, heads, channels) tile of the norms kernel
 # A padded head_dim over 64 (DiT's 72 -> 128): tiles of at most 32 tokens (a kernel's wide_block_n where it
 # has one) and at least 8 warps: wider tiles spill registers there (FLatten's query backward is fastest at 16
@@ -106,10 +111,17 @@ def _power_m1(x, p, P_INT: tl.constexpr):
 
 
 @triton.jit
+def _relu(x):
+    """max(x, 0) that keeps NaN (tl.maximum's default returns the other operand, so a NaN input would give a
+    finite feature where the reference's ReLU gives NaN)."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _focused_parts(x, inv_c, mc, p, eps, inv_m, P_INT: tl.constexpr):
     """r = (ReLU(x) + eps) / c, rn = r / m and rp = rn^p for this head's channels (m = the token's max(r));
     inv_c = 1 / c."""
-    r = tl.where(mc[None, :], (tl.maximum(x, 0.0) + eps) * inv_c[None, :], 0.0)
+    r = tl.where(mc[None, :], (_relu(x) + eps) * inv_c[None, :], 0.0)
     rn = tl.where(mc[None, :], r * inv_m[:, None], 1.0)       # 1 on padding keeps the power finite
     rp = tl.where(mc[None, :], _power(rn, p, P_INT), 0.0)
     rn = tl.where(mc[None, :], rn, 0.0)
@@ -127,7 +139,7 @@ def _load_heads(base, heads, offs_n, offs_c, s_h, s_n, mask):
 def _relu_scaled(x, inv_c, eps_c, m_hc, EVEN: tl.constexpr):
     """r = (ReLU(x) + eps) / c of a (heads, tokens, channels) block, given 1/c and eps/c per (head, channel);
     0 on padding heads and channels (EVEN: there are none)."""
-    r = tl.maximum(x, 0.0) * inv_c[:, None, :] + eps_c[:, None, :]
+    r = _relu(x) * inv_c[:, None, :] + eps_c[:, None, :]
     if not EVEN:
         r = tl.where(m_hc[:, None, :], r, 0.0)
     return r
@@ -221,7 +233,7 @@ def _focused_backward(g, gw, x, inv_c, mc, p, eps, inv_m, norm_rn, norm_rp, P_IN
     w = rp * inv_rp[:, None]
     rn_pm1 = tl.where(mc[None, :], _power_m1(tl.where(mc[None, :], rn, 1.0), p, P_INT), 0.0)
     dr = (gw / norm_rn)[:, None] * rn + (norm_rn * p * inv_rp)[:, None] * rn_pm1 * (g - gw[:, None] * w)
-    dx = tl.where(x > 0, dr * inv_c[None, :], 0.0)
+    dx = tl.where(x <= 0, 0.0, dr * inv_c[None, :])         # NaN x passes dr on, as torch's ReLU backward does
     return dx, -dr * r * inv_c[None, :]
 
 
@@ -350,7 +362,7 @@ def _state_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, trig_ptr, part_ptr,
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b, h = bh // H, bh % H
-    DT = k_ptr.dtype.element_ty
+    DT = operand_dtype(k_ptr).dtype
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
@@ -392,7 +404,7 @@ def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
     normaliser den (B*h, N) for the backward's g.w) or MALA's Y."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
-    DT = q_ptr.dtype.element_ty
+    DT = operand_dtype(q_ptr).dtype
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
@@ -435,7 +447,7 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b, h = bh // H, bh % H
-    DT = q_ptr.dtype.element_ty
+    DT = operand_dtype(q_ptr).dtype
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
@@ -511,7 +523,7 @@ def _backward_k_kernel(k_ptr, v_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr,
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b, h = bh // H, bh % H
-    DT = k_ptr.dtype.element_ty
+    DT = operand_dtype(k_ptr).dtype
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
@@ -569,7 +581,7 @@ def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, 
     tile = tl.program_id(1)
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < N
-    DT = k_ptr.dtype.element_ty
+    DT = operand_dtype(k_ptr).dtype
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
@@ -688,10 +700,11 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
     cfg = CONFIG["focused_output" if focused else "output"]
     opts = _launch_opts(cfg, meta)
     splits, chunk = _splits(cfg, opts, b * h, n, q.device)
+    terms = OUTPUT_TERMS_FP16 if q.dtype == torch.float16 else OUTPUT_TERMS
     launch(_output_kernel, (b * h, splits), q, c, norms[0] if focused else q, trig, state, out,
            den if focused else q, n, h, chunk,
            float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS, s_qb, s_qh, s_qn,
-           out.stride(0), out.stride(1), out.stride(2), TERMS=OUTPUT_TERMS, **meta, **opts)
+           out.stride(0), out.stride(1), out.stride(2), TERMS=terms, **meta, **opts)
     return out, state, norms, den if focused else q.new_empty(b * h, 0, dtype=torch.float32)
 
 
