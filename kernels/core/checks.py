@@ -27,6 +27,8 @@ def as_int(value: Any) -> int | None:
         return value
     if isinstance(value, (bool, np.bool_, float, str)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         return None
+    if isinstance(value, (int, torch.SymInt)):       # a symbolic size under torch.compile: specialized (guarded)
+        return int(value)
     try:
         return operator.index(value)
     except TypeError:
@@ -56,7 +58,7 @@ def check_float(value: Any, name: str, op: str = "", *, positive: bool = False) 
     """``value`` as a finite float (ints too; > 0 with ``positive=True``); NaN, inf, bools and strings are errors."""
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
         number = float(value)
-        if math.isfinite(number) and (number > 0 or not positive):
+        if abs(number) < math.inf and (number > 0 or not positive):      # not NaN, not inf (math.isfinite: not under dynamo)
             return number
     what = "a finite number > 0" if positive else "a finite number"
     raise ValueError(f"{_prefix(op)}{name} must be {what}, got {value!r}")

@@ -145,14 +145,16 @@ def normalize_options(grid: tuple[int, int], block_size: int = 16, top_k: int | 
     # compile_constant makes lists tuples; NumPy or torch ints become Python ints here
     per_level = tuple(checks.as_int(k) for k in top_k) if isinstance(top_k, tuple) else None
     top_k, levels = checks.as_int(top_k) if per_level is None else None, checks.as_int(levels)
+    asked = f"levels={levels}" if levels is not None else f"top_k={per_level} (one K per level)"
     if levels is None:
         levels = len(per_level) if per_level else auto_levels(grid, side, top_k)
     if per_level is not None and len(per_level) != levels:
         raise ValueError(f"{op}: top_k gives {len(per_level)} values for {levels} levels")
     covering = next(l for l in range(1, 64) if side ** l >= max(grid))        # one block covers the grid
     if levels > covering:
-        raise ValueError(f"{op}: levels={levels} is more than the grid {tuple(grid)} has: at level {covering} one "
-                         f"block of {side ** covering}x{side ** covering} tokens covers it; use levels <= {covering}")
+        raise ValueError(f"{op}: {asked} asks for {levels} levels, more than the grid {tuple(grid)} has: at level "
+                         f"{covering} one block of {side ** covering}x{side ** covering} tokens covers it; use "
+                         f"at most {covering} levels")
     top_k = per_level or (top_k,) * levels
     for level, k in enumerate(top_k):
         blocks = math.prod(-(-g // side ** (level + 1)) for g in grid)
