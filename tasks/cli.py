@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--nrow", type=int, help="images per row of the grid")
-    p.add_argument("--out", default="samples.png", help="the PNG grid")
+    p.add_argument("--out", help="the PNG grid (default: samples.png in the run folder)")
     p.add_argument("--fid-ref", help="a folder of reference images: report the FID (needs --inception-weights)")
     p.add_argument("--fid-ref-limit", type=int, default=50000, help="reference images to read at most")
     p.add_argument("--inception-weights", help="a local torchvision inception_v3 state dict (nothing is downloaded)")

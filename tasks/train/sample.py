@@ -3,7 +3,8 @@
     subquad sample --checkpoint runs/dit_synthetic --scheduler dpm++ --steps 25 --cfg-scale 2 --num 16
 
 The run's recipe (saved in its checkpoint) rebuilds the DiT, its VAE and its objective; the EMA
-weights are used when the run has them. Image i starts from the noise of seed ``seed + i``, so an
+weights are used when the run has them. The grid goes to ``<run>/samples.png`` unless ``--out`` says
+otherwise; the progress bar counts denoising steps (steps x batches). Image i starts from the noise of seed ``seed + i``, so an
 image does not depend on the batch it is drawn in. With ``--fid-ref`` and ``--inception-weights``
 (a torchvision ``inception_v3`` state dict on disk; nothing is downloaded) the FID against a folder
 of reference images is reported; it uses torchvision's Inception, so it is comparable between runs
@@ -112,7 +113,11 @@ class Sampler:
         device = next(model.parameters()).device
         channels, side = model.config.in_channels, model.config.input_size
         images = []
-        for start in tqdm(range(0, len(labels), batch_size), desc="sample", disable=not progress):
+        starts = range(0, len(labels), batch_size)
+        sched = make_scheduler(scheduler, self.cfg, model.config.learn_sigma)
+        sched.set_timesteps(steps, device=device)
+        bar = tqdm(total=len(starts) * len(sched.timesteps), desc="sample", unit="step", disable=not progress)
+        for start in starts:
             chunk = labels[start:start + batch_size]
             sched = make_scheduler(scheduler, self.cfg, model.config.learn_sigma)
             sched.set_timesteps(steps, device=device)
@@ -128,7 +133,9 @@ class Sampler:
                 xin = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
                 out = model.forward_with_cfg(xin, tt, y, cfg_scale) if cfg_scale != 1.0 else model(xin, tt, y)
                 x = sched.step(out if keep_sigma else out[:, :channels], t, x, **step_kwargs).prev_sample
+                bar.update(1)
             images.append(self.decode(x))
+        bar.close()
         return torch.cat(images)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,6 +201,15 @@ def load_images(folder: str, size: int, limit: int) -> torch.Tensor:
 # --- the command line ------------------------------------------------------------------------------
 
 
+def run_folder(checkpoint: str | Path) -> Path:
+    """The run folder of ``--checkpoint``: the folder itself, or for one of its checkpoint folders
+    (``<run>/checkpoints/step_*``) the run that holds it."""
+    where = Path(checkpoint)
+    if (where / "state.json").is_file() and where.parent.name == "checkpoints":
+        return where.parent.parent
+    return where
+
+
 def run_sample(args: Any) -> dict[str, Any]:
     """``subquad sample``: a PNG grid (and with --fid-ref, the FID) from a DiT run."""
     for option in ("steps", "num", "batch_size", "nrow", "fid_ref_limit"):
@@ -209,7 +225,7 @@ def run_sample(args: Any) -> dict[str, Any]:
     labels = [int(v) for v in args.labels.split(",")] if args.labels else [i % num_classes for i in range(args.num)]
     images = sampler.sample(labels, scheduler=args.scheduler, steps=args.steps, cfg_scale=args.cfg_scale,
                             seed=args.seed, batch_size=args.batch_size)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else run_folder(args.checkpoint) / "samples.png"
     with writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         save_image(images, str(out), nrow=args.nrow or min(8, len(images)))

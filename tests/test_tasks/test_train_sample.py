@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +78,20 @@ def test_cli_writes_a_grid_and_skips_fid_without_weights(runs, tmp_path, capsys)
     assert Image.open(out).size == (4 * 16 + 5 * 2, 16 + 2 * 2)         # torchvision's grid: 2-pixel padding
     printed = capsys.readouterr().out
     assert json.loads(printed[printed.index("{"):])["fid"].startswith("skipped")
+
+
+def test_cli_writes_into_the_run_folder_and_counts_denoising_steps(runs, capsys):
+    """Without --out the grid goes into the run folder (also when --checkpoint names one of its checkpoint
+    folders), not the current folder; the progress bar counts denoising steps over all batches."""
+    run = Path(runs["ddpm"])
+    checkpoint = next((run / "checkpoints").glob("step_*"))
+    for where in (run, checkpoint):
+        (run / "samples.png").unlink(missing_ok=True)
+        assert main(["sample", "--checkpoint", str(where), "--num", "3", "--batch-size", "2", "--steps", "4",
+                     "--device", "cpu"]) == 0
+        assert Image.open(run / "samples.png").size[1] == 16 + 2 * 2
+        err = capsys.readouterr().err
+        assert "8/8" in err and "step" in err, err
 
 
 def test_cli_fid_with_local_inception_weights(runs, tmp_path, capsys):
