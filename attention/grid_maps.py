@@ -1,6 +1,8 @@
 """Learnable maps defined on a reference grid, resized to the grid at hand, and depthwise convs."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,11 @@ def _build_resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Ten
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
 
 
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on the devices that have it (not the meta device, on which FLOPs are counted)."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+
+
 def resize_map(m: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Resize the trailing 1 or 2 dims of ``m`` to ``size`` (linear / bilinear, align_corners=False).
 
@@ -39,7 +46,7 @@ def resize_map(m: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     if spatial == tuple(size):
         return m
     work = m.to(torch.promote_types(m.dtype, torch.float32))
-    with torch.autocast(work.device.type, enabled=False):      # the maps stay in float32 under autocast
+    with _without_autocast(work.device):                       # the maps stay in float32 under autocast
         out = work @ _linear_resize_matrix(spatial[-1], size[-1], work).T
         if len(size) == 2:
             out = _linear_resize_matrix(spatial[0], size[0], work) @ out

@@ -31,3 +31,26 @@ def test_compiled_deit_matches_eager(family):
     assert len(grads_c) == len(grads)
     for g_c, g in zip(grads_c, grads):
         assert_rel_close(g_c, g, tol=5e-2, what=f"{family} gradient")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deit_inference_replays_as_a_cuda_graph(family):
+    """No host synchronisation in a forward: after a warm-up (plans and launch configs cached) the whole
+    model captures into one CUDA graph, whose replay on new input equals the eager forward."""
+    torch.manual_seed(0)
+    model = timm.create_model(f"{family}_deit_tiny_patch16_224", img_size=512, depth=2).cuda().eval()
+    x = torch.randn(2, 3, 512, 512, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        expected = model(x)
+    assert_rel_close(out.float(), expected.float(), tol=1e-2, what=f"{family} graph replay")

@@ -13,6 +13,7 @@ from subquad.tasks.bench import grid_conv
 from subquad.tasks.bench.dit import bench_dit
 from subquad.tasks.bench.models import ModelCase, bench_models, save_models_plot
 from subquad.tasks.bench.suites import run_suite
+from subquad.tasks.zoo import count_model
 
 
 def test_bench_writes_table_csv_and_plot(run_subquad, tmp_path):
@@ -116,3 +117,12 @@ def test_bench_models_keeps_going_past_a_failing_model(tmp_path, capsys):
     assert rows[0]["infer_img_s"] > 0 and math.isnan(rows[1]["infer_img_s"])
     assert "bench models: no_such_model_patch16_224 at tiny B1: RuntimeError" in capsys.readouterr().out
     assert len(list(csv.DictReader(open(tmp_path / "m.csv")))) == 2
+
+
+@pytest.mark.parametrize("family", ["agent", "flatten", "mala", "nat", "radial", "llsa"])
+def test_flops_are_counted_at_any_input_size(family):
+    """The models suite counts FLOPs on the meta device at the case's size (agent and FLatten resize their
+    bias and positional maps there): more tokens, more FLOPs."""
+    name = f"{family}_deit_tiny_patch16_224"
+    small, large = (count_model(name, img_size=size)["gflops"] for size in (64, 128))
+    assert 0 < small < large
