@@ -14,6 +14,7 @@ suite.
 from __future__ import annotations
 
 import gc
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,17 @@ def _steps(model: torch.nn.Module, case: ModelCase, device: torch.device) -> tup
     return infer, train
 
 
+def _warm_up(fn: Callable[[], object], device: torch.device, seconds: float = 1.0) -> None:
+    """Call ``fn`` for ``seconds`` (at least twice): the GPU reaches its clocks and the caches fill, so that the
+    first model of a run (the peer) is not timed on a cold device."""
+    start = time.perf_counter()
+    for calls in itertools.count(1):
+        fn()
+        _sync(device)
+        if calls >= 2 and time.perf_counter() - start > seconds:
+            return
+
+
 def _host_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Median time for ``fn()`` to return when the device is idle at its start: the cost of issuing its work."""
     times = []
@@ -142,6 +154,7 @@ def measure_model(name: str, case: ModelCase, device: torch.device, repeats: int
             _sync(device)
             row["compile_s"] = time.perf_counter() - start
         model.eval()
+        _warm_up(infer, device)
         _reset_peak(device)
         infer_ms = median_ms(infer, device, repeats, warmup=2)
         row["infer_peak_gib"] = _peak_gib(device)
