@@ -3,8 +3,8 @@
 The CSV files hold the scalar metrics; nested ones (per-class scores) are in the JSON only.
 
 ``<run>/train_metrics.csv``, ``<run>/eval_metrics.csv`` and ``<run>/metrics.json``
-(``{"train": [rows], "eval": [rows]}``). A resumed run first drops the rows the killed run logged
-after its last checkpoint, so the files read as one uninterrupted run.
+(``{"train": [rows], "eval": [rows]}``), and ``<run>/curves.png`` (``plot``). A resumed run first drops the
+rows the killed run logged after its last checkpoint, so the files read as one uninterrupted run.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .checkpoint import read_json, writing
+from .curves import CURVES, plot_curves
 
 
 class MetricsLog:
@@ -34,6 +35,10 @@ class MetricsLog:
         """Append a row (it must hold ``step``) and rewrite the files."""
         self.rows[kind].append(row)
         self._write()
+
+    def plot(self) -> Path | None:
+        """Draw the curves so far into ``curves.png`` beside the CSVs (None before the first row)."""
+        return plot_curves(self.rows, self.folder / CURVES)
 
     def _write(self) -> None:
         with writing(self.folder):

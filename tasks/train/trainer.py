@@ -3,7 +3,8 @@
 Runs as a plain process (CPU or one GPU) or under ``accelerate launch`` (several processes, DDP);
 mixed precision and devices come from accelerate. Counts are in optimizer steps: one step is
 ``run.grad_accum_steps`` micro-batches of ``data.batch_size`` on every process. Every
-``run.log_interval`` steps the mean loss, learning rate and images/s are logged; every
+``run.log_interval`` steps the mean loss, learning rate and images/s are logged (CSV, JSON, and the
+curves as ``curves.png`` at every evaluation); every
 ``run.eval_interval`` steps the model (and its EMA) is evaluated; every ``run.checkpoint_interval``
 steps a resumable checkpoint is written (see ``checkpoint.py``). ``resume=True`` restores model,
 optimizer, scheduler, EMA, loss scaler, data position and random states, so the run continues as
@@ -219,6 +220,8 @@ class Trainer:
             **({"decay_rate": s.power} if s.sched == "poly" else {}))
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.step, self.epoch, self.batch = 0, 0, 0
+        self.interval_losses: list[torch.Tensor] = []      # this session's losses since the last log row
+        self.carried_loss = (0.0, 0)        # (sum, steps) of the mean losses before the checkpoint resumed from
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.log = MetricsLog(self.out) if acc.is_main_process else None
@@ -235,6 +238,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _save(self) -> None:
         acc = self.accelerator
+        pending = self._pending_losses()           # every process takes part in the reduction
         tmp = begin_checkpoint(self.ckpt_root, self.step) if acc.is_main_process else \
             self.ckpt_root / f"step_{self.step:08d}.tmp"
         acc.wait_for_everyone()
@@ -254,6 +258,7 @@ class Trainer:
                 "optimizer": encode_tree(self.optimizer.state_dict(), "optimizer", tensors),
                 "scheduler": encode_tree(self.scheduler.state_dict(), "scheduler", tensors),
                 "scaler": encode_tree(scaler, "scaler", tensors),
+                "log_pending": pending,
                 "config": self.cfg.to_dict(),
             }
             commit_checkpoint(tmp, tensors, state, self.cfg.run.keep_checkpoints)
@@ -274,6 +279,8 @@ class Trainer:
         if acc.scaler is not None and scaler is not None:
             acc.scaler.load_state_dict(scaler)
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        pending = state.get("log_pending") or {"loss_sum": 0.0, "steps": 0}
+        self.carried_loss = (float(pending["loss_sum"]), int(pending["steps"]))
         self.scheduler.step_update(self.step)
         rng = read_rng(folder, acc.process_index)
         if rng is None or state["num_processes"] != acc.num_processes:
@@ -286,6 +293,15 @@ class Trainer:
             print(f"resumed from {folder} at step {self.step}")
 
     # -- the loop ----------------------------------------------------------------------------------------------
+    def _pending_losses(self) -> dict:
+        """The steps since the last log row, as the sum of their losses (each the mean over processes) and
+        their count: saved with a checkpoint, so that a resumed run's first row averages the same steps as
+        an uninterrupted run's."""
+        acc = self.accelerator
+        local = torch.stack(self.interval_losses).sum() if self.interval_losses else torch.zeros((), device=acc.device)
+        total = acc.reduce(local.float(), "sum").item() / acc.num_processes
+        return {"loss_sum": total + self.carried_loss[0], "steps": len(self.interval_losses) + self.carried_loss[1]}
+
     def _micro_batches(self) -> Iterator[tuple[int, int, list]]:
         """(epoch, batch within the epoch, micro-batches of one step), from the resumed position on."""
         accum, epoch, batch = self.cfg.run.grad_accum_steps, self.epoch, self.batch
@@ -327,11 +343,11 @@ class Trainer:
         self.bar = bar = tqdm(total=self.total, initial=self.step, desc=f"train {self.cfg.task}", unit="step",
                               disable=not acc.is_main_process, dynamic_ncols=True)
         watch = Stopwatch(acc.device)
-        first_step, interval_losses, metrics = self.step, [], {}
+        first_step, metrics = self.step, {}
         batches = self._micro_batches()
         while self.step < self.total:
             self.epoch, self.batch, micro = next(batches)
-            interval_losses.append(self._train_step(micro))
+            self.interval_losses.append(self._train_step(micro))
             self.step, self.batch = self.step + 1, self.batch + 1
             self.scheduler.step_update(self.step)
             if self.step == first_step + 1:
@@ -342,18 +358,21 @@ class Trainer:
             last = self.step == self.total
             if self.step % run.log_interval == 0 or last:
                 watch.pause()
-                loss = acc.reduce(torch.stack(interval_losses).mean(), "mean").item()
+                pending = self._pending_losses()
+                loss = pending["loss_sum"] / pending["steps"]
                 row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": loss,
                        "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": watch.interval_rate()}
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
                 if self.log:
                     self.log.log("train", row)
-                interval_losses = []
+                self.interval_losses, self.carried_loss = [], (0.0, 0)
             if self.step % run.eval_interval == 0 or last:
                 watch.pause()
                 metrics = self.evaluate()
                 if self.log:
                     self.log.log("eval", {"step": self.step, **metrics})
+                    if not last:                # the summary draws the final curves
+                        self.log.plot()
                     bar.write(f"step {self.step}: {_format(metrics)}")
             if self.step % run.checkpoint_interval == 0 or last:
                 watch.pause()
@@ -382,6 +401,11 @@ class Trainer:
                   f"{acc.num_processes} process(es) ({acc.device.type}, {precision}; "
                   f"evaluation, checkpoints and each session's first step excluded)")
             print(f"peak memory: {peak:.2f} GiB ({how})")
+            curves = self.log.plot() if self.log else None
+            if curves is not None:
+                score = {"cls": "top-1 accuracy", "seg": "mIoU"}.get(self.cfg.task, "validation loss")
+                print(f"curves: {curves} (loss, {score}, learning rate; the numbers beside it in "
+                      f"train_metrics.csv and eval_metrics.csv)")
         return summary
 
 

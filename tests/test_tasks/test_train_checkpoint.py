@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -71,6 +72,12 @@ def test_a_killed_run_resumes_to_the_same_end_as_an_uninterrupted_one(cls_shapes
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     logs = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     assert [r["step"] for r in logs["train"]] == list(range(3, TOTAL + 1, 3))
+    # the log reads as one run: the first row after the resume averages the steps before the kill too
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert [r["loss"] for r in logs["train"]] == pytest.approx([r["loss"] for r in whole["train"]], rel=1e-5)
+    curves = tmp_path / "killed" / "curves.png"
+    assert resumed.stdout.strip().splitlines()[-1].startswith(f"curves: {curves}")
+    assert curves.read_bytes().startswith(b"\x89PNG")
     assert [r["step"] for r in logs["eval"]] == [TOTAL]
     assert all(math.isfinite(v) for v in logs["eval"][0].values())
     assert sorted(p.suffix for p in (tmp_path / "killed" / "checkpoints").rglob("*") if p.is_file()) == \
