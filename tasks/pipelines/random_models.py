@@ -10,8 +10,10 @@ instead of a text encoder; ``benchmark_transformer`` times one transformer call 
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import diffusers
@@ -68,6 +70,9 @@ CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
 }
 TEXT_TOKENS = {"dit": 0, "pixart": 300, "sd3": 333, "flux": 512, "wan": 512}   # the released pipelines' lengths
 VAE_SCALE = 8            # pixels per latent side in every full-size pipeline (Flux packs 2x2 latents per token)
+# pixels per side of one call when none is given: 1024 at full size; for the tiny models 256, a 16x16 token grid
+# (the largest SD3's tiny position table takes), on which every family's default options fit
+DEFAULT_RESOLUTION = {"full": 1024, "tiny": 256}
 
 
 @contextlib.contextmanager
@@ -93,6 +98,50 @@ def random_transformer(kind: str, size: str = "tiny", *, dtype: torch.dtype = to
             for p in model.parameters():
                 p.normal_(0, 0.3)
     return model.eval()
+
+
+def parameter_count(kind: str, size: str) -> int:
+    """Parameters of ``random_transformer(kind, size)``, counted on the meta device (no memory, no init)."""
+    if kind not in CONFIGS or size not in CONFIGS[kind]:
+        raise ValueError(f"no {size!r} config for {kind!r}; kinds: {', '.join(KINDS)}; sizes: tiny, full")
+    with torch.device("meta"):
+        return sum(p.numel() for p in _CLASSES[kind](**CONFIGS[kind][size]).parameters())
+
+
+def available_memory(device: str | torch.device) -> int:
+    """Bytes that a new model can take on ``device``: free CUDA memory, or the memory the OS says is
+    available (``MemAvailable``, capped by a cgroup limit where there is one)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def check_memory(kind: str, size: str, dtype: torch.dtype, device: str | torch.device) -> None:
+    """A ValueError with the numbers when the weights of ``random_transformer(kind, size)`` alone do not fit
+    in the memory available on ``device`` (a model that would start and then be killed, or swap for hours)."""
+    params = parameter_count(kind, size)
+    need, have = params * dtype.itemsize, available_memory(device)
+    if need > have:
+        where = "GPU memory free" if torch.device(device).type == "cuda" else "memory available"
+        raise ValueError(f"the {size}-size {_CLASSES[kind].__name__} has {params / 1e9:.2f}B parameters: "
+                         f"{need / 2 ** 30:.1f} GiB in {str(dtype).removeprefix('torch.')} for its weights alone, "
+                         f"and this machine has {have / 2 ** 30:.1f} GiB of {where} on {device}; "
+                         f"use --size tiny, or a machine with more memory")
 
 
 def transformer_inputs(kind: str, transformer: nn.Module, *, latent_size: tuple[int, int], latent_frames: int = 1,
@@ -202,15 +251,18 @@ def _time(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "full", height: int = 1024,
-                          width: int = 1024, num_frames: int = 1, batch: int = 1, repeats: int = 3,
+def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "full", height: int | None = None,
+                          width: int | None = None, num_frames: int = 1, batch: int = 1, repeats: int = 3,
                           dtype: torch.dtype = torch.bfloat16, device: str = "cuda", dense_layers: Iterable[int] = (),
                           **options: Any) -> dict[str, Any]:
     """One transformer call on random weights at a pixel resolution, dense vs accelerated.
 
     Pixels map to latents by 8 per side (and 4 frames per latent frame for video, as Wan's VAE).
-    Returns the token grid, both median times, the speedup and the output cosine similarity.
+    Returns the token grid, the number of blocks with self-attention, both median times, the speedup and
+    the output cosine similarity. A model whose weights do not fit in the device's memory is refused first.
     """
+    check_memory(kind, size, dtype, device)
+    height, width = height or DEFAULT_RESOLUTION[size], width or DEFAULT_RESOLUTION[size]
     transformer = random_transformer(kind, size, dtype=dtype, device=device)
     frames = (num_frames - 1) // 4 + 1 if kind == "wan" else 1
     inputs = transformer_inputs(kind, transformer, latent_size=(height // VAE_SCALE, width // VAE_SCALE),
@@ -219,7 +271,7 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
     dense_s, dense = _time(call, repeats), call()
     with accelerate_pipeline(transformer, attn, dense_layers=dense_layers, **options) as swap:
         fast_s, fast = _time(call, repeats), call()
-        grid = swap.policy.grid
-    return {"kind": kind, "size": size, "grid": grid, "tokens": int(torch.tensor(grid).prod()),
+        grid, blocks = swap.policy.grid, len(set(swap.layers.values()))
+    return {"kind": kind, "size": size, "grid": grid, "tokens": int(torch.tensor(grid).prod()), "blocks": blocks,
             "dense_ms": dense_s * 1e3, "accelerated_ms": fast_s * 1e3, "speedup": dense_s / fast_s,
             "output_cosine": cosine_similarity(fast.float(), dense.float())}

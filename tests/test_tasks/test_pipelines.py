@@ -247,6 +247,46 @@ def test_cli_on_a_saved_pipeline(tmp_path):
                  "--prompt", "a cat", "--device", "cpu", "--out", str(out)]) == 2       # DiT takes no prompt
 
 
+def test_cli_on_a_saved_pipeline_loads_without_the_torch_dtype_warning(tmp_path):
+    pipe, _ = tiny_pipeline("dit")
+    pipe.save_pretrained(tmp_path / "pipe")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["accelerate-pipeline", "--model", str(tmp_path / "pipe"), "--attn", "radial", "--class-labels",
+                     "1", "--num-inference-steps", "1", "--guidance-scale", "1", "--warmup", "0", "--dtype",
+                     "float32", "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    assert not [w for w in caught if "torch_dtype" in str(w.message)]
+
+
+def test_cli_names_a_missing_model_folder(tmp_path, capsys):
+    assert main(["accelerate-pipeline", "--model", str(tmp_path / "nonexistent"), "--attn", "radial"]) == 1
+    assert f"--model {tmp_path / 'nonexistent'}: folder not found" in capsys.readouterr().err
+    assert main(["accelerate-pipeline", "--model", str(tmp_path), "--attn", "radial"]) == 2
+    assert "no model_index.json" in capsys.readouterr().err
+
+
+def test_cli_random_tiny_at_its_default_size_says_it_cannot_show_a_speedup(tmp_path, capsys):
+    """SD3's tiny model at the default height (its position table takes at most 16x16 tokens); the speed note
+    and the warning for --dense-layers that keep every block dense."""
+    assert main(["accelerate-pipeline", "--random", "sd3", "--size", "tiny", "--attn", "radial", "--dense-layers",
+                 "0,1", "--repeats", "1", "--warmup", "0", "--dtype", "float32", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["grid"] == [16, 16]
+    err = capsys.readouterr().err.splitlines()
+    assert any("tiny sizes on a CPU cannot show a speedup" in line for line in err), err
+    assert any("keeps every one of the 2 blocks dense" in line for line in err), err
+
+
+def test_cli_random_full_size_beyond_the_memory_is_refused_with_the_numbers(tmp_path, capsys, monkeypatch):
+    from subquad.tasks.pipelines import random_models
+    monkeypatch.setattr(random_models, "available_memory", lambda device: 4 * 2 ** 30)
+    assert main(["accelerate-pipeline", "--random", "flux", "--size", "full", "--attn", "radial", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "11.90B parameters: 22.2 GiB in bfloat16" in err and "4.0 GiB of memory available" in err, err
+    assert not (tmp_path / "report.json").exists()
+
+
 def test_cli_random_transformer(tmp_path):
     code = main(["accelerate-pipeline", "--random", "flux", "--size", "tiny", "--attn", "neighborhood", "--opt",
                  "kernel_size=3", "--height", "80", "--width", "80", "--repeats", "1", "--dtype", "float32",
