@@ -36,6 +36,9 @@ def depthwise_conv_on_grid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     per_channel = weight.shape[0] == x.shape[1] * x.shape[-1]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
     fn = choose_backend("depthwise_conv_on_grid", backend, x, grid=grid, per_channel=per_channel, needs_grad=needs_grad)
+    if x.shape[0] == 0 or x.shape[1] == 0:       # no batch or no heads: an empty output (conv2d rejects 0 groups)
+        params = weight.sum() if bias is None else weight.sum() + bias.sum()
+        return (x * 0 if residual is None else residual) + params * 0
     return fn(x, weight, bias, grid, num_prefix, residual)
 
 

@@ -137,6 +137,17 @@ def test_no_batch_or_no_heads_gives_an_empty_output_on_every_backend(op, b, h):
         assert q.grad.shape == q.shape
 
 
+@pytest.mark.parametrize("b,h", [(0, 2), (2, 0)])
+def test_grid_conv_with_no_batch_or_no_heads(b, h):
+    x, residual = (torch.randn(b, h, 64, 8, requires_grad=True) for _ in range(2))
+    weight = torch.randn(h * 8, 1, 3, 3, requires_grad=True)
+    for backend in kernels.available_backends("depthwise_conv_on_grid"):
+        out = kernels.depthwise_conv_on_grid(x, weight, grid=(8, 8), residual=residual, backend=backend)
+        assert out.shape == x.shape, backend
+        out.sum().backward()
+        assert weight.grad.shape == weight.shape
+
+
 def test_empty_output_is_none_when_there_is_work():
     q, k, v = qkv(1, 1, 4, 2)
     assert empty_output(q, k, v) is None
