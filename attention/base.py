@@ -79,6 +79,7 @@ class GridAttention(nn.Module):
     def forward(self, x: torch.Tensor, grid: Sequence[int], num_prefix: int = 0) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"{type(self).__name__} expects x of shape (B, N, {self.dim}), got {tuple(x.shape)}")
+        checks.check_input_dtype(x, self.qkv.weight.dtype, type(self).__name__)
         grid = checks.check_grid(grid)
         b, n, c = x.shape
         checks.check_tokens(n, grid, num_prefix)

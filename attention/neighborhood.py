@@ -37,14 +37,14 @@ class NeighborhoodAttention(GridAttention):
             self.register_parameter("rpb", None)
 
     def attend(self, x, q, k, v, grid, num_prefix):
-        window = self.kernel_size * self.dilation
-        padded = tuple(max(side, window) for side in grid) if len(grid) == 2 else grid
+        dilation, padded = (checks.padded_neighborhood(grid, self.kernel_size, self.dilation) if len(grid) == 2
+                            else (self.dilation, grid))
         if padded == grid:
-            return neighborhood_attention(q, k, v, grid=grid, kernel_size=self.kernel_size, dilation=self.dilation,
+            return neighborhood_attention(q, k, v, grid=grid, kernel_size=self.kernel_size, dilation=dilation,
                                           rpb=self.rpb, num_prefix=num_prefix, backend=self.backend)
         fills = self._zero_input_qkv(x)
         qp, kp, vp = (self._pad(t, fill, grid, padded, num_prefix) for t, fill in zip((q, k, v), fills))
-        y = neighborhood_attention(qp, kp, vp, grid=padded, kernel_size=self.kernel_size, dilation=self.dilation,
+        y = neighborhood_attention(qp, kp, vp, grid=padded, kernel_size=self.kernel_size, dilation=dilation,
                                    rpb=self.rpb, num_prefix=num_prefix, backend=self.backend)
         b, h, _, d = y.shape
         grid_out = y[:, :, num_prefix:].reshape(b, h, *padded, d)[:, :, :grid[0], :grid[1]].reshape(b, h, -1, d)

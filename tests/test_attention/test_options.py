@@ -122,10 +122,8 @@ def test_the_pipeline_accelerator_checks_option_values_before_changing_anything(
 
 
 def test_a_float16_input_into_a_float32_module_names_both_dtypes():
-    """GridAttention.forward calls checks.check_input_dtype (skipped under autocast)."""
+    """GridAttention.forward checks the input's dtype against its parameters' (not under autocast)."""
     m = build("mala")
-    if "check_input_dtype" not in attention.GridAttention.forward.__code__.co_names:
-        pytest.skip("GridAttention.forward does not call checks.check_input_dtype yet")
     with pytest.raises(ValueError, match="torch.float32 parameters but got a torch.float16 input"):
         m(torch.randn(1, 64, 16, dtype=torch.float16), grid=(8, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -142,9 +140,9 @@ SPECIFIC = {  # values that are valid for these options, besides the generic one
     "block_size": [4, 9, 16, 25, 64, 10 ** 6], "top_k": [(2, 1), [3], (1, 1)], "levels": [1, 2],
     "decay_factor": [0.25, 4.0, 1e6], "sink": [True, False], "dense_radius": [1, 2, 100],
     "num_agents": [1, 4, 9, 16, 100], "focusing_factor": [1, 2, 3.5, 50], "rope": [True, False],
-    "kernel_size": [1, 3, 5, 7], "dilation": [1, 2, 3],
+    "kernel_size": [1, 3, 5, 7], "dilation": [1, 2, 3, 100],
 }
-SMALL_INTS_ONLY = {"kernel_size", "dilation"}     # a neighborhood module pads the grid to kernel_size * dilation
+SMALL_INTS_ONLY = {"kernel_size", "dilation"}     # the generic large ints too: a module pads to kernel_size * dilation
 
 
 def draw_value(rng: random.Random, option: str):
