@@ -32,18 +32,28 @@ def _register_models() -> None:
 
 
 class _RegisterWhenTimmLoads(importlib.abc.MetaPathFinder):
-    """Registers subquad's models right after ``import timm`` completes, then steps aside."""
+    """Registers subquad's models right after ``import timm`` completes, then steps aside.
+
+    A lookup alone (``importlib.util.find_spec("timm")``, as libraries probe for optional packages) gets
+    a spec whose loading registers the models, and the finder stays for the import that comes later."""
+
+    _looking = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "timm":
+        if fullname != "timm" or self._looking:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("timm")
+        self._looking = True
+        try:
+            spec = importlib.util.find_spec("timm")
+        finally:
+            self._looking = False
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module):
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             exec_module(module)
             _register_models()
 

@@ -1,11 +1,11 @@
 """Log-linear sparse attention (Zhou et al., "Log-linear Sparse Attention", 2025, arXiv 2512.16615)."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 from ..kernels import family, loglinear_attention
 from ..kernels.core.family import check_options
+from ..kernels.loglinear import selects_every_block
 from .base import GridAttention
 from .registry import register
 
@@ -28,9 +28,7 @@ class LogLinearSparseAttention(GridAttention):
         self.top_k = tuple(top_k) if isinstance(top_k, (tuple, list)) else top_k
 
     def needs_dense(self, grid):
-        side = math.isqrt(self.block_size)
-        finest_k = self.top_k[0] if isinstance(self.top_k, tuple) else self.top_k
-        return len(grid) == 2 and (-(-grid[0] // side)) * (-(-grid[1] // side)) <= finest_k
+        return len(grid) == 2 and selects_every_block(grid, self.block_size, self.top_k, self.levels)
 
     def attend(self, x, q, k, v, grid, num_prefix):
         return loglinear_attention(q, k, v, grid=grid, num_prefix=num_prefix, backend=self.backend,

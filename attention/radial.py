@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..kernels import family, radial_attention
 from ..kernels.core.family import check_options
-from ..kernels.radial import normalize_options, radial_plan
+from ..kernels.radial import keeps_every_pair
 from .base import GridAttention
 from .registry import register
 
@@ -29,7 +29,7 @@ class RadialAttention(GridAttention):
         self.mask_opts = {**options, "tile": None if tile is None else tuple(tile)}
 
     def needs_dense(self, grid):
-        return radial_plan(grid, normalize_options(grid, **self.mask_opts)).density == 1.0
+        return keeps_every_pair(grid, **self.mask_opts)
 
     def attend(self, x, q, k, v, grid, num_prefix):
         return radial_attention(q, k, v, grid=grid, num_prefix=num_prefix, backend=self.backend, **self.mask_opts)

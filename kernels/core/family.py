@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 OptionCheck = Callable[[Mapping[str, Any], str], None]     # check(options, op): ValueError naming a bad one
+DenseOn = Callable[..., bool]                               # dense_on(grid, **options): keeps every pair there
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,9 @@ class Family:
     without training (the pipeline accelerator offers it); ``check(options, op)``: checks the values
     of the options given (those that need no grid: types and ranges), a ValueError naming the option,
     its value and what is valid (the op runs it on every call, the module and the pipeline
-    accelerator when they are built).
+    accelerator when they are built); ``dense_on(grid, **options)``: True where the mechanism would keep
+    every pair of the grid (a mask or selection that covers it), so that exact dense attention gives the
+    same result faster (the modules and the pipeline accelerator then attend densely).
     """
 
     name: str
@@ -36,6 +39,7 @@ class Family:
     grid_ranks: tuple[int, ...] = (2, 3)
     training_free: bool = False
     check: OptionCheck | None = None
+    dense_on: DenseOn | None = None
 
     @property
     def names(self) -> tuple[str, ...]:

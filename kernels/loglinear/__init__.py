@@ -12,13 +12,13 @@ from ..core import checks
 from ..core.dispatch import TRITON, choose_backend, empty_output, register_backend
 from ..core.family import Family, check_options, register_family
 from .block_sparse import loglinear_attention_on_core, loglinear_attention_on_triton
-from .plan import check_select_options, normalize_options
+from .plan import check_select_options, normalize_options, selects_every_block
 from .reference import loglinear_attention_reference
 
 FAMILY = register_family(Family(
     name="loglinear", aliases=("llsa",), title="log-linear sparse attention", paper="Zhou et al., 2025",
     cost="O(N log N)", op="loglinear_attention", options={"block_size": 16, "top_k": 8, "levels": None},
-    grid_ranks=(2,), training_free=True, check=check_select_options))
+    grid_ranks=(2,), training_free=True, check=check_select_options, dense_on=selects_every_block))
 
 
 def loglinear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],

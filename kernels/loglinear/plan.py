@@ -127,6 +127,22 @@ def check_select_options(options: Mapping[str, Any], op: str = "loglinear_attent
         checks.check_int(options["levels"], "levels", op)
 
 
+def block_side(grid: tuple[int, ...], block_size: int) -> int:
+    """The side s of the s x s blocks: sqrt(block_size), or, for a block wider than the grid (one block
+    whatever its size), the smallest power of two covering the grid's longest side."""
+    return min(math.isqrt(block_size), max(2, 1 << (max(grid) - 1).bit_length()))
+
+
+def selects_every_block(grid: tuple[int, ...], block_size: int = 16, top_k: int | Sequence[int] = 8,
+                        levels: int | None = None) -> bool:
+    """True where the finest level has no more blocks than its top-K: every block is selected, so the
+    attention is exact dense attention (the family record's ``dense_on``)."""
+    check_select_options(dict(block_size=block_size, top_k=top_k, levels=levels), "loglinear_attention")
+    side = block_side(grid, block_size)
+    finest_k = top_k[0] if isinstance(top_k, (tuple, list)) else top_k
+    return math.prod(-(-g // side) for g in grid) <= finest_k
+
+
 @compile_constant
 def normalize_options(grid: tuple[int, int], block_size: int = 16, top_k: int | Sequence[int] = 8,
                       levels: int | None = None) -> tuple[int, tuple[int, ...]]:
@@ -140,8 +156,7 @@ def normalize_options(grid: tuple[int, int], block_size: int = 16, top_k: int | 
     """
     op = "loglinear_attention"
     check_select_options(dict(block_size=block_size, top_k=top_k, levels=levels), op)
-    # a block wider than the grid is one block whatever its size: the smallest power of two covering the grid
-    side = min(math.isqrt(block_size), max(2, 1 << (max(grid) - 1).bit_length()))
+    side = block_side(grid, block_size)
     # compile_constant makes lists tuples; NumPy or torch ints become Python ints here
     per_level = tuple(checks.as_int(k) for k in top_k) if isinstance(top_k, tuple) else None
     top_k, levels = checks.as_int(top_k) if per_level is None else None, checks.as_int(levels)

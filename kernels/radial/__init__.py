@@ -11,13 +11,13 @@ from ..core import checks
 from ..core.dispatch import TRITON, choose_backend, empty_output, register_backend
 from ..core.family import Family, check_options, register_family
 from .block_sparse import radial_attention_on_core, radial_attention_on_triton
-from .plan import attended_pairs, check_mask_options, normalize_options, radial_plan, tile_size
+from .plan import attended_pairs, check_mask_options, keeps_every_pair, normalize_options, radial_plan, tile_size
 from .reference import radial_attention_reference
 
 FAMILY = register_family(Family(
     name="radial", title="radial attention", paper="Li et al., 2025", cost="O(N log N)", op="radial_attention",
     options={"layout": None, "tile": None, "block_size": 128, "decay_factor": 1.0, "sink": None, "dense_radius": 1},
-    grid_ranks=(2, 3), training_free=True, check=check_mask_options))
+    grid_ranks=(2, 3), training_free=True, check=check_mask_options, dense_on=keeps_every_pair))
 
 
 def radial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int],
@@ -49,4 +49,4 @@ if TRITON:
 register_backend("radial_attention", "block_sparse", radial_attention_on_core, requires=(CORE_TILES,), auto=False)
 register_backend("radial_attention", "reference", radial_attention_reference)
 
-__all__ = ["FAMILY", "attended_pairs", "check_mask_options", "normalize_options", "radial_attention", "radial_plan", "tile_size"]
+__all__ = ["FAMILY", "attended_pairs", "check_mask_options", "keeps_every_pair", "normalize_options", "radial_attention", "radial_plan", "tile_size"]

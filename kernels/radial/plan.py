@@ -263,3 +263,9 @@ def attended_pairs(plan: RadialPlan, num_prefix: int = 0) -> int:
     keys = (per_tile[plan.key_tiles.clamp_min(0)] * listed).sum(-1)
     n = plan.layout.num_tokens
     return int((per_tile * keys).sum()) + num_prefix * (num_prefix + n) + n * num_prefix
+
+
+def keeps_every_pair(grid: tuple[int, ...], **mask_opts) -> bool:
+    """True where the mask on ``grid`` keeps every tile pair (small grids): exact dense attention (the
+    family record's ``dense_on``)."""
+    return radial_plan(grid, normalize_options(grid, **mask_opts)).density == 1.0

@@ -35,6 +35,12 @@ def _always_fits(grid: tuple[int, ...], options: dict) -> bool:
     return True
 
 
+def _sparse_on(dense_on: Callable[..., bool], fits: Callable[[tuple[int, ...], dict], bool]
+               ) -> Callable[[tuple[int, ...], dict], bool]:
+    """``fits``, and the family keeps fewer than every pair of the grid (``Family.dense_on``)."""
+    return lambda grid, options: fits(grid, options) and not dense_on(grid, **options)
+
+
 def resolve_family(attn: str | AttentionOp, options: dict, grid_rank: int, transformer_name: str,
                    ) -> tuple[str, AttentionOp, Callable[[tuple[int, ...]], bool]]:
     """(name, op, fits) for a family name or a user op ``op(q, k, v, *, grid, num_prefix, **options)``;
@@ -59,6 +65,8 @@ def resolve_family(attn: str | AttentionOp, options: dict, grid_rank: int, trans
         if unknown:
             raise ValueError(f"options {unknown} do not fit {name}; its options: {', '.join(record.options)}")
         fits = _window_fits if "kernel_size" in record.options else _always_fits
+        if record.dense_on is not None:       # a mask or selection that keeps every pair: the original call
+            fits = _sparse_on(record.dense_on, fits)
     probe = torch.zeros(1, 1, 1, 1)
     try:
         inspect.signature(op).bind(probe, probe, probe, grid=(1, 1), num_prefix=0, **options)

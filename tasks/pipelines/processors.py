@@ -38,7 +38,8 @@ class GridAttentionPolicy:
     timestep of each call: a step is a distinct timestep, counted from 0 each time the timestep
     rises (a new sampling run), so classifier-free guidance run as two calls stays one step.
     ``fits(grid)`` says whether the op makes sense on a grid (a window larger than the grid does
-    not); on a grid that does not fit, attention is dense and a warning says so once.
+    not, nor a mask or selection that keeps every pair); on a grid that does not fit, attention is
+    dense and a warning says so once.
     """
 
     def __init__(self, name: str, op: AttentionOp, options: dict, dense_layers: Sequence[int] = (),
@@ -70,8 +71,9 @@ class GridAttentionPolicy:
         if not self.fits(self.grid):
             if self.grid not in self._warned:
                 self._warned.add(self.grid)
-                warnings.warn(f"{self.name} with {self.options} does not fit the token grid {self.grid}; "
-                              "attention over it stays dense", stacklevel=2)
+                warnings.warn(f"{self.name} with {self.options} does not fit the token grid {self.grid} (a window "
+                              "wider than the grid, or a mask or selection that keeps every pair of it); attention "
+                              "over it stays dense", stacklevel=2)
             return True
         return False
 

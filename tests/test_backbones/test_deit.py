@@ -81,6 +81,16 @@ def test_no_name_collides_with_timm():
     assert not set(subquad_model_names()) & timm_names
 
 
+@pytest.mark.parametrize("probe", ["", "import importlib.util; importlib.util.find_spec('timm'); ",
+                                   "import diffusers; "])
+def test_models_register_whenever_timm_is_imported(probe):
+    """``import subquad`` first, timm later: the models are there, also when something probed for timm in
+    between (diffusers looks for optional packages with importlib.util.find_spec)."""
+    code = f"import subquad; {probe}import timm; print(len(timm.list_models('*_deit_tiny_patch16_224')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) >= 7
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_forward_backward_small_input(name):
     model = timm.create_model(name, img_size=96, num_classes=7)     # a 6x6 grid

@@ -197,6 +197,17 @@ def test_grid_smaller_than_the_window_stays_dense():
     assert torch.equal(out, reference)
 
 
+@pytest.mark.parametrize("top_k", [9, 16])
+def test_loglinear_selecting_every_block_stays_dense(top_k):
+    """On the 5x5 grid, 2x2 blocks give 9 blocks: a top-K of 9 or more selects them all (and 16 would be an
+    error in the op), so the original dense call runs, with a warning."""
+    model, inputs = _model_and_inputs("dit")
+    reference = _run(model, inputs)
+    with accelerate_pipeline(model, "llsa", block_size=4, top_k=top_k), pytest.warns(UserWarning, match="stays dense"):
+        out = _run(model, inputs)
+    assert torch.equal(out, reference)
+
+
 def test_flux_grid_from_image_ids_and_bad_ids():
     model, inputs = _model_and_inputs("flux")
     spy = DenseSpy()

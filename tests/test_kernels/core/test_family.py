@@ -34,3 +34,14 @@ def test_options_are_the_ops_keywords(record):
 def test_unknown_options_name_the_valid_ones():
     with pytest.raises(ValueError, match=r"radial_attention: unknown options \['window'\]; valid: \('layout'"):
         check_options(kernels.family("radial"), {"window": 3})
+
+
+def test_dense_on_says_where_the_sparse_families_keep_every_pair():
+    """radial: the 8x8-tile mask on a 14x14 grid keeps every tile pair, on 64x64 it does not; loglinear: a
+    grid with no more blocks than the finest top-K selects them all (also where K exceeds the blocks)."""
+    radial, loglinear = kernels.family("radial"), kernels.family("loglinear")
+    assert radial.dense_on((14, 14), tile=(8, 8)) and not radial.dense_on((64, 64), tile=(8, 8))
+    assert loglinear.dense_on((14, 14), block_size=64, top_k=4)
+    assert loglinear.dense_on((8, 8), block_size=16, top_k=8) and loglinear.dense_on((8, 8), block_size=16, top_k=(9,))
+    assert not loglinear.dense_on((16, 16), block_size=16, top_k=8)
+    assert all(r.dense_on is None for r in kernels.families() if r.name not in ("radial", "loglinear"))
