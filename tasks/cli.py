@@ -85,8 +85,33 @@ def _accelerate_pipeline(args: argparse.Namespace) -> None:
     run_accelerate_pipeline(args)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one (not None, not a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" not in text and action.option_strings and default is not None and default is not False \
+                and default != argparse.SUPPRESS and default != []:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _recipes_epilog() -> str:
+    from .train.config import packaged_recipes          # yaml and the file names only, no torch
+    return ("packaged recipes: " + ", ".join(packaged_recipes()) + ". The synthetic ones run on a CPU in minutes "
+            "(dit/synthetic, then `subquad sample --checkpoint runs/dit_synthetic`); the others name their data in "
+            "data.root (the README's 'Train on real data' section gives the layouts).")
+
+
+def _data_help(args: argparse.Namespace) -> None:
+    raise ValueError("name a sub-command: synthetic (write the synthetic classification and segmentation sets); "
+                     "see subquad data --help")
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="a YAML recipe: a path, or a packaged name such as cls/synthetic")
+    p.add_argument("--config", required=True, help="a YAML recipe: a path, or a packaged name such as cls/synthetic, "
+                                                   "seg/synthetic or dit/synthetic")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe value (parsed as YAML), e.g. --set schedule.steps=100; repeatable")
 
@@ -115,32 +140,40 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(e.g. mala,nat); the dense peers always run")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")
     p.set_defaults(run=_bench)
-    p = sub.add_parser("train", help="train a classification or segmentation recipe (also under accelerate launch)")
+    p = sub.add_parser("train", help="train a recipe: classification, segmentation or DiT diffusion (also under "
+                                     "accelerate launch)",
+                       description="Train a YAML recipe: classification (cls/), segmentation (seg/) or a "
+                                   "class-conditional DiT (dit/). Several GPUs: accelerate launch -m "
+                                   "subquad.tasks.cli train --config ...",
+                       epilog=_recipes_epilog(), formatter_class=DefaultsHelpFormatter)
     _add_recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its last checkpoint")
     p.set_defaults(run=_train)
-    p = sub.add_parser("eval", help="evaluate a run's latest checkpoint (and its EMA)")
+    p = sub.add_parser("eval", help="evaluate a run's latest checkpoint (and its EMA)",
+                       formatter_class=DefaultsHelpFormatter)
     _add_recipe_args(p)
     p.add_argument("--checkpoint", help="a run or checkpoint folder (default: the recipe's run.output_dir)")
     p.set_defaults(run=_eval)
-    p = sub.add_parser("data", help="data sets")
-    data = p.add_subparsers(dest="data_command", required=True)
+    p = sub.add_parser("data", help="data sets: subquad data synthetic writes the synthetic ones")
+    p.set_defaults(run=_data_help)
+    data = p.add_subparsers(dest="data_command", title="sub-commands")
     p = data.add_parser("synthetic", help="write the synthetic classification (ImageFolder) and segmentation "
-                                          "(ADEChallengeData2016) sets")
-    p.add_argument("--out", default="data", help="folder for synthetic_cls/ and synthetic_ade/ (default: data)")
-    p.add_argument("--seed", type=int, default=0)
+                                          "(ADEChallengeData2016) sets", formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--out", default="data", help="folder for synthetic_cls/ and synthetic_ade/")
+    p.add_argument("--seed", type=int, default=0, help="the generator's seed (the same seed writes the same images)")
     p.set_defaults(run=_data_synthetic)
-    p = sub.add_parser("sample", help="class-conditional images from a trained DiT run: a PNG grid (and FID)")
+    p = sub.add_parser("sample", help="class-conditional images from a trained DiT run: a PNG grid (and FID)",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a DiT run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--scheduler", default="ddim",
                    help="ddim, dpm++, euler, euler_a, ddpm, unipc, heun, pndm (flow models: euler, dpm++, unipc) "
                         "or any diffusers scheduler class name")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    p.add_argument("--num", type=int, default=16, help="images, classes in turn (unless --labels)")
+    p.add_argument("--num", type=int, default=16, help="images, the classes in turn (unless --labels)")
     p.add_argument("--labels", help="comma-separated class labels, one image each")
     p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images denoised at once")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--nrow", type=int, help="images per row of the grid")
     p.add_argument("--out", help="the PNG grid (default: samples.png in the run folder)")
@@ -150,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.set_defaults(run=_sample)
     p = sub.add_parser("accelerate-pipeline", help="a diffusers pipeline with structured attention over its image "
-                                                   "tokens: time and fidelity against the dense run")
+                                                   "tokens: time and fidelity against the dense run",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", help="a local diffusers pipeline folder")
     p.add_argument("--random", choices=["dit", "pixart", "sd3", "flux", "wan"],
                    help="instead of --model: time one call of a random-weight transformer of this class")
@@ -164,15 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt")
     p.add_argument("--negative-prompt")
     p.add_argument("--class-labels", help="class-conditional pipelines (DiT): e.g. 207,360")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int, help="pixels; --random: 1024 at --size full, 256 at tiny; else the "
+                                             "pipeline's default")
+    p.add_argument("--width", type=int, help="pixels; defaults as --height")
     p.add_argument("--num-frames", type=int)
     p.add_argument("--num-inference-steps", type=int)
     p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the seed of both runs")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each variant before the timed one")
     p.add_argument("--repeats", type=int, default=3, help="--random: timed calls (median reported)")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="the weights' and activations' dtype")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--out", default="accelerate_out", help="folder for dense.png, accelerated.png and report.json")
     p.set_defaults(run=_accelerate_pipeline)

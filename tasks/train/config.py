@@ -150,16 +150,23 @@ class DiTDataConfig:
 
 @dataclass
 class OptimConfig:
-    """timm's ``create_optimizer_v2`` (weight decay skips norms, biases and ``no_weight_decay()``)."""
+    """timm's ``create_optimizer_v2`` (weight decay skips norms, biases and ``no_weight_decay()``).
+
+    Fine-tuning: ``layer_decay`` scales each block's learning rate by decay^(depth from the head) (timm's
+    ``param_groups_layer_decay``); ``freeze`` keeps the parameters whose names match out of training, except
+    those ``trainable`` matches: ``freeze: ["*"]``, ``trainable: ["head.*"]`` is a linear probe.
+    """
     opt: str = "adamw"
     lr: float = 5e-4
     weight_decay: float = 0.05
     momentum: float = 0.9
     betas: list | None = None
     eps: float | None = None
-    layer_decay: float | None = None
+    layer_decay: float | None = None                 # layer-wise lr decay (BEiT, timm): block i of L gets lr * decay^(L-i)
     no_decay: list = field(default_factory=list)     # name patterns (fnmatch) without weight decay, e.g. *pos_embed*
     clip_grad: float | None = None
+    freeze: list = field(default_factory=list)       # name patterns (fnmatch) of parameters left untrained
+    trainable: list = field(default_factory=list)    # patterns trained even where freeze matches (e.g. head.*)
 
 
 @dataclass
@@ -325,6 +332,8 @@ def _check(cfg: TrainConfig, source: str) -> None:
         value = getattr(getattr(cfg, section), name, None)
         if value is not None and (value <= 0 if key in POSITIVE else value < 0):
             raise ValueError(f"{source}: {key} must be {'positive' if key in POSITIVE else '>= 0'}, got {value}")
+    if cfg.optim.trainable and not cfg.optim.freeze:
+        raise ValueError(f"{source}: optim.trainable names exceptions to optim.freeze, which is empty")
     if cfg.optim.no_decay and cfg.optim.layer_decay is not None:
         raise ValueError(f"{source}: optim.no_decay and optim.layer_decay cannot be combined")
     if cfg.task == "cls" and cfg.data.format not in ("imagefolder", "hf"):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ...backbones import DiT
 from .config import DiTDataConfig, DiTModelConfig, TrainConfig
-from .data.images import read_image
+from .data.images import data_not_found, read_image
 from .data.sampling import eval_loader
 from .data.synthetic import write_classification
 from .objectives import make_objective
@@ -81,8 +81,8 @@ def image_datasets(data: DiTDataConfig) -> tuple[ImageFolder, ImageFolder]:
     sets = []
     for split, train in ((data.train_split, True), (data.val_split, False)):
         if not (root / split).is_dir():
-            raise ValueError(f"data folder {root / split} not found: a DiT recipe needs {root}/{split}/<class>/<image> "
-                             f"(set data.synthetic: true to generate the synthetic set at {root})")
+            raise data_not_found(root / split, root, "a DiT recipe reads an ImageFolder, data.root/train/<class>/"
+                                 "<image> and data.root/val/<class>/<image> (one class folder is fine)")
         sets.append(ImageFolder(str(root / split), transform=image_transform(data, train), loader=read_image))
     if sets[0].classes != sets[1].classes:
         raise ValueError(f"{root}: the {data.train_split} and {data.val_split} splits have different classes")

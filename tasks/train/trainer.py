@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -103,6 +104,25 @@ def _load_module(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: st
         module.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {folder} does not fit the model: {e}") from e
+
+
+def freeze_parameters(model: nn.Module, freeze: list[str], trainable: list[str] = ()) -> list[tuple[str, nn.Parameter]]:
+    """Stop the gradient of the parameters whose names match a ``freeze`` pattern (fnmatch) and no ``trainable``
+    one; the frozen (name, parameter) pairs. A pattern that matches no parameter is a ValueError (a typo would
+    otherwise train what was meant to be frozen)."""
+    names = [name for name, _ in model.named_parameters()]
+    for key, patterns in (("freeze", freeze), ("trainable", trainable)):
+        unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+        if unmatched:
+            raise ValueError(f"optim.{key} pattern(s) {unmatched} match no parameter; the parameters are named like "
+                             f"{', '.join(names[:3])} ... {names[-1]}")
+    frozen = [(name, p) for name, p in model.named_parameters()
+              if any(fnmatch.fnmatchcase(name, f) for f in freeze) and not any(fnmatch.fnmatchcase(name, t) for t in trainable)]
+    if len(frozen) == len(names):
+        raise ValueError(f"optim.freeze {freeze} freezes every parameter: name the ones to train in optim.trainable")
+    for _, p in frozen:
+        p.requires_grad_(False)
+    return frozen
 
 
 def _format(metrics: dict) -> str:
@@ -207,6 +227,12 @@ class Trainer:
         model.to(acc.device)
         self.ema = ModelEmaV3(model, decay=run.ema_decay) if run.ema_decay else None   # before prepare wraps forward
         o = cfg.optim
+        if o.freeze:
+            frozen = freeze_parameters(model, o.freeze, o.trainable)
+            if acc.is_main_process:
+                total = sum(p.numel() for p in model.parameters())
+                print(f"frozen: {sum(p.numel() for _, p in frozen):,} of {total:,} parameters ({len(frozen)} tensors "
+                      f"matching optim.freeze {o.freeze}" + (f", not optim.trainable {o.trainable})" if o.trainable else ")"))
         extra = {k: v for k, v in (("betas", tuple(o.betas) if o.betas else None), ("eps", o.eps)) if v is not None}
         params: nn.Module | list = model
         if o.no_decay:          # mmseg's paramwise decay_mult=0, added to the model's own no_weight_decay()
@@ -361,7 +387,7 @@ class Trainer:
                 pending = self._pending_losses()
                 loss = pending["loss_sum"] / pending["steps"]
                 row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": loss,
-                       "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": watch.interval_rate()}
+                       "lr": max(g["lr"] for g in self.optimizer.param_groups), "images_per_s": watch.interval_rate()}
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
                 if self.log:
                     self.log.log("train", row)

@@ -49,7 +49,7 @@ def _modules_after(code: str) -> set[str]:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["accelerate-pipeline", "--help"],
-                                  ["train", "--help"]])
+                                  ["train", "--help"], ["sample", "--help"]])
 def test_help_loads_no_torch(argv):
     code = ("import contextlib, io\nfrom subquad.tasks.cli import main\n"
             f"with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n    main({argv!r})")
@@ -60,3 +60,15 @@ def test_import_and_model_registration_load_no_diffusers_transformers_or_scipy()
     loaded = _modules_after("import subquad, timm\ntimm.create_model('agent_deit_tiny_patch16_224')\n"
                             "assert not [m for m in __import__('sys').modules if m.startswith('subquad.tasks')]")
     assert loaded.isdisjoint({"diffusers", "transformers", "scipy"}), loaded
+
+
+def test_help_names_the_recipes_and_the_defaults_and_data_names_its_sub_commands(capsys):
+    from subquad.tasks.cli import main
+    for argv in (["train", "--help"], ["sample", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "DiT" in text and "dit/synthetic" in text and "cls/mala_deit_tiny_imagenet" in text
+    assert "denoising steps (default: 50)" in text and "(default: samples.png in the run folder)" in text
+    assert main(["data"]) == 2
+    assert "name a sub-command: synthetic" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Classification training on the synthetic shapes, fine-tuning from checkpoints, recipe errors."""
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -65,6 +66,47 @@ def test_finetuning_keeps_the_backbone_and_resets_a_head_of_another_class_count(
     assert torch.equal(same.head.weight, source.head.weight)
 
 
+def test_linear_probe_from_a_run_trains_only_the_head_and_layer_decay_scales_the_blocks(cls_shapes, tmp_path, capsys):
+    """Fine-tuning from a subquad run with optim.freeze / optim.trainable (a linear probe): after training, every
+    frozen tensor is the source run's; layer-wise lr decay gives the first block a smaller lr than the head."""
+    source = tiny_recipe(cls_shapes, tmp_path / "source", ema_decay=None)
+    source["schedule"] = {"steps": 2}
+    train(load_config_dict(source, tmp_path))
+    probe = tiny_recipe(cls_shapes, tmp_path / "probe", ema_decay=None)
+    probe["model"]["checkpoint"] = str(tmp_path / "source")
+    probe["schedule"] = {"steps": 3}
+    probe["optim"].update(freeze=["*"], trainable=["head.*"], layer_decay=0.5)
+    train(load_config_dict(probe, tmp_path))
+    assert "frozen: " in capsys.readouterr().out
+    before = load_file(str(tmp_path / "source" / "checkpoints" / "step_00000002" / "tensors.safetensors"))
+    after = load_file(str(tmp_path / "probe" / "checkpoints" / "step_00000003" / "tensors.safetensors"))
+    changed = sorted(k for k in before if k.startswith("model.") and not torch.equal(before[k], after[k]))
+    assert changed == ["model.head.bias", "model.head.weight"], changed
+
+    from subquad.tasks.train.trainer import Trainer
+    probe["optim"].update(freeze=[], trainable=[])
+    probe["run"]["output_dir"] = str(tmp_path / "decay")
+    trainer = Trainer(load_config_dict(probe, tmp_path), resume=False)
+    try:
+        scales = {g["lr_scale"] for g in trainer.optimizer.param_groups}
+        assert min(scales) < 0.5 * max(scales) and max(scales) == 1.0
+    finally:
+        trainer.close()
+
+
+def test_a_freeze_pattern_that_matches_nothing_is_refused(cls_shapes, tmp_path):
+    recipe = tiny_recipe(cls_shapes, tmp_path / "run")
+    recipe["optim"]["freeze"] = ["block.*"]                    # timm names them blocks.*
+    with pytest.raises(ValueError, match=r"optim.freeze pattern\(s\) \['block.\*'\] match no parameter"):
+        train(load_config_dict(recipe, tmp_path))
+
+
+def load_config_dict(recipe: dict, folder):
+    path = folder / f"{Path(recipe['run']['output_dir']).name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return load_config(str(path))
+
+
 def test_a_checkpoint_of_another_model_is_refused_before_training(tmp_path):
     other = timm.create_model("softmax_deit_tiny_patch16_224", num_classes=10, **{**TINY, "embed_dim": 96})
     save_file(other.state_dict(), str(tmp_path / "other.safetensors"))
@@ -98,7 +140,8 @@ def test_recipe_errors_name_the_key_and_list_the_valid_ones(cls_shapes, tmp_path
 def test_missing_data_and_unknown_model_are_clear_errors_before_training(tmp_path, capsys, monkeypatch):
     err = _cli_error(capsys, "train", "--config", "cls/synthetic", "--set", f"data.root={tmp_path / 'absent'}",
                      "--set", "data.synthetic=false", "--set", f"run.output_dir={tmp_path / 'run'}")
-    assert f"data folder {tmp_path / 'absent'} not found" in err
+    assert f"data folder {tmp_path / 'absent'} not found" in err and "--set data.root=" in err
+    assert "synthetic" not in err
     err = _cli_error(capsys, "train", "--config", "cls/synthetic", "--set", "model.name=nonesuch_tiny",
                      "--set", f"run.output_dir={tmp_path / 'run'}")
     assert "unknown model 'nonesuch_tiny'" in err

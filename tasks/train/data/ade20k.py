@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .images import read_image
+from .images import data_not_found, read_image
 
 IGNORE_INDEX = 255
 SPLITS = ("training", "validation")
@@ -72,9 +72,9 @@ class ADE20K(Dataset):
         images_dir, annotations_dir = self.root / "images" / split, self.root / "annotations" / split
         for folder in (images_dir, annotations_dir):
             if not folder.is_dir():
-                raise ValueError(f"data folder {folder} not found: ADE20K is read from ADEChallengeData2016/"
-                                 f"{{images,annotations}}/{{training,validation}}/ (set data.synthetic: true to "
-                                 f"generate the synthetic set at {self.root})")
+                raise data_not_found(folder, self.root, "ADE20K is read from data.root = the ADEChallengeData2016 "
+                                     "folder, with images/{training,validation}/*.jpg and "
+                                     "annotations/{training,validation}/*.png")
         self.images = sorted(images_dir.glob("*.jpg"))
         if not self.images:
             raise ValueError(f"{images_dir} has no .jpg images")

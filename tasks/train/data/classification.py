@@ -14,8 +14,11 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from ..config import ClsDataConfig
-from .images import read_image
+from .images import data_not_found, read_image
 from .synthetic import write_classification
+
+IMAGE_FOLDER = ("an ImageFolder recipe reads data.root/train/<class>/<image> and data.root/val/<class>/<image> "
+                "(ImageNet-1k: one folder per synset, e.g. train/n01440764/n01440764_10026.JPEG)")
 
 
 class HFImages(Dataset):
@@ -53,8 +56,7 @@ def _hf_splits(cfg: ClsDataConfig, train_tf: Callable, eval_tf: Callable) -> tup
 
 def _image_folder(root: Path, split: str, transform: Callable) -> ImageFolder:
     if not (root / split).is_dir():
-        raise ValueError(f"data folder {root / split} not found: an ImageFolder recipe needs {root}/{split}/<class>/"
-                         f"<image> (set data.synthetic: true to generate the synthetic set at {root})")
+        raise data_not_found(root / split, root, IMAGE_FOLDER)
     return ImageFolder(str(root / split), transform=transform, loader=read_image)
 
 
@@ -74,8 +76,7 @@ def classification_datasets(cfg: ClsDataConfig, mean: tuple, std: tuple) -> tupl
         train, val = _hf_splits(cfg, train_tf, eval_tf)
     else:
         if not root.is_dir():
-            raise ValueError(f"data folder {root} not found (set data.synthetic: true to generate the synthetic "
-                             f"set there)")
+            raise data_not_found(root, root, IMAGE_FOLDER)
         train, val = _image_folder(root, cfg.train_split, train_tf), _image_folder(root, cfg.val_split, eval_tf)
     if train.classes != val.classes:
         raise ValueError(f"{cfg.root}: the {cfg.train_split} and {cfg.val_split} splits have different classes "
