@@ -178,6 +178,8 @@ def accelerate_pipeline(pipe: Any, attn: str | AttentionOp, *, dense_layers: Ite
     """
     transformers = _transformers_of(pipe)
     try:
+        if isinstance(dense_layers, str):       # "0,1" would be iterated by character
+            raise TypeError
         dense_layers = sorted(set(checks.check_int(i, "dense_layers", minimum=0) for i in dense_layers))
     except TypeError:
         raise ValueError(f"dense_layers must be an iterable of block indices (ints >= 0), got {dense_layers!r}") from None

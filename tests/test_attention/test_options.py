@@ -118,6 +118,8 @@ def test_the_pipeline_accelerator_checks_option_values_before_changing_anything(
         accelerate_pipeline(model, "radial", dense_steps=-1)
     with pytest.raises(ValueError, match="dense_layers must be an int >= 0, got 0.5"):
         accelerate_pipeline(model, "radial", dense_layers=[0.5])
+    with pytest.raises(ValueError, match=r"dense_layers must be an iterable of block indices .*got '0,1'"):
+        accelerate_pipeline(model, "radial", dense_layers="0,1")
     assert before == {n: m.processor for n, m in model.named_modules() if hasattr(m, "set_processor")}
 
 
