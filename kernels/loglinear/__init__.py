@@ -30,7 +30,9 @@ def loglinear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     others; at most until one block covers the grid; a block wider than the grid shrinks to the
     smallest power of two covering it). Hierarchical top-K over mean-pooled blocks; each query block attends to its selected
     blocks plus the pooled tokens of the blocks scored on the way (weighted by their sizes) and the
-    prefix tokens. Selection is discrete; gradients flow to q, k, v. Backends: ``reference``
+    prefix tokens (the paper's formulation at every grid size: the official kernels drop the pooled-token
+    term when there are fewer than 64 coarsest blocks; subquad keeps it). Selection is discrete;
+    gradients flow to q, k, v. Backends: ``reference``
     (explicit index lists), ``block_sparse`` / ``triton`` (the block-sparse core; ``triton`` is the
     default on CUDA). Details: ``subquad.kernels.loglinear.plan``.
     """
