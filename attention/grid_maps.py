@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.grid_conv.reference import grad_in_layout
+
 
 _RESIZE_MATRICES: dict[tuple, torch.Tensor] = {}
 
@@ -53,8 +55,18 @@ def resize_map(m: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     return out.to(m.dtype)
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """nn.Conv2d whose filter and bias get their gradients in their own strides (``grad_in_layout``): a
+    depthwise conv's backward returns the (C, 1, k, k) filter's gradient with another stride on the size-1
+    dim, which DDP warns about on every rank. Same parameters and state dict as nn.Conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, grad_in_layout(self.weight), grad_in_layout(self.bias))
+
+
 def depthwise_conv(channels: int, kernel_size: int) -> nn.Conv2d:
-    """A depthwise k x k conv with bias, zero-padded to keep the grid size (DWC / LePE)."""
+    """A depthwise k x k conv with bias, zero-padded to keep the grid size (DWC / LePE); called as a module
+    (MAViT's CPE and FFN) or through ``depthwise_conv_on_grid`` with its weight and bias."""
     if kernel_size % 2 == 0:
         raise ValueError(f"depthwise conv kernel_size must be odd, got {kernel_size}")
-    return nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+    return DepthwiseConv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)

@@ -5,6 +5,42 @@ import torch
 import torch.nn.functional as F
 
 
+class _GradInLayout(torch.autograd.Function):
+    """The identity whose backward hands the gradient back in the input's strides (see grad_in_layout)."""
+
+    @staticmethod
+    def forward(ctx, param: torch.Tensor) -> torch.Tensor:
+        ctx.layout = (param.shape, param.stride())
+        return param.view_as(param)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        shape, stride = ctx.layout
+        if not torch.compiler.is_compiling():     # traced strides need not be the kernels' own: always copy there
+            if grad.stride() == stride:
+                return grad
+            if all(n == 1 or a == b for n, a, b in zip(shape, grad.stride(), stride)):
+                return grad.as_strided(shape, stride)       # the same memory, only a size-1 dim's stride differs
+        return grad.new_empty_strided(shape, stride).copy_(grad)
+
+
+def grad_in_layout(param: torch.Tensor | None) -> torch.Tensor | None:
+    """``param`` itself, whose gradient comes back with ``param``'s strides, size-1 dims included.
+
+    Depthwise conv backwards (PyTorch's on CPU, cudnn's when it picks channels_last) return a (C, 1, k, k)
+    filter's gradient with strides (k*k, 1, k, 1) instead of the parameter's (k*k, k*k, k, 1). Autograd
+    keeps that gradient (its layout contract ignores size-1 dims); DDP compares every stride with its bucket
+    view's and warns "Grad strides do not match bucket view strides" on every rank. Wrap a (small,
+    dense) parameter at its use, before any cast. In eager mode a mismatch costs a view (only size-1 dims
+    differ) or a copy of the parameter's size; a compiled graph always copies (its traced strides need not
+    be the kernels'). No tensor hook, so deep copies (timm's EMA) keep the behaviour. ``param`` itself where
+    no gradient is being recorded for it.
+    """
+    if param is None or not (param.requires_grad and torch.is_grad_enabled()):
+        return param
+    return _GradInLayout.apply(param)
+
+
 def depthwise_conv_on_grid_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                      grid: tuple[int, ...], num_prefix: int,
                                      residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -25,6 +61,7 @@ def depthwise_conv_on_grid_reference(x: torch.Tensor, weight: torch.Tensor, bias
         g = g.permute(0, 1, 2, 5, 3, 4).reshape(b * h * t, d, gh, gw)
     else:
         raise ValueError(f"depthwise conv weight has {channels} channels; need heads*head_dim={h * d} or head_dim={d}")
+    weight, bias = grad_in_layout(weight), grad_in_layout(bias)
     y = F.conv2d(g, weight.to(g.dtype), None if bias is None else bias.to(g.dtype),
                  padding=weight.shape[-1] // 2, groups=channels)
     if channels == h * d:
