@@ -133,6 +133,7 @@ def block_side(grid: tuple[int, ...], block_size: int) -> int:
     return min(math.isqrt(block_size), max(2, 1 << (max(grid) - 1).bit_length()))
 
 
+@compile_constant
 def selects_every_block(grid: tuple[int, ...], block_size: int = 16, top_k: int | Sequence[int] = 8,
                         levels: int | None = None) -> bool:
     """True where the finest level has no more blocks than its top-K: every block is selected, so the

@@ -265,6 +265,7 @@ def attended_pairs(plan: RadialPlan, num_prefix: int = 0) -> int:
     return int((per_tile * keys).sum()) + num_prefix * (num_prefix + n) + n * num_prefix
 
 
+@compile_constant
 def keeps_every_pair(grid: tuple[int, ...], **mask_opts) -> bool:
     """True where the mask on ``grid`` keeps every tile pair (small grids): exact dense attention (the
     family record's ``dense_on``)."""
