@@ -41,6 +41,7 @@ from .checkpoint import (begin_checkpoint, commit_checkpoint, decode_tree, encod
                          read_state, read_tensors, set_rng_state, writing, write_rng, STATE)
 from .config import TrainConfig
 from .data.sampling import train_loader
+from .launch_check import checked
 from .metrics_log import MetricsLog
 from .run_lock import acquire_run_lock, release_run_lock
 
@@ -95,7 +96,8 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     (torchrun, ``accelerate launch --multi_gpu``) runs on CPU processes over gloo; accelerate would
     otherwise start independent single-process runs."""
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision, cpu=multi_process and not torch.cuda.is_available())
+    return checked(Accelerator(mixed_precision=mixed_precision, cpu=multi_process and not torch.cuda.is_available()),
+                   mixed_precision)         # a launch that started other processes than it was asked for is refused
 
 
 def _load_module(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, folder: Path) -> None:
