@@ -4,7 +4,8 @@ family being a name or alias of its record (``subquad.kernels.family``).
 Each family sets which blocks use its attention and with which options; where the papers give a
 DeiT configuration, it is theirs:
 - Agent-DeiT (Agent Attention, official ``agent_deit.py`` and cfgs): every block agent attention with
-  49 agents for tiny/small; the first 4 blocks with 81 agents for base (softmax after).
+  49 agents for tiny/small; the first 4 blocks with 81 agents for base (softmax after); small also at
+  448x448 (``agent_deit_small_patch16_448``).
 - FLatten-DeiT (FLatten Transformer): every block, focusing factor 3, 5x5 DWC, positional
   encoding on K.
 - MALA-DeiT (MALA): every block, ELU+1 map with 2D RoPE and a 5x5 LePE.
@@ -69,6 +70,7 @@ default_cfgs = generate_default_cfgs({
     "llsa_deit_tiny_patch16_224": _cfg(),
     "llsa_deit_small_patch16_224": _cfg(),
     "llsa_deit_base_patch16_224": _cfg(),
+    "agent_deit_small_patch16_448": _cfg(input_size=(3, 448, 448), crop_pct=1.0),
 })
 
 
@@ -233,3 +235,12 @@ def llsa_deit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> GridV
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
                       attn_kwargs={"llsa": dict(block_size=64, top_k=4)})
     return _create_deit("llsa_deit_base_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_deit_small_patch16_448(pretrained: bool = False, **kwargs: Any) -> GridVisionTransformer:
+    """Agent-DeiT-S at 448x448: 49 agents in every block, the agent biases' row and column terms and the
+    position embedding on the 28x28 grid (official ``cfgs/agent_deit_s_448.yaml``)."""
+    model_args = dict(img_size=448, patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                      attn_kwargs={"agent": dict(num_agents=49, bias_grid=(28, 28))})
+    return _create_deit("agent_deit_small_patch16_448", pretrained=pretrained, **dict(model_args, **kwargs))

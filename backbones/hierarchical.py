@@ -2,13 +2,14 @@
 
 One machinery for the papers' hierarchical models (each configured in its own model file):
 Swin-style (Agent-Swin, FLatten-Swin: Liu et al., ICCV 2021), PVT-style (Agent-PVT, FLatten-PVT:
-Wang et al., ICCV 2021), NAT/DiNAT (Hassani et al., CVPR 2023 / arXiv 2209.15001) and MALA's MAViT
-(Fan et al., ICCV 2025). A convolutional stem takes the image to stride 4; stage i (downsampling by 2
-first, for i > 0) runs pre-norm blocks on an NHWC map of stride 4 * 2^i; every block's attention
-gets the grid explicitly, ``attn(x, grid=(H, W))``. Differences between the families are options:
-the stem and downsampling convolutions, absolute position embeddings (PVT), a convolutional
-position encoding before each block and a depthwise-conv MLP (MAViT), layer scale, the final norm
-and the head.
+Wang et al., ICCV 2021), PVTv2-style (FLatten-PVTv2: Wang et al., CVMJ 2022), NAT/DiNAT (Hassani et
+al., CVPR 2023 / arXiv 2209.15001) and MALA's MAViT (Fan et al., ICCV 2025). A convolutional stem
+takes the image to stride 4; stage i (downsampling by 2 first, for i > 0) runs pre-norm blocks on an
+NHWC map of stride 4 * 2^i; every block's attention gets the grid explicitly, ``attn(x, grid=(H, W))``.
+Differences between the families are options: the stem and downsampling convolutions, absolute
+position embeddings (PVT), a convolutional position encoding before each block and a depthwise-conv
+MLP (MAViT), PVTv2's overlapping patch embeddings, convolutional FFN and per-stage norms, layer
+scale, the final norm and the head.
 
 Attention per block: ``attn`` and ``attn_kwargs`` as in ``AttentionSchedule``, any name that
 ``subquad.attention.build`` takes (``window``: Swin's shifted windows; ``softmax_rope``: MAViT's
@@ -83,11 +84,14 @@ def _conv(in_dim: int, out_dim: int, kernel_size: int, stride: int, bias: bool =
 def make_stem(kind: str, in_chans: int, dim: int) -> nn.Module:
     """Image to a stride-4 NHWC map.
 
-    ``patch``: a 4x4/4 conv + LayerNorm (Swin, PVT); ``conv``: two 3x3/2 convs + LayerNorm (NAT's
-    tokenizer, no activation between); ``conv_bn``: MAViT's 3x3 convs of strides 2, 1, 1, 2, each with
-    BatchNorm and all but the last with GELU."""
+    ``patch``: a 4x4/4 conv + LayerNorm (Swin, PVT); ``overlap``: a 7x7/4 conv padded by 3 + LayerNorm
+    (PVTv2's overlapping patch embedding); ``conv``: two 3x3/2 convs + LayerNorm (NAT's tokenizer, no
+    activation between); ``conv_bn``: MAViT's 3x3 convs of strides 2, 1, 1, 2, each with BatchNorm and all
+    but the last with GELU."""
     if kind == "patch":
         return ConvEmbed(_conv(in_chans, dim, 4, 4), nn.LayerNorm(dim), channels_last_input=False)
+    if kind == "overlap":
+        return ConvEmbed(nn.Conv2d(in_chans, dim, 7, 4, padding=3), nn.LayerNorm(dim), channels_last_input=False)
     if kind == "conv":
         proj = nn.Sequential(_conv(in_chans, dim // 2, 3, 2), _conv(dim // 2, dim, 3, 2))
         return ConvEmbed(proj, nn.LayerNorm(dim), channels_last_input=False)
@@ -96,23 +100,26 @@ def make_stem(kind: str, in_chans: int, dim: int) -> nn.Module:
         for i, stride in enumerate(strides):
             layers += [_conv(widths[i], widths[i + 1], 3, stride), nn.BatchNorm2d(widths[i + 1]), nn.GELU()]
         return ConvEmbed(nn.Sequential(*layers[:-1]), nn.Identity(), channels_last_input=False)
-    raise ValueError(f"unknown stem {kind!r}; valid: 'patch', 'conv', 'conv_bn'")
+    raise ValueError(f"unknown stem {kind!r}; valid: 'patch', 'overlap', 'conv', 'conv_bn'")
 
 
 def make_downsample(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     """Halve the NHWC map between stages.
 
     ``merge``: Swin's 2x2 patch merging (LayerNorm, linear); ``patch``: PVT's 2x2/2 conv + LayerNorm;
-    ``conv``: NAT's 3x3/2 conv without bias + LayerNorm; ``conv_bn``: MAViT's 3x3/2 conv + BatchNorm."""
+    ``overlap``: PVTv2's 3x3/2 conv with bias + LayerNorm; ``conv``: NAT's 3x3/2 conv without bias +
+    LayerNorm; ``conv_bn``: MAViT's 3x3/2 conv + BatchNorm."""
     if kind == "merge":
         return PatchMerging(in_dim, out_dim)
     if kind == "patch":
         return ConvEmbed(_conv(in_dim, out_dim, 2, 2), nn.LayerNorm(out_dim), channels_last_input=True)
+    if kind == "overlap":
+        return ConvEmbed(_conv(in_dim, out_dim, 3, 2), nn.LayerNorm(out_dim), channels_last_input=True)
     if kind == "conv":
         return ConvEmbed(_conv(in_dim, out_dim, 3, 2, bias=False), nn.LayerNorm(out_dim), channels_last_input=True)
     if kind == "conv_bn":
         return ConvEmbed(_conv(in_dim, out_dim, 3, 2), BatchNormNHWC(out_dim), channels_last_input=True)
-    raise ValueError(f"unknown downsample {kind!r}; valid: 'merge', 'patch', 'conv', 'conv_bn'")
+    raise ValueError(f"unknown downsample {kind!r}; valid: 'merge', 'patch', 'overlap', 'conv', 'conv_bn'")
 
 
 class DwConvMlp(nn.Module):
@@ -133,11 +140,33 @@ class DwConvMlp(nn.Module):
         return self.drop(self.fc2(x))
 
 
+class ConvFfn(nn.Module):
+    """PVTv2's convolutional FFN on NHWC maps: fc1, a 3x3 depthwise conv of the hidden map (not residual),
+    GELU, fc2."""
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer: type[nn.Module] = nn.GELU,
+                 drop: float = 0.) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.dwconv = depthwise_conv(hidden_features, 3)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dwconv(self.fc1(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.drop(self.fc2(self.drop(self.act(x))))
+
+
+MLPS = {"mlp": Mlp, "dwconv": DwConvMlp, "conv_ffn": ConvFfn}
+
+
 class HierarchicalBlock(nn.Module):
     """Pre-norm transformer block on an NHWC map; its attention gets the grid.
 
     x = x + CPE(x) (optional 3x3 depthwise conv, MAViT); x = x + DropPath(LS(Attn(Norm(x))));
-    x = x + DropPath(LS(MLP(Norm(x)))). LS is layer scale (NAT-S/B, DiNAT-B, MAViT) or identity."""
+    x = x + DropPath(LS(MLP(Norm(x)))). LS is layer scale (NAT-S/B, DiNAT-B, MAViT) or identity. MLP:
+    ``mlp`` (timm's), ``dwconv`` (MAViT's) or ``conv_ffn`` (PVTv2's)."""
 
     def __init__(self, dim: int, num_heads: int, attn: tuple[str, Mapping[str, Any]], mlp_ratio: float = 4.,
                  qkv_bias: bool = True, mlp: str = "mlp", cpe: bool = False, layer_scale: float | None = None,
@@ -151,13 +180,9 @@ class HierarchicalBlock(nn.Module):
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        hidden = int(dim * mlp_ratio)
-        if mlp == "mlp":
-            self.mlp = Mlp(dim, hidden, drop=proj_drop)
-        elif mlp == "dwconv":
-            self.mlp = DwConvMlp(dim, hidden, drop=proj_drop)
-        else:
-            raise ValueError(f"unknown mlp {mlp!r}; valid: 'mlp', 'dwconv'")
+        if mlp not in MLPS:
+            raise ValueError(f"unknown mlp {mlp!r}; valid: {', '.join(repr(m) for m in MLPS)}")
+        self.mlp = MLPS[mlp](dim, int(dim * mlp_ratio), drop=proj_drop)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -172,15 +197,17 @@ class HierarchicalBlock(nn.Module):
 
 class HierarchicalStage(nn.Module):
     """Downsampling (identity in stage 0, after the stem), an optional absolute position embedding
-    defined on ``pos_grid`` and resized to the map (PVT), then the blocks; NHWC in and out."""
+    defined on ``pos_grid`` and resized to the map (PVT), the blocks, then an optional norm (PVTv2 norms
+    every stage's output); NHWC in and out."""
 
     def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module], dim: int,
-                 pos_grid: tuple[int, int] | None = None) -> None:
+                 pos_grid: tuple[int, int] | None = None, norm: nn.Module | None = None) -> None:
         super().__init__()
         self.downsample = downsample
         self.pos_grid = pos_grid
         self.pos_embed = nn.Parameter(torch.zeros(1, pos_grid[0] * pos_grid[1], dim)) if pos_grid else None
         self.blocks = nn.Sequential(*blocks)
+        self.norm = norm if norm is not None else nn.Identity()
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,8 +216,8 @@ class HierarchicalStage(nn.Module):
             pos = self.pos_embed.reshape(*self.pos_grid, -1).permute(2, 0, 1)
             x = x + resize_map(pos, tuple(x.shape[1:3])).permute(1, 2, 0)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+            return self.norm(checkpoint_seq(self.blocks, x))
+        return self.norm(self.blocks(x))
 
 
 class ProjectionHead(nn.Module):
@@ -229,6 +256,7 @@ class HierarchicalTransformer(nn.Module):
 
     Input height and width must be multiples of 32. ``img_size`` fixes the reference grids of the
     learnable maps (agent biases, FLatten's and PVT's position embeddings), resized at other sizes.
+    ``stage_norm``: a LayerNorm at the end of every stage (PVTv2; its stage outputs are the features).
     """
 
     def __init__(self, *, img_size: int | tuple[int, int] = 224, in_chans: int = 3, num_classes: int = 1000,
@@ -238,7 +266,8 @@ class HierarchicalTransformer(nn.Module):
                  attn_kwargs: Mapping[str, Mapping[str, Any]] | None = None, stem: str = "patch",
                  downsample: str = "merge", pos_embed: bool = False, cpe: bool = False, mlp: str = "mlp",
                  layer_scale: float | None | Sequence[float | None] = None, qkv_bias: bool = True,
-                 norm_eps: float = 1e-5, final_norm: bool = True, head_hidden_size: int | None = None,
+                 norm_eps: float = 1e-5, final_norm: bool = True, stage_norm: bool = False,
+                 head_hidden_size: int | None = None,
                  drop_rate: float = 0., proj_drop_rate: float = 0., drop_path_rate: float = 0.1) -> None:
         super().__init__()
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -263,7 +292,8 @@ class HierarchicalTransformer(nn.Module):
                                         drop_path=drop_paths[i][j], proj_drop=proj_drop_rate, norm_eps=norm_eps)
                       for j in range(depths[i])]
             down = make_downsample(downsample, embed_dims[i - 1], embed_dims[i]) if i else nn.Identity()
-            stages.append(HierarchicalStage(down, blocks, embed_dims[i], grids[i] if pos_embed else None))
+            stages.append(HierarchicalStage(down, blocks, embed_dims[i], grids[i] if pos_embed else None,
+                                            nn.LayerNorm(embed_dims[i], eps=norm_eps) if stage_norm else None))
         self.stages = nn.Sequential(*stages)
         self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}")
                              for i in range(NUM_STAGES)]
@@ -287,7 +317,8 @@ class HierarchicalTransformer(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r"^patch_embed", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.\w+\.(\d+)", None), (r"^norm", (99999,))])
+            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.\w+\.(\d+)", None),
+            (r"^stages\.(\d+)\.norm", (99998,)), (r"^norm", (99999,))])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

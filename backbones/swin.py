@@ -9,7 +9,9 @@ Both papers keep Swin-T/S/B and swap the attention of chosen stages for their ow
   B ``AAMB2`` (stage 3: 2 agent blocks, then windows); 9/16/49/49 agents per stage, 3x3 DWC;
 - FLatten-Swin ("L" = focused linear attention, "S" = Swin windows): ``LLSS`` for T/S/B; focusing
   factor 3, 5x5 DWC, a learnable positional encoding on K over the stage map.
-Global attention stays global at other input sizes (the maps are resized).
+Global attention stays global at other input sizes (the maps are resized). The fine-tuned
+high-resolution configs (Agent-Swin-S 288, Agent-Swin-B 384, FLatten-Swin-B 384) define their maps on
+the larger stage grids and set Swin's windows to the official window // 8 (9 at 288, 12 at 384).
 
 ``subquad_hier_*`` default to ``attn="window"``, Swin itself (7x7 shifted windows; same parameters
 and, at 224x224, the same outputs as timm's ``swin_*_patch4_window7_224``). ``attn="mala"`` (or one
@@ -59,6 +61,10 @@ def _create_swin(variant: str, pretrained: bool = False, *, paper_attn: tuple[st
     return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
+# the fine-tuned high-resolution configs: evaluated on the whole image (official ``TEST.CROP: False``)
+HIGH_RES = {size: dict(input_size=(3, size, size), pool_size=(size // 32, size // 32), crop_pct=1.0)
+            for size in (288, 384)}
+
 default_cfgs = generate_default_cfgs({
     "agent_swin_tiny_patch4_window7_224": hierarchical_cfg(license="mit", **AGENT_PAPER),
     "agent_swin_small_patch4_window7_224": hierarchical_cfg(license="mit", **AGENT_PAPER),
@@ -66,6 +72,9 @@ default_cfgs = generate_default_cfgs({
     "flatten_swin_tiny_patch4_window7_224": hierarchical_cfg(license="mit", **FLATTEN_PAPER),
     "flatten_swin_small_patch4_window7_224": hierarchical_cfg(license="mit", **FLATTEN_PAPER),
     "flatten_swin_base_patch4_window7_224": hierarchical_cfg(license="mit", **FLATTEN_PAPER),
+    "agent_swin_small_patch4_window9_288": hierarchical_cfg(license="mit", **HIGH_RES[288], **AGENT_PAPER),
+    "agent_swin_base_patch4_window12_384": hierarchical_cfg(license="mit", **HIGH_RES[384], **AGENT_PAPER),
+    "flatten_swin_base_patch4_window12_384": hierarchical_cfg(license="mit", **HIGH_RES[384], **FLATTEN_PAPER),
     "subquad_hier_tiny": hierarchical_cfg(license="apache-2.0"),
     "subquad_hier_small": hierarchical_cfg(license="apache-2.0"),
     "subquad_hier_base": hierarchical_cfg(license="apache-2.0"),
@@ -124,6 +133,36 @@ def flatten_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs: Any
                       drop_path_rate=0.5, paper_attn=("flatten", (2, 2, 0, 0)),
                       attn_kwargs={"flatten": dict(focusing_factor=3, kernel_size=5), "window": dict(window_size=7)})
     return _create_swin("flatten_swin_base_patch4_window7_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_swin_small_patch4_window9_288(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+    """Agent-Swin-S (AABB) at 288x288: agent attention over the whole stage map, Swin windows of 9
+    (the official config's window 72 // 8)."""
+    model_args = dict(img_size=288, embed_dims=(96, 192, 384, 768), depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
+                      drop_path_rate=0.3, paper_attn=("agent", (2, 2, 0, 0)),
+                      attn_kwargs={"agent": dict(dwc_kernel_size=3), "window": dict(window_size=9)})
+    return _create_swin("agent_swin_small_patch4_window9_288", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_swin_base_patch4_window12_384(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+    """Agent-Swin-B (AAMB2) at 384x384: agent attention over the whole stage map, Swin windows of 12
+    (the official config's window 96 // 8)."""
+    model_args = dict(img_size=384, embed_dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                      drop_path_rate=0.5, paper_attn=("agent", (2, 2, 2, 0)),
+                      attn_kwargs={"agent": dict(dwc_kernel_size=3), "window": dict(window_size=12)})
+    return _create_swin("agent_swin_base_patch4_window12_384", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flatten_swin_base_patch4_window12_384(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
+    """FLatten-Swin-B (LLSS) at 384x384: focused linear attention over the whole stage map, Swin windows
+    of 12 (the official code's window for a focused-linear window above 56)."""
+    model_args = dict(img_size=384, embed_dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                      drop_path_rate=0.5, paper_attn=("flatten", (2, 2, 0, 0)),
+                      attn_kwargs={"flatten": dict(focusing_factor=3, kernel_size=5), "window": dict(window_size=12)})
+    return _create_swin("flatten_swin_base_patch4_window12_384", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from subquad.backbones import mavit, nat, pvt, swin
+from subquad.backbones import mavit, nat, pvt, pvt_v2, swin
 
 
 # --- the official module structures as data ---------------------------------------------------
@@ -46,22 +46,30 @@ def flatten_params(c, h, side):  # FLatten FocusedLinearAttention, beyond q/k/v/
 AGENTS = (9, 16, 49, 49)
 
 # Agent-Swin / FLatten-Swin (agent_swin.py, flatten_swin.py; cfgs/*_swin_*.yaml): C, depths, heads, block kinds
-# per stage: A agent / L focused linear, both with window 56 = the stage map; W Swin window 7, shift on odd blocks
+# per stage: A agent / L focused linear, both with a window = the stage map; W Swin windows (7 at 224: the
+# official max(7, window // 8) at 288 and 384), shift on odd blocks; the resolution and W's window last
 OFFICIAL_SWIN = {
-    "agent_swin_tiny_patch4_window7_224": (96, (2, 2, 6, 2), (3, 6, 12, 24), ("AA", "AA", "AAAAAA", "WW")),
-    "agent_swin_small_patch4_window7_224": (96, (2, 2, 18, 2), (3, 6, 12, 24), ("AA", "AA", "W" * 18, "WW")),
-    "agent_swin_base_patch4_window7_224": (128, (2, 2, 18, 2), (4, 8, 16, 32), ("AA", "AA", "AA" + "W" * 16, "WW")),
-    "flatten_swin_tiny_patch4_window7_224": (96, (2, 2, 6, 2), (3, 6, 12, 24), ("LL", "LL", "W" * 6, "WW")),
-    "flatten_swin_small_patch4_window7_224": (96, (2, 2, 18, 2), (3, 6, 12, 24), ("LL", "LL", "W" * 18, "WW")),
-    "flatten_swin_base_patch4_window7_224": (128, (2, 2, 18, 2), (4, 8, 16, 32), ("LL", "LL", "W" * 18, "WW")),
+    "agent_swin_tiny_patch4_window7_224": (96, (2, 2, 6, 2), (3, 6, 12, 24), ("AA", "AA", "AAAAAA", "WW"), 224, 7),
+    "agent_swin_small_patch4_window7_224": (96, (2, 2, 18, 2), (3, 6, 12, 24), ("AA", "AA", "W" * 18, "WW"), 224, 7),
+    "agent_swin_base_patch4_window7_224": (128, (2, 2, 18, 2), (4, 8, 16, 32), ("AA", "AA", "AA" + "W" * 16, "WW"),
+                                           224, 7),
+    "flatten_swin_tiny_patch4_window7_224": (96, (2, 2, 6, 2), (3, 6, 12, 24), ("LL", "LL", "W" * 6, "WW"), 224, 7),
+    "flatten_swin_small_patch4_window7_224": (96, (2, 2, 18, 2), (3, 6, 12, 24), ("LL", "LL", "W" * 18, "WW"), 224, 7),
+    "flatten_swin_base_patch4_window7_224": (128, (2, 2, 18, 2), (4, 8, 16, 32), ("LL", "LL", "W" * 18, "WW"), 224, 7),
+    "agent_swin_small_patch4_window9_288": (96, (2, 2, 18, 2), (3, 6, 12, 24), ("AA", "AA", "W" * 18, "WW"), 288, 9),
+    "agent_swin_base_patch4_window12_384": (128, (2, 2, 18, 2), (4, 8, 16, 32), ("AA", "AA", "AA" + "W" * 16, "WW"),
+                                            384, 12),
+    "flatten_swin_base_patch4_window12_384": (128, (2, 2, 18, 2), (4, 8, 16, 32), ("LL", "LL", "W" * 18, "WW"),
+                                              384, 12),
 }
 
 
 def official_swin(name):
-    c0, _, heads, kinds = OFFICIAL_SWIN[name]
+    c0, _, heads, kinds, size, window = OFFICIAL_SWIN[name]
     keys = {**conv("patch_embed.proj", c0, 3, 4), **norm("patch_embed.norm", c0)}
     for i, (h, stage) in enumerate(zip(heads, kinds)):
-        c, side = c0 * 2 ** i, 56 // 2 ** i
+        c, side = c0 * 2 ** i, size // 4 // 2 ** i
+        w = min(window, side)                    # Swin shrinks a window to the map (and does not shift it)
         for j, kind in enumerate(stage):
             block = {**norm("norm1", c), **linear("attn.qkv", 3 * c, c), **linear("attn.proj", c, c),
                      **norm("norm2", c), **linear("mlp.fc1", 4 * c, c), **linear("mlp.fc2", c, 4 * c)}
@@ -70,9 +78,10 @@ def official_swin(name):
             elif kind == "L":
                 block.update(prefixed("attn", flatten_params(c, h, side)))
             else:  # persistent buffers of Swin's WindowAttention and block (the mask only where windows shift)
-                block.update({"attn.relative_position_bias_table": (169, h), "attn.relative_position_index": (49, 49)})
-                if j % 2 and side > 7:
-                    block["attn_mask"] = ((side // 7) ** 2, 49, 49)
+                block.update({"attn.relative_position_bias_table": ((2 * w - 1) ** 2, h),
+                              "attn.relative_position_index": (w * w, w * w)})
+                if j % 2 and side > w:
+                    block["attn_mask"] = ((side // w) ** 2, w * w, w * w)
             keys.update(prefixed(f"layers.{i}.blocks.{j}", block))
         if i < 3:
             keys.update({**linear(f"layers.{i}.downsample.reduction", 2 * c, 4 * c, bias=False),
@@ -82,15 +91,16 @@ def official_swin(name):
 
 # Agent-PVT / FLatten-PVT (agent_pvt.py, flatten_pvt.py): PVT v1 with sr ratio 1 for their attention
 PVT_DEPTHS = {"tiny": (2, 2, 2, 2), "small": (3, 4, 6, 3), "medium": (3, 4, 18, 3), "large": (3, 8, 27, 3)}
-OFFICIAL_PVT = [f"agent_pvt_{s}" for s in PVT_DEPTHS] + ["flatten_pvt_tiny", "flatten_pvt_small"]
+OFFICIAL_PVT = [f"{f}_pvt_{s}" for f in ("agent", "flatten") for s in PVT_DEPTHS] + ["agent_pvt_medium_256"]
 
 
 def official_pvt(name):
-    family, _, size = name.split("_")
+    family, _, size, *resolution = name.split("_")
+    resolution = int(resolution[0]) if resolution else 224
     dims, heads, ratios = (64, 128, 320, 512), (1, 2, 5, 8), (8, 8, 4, 4)
     keys = {}
     for i, depth in enumerate(PVT_DEPTHS[size]):
-        c, h, side, inp = dims[i], heads[i], 56 // 2 ** i, dims[i - 1] if i else 3
+        c, h, side, inp = dims[i], heads[i], resolution // 4 // 2 ** i, dims[i - 1] if i else 3
         keys.update({**conv(f"patch_embed{i + 1}.proj", c, inp, 4 if i == 0 else 2),
                      **norm(f"patch_embed{i + 1}.norm", c), f"pos_embed{i + 1}": (1, side * side, c)})
         for j in range(depth):
@@ -102,6 +112,28 @@ def official_pvt(name):
     if family == "flatten":  # defined, never applied in forward
         keys.update(norm("norm", 512))
     return {**keys, **linear("head", 1000, 512)}
+
+
+# FLatten-PVTv2 (flatten_pvt_v2.py): PVTv2 with sr ratio 1 for the focused linear attention
+OFFICIAL_PVT_V2 = {"b0": ((32, 64, 160, 256), (2, 2, 2, 2)), "b1": ((64, 128, 320, 512), (2, 2, 2, 2)),
+                   "b2": ((64, 128, 320, 512), (3, 4, 6, 3)), "b3": ((64, 128, 320, 512), (3, 4, 18, 3)),
+                   "b4": ((64, 128, 320, 512), (3, 8, 27, 3))}
+
+
+def official_pvt_v2(name):
+    dims, depths = OFFICIAL_PVT_V2[name.rsplit("_", 1)[1]]
+    heads, ratios = (1, 2, 5, 8), (8, 8, 4, 4)
+    keys = {}
+    for i, depth in enumerate(depths):
+        c, h, side, inp, f = dims[i], heads[i], 56 // 2 ** i, dims[i - 1] if i else 3, ratios[i] * dims[i]
+        keys.update({**conv(f"patch_embed{i + 1}.proj", c, inp, 7 if i == 0 else 3),
+                     **norm(f"patch_embed{i + 1}.norm", c), **norm(f"norm{i + 1}", c)})
+        for j in range(depth):
+            block = {**norm("norm1", c), **linear("attn.q", c, c), **linear("attn.kv", 2 * c, c),
+                     **linear("attn.proj", c, c), **prefixed("attn", flatten_params(c, h, side)), **norm("norm2", c),
+                     **linear("mlp.fc1", f, c), **conv("mlp.dwconv.dwconv", f, 1, 3), **linear("mlp.fc2", c, f)}
+            keys.update(prefixed(f"block{i + 1}.{j}", block))
+    return {**keys, **linear("head", 1000, dims[-1])}
 
 
 # MAViT (classfication_release/model.py, MALA_T/S/B/L): dims, depths, heads, head projection, layer scale
@@ -140,18 +172,23 @@ OFFICIAL_NAT = {
     "tiny": (64, (3, 4, 18, 5), (2, 4, 8, 16), 3, {"nat": False, "dinat": False}),
     "small": (96, (3, 4, 18, 5), (3, 6, 12, 24), 2, {"nat": True, "dinat": False}),
     "base": (128, (3, 4, 18, 5), (4, 8, 16, 32), 2, {"nat": True, "dinat": True}),
+    "large": (192, (3, 4, 18, 5), (6, 12, 24, 48), 2, {"dinat": False}),
 }
+# the DiNAT-Large variants (dinat_large, dinat_large_384, dinat_large_384_11x11): kernel size of each
+NAT_VARIANTS = {"nat_mini": 7, "nat_tiny": 7, "nat_small": 7, "nat_base": 7, "dinat_mini": 7, "dinat_tiny": 7,
+                "dinat_small": 7, "dinat_base": 7, "dinat_large": 7, "dinat_large_384": 7, "dinat_large_384_11x11": 11}
 
 
 def official_nat(name):
-    family, size = name.split("_")
+    family, size = name.split("_")[:2]
+    k = NAT_VARIANTS[name]
     c0, depths, heads, ratio, layer_scale = OFFICIAL_NAT[size]
     keys = {**conv("patch_embed.proj.0", c0 // 2, 3, 3), **conv("patch_embed.proj.1", c0, c0 // 2, 3),
             **norm("patch_embed.norm", c0)}
     for i, (depth, h) in enumerate(zip(depths, heads)):
         c = c0 * 2 ** i
         for j in range(depth):
-            block = {**norm("norm1", c), **linear("attn.qkv", 3 * c, c), "attn.rpb": (h, 13, 13),
+            block = {**norm("norm1", c), **linear("attn.qkv", 3 * c, c), "attn.rpb": (h, 2 * k - 1, 2 * k - 1),
                      **linear("attn.proj", c, c), **norm("norm2", c), **linear("mlp.fc1", ratio * c, c),
                      **linear("mlp.fc2", c, ratio * c)}
             if layer_scale[family]:
@@ -163,12 +200,39 @@ def official_nat(name):
     return {**keys, **norm("norm", c0 * 8), **linear("head", 1000, c0 * 8)}
 
 
+# DiNAT_s (classification/dinats.py): Swin's layout with NATTEN's attention (qkv, rpb, proj) in every block
+OFFICIAL_DINAT_S = {"dinat_s_tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
+                    "dinat_s_small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
+                    "dinat_s_base": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
+                    "dinat_s_large": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
+                    "dinat_s_large_384": (192, (2, 2, 18, 2), (6, 12, 24, 48))}
+
+
+def official_dinat_s(name):
+    c0, depths, heads = OFFICIAL_DINAT_S[name]
+    keys = {**conv("patch_embed.proj", c0, 3, 4), **norm("patch_embed.norm", c0)}
+    for i, (depth, h) in enumerate(zip(depths, heads)):
+        c = c0 * 2 ** i
+        for j in range(depth):
+            keys.update(prefixed(f"layers.{i}.blocks.{j}", {
+                **norm("norm1", c), **linear("attn.qkv", 3 * c, c), "attn.rpb": (h, 13, 13),
+                **linear("attn.proj", c, c), **norm("norm2", c), **linear("mlp.fc1", 4 * c, c),
+                **linear("mlp.fc2", c, 4 * c)}))
+        if i < 3:
+            keys.update({**linear(f"layers.{i}.downsample.reduction", 2 * c, 4 * c, bias=False),
+                         **norm(f"layers.{i}.downsample.norm", 4 * c)})
+    return {**keys, **norm("norm", c0 * 8), **linear("head", 1000, c0 * 8)}
+
+
 # official keys the conversion drops on purpose: buffers we recompute, FLatten-PVT's unused final norm
-DROPPED = {"swin": r"(relative_position_index|attn_mask)$", "pvt": r"^norm\.", "mavit": r"\.RoPE\.angle$", "nat": r"^$"}
+DROPPED = {"swin": r"(relative_position_index|attn_mask)$", "pvt": r"^norm\.", "mavit": r"\.RoPE\.angle$", "nat": r"^$",
+           "pvt_v2": r"^$"}
 CASES = ([(n, "swin", official_swin, swin) for n in OFFICIAL_SWIN]
          + [(n, "pvt", official_pvt, pvt) for n in OFFICIAL_PVT]
+         + [(f"flatten_pvt_v2_{b}", "pvt_v2", official_pvt_v2, pvt_v2) for b in OFFICIAL_PVT_V2]
          + [(n, "mavit", official_mavit, mavit) for n in OFFICIAL_MAVIT]
-         + [(f"{f}_{s}", "nat", official_nat, nat) for f in ("nat", "dinat") for s in OFFICIAL_NAT])
+         + [(n, "nat", official_nat, nat) for n in NAT_VARIANTS]
+         + [(n, "swin", official_dinat_s, nat.swin) for n in OFFICIAL_DINAT_S])
 
 
 def tensors(shapes, device="meta"):
@@ -204,6 +268,15 @@ def test_conversion_places_values():
     assert torch.equal(qkv[128:], pvt_state["block2.0.attn.kv.weight"])
     assert torch.equal(out["stages.2.downsample.proj.weight"], pvt_state["patch_embed3.proj.weight"])
     assert torch.equal(out["stages.3.pos_embed"], pvt_state["pos_embed4"])
+
+    v2_state = tensors(official_pvt_v2("flatten_pvt_v2_b0"), device="cpu")
+    with torch.device("meta"):
+        model = timm.create_model("flatten_pvt_v2_b0")
+    out = pvt_v2.checkpoint_filter_fn(v2_state, model)
+    assert torch.equal(out["stages.1.blocks.1.mlp.dwconv.weight"], v2_state["block2.1.mlp.dwconv.dwconv.weight"])
+    assert torch.equal(out["stages.2.norm.bias"], v2_state["norm3.bias"])
+    assert torch.equal(out["stages.3.downsample.proj.weight"], v2_state["patch_embed4.proj.weight"])
+    assert torch.equal(out["stages.0.blocks.0.attn.qkv.bias"][32:], v2_state["block1.0.attn.kv.bias"])
 
     mavit_state = tensors(official_mavit("mavit_tiny"), device="cpu")
     with torch.device("meta"):

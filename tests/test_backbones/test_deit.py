@@ -35,10 +35,11 @@ PARAMS = {
     "llsa_deit_tiny_patch16_224": 5717416,
     "llsa_deit_small_patch16_224": 22050664,
     "llsa_deit_base_patch16_224": 86567656,
+    "agent_deit_small_patch16_448": 23070472,
 }
 # What the papers report (millions); Agent Attention, Table 1 (DeiT rows).
 PAPER_PARAMS_M = {"agent_deit_tiny_patch16_224": 6.0, "agent_deit_small_patch16_224": 22.7,
-                  "agent_deit_base_patch16_224": 87.2}
+                  "agent_deit_base_patch16_224": 87.2, "agent_deit_small_patch16_448": 23.1}
 
 
 def _count(name, **kw):
@@ -120,3 +121,12 @@ def test_name_prefix_is_the_family_record(name):
     with torch.device("meta"):
         model = timm.create_model(name)
     assert family(name.split("_deit_")[0]).name in model.attn_schedule.names
+
+
+def test_agent_deit_448_maps_on_its_grid():
+    """Agent-DeiT-S 448 (official cfgs/agent_deit_s_448.yaml): bias terms and position table on the 28x28 grid."""
+    with torch.device("meta"):
+        model = timm.create_model("agent_deit_small_patch16_448")
+    assert model.pretrained_cfg["input_size"] == (3, 448, 448)
+    assert model.pos_embed.shape == (1, 1 + 28 * 28, 384)
+    assert all(b.attn.bias_grid == (28, 28) and b.attn.num_agents == 49 for b in model.blocks)

@@ -8,15 +8,22 @@ from subquad.backbones.hierarchical import HierarchicalTransformer
 from subquad.tasks.zoo import subquad_model_names
 
 NAMES = {
-    "swin": [f"{f}_swin_{s}_patch4_window7_224" for f in ("agent", "flatten") for s in ("tiny", "small", "base")],
-    "pvt": [f"agent_pvt_{s}" for s in ("tiny", "small", "medium", "large")] + ["flatten_pvt_tiny", "flatten_pvt_small"],
+    "swin": [f"{f}_swin_{s}_patch4_window7_224" for f in ("agent", "flatten") for s in ("tiny", "small", "base")]
+    + ["agent_swin_small_patch4_window9_288", "agent_swin_base_patch4_window12_384",
+       "flatten_swin_base_patch4_window12_384"],
+    "pvt": [f"{f}_pvt_{s}" for f in ("agent", "flatten") for s in ("tiny", "small", "medium", "large")]
+    + ["agent_pvt_medium_256"],
+    "pvt_v2": [f"flatten_pvt_v2_b{i}" for i in range(5)],
     "mavit": [f"mavit_{s}" for s in ("tiny", "small", "base", "large")],
     "hier": [f"subquad_hier_{s}" for s in ("tiny", "small", "base")],
-    "nat": [f"{f}_{s}" for f in ("nat", "dinat") for s in ("mini", "tiny", "small", "base")],
+    "nat": [f"{f}_{s}" for f in ("nat", "dinat") for s in ("mini", "tiny", "small", "base")]
+    + ["dinat_large", "dinat_large_384", "dinat_large_384_11x11"]
+    + [f"dinat_s_{s}" for s in ("tiny", "small", "base", "large", "large_384")],
 }
+RESOLUTION = {"288": 288, "384": 384, "256": 256}   # a name ending in a size (or _384_11x11) is at that size
 ALL = [n for names in NAMES.values() for n in names]
 SMALLEST = ["agent_swin_tiny_patch4_window7_224", "flatten_swin_tiny_patch4_window7_224", "agent_pvt_tiny",
-            "flatten_pvt_tiny", "mavit_tiny", "nat_mini", "dinat_mini"]
+            "flatten_pvt_tiny", "flatten_pvt_v2_b0", "mavit_tiny", "nat_mini", "dinat_mini"]
 SMALL = dict(embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8), depths=(2, 2, 2, 2))  # narrow, shallow: fast
 
 
@@ -31,7 +38,9 @@ def test_builds_with_four_stages(name):
     assert isinstance(model, HierarchicalTransformer)
     assert [f["reduction"] for f in model.feature_info] == [4, 8, 16, 32]
     assert len(model.attn_schedule.names) == sum(len(s.blocks) for s in model.stages)
-    assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+    size = next((v for k, v in RESOLUTION.items() if f"_{k}" in name), 224)
+    assert model.pretrained_cfg["input_size"] == (3, size, size)
+    assert model.pretrained_cfg["pool_size"] == (size // 32,) * 2
 
 
 @pytest.mark.parametrize("name", SMALLEST)

@@ -14,6 +14,9 @@ LAYOUTS = {
     "flatten_swin_tiny_patch4_window7_224": ("LL", "LL", "W" * 6, "WW"),
     "flatten_swin_small_patch4_window7_224": ("LL", "LL", "W" * 18, "WW"),
     "flatten_swin_base_patch4_window7_224": ("LL", "LL", "W" * 18, "WW"),
+    "agent_swin_small_patch4_window9_288": ("AA", "AA", "W" * 18, "WW"),
+    "agent_swin_base_patch4_window12_384": ("AA", "AA", "AA" + "W" * 16, "WW"),
+    "flatten_swin_base_patch4_window12_384": ("LL", "LL", "W" * 18, "WW"),
 }
 KINDS = {"A": "agent", "L": "focused_linear", "W": "window"}
 
@@ -24,7 +27,12 @@ def test_paper_block_layout(name):
         model = timm.create_model(name)
     assert model.attn_schedule.names == [KINDS[k] for stage in LAYOUTS[name] for k in stage]
     windows = [b.attn for s in model.stages for b in s.blocks if b.attn.family == "window"]
-    assert all(w.window_size == 7 for w in windows)
+    window = int(name.split("window")[1].split("_")[0])      # Swin's windows: 7 at 224, 9 at 288, 12 at 384
+    assert all(w.window_size == window for w in windows)
+    side = int(name.rsplit("_", 1)[1]) // 4                 # the global blocks' maps are the stage maps
+    maps = [getattr(b.attn, "bias_grid", None) or b.attn.pos_grid
+            for s in model.stages for b in s.blocks if b.attn.family != "window"]
+    assert maps[0] == (side, side) and maps[-1] in {(side // 2, side // 2), (side // 4, side // 4)}
 
 
 def test_changed_depths_keep_the_paper_attention_in_leading_blocks():
