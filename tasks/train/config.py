@@ -291,10 +291,13 @@ def _build_section(cls: type, values: dict, where: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check ``value`` against a field's type; YAML 1.1 reads ``5e-4`` as a string, so floats accept numeric strings."""
+    """Check ``value`` against a field's type; YAML 1.1 reads ``5e-4`` as a string, so floats accept numeric strings,
+    and ``no`` as false, so ``run.mixed_precision: no`` means the string."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
     if value is None and type(None) in options:
         return None
+    if value is False and str in options and where.endswith(".mixed_precision"):
+        return "no"
     for option in options:
         if option is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:

@@ -157,3 +157,7 @@ def test_packaged_recipes_are_valid(name):
     cfg = load_config(name)
     assert cfg.task == name.split("/")[0]
     assert timm.is_model(cfg.model.name if cfg.task == "cls" else cfg.model.backbone)
+
+
+def test_mixed_precision_no_is_the_string_yaml_reads_as_false():
+    assert load_config("cls/mala_deit_tiny_imagenet", ["run.mixed_precision=no"]).run.mixed_precision == "no"
