@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe: classification, segmentation or DiT diffusion (also under "
                                      "accelerate launch)",
                        description="Train a YAML recipe: classification (cls/), segmentation (seg/) or a "
-                                   "class-conditional DiT (dit/). Several GPUs: accelerate launch -m "
-                                   "subquad.tasks.cli train --config ...",
+                                   "class-conditional DiT (dit/). Several GPUs: accelerate launch --multi_gpu "
+                                   "--num_processes N -m subquad.tasks.cli train --config ...",
                        epilog=_recipes_epilog(), formatter_class=DefaultsHelpFormatter)
     _add_recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its last checkpoint")

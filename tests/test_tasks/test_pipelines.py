@@ -288,6 +288,15 @@ def test_cli_random_tiny_at_its_default_size_says_it_cannot_show_a_speedup(tmp_p
     assert any("keeps every one of the 2 blocks dense" in line for line in err), err
 
 
+def test_cli_random_sd3_tiny_loglinear_on_a_grid_smaller_than_its_top_k_stays_dense(tmp_path):
+    with pytest.warns(UserWarning, match="does not fit the token grid"):
+        assert main(["accelerate-pipeline", "--random", "sd3", "--size", "tiny", "--attn", "loglinear", "--height",
+                     "128", "--width", "128", "--repeats", "1", "--warmup", "0", "--dtype", "float32", "--device",
+                     "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["grid"] == [8, 8] and report["output_cosine"] > 0.9999
+
+
 def test_cli_random_full_size_beyond_the_memory_is_refused_with_the_numbers(tmp_path, capsys, monkeypatch):
     from subquad.tasks.pipelines import random_models
     monkeypatch.setattr(random_models, "available_memory", lambda device: 4 * 2 ** 30)
