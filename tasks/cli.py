@@ -165,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="class-conditional images from a trained DiT run: a PNG grid (and FID)",
                        formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a DiT run folder (its latest checkpoint) or a checkpoint folder")
-    p.add_argument("--scheduler", default="ddim",
+    p.add_argument("--scheduler",
                    help="ddim, dpm++, euler, euler_a, ddpm, unipc, heun, pndm (flow models: euler, dpm++, unipc) "
-                        "or any diffusers scheduler class name")
+                        "or any diffusers scheduler class name (default: ddim, for a flow model euler)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     p.add_argument("--num", type=int, default=16, help="images, the classes in turn (unless --labels)")

@@ -135,6 +135,7 @@ class DiTDataConfig:
     preprocessing), flipped at random, scaled to [-1, 1]. The class folders are the labels."""
     root: str
     synthetic: bool = False                        # write the synthetic shapes set at root if it is missing
+    synthetic_style: str = "textured"              # textured (the classification set) | simple (plain, upright)
     train_split: str = "train"
     val_split: str = "val"
     img_size: int = 256
@@ -341,5 +342,7 @@ def _check(cfg: TrainConfig, source: str) -> None:
         raise ValueError(f"{source}: optim.no_decay and optim.layer_decay cannot be combined")
     if cfg.task == "cls" and cfg.data.format not in ("imagefolder", "hf"):
         raise ValueError(f"{source}: data.format must be imagefolder or hf, got {cfg.data.format!r}")
+    if cfg.task == "dit" and cfg.data.synthetic_style not in ("textured", "simple"):
+        raise ValueError(f"{source}: data.synthetic_style must be textured or simple, got {cfg.data.synthetic_style!r}")
     if cfg.task == "seg" and cfg.model.head not in ("upernet", "fpn"):
         raise ValueError(f"{source}: model.head must be upernet or fpn, got {cfg.model.head!r}")

@@ -76,8 +76,8 @@ def image_transform(data: DiTDataConfig, train: bool) -> transforms.Compose:
 def image_datasets(data: DiTDataConfig) -> tuple[ImageFolder, ImageFolder]:
     root = Path(data.root)
     if data.synthetic and not root.exists():
-        print(f"writing the synthetic shapes set ({data.img_size}x{data.img_size}) to {root}")
-        write_classification(root, size=data.img_size)
+        print(f"writing the synthetic shapes set ({data.img_size}x{data.img_size}, {data.synthetic_style}) to {root}")
+        write_classification(root, size=data.img_size, style=data.synthetic_style)
     sets = []
     for split, train in ((data.train_split, True), (data.val_split, False)):
         if not (root / split).is_dir():

@@ -97,10 +97,17 @@ class Sampler:
         model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         return cls(model.to(device).eval(), vae.to(device) if vae else None, model_cfg)
 
+    @property
+    def default_scheduler(self) -> str:
+        """``ddim`` for a DDPM model, ``euler`` for a flow-matching one."""
+        return "euler" if self.cfg.objective == "flow" else "ddim"
+
     @torch.no_grad()
-    def sample(self, labels: list[int], *, scheduler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0,
+    def sample(self, labels: list[int], *, scheduler: str | None = None, steps: int = 50, cfg_scale: float = 1.0,
                seed: int = 0, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
-        """Images (N, 3, H, W) in [0, 1] for the class ``labels``; image i from seed ``seed + i``."""
+        """Images (N, 3, H, W) in [0, 1] for the class ``labels``; image i from seed ``seed + i``; ``scheduler``
+        None: ``default_scheduler``."""
+        scheduler = scheduler or self.default_scheduler
         if not labels or steps < 1 or batch_size < 1:
             raise ValueError(f"sampling needs class labels, steps >= 1 and batch_size >= 1; got {len(labels)} labels, "
                              f"steps={steps}, batch_size={batch_size}")
@@ -223,13 +230,14 @@ def run_sample(args: Any) -> dict[str, Any]:
     sampler = Sampler.from_run(args.checkpoint, ema=not args.no_ema, device=device)
     num_classes = sampler.model.config.num_classes
     labels = [int(v) for v in args.labels.split(",")] if args.labels else [i % num_classes for i in range(args.num)]
-    images = sampler.sample(labels, scheduler=args.scheduler, steps=args.steps, cfg_scale=args.cfg_scale,
+    scheduler = args.scheduler or sampler.default_scheduler
+    images = sampler.sample(labels, scheduler=scheduler, steps=args.steps, cfg_scale=args.cfg_scale,
                             seed=args.seed, batch_size=args.batch_size)
     out = Path(args.out) if args.out else run_folder(args.checkpoint) / "samples.png"
     with writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         save_image(images, str(out), nrow=args.nrow or min(8, len(images)))
-    report: dict[str, Any] = {"images": len(images), "grid": str(out), "scheduler": args.scheduler,
+    report: dict[str, Any] = {"images": len(images), "grid": str(out), "scheduler": scheduler,
                               "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed}
     if inception is not None:
         reference = load_images(args.fid_ref, images.shape[-1], args.fid_ref_limit)

@@ -9,6 +9,7 @@ from PIL import Image
 from subquad.tasks.cli import main
 from subquad.tasks.train.data.ade20k import ADE20K, IGNORE_INDEX
 from subquad.tasks.train.data.seg_transforms import SegEvalTransform, SegTrainTransform, rescale_size
+from subquad.tasks.train.data.synthetic import SHAPES, render, write_classification
 
 
 def write_pair(root, split, stem, labels, image=None):
@@ -95,3 +96,18 @@ def test_eval_transform_fits_the_image_into_the_scale_and_keeps_full_size_labels
     image, labels = np.zeros((30, 40, 3), np.uint8), np.ones((30, 40), np.uint8)
     x, y = SegEvalTransform((128, 64), mean=(0.0,) * 3, std=(1.0,) * 3)(image, labels)
     assert x.shape == (3, 64, 85) and y.shape == (30, 40)
+
+
+def test_the_simple_style_is_one_colour_behind_an_upright_shape(tmp_path):
+    rng = np.random.default_rng(0)
+    empty, _ = render(rng, 16, 16, [], "simple")
+    assert empty.reshape(-1, 3).std(0).max() < 0.05 * 255                 # one colour and the sensor noise
+    textured, _ = render(rng, 16, 16, [], "textured")
+    assert textured.reshape(-1, 3).std(0).max() > 0.05 * 255
+    _, labels = render(np.random.default_rng(1), 32, 32, [SHAPES.index("square")], "simple")
+    rows, cols = np.nonzero(labels == 2 + SHAPES.index("square"))
+    assert len(rows) == (np.ptp(rows) + 1) * (np.ptp(cols) + 1)           # upright: it fills its bounding box
+    root = write_classification(tmp_path / "simple", train_per_class=2, val_per_class=1, size=16, style="simple")
+    assert len(list((root / "train").rglob("*.png"))) == 12
+    with pytest.raises(ValueError, match="style must be one of textured, simple"):
+        write_classification(tmp_path / "other", style="stripes")

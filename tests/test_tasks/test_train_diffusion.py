@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
 
 from subquad.tasks.train.config import load_config, packaged_recipes, parse_config
 from subquad.tasks.train.data.synthetic import write_classification
@@ -91,6 +93,52 @@ def test_latent_space_with_a_local_vae(shapes, tmp_path):
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
 
+def tiny_classifier(images: torch.Tensor, classes: torch.Tensor, steps: int = 100) -> torch.nn.Module:
+    """A two-layer conv net fitted to ``images`` (N, 3, H, W) in [0, 1]: it tells the shapes' classes apart."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, int(classes.max()) + 1))
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(images), classes).backward()
+        optimizer.step()
+    return net.eval()
+
+
+def test_a_briefly_trained_dit_samples_images_like_the_data_not_noise(tmp_path):
+    """A small DiT trained for a few hundred steps on the synthetic shapes samples images whose nearest training
+    image is about as close as a held-out image's and much closer than a Gaussian noise image's, and that a tiny
+    classifier fitted to the training images mostly puts in the class asked for (chance is 1/6)."""
+    root = write_classification(tmp_path / "shapes", train_per_class=30, val_per_class=6, size=16, style="simple")
+    raw = recipe(root, tmp_path / "run", objective="flow")
+    raw["model"]["kwargs"].update(learn_sigma=False, class_dropout_prob=0.1)
+    raw["data"].update(batch_size=32, val_images=8)
+    raw["optim"]["lr"] = 2e-3
+    raw["schedule"] = {"sched": "cosine", "steps": 600, "warmup_steps": 20, "min_lr": 1e-5}
+    raw["run"].update(ema_decay=0.99, log_interval=100, eval_interval=600, checkpoint_interval=600)
+    train(parse_config(raw))
+    labels = torch.arange(36) % 6
+    samples = Sampler.from_run(str(tmp_path / "run")).sample(labels.tolist(), steps=20, cfg_scale=2.0, progress=False)
+
+    def images(split):
+        data = ImageFolder(str(root / split), transform=transforms.ToTensor())
+        return torch.stack([image for image, _ in data]), torch.tensor(data.targets)
+    (train_images, classes), (held_out, held_out_classes) = images("train"), images("val")
+    noise = ((torch.randn(samples.shape) + 1) / 2).clamp(0, 1)                  # N(0, 1) in [-1, 1]
+
+    def nearest(x):
+        return torch.cdist(x.flatten(1), train_images.flatten(1)).min(1)[0].mean().item() / x[0].numel() ** 0.5
+    classifier = tiny_classifier(train_images, classes)
+    with torch.no_grad():
+        accuracy = lambda x, y: (classifier(x).argmax(1) == y).float().mean().item()  # noqa: E731
+        report = dict(samples=nearest(samples), held_out=nearest(held_out), noise=nearest(noise),
+                      held_out_accuracy=accuracy(held_out, held_out_classes), accuracy=accuracy(samples, labels))
+    assert report["samples"] < 0.6 * report["noise"] and report["samples"] < 1.3 * report["held_out"], report
+    assert report["held_out_accuracy"] >= 0.8 and report["accuracy"] >= 0.6, report
+
+
 def test_vlb_is_zero_when_the_model_matches_the_posterior():
     """With the true noise and the posterior variance (v = -1), KL(q || p) vanishes for t > 0."""
     objective = DDPMObjective(1000, "linear", learn_sigma=True)
@@ -116,3 +164,5 @@ def test_recipe_checks():
     assert parse_config(base).task == "dit"
     for name in ("dit/synthetic", "dit/imagenet256_xl2", "dit/pixel256_loglinear"):
         assert name in packaged_recipes() and load_config(name).task == "dit"
+    with pytest.raises(ValueError, match="data.synthetic_style must be textured or simple"):
+        load_config("dit/synthetic", ["data.synthetic_style=stripes"])

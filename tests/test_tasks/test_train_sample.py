@@ -54,6 +54,15 @@ def test_flow_model_with_flow_schedulers(runs, scheduler):
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
 
 
+def test_the_default_scheduler_fits_the_objective(runs, tmp_path, capsys):
+    assert Sampler.from_run(runs["ddpm"]).default_scheduler == "ddim"
+    assert Sampler.from_run(runs["flow"]).default_scheduler == "euler"
+    assert main(["sample", "--checkpoint", runs["flow"], "--num", "1", "--steps", "2", "--out",
+                 str(tmp_path / "grid.png"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):])["scheduler"] == "euler"
+
+
 def test_flow_model_refuses_a_ddpm_scheduler(runs):
     with pytest.raises(ValueError, match="flow-matching model"):
         Sampler.from_run(runs["flow"]).sample([1], scheduler="ddim", steps=2, progress=False)

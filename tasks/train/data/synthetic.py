@@ -67,19 +67,34 @@ def _colour(rng: np.random.Generator, kind: int) -> np.ndarray:
     return 0.25 + 0.75 * rgb * rng.uniform(0.8, 1.0)
 
 
-def render(rng: np.random.Generator, h: int, w: int, kinds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """An image with the given shapes (later ones on top) and its ADE-style label map.
+def _plain(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A muted background of one colour, (h, w, 3) floats in [0, 1]."""
+    return np.broadcast_to(rng.uniform(0.15, 0.6, size=3), (h, w, 3)).astype(np.float64)
+
+
+# style -> (background, shapes rotated at random): "textured" is the classification and segmentation sets';
+# "simple" (one-colour backgrounds, upright shapes, so that a square and a diamond differ by more than their
+# colour) is the diffusion recipe's, whose small model has minutes to learn the shapes
+STYLES = {"textured": (_texture, True), "simple": (_plain, False)}
+
+
+def render(rng: np.random.Generator, h: int, w: int, kinds: list[int],
+           style: str = "textured") -> tuple[np.ndarray, np.ndarray]:
+    """An image with the given shapes (later ones on top) and its ADE-style label map, in ``style``
+    (``STYLES``).
 
     Returns ``image`` (h, w, 3) uint8 and ``labels`` (h, w) uint8: 1 background, ``2 + kind`` for a
     shape, 0 (ignore) on each shape's 1-pixel outline.
     """
-    image = _texture(rng, h, w)
+    background, rotate = STYLES[style]
+    image = background(rng, h, w).copy()
     labels = np.ones((h, w), np.uint8)
     size = min(h, w)
     for kind in kinds:
         r = rng.uniform(0.3, 0.45) * size if len(kinds) == 1 else rng.uniform(0.25, 0.4) * size
         cy, cx = rng.uniform(r * 0.8, h - r * 0.8), rng.uniform(r * 0.8, w - r * 0.8)
-        mask = _shape_mask(kind, h, w, cy, cx, r, rng.uniform(0, np.pi))
+        angle = rng.uniform(0, np.pi)
+        mask = _shape_mask(kind, h, w, cy, cx, r, angle if rotate else 0.0)
         image[mask] = _colour(rng, kind)
         labels[mask] = 2 + kind
         inner = mask.copy()
@@ -104,8 +119,11 @@ def _publish(tmp: Path, root: Path) -> Path:
 
 
 def write_classification(root: Path, train_per_class: int = 200, val_per_class: int = 50, size: int = 32,
-                         seed: int = 0) -> Path:
-    """Write the classification set as an ImageFolder at ``root`` (``train/``, ``val/``)."""
+                         seed: int = 0, style: str = "textured") -> Path:
+    """Write the classification set as an ImageFolder at ``root`` (``train/``, ``val/``) in ``style``
+    (``STYLES``: ``textured``, or ``simple`` for the diffusion recipe)."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     root = Path(root)
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     rng = np.random.default_rng(seed)
@@ -114,7 +132,7 @@ def write_classification(root: Path, train_per_class: int = 200, val_per_class: 
             folder = tmp / split / name
             folder.mkdir(parents=True)
             for n in range(count):
-                image, _ = render(rng, size, size, [kind])
+                image, _ = render(rng, size, size, [kind], style)
                 Image.fromarray(image).save(folder / f"{n:05d}.png")
     return _publish(tmp, root)
 
