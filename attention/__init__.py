@@ -5,6 +5,7 @@
 """
 from .agent import AgentAttention
 from .base import GridAttention
+from .cross_window import CrossWindowAttention
 from .focused_linear import FocusedLinearAttention
 from .loglinear import LogLinearSparseAttention
 from .mala import MagnitudeAwareLinearAttention
@@ -17,6 +18,7 @@ from .window import WindowAttention
 
 __all__ = [
     "AgentAttention",
+    "CrossWindowAttention",
     "FocusedLinearAttention",
     "GridAttention",
     "LogLinearSparseAttention",

@@ -23,11 +23,13 @@ class FocusedLinearAttention(GridAttention):
     Options: ``focusing_factor`` p (3), ``kernel_size`` of the depthwise conv on V (5; one
     head_dim-channel conv shared by every head, as in the official code), and ``pos_grid``: if set,
     the learnable positional encoding added to K, defined on that grid and resized to the grid at
-    hand (prefix keys get none).
+    hand (prefix keys get none); ``lepe``: also add a depthwise ``lepe_kernel_size`` conv of V with one
+    filter per channel (FLatten-CSWin keeps CSWin's 3x3 LePE, Dong et al., CVPR 2022, Eq. 4).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *, focusing_factor: float = 3, kernel_size: int = 5,
-                 pos_grid: tuple[int, int] | None = None, **kwargs) -> None:
+                 pos_grid: tuple[int, int] | None = None, lepe: bool = False, lepe_kernel_size: int = 3,
+                 **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
         name = type(self).__name__
         check_options(family("focused_linear"), dict(focusing_factor=focusing_factor), name)
@@ -37,20 +39,31 @@ class FocusedLinearAttention(GridAttention):
         self.pos_grid = checks.check_ints(pos_grid, "pos_grid", name, lengths=(2,)) if pos_grid is not None else None
         self.positional_encoding = (nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], dim))
                                     if pos_grid is not None else None)
+        lepe_kernel_size = checks.check_int(lepe_kernel_size, "lepe_kernel_size", name, odd=True)
+        self.lepe = depthwise_conv(dim, lepe_kernel_size) if checks.check_bool(lepe, "lepe", name) else None
         self.to(**self.factory_kwargs)
 
+    def key_encoding(self, grid: tuple[int, ...], num_prefix: int, dtype: torch.dtype) -> torch.Tensor:
+        """The positional encoding resized to the grid, (h, P + N, d) with zeros on the P prefix keys."""
+        pe = self.positional_encoding.reshape(*self.pos_grid, self.num_heads, self.head_dim).permute(2, 3, 0, 1)
+        pe = resize_map(pe, tuple(grid[-2:])).flatten(2).transpose(1, 2)    # (h, H*W, d)
+        if len(grid) == 3:
+            pe = pe.repeat(1, grid[0], 1)
+        return F.pad(pe.to(dtype), (0, 0, num_prefix, 0))
+
     def attend(self, x, q, k, v, grid, num_prefix):
-        if self.positional_encoding is not None:
-            pe = self.positional_encoding.reshape(*self.pos_grid, self.num_heads, self.head_dim).permute(2, 3, 0, 1)
-            pe = resize_map(pe, tuple(grid[-2:])).flatten(2).transpose(1, 2)    # (h, H*W, d)
-            if len(grid) == 3:
-                pe = pe.repeat(1, grid[0], 1)
-            k = k + F.pad(pe.to(k.dtype), (0, 0, num_prefix, 0))      # one pass over k; prefix keys get none
+        if self.positional_encoding is not None:      # one pass over k; prefix keys get none
+            k = k + self.key_encoding(grid, num_prefix, k.dtype)
         y = focused_linear_attention(q, k, v, grid=grid, focusing_factor=self.focusing_factor,
                                      scale=self.scale.reshape(self.num_heads, self.head_dim),
                                      num_prefix=num_prefix, backend=self.backend)
-        return depthwise_conv_on_grid(v, self.dwc.weight, self.dwc.bias, grid=grid, num_prefix=num_prefix, residual=y,
-                                      backend=self.backend)
+        y = depthwise_conv_on_grid(v, self.dwc.weight, self.dwc.bias, grid=grid, num_prefix=num_prefix, residual=y,
+                                   backend=self.backend)
+        if self.lepe is not None:
+            y = depthwise_conv_on_grid(v, self.lepe.weight, self.lepe.bias, grid=grid, num_prefix=num_prefix,
+                                       residual=y, backend=self.backend)
+        return y
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, focusing_factor={self.focusing_factor}, pos_grid={self.pos_grid}"
+        return (f"{super().extra_repr()}, focusing_factor={self.focusing_factor}, pos_grid={self.pos_grid}, "
+                f"lepe={self.lepe is not None}")

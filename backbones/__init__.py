@@ -7,13 +7,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import deit, dit, mavit, nat, pvt, pvt_v2, swin
+from . import cswin, deit, dit, mavit, nat, pvt, pvt_v2, swin
 from .attention_schedule import AttentionSchedule
 from .hierarchical import HierarchicalTransformer
 from .vit import GridBlock, GridVisionTransformer
 
 __all__ = ["AttentionSchedule", "DiT", "GridBlock", "GridVisionTransformer", "HierarchicalTransformer",
-           "deit", "dit", "mavit", "nat", "pvt", "pvt_v2", "swin"]
+           "cswin", "deit", "dit", "mavit", "nat", "pvt", "pvt_v2", "swin"]
 
 
 def __getattr__(name: str) -> Any:

@@ -2,8 +2,9 @@
 
 One machinery for the papers' hierarchical models (each configured in its own model file):
 Swin-style (Agent-Swin, FLatten-Swin: Liu et al., ICCV 2021), PVT-style (Agent-PVT, FLatten-PVT:
-Wang et al., ICCV 2021), PVTv2-style (FLatten-PVTv2: Wang et al., CVMJ 2022), NAT/DiNAT (Hassani et
-al., CVPR 2023 / arXiv 2209.15001) and MALA's MAViT (Fan et al., ICCV 2025). A convolutional stem
+Wang et al., ICCV 2021), PVTv2-style (FLatten-PVTv2: Wang et al., CVMJ 2022), CSWin-style
+(Agent-CSWin, FLatten-CSWin: Dong et al., CVPR 2022), NAT/DiNAT (Hassani et al., CVPR 2023 /
+arXiv 2209.15001) and MALA's MAViT (Fan et al., ICCV 2025). A convolutional stem
 takes the image to stride 4; stage i (downsampling by 2 first, for i > 0) runs pre-norm blocks on an
 NHWC map of stride 4 * 2^i; every block's attention gets the grid explicitly, ``attn(x, grid=(H, W))``.
 Differences between the families are options: the stem and downsampling convolutions, absolute
@@ -12,8 +13,9 @@ MLP (MAViT), PVTv2's overlapping patch embeddings, convolutional FFN and per-sta
 scale, the final norm and the head.
 
 Attention per block: ``attn`` and ``attn_kwargs`` as in ``AttentionSchedule``, any name that
-``subquad.attention.build`` takes (``window``: Swin's shifted windows; ``softmax_rope``: MAViT's
-softmax blocks). Where a block sits sets some options (``placement_options``).
+``subquad.attention.build`` takes (``window``: Swin's shifted windows; ``cross_window``: CSWin's
+cross-shaped windows; ``softmax_rope``: MAViT's softmax blocks). Where a block sits sets some options
+(``placement_options``).
 """
 from __future__ import annotations
 
@@ -40,15 +42,19 @@ AGENTS_PER_STAGE = (9, 16, 49, 49)  # Agent Attention's Swin/PVT configs ("9-16-
 
 def placement_options(family: str, stage: int, index: int, grid: tuple[int, int]) -> dict[str, Any]:
     """Options that depend on where a block sits, with the papers' choices: 9/16/49/49 agents per stage,
-    agent bias maps on the stage grid and no prefix-token biases (Agent Attention's Swin/PVT),
-    FLatten's positional encoding on the stage grid, Swin's shifted windows on every second block.
-    ``grid`` is the stage grid at the model's ``img_size``; the maps are resized when the input differs."""
+    agent bias maps on the stage grid and no prefix-token biases (Agent Attention's Swin/PVT/CSWin),
+    FLatten's positional encoding on the stage grid, Swin's shifted windows on every second block,
+    CSWin's stripe widths 1, 2, half the stage-3 map (7 at 224x224, 12 at 384x384) and the whole map
+    in stage 4. ``grid`` is the stage grid at the model's ``img_size``; the maps are resized when the
+    input differs."""
     if family == "agent":
         return dict(num_agents=AGENTS_PER_STAGE[stage], bias_grid=grid, prefix_bias=False)
     if family == "focused_linear":
         return dict(pos_grid=grid)
     if family == "window":
         return dict(shift=index % 2 == 1)
+    if family == "cross_window":
+        return dict(stripe_width=(1, 2, max(1, min(grid) // 2), None)[stage])
     return {}
 
 
@@ -85,13 +91,16 @@ def make_stem(kind: str, in_chans: int, dim: int) -> nn.Module:
     """Image to a stride-4 NHWC map.
 
     ``patch``: a 4x4/4 conv + LayerNorm (Swin, PVT); ``overlap``: a 7x7/4 conv padded by 3 + LayerNorm
-    (PVTv2's overlapping patch embedding); ``conv``: two 3x3/2 convs + LayerNorm (NAT's tokenizer, no
+    (PVTv2's overlapping patch embedding); ``cswin``: a 7x7/4 conv padded by 2 + LayerNorm (CSWin's
+    convolutional token embedding); ``conv``: two 3x3/2 convs + LayerNorm (NAT's tokenizer, no
     activation between); ``conv_bn``: MAViT's 3x3 convs of strides 2, 1, 1, 2, each with BatchNorm and all
     but the last with GELU."""
     if kind == "patch":
         return ConvEmbed(_conv(in_chans, dim, 4, 4), nn.LayerNorm(dim), channels_last_input=False)
     if kind == "overlap":
         return ConvEmbed(nn.Conv2d(in_chans, dim, 7, 4, padding=3), nn.LayerNorm(dim), channels_last_input=False)
+    if kind == "cswin":
+        return ConvEmbed(nn.Conv2d(in_chans, dim, 7, 4, padding=2), nn.LayerNorm(dim), channels_last_input=False)
     if kind == "conv":
         proj = nn.Sequential(_conv(in_chans, dim // 2, 3, 2), _conv(dim // 2, dim, 3, 2))
         return ConvEmbed(proj, nn.LayerNorm(dim), channels_last_input=False)
@@ -100,15 +109,15 @@ def make_stem(kind: str, in_chans: int, dim: int) -> nn.Module:
         for i, stride in enumerate(strides):
             layers += [_conv(widths[i], widths[i + 1], 3, stride), nn.BatchNorm2d(widths[i + 1]), nn.GELU()]
         return ConvEmbed(nn.Sequential(*layers[:-1]), nn.Identity(), channels_last_input=False)
-    raise ValueError(f"unknown stem {kind!r}; valid: 'patch', 'overlap', 'conv', 'conv_bn'")
+    raise ValueError(f"unknown stem {kind!r}; valid: 'patch', 'overlap', 'cswin', 'conv', 'conv_bn'")
 
 
 def make_downsample(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     """Halve the NHWC map between stages.
 
     ``merge``: Swin's 2x2 patch merging (LayerNorm, linear); ``patch``: PVT's 2x2/2 conv + LayerNorm;
-    ``overlap``: PVTv2's 3x3/2 conv with bias + LayerNorm; ``conv``: NAT's 3x3/2 conv without bias +
-    LayerNorm; ``conv_bn``: MAViT's 3x3/2 conv + BatchNorm."""
+    ``overlap``: PVTv2's (and CSWin's) 3x3/2 conv with bias + LayerNorm; ``conv``: NAT's 3x3/2 conv
+    without bias + LayerNorm; ``conv_bn``: MAViT's 3x3/2 conv + BatchNorm."""
     if kind == "merge":
         return PatchMerging(in_dim, out_dim)
     if kind == "patch":

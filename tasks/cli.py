@@ -20,8 +20,13 @@ DTYPES = ("bfloat16", "float16", "float32")       # torch dtype names, resolved 
 
 
 def _models(args: argparse.Namespace) -> None:
-    from .zoo import MODEL_COLUMNS, model_table
-    print(format_table(model_table(), MODEL_COLUMNS))
+    from tqdm import tqdm
+
+    from .zoo import MODEL_COLUMNS, model_rows, subquad_model_names
+    rows = model_rows(recount=args.recount)
+    if args.recount:
+        rows = tqdm(rows, total=len(subquad_model_names()), desc="counting", unit="model", leave=False)
+    print(format_table(list(rows), MODEL_COLUMNS))
 
 
 def _families(args: argparse.Namespace) -> None:
@@ -120,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="subquad", description="Efficient-attention vision backbones.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="the model zoo: name, attention, params, GFLOPs")
+    p.add_argument("--recount", action="store_true",
+                   help="count parameters and FLOPs afresh (about a second per model) instead of reading the "
+                        "packaged table")
     p.set_defaults(run=_models)
     p = sub.add_parser("families", help="the attention families: name, aliases, paper, cost, grids, training-free")
     p.set_defaults(run=_families)

@@ -1,7 +1,17 @@
 """The model zoo and the attention families as tables: every subquad model with its families, parameters
 and GFLOPs (``subquad models``); every family record with its aliases, paper, cost and grids
-(``subquad families``)."""
+(``subquad families``).
+
+Counting a model's FLOPs runs it on the meta device (about a second each), so ``subquad models`` reads the
+counts from ``model_counts.csv`` beside this file; ``python -m subquad.tasks.zoo`` recounts every model and
+rewrites it (the tests check each row against a fresh count).
+"""
 from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+from typing import Iterator
 
 import timm
 import torch
@@ -10,7 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .. import backbones, kernels
 from ..backbones import DiT
-from .tables import Column
+from .tables import Column, save_csv
+
+MODEL_COUNTS = Path(__file__).with_name("model_counts.csv")
 
 
 def subquad_model_names() -> list[str]:
@@ -33,7 +45,8 @@ def count_model(name: str, img_size: int | None = None, **kwargs) -> dict:
         inputs = (torch.empty(1, *size),)
         if isinstance(model, DiT):
             inputs += (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # a family's note that it runs dense on this grid: not news here
         model(*inputs)
     family = getattr(model, "attn_schedule", None)
     families = sorted(set(family.names)) if family is not None else []
@@ -46,9 +59,25 @@ def count_model(name: str, img_size: int | None = None, **kwargs) -> dict:
     }
 
 
-def model_table() -> list[dict]:
-    """``count_model`` of every subquad model."""
-    return [count_model(name) for name in subquad_model_names()]
+def committed_counts() -> dict[str, dict]:
+    """The rows of ``model_counts.csv`` by model name (numbers as floats)."""
+    with open(MODEL_COUNTS, newline="") as f:
+        return {r["model"]: {**r, "params_m": float(r["params_m"]), "gflops": float(r["gflops"])}
+                for r in csv.DictReader(f)}
+
+
+def model_rows(recount: bool = False) -> Iterator[dict]:
+    """One row per subquad model, in name order: from ``model_counts.csv``, counted afresh when ``recount``
+    or when the file has no row for it."""
+    committed = {} if recount else committed_counts()
+    for name in subquad_model_names():
+        yield committed.get(name) or count_model(name)
+
+
+def write_model_counts(path: Path = MODEL_COUNTS) -> None:
+    """Count every subquad model and write the table read by ``subquad models``."""
+    rows = [{**r, "params_m": f"{r['params_m']:.6f}", "gflops": f"{r['gflops']:.4f}"} for r in model_rows(recount=True)]
+    save_csv(rows, path)
 
 
 MODEL_COLUMNS: list[Column] = [("model", "model", "s"), ("attention", "attention", "s"),
@@ -66,3 +95,8 @@ def family_table() -> list[dict]:
 FAMILY_COLUMNS: list[Column] = [("family", "family", "s"), ("aliases", "aliases", "s"), ("attention", "attention", "s"),
                                 ("paper", "paper", "s"), ("cost", "cost", "s"), ("grids", "grids", "s"),
                                 ("pipeline", "training-free", "s")]
+
+
+if __name__ == "__main__":
+    write_model_counts()
+    print(f"wrote {MODEL_COUNTS}")

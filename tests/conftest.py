@@ -14,6 +14,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 if not torch.cuda.is_available():      # Triton kernels run on CPU under the interpreter (set before they import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if "PYTEST_XDIST_WORKER" in os.environ:   # `-n auto` runs one worker per core: one thread each, not one per core each
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from subquad.backbones import mavit, nat, pvt, pvt_v2, swin
+from subquad.backbones import cswin, mavit, nat, pvt, pvt_v2, swin
 
 
 # --- the official module structures as data ---------------------------------------------------
@@ -224,15 +224,54 @@ def official_dinat_s(name):
     return {**keys, **norm("norm", c0 * 8), **linear("head", 1000, c0 * 8)}
 
 
+# Agent-CSWin / FLatten-CSWin (agent_cswin.py, flatten_cswin.py; cfgs/*_cswin_*.yaml): C, depths, heads, block kind
+# per stage (A agent / L focused linear over the whole stage map; S CSWin's cross-shaped windows, two branches
+# unless the stripe is the map), the resolution and the stripe width (split size) of stage 3
+OFFICIAL_CSWIN = {
+    "agent_cswin_tiny_224": (64, (2, 4, 18, 1), (2, 4, 8, 16), "AASS", 224, 7),
+    "agent_cswin_small_224": (64, (3, 6, 29, 2), (2, 4, 8, 16), "AASS", 224, 7),
+    "agent_cswin_base_224": (96, (3, 6, 29, 2), (4, 8, 16, 32), "AASS", 224, 7),
+    "agent_cswin_base_384": (96, (3, 6, 29, 2), (4, 8, 16, 32), "AASS", 384, 12),
+    "flatten_cswin_tiny_224": (64, (2, 4, 18, 1), (2, 4, 8, 16), "LLSS", 224, 7),
+    "flatten_cswin_small_224": (64, (2, 4, 32, 2), (2, 4, 8, 16), "LLSS", 224, 7),
+    "flatten_cswin_base_224": (96, (3, 6, 29, 2), (4, 8, 16, 32), "LLSS", 224, 7),
+    "flatten_cswin_base_384": (96, (3, 6, 29, 2), (4, 8, 16, 32), "LLSS", 384, 12),
+}
+
+
+def official_cswin(name):
+    c0, depths, heads, kinds, size, stripe = OFFICIAL_CSWIN[name]
+    keys = {**conv("stage1_conv_embed.0", c0, 3, 7), **norm("stage1_conv_embed.2", c0)}
+    for i, (depth, h, kind) in enumerate(zip(depths, heads, kinds)):
+        c, side = c0 * 2 ** i, size // 4 // 2 ** i
+        for j in range(depth):
+            block = {**norm("norm1", c), **linear("qkv", 3 * c, c), **linear("proj", c, c), **norm("norm2", c),
+                     **linear("mlp.fc1", 4 * c, c), **linear("mlp.fc2", c, 4 * c)}
+            if kind == "A":
+                agent = {k: v for k, v in agent_params(c, h, AGENTS[i], side).items() if not k.startswith("dwc")}
+                block.update(prefixed("attns.0", {**conv("get_v", c, 1, 3), **agent}))
+            elif kind == "L":
+                block.update(prefixed("attns.0", {**conv("get_v", c, 1, 3), **flatten_params(c, h, side)}))
+            elif i == 3 or side == stripe:    # one branch over the whole map
+                block.update(conv("attns.0.get_v", c, 1, 3))
+            else:
+                block.update({**conv("attns.0.get_v", c // 2, 1, 3), **conv("attns.1.get_v", c // 2, 1, 3)})
+            keys.update(prefixed(f"stage{i + 1}.{j}", block))
+        if i < 3:
+            keys.update({**conv(f"merge{i + 1}.conv", 2 * c, c, 3), **norm(f"merge{i + 1}.norm", 2 * c)})
+    return {**keys, **norm("norm", c0 * 8), **linear("head", 1000, c0 * 8)}
+
+
 # official keys the conversion drops on purpose: buffers we recompute, FLatten-PVT's unused final norm
 DROPPED = {"swin": r"(relative_position_index|attn_mask)$", "pvt": r"^norm\.", "mavit": r"\.RoPE\.angle$", "nat": r"^$",
-           "pvt_v2": r"^$"}
+           "pvt_v2": r"^$", "cswin": r"^$"}
 CASES = ([(n, "swin", official_swin, swin) for n in OFFICIAL_SWIN]
          + [(n, "pvt", official_pvt, pvt) for n in OFFICIAL_PVT]
          + [(f"flatten_pvt_v2_{b}", "pvt_v2", official_pvt_v2, pvt_v2) for b in OFFICIAL_PVT_V2]
          + [(n, "mavit", official_mavit, mavit) for n in OFFICIAL_MAVIT]
          + [(n, "nat", official_nat, nat) for n in NAT_VARIANTS]
-         + [(n, "swin", official_dinat_s, nat.swin) for n in OFFICIAL_DINAT_S])
+         + [(n, "swin", official_dinat_s, nat.swin) for n in OFFICIAL_DINAT_S]
+         + [(n, "cswin", official_cswin, cswin) for n in OFFICIAL_CSWIN])
 
 
 def tensors(shapes, device="meta"):
@@ -257,31 +296,30 @@ def test_conversion_covers_every_official_key(name, layout, official, module):
     assert numel(converted) == numel(state) - numel(dropped), "a parameter was lost or invented in conversion"
 
 
+def converted(name, official, module):
+    """(an official state dict of ``name`` with random values, the same converted by ``module``'s filter)."""
+    state = tensors(official(name), device="cpu")
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    return state, module.checkpoint_filter_fn(state, model)
+
+
 def test_conversion_places_values():
     """Where the layouts differ, the numbers land in the right place."""
-    pvt_state = tensors(official_pvt("agent_pvt_tiny"), device="cpu")
-    with torch.device("meta"):
-        model = timm.create_model("agent_pvt_tiny")
-    out = pvt.checkpoint_filter_fn(pvt_state, model)
+    pvt_state, out = converted("agent_pvt_tiny", official_pvt, pvt)
     qkv = out["stages.1.blocks.0.attn.qkv.weight"]
     assert torch.equal(qkv[:128], pvt_state["block2.0.attn.q.weight"])
     assert torch.equal(qkv[128:], pvt_state["block2.0.attn.kv.weight"])
     assert torch.equal(out["stages.2.downsample.proj.weight"], pvt_state["patch_embed3.proj.weight"])
     assert torch.equal(out["stages.3.pos_embed"], pvt_state["pos_embed4"])
 
-    v2_state = tensors(official_pvt_v2("flatten_pvt_v2_b0"), device="cpu")
-    with torch.device("meta"):
-        model = timm.create_model("flatten_pvt_v2_b0")
-    out = pvt_v2.checkpoint_filter_fn(v2_state, model)
+    v2_state, out = converted("flatten_pvt_v2_b0", official_pvt_v2, pvt_v2)
     assert torch.equal(out["stages.1.blocks.1.mlp.dwconv.weight"], v2_state["block2.1.mlp.dwconv.dwconv.weight"])
     assert torch.equal(out["stages.2.norm.bias"], v2_state["norm3.bias"])
     assert torch.equal(out["stages.3.downsample.proj.weight"], v2_state["patch_embed4.proj.weight"])
     assert torch.equal(out["stages.0.blocks.0.attn.qkv.bias"][32:], v2_state["block1.0.attn.kv.bias"])
 
-    mavit_state = tensors(official_mavit("mavit_tiny"), device="cpu")
-    with torch.device("meta"):
-        model = timm.create_model("mavit_tiny")
-    out = mavit.checkpoint_filter_fn(mavit_state, model)
+    mavit_state, out = converted("mavit_tiny", official_mavit, mavit)
     qkvo = mavit_state["layers.2.blocks.1.attn.qkvo.weight"].flatten(1)
     assert torch.equal(out["stages.2.blocks.1.attn.qkv.weight"], qkvo[:768])
     assert torch.equal(out["stages.2.blocks.1.attn.gate.weight"], qkvo[768:])
@@ -296,6 +334,23 @@ def test_conversion_places_values():
     out = swin.checkpoint_filter_fn(swin_state, model)
     assert torch.equal(out["stages.1.downsample.reduction.weight"], swin_state["layers.0.downsample.reduction.weight"])
     assert torch.equal(out["head.fc.bias"], swin_state["head.bias"])
+
+
+def test_cswin_conversion_places_values():
+    """The two branches' LePE convs are concatenated (vertical stripes first); an agent block's LePE is its DWC."""
+    state, out = converted("agent_cswin_tiny_224", official_cswin, cswin)
+    assert torch.equal(out["stages.2.blocks.3.attn.lepe.weight"], torch.cat([state["stage3.3.attns.0.get_v.weight"],
+                                                                            state["stage3.3.attns.1.get_v.weight"]]))
+    assert torch.equal(out["stages.3.blocks.0.attn.lepe.bias"], state["stage4.0.attns.0.get_v.bias"])
+    assert torch.equal(out["stages.1.blocks.2.attn.dwc.weight"], state["stage2.2.attns.0.get_v.weight"])
+    assert torch.equal(out["stages.1.blocks.2.attn.wa_bias"], state["stage2.2.attns.0.wa_bias"])
+    assert torch.equal(out["stages.0.blocks.1.attn.qkv.weight"], state["stage1.1.qkv.weight"])
+    assert torch.equal(out["stages.2.downsample.proj.weight"], state["merge2.conv.weight"])
+    assert torch.equal(out["patch_embed.norm.bias"], state["stage1_conv_embed.2.bias"])
+    flatten_state, out = converted("flatten_cswin_tiny_224", official_cswin, cswin)
+    assert torch.equal(out["stages.0.blocks.0.attn.lepe.weight"], flatten_state["stage1.0.attns.0.get_v.weight"])
+    assert torch.equal(out["stages.0.blocks.0.attn.dwc.weight"], flatten_state["stage1.0.attns.0.dwc.weight"])
+    assert torch.equal(out["head.fc.bias"], flatten_state["head.bias"])
 
 
 def test_official_file_loads_through_timm(tmp_path):

@@ -14,6 +14,7 @@ NAMES = {
     "pvt": [f"{f}_pvt_{s}" for f in ("agent", "flatten") for s in ("tiny", "small", "medium", "large")]
     + ["agent_pvt_medium_256"],
     "pvt_v2": [f"flatten_pvt_v2_b{i}" for i in range(5)],
+    "cswin": [f"{f}_cswin_{s}" for f in ("agent", "flatten") for s in ("tiny_224", "small_224", "base_224", "base_384")],
     "mavit": [f"mavit_{s}" for s in ("tiny", "small", "base", "large")],
     "hier": [f"subquad_hier_{s}" for s in ("tiny", "small", "base")],
     "nat": [f"{f}_{s}" for f in ("nat", "dinat") for s in ("mini", "tiny", "small", "base")]
@@ -23,7 +24,8 @@ NAMES = {
 RESOLUTION = {"288": 288, "384": 384, "256": 256}   # a name ending in a size (or _384_11x11) is at that size
 ALL = [n for names in NAMES.values() for n in names]
 SMALLEST = ["agent_swin_tiny_patch4_window7_224", "flatten_swin_tiny_patch4_window7_224", "agent_pvt_tiny",
-            "flatten_pvt_tiny", "flatten_pvt_v2_b0", "mavit_tiny", "nat_mini", "dinat_mini"]
+            "flatten_pvt_tiny", "flatten_pvt_v2_b0", "agent_cswin_tiny_224", "flatten_cswin_tiny_224", "mavit_tiny",
+            "nat_mini", "dinat_mini"]
 SMALL = dict(embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8), depths=(2, 2, 2, 2))  # narrow, shallow: fast
 
 
