@@ -56,7 +56,14 @@ class AgentAttention(GridAttention):
             nn.init.trunc_normal_(p, std=0.02)
 
     def agent_bias(self, grid: tuple[int, int], num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B1 (h, n, N), B2 (h, N, n)) for this grid: maps and row/column terms resized to it."""
+        """(B1 (h, n, N), B2 (h, N, n)) for this grid: maps and row/column terms resized to it (kept for
+        inference: ``cached_for_inference``)."""
+        biases = (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias, self.ac_bias,
+                  self.ca_bias)
+        return self.cached_for_inference("agent_bias", (grid, num_prefix), biases,
+                                         lambda: self._resized_bias(grid, num_prefix))
+
+    def _resized_bias(self, grid: tuple[int, int], num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
         h, n = self.num_heads, self.num_agents
         gh, gw = grid
         rows = resize_map(self.ah_bias.reshape(h, n, -1), (gh,)).reshape(h, n, gh, 1)

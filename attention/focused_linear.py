@@ -53,7 +53,8 @@ class FocusedLinearAttention(GridAttention):
 
     def attend(self, x, q, k, v, grid, num_prefix):
         if self.positional_encoding is not None:      # one pass over k; prefix keys get none
-            k = k + self.key_encoding(grid, num_prefix, k.dtype)
+            k = k + self.cached_for_inference("key_encoding", (grid, num_prefix, k.dtype), (self.positional_encoding,),
+                                              lambda: self.key_encoding(grid, num_prefix, k.dtype))
         y = focused_linear_attention(q, k, v, grid=grid, focusing_factor=self.focusing_factor,
                                      scale=self.scale.reshape(self.num_heads, self.head_dim),
                                      num_prefix=num_prefix, backend=self.backend)

@@ -32,9 +32,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..core.triton_common import (LOG2E, cdiv, dot, dot_split_a, dot_split_b, head_strides, launch, load_tile,
-                                  num_programs_target, pad_dim, precision_flags, round_to, split_operand, split_tokens,
-                                  store_tile)
+from ..core.triton_common import (LOG2E, cdiv, dot, dot_split_a, dot_split_b, head_strides, launch,
+                                  load_tile, num_programs_target, pad_dim, precision_flags, round_to, split_operand,
+                                  split_tokens, store_tile)
+from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 
 
@@ -475,7 +476,7 @@ def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor
     launch(_merge_kernel, (b * h, nap), m_part, l_part, acc_part, va, lse, splits, NAP=nap, DVP=dvp,
            BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
 
-    out = q.new_empty(b, h, n, dv)
+    out = heads_last_empty(q, b, h, n, dv)
     cfg = CONFIG["broadcast"]
     splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], 2 * target, cfg["max_tiles"])
     launch(_broadcast_kernel, (b * h, splits), q, agents, va, b2 if has_bias else q, out, n, h, chunk, qk_scale,
@@ -542,7 +543,7 @@ def _forward_fake(q, k, v, b1, b2, num_agents, num_prefix, grid_h, grid_w):
     b, h, n, d = q.shape
     nap, dp, dvp = pad_dim(num_agents), pad_dim(d), pad_dim(v.shape[-1])
     f32 = torch.float32
-    return (q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b * h, nap, dp, dtype=f32),
+    return (heads_last_empty(q, b, h, n, v.shape[-1]), q.new_empty(b * h, nap, dp, dtype=f32),
             q.new_empty(b * h, nap, dvp, dtype=f32), q.new_empty(b * h, nap, dtype=f32))
 
 

@@ -17,9 +17,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..core.triton_common import (LOG2E, delta_kernel, dkdv_step, dot_acc, dq_step, launch, load_block, load_row_stats,
-                                  rows_contiguous, softmax_finish, softmax_step, store_block, strides,
-                                  transposed_scores)
+from ..core.triton_common import (LOG2E, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
+                                  load_block, load_row_stats, rows_contiguous, softmax_finish, softmax_step,
+                                  store_block, strides, transposed_scores)
+from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 from .layout import num_tiles, transpose_csr
 
@@ -349,7 +350,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
     with ``tile_rows`` the rows no tile lists (the prefix) are 0 with log-sum-exp -inf."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     b, h, nq, d = q.shape
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    o = heads_last_empty(q, b, h, nq, v.shape[-1])
     lse = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
     if tile_rows is not None and num_prefix > 0:
         o[:, :, :num_prefix].zero_()
@@ -422,7 +423,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
 def _forward_fake(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows, block_m, block_n,
                   num_prefix, scale):
     b, h, nq, _ = q.shape
-    return q.new_empty(b, h, nq, v.shape[-1]), q.new_empty(b, h, nq, dtype=torch.float32)
+    return heads_last_empty(q, b, h, nq, v.shape[-1]), q.new_empty(b, h, nq, dtype=torch.float32)
 
 
 def _backward_fake(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows, block_m,

@@ -14,10 +14,10 @@ A program per (batch, head) copies the prefix rows. The filter enters as fp32 ta
 per call, so that each tap's channels are one contiguous vector load.
 
 Backward, with g = dL/dout: d residual = g; dx = the transposed conv of g (the flipped filter), 0 on the
-prefix rows; dw[c, i, j] = sum g[t, c] x[t + (i - r, j - r), c] and dbias[c] = sum g[t, c] over the grid
-tokens and the batch (and the heads when C = d). One kernel computes dx and the filter gradients of a chunk
-of tiles: each program keeps fp32 partials [dw taps | dbias] (k*k + 1 rows of d), a few KiB for chunks of
-several tiles, and a second small kernel sums the programs' partials into dw and dbias in their dtype.
+prefix rows: the forward kernel with the taps flipped, as parallel as the forward. dw[c, i, j] = sum g[t, c]
+x[t + (i - r, j - r), c] and dbias[c] = sum g[t, c] over the grid tokens and the batch (and the heads when
+C = d): each program sums a chunk of tiles into fp32 partials [dw taps | dbias] (k*k + 1 rows of d) held in
+registers and stored once, and a small kernel sums the programs' partials into dw and dbias in their dtype.
 """
 from typing import Optional, Tuple
 
@@ -31,13 +31,13 @@ from ..core.triton_common import (cdiv, head_strides, launch, load_tile, num_pro
 from ..core.triton_op import triton_op
 
 # Tile sizes and launch options (``python -m subquad.tasks.bench.grid_conv --sweep`` times them); 8 warps
-# keep a 64-token tile under 130 registers (sm_90 ptxas, bf16, d = 64, k = 5: no spills). backward: per_sm
-# programs per SM that the chunks aim at (two 8-warp programs fit an SM's registers), and at least min_tiles
-# tiles per chunk, so that the partials stay a few percent of the chunk's bytes ((k*k + 1) / (128 min_tiles)
-# of its x for 16-bit inputs).
+# keep a 64-token tile under 130 registers (sm_90 ptxas, bf16, d = 64, k = 5: no spills). The forward's
+# serve dx too. backward (the filter gradients): per_sm programs per SM that the chunks aim at, and at least
+# min_tiles tiles per chunk, so that the partials stay a small part of the chunk's bytes ((k*k + 1) / (64
+# min_tiles) of its g and x for 16-bit inputs).
 CONFIG = {
     "forward": dict(TILE_H=8, TILE_W=8, num_warps=8),
-    "backward": dict(TILE_H=8, TILE_W=8, num_warps=8, per_sm=2, min_tiles=8),
+    "backward": dict(TILE_H=8, TILE_W=8, num_warps=4, per_sm=4, min_tiles=4),
     "reduce": dict(BLOCK_R=32, num_warps=4),
 }
 
@@ -105,9 +105,11 @@ def _prefix_rows(src_base, s_src, dst_base, s_dst, num_prefix, offs_c, mc, COPY:
 def _forward_kernel(x_ptr, taps_ptr, b_ptr, r_ptr, o_ptr, num_prefix, grid_h, grid_w, grid_items, items, s_tap,
                     s_xb, s_xh, s_xn, s_rb, s_rh, s_rn, s_ob, s_oh, s_on,
                     D: tl.constexpr, DP: tl.constexpr, K: tl.constexpr, PER_HEAD: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, FLIP: tl.constexpr, TILE_H: tl.constexpr,
+                    TILE_W: tl.constexpr):
     """out = residual + bias + conv(x) for one tile of one (batch, head); item ``grid_items`` of a batch
-    element (there when P > 0) is its prefix rows. ``items`` = tiles per batch element, prefix item included."""
+    element (there when P > 0) is its prefix rows. ``items`` = tiles per batch element, prefix item included.
+    FLIP: the transposed conv (dx of the backward, from x = g)."""
     b = (tl.program_id(0) // items).to(tl.int64)        # batch offsets may pass 2^31 elements
     j = tl.program_id(0) % items
     h = tl.program_id(1)
@@ -121,7 +123,7 @@ def _forward_kernel(x_ptr, taps_ptr, b_ptr, r_ptr, o_ptr, num_prefix, grid_h, gr
     else:
         row, col, first, tok, inside = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
         acc = _conv(x_ptr + b * s_xb + h * s_xh, s_xn, taps_ptr, s_tap, chan, first, row, col, grid_h, grid_w, offs_c,
-                    mc, K, False, TILE_H * TILE_W, DP)
+                    mc, K, FLIP, TILE_H * TILE_W, DP)
         if HAS_BIAS:
             acc += tl.load(b_ptr + chan, mask=mc, other=0.0).to(tl.float32)[None, :]
         if HAS_RES:
@@ -129,49 +131,32 @@ def _forward_kernel(x_ptr, taps_ptr, b_ptr, r_ptr, o_ptr, num_prefix, grid_h, gr
         store_tile(o_base, tok, offs_c, s_on, inside, mc, acc)
 
 
-@triton.jit
-def _accumulate(ptr, offs_c, value):
-    """ptr[offs_c] += value, for a row of this program's own partials (no other program touches it)."""
-    tl.store(ptr + offs_c, tl.load(ptr + offs_c) + value)
-
-
 @triton.jit(do_not_specialize=["num_prefix", "grid_h", "grid_w", "grid_items", "items", "total", "chunk"])
-def _backward_kernel(g_ptr, x_ptr, taps_ptr, dx_ptr, part_ptr, num_prefix, grid_h, grid_w, grid_items, items,
-                     total, chunk, s_tap, s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, s_db, s_dh, s_dn,
-                     D: tl.constexpr, DP: tl.constexpr, K: tl.constexpr, PER_HEAD: tl.constexpr,
-                     TILE_H: tl.constexpr, TILE_W: tl.constexpr):
-    """dx for a chunk of the (batch, tile) items of one head, and the chunk's fp32 partials
-    [dw tap 0 .. tap K*K-1 | dbias] (K*K + 1 rows of DP) at part[head, chunk], kept in place: a partial row
-    is tiny and stays in this program's cache, so a load-add-store per item costs little."""
+def _filter_grad_kernel(g_ptr, x_ptr, part_ptr, num_prefix, grid_h, grid_w, grid_items, items, total, chunk,
+                        s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, D: tl.constexpr, DP: tl.constexpr, K: tl.constexpr,
+                        ROWS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """The fp32 partials [dw tap 0 .. tap K*K-1 | dbias] of a chunk of the (batch, tile) items of one head,
+    summed in registers (ROWS >= K*K + 1 rows of DP) and stored once at part[head, chunk]."""
     split = tl.program_id(0)
     h = tl.program_id(1)
     offs_c = tl.arange(0, DP)
     mc = offs_c < D
-    chan = h * D + offs_c if PER_HEAD else offs_c
-    part = part_ptr + (h * tl.num_programs(0) + split) * (K * K + 1) * DP
-    for tap in tl.static_range(K * K + 1):
-        tl.store(part + tap * DP + offs_c, tl.zeros((DP,), tl.float32))
-    tl.debug_barrier()          # a partial may be read back by other threads than the one that stored it
+    rows = tl.arange(0, ROWS)[:, None]
+    acc = tl.zeros((ROWS, DP), tl.float32)
     lo = split * chunk
     for item in range(lo, tl.minimum(lo + chunk, total)):
         b, j = (item // items).to(tl.int64), item % items
-        g_base = g_ptr + b * s_gb + h * s_gh
-        dx_base = dx_ptr + b * s_db + h * s_dh
-        if j == grid_items:
-            _prefix_rows(g_base, s_gn, dx_base, s_dn, num_prefix, offs_c, mc, False, TILE_H * TILE_W, DP)
-        else:
+        if j != grid_items:
             row, col, first, tok, inside = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
-            dx = _conv(g_base, s_gn, taps_ptr, s_tap, chan, first, row, col, grid_h, grid_w, offs_c, mc, K, True,
-                       TILE_H * TILE_W, DP)
-            store_tile(dx_base, tok, offs_c, s_dn, inside, mc, dx)
-            g = load_tile(g_base, tok, offs_c, s_gn, inside, mc).to(tl.float32)
-            _accumulate(part + K * K * DP, offs_c, tl.sum(g, axis=0))
+            g = load_tile(g_ptr + b * s_gb + h * s_gh, tok, offs_c, s_gn, inside, mc).to(tl.float32)
+            acc += tl.where(rows == K * K, tl.sum(g, axis=0)[None, :], 0.0)
             x_base = x_ptr + b * s_xb + h * s_xh
             for i in range(K):
                 for jj in tl.static_range(K):
                     xs = _shifted(x_base, s_xn, first, row, col, i - K // 2, jj - K // 2, grid_h, grid_w, offs_c, mc)
-                    _accumulate(part + (i * K + jj) * DP, offs_c, tl.sum(g * xs, axis=0))
-            tl.debug_barrier()
+                    acc += tl.where(rows == i * K + jj, tl.sum(g * xs, axis=0)[None, :], 0.0)
+    part = part_ptr + (h * tl.num_programs(0) + split) * (K * K + 1) * DP
+    tl.store(part + rows * DP + offs_c[None, :], acc, mask=rows < K * K + 1)
 
 
 @triton.jit(do_not_specialize=["rows"])
@@ -225,21 +210,27 @@ def _output_like(x: Tensor, residual: Optional[Tensor]) -> Tensor:
     return torch.empty_like(_unit_channel(residual)) if residual is not None else x.new_empty(x.shape)
 
 
-def grid_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], num_prefix: int,
-                      frames: int, grid_h: int, grid_w: int) -> Tensor:
-    """residual + conv(x) (residual None: 0), in x's dtype; arguments as checked by ``depthwise_conv_on_grid``."""
+def _conv_launch(x: Tensor, taps: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], out: Tensor, k: int,
+                 per_head: bool, flip: bool, num_prefix: int, frames: int, grid_h: int, grid_w: int) -> Tensor:
+    """out = residual + bias + conv(x) (the transposed conv if ``flip``), x and residual (B, h, N, d)."""
     b, h, _, d = x.shape
     x, s_xb, s_xh, s_xn = head_strides(x)
-    out = _output_like(x, residual)
     res, s_rb, s_rh, s_rn = head_strides(residual) if residual is not None else (x, 0, 0, 0)
     cfg = CONFIG["forward"]
     grid_items, items = _items(num_prefix, frames, grid_h, grid_w, cfg["TILE_H"], cfg["TILE_W"])
-    taps = _taps(weight)
     launch(_forward_kernel, (b * items, h), x, taps, bias.contiguous() if bias is not None else x, res, out,
            num_prefix, grid_h, grid_w, grid_items, items, taps.stride(0), s_xb, s_xh, s_xn, s_rb, s_rh, s_rn,
-           out.stride(0), out.stride(1), out.stride(2), D=d, DP=pad_dim(d), K=weight.shape[-1],
-           PER_HEAD=weight.shape[0] == h * d, HAS_BIAS=bias is not None, HAS_RES=residual is not None, **cfg)
+           out.stride(0), out.stride(1), out.stride(2), D=d, DP=pad_dim(d), K=k, PER_HEAD=per_head,
+           HAS_BIAS=bias is not None, HAS_RES=residual is not None, FLIP=flip, **cfg)
     return out
+
+
+def grid_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], num_prefix: int,
+                      frames: int, grid_h: int, grid_w: int) -> Tensor:
+    """residual + conv(x) (residual None: 0), in x's dtype; arguments as checked by ``depthwise_conv_on_grid``."""
+    per_head = weight.shape[0] == x.shape[1] * x.shape[3]
+    return _conv_launch(x, _taps(weight), bias, residual, _output_like(_unit_channel(x), residual), weight.shape[-1],
+                        per_head, False, num_prefix, frames, grid_h, grid_w)
 
 
 def grid_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], num_prefix: int, frames: int,
@@ -248,7 +239,9 @@ def grid_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     b, h, _, d = x.shape
     k, channels = weight.shape[-1], weight.shape[0]
     (grad, s_gb, s_gh, s_gn), (x, s_xb, s_xh, s_xn) = head_strides(grad), head_strides(x)
-    dx = torch.empty_like(x)
+    taps = _taps(weight)
+    dx = _conv_launch(grad, taps, None, None, torch.empty_like(x), k, channels == h * d, True, num_prefix, frames,
+                      grid_h, grid_w)
     dp = pad_dim(d)
     cfg = CONFIG["backward"]
     grid_items, items = _items(num_prefix, frames, grid_h, grid_w, cfg["TILE_H"], cfg["TILE_W"])
@@ -256,11 +249,9 @@ def grid_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     chunk = max(cfg["min_tiles"], cdiv(total, cdiv(num_programs_target(x.device, cfg["per_sm"]), h)))
     splits = cdiv(total, chunk)
     part = x.new_empty(h, splits, k * k + 1, dp, dtype=torch.float32)
-    taps = _taps(weight)
-    launch(_backward_kernel, (splits, h), grad, x, taps, dx, part, num_prefix, grid_h, grid_w, grid_items, items,
-           total, chunk, taps.stride(0), s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, dx.stride(0), dx.stride(1),
-           dx.stride(2), D=d, DP=dp, K=k, PER_HEAD=channels == h * d, TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"],
-           num_warps=cfg["num_warps"])
+    launch(_filter_grad_kernel, (splits, h), grad, x, part, num_prefix, grid_h, grid_w, grid_items, items, total,
+           chunk, s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, D=d, DP=dp, K=k, ROWS=triton.next_power_of_2(k * k + 1),
+           TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], num_warps=cfg["num_warps"])
     dw, db = _filter_grads_like(weight, bias)
     groups = channels // d
     cfg = CONFIG["reduce"]

@@ -48,9 +48,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ..core.rope import rope_2d_angles
-from ..core.triton_common import (cdiv, dot_split, dot_split_a, dot_split_b, dot_terms, head_strides, launch, load_tile,
-                                  num_programs_target, operand_dtype, pad_dim, precision_flags, split_operand,
-                                  split_tokens, store_tile)
+from ..core.triton_common import (cdiv, dot_split, dot_split_a, dot_split_b, dot_terms, head_strides, launch,
+                                  load_tile, num_programs_target, operand_dtype, pad_dim, precision_flags,
+                                  split_operand, split_tokens, store_tile)
+from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 from .reference import FOCUSED_EPS, LINEAR_EPS
 
@@ -696,7 +697,7 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
     launch(_state_kernel, (b * h, splits), k, v, c, norms[1] if focused else q, trig, part, n, h, chunk, float(p),
            FOCUSED_EPS, num_prefix, rope_h, rope_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, **meta, **opts)
     state = part.sum(1) if splits > 1 else part[:, 0]
-    out = q.new_empty(b, h, n, dv)
+    out = heads_last_empty(q, b, h, n, dv)
     cfg = CONFIG["focused_output" if focused else "output"]
     opts = _launch_opts(cfg, meta)
     splits, chunk = _splits(cfg, opts, b * h, n, q.device)
@@ -764,7 +765,7 @@ def _forward_fake(q, k, v, c, feature, p, num_prefix, rope_h, rope_w):
     b, h, n, d = q.shape
     dp, dvp = pad_dim(d), pad_dim(v.shape[-1])
     focused = feature == FOCUSED
-    return (q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b * h, dp * dvp + dp + dvp, dtype=torch.float32),
+    return (heads_last_empty(q, b, h, n, v.shape[-1]), q.new_empty(b * h, dp * dvp + dp + dvp, dtype=torch.float32),
             q.new_empty((2, b, n, 4) if focused else (0,), dtype=torch.float32),
             q.new_empty(b * h, n if focused else 0, dtype=torch.float32))
 

@@ -16,7 +16,7 @@ from ..core.compile_constant import compile_constant
 from ..core.dispatch import choose_backend
 from ..core.gathered import gather_rows, with_global_prefix
 from ..core.tiles import TileLayout, from_tiles, to_tiles
-from ..softmax import softmax_attention_sdpa
+from ..softmax import prefix_attention_sdpa
 from .plan import BlockHierarchy, block_hierarchy, pool_levels, select_blocks
 
 
@@ -103,7 +103,7 @@ def loglinear_attention_on_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         csr = fixed_width_csr(torch.cat(lists, -1), null_tile)
         return run_core(core, hierarchy.layouts[0], qg, kg, vg, kp, vp, csr, key_bias, extra_k, extra_v)
 
-    return with_global_prefix(q, k, v, num_prefix, attend_grid, dense=softmax_attention_sdpa)
+    return with_global_prefix(q, k, v, num_prefix, attend_grid, dense=prefix_attention_sdpa)
 
 
 loglinear_attention_on_triton = functools.partial(loglinear_attention_on_core, core_backend="triton")

@@ -28,14 +28,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..core.heads_last import cat_tokens, heads_last_empty
 from ..core.triton_op import triton_op
-from ..core.triton_common import (LOG2E, cdiv, delta_kernel, dkdv_step, dot_acc, dq_step, launch, load_block,
-                                  load_row_stats, rows_contiguous, softmax_finish, softmax_step, strides)
+from ..core.triton_common import (LOG2E, cdiv, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
+                                  load_block, load_row_stats, rows_contiguous, softmax_finish, softmax_step, strides)
+from ..softmax import prefix_attention_sdpa
 
 PREFIX_BLOCK = 16       # prefix keys per block (the smallest tl.dot side)
 
@@ -371,7 +372,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], height: int,
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     b, nh, _, d = q.shape
     n = height * width
-    o = q.new_empty(b, nh, n, d)
+    o = heads_last_empty(q, b, nh, n, v.shape[-1])
     lse = torch.empty(b, nh, n, device=q.device, dtype=torch.float32)
     cfg = dict((config or default_config((height, width), kernel_size, dilation, d, q.dtype))["fwd"])
     tiles = _num_tiles(height, width, dilation, cfg["TH"], cfg["TW"])
@@ -433,7 +434,8 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
 
 def _forward_fake(q, k, v, rpb, height, width, kernel_size, dilation, num_prefix, scale):
     b, nh, _, d = q.shape
-    return q.new_empty(b, nh, height * width, d), q.new_empty(b, nh, height * width, dtype=torch.float32)
+    return (heads_last_empty(q, b, nh, height * width, v.shape[-1]),
+            q.new_empty(b, nh, height * width, dtype=torch.float32))
 
 
 def _backward_fake(do, q, k, v, o, lse, rpb, height, width, kernel_size, dilation, num_prefix, scale):
@@ -462,5 +464,4 @@ def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, grid: tuple[i
                                   q.shape[-1] ** -0.5)
     if num_prefix == 0:
         return out
-    prefix = F.scaled_dot_product_attention(q[:, :, :num_prefix], k, v)
-    return torch.cat([prefix, out], dim=2)
+    return cat_tokens(prefix_attention_sdpa(q[:, :, :num_prefix], k, v), out)

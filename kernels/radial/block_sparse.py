@@ -9,7 +9,8 @@ import torch
 from ..block_sparse.layout import csr_from_lists
 from ..core.compile_constant import compile_constant
 from ..core.dispatch import choose_backend
-from ..softmax import softmax_attention_sdpa
+from ..core.heads_last import cat_tokens
+from ..softmax import prefix_attention_sdpa
 from .plan import radial_plan, tile_size
 
 
@@ -33,7 +34,7 @@ def radial_attention_on_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     out = core(q, k, v, row_ptr, col_idx, t, t, num_prefix, None, None, None, None, tile_rows)
     if num_prefix == 0:
         return out
-    return torch.cat([softmax_attention_sdpa(q[:, :, :num_prefix], k, v), out[:, :, num_prefix:]], dim=2)
+    return cat_tokens(prefix_attention_sdpa(q[:, :, :num_prefix], k, v), out[:, :, num_prefix:])
 
 
 radial_attention_on_triton = functools.partial(radial_attention_on_core, core_backend="triton")

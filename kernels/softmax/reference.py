@@ -20,3 +20,23 @@ def softmax_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            scale: float | None = None) -> torch.Tensor:
     """PyTorch's fused scaled_dot_product_attention: the baseline every figure is compared with."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward passes the gradient on in contiguous memory."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def prefix_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA of a few prefix queries (cls tokens) over all keys, as the sparse families attend them, with the
+    output's gradient made contiguous: a model's gradient arrives in the heads-last layout (a view of the
+    (B, N, h*d) gradient), and cuDNN's SDPA backward on an H200 returned a wrong dq for a one-query slice of it
+    (relative error 0.9; contiguous, the usual 3e-3 of bf16)."""
+    return _ContiguousGrad.apply(F.scaled_dot_product_attention(q, k, v))

@@ -94,6 +94,47 @@ def test_agent_bias_uses_the_parameters_exactly_on_the_bias_grid():
     torch.testing.assert_close(b2.reshape(h, 7, 7, n), m.na_bias.permute(0, 2, 3, 1), rtol=0, atol=0)
 
 
+def test_agent_bias_kept_for_inference_only_while_the_parameters_are_unchanged():
+    """Without autograd the resized pair is reused for the same grid; an in-place update, load_state_dict, an
+    optimizer step, a dtype change or another grid rebuilds it; with autograd it is built every call."""
+    m = randomize(attention.build("agent", dim=16, num_heads=2, num_agents=4))
+    fresh = lambda grid, prefix: m._resized_bias(grid, prefix)          # noqa: E731
+    with torch.no_grad():
+        first = m.agent_bias((9, 10), 1)
+        assert m.agent_bias((9, 10), 1)[0] is first[0]
+        other = m.agent_bias((8, 8), 0)
+        assert other[0] is not first[0] and other[0].shape == (2, 4, 64)
+        m.an_bias.add_(1.0)
+        updated = m.agent_bias((8, 8), 0)
+        torch.testing.assert_close(updated[0], fresh((8, 8), 0)[0], rtol=0, atol=0)
+        assert not torch.equal(updated[0], other[0])
+        m.load_state_dict({k: torch.randn_like(v) for k, v in m.state_dict().items()})
+        torch.testing.assert_close(m.agent_bias((8, 8), 0)[1], fresh((8, 8), 0)[1], rtol=0, atol=0)
+    step = torch.optim.SGD(m.parameters(), lr=1.0)
+    m(torch.randn(1, 64, 16), grid=(8, 8)).sum().backward()
+    step.step()
+    with torch.no_grad():
+        torch.testing.assert_close(m.agent_bias((8, 8), 0)[0], fresh((8, 8), 0)[0], rtol=0, atol=0)
+        m.double()
+        assert m.agent_bias((8, 8), 0)[0].dtype == torch.float64
+    assert m.agent_bias((8, 8), 0)[0].requires_grad                     # with autograd: built, differentiable
+
+
+def test_flatten_key_encoding_kept_for_inference_only_while_the_encoding_is_unchanged():
+    m = randomize(attention.build("flatten", dim=16, num_heads=2, pos_grid=(4, 4))).eval()
+    x = torch.randn(2, 1 + 30, 16)
+    with torch.no_grad():
+        first = m(x, grid=(5, 6), num_prefix=1)
+        kept = m._cached["key_encoding"][1]
+        assert kept.shape == (2, 31, 8) and not kept[:, 0].any()
+        torch.testing.assert_close(m(x, grid=(5, 6), num_prefix=1), first, rtol=0, atol=0)
+        assert m._cached["key_encoding"][1] is kept
+        m.positional_encoding.mul_(2.0)
+        changed = m(x, grid=(5, 6), num_prefix=1)
+    torch.testing.assert_close(changed, m(x, grid=(5, 6), num_prefix=1), rtol=0, atol=0)   # with autograd: fresh
+    assert not torch.equal(changed, first)
+
+
 @pytest.mark.parametrize("shape,size", [((3, 4, 7, 7), (56, 40)), ((2, 7, 7), (5, 9)), ((4, 49), (13,)),
                                         ((2, 3, 5), (64,)), ((1, 7, 7), (7, 30))])
 def test_resize_map_is_f_interpolate(shape, size):
