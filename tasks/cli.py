@@ -42,7 +42,8 @@ def _bench(args: argparse.Namespace) -> None:
     from .bench.suites import run_suite
     families = [attention.canonical_name(f) for f in args.families.split(",")] if args.families else None
     if args.suite != "families":
-        run_suite(args.suite, Path(args.out), families, compile=args.compile,
+        modes = ("eager",) + ("compile",) * args.compile + ("cuda-graph",) * args.cuda_graph
+        run_suite(args.suite, Path(args.out), families, modes=modes,
                   models=args.models.split(",") if args.models else None)
         return
     cfg = BenchConfig.default(args.device)
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "sampling time per family vs the SDPA DiT (CUDA); models: whole timm models vs "
                         "timm's dense peers (CUDA)")
     p.add_argument("--compile", action="store_true", help="models suite: also time torch.compile(model)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="models suite: also time inference captured into one CUDA graph (no host time)")
     p.add_argument("--models", help="models suite: comma-separated substrings of the model names to keep "
                                     "(e.g. mala,nat); the dense peers always run")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")

@@ -4,8 +4,10 @@ timm's dense model of the same size, measured in the same run.
 Per model and case: inference images/s (eval, no grad) and training images/s (forward, cross-entropy,
 backward, fused AdamW step on fp32 weights), both under bf16 autocast on CUDA; the peak memory of each; the host time per block (how long one inference forward takes to *issue*, after a sync, divided by
 the depth: the Python and launch cost that a GPU-bound model hides and a host-bound one does not); GFLOPs
-per image from the FLOP counter and the FLOP-ideal speedup (peer GFLOPs / model GFLOPs). ``compile=True``
-adds the same rows for ``torch.compile(model)`` with the compile time (the first calls).
+per image from the FLOP counter and the FLOP-ideal speedup (peer GFLOPs / model GFLOPs). Modes: ``eager``
+(always), ``compile``: the same rows for ``torch.compile(model)`` with the compile time (the first calls);
+``cuda-graph`` (CUDA only): inference captured into one CUDA graph and replayed, the model's GPU time without
+its host time (no training figure).
 
 Cases: DeiT-S at 224² B128, 1024² B4 and 2048² B1 against timm ``deit_small_patch16_224``; the
 hierarchical tiny models at 224² B128 against timm ``swin_tiny_patch4_window7_224``. DiT is the ``dit``
@@ -54,7 +56,8 @@ MODEL_CASES = (
 )
 NUM_CLASSES = 1000
 
-MODEL_COLUMNS = [("case", "case", "s"), ("model", "model", "s"), ("compiled", "compiled", "s"),
+MODES = ("eager", "compile", "cuda-graph")
+MODEL_COLUMNS = [("case", "case", "s"), ("model", "model", "s"), ("mode", "mode", "s"),
                  ("infer_img_s", "infer img/s", ".1f"), ("train_img_s", "train img/s", ".1f"),
                  ("infer_peak_gib", "infer peak GiB", ".2f"), ("train_peak_gib", "train peak GiB", ".2f"), ("host_us_per_block", "host µs/block", ".0f"),
                  ("gflops", "GFLOPs/img", ".2f"), ("flop_ideal", "FLOP-ideal x", ".2f"),
@@ -133,10 +136,26 @@ def _depth(model: torch.nn.Module) -> int:
     return sum(1 for m in model.modules() if hasattr(m, "attn") and isinstance(m.attn, torch.nn.Module)) or 1
 
 
-def measure_model(name: str, case: ModelCase, device: torch.device, repeats: int, compile: bool = False) -> dict:
+def _graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """``fn`` (on fixed inputs) captured into one CUDA graph, after warm-up calls on a side stream (kernels
+    compiled, caches filled); the returned replay issues all its work at once."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def measure_model(name: str, case: ModelCase, device: torch.device, repeats: int, mode: str = "eager") -> dict:
     """One row: throughput, peak memory, host time per block (and compile time) of ``name`` in ``case``."""
-    row = dict(case=case.label, model=name, compiled="yes" if compile else "no", batch=case.batch,
-               img_size=case.img_size, compile_s=float("nan"))
+    row = dict(case=case.label, model=name, mode=mode, batch=case.batch, img_size=case.img_size,
+               compile_s=float("nan"))
+    compile = mode == "compile"
     model = None
     try:
         model = _create(name, case, device)
@@ -156,15 +175,19 @@ def measure_model(name: str, case: ModelCase, device: torch.device, repeats: int
         model.eval()
         _warm_up(infer, device)
         _reset_peak(device)
+        if mode == "cuda-graph":
+            infer = _graphed(infer, device)
         infer_ms = median_ms(infer, device, repeats, warmup=2)
         row["infer_peak_gib"] = _peak_gib(device)
         row["host_us_per_block"] = _host_ms(infer, device, repeats) * 1e3 / depth
-        model.train()
-        _reset_peak(device)
-        train_ms = median_ms(train, device, repeats, warmup=2)
-        row["train_peak_gib"] = _peak_gib(device)
         row["infer_img_s"] = case.batch / infer_ms * 1e3
-        row["train_img_s"] = case.batch / train_ms * 1e3
+        row["train_img_s"] = row["train_peak_gib"] = float("nan")
+        if mode != "cuda-graph":
+            model.train()
+            _reset_peak(device)
+            train_ms = median_ms(train, device, repeats, warmup=2)
+            row["train_peak_gib"] = _peak_gib(device)
+            row["train_img_s"] = case.batch / train_ms * 1e3
     except Exception as e:          # one model's failure (out of memory, a compile error) costs its row only
         tqdm.write(f"bench models: {name} at {case.label} B{case.batch}: {type(e).__name__}: {str(e)[:300]}")
         nan = float("nan")
@@ -179,23 +202,28 @@ def measure_model(name: str, case: ModelCase, device: torch.device, repeats: int
 
 
 def bench_models(cases: tuple[ModelCase, ...] = MODEL_CASES, repeats: int = 10, device: str = "cuda",
-                 compile: bool = False, models: list[str] | None = None, csv_path: Path | None = None) -> list[dict]:
-    """One row per (case, model, eager/compiled), the peer first; ratios to the peer of the same case and
-    mode. ``models`` keeps only the subquad models whose name contains one of these strings; ``csv_path``
-    is rewritten after every row, so that an interrupted run keeps what it measured."""
+                 modes: tuple[str, ...] = ("eager",), models: list[str] | None = None,
+                 csv_path: Path | None = None) -> list[dict]:
+    """One row per (case, mode, model), the peer first; ratios to the peer of the same case and mode
+    (``MODES``). ``models`` keeps only the subquad models whose name contains one of these strings;
+    ``csv_path`` is rewritten after every row, so that an interrupted run keeps what it measured."""
     dev = torch.device(device)
-    modes = (False, True) if compile else (False,)
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown bench mode {mode!r}; valid: {', '.join(MODES)}")
+    if "cuda-graph" in modes and dev.type != "cuda":
+        raise ValueError(f"the cuda-graph mode captures CUDA graphs and needs a CUDA device, got {device!r}")
     jobs = [(case, name, mode) for case in cases for mode in modes
             for name in (case.peer,) + tuple(m for m in case.models if not models or any(s in m for s in models))]
     rows = []
     for case, name, mode in tqdm(jobs, desc="bench models", unit="model"):
-        row = measure_model(name, case, dev, repeats, compile=mode)
+        row = measure_model(name, case, dev, repeats, mode=mode)
         rows.append(row)
         if csv_path is not None:
             save_csv(rows, csv_path)
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     for r in rows:
-        peer = next(p for p in rows if p["case"] == r["case"] and p["compiled"] == r["compiled"]
+        peer = next(p for p in rows if p["case"] == r["case"] and p["mode"] == r["mode"]
                     and p["model"] == next(c.peer for c in cases if c.label == r["case"]))
         r["flop_ideal"] = peer["gflops"] / r["gflops"]
         r["speedup_infer"] = r["infer_img_s"] / peer["infer_img_s"]
@@ -210,7 +238,7 @@ def save_models_plot(rows: list[dict], path: Path, title: str) -> None:
     for ax, case in zip(fig.subplots(1, len(cases), squeeze=False)[0], cases):
         these = [r for r in rows if r["case"] == case]
         labels = [r["model"].replace("_patch16_224", "").replace("_patch4_window7_224", "")
-                  + (" (compiled)" if r["compiled"] == "yes" else "") for r in these]
+                  + ("" if r["mode"] == "eager" else f" ({r['mode']})") for r in these]
         pos = range(len(these))
         ax.barh([p - 0.2 for p in pos], [r["speedup_infer"] for r in these], height=0.4, label="inference")
         ax.barh([p + 0.2 for p in pos], [r["speedup_train"] for r in these], height=0.4, label="training")
@@ -225,10 +253,10 @@ def save_models_plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run_models_bench(out_dir: Path, compile: bool = False, models: list[str] | None = None) -> list[dict]:
+def run_models_bench(out_dir: Path, modes: tuple[str, ...] = ("eager",), models: list[str] | None = None) -> list[dict]:
     """Measure every case, print the table, save ``bench_models.csv`` and ``bench_models.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = bench_models(compile=compile, models=models, csv_path=out_dir / "bench_models.csv")
+    rows = bench_models(modes=modes, models=models, csv_path=out_dir / "bench_models.csv")
     save_csv(rows, out_dir / "bench_models.csv")
     title = (f"subquad bench --suite models: {torch.cuda.get_device_name()}, bf16 autocast, "
              f"random weights, same-run ratios to timm's dense model")

@@ -8,13 +8,13 @@ import torch
 from ..tables import format_table, save_csv
 
 
-def run_suite(suite: str, out_dir: Path, families: list[str] | None = None, compile: bool = False,
+def run_suite(suite: str, out_dir: Path, families: list[str] | None = None, modes: tuple[str, ...] = ("eager",),
               models: list[str] | None = None) -> list[dict]:
     """The CUDA-only suites: ``linear`` (FLatten, MALA, agent attention against their references and
     SDPA), ``block-sparse`` (the core against SDPA and FlexAttention), ``grid-conv`` (the depthwise conv on
     the grid, DWC / LePE, against the cuDNN reference) or ``dit`` (DiT training step and sampling per
     family against the SDPA DiT; ``families`` picks the families) or ``models`` (whole models against timm's
-    dense peers, eager and with ``compile`` also compiled; ``models`` picks models by name substring)."""
+    dense peers in each of ``modes``: eager, compile, cuda-graph; ``models`` picks models by name substring)."""
     if not torch.cuda.is_available():
         raise ValueError(f"the {suite!r} suite times CUDA kernels and needs a CUDA GPU")
     # each suite is imported when run: the kernel suites need triton, the DiT suite diffusers
@@ -29,7 +29,7 @@ def run_suite(suite: str, out_dir: Path, families: list[str] | None = None, comp
         rows = bench_dit(families)
     elif suite == "models":
         from .models import run_models_bench
-        return run_models_bench(out_dir, compile=compile, models=models)
+        return run_models_bench(out_dir, modes=modes, models=models)
     elif suite == "block-sparse":
         from .block_sparse import bench_block_sparse
         rows = bench_block_sparse()

@@ -99,6 +99,7 @@ def test_bench_models_rows_ratios_and_plot(tmp_path):
     case = ModelCase("tiny", "deit_tiny_patch16_224", ("mala_deit_tiny_patch16_224",), 32, 1)
     rows = bench_models((case,), repeats=1, device="cpu", csv_path=tmp_path / "m.csv")
     assert [r["model"] for r in rows] == ["deit_tiny_patch16_224", "mala_deit_tiny_patch16_224"]
+    assert [r["mode"] for r in rows] == ["eager", "eager"]
     peer, mala = rows
     assert peer["speedup_infer"] == peer["speedup_train"] == peer["flop_ideal"] == 1.0
     assert mala["speedup_infer"] == pytest.approx(mala["infer_img_s"] / peer["infer_img_s"])
@@ -108,6 +109,31 @@ def test_bench_models_rows_ratios_and_plot(tmp_path):
     assert [r["model"] for r in csv.DictReader(open(tmp_path / "m.csv"))] == [r["model"] for r in rows]
     save_models_plot(rows, tmp_path / "m.png", "tiny")
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_models_modes_are_checked():
+    case = ModelCase("tiny", "deit_tiny_patch16_224", ("mala_deit_tiny_patch16_224",), 32, 1)
+    with pytest.raises(ValueError, match="unknown bench mode 'graph'; valid: eager, compile, cuda-graph"):
+        bench_models((case,), repeats=1, device="cpu", modes=("eager", "graph"))
+    with pytest.raises(ValueError, match="cuda-graph mode captures CUDA graphs and needs a CUDA device"):
+        bench_models((case,), repeats=1, device="cpu", modes=("cuda-graph",))
+
+
+@pytest.mark.gpu
+def test_gpu_bench_models_cuda_graph_rows(tmp_path):
+    """Inference replayed from one CUDA graph: a row per model next to the eager one, ratios within the mode,
+    no training figure."""
+    case = ModelCase("tiny", "deit_tiny_patch16_224", ("mala_deit_tiny_patch16_224", "agent_deit_tiny_patch16_224"),
+                     224, 8)
+    rows = bench_models((case,), repeats=3, modes=("eager", "cuda-graph"), csv_path=tmp_path / "m.csv")
+    assert [(r["mode"], r["model"]) for r in rows] == [(m, n) for m in ("eager", "cuda-graph")
+                                                        for n in ("deit_tiny_patch16_224",) + case.models]
+    for r in rows:
+        assert r["infer_img_s"] > 0 and "error" not in r
+        assert math.isnan(r["train_img_s"]) == (r["mode"] == "cuda-graph")
+    graphed_peer = rows[3]
+    assert graphed_peer["speedup_infer"] == 1.0 and rows[4]["speedup_infer"] == pytest.approx(
+        rows[4]["infer_img_s"] / graphed_peer["infer_img_s"])
 
 
 def test_bench_models_keeps_going_past_a_failing_model(tmp_path, capsys):
