@@ -136,10 +136,14 @@ def _depth(model: torch.nn.Module) -> int:
     return sum(1 for m in model.modules() if hasattr(m, "attn") and isinstance(m.attn, torch.nn.Module)) or 1
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
 def _graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
     """``fn`` (on fixed inputs) captured into one CUDA graph, after warm-up calls on a side stream (kernels
-    compiled, caches filled); the returned replay issues all its work at once."""
-    stream = torch.cuda.Stream(device)
+    compiled, caches filled); the returned replay issues all its work at once. One side stream per device for
+    every capture: cuBLAS keeps a workspace per stream, which would add to every later row's peak memory."""
+    stream = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device))
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         for _ in range(3):
