@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the seed of both runs")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each variant before the timed one")
     p.add_argument("--repeats", type=int, default=3, help="--random: timed calls (median reported)")
+    p.add_argument("--compile", action="store_true",
+                   help="--random: also time torch.compile(transformer), dense and accelerated, with compile times")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="the weights' and activations' dtype")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--out", default="accelerate_out", help="folder for dense.png, accelerated.png and report.json")

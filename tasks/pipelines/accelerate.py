@@ -60,6 +60,7 @@ def _video_grid(module: nn.Module, call: dict) -> tuple[int, ...]:
     return _patch_grid(module, call["hidden_states"], tuple(module.config.patch_size))
 
 
+@torch.compiler.disable      # reads img_ids' values: run eagerly, one graph break in a compiled Flux transformer
 def _flux_grid(module: nn.Module, call: dict) -> tuple[int, ...]:
     """Flux packs 2x2 latent patches into tokens; ``img_ids`` (N, 3) hold (0, row, col) in raster order."""
     ids = call.get("img_ids")

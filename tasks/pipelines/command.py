@@ -97,10 +97,12 @@ def run_accelerate_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     swap = dict(dense_layers=parse_indices(args.dense_layers), **options)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.compile and not args.random:
+        raise ValueError("--compile times one transformer call: give it with --random KIND")
     if args.random:
         report = benchmark_transformer(args.random, args.attn, size=args.size, height=args.height, width=args.width,
                                        num_frames=args.num_frames or 1, dtype=dtype, device=device,
-                                       repeats=args.repeats, **swap)
+                                       repeats=args.repeats, compile=args.compile, **swap)
         _warn_if_all_dense(swap["dense_layers"], report["blocks"])
     else:
         if args.model is None:

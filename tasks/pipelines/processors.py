@@ -52,8 +52,11 @@ class GridAttentionPolicy:
         self._warned: set[tuple[int, ...]] = set()
 
     def observe(self, grid: tuple[int, ...], timestep: torch.Tensor | float | None) -> None:
+        """The grid of this call and, with ``dense_steps``, its step (reading the timestep waits for the device and
+        is a data-dependent branch: without dense steps a compiled transformer has none, so
+        ``torch.compile(transformer, fullgraph=True)`` traces it whole)."""
         self.grid = grid
-        if timestep is None:
+        if timestep is None or not self.dense_steps:
             return
         t = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
         if self._last_timestep is None or t > self._last_timestep:
@@ -69,7 +72,7 @@ class GridAttentionPolicy:
             raise RuntimeError("the token grid is unknown: the swapped transformer was called without its "
                                "forward pre-hook (call the transformer module itself, not its blocks)")
         if not self.fits(self.grid):
-            if self.grid not in self._warned:
+            if self.grid not in self._warned and not torch.compiler.is_compiling():    # warn cannot be traced
                 self._warned.add(self.grid)
                 warnings.warn(f"{self.name} with {self.options} does not fit the token grid {self.grid} (a window "
                               "wider than the grid, or a mask or selection that keeps every pair of it); attention "

@@ -254,12 +254,15 @@ def _time(fn, repeats: int) -> float:
 def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "full", height: int | None = None,
                           width: int | None = None, num_frames: int = 1, batch: int = 1, repeats: int = 3,
                           dtype: torch.dtype = torch.bfloat16, device: str = "cuda", dense_layers: Iterable[int] = (),
-                          **options: Any) -> dict[str, Any]:
+                          compile: bool = False, **options: Any) -> dict[str, Any]:
     """One transformer call on random weights at a pixel resolution, dense vs accelerated.
 
     Pixels map to latents by 8 per side (and 4 frames per latent frame for video, as Wan's VAE).
     Returns the token grid, the number of blocks with self-attention, both median times, the speedup and
-    the output cosine similarity. A model whose weights do not fit in the device's memory is refused first.
+    the output cosine similarity; with ``compile`` also both under ``torch.compile(transformer)``
+    (``fullgraph`` but for Flux, whose grid is read from the values of ``img_ids``: one graph break), each
+    with its compile time (the first call). A model whose weights do not fit in the device's memory is
+    refused first.
     """
     check_memory(kind, size, dtype, device)
     height, width = height or DEFAULT_RESOLUTION[size], width or DEFAULT_RESOLUTION[size]
@@ -268,10 +271,33 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
     inputs = transformer_inputs(kind, transformer, latent_size=(height // VAE_SCALE, width // VAE_SCALE),
                                 latent_frames=frames, batch=batch)
     call = lambda: transformer(**inputs, return_dict=False)[0]  # noqa: E731
+    compiled = torch.compile(transformer, fullgraph=kind != "flux") if compile else None
+    compiled_call = lambda: compiled(**inputs, return_dict=False)[0]  # noqa: E731
     dense_s, dense = _time(call, repeats), call()
+    timed = {"dense": _compiled_time(compiled_call, repeats)} if compile else {}
     with accelerate_pipeline(transformer, attn, dense_layers=dense_layers, **options) as swap:
         fast_s, fast = _time(call, repeats), call()
         grid, blocks = swap.policy.grid, len(set(swap.layers.values()))
-    return {"kind": kind, "size": size, "grid": grid, "tokens": int(torch.tensor(grid).prod()), "blocks": blocks,
-            "dense_ms": dense_s * 1e3, "accelerated_ms": fast_s * 1e3, "speedup": dense_s / fast_s,
-            "output_cosine": cosine_similarity(fast.float(), dense.float())}
+        if compile:
+            timed["accelerated"] = _compiled_time(compiled_call, repeats)
+    report = {"kind": kind, "size": size, "grid": grid, "tokens": int(torch.tensor(grid).prod()), "blocks": blocks,
+              "dense_ms": dense_s * 1e3, "accelerated_ms": fast_s * 1e3, "speedup": dense_s / fast_s,
+              "output_cosine": cosine_similarity(fast.float(), dense.float())}
+    if compile:
+        (dense_c, dense_compile_s, _), (fast_c, fast_compile_s, fast_out) = timed["dense"], timed["accelerated"]
+        report.update(compiled_dense_ms=dense_c * 1e3, compiled_accelerated_ms=fast_c * 1e3,
+                      compiled_speedup=dense_c / fast_c, dense_compile_s=dense_compile_s,
+                      accelerated_compile_s=fast_compile_s,
+                      compiled_output_cosine=cosine_similarity(fast_out.float(), dense.float()))
+    return report
+
+
+def _compiled_time(call, repeats: int) -> tuple[float, float, torch.Tensor]:
+    """(median seconds, seconds of the first call: the compile, its output) of a compiled call."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = call()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return _time(call, repeats), time.perf_counter() - start, out
