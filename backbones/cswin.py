@@ -104,8 +104,7 @@ def agent_cswin_tiny_224(pretrained: bool = False, **kwargs: Any) -> Hierarchica
 @register_model
 def agent_cswin_small_224(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
     """Agent-CSWin-S (AABB) at 224x224."""
-    model_args = dict(embed_dims=(64, 128, 256, 512), depths=(3, 6, 29, 2), num_heads=(2, 4, 8, 16),
-                      drop_path_rate=0.4, attn_kwargs=AGENT_KWARGS)
+    model_args = dict(TINY, depths=(3, 6, 29, 2), drop_path_rate=0.4, attn_kwargs=AGENT_KWARGS)
     return _create_cswin("agent_cswin_small_224", "agent", pretrained, **dict(model_args, **kwargs))
 
 
@@ -133,8 +132,7 @@ def flatten_cswin_tiny_224(pretrained: bool = False, **kwargs: Any) -> Hierarchi
 @register_model
 def flatten_cswin_small_224(pretrained: bool = False, **kwargs: Any) -> HierarchicalTransformer:
     """FLatten-CSWin-S (LLSS) at 224x224."""
-    model_args = dict(embed_dims=(64, 128, 256, 512), depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16),
-                      drop_path_rate=0.4, attn_kwargs=FLATTEN_KWARGS)
+    model_args = dict(TINY, depths=(2, 4, 32, 2), drop_path_rate=0.4, attn_kwargs=FLATTEN_KWARGS)
     return _create_cswin("flatten_cswin_small_224", "flatten", pretrained, **dict(model_args, **kwargs))
 
 

@@ -19,6 +19,7 @@ x[t + (i - r, j - r), c] and dbias[c] = sum g[t, c] over the grid tokens and the
 C = d): each program sums a chunk of tiles into fp32 partials [dw taps | dbias] (k*k + 1 rows of d) held in
 registers and stored once, and a small kernel sums the programs' partials into dw and dbias in their dtype.
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -32,7 +33,7 @@ from ..core.triton_op import triton_op
 
 # Tile sizes and launch options (``python -m subquad.tasks.bench.grid_conv --sweep`` times them); 8 warps
 # keep a 64-token tile under 130 registers (sm_90 ptxas, bf16, d = 64, k = 5: no spills). The forward's
-# serve dx too. backward (the filter gradients): per_sm programs per SM that the chunks aim at, and at least
+# tiles serve dx too. backward (the filter gradients): per_sm programs per SM that the chunks aim at, and at least
 # min_tiles tiles per chunk, so that the partials stay a small part of the chunk's bytes ((k*k + 1) / (64
 # min_tiles) of its g and x for 16-bit inputs).
 CONFIG = {
@@ -210,9 +211,10 @@ def _output_like(x: Tensor, residual: Optional[Tensor]) -> Tensor:
     return torch.empty_like(_unit_channel(residual)) if residual is not None else x.new_empty(x.shape)
 
 
-def _conv_launch(x: Tensor, taps: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], out: Tensor, k: int,
-                 per_head: bool, flip: bool, num_prefix: int, frames: int, grid_h: int, grid_w: int) -> Tensor:
-    """out = residual + bias + conv(x) (the transposed conv if ``flip``), x and residual (B, h, N, d)."""
+def _conv_launch(x: Tensor, taps: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], out: Tensor,
+                 flip: bool, num_prefix: int, frames: int, grid_h: int, grid_w: int) -> Tensor:
+    """out = residual + bias + conv(x) (the transposed conv if ``flip``), x and residual (B, h, N, d), the
+    filter as ``_taps``: (k*k, C) with C = h*d (per channel) or d (shared by the heads)."""
     b, h, _, d = x.shape
     x, s_xb, s_xh, s_xn = head_strides(x)
     res, s_rb, s_rh, s_rn = head_strides(residual) if residual is not None else (x, 0, 0, 0)
@@ -220,17 +222,16 @@ def _conv_launch(x: Tensor, taps: Tensor, bias: Optional[Tensor], residual: Opti
     grid_items, items = _items(num_prefix, frames, grid_h, grid_w, cfg["TILE_H"], cfg["TILE_W"])
     launch(_forward_kernel, (b * items, h), x, taps, bias.contiguous() if bias is not None else x, res, out,
            num_prefix, grid_h, grid_w, grid_items, items, taps.stride(0), s_xb, s_xh, s_xn, s_rb, s_rh, s_rn,
-           out.stride(0), out.stride(1), out.stride(2), D=d, DP=pad_dim(d), K=k, PER_HEAD=per_head,
-           HAS_BIAS=bias is not None, HAS_RES=residual is not None, FLIP=flip, **cfg)
+           out.stride(0), out.stride(1), out.stride(2), D=d, DP=pad_dim(d), K=math.isqrt(taps.shape[0]),
+           PER_HEAD=taps.shape[1] == h * d, HAS_BIAS=bias is not None, HAS_RES=residual is not None, FLIP=flip, **cfg)
     return out
 
 
 def grid_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], num_prefix: int,
                       frames: int, grid_h: int, grid_w: int) -> Tensor:
     """residual + conv(x) (residual None: 0), in x's dtype; arguments as checked by ``depthwise_conv_on_grid``."""
-    per_head = weight.shape[0] == x.shape[1] * x.shape[3]
-    return _conv_launch(x, _taps(weight), bias, residual, _output_like(_unit_channel(x), residual), weight.shape[-1],
-                        per_head, False, num_prefix, frames, grid_h, grid_w)
+    return _conv_launch(x, _taps(weight), bias, residual, _output_like(x, residual), False, num_prefix, frames,
+                        grid_h, grid_w)
 
 
 def grid_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], num_prefix: int, frames: int,
@@ -240,8 +241,7 @@ def grid_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     k, channels = weight.shape[-1], weight.shape[0]
     (grad, s_gb, s_gh, s_gn), (x, s_xb, s_xh, s_xn) = head_strides(grad), head_strides(x)
     taps = _taps(weight)
-    dx = _conv_launch(grad, taps, None, None, torch.empty_like(x), k, channels == h * d, True, num_prefix, frames,
-                      grid_h, grid_w)
+    dx = _conv_launch(grad, taps, None, None, torch.empty_like(x), True, num_prefix, frames, grid_h, grid_w)
     dp = pad_dim(d)
     cfg = CONFIG["backward"]
     grid_items, items = _items(num_prefix, frames, grid_h, grid_w, cfg["TILE_H"], cfg["TILE_W"])

@@ -433,7 +433,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
 # --- the op: custom ops for torch.compile, an autograd.Function in eager mode ------------------------
 
 def _forward_fake(q, k, v, rpb, height, width, kernel_size, dilation, num_prefix, scale):
-    b, nh, _, d = q.shape
+    b, nh = q.shape[:2]
     return (heads_last_empty(q, b, nh, height * width, v.shape[-1]),
             q.new_empty(b, nh, height * width, dtype=torch.float32))
 

@@ -235,19 +235,25 @@ def tiny_pipeline(kind: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
 
 
+def _timed(fn) -> tuple[float, Any]:
+    """(seconds, output) of one call of ``fn``, the device synchronised before and after."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def _median_s(fn, repeats: int) -> float:
+    return statistics.median(_timed(fn)[0] for _ in range(repeats))
+
+
 def _time(fn, repeats: int) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _median_s(fn, repeats)
 
 
 @torch.no_grad()
@@ -294,10 +300,5 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
 
 def _compiled_time(call, repeats: int) -> tuple[float, float, torch.Tensor]:
     """(median seconds, seconds of the first call: the compile, its output) of a compiled call."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = call()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return _time(call, repeats), time.perf_counter() - start, out
+    compile_s, out = _timed(call)
+    return _median_s(call, repeats), compile_s, out
