@@ -28,11 +28,16 @@ raster order after the prefix) instead of being permuted into tile order. ``tile
 (block_m == block_n, Nq == Nk); a padding slot holds N (no token). It lists every row in [P, N)
 once, so a (B, H, N, d) output has the grid rows filled and the P prefix rows 0. A 2D (or 3D) tile
 of a raster grid is then read in place: ``kernels.core.tiles.TileLayout.slots + P`` is such a table.
+Keys past the N tokens (Nk > N) are extra key tiles of ``block_n`` consecutive rows, numbered after the
+table's tiles (LLSA's pooled tokens: the tokens stay in place, only the extra keys are appended).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import torch
+
+from ..core.compile_constant import compile_constant
 
 
 def num_tiles(num_tokens: int, block: int) -> int:
@@ -107,6 +112,51 @@ def transpose_csr(row_ptr: torch.Tensor, col_idx: torch.Tensor, tile_mask_idx: t
     return col_ptr, q_tile[order].to(torch.int32), mask_idx
 
 
+@dataclass(frozen=True)
+class KeyTileWork:
+    """The backward's dK/dV work per key tile, split where many query tiles list one key tile.
+
+    A key tile listed by more than ``chunk`` query tiles (a hot tile: LLSA's pooled tokens are listed by
+    every query block) would serialise its program over all of them; it is cut into chunks of at most
+    ``chunk`` entries, one program each, whose float32 partial sums meet in a buffer slot of the tile.
+    ``items`` int32 (Bq, Hq, W, 4): per program (key tile or -1 for none, first and end
+    entry of the transposed CSR, hot slot or -1); ``hot_tiles`` int32 (Bq, Hq, S): the key tile of each
+    slot (-1 for none). W and S are bounds known without reading the layout (no host sync).
+    """
+
+    items: torch.Tensor
+    hot_tiles: torch.Tensor
+
+
+def chunk_key_tiles(col_ptr: torch.Tensor, nnz: int, chunk: int) -> KeyTileWork:
+    """Split the transposed CSR's key tiles into programs of at most ``chunk`` query tiles each: every
+    key tile gets one program at least (tiles nobody lists get zero gradients); W = tiles + nnz // chunk
+    programs and S = min(tiles, nnz // (chunk + 1) + 1) hot slots bound any layout of ``nnz`` entries (the
+    float32 partials then take at most twice the keys' size)."""
+    bq, hq, n1 = col_ptr.shape
+    nkt, dev = n1 - 1, col_ptr.device
+    ptr = col_ptr.reshape(bq * hq, n1).long()
+    counts = ptr[:, 1:] - ptr[:, :-1]
+    chunks = ((counts + chunk - 1) // chunk).clamp_min(1)
+    ends = chunks.cumsum(-1)
+    width, slots = nkt + nnz // chunk, min(nkt, nnz // (chunk + 1) + 1)
+    work = torch.arange(width, device=dev).expand(bq * hq, width).contiguous()
+    tile = torch.searchsorted(ends, work, right=True)                       # nkt: an idle program
+    real = tile < nkt
+    t = tile.clamp_max(nkt - 1)
+    lo = ptr.gather(1, t) + (work - (ends.gather(1, t) - chunks.gather(1, t))) * chunk
+    hi = torch.minimum(lo + chunk, ptr.gather(1, t + 1))
+    hot = chunks > 1
+    slot_of_tile = torch.where(hot, hot.cumsum(-1) - 1, slots)               # slots: the dump column
+    hot_tiles = torch.full((bq * hq, slots + 1), -1, dtype=torch.long, device=dev)
+    hot_tiles.scatter_(1, slot_of_tile, torch.arange(nkt, device=dev).expand(bq * hq, nkt))
+    slot = torch.where(hot.gather(1, t), slot_of_tile.gather(1, t), -1)
+    items = torch.stack([torch.where(real, tile, -1), torch.where(real, lo, 0), torch.where(real, hi, 0),
+                         torch.where(real, slot, -1)], -1)
+    return KeyTileWork(items.reshape(bq, hq, width, 4).to(torch.int32),
+                       hot_tiles[:, :slots].reshape(bq, hq, slots).to(torch.int32))
+
+
 def check_block_sparse_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_ptr: torch.Tensor,
                             col_idx: torch.Tensor, block_m: int, block_n: int, num_prefix: int,
                             tile_mask_idx: torch.Tensor | None, tile_masks: torch.Tensor | None,
@@ -124,9 +174,10 @@ def check_block_sparse_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
         raise ValueError(f"{op}: v must have the head dim of q ({d}), got {v.shape[-1]}")
     nqt = num_tiles(nq, block_m)
     if tile_rows is not None:
-        if block_m != block_n or nq != nk:
-            raise ValueError(f"{op}: tile_rows (tokens in place) needs block_m == block_n and Nq == Nk, got "
-                             f"blocks {block_m}/{block_n} and Nq/Nk {nq}/{nk}")
+        if block_m != block_n or nk < nq:
+            raise ValueError(f"{op}: tile_rows (tokens in place) needs block_m == block_n and Nk >= Nq (the keys "
+                             f"of the tokens, then extra key tiles), got blocks {block_m}/{block_n} and Nq/Nk "
+                             f"{nq}/{nk}")
         if (tile_rows.dim() != 1 or tile_rows.numel() % block_m or tile_rows.dtype != torch.int32
                 or tile_rows.device != q.device):
             raise ValueError(f"{op}: tile_rows must be a 1-D int32 tensor on {q.device} of whole tiles of "
@@ -193,11 +244,10 @@ def csr_from_lists(lists: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cum[starts].reshape(bq, hq, nq + 1).to(torch.int32), lists[lists >= 0].to(torch.int32)
 
 
-def fixed_width_csr(lists: torch.Tensor, null_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, h, Q, L) key-tile lists, -1 padded -> a CSR of L entries per row where -1 lists
-    ``null_tile`` (a tile whose keys are all dropped): no device-to-host sync, for lists that
-    change every call and are (nearly) full."""
-    b, h, nq, width = lists.shape
-    starts = torch.arange(b * h, device=lists.device)[:, None] * nq + torch.arange(nq + 1, device=lists.device)
-    return ((starts * width).reshape(b, h, nq + 1).to(torch.int32),
-            lists.masked_fill(lists < 0, null_tile).flatten().to(torch.int32))
+@compile_constant
+def fixed_width_row_ptr(b: int, h: int, nq: int, width: int, device: torch.device) -> torch.Tensor:
+    """The row pointers of a CSR of ``width`` entries per row, (B, h, Q + 1) int32: for lists that change
+    every call (their ``col_idx`` flattened), built once per shape (no device-to-host sync)."""
+    starts = torch.arange(b * h, device=device)[:, None] * nq + torch.arange(nq + 1, device=device)
+    return (starts * width).reshape(b, h, nq + 1).to(torch.int32)
+

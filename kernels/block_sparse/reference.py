@@ -25,8 +25,11 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
         nqt, nkt = num_tiles(nq, block_m), num_tiles(nk - p, block_n)
         slot_rows = None
     else:
-        nqt = nkt = tile_rows.numel() // block_m
+        nqt = tile_rows.numel() // block_m
+        nkt = nqt + num_tiles(nk - nq, block_n)
         slot_rows = tile_rows.long()
+        key_rows = torch.cat([torch.where(slot_rows < nq, slot_rows, nk),              # padding: no key
+                              torch.arange(nq, nq + (nkt - nqt) * block_n, device=q.device)])
     check_block_sparse_layout(row_ptr, col_idx, nkt, tile_mask_idx,
                               0 if tile_masks is None else tile_masks.shape[0])
     dev = q.device
@@ -37,7 +40,7 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     entry = (row_ptr[..., :-1, None].long() + slot).clamp(max=max(col_idx.numel() - 1, 0))
     tile = col_idx.long()[entry] if col_idx.numel() else torch.zeros_like(entry)
     key_pos = tile[..., None] * block_n + torch.arange(block_n, device=dev)         # (Bq, Hq, nqt, L, BN)
-    key_pos = p + key_pos if slot_rows is None else slot_rows[key_pos]
+    key_pos = p + key_pos if slot_rows is None else key_rows[key_pos]
     allowed = (listed[..., None] & (key_pos < nk))[..., None, :, :].expand(*listed.shape[:3], block_m, width, block_n)
     if tile_mask_idx is not None:
         mask_id = tile_mask_idx.long()[entry] if col_idx.numel() else torch.full_like(entry, -1)

@@ -22,9 +22,10 @@ from ..core.triton_common import (LOG2E, delta_kernel, dkdv_step, dot_acc, dq_st
                                   store_block, strides, transposed_scores)
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
-from .layout import num_tiles, transpose_csr
+from .layout import chunk_key_tiles, num_tiles, transpose_csr
 
 PREFIX_CHUNK = 16       # query tiles per program in the prefix keys' dK/dV (partial sums, added with torch)
+KEY_CHUNK = 32          # query tiles per program in a key tile's dK/dV (more: the tile is split, ``KeyTileWork``)
 
 
 @triton.jit
@@ -70,6 +71,20 @@ def _tile_rows(TileRows, tile, offset, BLOCK: tl.constexpr, TABLE: tl.constexpr)
 
 
 @triton.jit
+def _key_rows(TileRows, tile, P, Nq, Nk, num_table_tiles, BLOCK_N: tl.constexpr, TABLE: tl.constexpr):
+    """Key rows of a key tile: consecutive rows after the P prefix keys; with a table, the table's rows for
+    its tiles (a padding slot, which holds Nq, becomes Nk: no key), then extra tiles of consecutive rows
+    from Nq on (keys past the tokens, e.g. LLSA's pooled ones)."""
+    slots = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    if TABLE:
+        table_slots = num_table_tiles * BLOCK_N
+        rows = tl.load(TileRows + slots, mask=slots < table_slots, other=0)
+        rows = tl.where(rows < Nq, rows, Nk)
+        return tl.where(tile < num_table_tiles, rows, Nq + slots - table_slots)
+    return P + slots
+
+
+@triton.jit
 def _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -83,10 +98,10 @@ def _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, keys, key_limit, mask_
     return softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
 
 
-@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P"])
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P", "num_table_tiles"])
 def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, srb, srh, sbb, sbh,
-                H, Nq, Nk, P, qk_scale,
+                H, Nq, Nk, P, num_table_tiles, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE: tl.constexpr):
@@ -112,7 +127,7 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, Ti
     lo = tl.load(row)
     hi = tl.load(row + 1)
     for e in range(lo, hi):
-        keys = _tile_rows(TileRows, tl.load(ColIdx + e), P, BLOCK_N, TABLE)
+        keys = _key_rows(TileRows, tl.load(ColIdx + e), P, Nq, Nk, num_table_tiles, BLOCK_N, TABLE)
         mask_id = -1
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
@@ -129,16 +144,17 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, Ti
         tl.store(LSE + bh * Nq + rows, lse)
 
 
-@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P", "num_q_tiles", "num_chunks"])
-def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, TileMasks, KeyBias, TileRows,
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P", "num_q_tiles", "num_chunks", "num_hot"])
+def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Work, RowIdx, MaskIdx, TileMasks, KeyBias, TileRows, Hot,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                   skgb, skgh, skgn, svgb, svgh, svgn, scb, sch, sbb, sbh,
-                   H, Nq, Nk, P, num_q_tiles, num_chunks, qk_scale, sm_scale,
+                   skgb, skgh, skgn, svgb, svgh, svgn, swb, swh, sbb, sbh,
+                   H, Nq, Nk, P, num_q_tiles, num_chunks, num_hot, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                    CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    TABLE: tl.constexpr, PREFIX: tl.constexpr, CHUNK: tl.constexpr):
-    """dK, dV of one key tile; PREFIX: of one prefix block over one chunk of query tiles (float32 partials)."""
+    """dK, dV of one key tile's work item (``KeyTileWork``: a hot tile's chunk adds its float32 partial sums
+    into its slot of ``Hot``); PREFIX: of one prefix block over one chunk of query tiles (float32 partials)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -149,11 +165,15 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, Til
         lo = chunk * CHUNK
         hi = tl.minimum(lo + CHUNK, num_q_tiles)
     else:
-        keys = _tile_rows(TileRows, tile, P, BLOCK_N, TABLE)
+        item = Work + b * swb + h * swh + tile * 4
+        tile = tl.load(item)
+        if tile < 0:     # an idle program (the work list's bound exceeds its items)
+            return
+        lo = tl.load(item + 1)
+        hi = tl.load(item + 2)
+        hot_slot = tl.load(item + 3)
+        keys = _key_rows(TileRows, tile, P, Nq, Nk, num_q_tiles, BLOCK_N, TABLE)
         key_limit = Nk
-        col = ColPtr + b * scb + h * sch + tile
-        lo = tl.load(col)
-        hi = tl.load(col + 1)
     cols = tl.arange(0, BLOCK_D)
     k = load_block(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], keys, key_limit, cols,
                     HEAD_DIM, BLOCK_D, CHECK_K)
@@ -189,11 +209,41 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, ColPtr, RowIdx, MaskIdx, Til
                     + keys)
         tl.store(DK + out_rows[:, None] * BLOCK_D + cols[None, :], dk)
         tl.store(DV + out_rows[:, None] * BLOCK_D + cols[None, :], dv)
+    elif hot_slot >= 0:
+        # Hot (2, B*H, num_hot, BLOCK_N, BLOCK_D) float32, zeroed: the chunks of one tile add up here
+        out_rows = (bh * num_hot + hot_slot) * BLOCK_N + tl.arange(0, BLOCK_N)
+        slab = tl.num_programs(1) * num_hot * BLOCK_N * BLOCK_D
+        tl.atomic_add(Hot + out_rows[:, None] * BLOCK_D + cols[None, :], dk)
+        tl.atomic_add(Hot + slab + out_rows[:, None] * BLOCK_D + cols[None, :], dv)
     else:
         store_block(DK + b * skgb + h * skgh + keys[:, None] * skgn + cols[None, :], dk.to(DK.dtype.element_ty),
                      keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
         store_block(DV + b * svgb + h * svgh + keys[:, None] * svgn + cols[None, :], dv.to(DV.dtype.element_ty),
                      keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+
+
+@triton.jit
+def _hot_tiles_kernel(Hot, HotTiles, DK, DV, TileRows, shb, shh, skgb, skgh, skgn, svgb, svgh, svgn,
+                      H, Nq, Nk, P, num_table_tiles, num_hot,
+                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_K: tl.constexpr,
+                      TABLE: tl.constexpr):
+    """dK, dV of each hot key tile from its summed float32 partials, in the gradients' dtype."""
+    slot = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    tile = tl.load(HotTiles + b * shb + h * shh + slot)
+    if tile < 0:
+        return
+    keys = _key_rows(TileRows, tile, P, Nq, Nk, num_table_tiles, BLOCK_N, TABLE)
+    cols = tl.arange(0, BLOCK_D)
+    rows = (bh * num_hot + slot) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slab = tl.num_programs(1) * num_hot * BLOCK_N * BLOCK_D
+    dk = tl.load(Hot + rows[:, None] * BLOCK_D + cols[None, :])
+    dv = tl.load(Hot + slab + rows[:, None] * BLOCK_D + cols[None, :])
+    store_block(DK + b * skgb + h * skgh + keys[:, None] * skgn + cols[None, :], dk.to(DK.dtype.element_ty),
+                 keys, Nk, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    store_block(DV + b * svgb + h * svgh + keys[:, None] * svgn + cols[None, :], dv.to(DV.dtype.element_ty),
+                 keys, Nk, cols, HEAD_DIM, BLOCK_D, CHECK_K)
 
 
 @triton.jit
@@ -210,10 +260,10 @@ def _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, keys, key_limit
     return dq_step(dq, s, lse, delta, do, k, v, DOT_PRECISION)[0]
 
 
-@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P"])
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P", "num_table_tiles"])
 def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, srb, srh, sbb, sbh,
-                  H, Nq, Nk, P, qk_scale, sm_scale,
+                  H, Nq, Nk, P, num_table_tiles, qk_scale, sm_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                   CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -241,7 +291,7 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMask
     lo = tl.load(row)
     hi = tl.load(row + 1)
     for e in range(lo, hi):
-        keys = _tile_rows(TileRows, tl.load(ColIdx + e), P, BLOCK_N, TABLE)
+        keys = _key_rows(TileRows, tl.load(ColIdx + e), P, Nq, Nk, num_table_tiles, BLOCK_N, TABLE)
         mask_id = -1
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
@@ -326,13 +376,15 @@ _TRANSPOSED_CACHE: OrderedDict[tuple, tuple] = OrderedDict()
 
 
 def _transposed_layout(row_ptr, col_idx, tile_mask_idx, num_k_tiles):
-    """``transpose_csr``, cached for layouts used again unchanged (same tensors, same versions)."""
+    """``transpose_csr`` and its ``chunk_key_tiles`` work list, cached for layouts used again unchanged (same
+    tensors, same versions)."""
     tensors = (row_ptr, col_idx) if tile_mask_idx is None else (row_ptr, col_idx, tile_mask_idx)
     key = (num_k_tiles, *((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors))
     hit = _TRANSPOSED_CACHE.get(key)
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
         return hit[1]
-    result = transpose_csr(row_ptr, col_idx, tile_mask_idx, num_k_tiles)
+    col_ptr, row_idx, mask_idx = transpose_csr(row_ptr, col_idx, tile_mask_idx, num_k_tiles)
+    result = col_ptr, row_idx, mask_idx, chunk_key_tiles(col_ptr, col_idx.numel(), KEY_CHUNK)
     _TRANSPOSED_CACHE[key] = (tuple(weakref.ref(t) for t in tensors), result)
     while len(_TRANSPOSED_CACHE) > 64:
         _TRANSPOSED_CACHE.popitem(last=False)
@@ -362,7 +414,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
     launch(_fwd_kernel, (_num_q_tiles(nq, block_m, tile_rows), b * h),
         q, k, v, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0], tile_rows if tile_rows is not None else col_idx,
         *strides(q), *strides(k), *strides(v), *strides(o), *strides(row_ptr)[:2], *bias[1:],
-        h, nq, k.shape[2], num_prefix, qk_scale, **consts, **config)
+        h, nq, k.shape[2], num_prefix, _num_q_tiles(nq, block_m, tile_rows), qk_scale, **consts, **config)
     return o, lse
 
 
@@ -375,7 +427,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     b, h, nq, d = q.shape
     nk, p = k.shape[2], num_prefix
     nqt = _num_q_tiles(nq, block_m, tile_rows)
-    nkt = num_tiles(nk - p, block_n) if tile_rows is None else nqt
+    nkt = num_tiles(nk - p, block_n) if tile_rows is None else nqt + num_tiles(nk - nq, block_n)
     consts, bias, masks, qk_scale = _launch_args(q, k, block_m, block_n, p, tile_mask_idx, tile_masks, key_bias,
                                             tile_rows, scale, lse)
     rows_arg = tile_rows if tile_rows is not None else col_idx
@@ -388,23 +440,29 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
         dq[:, :, :p].zero_()
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    col_ptr, row_idx, mask_idx_t = _transposed_layout(row_ptr, col_idx, tile_mask_idx, nkt)
+    _, row_idx, mask_idx_t, work = _transposed_layout(row_ptr, col_idx, tile_mask_idx, nkt)
     kv_config = configs.get("bwd_kv") or launch_config("bwd_kv", block_m, block_n, d, q.dtype)
     common = (*strides(q), *strides(k), *strides(v), *strides(do))
     tail = (*bias[1:], h, nq, nk, p, nqt)
     if nkt > 0:
-        launch(_bwd_kv_kernel, (nkt, b * h),
-            q, k, v, do, dk, dv, lse, delta, col_ptr, row_idx,
-            mask_idx_t if mask_idx_t is not None else row_idx, masks, bias[0], rows_arg,
-            *common, *strides(dk), *strides(dv), *strides(col_ptr)[:2], *tail, 1, qk_scale, scale,
+        num_hot = work.hot_tiles.shape[-1]
+        hot = torch.zeros(2, b * h, num_hot, block_n, consts["BLOCK_D"], device=q.device, dtype=torch.float32)
+        launch(_bwd_kv_kernel, (work.items.shape[2], b * h),
+            q, k, v, do, dk, dv, lse, delta, work.items, row_idx,
+            mask_idx_t if mask_idx_t is not None else row_idx, masks, bias[0], rows_arg, hot,
+            *common, *strides(dk), *strides(dv), *strides(work.items)[:2], *tail, 1, num_hot, qk_scale, scale,
             **consts, PREFIX=False, CHUNK=PREFIX_CHUNK, **kv_config)
+        launch(_hot_tiles_kernel, (num_hot, b * h), hot, work.hot_tiles, dk, dv, rows_arg,
+               *strides(work.hot_tiles)[:2], *strides(dk), *strides(dv), h, nq, nk, p, nqt, num_hot,
+               HEAD_DIM=d, BLOCK_N=block_n, BLOCK_D=consts["BLOCK_D"], CHECK_K=consts["CHECK_K"],
+               TABLE=consts["TABLE"])
     if p > 0:
         chunks, blocks = num_tiles(nqt, PREFIX_CHUNK), num_tiles(p, block_n)
         parts = torch.empty(2, chunks, b * h, blocks * block_n, consts["BLOCK_D"], device=q.device,
                             dtype=torch.float32)
         launch(_bwd_kv_kernel, (blocks * chunks, b * h),
-            q, k, v, do, parts[0], parts[1], lse, delta, col_ptr, row_idx, row_idx, masks, bias[0], rows_arg,
-            *common, *strides(dk), *strides(dv), *strides(col_ptr)[:2], *tail, chunks, qk_scale, scale,
+            q, k, v, do, parts[0], parts[1], lse, delta, row_idx, row_idx, row_idx, masks, bias[0], rows_arg, parts,
+            *common, *strides(dk), *strides(dv), 0, 0, *tail, chunks, 0, qk_scale, scale,
             **{**consts, "HAS_MASK": False, "CHECK_K": True}, PREFIX=True, CHUNK=PREFIX_CHUNK, **kv_config)
         summed = parts.sum(1)[..., :p, :d].reshape(2, b, h, p, d)
         dk[:, :, :p] = summed[0]
@@ -413,7 +471,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     launch(_bwd_q_kernel, (nqt, b * h),
         q, k, v, do, dq, lse, delta, row_ptr, col_idx,
         tile_mask_idx if tile_mask_idx is not None else col_idx, masks, bias[0], rows_arg,
-        *common, *strides(dq), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, p, qk_scale, scale,
+        *common, *strides(dq), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, p, nqt, qk_scale, scale,
         **consts, **q_config)
     return dq, dk, dv
 

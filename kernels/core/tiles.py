@@ -122,3 +122,21 @@ def from_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
                                  for a in pair), split.dim() - 1]
         return split.permute(order).reshape(*x.shape[:-3], layout.num_tokens, x.shape[-1])
     return x.flatten(-3, -2).index_select(-2, layout.position.to(x.device))
+
+
+def tile_sums(x: torch.Tensor, layout: TileLayout, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(..., num_tokens, d) in raster order -> (..., num_tiles, d): the sum of each tile's tokens (padding
+    adds 0), in ``dtype``; a reduction over a view of x when the tiles fill the grid (no copy into tile
+    order), else over ``to_tiles``."""
+    if not layout.is_exact_raster:
+        return to_tiles(x, layout).sum(-2, dtype=dtype)
+    return exact_tile_sums(x, layout.grid, layout.tile, dtype)
+
+
+def exact_tile_sums(x: torch.Tensor, grid: Sequence[int], tile: Sequence[int],
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tile_sums`` for tiles that fill the grid exactly: a reduction over a view of x."""
+    ndim = len(grid)
+    split = x.unflatten(-2, [s for g, t in zip(grid, tile) for s in (g // t, t)])
+    inner = tuple(-2 - 2 * a for a in range(ndim))             # the within-tile axes
+    return split.sum(inner, dtype=dtype).flatten(-1 - ndim, -2)

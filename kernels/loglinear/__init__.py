@@ -11,7 +11,7 @@ from ..block_sparse import CORE_TILES, TRITON_REQUIRES
 from ..core import checks
 from ..core.dispatch import TRITON, choose_backend, empty_output, register_backend
 from ..core.family import Family, check_options, register_family
-from .block_sparse import loglinear_attention_on_core, loglinear_attention_on_triton
+from .block_sparse import loglinear_attention_on_core
 from .plan import check_select_options, normalize_options, selects_every_block
 from .reference import loglinear_attention_reference
 
@@ -48,6 +48,7 @@ def loglinear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
 
 
 if TRITON:
+    from .triton import loglinear_attention_on_triton
     register_backend("loglinear_attention", "triton", loglinear_attention_on_triton,
                      requires=(*TRITON_REQUIRES, CORE_TILES))
 register_backend("loglinear_attention", "block_sparse", loglinear_attention_on_core, requires=(CORE_TILES,),

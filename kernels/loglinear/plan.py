@@ -28,7 +28,7 @@ from ..core import checks
 from ..core.compile_constant import compile_constant, fields_of
 from ..core.gathered import gather_rows
 from ..core.precision import compute_dtype
-from ..core.tiles import TileLayout, tile_layout, to_tiles
+from ..core.tiles import TileLayout, exact_tile_sums, tile_layout, tile_sums
 
 
 @dataclass(frozen=True, eq=False)
@@ -210,11 +210,16 @@ class Selection:
 def pool_levels(x: torch.Tensor, hierarchy: BlockHierarchy) -> list[torch.Tensor]:
     """The mean of the real tokens of each block at every level, finest first, float32 or wider, in
     O(N): level 1 sums the tokens of each tile, each coarser level sums its children's sums."""
-    sums = to_tiles(x, hierarchy.layouts[0]).sum(-2, dtype=compute_dtype(x))      # padding slots hold 0
+    sums = tile_sums(x, hierarchy.layouts[0], compute_dtype(x))
     pooled = [sums / hierarchy.counts[0][:, None]]
+    side = hierarchy.side
     for level, kids in enumerate(hierarchy.children, start=1):
-        padded = torch.cat([sums, sums.new_zeros(*sums.shape[:-2], 1, sums.shape[-1])], -2)
-        sums = padded[:, :, kids.masked_fill(kids < 0, sums.shape[-2])].sum(-2)
+        blocks = hierarchy.layouts[level - 1].tiles_per_side          # the finer level's block grid
+        if all(n % side == 0 for n in blocks):
+            sums = exact_tile_sums(sums, blocks, (side, side))
+        else:
+            padded = torch.cat([sums, sums.new_zeros(*sums.shape[:-2], 1, sums.shape[-1])], -2)
+            sums = padded[:, :, kids.masked_fill(kids < 0, sums.shape[-2])].sum(-2)
         pooled.append(sums / hierarchy.counts[level][:, None])
     return pooled
 

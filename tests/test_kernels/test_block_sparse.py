@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from subquad.kernels import available_backends, block_sparse_attention
-from subquad.kernels.block_sparse.layout import (block_mask_to_csr, csr_to_block_mask, num_tiles,
+from subquad.kernels.block_sparse.layout import (block_mask_to_csr, chunk_key_tiles, csr_to_block_mask, num_tiles,
                                                     pack_tile_masks, transpose_csr, unpack_tile_masks)
 from subquad.kernels.core.testing import assert_rel_close
 from subquad.kernels.core.tiles import tile_layout
 
 requires_triton = pytest.mark.skipif("triton" not in available_backends("block_sparse_attention"),
                                      reason="triton is not installed")
+block_sparse_triton = pytest.importorskip("subquad.kernels.block_sparse.triton") if "triton" in available_backends(
+    "block_sparse_attention") else None
 
 
 def make_layout(b, h, nq, nk, block_m, block_n, num_prefix=0, density=0.5, per_head=True, masks=False,
@@ -122,6 +124,37 @@ def test_csr_roundtrip_and_transpose():
     assert torch.equal(csr_to_block_mask(col_ptr, row_idx, 7), block_mask.transpose(-1, -2))
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_chunk_key_tiles_cover_every_entry_once(chunk):
+    """Each key tile's transposed-CSR entries are split into programs of at most ``chunk`` entries that
+    cover them once; every tile has a program (unlisted ones too); split tiles, and only they, own a hot
+    slot, one per tile; idle programs and slots are -1."""
+    block_mask = torch.rand(2, 3, 40, 6) < 0.5
+    block_mask[0, 0, :, 2] = True                      # a tile every query tile lists
+    block_mask[1, 2, :, 4] = False                     # a tile nobody lists
+    row_ptr, col_idx = block_mask_to_csr(block_mask)
+    col_ptr, _, _ = transpose_csr(row_ptr, col_idx, None, 6)
+    work = chunk_key_tiles(col_ptr, col_idx.numel(), chunk)
+    for b in range(2):
+        for h in range(3):
+            items, hot_tiles = work.items[b, h].long(), work.hot_tiles[b, h].long()
+            ptr = col_ptr[b, h].long()
+            real = items[items[:, 0] >= 0]
+            assert (items[items[:, 0] < 0, 1:] == torch.tensor([0, 0, -1])).all()
+            assert ((real[:, 2] - real[:, 1]) <= chunk).all() and ((real[:, 2] - real[:, 1]) >= 0).all()
+            for t in range(6):
+                mine = real[real[:, 0] == t]
+                assert len(mine) >= 1
+                covered = torch.cat([torch.arange(int(lo), int(hi)) for _, lo, hi, _ in mine])
+                assert torch.equal(covered.sort().values, torch.arange(int(ptr[t]), int(ptr[t + 1])))
+                hot = int(ptr[t + 1] - ptr[t]) > chunk
+                slots = mine[:, 3].unique()
+                assert (slots.numel() == 1) and ((int(slots) >= 0) == hot)
+                if hot:
+                    assert int(hot_tiles[int(slots)]) == t
+            assert hot_tiles[hot_tiles >= 0].numel() == hot_tiles[hot_tiles >= 0].unique().numel()
+
+
 # --- reference vs brute force ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", [
@@ -167,6 +200,29 @@ def test_triton_matches_reference(case, dtype):
     check_against(lambda q, k, v: block_sparse_attention(q, k, v, backend="triton", **layout),
                   lambda q, k, v: block_sparse_attention(q, k, v, backend="reference", **layout),
                   q, k, v, dtype, f"triton {c}")
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("per_head", [True, False])
+def test_triton_split_key_tiles(per_head, dtype, monkeypatch):
+    """Key tiles listed by more query tiles than a program takes (2 here) are split into chunks whose
+    float32 partial dK, dV add up."""
+    monkeypatch.setattr(block_sparse_triton, "KEY_CHUNK", 2)
+    layout = make_layout(2, 2, 100, 75, 16, 16, 5, density=0.7, per_head=per_head, masks=True, bias=True,
+                         empty_rows=False)
+    q, k, v = qkv(2, 2, 100, 75, 16, dtype)
+    check_against(lambda q, k, v: block_sparse_attention(q, k, v, backend="triton", **layout),
+                  lambda q, k, v: block_sparse_attention(q, k, v, backend="reference", **layout),
+                  q, k, v, dtype, f"split key tiles, per head {per_head}")
+
+
+@requires_triton
+def test_tile_rows_split_key_tiles(monkeypatch):
+    monkeypatch.setattr(block_sparse_triton, "KEY_CHUNK", 2)
+    layout, (q, k, v), brute = in_place_case((7, 10), (4, 4), 3, masks=True, extra=21)
+    check_against(lambda q, k, v: block_sparse_attention(q, k, v, backend="triton", **layout), brute, q, k, v,
+                  torch.float32, "triton in place, split key tiles")
 
 
 @requires_triton
@@ -227,27 +283,28 @@ def test_compile_fullgraph():
                   q, k, v, torch.float32, "compiled")
 
 
-def in_place_case(grid, tile, p, b=2, h=2, d=16, masks=False, dtype=torch.float32, device="cpu"):
-    """A layout over the 2D tiles of a raster grid after ``p`` prefix tokens, with its tile_rows, and the
-    brute force of the same attention: the tokens gathered into tile order by hand (padding slots
-    dropped by a -inf key bias), attended with the explicit mask, scattered back (prefix rows 0)."""
+def in_place_case(grid, tile, p, b=2, h=2, d=16, masks=False, dtype=torch.float32, device="cpu", extra=0):
+    """A layout over the 2D tiles of a raster grid after ``p`` prefix tokens, with its tile_rows (and
+    ``extra`` keys after the tokens: extra key tiles), and the brute force of the same attention: the
+    tokens gathered into tile order by hand (padding slots dropped by a -inf key bias), attended with the
+    explicit mask, scattered back (prefix rows 0)."""
     slots = tile_layout(grid, tile).slots
     n, t = math.prod(grid), math.prod(tile)
-    layout = make_layout(b, h, slots.numel(), p + slots.numel(), t, t, p, masks=masks, device=device)
+    layout = make_layout(b, h, slots.numel(), p + slots.numel() + extra, t, t, p, masks=masks, device=device)
     layout["tile_rows"] = (slots + p).to(device=device, dtype=torch.int32)
     real = slots < n
     rows = p + slots.clamp(max=n - 1)
 
     def brute(q, k, v):
-        bias = torch.zeros(1, 1, p + slots.numel(), dtype=torch.float64)
-        bias[..., p:][..., ~real] = float("-inf")
-        keys = [torch.cat([x[:, :, :p], x[:, :, rows.to(x.device)]], 2) for x in (k, v)]
+        bias = torch.zeros(1, 1, p + slots.numel() + extra, dtype=torch.float64)
+        bias[..., p:p + slots.numel()][..., ~real] = float("-inf")
+        keys = [torch.cat([x[:, :, :p], x[:, :, rows.to(x.device)], x[:, :, p + n:]], 2) for x in (k, v)]
         out_t = brute_force(q[:, :, rows.to(q.device)], *keys,
                             {**{k_: v_ for k_, v_ in layout.items() if k_ != "tile_rows"}, "key_bias": bias})
         out = out_t.new_zeros(b, h, p + n, d)
         out[:, :, (p + slots[real]).to(out.device)] = out_t[:, :, real.to(out.device)]
         return out
-    return layout, qkv(b, h, p + n, p + n, d, dtype, device), brute
+    return layout, qkv(b, h, p + n, p + n + extra, d, dtype, device), brute
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
@@ -261,6 +318,15 @@ def test_tile_rows_attend_tokens_in_place(backend, grid, tile, p, masks):
                   torch.float32, f"{backend} in place")
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("grid,p,extra", [((8, 12), 0, 32), ((7, 10), 3, 21)])
+def test_tile_rows_extra_key_tiles(backend, grid, p, extra):
+    """Keys after the tokens in place are extra key tiles of consecutive rows (the last one partial)."""
+    layout, (q, k, v), brute = in_place_case(grid, (4, 4), p, masks=True, extra=extra)
+    check_against(lambda q, k, v: block_sparse_attention(q, k, v, backend=backend, **layout), brute, q, k, v,
+                  torch.float32, f"{backend} in place, {extra} extra keys")
+
+
 @requires_triton
 def test_tile_rows_bf16():
     layout, (q, k, v), brute = in_place_case((7, 10), (4, 4), 2, dtype=torch.bfloat16)
@@ -270,7 +336,7 @@ def test_tile_rows_bf16():
 
 def test_tile_rows_argument_errors():
     layout, (q, k, v), _ = in_place_case((8, 8), (4, 4), 0)
-    with pytest.raises(ValueError, match="block_m == block_n and Nq == Nk"):
+    with pytest.raises(ValueError, match="block_m == block_n and Nk >= Nq"):
         block_sparse_attention(q, k[:, :, :-1], v[:, :, :-1], **layout)
     with pytest.raises(ValueError, match="1-D int32"):
         block_sparse_attention(q, k, v, **{**layout, "tile_rows": layout["tile_rows"].long()})

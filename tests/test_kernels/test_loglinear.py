@@ -1,12 +1,13 @@
 """loglinear_attention (LLSA): the hierarchical selection against a brute-force top-K recomputed
 level by level, the output against dense attention over the explicit selected key set (tokens and
 weighted pooled tokens), and the selection cost O(N log N)."""
+import importlib
 import math
 
 import pytest
 import torch
 
-from subquad.kernels import loglinear_attention
+from subquad.kernels import available_backends, loglinear_attention
 from subquad.kernels.loglinear.plan import block_hierarchy, normalize_options, pool_levels, select_blocks
 from subquad.kernels.core.testing import assert_compiles_to_the_same, assert_rel_close
 from subquad.kernels.core.tiles import to_tiles
@@ -62,7 +63,7 @@ def package_selection(q, k, grid, side, top_k):
 
 
 CASES = [((13, 17), 4, (3, 2, 2), 0), ((40, 36), 16, (5, 3), 1), ((21, 10), 4, (4, 3), 2), ((9, 11), 9, (4,), 1),
-         ((30, 7), 4, (3, 2, 1), 0)]
+         ((30, 7), 4, (3, 2, 1), 0), ((32, 48), 16, (4, 2), 0)]
 
 
 @pytest.mark.parametrize("grid,block,top_k,p", CASES)
@@ -86,6 +87,22 @@ def test_pool_levels_equals_pooling_each_level_directly(grid, block, top_k, p):
     x = torch.randn(2, 3, grid[0] * grid[1], 5)
     for got, layout in zip(pool_levels(x, hierarchy), hierarchy.layouts):
         assert_rel_close(got, pool_blocks(x, layout), torch.float32)
+
+
+@pytest.mark.skipif("triton" not in available_backends("loglinear_attention"), reason="no Triton")
+@pytest.mark.parametrize("grid,block,top_k", [((13, 17), 16, (4, 2)), ((40, 36), 16, (5, 3)), ((32, 48), 16, (4, 2)),
+                                              ((70, 50), 16, (8, 4, 1)), ((50, 41), 64, (3, 1))])
+def test_triton_selection_equals_select_blocks(grid, block, top_k):
+    """The Triton selection below the coarsest level picks the blocks of ``select_blocks`` (as sets: the
+    order of equal picks is free), -1 where fewer than K candidates exist."""
+    select_blocks_triton = importlib.import_module("subquad.kernels.loglinear.triton").select_blocks_triton
+    hierarchy = block_hierarchy(grid, math.isqrt(block), len(top_k))
+    pq, pk = (pool_levels(torch.randn(2, 3, grid[0] * grid[1], 24), hierarchy) for _ in range(2))
+    want = select_blocks(pq, pk, hierarchy, top_k).selected
+    got = select_blocks_triton(pq, pk, hierarchy, top_k)
+    for level, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(a.sort(-1).values, b.sort(-1).values), f"level {level + 1}"
 
 
 def explicit_llsa(q, k, v, grid, side, top_k, p):
@@ -179,8 +196,6 @@ def test_float64_gradcheck():
 
 # --- on the block-sparse core ------------------------------------------------------------------
 
-from subquad.kernels import available_backends  # noqa: E402
-
 
 def check_backend(backend, grid, p, opts, dtype=torch.float32, heads=2, d=16, device="cpu"):
     n = p + grid[0] * grid[1]
@@ -212,8 +227,15 @@ def test_blocks_the_core_cannot_run():
 
 
 @pytest.mark.skipif("triton" not in available_backends("loglinear_attention"), reason="no Triton")
-def test_triton_core_backend_equals_reference():
-    check_backend("triton", (9, 8), 1, dict(top_k=3), heads=1)
+@pytest.mark.parametrize("grid,p,opts,key_chunk,dtype", [
+    ((9, 8), 1, dict(top_k=3), None, torch.float32), ((13, 17), 1, dict(top_k=4), 2, torch.float32),
+    ((20, 17), 0, dict(top_k=(4, 2)), 3, torch.bfloat16)])
+def test_triton_core_backend_equals_reference(grid, p, opts, key_chunk, dtype, monkeypatch):
+    """The Triton core on the CPU interpreter; ``key_chunk``: query tiles per dK/dV program, small here so
+    that the pooled key tiles (listed by many query blocks) are split as on large grids."""
+    if key_chunk is not None:
+        monkeypatch.setattr(importlib.import_module("subquad.kernels.block_sparse.triton"), "KEY_CHUNK", key_chunk)
+    check_backend("triton", grid, p, opts, dtype=dtype, heads=1)
 
 
 @pytest.mark.gpu
