@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", help="a local diffusers pipeline folder")
     p.add_argument("--random", choices=["dit", "pixart", "sd3", "flux", "wan"],
-                   help="instead of --model: time one call of a random-weight transformer of this class")
+                   help="instead of --model: time one call of a random-weight transformer of this class (and "
+                        "with --num-inference-steps a denoising loop end to end)")
     p.add_argument("--size", choices=["tiny", "full"], default="full", help="--random: the released model's size or tiny")
     p.add_argument("--attn", required=True, help="an attention family or alias that is training-free, dense softmax "
                                                  "aside (`subquad families` lists them)")
@@ -213,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "pipeline's default")
     p.add_argument("--width", type=int, help="pixels; defaults as --height")
     p.add_argument("--num-frames", type=int)
-    p.add_argument("--num-inference-steps", type=int)
+    p.add_argument("--num-inference-steps", type=int,
+                   help="denoising steps; --random: also time a loop of this many steps end to end, dense and "
+                        "accelerated (its first --dense-steps dense), and compare the final latents")
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--seed", type=int, default=0, help="the seed of both runs")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each variant before the timed one")

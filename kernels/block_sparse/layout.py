@@ -119,9 +119,10 @@ class KeyTileWork:
     A key tile listed by more than ``chunk`` query tiles (a hot tile: LLSA's pooled tokens are listed by
     every query block) would serialise its program over all of them; it is cut into chunks of at most
     ``chunk`` entries, one program each, whose float32 partial sums meet in a buffer slot of the tile.
-    ``items`` int32 (Bq, Hq, W, 4): per program (key tile or -1 for none, first and end
-    entry of the transposed CSR, hot slot or -1); ``hot_tiles`` int32 (Bq, Hq, S): the key tile of each
-    slot (-1 for none). W and S are bounds known without reading the layout (no host sync).
+    One list for every (b, h) row of the CSR: ``items`` int32 (W, 5), per program (the CSR row (b * Hq + h)
+    or -1 for none, key tile, first and end entry of the transposed CSR, hot slot or -1); ``hot_tiles`` int32
+    (S, 2): the (row, key tile) of each slot, -1 for none. W and S are bounds known without reading the
+    layout (no host sync).
     """
 
     items: torch.Tensor
@@ -129,32 +130,33 @@ class KeyTileWork:
 
 
 def chunk_key_tiles(col_ptr: torch.Tensor, nnz: int, chunk: int) -> KeyTileWork:
-    """Split the transposed CSR's key tiles into programs of at most ``chunk`` query tiles each: every
-    key tile gets one program at least (tiles nobody lists get zero gradients); W = tiles + nnz // chunk
-    programs and S = min(tiles, nnz // (chunk + 1) + 1) hot slots bound any layout of ``nnz`` entries (the
-    float32 partials then take at most twice the keys' size)."""
+    """Split the transposed CSR's key tiles into programs of at most ``chunk`` query tiles each: every key
+    tile of every row gets one program at least (tiles nobody lists get zero gradients); W = rows x tiles +
+    nnz // chunk programs and S = min(rows x tiles, nnz // (chunk + 1) + 1) hot slots bound any layout of
+    ``nnz`` entries (the float32 partials then take at most twice the keys' size)."""
     bq, hq, n1 = col_ptr.shape
     nkt, dev = n1 - 1, col_ptr.device
     ptr = col_ptr.reshape(bq * hq, n1).long()
-    counts = ptr[:, 1:] - ptr[:, :-1]
-    chunks = ((counts + chunk - 1) // chunk).clamp_min(1)
-    ends = chunks.cumsum(-1)
-    width, slots = nkt + nnz // chunk, min(nkt, nnz // (chunk + 1) + 1)
-    work = torch.arange(width, device=dev).expand(bq * hq, width).contiguous()
-    tile = torch.searchsorted(ends, work, right=True)                       # nkt: an idle program
-    real = tile < nkt
-    t = tile.clamp_max(nkt - 1)
-    lo = ptr.gather(1, t) + (work - (ends.gather(1, t) - chunks.gather(1, t))) * chunk
-    hi = torch.minimum(lo + chunk, ptr.gather(1, t + 1))
+    starts, ends_ptr = ptr[:, :-1].flatten(), ptr[:, 1:].flatten()         # per (row, tile), flattened
+    chunks = ((ends_ptr - starts + chunk - 1) // chunk).clamp_min(1)
+    ends = chunks.cumsum(0)
+    tiles = bq * hq * nkt
+    width, slots = tiles + nnz // chunk, min(tiles, nnz // (chunk + 1) + 1)
+    work = torch.arange(width, device=dev)
+    flat = torch.searchsorted(ends, work, right=True)                    # tiles: an idle program
+    real = flat < tiles
+    f = flat.clamp_max(tiles - 1)
+    lo = starts[f] + (work - (ends[f] - chunks[f])) * chunk
+    hi = torch.minimum(lo + chunk, ends_ptr[f])
     hot = chunks > 1
-    slot_of_tile = torch.where(hot, hot.cumsum(-1) - 1, slots)               # slots: the dump column
-    hot_tiles = torch.full((bq * hq, slots + 1), -1, dtype=torch.long, device=dev)
-    hot_tiles.scatter_(1, slot_of_tile, torch.arange(nkt, device=dev).expand(bq * hq, nkt))
-    slot = torch.where(hot.gather(1, t), slot_of_tile.gather(1, t), -1)
-    items = torch.stack([torch.where(real, tile, -1), torch.where(real, lo, 0), torch.where(real, hi, 0),
-                         torch.where(real, slot, -1)], -1)
-    return KeyTileWork(items.reshape(bq, hq, width, 4).to(torch.int32),
-                       hot_tiles[:, :slots].reshape(bq, hq, slots).to(torch.int32))
+    slot_of_tile = torch.where(hot, hot.cumsum(0) - 1, slots)            # slots: the dump entry
+    owner = torch.full((slots + 1,), -1, dtype=torch.long, device=dev).scatter_(
+        0, slot_of_tile, torch.arange(tiles, device=dev))[:slots]
+    none = torch.full_like(flat, -1)
+    items = torch.stack([torch.where(real, f // nkt, none), f % nkt, torch.where(real, lo, 0),
+                         torch.where(real, hi, 0), torch.where(real & hot[f], slot_of_tile[f], none)], -1)
+    hot_tiles = torch.stack([torch.where(owner >= 0, owner // nkt, -1), owner.clamp_min(0) % nkt], -1)
+    return KeyTileWork(items.to(torch.int32), hot_tiles.to(torch.int32))
 
 
 def check_block_sparse_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_ptr: torch.Tensor,

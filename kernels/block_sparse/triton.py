@@ -144,34 +144,39 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, Ti
         tl.store(LSE + bh * Nq + rows, lse)
 
 
-@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P", "num_q_tiles", "num_chunks", "num_hot"])
+@triton.jit(do_not_specialize=["H", "Hq", "Nq", "Nk", "P", "num_q_tiles", "num_chunks", "num_hot"])
 def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Work, RowIdx, MaskIdx, TileMasks, KeyBias, TileRows, Hot,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                   skgb, skgh, skgn, svgb, svgh, svgn, swb, swh, sbb, sbh,
-                   H, Nq, Nk, P, num_q_tiles, num_chunks, num_hot, qk_scale, sm_scale,
+                   skgb, skgh, skgn, svgb, svgh, svgn, sbb, sbh,
+                   H, Hq, Nq, Nk, P, num_q_tiles, num_chunks, num_hot, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                    CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    TABLE: tl.constexpr, PREFIX: tl.constexpr, CHUNK: tl.constexpr):
-    """dK, dV of one key tile's work item (``KeyTileWork``: a hot tile's chunk adds its float32 partial sums
-    into its slot of ``Hot``); PREFIX: of one prefix block over one chunk of query tiles (float32 partials)."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
+    """dK, dV of one work item of ``KeyTileWork`` (a hot tile's chunk adds its float32 partial sums into its
+    slot of ``Hot``), for each (b, h) the item's CSR row stands for (program axis 1: all of them, or one when
+    the CSR is per batch and head); PREFIX: of one prefix block over one chunk of query tiles (float32
+    partials), program axis 1 = b * H + h."""
+    program = tl.program_id(0)
     if PREFIX:
-        chunk = tile % num_chunks
-        keys = (tile // num_chunks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        chunk = program % num_chunks
+        keys = (program // num_chunks) * BLOCK_N + tl.arange(0, BLOCK_N)
         key_limit = P
         lo = chunk * CHUNK
         hi = tl.minimum(lo + CHUNK, num_q_tiles)
     else:
-        item = Work + b * swb + h * swh + tile * 4
-        tile = tl.load(item)
-        if tile < 0:     # an idle program (the work list's bound exceeds its items)
+        item = Work + program * 5
+        row = tl.load(item)
+        if row < 0:     # an idle program (the work list's bound exceeds its items)
             return
-        lo = tl.load(item + 1)
-        hi = tl.load(item + 2)
-        hot_slot = tl.load(item + 3)
+        b, h = _batch_head(row, Hq, H)
+        bh = b * H + h
+        tile = tl.load(item + 1)
+        lo = tl.load(item + 2)
+        hi = tl.load(item + 3)
+        hot_slot = tl.load(item + 4)
         keys = _key_rows(TileRows, tile, P, Nq, Nk, num_q_tiles, BLOCK_N, TABLE)
         key_limit = Nk
     cols = tl.arange(0, BLOCK_D)
@@ -210,8 +215,8 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Work, RowIdx, MaskIdx, TileM
         tl.store(DK + out_rows[:, None] * BLOCK_D + cols[None, :], dk)
         tl.store(DV + out_rows[:, None] * BLOCK_D + cols[None, :], dv)
     elif hot_slot >= 0:
-        # Hot (2, B*H, num_hot, BLOCK_N, BLOCK_D) float32, zeroed: the chunks of one tile add up here
-        out_rows = (bh * num_hot + hot_slot) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Hot (2, num_hot, programs on axis 1, BLOCK_N, BLOCK_D) float32, zeroed: a tile's chunks add up here
+        out_rows = (hot_slot * tl.num_programs(1) + tl.program_id(1)) * BLOCK_N + tl.arange(0, BLOCK_N)
         slab = tl.num_programs(1) * num_hot * BLOCK_N * BLOCK_D
         tl.atomic_add(Hot + out_rows[:, None] * BLOCK_D + cols[None, :], dk)
         tl.atomic_add(Hot + slab + out_rows[:, None] * BLOCK_D + cols[None, :], dv)
@@ -223,21 +228,29 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Work, RowIdx, MaskIdx, TileM
 
 
 @triton.jit
-def _hot_tiles_kernel(Hot, HotTiles, DK, DV, TileRows, shb, shh, skgb, skgh, skgn, svgb, svgh, svgn,
-                      H, Nq, Nk, P, num_table_tiles, num_hot,
+def _batch_head(row, Hq, H):
+    """(b, h) of work for CSR row ``row`` = b_q * Hq + h_q on program axis 1: a per-(b, h) CSR has one program
+    there (b, h = b_q, h_q); a broadcast one has one per batch and/or head it stands for."""
+    heads_per_row = H // Hq
+    j = tl.program_id(1)
+    return (row // Hq + j // heads_per_row).to(tl.int64), (row % Hq + j % heads_per_row).to(tl.int64)
+
+
+@triton.jit
+def _hot_tiles_kernel(Hot, HotTiles, DK, DV, TileRows, skgb, skgh, skgn, svgb, svgh, svgn,
+                      H, Hq, Nq, Nk, P, num_table_tiles,
                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_K: tl.constexpr,
                       TABLE: tl.constexpr):
     """dK, dV of each hot key tile from its summed float32 partials, in the gradients' dtype."""
     slot = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    tile = tl.load(HotTiles + b * shb + h * shh + slot)
-    if tile < 0:
+    row = tl.load(HotTiles + slot * 2)
+    if row < 0:
         return
-    keys = _key_rows(TileRows, tile, P, Nq, Nk, num_table_tiles, BLOCK_N, TABLE)
+    b, h = _batch_head(row, Hq, H)
+    keys = _key_rows(TileRows, tl.load(HotTiles + slot * 2 + 1), P, Nq, Nk, num_table_tiles, BLOCK_N, TABLE)
     cols = tl.arange(0, BLOCK_D)
-    rows = (bh * num_hot + slot) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slab = tl.num_programs(1) * num_hot * BLOCK_N * BLOCK_D
+    rows = (slot * tl.num_programs(1) + tl.program_id(1)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slab = tl.num_programs(0) * tl.num_programs(1) * BLOCK_N * BLOCK_D
     dk = tl.load(Hot + rows[:, None] * BLOCK_D + cols[None, :])
     dv = tl.load(Hot + slab + rows[:, None] * BLOCK_D + cols[None, :])
     store_block(DK + b * skgb + h * skgh + keys[:, None] * skgn + cols[None, :], dk.to(DK.dtype.element_ty),
@@ -443,17 +456,18 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     _, row_idx, mask_idx_t, work = _transposed_layout(row_ptr, col_idx, tile_mask_idx, nkt)
     kv_config = configs.get("bwd_kv") or launch_config("bwd_kv", block_m, block_n, d, q.dtype)
     common = (*strides(q), *strides(k), *strides(v), *strides(do))
-    tail = (*bias[1:], h, nq, nk, p, nqt)
     if nkt > 0:
-        num_hot = work.hot_tiles.shape[-1]
-        hot = torch.zeros(2, b * h, num_hot, block_n, consts["BLOCK_D"], device=q.device, dtype=torch.float32)
-        launch(_bwd_kv_kernel, (work.items.shape[2], b * h),
+        rows_q, heads_q = row_ptr.shape[:2]
+        per_row = (b // rows_q) * (h // heads_q)              # the (b, h) each CSR row stands for
+        num_hot = work.hot_tiles.shape[0]
+        hot = torch.zeros(2, num_hot, per_row, block_n, consts["BLOCK_D"], device=q.device, dtype=torch.float32)
+        launch(_bwd_kv_kernel, (work.items.shape[0], per_row),
             q, k, v, do, dk, dv, lse, delta, work.items, row_idx,
             mask_idx_t if mask_idx_t is not None else row_idx, masks, bias[0], rows_arg, hot,
-            *common, *strides(dk), *strides(dv), *strides(work.items)[:2], *tail, 1, num_hot, qk_scale, scale,
+            *common, *strides(dk), *strides(dv), bias[1], bias[2], h, heads_q, nq, nk, p, nqt, 1, num_hot, qk_scale, scale,
             **consts, PREFIX=False, CHUNK=PREFIX_CHUNK, **kv_config)
-        launch(_hot_tiles_kernel, (num_hot, b * h), hot, work.hot_tiles, dk, dv, rows_arg,
-               *strides(work.hot_tiles)[:2], *strides(dk), *strides(dv), h, nq, nk, p, nqt, num_hot,
+        launch(_hot_tiles_kernel, (num_hot, per_row), hot, work.hot_tiles, dk, dv, rows_arg,
+               *strides(dk), *strides(dv), h, heads_q, nq, nk, p, nqt,
                HEAD_DIM=d, BLOCK_N=block_n, BLOCK_D=consts["BLOCK_D"], CHECK_K=consts["CHECK_K"],
                TABLE=consts["TABLE"])
     if p > 0:
@@ -462,7 +476,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
                             dtype=torch.float32)
         launch(_bwd_kv_kernel, (blocks * chunks, b * h),
             q, k, v, do, parts[0], parts[1], lse, delta, row_idx, row_idx, row_idx, masks, bias[0], rows_arg, parts,
-            *common, *strides(dk), *strides(dv), 0, 0, *tail, chunks, 0, qk_scale, scale,
+            *common, *strides(dk), *strides(dv), bias[1], bias[2], h, 1, nq, nk, p, nqt, chunks, 0, qk_scale, scale,
             **{**consts, "HAS_MASK": False, "CHECK_K": True}, PREFIX=True, CHUNK=PREFIX_CHUNK, **kv_config)
         summed = parts.sum(1)[..., :p, :d].reshape(2, b, h, p, d)
         dk[:, :, :p] = summed[0]

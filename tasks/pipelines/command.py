@@ -102,7 +102,8 @@ def run_accelerate_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     if args.random:
         report = benchmark_transformer(args.random, args.attn, size=args.size, height=args.height, width=args.width,
                                        num_frames=args.num_frames or 1, dtype=dtype, device=device,
-                                       repeats=args.repeats, compile=args.compile, **swap)
+                                       repeats=args.repeats, compile=args.compile,
+                                       steps=args.num_inference_steps or 0, dense_steps=args.dense_steps, **swap)
         _warn_if_all_dense(swap["dense_layers"], report["blocks"])
     else:
         if args.model is None:

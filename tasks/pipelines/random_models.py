@@ -256,19 +256,36 @@ def _time(fn, repeats: int) -> float:
     return _median_s(fn, repeats)
 
 
+def denoise(transformer: nn.Module, inputs: dict[str, Any], steps: int, flux: bool = False) -> torch.Tensor:
+    """``steps`` Euler steps of a rectified-flow sampler from the inputs' latents, timesteps 1000 -> 0 (Flux
+    takes them / 1000): the calls and the latent updates of a pipeline's denoising loop, without the text
+    encoders and the VAE. Returns the final latents."""
+    x = inputs["hidden_states"]
+    times = torch.linspace(1000.0, 0.0, steps + 1, device=x.device)
+    for t, t_next in zip(times[:-1], times[1:]):
+        timestep = t.expand(x.shape[0]) / (1000 if flux else 1)
+        out = transformer(**{**inputs, "hidden_states": x, "timestep": timestep}, return_dict=False)[0]
+        velocity = out if flux else out[:, :x.shape[1]]          # DiT, PixArt: the variance channels after
+        x = x + ((t_next - t) / 1000).to(x.dtype) * velocity
+    return x
+
+
 @torch.no_grad()
 def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "full", height: int | None = None,
                           width: int | None = None, num_frames: int = 1, batch: int = 1, repeats: int = 3,
                           dtype: torch.dtype = torch.bfloat16, device: str = "cuda", dense_layers: Iterable[int] = (),
-                          compile: bool = False, **options: Any) -> dict[str, Any]:
+                          compile: bool = False, steps: int = 0, dense_steps: int = 0,
+                          **options: Any) -> dict[str, Any]:
     """One transformer call on random weights at a pixel resolution, dense vs accelerated.
 
     Pixels map to latents by 8 per side (and 4 frames per latent frame for video, as Wan's VAE).
     Returns the token grid, the number of blocks with self-attention, both median times, the speedup and
     the output cosine similarity; with ``compile`` also both under ``torch.compile(transformer)``
     (``fullgraph`` but for Flux, whose grid is read from the values of ``img_ids``: one graph break), each
-    with its compile time (the first call). A model whose weights do not fit in the device's memory is
-    refused first.
+    with its compile time (the first call); with ``steps`` also end to end: a denoising loop of ``steps``
+    calls (``denoise``) from the same latents, dense and accelerated (its first ``dense_steps`` dense), both
+    times, the speedup and the cosine similarity of the final latents. A model whose weights do not fit in
+    the device's memory is refused first.
     """
     check_memory(kind, size, dtype, device)
     height, width = height or DEFAULT_RESOLUTION[size], width or DEFAULT_RESOLUTION[size]
@@ -279,16 +296,27 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
     call = lambda: transformer(**inputs, return_dict=False)[0]  # noqa: E731
     compiled = torch.compile(transformer, fullgraph=kind != "flux") if compile else None
     compiled_call = lambda: compiled(**inputs, return_dict=False)[0]  # noqa: E731
+    loop = lambda: denoise(transformer, inputs, steps, flux=kind == "flux")  # noqa: E731
     dense_s, dense = _time(call, repeats), call()
     timed = {"dense": _compiled_time(compiled_call, repeats)} if compile else {}
+    if steps:
+        timed["dense_loop"] = _timed(loop)
     with accelerate_pipeline(transformer, attn, dense_layers=dense_layers, **options) as swap:
         fast_s, fast = _time(call, repeats), call()
         grid, blocks = swap.policy.grid, len(set(swap.layers.values()))
         if compile:
             timed["accelerated"] = _compiled_time(compiled_call, repeats)
+    if steps:
+        with accelerate_pipeline(transformer, attn, dense_layers=dense_layers, dense_steps=dense_steps, **options):
+            timed["accelerated_loop"] = _timed(loop)
     report = {"kind": kind, "size": size, "grid": grid, "tokens": int(torch.tensor(grid).prod()), "blocks": blocks,
               "dense_ms": dense_s * 1e3, "accelerated_ms": fast_s * 1e3, "speedup": dense_s / fast_s,
               "output_cosine": cosine_similarity(fast.float(), dense.float())}
+    if steps:
+        (dense_loop_s, dense_latents), (fast_loop_s, fast_latents) = timed["dense_loop"], timed["accelerated_loop"]
+        report.update(steps=steps, dense_steps=dense_steps, end_to_end_dense_s=dense_loop_s,
+                      end_to_end_accelerated_s=fast_loop_s, end_to_end_speedup=dense_loop_s / fast_loop_s,
+                      latent_cosine=cosine_similarity(fast_latents.float(), dense_latents.float()))
     if compile:
         (dense_c, dense_compile_s, _), (fast_c, fast_compile_s, fast_out) = timed["dense"], timed["accelerated"]
         report.update(compiled_dense_ms=dense_c * 1e3, compiled_accelerated_ms=fast_c * 1e3,

@@ -126,33 +126,33 @@ def test_csr_roundtrip_and_transpose():
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])
 def test_chunk_key_tiles_cover_every_entry_once(chunk):
-    """Each key tile's transposed-CSR entries are split into programs of at most ``chunk`` entries that
-    cover them once; every tile has a program (unlisted ones too); split tiles, and only they, own a hot
-    slot, one per tile; idle programs and slots are -1."""
+    """Each key tile's transposed-CSR entries (per (b, h) row) are split into programs of at most ``chunk``
+    entries that cover them once; every tile of every row has a program (unlisted ones too); split tiles,
+    and only they, own a hot slot, one per tile; idle programs and slots are -1."""
     block_mask = torch.rand(2, 3, 40, 6) < 0.5
     block_mask[0, 0, :, 2] = True                      # a tile every query tile lists
     block_mask[1, 2, :, 4] = False                     # a tile nobody lists
     row_ptr, col_idx = block_mask_to_csr(block_mask)
     col_ptr, _, _ = transpose_csr(row_ptr, col_idx, None, 6)
     work = chunk_key_tiles(col_ptr, col_idx.numel(), chunk)
-    for b in range(2):
-        for h in range(3):
-            items, hot_tiles = work.items[b, h].long(), work.hot_tiles[b, h].long()
-            ptr = col_ptr[b, h].long()
-            real = items[items[:, 0] >= 0]
-            assert (items[items[:, 0] < 0, 1:] == torch.tensor([0, 0, -1])).all()
-            assert ((real[:, 2] - real[:, 1]) <= chunk).all() and ((real[:, 2] - real[:, 1]) >= 0).all()
-            for t in range(6):
-                mine = real[real[:, 0] == t]
-                assert len(mine) >= 1
-                covered = torch.cat([torch.arange(int(lo), int(hi)) for _, lo, hi, _ in mine])
-                assert torch.equal(covered.sort().values, torch.arange(int(ptr[t]), int(ptr[t + 1])))
-                hot = int(ptr[t + 1] - ptr[t]) > chunk
-                slots = mine[:, 3].unique()
-                assert (slots.numel() == 1) and ((int(slots) >= 0) == hot)
-                if hot:
-                    assert int(hot_tiles[int(slots)]) == t
-            assert hot_tiles[hot_tiles >= 0].numel() == hot_tiles[hot_tiles >= 0].unique().numel()
+    items, hot_tiles = work.items.long(), work.hot_tiles.long()
+    assert (items[items[:, 0] < 0][:, 2:] == torch.tensor([0, 0, -1])).all()
+    real = items[items[:, 0] >= 0]
+    assert ((real[:, 3] - real[:, 2]) <= chunk).all() and ((real[:, 3] - real[:, 2]) >= 0).all()
+    ptr = col_ptr.reshape(6, 7).long()
+    for row in range(6):
+        for t in range(6):
+            mine = real[(real[:, 0] == row) & (real[:, 1] == t)]
+            assert len(mine) >= 1
+            covered = torch.cat([torch.arange(int(lo), int(hi)) for lo, hi in mine[:, 2:4]])
+            assert torch.equal(covered.sort().values, torch.arange(int(ptr[row, t]), int(ptr[row, t + 1])))
+            hot = int(ptr[row, t + 1] - ptr[row, t]) > chunk
+            slots = mine[:, 4].unique()
+            assert (slots.numel() == 1) and ((int(slots) >= 0) == hot)
+            if hot:
+                assert hot_tiles[int(slots)].tolist() == [row, t]
+    owners = hot_tiles[hot_tiles[:, 0] >= 0]
+    assert owners.unique(dim=0).shape == owners.shape
 
 
 # --- reference vs brute force ---------------------------------------------------------------------

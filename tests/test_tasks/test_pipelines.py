@@ -316,6 +316,28 @@ def test_cli_random_transformer(tmp_path):
     assert report["grid"] == [5, 5] and report["dense_ms"] > 0
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux", "dit"])
+def test_cli_random_transformer_end_to_end(tmp_path, kind):
+    """--num-inference-steps: a denoising loop dense and accelerated from the same latents, timed end to end,
+    with the final latents' cosine; with every step dense (--dense-steps = the steps) the accelerated loop is
+    the dense one, exactly."""
+    reports = []
+    for dense_steps in (1, 3):
+        out = tmp_path / str(dense_steps)
+        assert main(["accelerate-pipeline", "--random", kind, "--size", "tiny", "--attn", "neighborhood", "--opt",
+                     "kernel_size=3", "--height", "128", "--width", "128", "--repeats", "1", "--warmup", "0",
+                     "--dtype", "float32", "--device", "cpu", "--num-inference-steps", "3", "--dense-steps",
+                     str(dense_steps), "--out", str(out)]) == 0
+        reports.append(json.loads((out / "report.json").read_text()))
+    some_sparse, all_dense = reports
+    for report in reports:
+        assert report["steps"] == 3 and report["end_to_end_dense_s"] > 0 and report["end_to_end_accelerated_s"] > 0
+        assert report["end_to_end_speedup"] == pytest.approx(report["end_to_end_dense_s"]
+                                                             / report["end_to_end_accelerated_s"])
+    assert 0.5 < some_sparse["latent_cosine"] < 1 - 1e-6
+    assert all_dense["latent_cosine"] == pytest.approx(1.0, abs=1e-12)
+
+
 @pytest.mark.parametrize("kind, attn, opts, size", [("sd3", "radial", ["--opt", "tile=[2, 2]"], "256"),
                                                     ("flux", "neighborhood", ["--opt", "kernel_size=3"], "128")])
 def test_cli_random_transformer_compiled(tmp_path, kind, attn, opts, size):
