@@ -25,16 +25,17 @@ def loglinear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
                         num_prefix: int = 0, backend: str | None = None, **select_opts) -> torch.Tensor:
     """Log-linear sparse attention (Sec. 3) on an image grid.
 
-    ``select_opts``: ``block_size`` (16: 4x4 patches), ``top_k`` (8; or one K per level, finest
-    first), ``levels`` (None: enough levels that the coarsest selection is no costlier than the
-    others; at most until one block covers the grid; a block wider than the grid shrinks to the
-    smallest power of two covering it). Hierarchical top-K over mean-pooled blocks; each query block attends to its selected
-    blocks plus the pooled tokens of the blocks scored on the way (weighted by their sizes) and the
-    prefix tokens (the paper's formulation at every grid size: the official kernels drop the pooled-token
-    term when there are fewer than 64 coarsest blocks; subquad keeps it). Selection is discrete;
-    gradients flow to q, k, v. Backends: ``reference``
-    (explicit index lists), ``block_sparse`` / ``triton`` (the block-sparse core; ``triton`` is the
-    default on CUDA). Details: ``subquad.kernels.loglinear.plan``.
+    ``select_opts``: ``block_size`` (16: 4x4 patches), ``top_k`` (8; or one K per level, finest first),
+    ``levels`` (None: one below 16,384 tokens, as the paper recommends, else enough levels that the
+    coarsest selection is no costlier than the others; at most until one block covers the grid; a block
+    wider than the grid shrinks to the smallest power of two covering it). Hierarchical top-K over
+    mean-pooled blocks; each query block attends to its selected blocks plus the pooled tokens of the
+    blocks scored on the way (weighted by their sizes) and the prefix tokens (the paper's formulation at
+    every grid size: the official kernels drop the pooled-token term when there are fewer than 64
+    coarsest blocks; subquad keeps it). Selection is discrete; gradients flow to q, k, v. Backends:
+    ``reference`` (explicit index lists), ``block_sparse`` / ``triton`` (the block-sparse core with the
+    tokens in place; ``triton``, the default on CUDA, also selects in Triton). Details:
+    ``subquad.kernels.loglinear.plan``.
     """
     grid = checks.check_self_attention(q, k, v, grid, num_prefix, "loglinear_attention")
     grid = checks.check_image_grid(grid, "loglinear_attention")

@@ -93,12 +93,18 @@ def block_hierarchy(grid: tuple[int, int], side: int, levels: int,
     return BlockHierarchy(side, tuple([TileLayout(*fields) for fields in layouts]), *index)
 
 
+ONE_LEVEL_BELOW = 16384     # tokens: the paper and its official code use one level below this
+
+
 def auto_levels(grid: tuple[int, int], side: int, top_k: int) -> int:
-    """Add levels while the coarsest one has more blocks than a finer level's candidate list
-    (top_k * s^2) and the next one still has top_k blocks: the coarsest (dense) selection then
-    costs no more per query block than the others. For s = 4, K = 8 this gives one level at
-    32x32 and two at 128x128, the official code's configurations."""
+    """One level below 16,384 tokens, as the paper and its code recommend (the pooled tokens of every
+    block are then few enough to attend all of them); from there, add levels while the coarsest one has
+    more blocks than a finer level's candidate list (top_k * s^2) and the next one still has top_k
+    blocks: the coarsest (dense) selection then costs no more per query block than the others. For
+    s = 4, K = 8 this gives one level below 128x128, two at 128x128 and three at 256x256."""
     levels = 1
+    if math.prod(grid) < ONE_LEVEL_BELOW:
+        return levels
     blocks = lambda l: math.prod(-(-g // side ** l) for g in grid)        # noqa: E731
     while blocks(levels) > top_k * side * side and blocks(levels + 1) >= top_k:
         levels += 1

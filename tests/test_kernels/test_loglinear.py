@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from subquad.kernels import available_backends, loglinear_attention
-from subquad.kernels.loglinear.plan import block_hierarchy, normalize_options, pool_levels, select_blocks
+from subquad.kernels.loglinear.plan import auto_levels, block_hierarchy, normalize_options, pool_levels, select_blocks
 from subquad.kernels.core.testing import assert_compiles_to_the_same, assert_rel_close
 from subquad.kernels.core.tiles import to_tiles
 
@@ -158,6 +158,15 @@ def test_output_equals_dense_attention_over_the_explicit_selection(grid, block, 
     out16 = loglinear_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), grid=grid, num_prefix=p, block_size=block,
                                 top_k=top_k)
     assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
+
+
+@pytest.mark.parametrize("grid,levels", [((32, 32), 1), ((64, 64), 1), ((127, 129), 1), ((128, 128), 2),
+                                         ((96, 200), 2), ((256, 256), 3)])
+def test_default_levels_one_below_16384_tokens(grid, levels):
+    """The paper's recommendation: one level below 16,384 tokens; above, levels while the coarsest selection
+    costs more per query block than a finer one (block 16, top-K 8)."""
+    assert auto_levels(grid, 4, 8) == levels
+    assert len(normalize_options(grid)[1]) == levels
 
 
 def test_selection_cost_grows_as_n_log_n():
