@@ -120,8 +120,9 @@ class KeyTileWork:
     every query block) would serialise its program over all of them; it is cut into chunks of at most
     ``chunk`` entries, one program each, whose float32 partial sums meet in a buffer slot of the tile.
     One list for every (b, h) row of the CSR: ``items`` int32 (W, 5), per program (the CSR row (b * Hq + h)
-    or -1 for none, key tile, first and end entry of the transposed CSR, hot slot or -1); ``hot_tiles`` int32
-    (S, 2): the (row, key tile) of each slot, -1 for none. W and S are bounds known without reading the
+    or -1 for none: the rest of that item is then meaningless, key tile, first and end entry of the
+    transposed CSR, hot slot or -1); ``hot_tiles`` int32 (S, 2): the (row, key tile) of each slot, row -1 for
+    none. W and S are bounds known without reading the
     layout (no host sync).
     """
 
@@ -142,20 +143,19 @@ def chunk_key_tiles(col_ptr: torch.Tensor, nnz: int, chunk: int) -> KeyTileWork:
     ends = chunks.cumsum(0)
     tiles = bq * hq * nkt
     width, slots = tiles + nnz // chunk, min(tiles, nnz // (chunk + 1) + 1)
+    if tiles == 0:                      # no key tile (prefix keys only)
+        return KeyTileWork(ptr.new_empty(0, 5, dtype=torch.int32), ptr.new_empty(0, 2, dtype=torch.int32))
     work = torch.arange(width, device=dev)
-    flat = torch.searchsorted(ends, work, right=True)                    # tiles: an idle program
-    real = flat < tiles
-    f = flat.clamp_max(tiles - 1)
-    lo = starts[f] + (work - (ends[f] - chunks[f])) * chunk
-    hi = torch.minimum(lo + chunk, ends_ptr[f])
+    flat = torch.searchsorted(ends, work, right=True).clamp_max(tiles - 1)
+    real = work < ends[-1]                                              # the rest: idle programs
+    lo = starts[flat] + (work - (ends[flat] - chunks[flat])) * chunk
     hot = chunks > 1
-    slot_of_tile = torch.where(hot, hot.cumsum(0) - 1, slots)            # slots: the dump entry
+    rank = hot.cumsum(0) - 1
     owner = torch.full((slots + 1,), -1, dtype=torch.long, device=dev).scatter_(
-        0, slot_of_tile, torch.arange(tiles, device=dev))[:slots]
-    none = torch.full_like(flat, -1)
-    items = torch.stack([torch.where(real, f // nkt, none), f % nkt, torch.where(real, lo, 0),
-                         torch.where(real, hi, 0), torch.where(real & hot[f], slot_of_tile[f], none)], -1)
-    hot_tiles = torch.stack([torch.where(owner >= 0, owner // nkt, -1), owner.clamp_min(0) % nkt], -1)
+        0, torch.where(hot, rank, slots), torch.arange(tiles, device=dev))[:slots]     # slots: the dump entry
+    items = torch.stack([torch.where(real, flat // nkt, -1), flat % nkt, lo,
+                         torch.minimum(lo + chunk, ends_ptr[flat]), torch.where(hot, rank, -1)[flat]], -1)
+    hot_tiles = torch.stack([torch.where(owner >= 0, owner // nkt, -1), owner % nkt], -1)
     return KeyTileWork(items.to(torch.int32), hot_tiles.to(torch.int32))
 
 

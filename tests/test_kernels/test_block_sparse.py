@@ -128,7 +128,7 @@ def test_csr_roundtrip_and_transpose():
 def test_chunk_key_tiles_cover_every_entry_once(chunk):
     """Each key tile's transposed-CSR entries (per (b, h) row) are split into programs of at most ``chunk``
     entries that cover them once; every tile of every row has a program (unlisted ones too); split tiles,
-    and only they, own a hot slot, one per tile; idle programs and slots are -1."""
+    and only they, own a hot slot, one per tile; idle programs and free slots have row -1."""
     block_mask = torch.rand(2, 3, 40, 6) < 0.5
     block_mask[0, 0, :, 2] = True                      # a tile every query tile lists
     block_mask[1, 2, :, 4] = False                     # a tile nobody lists
@@ -136,7 +136,6 @@ def test_chunk_key_tiles_cover_every_entry_once(chunk):
     col_ptr, _, _ = transpose_csr(row_ptr, col_idx, None, 6)
     work = chunk_key_tiles(col_ptr, col_idx.numel(), chunk)
     items, hot_tiles = work.items.long(), work.hot_tiles.long()
-    assert (items[items[:, 0] < 0][:, 2:] == torch.tensor([0, 0, -1])).all()
     real = items[items[:, 0] >= 0]
     assert ((real[:, 3] - real[:, 2]) <= chunk).all() and ((real[:, 3] - real[:, 2]) >= 0).all()
     ptr = col_ptr.reshape(6, 7).long()
