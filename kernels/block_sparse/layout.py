@@ -122,8 +122,7 @@ class KeyTileWork:
     One list for every (b, h) row of the CSR: ``items`` int32 (W, 5), per program (the CSR row (b * Hq + h)
     or -1 for none: the rest of that item is then meaningless, key tile, first and end entry of the
     transposed CSR, hot slot or -1); ``hot_tiles`` int32 (S, 2): the (row, key tile) of each slot, row -1 for
-    none. W and S are bounds known without reading the
-    layout (no host sync).
+    none. W and S are bounds known without reading the layout (no host sync).
     """
 
     items: torch.Tensor

@@ -389,15 +389,15 @@ _TRANSPOSED_CACHE: OrderedDict[tuple, tuple] = OrderedDict()
 
 
 def _transposed_layout(row_ptr, col_idx, tile_mask_idx, num_k_tiles):
-    """``transpose_csr`` and its ``chunk_key_tiles`` work list, cached for layouts used again unchanged (same
-    tensors, same versions)."""
+    """``transpose_csr``'s query tiles (and tile masks) per key tile with its ``chunk_key_tiles`` work list,
+    cached for layouts used again unchanged (same tensors, same versions)."""
     tensors = (row_ptr, col_idx) if tile_mask_idx is None else (row_ptr, col_idx, tile_mask_idx)
     key = (num_k_tiles, *((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors))
     hit = _TRANSPOSED_CACHE.get(key)
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
         return hit[1]
     col_ptr, row_idx, mask_idx = transpose_csr(row_ptr, col_idx, tile_mask_idx, num_k_tiles)
-    result = col_ptr, row_idx, mask_idx, chunk_key_tiles(col_ptr, col_idx.numel(), KEY_CHUNK)
+    result = row_idx, mask_idx, chunk_key_tiles(col_ptr, col_idx.numel(), KEY_CHUNK)
     _TRANSPOSED_CACHE[key] = (tuple(weakref.ref(t) for t in tensors), result)
     while len(_TRANSPOSED_CACHE) > 64:
         _TRANSPOSED_CACHE.popitem(last=False)
@@ -424,10 +424,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
                                             key_bias, tile_rows, scale, lse)
     config = config or launch_config("fwd", block_m, block_n, d, q.dtype)
     mask_idx = tile_mask_idx if tile_mask_idx is not None else col_idx
-    launch(_fwd_kernel, (_num_q_tiles(nq, block_m, tile_rows), b * h),
+    nqt = _num_q_tiles(nq, block_m, tile_rows)
+    launch(_fwd_kernel, (nqt, b * h),
         q, k, v, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0], tile_rows if tile_rows is not None else col_idx,
         *strides(q), *strides(k), *strides(v), *strides(o), *strides(row_ptr)[:2], *bias[1:],
-        h, nq, k.shape[2], num_prefix, _num_q_tiles(nq, block_m, tile_rows), qk_scale, **consts, **config)
+        h, nq, k.shape[2], num_prefix, nqt, qk_scale, **consts, **config)
     return o, lse
 
 
@@ -453,7 +454,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
         dq[:, :, :p].zero_()
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    _, row_idx, mask_idx_t, work = _transposed_layout(row_ptr, col_idx, tile_mask_idx, nkt)
+    row_idx, mask_idx_t, work = _transposed_layout(row_ptr, col_idx, tile_mask_idx, nkt)
     kv_config = configs.get("bwd_kv") or launch_config("bwd_kv", block_m, block_n, d, q.dtype)
     common = (*strides(q), *strides(k), *strides(v), *strides(do))
     if nkt > 0:

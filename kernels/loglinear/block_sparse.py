@@ -15,8 +15,7 @@ import torch
 from ..block_sparse.layout import fixed_width_row_ptr
 from ..core.compile_constant import compile_constant
 from ..core.dispatch import choose_backend
-from ..core.heads_last import cat_tokens
-from ..softmax import prefix_attention_sdpa
+from ..softmax import with_prefix_queries
 from .plan import BlockHierarchy, block_hierarchy, pool_levels, select_blocks
 
 
@@ -101,7 +100,5 @@ def loglinear_attention_on_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     row_ptr = fixed_width_row_ptr(b, h, n1, col_idx.shape[-1], q.device)
     keys, values = (with_pooled_keys(x, pool, rows, t) for x, pool in ((k, pooled[1]), (v, pooled[2])))
     out = core(q, keys, values, row_ptr, col_idx.flatten(), t, t, p, None, None, key_bias, None, tile_rows)
-    if p == 0:
-        return out
-    return cat_tokens(prefix_attention_sdpa(q[:, :, :p], k, v), out[:, :, p:])
+    return with_prefix_queries(out[:, :, p:], q, k, v, p)
 

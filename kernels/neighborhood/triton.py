@@ -32,11 +32,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..core.heads_last import cat_tokens, heads_last_empty
+from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 from ..core.triton_common import (LOG2E, cdiv, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
                                   load_block, load_row_stats, rows_contiguous, softmax_finish, softmax_step, strides)
-from ..softmax import prefix_attention_sdpa
+from ..softmax import with_prefix_queries
 
 PREFIX_BLOCK = 16       # prefix keys per block (the smallest tl.dot side)
 
@@ -462,6 +462,4 @@ def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, grid: tuple[i
     through the kernels above, the prefix queries (dense over all keys) through SDPA."""
     out = _neighborhood_attention(q, k, v, rpb, grid[0], grid[1], kernel_size, dilation, num_prefix,
                                   q.shape[-1] ** -0.5)
-    if num_prefix == 0:
-        return out
-    return cat_tokens(prefix_attention_sdpa(q[:, :, :num_prefix], k, v), out)
+    return with_prefix_queries(out, q, k, v, num_prefix)

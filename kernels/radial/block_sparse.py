@@ -9,8 +9,7 @@ import torch
 from ..block_sparse.layout import csr_from_lists
 from ..core.compile_constant import compile_constant
 from ..core.dispatch import choose_backend
-from ..core.heads_last import cat_tokens
-from ..softmax import prefix_attention_sdpa
+from ..softmax import with_prefix_queries
 from .plan import radial_plan, tile_size
 
 
@@ -32,9 +31,7 @@ def radial_attention_on_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     t = tile_size(options)
     core = choose_backend("block_sparse_attention", core_backend, q, v=v)
     out = core(q, k, v, row_ptr, col_idx, t, t, num_prefix, None, None, None, None, tile_rows)
-    if num_prefix == 0:
-        return out
-    return cat_tokens(prefix_attention_sdpa(q[:, :, :num_prefix], k, v), out[:, :, num_prefix:])
+    return with_prefix_queries(out[:, :, num_prefix:], q, k, v, num_prefix)
 
 
 radial_attention_on_triton = functools.partial(radial_attention_on_core, core_backend="triton")

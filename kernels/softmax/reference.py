@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.heads_last import cat_tokens
 from ..core.precision import compute_dtype
 
 
@@ -40,3 +41,12 @@ def prefix_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     (B, N, h*d) gradient), and cuDNN's SDPA backward on an H200 returned a wrong dq for a one-query slice of it
     (relative error 0.9; contiguous, the usual 3e-3 of bf16)."""
     return _ContiguousGrad.apply(F.scaled_dot_product_attention(q, k, v))
+
+
+def with_prefix_queries(grid_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        num_prefix: int) -> torch.Tensor:
+    """A sparse family's output for the grid queries (B, h, N - P, d) with the P prefix queries' output
+    (``prefix_attention_sdpa``, dense over all keys) before it, in the heads-last layout."""
+    if num_prefix == 0:
+        return grid_out
+    return cat_tokens(prefix_attention_sdpa(q[:, :, :num_prefix], k, v), grid_out)

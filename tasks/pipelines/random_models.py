@@ -22,6 +22,7 @@ from diffusers import (AutoencoderKL, AutoencoderKLWan, DDIMScheduler, DiTTransf
                        FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, PixArtTransformer2DModel,
                        SD3Transformer2DModel, UniPCMultistepScheduler, WanTransformer3DModel)
 from torch import nn
+from tqdm import tqdm
 
 from .accelerate import accelerate_pipeline
 from .compare import cosine_similarity
@@ -256,13 +257,14 @@ def _time(fn, repeats: int) -> float:
     return _median_s(fn, repeats)
 
 
-def denoise(transformer: nn.Module, inputs: dict[str, Any], steps: int, flux: bool = False) -> torch.Tensor:
+def denoise(transformer: nn.Module, inputs: dict[str, Any], steps: int, flux: bool = False,
+            desc: str = "denoising") -> torch.Tensor:
     """``steps`` Euler steps of a rectified-flow sampler from the inputs' latents, timesteps 1000 -> 0 (Flux
     takes them / 1000): the calls and the latent updates of a pipeline's denoising loop, without the text
-    encoders and the VAE. Returns the final latents."""
+    encoders and the VAE, with a progress bar. Returns the final latents."""
     x = inputs["hidden_states"]
     times = torch.linspace(1000.0, 0.0, steps + 1, device=x.device)
-    for t, t_next in zip(times[:-1], times[1:]):
+    for t, t_next in tqdm(zip(times[:-1], times[1:]), total=steps, desc=desc, unit="step", leave=False):
         timestep = t.expand(x.shape[0]) / (1000 if flux else 1)
         out = transformer(**{**inputs, "hidden_states": x, "timestep": timestep}, return_dict=False)[0]
         velocity = out if flux else out[:, :x.shape[1]]          # DiT, PixArt: the variance channels after
@@ -296,11 +298,11 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
     call = lambda: transformer(**inputs, return_dict=False)[0]  # noqa: E731
     compiled = torch.compile(transformer, fullgraph=kind != "flux") if compile else None
     compiled_call = lambda: compiled(**inputs, return_dict=False)[0]  # noqa: E731
-    loop = lambda: denoise(transformer, inputs, steps, flux=kind == "flux")  # noqa: E731
+    loop = lambda desc: denoise(transformer, inputs, steps, flux=kind == "flux", desc=desc)  # noqa: E731
     dense_s, dense = _time(call, repeats), call()
     timed = {"dense": _compiled_time(compiled_call, repeats)} if compile else {}
     if steps:
-        timed["dense_loop"] = _timed(loop)
+        timed["dense_loop"] = _timed(lambda: loop("dense"))
     with accelerate_pipeline(transformer, attn, dense_layers=dense_layers, **options) as swap:
         fast_s, fast = _time(call, repeats), call()
         grid, blocks = swap.policy.grid, len(set(swap.layers.values()))
@@ -308,7 +310,7 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
             timed["accelerated"] = _compiled_time(compiled_call, repeats)
     if steps:
         with accelerate_pipeline(transformer, attn, dense_layers=dense_layers, dense_steps=dense_steps, **options):
-            timed["accelerated_loop"] = _timed(loop)
+            timed["accelerated_loop"] = _timed(lambda: loop("accelerated"))
     report = {"kind": kind, "size": size, "grid": grid, "tokens": int(torch.tensor(grid).prod()), "blocks": blocks,
               "dense_ms": dense_s * 1e3, "accelerated_ms": fast_s * 1e3, "speedup": dense_s / fast_s,
               "output_cosine": cosine_similarity(fast.float(), dense.float())}
