@@ -257,6 +257,13 @@ def _time(fn, repeats: int) -> float:
     return _median_s(fn, repeats)
 
 
+def skip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, ...],
+                   num_prefix: int = 0) -> torch.Tensor:
+    """An op that returns ``v`` in place of attention: a transformer call with it costs everything but the
+    swapped attention, so dense time / its time bounds what any family can gain there (Amdahl)."""
+    return v
+
+
 def denoise(transformer: nn.Module, inputs: dict[str, Any], steps: int, flux: bool = False,
             desc: str = "denoising") -> torch.Tensor:
     """``steps`` Euler steps of a rectified-flow sampler from the inputs' latents, timesteps 1000 -> 0 (Flux
@@ -281,8 +288,9 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
     """One transformer call on random weights at a pixel resolution, dense vs accelerated.
 
     Pixels map to latents by 8 per side (and 4 frames per latent frame for video, as Wan's VAE).
-    Returns the token grid, the number of blocks with self-attention, both median times, the speedup and
-    the output cosine similarity; with ``compile`` also both under ``torch.compile(transformer)``
+    Returns the token grid, the number of blocks with self-attention, both median times, the speedup, the
+    output cosine similarity and the bound on any speedup: the call with the swapped attention skipped
+    (``skip_attention``, the same dense layers kept), its time and dense time / that time; with ``compile`` also both under ``torch.compile(transformer)``
     (``fullgraph`` but for Flux, whose grid is read from the values of ``img_ids``: one graph break), each
     with its compile time (the first call); with ``steps`` also end to end: a denoising loop of ``steps``
     calls (``denoise``) from the same latents, dense and accelerated (its first ``dense_steps`` dense), both
@@ -308,12 +316,15 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
         grid, blocks = swap.policy.grid, len(set(swap.layers.values()))
         if compile:
             timed["accelerated"] = _compiled_time(compiled_call, repeats)
+    with accelerate_pipeline(transformer, skip_attention, dense_layers=dense_layers):
+        skipped_s = _time(call, repeats)
     if steps:
         with accelerate_pipeline(transformer, attn, dense_layers=dense_layers, dense_steps=dense_steps, **options):
             timed["accelerated_loop"] = _timed(lambda: loop("accelerated"))
     report = {"kind": kind, "size": size, "grid": grid, "tokens": int(torch.tensor(grid).prod()), "blocks": blocks,
               "dense_ms": dense_s * 1e3, "accelerated_ms": fast_s * 1e3, "speedup": dense_s / fast_s,
-              "output_cosine": cosine_similarity(fast.float(), dense.float())}
+              "output_cosine": cosine_similarity(fast.float(), dense.float()),
+              "attention_skipped_ms": skipped_s * 1e3, "speedup_bound": dense_s / skipped_s}
     if steps:
         (dense_loop_s, dense_latents), (fast_loop_s, fast_latents) = timed["dense_loop"], timed["accelerated_loop"]
         report.update(steps=steps, dense_steps=dense_steps, end_to_end_dense_s=dense_loop_s,

@@ -13,7 +13,8 @@ from diffusers import Transformer2DModel
 from subquad import kernels
 from subquad.tasks.cli import main
 from subquad.tasks.pipelines import accelerate_pipeline, compare_pipeline, pipeline_families, supported_transformers
-from subquad.tasks.pipelines.random_models import KINDS, random_transformer, tiny_pipeline, transformer_inputs
+from subquad.tasks.pipelines.random_models import (KINDS, random_transformer, skip_attention, tiny_pipeline,
+                                                   transformer_inputs)
 
 # Tiny inputs: 10x10 latents with patch 2 (Flux: 2x2 packing) = a 5x5 token grid; Wan: 2 latent frames.
 GRIDS = {"dit": (5, 5), "pixart": (5, 5), "sd3": (5, 5), "flux": (5, 5), "wan": (2, 5, 5)}
@@ -313,7 +314,19 @@ def test_cli_random_transformer(tmp_path):
                  "--device", "cpu", "--out", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["grid"] == [5, 5] and report["dense_ms"] > 0
+    assert report["grid"] == [5, 5] and report["dense_ms"] > 0 and report["attention_skipped_ms"] > 0
+    assert report["speedup_bound"] == pytest.approx(report["dense_ms"] / report["attention_skipped_ms"])
+
+
+def test_skip_attention_is_the_call_with_the_self_attention_returning_its_values(monkeypatch):
+    """The speedup bound's call: DiT's self-attention swapped for skip_attention is DiT with SDPA returning v."""
+    model, inputs = _model_and_inputs("dit")
+    dense = _run(model, inputs)
+    with accelerate_pipeline(model, skip_attention):
+        skipped = _run(model, inputs)
+    assert not torch.allclose(skipped, dense, atol=1e-3)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kwargs: v)
+    assert torch.equal(skipped, _run(model, inputs))
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux", "dit"])
