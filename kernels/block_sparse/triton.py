@@ -6,6 +6,12 @@ online softmax over the prefix keys and the listed key tiles and saves the log-s
 delta = rowsum(dO * O); dK, dV per key tile over the query tiles that list it (the transposed CSR,
 built with torch on the device); dK, dV of prefix keys per chunk of query tiles, summed after; dQ
 per query tile over its keys. Scores live in the log2 domain (exp2) with float32 accumulation.
+
+Small tiles are stepped through several at a time: a step of the forward and of dQ takes the keys of
+``STEP_ROWS // block_n`` listed key tiles, one of dK/dV the queries of ``STEP_ROWS // block_m`` query tiles
+(LLSA's 16-token tiles: 64 keys per step, as the official kernels gather four selected blocks), so that
+each step's products are large enough for the tensor cores and the loop runs a quarter as often. Layouts
+with tile masks step one tile at a time.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from .layout import chunk_key_tiles, num_tiles, transpose_csr
 
 PREFIX_CHUNK = 16       # query tiles per program in the prefix keys' dK/dV (partial sums, added with torch)
 KEY_CHUNK = 32          # query tiles per program in a key tile's dK/dV (more: the tile is split, ``KeyTileWork``)
+STEP_ROWS = 64          # rows of the tiles taken per loop step (one tile at least)
 
 
 @triton.jit
@@ -85,6 +92,33 @@ def _key_rows(TileRows, tile, P, Nq, Nk, num_table_tiles, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _step_key_rows(TileRows, ColIdx, e, hi, P, Nq, Nk, num_table_tiles, BLOCK_N: tl.constexpr,
+                   TILES: tl.constexpr, TABLE: tl.constexpr):
+    """Key rows (TILES * BLOCK_N,) of the key tiles of CSR entries e .. e + TILES - 1; entries from ``hi`` on
+    are absent (row Nk: no key)."""
+    g = tl.arange(0, TILES)
+    listed = e + g < hi
+    tiles = tl.load(ColIdx + e + g, mask=listed, other=0)
+    rows = _key_rows(TileRows, tiles[:, None], P, Nq, Nk, num_table_tiles, BLOCK_N, TABLE)
+    return tl.reshape(tl.where(listed[:, None], rows, Nk), (TILES * BLOCK_N,))
+
+
+@triton.jit
+def _step_query_rows(TileRows, RowIdx, e, hi, Nq, BLOCK_M: tl.constexpr, TILES: tl.constexpr,
+                     TABLE: tl.constexpr, LISTED: tl.constexpr):
+    """Query rows (TILES * BLOCK_M,) of the query tiles of transposed-CSR entries e .. e + TILES - 1
+    (``LISTED``; else the tiles e .. e + TILES - 1 themselves); from ``hi`` on absent (row Nq: no query)."""
+    g = tl.arange(0, TILES)
+    listed = e + g < hi
+    if LISTED:
+        tiles = tl.load(RowIdx + e + g, mask=listed, other=0)
+    else:
+        tiles = tl.where(listed, e + g, 0)
+    rows = _tile_rows(TileRows, tiles[:, None], 0, BLOCK_M, TABLE)
+    return tl.reshape(tl.where(listed[:, None], rows, Nq), (TILES * BLOCK_M,))
+
+
+@triton.jit
 def _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -104,7 +138,8 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, Ti
                 H, Nq, Nk, P, num_table_tiles, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE: tl.constexpr):
+                CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE: tl.constexpr,
+                KEY_TILES: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -118,23 +153,21 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, Ti
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in range(0, P, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start + tl.arange(0, BLOCK_N), P, -1,
-                                  skn, svn, qk_scale,
-                                  HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, False, HAS_BIAS, True,
-                                  DOT_PRECISION)
+    for start in range(0, P, KEY_TILES * BLOCK_N):
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start + tl.arange(0, KEY_TILES * BLOCK_N),
+                                  P, -1, skn, svn, qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D,
+                                  MASK_WORDS, MASK_BITS, False, HAS_BIAS, True, DOT_PRECISION)
     row = RowPtr + b * srb + h * srh + tile
     lo = tl.load(row)
     hi = tl.load(row + 1)
-    for e in range(lo, hi):
-        keys = _key_rows(TileRows, tl.load(ColIdx + e), P, Nq, Nk, num_table_tiles, BLOCK_N, TABLE)
+    for e in range(lo, hi, KEY_TILES):
+        keys = _step_key_rows(TileRows, ColIdx, e, hi, P, Nq, Nk, num_table_tiles, BLOCK_N, KEY_TILES, TABLE)
         mask_id = -1
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, keys, Nk, mask_id, skn, svn,
-                                  qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, HAS_MASK,
-                                  HAS_BIAS,
-                                  CHECK_K, DOT_PRECISION)
+                                  qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS,
+                                  HAS_MASK, HAS_BIAS, CHECK_K, DOT_PRECISION)
     out, lse = softmax_finish(acc, m_i, l_i)
     store_block(O + b * sob + h * soh + rows[:, None] * son + cols[None, :], out.to(O.dtype.element_ty),
                  rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
@@ -152,7 +185,7 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Work, RowIdx, MaskIdx, TileM
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                    CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   TABLE: tl.constexpr, PREFIX: tl.constexpr, CHUNK: tl.constexpr):
+                   TABLE: tl.constexpr, PREFIX: tl.constexpr, CHUNK: tl.constexpr, QUERY_TILES: tl.constexpr):
     """dK, dV of one work item of ``KeyTileWork`` (a hot tile's chunk adds its float32 partial sums into its
     slot of ``Hot``), for each (b, h) the item's CSR row stands for (program axis 1: all of them, or one when
     the CSR is per batch and head); PREFIX: of one prefix block over one chunk of query tiles (float32
@@ -191,21 +224,17 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Work, RowIdx, MaskIdx, TileM
     KeyBias += b * sbb + h * sbh
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for e in range(lo, hi):
-        if PREFIX:
-            q_tile = e
-        else:
-            q_tile = tl.load(RowIdx + e)
+    for e in range(lo, hi, QUERY_TILES):
         mask_id = -1
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
-        rows = _tile_rows(TileRows, q_tile, 0, BLOCK_M, TABLE)
+        rows = _step_query_rows(TileRows, RowIdx, e, hi, Nq, BLOCK_M, QUERY_TILES, TABLE, not PREFIX)
         q = load_block(Q + rows[:, None] * sqn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
         do = load_block(DO + rows[:, None] * sdn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
         lse, delta = load_row_stats(LSE, Delta, rows, rows < Nq)
         s_t = transposed_scores(k, q, DOT_PRECISION) * qk_scale
-        s_t = _mask_scores(s_t, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
-                           HAS_MASK, HAS_BIAS, CHECK_K, True)
+        s_t = _mask_scores(s_t, KeyBias, TileMasks, keys, key_limit, mask_id, QUERY_TILES * BLOCK_M, BLOCK_N,
+                           MASK_WORDS, MASK_BITS, HAS_MASK, HAS_BIAS, CHECK_K, True)
         dk, dv, _ = dkdv_step(dk, dv, s_t, lse, delta, q, do, v, DOT_PRECISION)
     dk *= sm_scale
     if PREFIX:
@@ -280,7 +309,7 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMask
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                   CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  TABLE: tl.constexpr):
+                  TABLE: tl.constexpr, KEY_TILES: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -295,22 +324,21 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMask
     V += b * svb + h * svh
     KeyBias += b * sbb + h * sbh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, P, BLOCK_N):
-        dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start + tl.arange(0, BLOCK_N), P, -1,
-                         skn, svn, qk_scale,
-                         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, False, HAS_BIAS, True,
-                         DOT_PRECISION)
+    for start in range(0, P, KEY_TILES * BLOCK_N):
+        dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start + tl.arange(0, KEY_TILES * BLOCK_N),
+                         P, -1, skn, svn, qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS,
+                         MASK_BITS, False, HAS_BIAS, True, DOT_PRECISION)
     row = RowPtr + b * srb + h * srh + tile
     lo = tl.load(row)
     hi = tl.load(row + 1)
-    for e in range(lo, hi):
-        keys = _key_rows(TileRows, tl.load(ColIdx + e), P, Nq, Nk, num_table_tiles, BLOCK_N, TABLE)
+    for e in range(lo, hi, KEY_TILES):
+        keys = _step_key_rows(TileRows, ColIdx, e, hi, P, Nq, Nk, num_table_tiles, BLOCK_N, KEY_TILES, TABLE)
         mask_id = -1
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
         dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, keys, Nk, mask_id, skn, svn, qk_scale,
-                         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, HAS_MASK, HAS_BIAS, CHECK_K,
-                         DOT_PRECISION)
+                         HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, HAS_MASK, HAS_BIAS,
+                         CHECK_K, DOT_PRECISION)
     dq *= sm_scale
     store_block(DQ + b * sgb + h * sgh + rows[:, None] * sgn + cols[None, :], dq.to(DQ.dtype.element_ty),
                  rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
@@ -364,17 +392,25 @@ def launch_config(kind: str, block_m: int, block_n: int, head_dim: int, dtype: t
     return {"num_warps": 8 if wide or (d >= 128 and block_m >= 128) or elem == 4 else 4, "num_stages": stages}
 
 
+def tiles_per_step(block: int, masked: bool) -> int:
+    """Tiles of ``block`` rows a loop step takes: STEP_ROWS rows' worth, one tile with tile masks."""
+    return 1 if masked else max(1, STEP_ROWS // block)
+
+
 def _launch_args(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, key_bias, tile_rows, scale,
                  placeholder):
-    """Launch constants shared by every kernel; the bias and masks arguments (``placeholder``, never
-    read, stands in for an absent one) and the log2-domain score scale."""
+    """Launch constants shared by every kernel (a step of several tiles may list absent ones: their rows are
+    then checked); the bias and masks arguments (``placeholder``, never read, stands in for an absent one) and
+    the log2-domain score scale."""
     head_dim = q.shape[-1]
     nq, nk = q.shape[2], k.shape[2]
     table = tile_rows is not None      # padding slots of the table hold N: the bounds checks drop them
+    masked = tile_mask_idx is not None
     consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(head_dim)), MASK_WORDS=num_tiles(block_n, 32),
-                  MASK_BITS=min(32, block_n), HAS_MASK=tile_mask_idx is not None, HAS_BIAS=key_bias is not None,
-                  CHECK_Q=table or nq % block_m != 0, CHECK_K=table or (nk - num_prefix) % block_n != 0,
+                  MASK_BITS=min(32, block_n), HAS_MASK=masked, HAS_BIAS=key_bias is not None,
+                  CHECK_Q=table or nq % block_m != 0 or tiles_per_step(block_m, masked) > 1,
+                  CHECK_K=table or (nk - num_prefix) % block_n != 0 or tiles_per_step(block_n, masked) > 1,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", TABLE=table)
     if key_bias is not None:
         key_bias = key_bias.float().contiguous()
@@ -422,13 +458,14 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
         lse[:, :, :num_prefix].fill_(float("-inf"))
     consts, bias, masks, qk_scale = _launch_args(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks,
                                             key_bias, tile_rows, scale, lse)
-    config = config or launch_config("fwd", block_m, block_n, d, q.dtype)
+    key_tiles = tiles_per_step(block_n, tile_mask_idx is not None)
+    config = config or launch_config("fwd", block_m, block_n * key_tiles, d, q.dtype)
     mask_idx = tile_mask_idx if tile_mask_idx is not None else col_idx
     nqt = _num_q_tiles(nq, block_m, tile_rows)
     launch(_fwd_kernel, (nqt, b * h),
         q, k, v, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0], tile_rows if tile_rows is not None else col_idx,
         *strides(q), *strides(k), *strides(v), *strides(o), *strides(row_ptr)[:2], *bias[1:],
-        h, nq, k.shape[2], num_prefix, nqt, qk_scale, **consts, **config)
+        h, nq, k.shape[2], num_prefix, nqt, qk_scale, **consts, KEY_TILES=key_tiles, **config)
     return o, lse
 
 
@@ -455,7 +492,9 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     row_idx, mask_idx_t, work = _transposed_layout(row_ptr, col_idx, tile_mask_idx, nkt)
-    kv_config = configs.get("bwd_kv") or launch_config("bwd_kv", block_m, block_n, d, q.dtype)
+    masked = tile_mask_idx is not None
+    query_tiles, key_tiles = tiles_per_step(block_m, masked), tiles_per_step(block_n, masked)
+    kv_config = configs.get("bwd_kv") or launch_config("bwd_kv", block_m * query_tiles, block_n, d, q.dtype)
     common = (*strides(q), *strides(k), *strides(v), *strides(do))
     if nkt > 0:
         rows_q, heads_q = row_ptr.shape[:2]
@@ -466,7 +505,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
             q, k, v, do, dk, dv, lse, delta, work.items, row_idx,
             mask_idx_t if mask_idx_t is not None else row_idx, masks, bias[0], rows_arg, hot,
             *common, *strides(dk), *strides(dv), bias[1], bias[2], h, heads_q, nq, nk, p, nqt, 1, num_hot, qk_scale, scale,
-            **consts, PREFIX=False, CHUNK=PREFIX_CHUNK, **kv_config)
+            **consts, PREFIX=False, CHUNK=PREFIX_CHUNK, QUERY_TILES=query_tiles, **kv_config)
         launch(_hot_tiles_kernel, (num_hot, per_row), hot, work.hot_tiles, dk, dv, rows_arg,
                *strides(dk), *strides(dv), h, heads_q, nq, nk, p, nqt,
                HEAD_DIM=d, BLOCK_N=block_n, BLOCK_D=consts["BLOCK_D"], CHECK_K=consts["CHECK_K"],
@@ -478,16 +517,17 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
         launch(_bwd_kv_kernel, (blocks * chunks, b * h),
             q, k, v, do, parts[0], parts[1], lse, delta, row_idx, row_idx, row_idx, masks, bias[0], rows_arg, parts,
             *common, *strides(dk), *strides(dv), bias[1], bias[2], h, 1, nq, nk, p, nqt, chunks, 0, qk_scale, scale,
-            **{**consts, "HAS_MASK": False, "CHECK_K": True}, PREFIX=True, CHUNK=PREFIX_CHUNK, **kv_config)
+            **{**consts, "HAS_MASK": False, "CHECK_K": True}, PREFIX=True, CHUNK=PREFIX_CHUNK, QUERY_TILES=query_tiles,
+            **kv_config)
         summed = parts.sum(1)[..., :p, :d].reshape(2, b, h, p, d)
         dk[:, :, :p] = summed[0]
         dv[:, :, :p] = summed[1]
-    q_config = configs.get("bwd_q") or launch_config("bwd_q", block_m, block_n, d, q.dtype)
+    q_config = configs.get("bwd_q") or launch_config("bwd_q", block_m, block_n * key_tiles, d, q.dtype)
     launch(_bwd_q_kernel, (nqt, b * h),
         q, k, v, do, dq, lse, delta, row_ptr, col_idx,
         tile_mask_idx if tile_mask_idx is not None else col_idx, masks, bias[0], rows_arg,
         *common, *strides(dq), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, p, nqt, qk_scale, scale,
-        **consts, **q_config)
+        **consts, KEY_TILES=key_tiles, **q_config)
     return dq, dk, dv
 
 

@@ -185,6 +185,9 @@ TRITON_CASES = [
     dict(b=1, h=2, nq=64, nk=64, p=0, bm=32, bn=16, d=16),
     dict(b=2, h=2, nq=45, nk=70, p=5, bm=16, bn=32, d=32, masks=True, bias=True),
     dict(b=1, h=3, nq=40, nk=52, p=20, bm=16, bn=16, d=24, per_head=False, density=0.3, masks=True),
+    # small unmasked tiles, stepped through several at a time (tiles_per_step), rows of any length
+    dict(b=2, h=2, nq=45, nk=70, p=5, bm=16, bn=16, d=32, bias=True),
+    dict(b=1, h=3, nq=40, nk=100, p=20, bm=16, bn=16, d=24, per_head=False, density=0.3),
 ]
 
 
@@ -217,11 +220,12 @@ def test_triton_split_key_tiles(per_head, dtype, monkeypatch):
 
 
 @requires_triton
-def test_tile_rows_split_key_tiles(monkeypatch):
+@pytest.mark.parametrize("masks", [True, False])
+def test_tile_rows_split_key_tiles(masks, monkeypatch):
     monkeypatch.setattr(block_sparse_triton, "KEY_CHUNK", 2)
-    layout, (q, k, v), brute = in_place_case((7, 10), (4, 4), 3, masks=True, extra=21)
+    layout, (q, k, v), brute = in_place_case((7, 10), (4, 4), 3, masks=masks, extra=21)
     check_against(lambda q, k, v: block_sparse_attention(q, k, v, backend="triton", **layout), brute, q, k, v,
-                  torch.float32, "triton in place, split key tiles")
+                  torch.float32, f"triton in place, split key tiles, masks {masks}")
 
 
 @requires_triton
