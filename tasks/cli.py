@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="families: every attention family vs SDPA (default); linear / block-sparse / "
                         "grid-conv: the Triton kernels' own benchmarks (CUDA); dit: DiT training step and "
                         "sampling time per family vs the SDPA DiT (CUDA); models: whole timm models vs "
-                        "timm's dense peers (CUDA)")
+                        "timm's dense peers (CUDA); pipeline: FLUX- and Wan-sized diffusers transformers, one call "
+                        "dense vs attention swaps (CUDA)")
     p.add_argument("--compile", action="store_true", help="models suite: also time torch.compile(model)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="models suite: also time inference captured into one CUDA graph (no host time)")

@@ -13,8 +13,10 @@ def run_suite(suite: str, out_dir: Path, families: list[str] | None = None, mode
     """The CUDA-only suites: ``linear`` (FLatten, MALA, agent attention against their references and
     SDPA), ``block-sparse`` (the core against SDPA and FlexAttention), ``grid-conv`` (the depthwise conv on
     the grid, DWC / LePE, against the cuDNN reference) or ``dit`` (DiT training step and sampling per
-    family against the SDPA DiT; ``families`` picks the families) or ``models`` (whole models against timm's
-    dense peers in each of ``modes``: eager, compile, cuda-graph; ``models`` picks models by name substring)."""
+    family against the SDPA DiT; ``families`` picks the families), ``models`` (whole models against timm's
+    dense peers in each of ``modes``: eager, compile, cuda-graph; ``models`` picks models by name substring) or
+    ``pipeline`` (diffusers transformers of the released sizes, one call dense vs each attention swap, with the
+    bound from skipping the attention; ``families`` picks the swaps)."""
     if not torch.cuda.is_available():
         raise ValueError(f"the {suite!r} suite times CUDA kernels and needs a CUDA GPU")
     # each suite is imported when run: the kernel suites need triton, the DiT suite diffusers
@@ -30,6 +32,9 @@ def run_suite(suite: str, out_dir: Path, families: list[str] | None = None, mode
     elif suite == "models":
         from .models import run_models_bench
         return run_models_bench(out_dir, modes=modes, models=models)
+    elif suite == "pipeline":
+        from .pipelines import run_pipeline_bench
+        return run_pipeline_bench(out_dir, families)
     elif suite == "block-sparse":
         from .block_sparse import bench_block_sparse
         rows = bench_block_sparse()

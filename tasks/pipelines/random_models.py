@@ -181,6 +181,15 @@ def transformer_inputs(kind: str, transformer: nn.Module, *, latent_size: tuple[
     raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
 
 
+def pixel_inputs(kind: str, transformer: nn.Module, height: int, width: int, num_frames: int = 1,
+                 batch: int = 1) -> dict[str, Any]:
+    """``transformer_inputs`` for a call at a pixel resolution: 8 pixels per latent side, and for video
+    (Wan) 4 frames per latent frame after the first, as the released VAEs."""
+    frames = (num_frames - 1) // 4 + 1 if kind == "wan" else 1
+    return transformer_inputs(kind, transformer, latent_size=(height // VAE_SCALE, width // VAE_SCALE),
+                              latent_frames=frames, batch=batch)
+
+
 def _tiny_vae(latent_channels: int, **config: Any) -> AutoencoderKL:
     return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                          block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=latent_channels,
@@ -264,6 +273,17 @@ def skip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: t
     return v
 
 
+def time_call(transformer: nn.Module, inputs: dict[str, Any], repeats: int, attn: str | AttentionOp | None = None,
+              dense_layers: Iterable[int] = (), **options: Any) -> tuple[float, torch.Tensor]:
+    """Median seconds of one call of ``transformer`` on ``inputs`` (after a warm-up call) and its output:
+    dense (``attn`` None), or with ``attn`` swapped in by ``accelerate_pipeline`` (restored after)."""
+    call = lambda: transformer(**inputs, return_dict=False)[0]  # noqa: E731
+    if attn is None:
+        return _time(call, repeats), call()
+    with accelerate_pipeline(transformer, attn, dense_layers=dense_layers, **options):
+        return _time(call, repeats), call()
+
+
 def denoise(transformer: nn.Module, inputs: dict[str, Any], steps: int, flux: bool = False,
             desc: str = "denoising") -> torch.Tensor:
     """``steps`` Euler steps of a rectified-flow sampler from the inputs' latents, timesteps 1000 -> 0 (Flux
@@ -287,7 +307,7 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
                           **options: Any) -> dict[str, Any]:
     """One transformer call on random weights at a pixel resolution, dense vs accelerated.
 
-    Pixels map to latents by 8 per side (and 4 frames per latent frame for video, as Wan's VAE).
+    Pixels map to latents as in ``pixel_inputs``.
     Returns the token grid, the number of blocks with self-attention, both median times, the speedup, the
     output cosine similarity and the bound on any speedup: the call with the swapped attention skipped
     (``skip_attention``, the same dense layers kept), its time and dense time / that time; with ``compile`` also both under ``torch.compile(transformer)``
@@ -300,14 +320,12 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
     check_memory(kind, size, dtype, device)
     height, width = height or DEFAULT_RESOLUTION[size], width or DEFAULT_RESOLUTION[size]
     transformer = random_transformer(kind, size, dtype=dtype, device=device)
-    frames = (num_frames - 1) // 4 + 1 if kind == "wan" else 1
-    inputs = transformer_inputs(kind, transformer, latent_size=(height // VAE_SCALE, width // VAE_SCALE),
-                                latent_frames=frames, batch=batch)
+    inputs = pixel_inputs(kind, transformer, height, width, num_frames, batch)
     call = lambda: transformer(**inputs, return_dict=False)[0]  # noqa: E731
     compiled = torch.compile(transformer, fullgraph=kind != "flux") if compile else None
     compiled_call = lambda: compiled(**inputs, return_dict=False)[0]  # noqa: E731
     loop = lambda desc: denoise(transformer, inputs, steps, flux=kind == "flux", desc=desc)  # noqa: E731
-    dense_s, dense = _time(call, repeats), call()
+    dense_s, dense = time_call(transformer, inputs, repeats)
     timed = {"dense": _compiled_time(compiled_call, repeats)} if compile else {}
     if steps:
         timed["dense_loop"] = _timed(lambda: loop("dense"))
@@ -316,8 +334,7 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
         grid, blocks = swap.policy.grid, len(set(swap.layers.values()))
         if compile:
             timed["accelerated"] = _compiled_time(compiled_call, repeats)
-    with accelerate_pipeline(transformer, skip_attention, dense_layers=dense_layers):
-        skipped_s = _time(call, repeats)
+    skipped_s = time_call(transformer, inputs, repeats, skip_attention, dense_layers)[0]
     if steps:
         with accelerate_pipeline(transformer, attn, dense_layers=dense_layers, dense_steps=dense_steps, **options):
             timed["accelerated_loop"] = _timed(lambda: loop("accelerated"))
