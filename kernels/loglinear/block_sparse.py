@@ -8,6 +8,8 @@ log(token count) of each.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -59,6 +61,42 @@ def pooled_key_tiles(grid: tuple[int, int], side: int, levels: int, num_prefix: 
     return tuple(rows), torch.cat(bias)[None, None], tuple(firsts), offset, coarsest, tile_rows
 
 
+def pooled_key_counts(grid: tuple[int, int], side: int, top_k: tuple[int, ...]) -> tuple[int, int, int]:
+    """(pooled key rows of every level, finest blocks, key tiles per finest block's list) of ``core_inputs``,
+    from the grid alone (the sizes of a call without running it)."""
+    t, levels = side * side, len(top_k)
+    blocks = [math.prod(-(-g // side ** l) for g in grid) for l in range(1, levels + 1)]
+    top_tiles = -(-blocks[-1] // t)
+    return sum(blocks[1:]) * t + top_tiles * t, blocks[0], sum(top_k) + top_tiles
+
+
+@compile_constant
+def token_blocks(grid: tuple[int, int], side: int, levels: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per level, the block of each raster token (N,)."""
+    hierarchy = block_hierarchy(grid, side, levels, device)
+    return tuple(layout.position // layout.tile_size for layout in hierarchy.layouts)
+
+
+def pooled_key_gradients(d_keys: torch.Tensor, grid: tuple[int, int], side: int, levels: int,
+                         num_prefix: int) -> torch.Tensor:
+    """The gradient of the (B, h, P + N, d) keys (or values) from the gradient of ``with_pooled_keys``' buffer
+    (B, h, P + N + pooled + tile, d): the tokens' own rows, plus, per level, each pooled row's gradient spread
+    evenly over the real tokens of its block (a pooled row is their mean), summed in float32."""
+    hierarchy = block_hierarchy(grid, side, levels, d_keys.device)
+    rows = pooled_key_tiles(grid, side, levels, num_prefix, d_keys.device)[0]
+    b, h, _, d = d_keys.shape
+    start = end = num_prefix + hierarchy.layouts[0].num_tokens
+    spread = 0
+    for level, (level_rows, blocks) in enumerate(zip(rows, token_blocks(grid, side, levels, d_keys.device))):
+        pooled = d_keys.new_zeros(b, h, hierarchy.num_blocks(level), d, dtype=torch.float32)
+        pooled.index_add_(2, level_rows, d_keys[:, :, start:start + level_rows.numel()].float())
+        start += level_rows.numel()
+        spread = spread + (pooled / hierarchy.counts[level][:, None]).index_select(2, blocks)
+    d_tokens = d_keys[:, :, :end].clone()
+    d_tokens[:, :, num_prefix:] = d_tokens[:, :, num_prefix:] + spread
+    return d_tokens
+
+
 def with_pooled_keys(x: torch.Tensor, pooled: Sequence[torch.Tensor], rows: Sequence[torch.Tensor],
                      tile: int) -> torch.Tensor:
     """(B, h, N + pooled + tile, d): x's tokens, then each level's pooled tokens in key-tile order (in x's
@@ -78,16 +116,27 @@ def _selected_blocks(pooled_q, pooled_k, hierarchy: BlockHierarchy, top_k) -> tu
     return select_blocks(pooled_q, pooled_k, hierarchy, top_k).selected
 
 
-def loglinear_attention_on_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
-                                num_prefix: int, side: int, top_k: tuple[int, ...],
-                                core_backend: str | None = None, select: Callable = _selected_blocks) -> torch.Tensor:
-    """The grid queries on the core (``core_backend``: the core's own choice when None), the tokens read in
-    place and the pooled ones appended to k, v; the prefix queries, dense over all keys, by SDPA.
-    ``select``: the selected blocks of every level (``select_blocks``' or the Triton selection's)."""
+@dataclass(frozen=True)
+class CoreInputs:
+    """What the core takes for one LLSA call: the keys and values with the pooled ones appended
+    (``with_pooled_keys``), the CSR of key tiles per finest block, the key bias and the tokens' tile rows."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    key_bias: torch.Tensor
+    tile_rows: torch.Tensor
+
+
+def core_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], num_prefix: int,
+                side: int, top_k: tuple[int, ...], select: Callable = _selected_blocks) -> CoreInputs:
+    """Pool q, k, v at every level, select (``select``: the selected blocks of every level, ``select_blocks``'
+    or the Triton selection's), and list per finest block its selected blocks, the pooled tiles of the
+    blocks scored on the way and every coarsest pooled tile (null-tile entries where fewer were selected)."""
     levels, p, t = len(top_k), num_prefix, side * side
     hierarchy = block_hierarchy(grid, side, levels, q.device)
     rows, key_bias, firsts, null_tile, coarsest, tile_rows = pooled_key_tiles(grid, side, levels, p, q.device)
-    core = choose_backend("block_sparse_attention", core_backend, q, v=v)
     pooled = [pool_levels(x[:, :, p:], hierarchy) for x in (q, k, v)]
     selected = select(pooled[0], pooled[1], hierarchy, top_k)
     b, h, n1 = selected[0].shape[:3]
@@ -99,6 +148,18 @@ def loglinear_attention_on_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     col_idx = torch.cat(lists, -1).to(torch.int32)
     row_ptr = fixed_width_row_ptr(b, h, n1, col_idx.shape[-1], q.device)
     keys, values = (with_pooled_keys(x, pool, rows, t) for x, pool in ((k, pooled[1]), (v, pooled[2])))
-    out = core(q, keys, values, row_ptr, col_idx.flatten(), t, t, p, None, None, key_bias, None, tile_rows)
-    return with_prefix_queries(out[:, :, p:], q, k, v, p)
+    return CoreInputs(keys, values, row_ptr, col_idx.flatten(), key_bias, tile_rows)
 
+
+def loglinear_attention_on_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
+                                num_prefix: int, side: int, top_k: tuple[int, ...],
+                                core_backend: str | None = None) -> torch.Tensor:
+    """The grid queries on the core (``core_backend``: the core's own choice when None), the tokens read in
+    place and the pooled ones appended to k, v (gradients through the pooling by autograd); the prefix
+    queries, dense over all keys, by SDPA."""
+    t = side * side
+    core = choose_backend("block_sparse_attention", core_backend, q, v=v)
+    c = core_inputs(q, k, v, grid, num_prefix, side, top_k)
+    out = core(q, c.keys, c.values, c.row_ptr, c.col_idx, t, t, num_prefix, None, None, c.key_bias, None,
+               c.tile_rows)
+    return with_prefix_queries(out[:, :, num_prefix:], q, k, v, num_prefix)

@@ -1,5 +1,7 @@
-"""LLSA's hierarchical top-K below the coarsest level in Triton (Zhou et al. 2025, Sec. 3.2): one launch per
-level instead of the gathers, masks, matrix product and top-K of ``plan.select_blocks``.
+"""LLSA in Triton: the hierarchical top-K below the coarsest level (Zhou et al. 2025, Sec. 3.2), one launch per
+level instead of the gathers, masks, matrix product and top-K of ``plan.select_blocks``; and the whole
+attention (pooling, selection, the core) as one differentiable op whose backward spreads the pooled keys'
+gradients over their blocks' tokens directly.
 
 One program per (parent block, batch x head): the pooled queries of the parent's s x s children against
 the pooled keys of the candidates (the children of the blocks the parent selected), float32 products, then
@@ -7,15 +9,21 @@ K rounds of a row maximum. Same selection as ``select_blocks`` (ties aside: floa
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
+from ..block_sparse.layout import fixed_width_row_ptr
+from ..block_sparse.triton import backward as core_backward
+from ..block_sparse.triton import forward as core_forward
+from ..core.heads_last import heads_last_empty
 from ..core.triton_common import launch
-from .block_sparse import loglinear_attention_on_core
+from ..core.triton_op import triton_op
+from ..softmax import with_prefix_queries
+from .block_sparse import core_inputs, pooled_key_counts, pooled_key_gradients, pooled_key_tiles
 from .plan import BlockHierarchy
 
 
@@ -48,8 +56,11 @@ def _select_children_kernel(PQ, PK, SelUp, Children, Out, n_fine, n_up, K_up, K,
         s = tl.where(hit, float("-inf"), s)
 
 
-def _select_children(pooled_q: torch.Tensor, pooled_k: torch.Tensor, selected_up: torch.Tensor,
-                     children: torch.Tensor, top_k: int) -> torch.Tensor:
+def select_children(pooled_q: torch.Tensor, pooled_k: torch.Tensor, selected_up: torch.Tensor,
+                    children: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(B, h, n_l, K) the top-K key blocks of every level-l query block among the children (``children``
+    (n_{l+1}, s*s), -1 none) of the blocks its parent selected (``selected_up`` (B, h, n_{l+1}, K_up), -1
+    none), by pooled q . pooled k (float32, (B, h, n_l, d)); -1 where fewer than K candidates exist."""
     b, h, n_fine, d = pooled_q.shape
     n_up, k_up = selected_up.shape[2:]
     ss = children.shape[1]
@@ -58,27 +69,6 @@ def _select_children(pooled_q: torch.Tensor, pooled_k: torch.Tensor, selected_up
            selected_up.contiguous(), children.contiguous(), out, n_fine, n_up, k_up, top_k,
            HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), SS=ss, BLOCK_UP=triton.next_power_of_2(k_up))
     return out
-
-
-@torch.library.custom_op("subquad::loglinear_select_children", mutates_args=())
-def _select_children_op(pooled_q: torch.Tensor, pooled_k: torch.Tensor, selected_up: torch.Tensor,
-                        children: torch.Tensor, top_k: int) -> torch.Tensor:
-    return _select_children(pooled_q, pooled_k, selected_up, children, top_k)
-
-
-@_select_children_op.register_fake
-def _(pooled_q, pooled_k, selected_up, children, top_k):
-    return pooled_q.new_empty(*pooled_q.shape[:3], top_k, dtype=torch.int64)
-
-
-def select_children(pooled_q: torch.Tensor, pooled_k: torch.Tensor, selected_up: torch.Tensor,
-                    children: torch.Tensor, top_k: int) -> torch.Tensor:
-    """(B, h, n_l, K) the top-K key blocks of every level-l query block among the children (``children``
-    (n_{l+1}, s*s), -1 none) of the blocks its parent selected (``selected_up`` (B, h, n_{l+1}, K_up), -1
-    none), by pooled q . pooled k (float32, (B, h, n_l, d)); -1 where fewer than K candidates exist."""
-    if torch.compiler.is_compiling():
-        return _select_children_op(pooled_q, pooled_k, selected_up, children, top_k)
-    return _select_children(pooled_q, pooled_k, selected_up, children, top_k)
 
 
 @torch.no_grad()
@@ -95,5 +85,53 @@ def select_blocks_triton(pooled_q: Sequence[torch.Tensor], pooled_k: Sequence[to
     return tuple(selected)
 
 
-loglinear_attention_on_triton = functools.partial(loglinear_attention_on_core, core_backend="triton",
-                                                  select=select_blocks_triton)
+def _forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], num_prefix: int, side: int,
+             top_k: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The core's output (prefix rows 0) and log-sum-exp, and what the backward reads: the keys and values with
+    the pooled ones appended and the key-tile lists."""
+    c = core_inputs(q, k, v, tuple(grid), num_prefix, side, tuple(top_k), select=select_blocks_triton)
+    t = side * side
+    out, lse = core_forward(q, c.keys, c.values, c.row_ptr, c.col_idx, None, None, c.key_bias, c.tile_rows, t, t,
+                            num_prefix, q.shape[-1] ** -0.5)
+    return out, lse, c.keys, c.values, c.col_idx
+
+
+def _backward(do: Tensor, q: Tensor, out: Tensor, lse: Tensor, keys: Tensor, values: Tensor, col_idx: Tensor,
+              grid: list[int], num_prefix: int, side: int, top_k: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv: the core's backward over the keys with the pooled ones, then each pooled row's gradient
+    spread over its block's tokens (``pooled_key_gradients``)."""
+    grid, levels, t = tuple(grid), len(top_k), side * side
+    _, key_bias, _, _, _, tile_rows = pooled_key_tiles(grid, side, levels, num_prefix, q.device)
+    _, n1, width = pooled_key_counts(grid, side, tuple(top_k))
+    row_ptr = fixed_width_row_ptr(q.shape[0], q.shape[1], n1, width, q.device)
+    dq, d_keys, d_values = core_backward(do, q, keys, values, out, lse, row_ptr, col_idx, None, None, key_bias,
+                                         tile_rows, t, t, num_prefix, q.shape[-1] ** -0.5)
+    return (dq, *(pooled_key_gradients(d, grid, side, levels, num_prefix) for d in (d_keys, d_values)))
+
+
+def _forward_fake(q, k, v, grid, num_prefix, side, top_k):
+    b, h, n, _ = q.shape
+    pooled, n1, width = pooled_key_counts(tuple(grid), side, tuple(top_k))
+    rows = n + pooled + side * side
+    return (heads_last_empty(q, b, h, n, v.shape[-1]), q.new_empty(b, h, n, dtype=torch.float32),
+            k.new_empty(b, h, rows, k.shape[-1]), v.new_empty(b, h, rows, v.shape[-1]),
+            q.new_empty(b * h * n1 * width, dtype=torch.int32))
+
+
+def _backward_fake(do, q, out, lse, keys, values, col_idx, grid, num_prefix, side, top_k):
+    n = q.shape[2]
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            *(x.new_empty(*x.shape[:2], n, x.shape[-1]) for x in (keys, values)))
+
+
+_loglinear_attention = triton_op("loglinear_attention", _forward, _backward, num_tensors=3,
+                                 forward_fake=_forward_fake, backward_fake=_backward_fake,
+                                 save=lambda inputs, outputs: (inputs[0], *outputs))
+
+
+def loglinear_attention_on_triton(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], num_prefix: int, side: int,
+                                  top_k: tuple[int, ...]) -> Tensor:
+    """LLSA on the Triton core and selection as one op (one autograd node: no graph over the pooling and
+    the buffers; under ``torch.compile`` one custom op); the prefix queries, dense over all keys, by SDPA."""
+    out = _loglinear_attention(q, k, v, list(grid), num_prefix, side, list(top_k))
+    return with_prefix_queries(out[:, :, num_prefix:], q, k, v, num_prefix)

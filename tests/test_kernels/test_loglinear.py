@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from subquad.kernels import available_backends, loglinear_attention
+from subquad.kernels.loglinear.block_sparse import (core_inputs, pooled_key_counts, pooled_key_gradients,
+                                                     pooled_key_tiles, with_pooled_keys)
 from subquad.kernels.loglinear.plan import auto_levels, block_hierarchy, normalize_options, pool_levels, select_blocks
 from subquad.kernels.core.testing import assert_compiles_to_the_same, assert_rel_close
 from subquad.kernels.core.tiles import to_tiles
@@ -245,6 +247,31 @@ def test_triton_core_backend_equals_reference(grid, p, opts, key_chunk, dtype, m
     if key_chunk is not None:
         monkeypatch.setattr(importlib.import_module("subquad.kernels.block_sparse.triton"), "KEY_CHUNK", key_chunk)
     check_backend("triton", grid, p, opts, dtype=dtype, heads=1)
+
+
+@pytest.mark.parametrize("grid,p,block,top_k", [((13, 17), 1, 16, (4,)), ((40, 36), 0, 16, (5, 3)),
+                                                 ((30, 7), 2, 4, (3, 2, 1)), ((64, 64), 0, 16, (8, 8))])
+def test_pooled_key_counts_are_the_sizes_of_the_core_inputs(grid, p, block, top_k):
+    """The sizes a call's fake (torch.compile) gives without running it equal the real buffers and lists."""
+    side = math.isqrt(block)
+    q, k, v = (torch.randn(2, 3, p + math.prod(grid), 8) for _ in range(3))
+    c = core_inputs(q, k, v, grid, p, side, top_k)
+    pooled, n1, width = pooled_key_counts(grid, side, top_k)
+    assert c.keys.shape == c.values.shape == (2, 3, p + math.prod(grid) + pooled + side * side, 8)
+    assert c.col_idx.shape == (2 * 3 * n1 * width,) and c.row_ptr.shape == (2, 3, n1 + 1)
+
+
+def test_pooled_key_gradients_equal_autograd_through_the_pooling():
+    """The Triton op's backward spreads each pooled key's gradient over its block's tokens: the same as
+    autograd through ``with_pooled_keys`` and the pooling (non-square grid, partial blocks, three levels)."""
+    grid, p, side, top_k = (30, 7), 2, 2, (3, 2, 1)
+    k = torch.randn(1, 2, p + math.prod(grid), 8, dtype=torch.float64, requires_grad=True)
+    hierarchy = block_hierarchy(grid, side, len(top_k))
+    rows = pooled_key_tiles(grid, side, len(top_k), p, k.device)[0]
+    buffer = with_pooled_keys(k, pool_levels(k[:, :, p:], hierarchy), rows, side * side)
+    g = torch.randn_like(buffer)
+    (want,) = torch.autograd.grad(buffer, k, g)
+    assert_rel_close(pooled_key_gradients(g, grid, side, len(top_k), p), want, torch.float64)
 
 
 @pytest.mark.gpu
