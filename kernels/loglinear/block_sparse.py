@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -112,14 +112,11 @@ def with_pooled_keys(x: torch.Tensor, pooled: Sequence[torch.Tensor], rows: Sequ
     return out
 
 
-def _selected_blocks(pooled_q, pooled_k, hierarchy: BlockHierarchy, top_k) -> tuple[torch.Tensor, ...]:
-    return select_blocks(pooled_q, pooled_k, hierarchy, top_k).selected
-
-
 @dataclass(frozen=True)
 class CoreInputs:
     """What the core takes for one LLSA call: the keys and values with the pooled ones appended
-    (``with_pooled_keys``), the CSR of key tiles per finest block, the key bias and the tokens' tile rows."""
+    (``with_pooled_keys``), the CSR of key tiles per finest block (``key_tile_lists``), the key bias and the
+    tokens' tile rows."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -129,16 +126,13 @@ class CoreInputs:
     tile_rows: torch.Tensor
 
 
-def core_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], num_prefix: int,
-                side: int, top_k: tuple[int, ...], select: Callable = _selected_blocks) -> CoreInputs:
-    """Pool q, k, v at every level, select (``select``: the selected blocks of every level, ``select_blocks``'
-    or the Triton selection's), and list per finest block its selected blocks, the pooled tiles of the
-    blocks scored on the way and every coarsest pooled tile (null-tile entries where fewer were selected)."""
-    levels, p, t = len(top_k), num_prefix, side * side
-    hierarchy = block_hierarchy(grid, side, levels, q.device)
-    rows, key_bias, firsts, null_tile, coarsest, tile_rows = pooled_key_tiles(grid, side, levels, p, q.device)
-    pooled = [pool_levels(x[:, :, p:], hierarchy) for x in (q, k, v)]
-    selected = select(pooled[0], pooled[1], hierarchy, top_k)
+def key_tile_lists(selected: Sequence[torch.Tensor], grid: tuple[int, int], num_prefix: int, side: int,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_ptr, col_idx) of the core: per finest block its selected blocks, the pooled tiles of the blocks
+    scored on the way and every coarsest pooled tile (null-tile entries where fewer were selected)."""
+    levels = len(selected)
+    hierarchy = block_hierarchy(grid, side, levels, selected[0].device)
+    _, _, firsts, null_tile, coarsest, _ = pooled_key_tiles(grid, side, levels, num_prefix, selected[0].device)
     b, h, n1 = selected[0].shape[:3]
     lists = [selected[0].masked_fill(selected[0] < 0, null_tile)]
     for level in range(levels - 1):         # the children of the blocks selected one level up
@@ -146,9 +140,21 @@ def core_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[i
         lists.append(torch.where(chosen >= 0, chosen + firsts[level], null_tile))
     lists.append(coarsest.expand(b, h, n1, coarsest.numel()))         # every block of the coarsest level
     col_idx = torch.cat(lists, -1).to(torch.int32)
-    row_ptr = fixed_width_row_ptr(b, h, n1, col_idx.shape[-1], q.device)
-    keys, values = (with_pooled_keys(x, pool, rows, t) for x, pool in ((k, pooled[1]), (v, pooled[2])))
-    return CoreInputs(keys, values, row_ptr, col_idx.flatten(), key_bias, tile_rows)
+    return fixed_width_row_ptr(b, h, n1, col_idx.shape[-1], col_idx.device), col_idx.flatten()
+
+
+def core_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], num_prefix: int,
+                side: int, top_k: tuple[int, ...]) -> CoreInputs:
+    """Pool q, k, v at every level, select (``select_blocks``), list the key tiles (``key_tile_lists``) and
+    append the pooled keys and values (``with_pooled_keys``)."""
+    levels, p = len(top_k), num_prefix
+    hierarchy = block_hierarchy(grid, side, levels, q.device)
+    rows, key_bias, _, _, _, tile_rows = pooled_key_tiles(grid, side, levels, p, q.device)
+    pooled = [pool_levels(x[:, :, p:], hierarchy) for x in (q, k, v)]
+    selected = select_blocks(pooled[0], pooled[1], hierarchy, top_k).selected
+    row_ptr, col_idx = key_tile_lists(selected, grid, p, side)
+    keys, values = (with_pooled_keys(x, pool, rows, side * side) for x, pool in ((k, pooled[1]), (v, pooled[2])))
+    return CoreInputs(keys, values, row_ptr, col_idx, key_bias, tile_rows)
 
 
 def loglinear_attention_on_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],

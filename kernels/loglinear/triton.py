@@ -23,8 +23,9 @@ from ..core.heads_last import heads_last_empty
 from ..core.triton_common import launch
 from ..core.triton_op import triton_op
 from ..softmax import with_prefix_queries
-from .block_sparse import core_inputs, pooled_key_counts, pooled_key_gradients, pooled_key_tiles
-from .plan import BlockHierarchy
+from .block_sparse import key_tile_lists, pooled_key_counts, pooled_key_tiles
+from .plan import BlockHierarchy, block_hierarchy
+from .triton_pool import pool_into_buffers, spread_pooled_gradients
 
 
 @triton.jit(do_not_specialize=["n_fine", "n_up", "K_up", "K"])
@@ -89,24 +90,28 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], num_prefix: int, 
              top_k: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The core's output (prefix rows 0) and log-sum-exp, and what the backward reads: the keys and values with
     the pooled ones appended and the key-tile lists."""
-    c = core_inputs(q, k, v, tuple(grid), num_prefix, side, tuple(top_k), select=select_blocks_triton)
-    t = side * side
-    out, lse = core_forward(q, c.keys, c.values, c.row_ptr, c.col_idx, None, None, c.key_bias, c.tile_rows, t, t,
-                            num_prefix, q.shape[-1] ** -0.5)
-    return out, lse, c.keys, c.values, c.col_idx
+    grid, levels, t = tuple(grid), len(top_k), side * side
+    keys, values, pooled = pool_into_buffers(q, k, v, grid, num_prefix, side, levels)
+    selected = select_blocks_triton([p[0] for p in pooled], [p[1] for p in pooled],
+                                    block_hierarchy(grid, side, levels, q.device), top_k)
+    row_ptr, col_idx = key_tile_lists(selected, grid, num_prefix, side)
+    _, key_bias, _, _, _, tile_rows = pooled_key_tiles(grid, side, levels, num_prefix, q.device)
+    out, lse = core_forward(q, keys, values, row_ptr, col_idx, None, None, key_bias, tile_rows, t, t, num_prefix,
+                            q.shape[-1] ** -0.5)
+    return out, lse, keys, values, col_idx
 
 
 def _backward(do: Tensor, q: Tensor, out: Tensor, lse: Tensor, keys: Tensor, values: Tensor, col_idx: Tensor,
               grid: list[int], num_prefix: int, side: int, top_k: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv: the core's backward over the keys with the pooled ones, then each pooled row's gradient
-    spread over its block's tokens (``pooled_key_gradients``)."""
+    spread over its block's tokens (``spread_pooled_gradients``)."""
     grid, levels, t = tuple(grid), len(top_k), side * side
     _, key_bias, _, _, _, tile_rows = pooled_key_tiles(grid, side, levels, num_prefix, q.device)
     _, n1, width = pooled_key_counts(grid, side, tuple(top_k))
     row_ptr = fixed_width_row_ptr(q.shape[0], q.shape[1], n1, width, q.device)
     dq, d_keys, d_values = core_backward(do, q, keys, values, out, lse, row_ptr, col_idx, None, None, key_bias,
                                          tile_rows, t, t, num_prefix, q.shape[-1] ** -0.5)
-    return (dq, *(pooled_key_gradients(d, grid, side, levels, num_prefix) for d in (d_keys, d_values)))
+    return (dq, *spread_pooled_gradients(d_keys, d_values, grid, num_prefix, side, levels))
 
 
 def _forward_fake(q, k, v, grid, num_prefix, side, top_k):
