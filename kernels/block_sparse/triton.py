@@ -3,8 +3,8 @@
 The layout (CSR of key tiles per query tile, prefix keys, tile bit masks, key bias) is described in
 ``kernels.block_sparse.layout``. Forward: one program per (query tile, batch x head) runs the
 online softmax over the prefix keys and the listed key tiles and saves the log-sum-exp. Backward:
-delta = rowsum(dO * O); dK, dV per key tile over the query tiles that list it (the transposed CSR,
-built with torch on the device); dK, dV of prefix keys per chunk of query tiles, summed after; dQ
+delta = rowsum(dO * O); dK, dV per key tile over the query tiles that list it (the transposed CSR and
+its work list, built on the device: ``transpose_triton``); dK, dV of prefix keys per chunk of query tiles, summed after; dQ
 per query tile over its keys. Scores live in the log2 domain (exp2) with float32 accumulation.
 
 Small tiles are stepped through several at a time: a step of the forward and of dQ takes the keys of
@@ -28,7 +28,8 @@ from ..core.triton_common import (LOG2E, delta_kernel, dkdv_step, dot_acc, dq_st
                                   store_block, strides, transposed_scores)
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
-from .layout import chunk_key_tiles, num_tiles, transpose_csr
+from .layout import num_tiles
+from .transpose_triton import transposed_work
 
 PREFIX_CHUNK = 16       # query tiles per program in the prefix keys' dK/dV (partial sums, added with torch)
 KEY_CHUNK = 32          # query tiles per program in a key tile's dK/dV (more: the tile is split, ``KeyTileWork``)
@@ -425,15 +426,14 @@ _TRANSPOSED_CACHE: OrderedDict[tuple, tuple] = OrderedDict()
 
 
 def _transposed_layout(row_ptr, col_idx, tile_mask_idx, num_k_tiles):
-    """``transpose_csr``'s query tiles (and tile masks) per key tile with its ``chunk_key_tiles`` work list,
-    cached for layouts used again unchanged (same tensors, same versions)."""
+    """The query tiles (and tile masks) per key tile with the dK/dV work list (``transposed_work``), cached for
+    layouts used again unchanged (same tensors, same versions)."""
     tensors = (row_ptr, col_idx) if tile_mask_idx is None else (row_ptr, col_idx, tile_mask_idx)
     key = (num_k_tiles, *((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors))
     hit = _TRANSPOSED_CACHE.get(key)
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
         return hit[1]
-    col_ptr, row_idx, mask_idx = transpose_csr(row_ptr, col_idx, tile_mask_idx, num_k_tiles)
-    result = row_idx, mask_idx, chunk_key_tiles(col_ptr, col_idx.numel(), KEY_CHUNK)
+    result = transposed_work(row_ptr, col_idx, tile_mask_idx, num_k_tiles, KEY_CHUNK)
     _TRANSPOSED_CACHE[key] = (tuple(weakref.ref(t) for t in tensors), result)
     while len(_TRANSPOSED_CACHE) > 64:
         _TRANSPOSED_CACHE.popitem(last=False)

@@ -1,6 +1,7 @@
 """Block-sparse attention core: reference vs brute force, triton vs reference (CPU interpreter and GPU)."""
 from __future__ import annotations
 
+import importlib
 import math
 import random
 
@@ -152,6 +153,30 @@ def test_chunk_key_tiles_cover_every_entry_once(chunk):
                 assert hot_tiles[int(slots)].tolist() == [row, t]
     owners = hot_tiles[hot_tiles[:, 0] >= 0]
     assert owners.unique(dim=0).shape == owners.shape
+
+
+@requires_triton
+@pytest.mark.parametrize("shape,density,chunk,masks", [((2, 3, 40, 6), 0.5, 3, False), ((1, 1, 70, 9), 0.3, 32, True),
+                                                       ((4, 1, 5, 300), 0.2, 2, False), ((1, 2, 3, 4), 0.0, 2, False)])
+def test_triton_transposed_work_equals_the_torch_layout(shape, density, chunk, masks):
+    """transposed_work (entry keys, a sort, two passes over the key tiles) gives transpose_csr's query tiles and
+    mask ids and chunk_key_tiles' programs and hot slots exactly; idle programs and free slots have row -1."""
+    transpose_triton = importlib.import_module("subquad.kernels.block_sparse.transpose_triton")
+    g = torch.Generator().manual_seed(sum(shape))
+    block_mask = torch.rand(shape, generator=g) < density
+    if density:
+        block_mask[0, 0, :, 1] = True                  # a hot tile
+    row_ptr, col_idx = block_mask_to_csr(block_mask)
+    mask_idx = torch.randint(-1, 4, col_idx.shape, generator=g, dtype=torch.int32) if masks else None
+    col_ptr, want_rows, want_masks = transpose_csr(row_ptr, col_idx, mask_idx, shape[-1])
+    want = chunk_key_tiles(col_ptr, col_idx.numel(), chunk)
+    rows, got_masks, got = transpose_triton.transposed_work(row_ptr, col_idx, mask_idx, shape[-1], chunk)
+    assert torch.equal(rows, want_rows)
+    assert (got_masks is None) == (not masks) and (not masks or torch.equal(got_masks, want_masks))
+    assert got.items.shape == want.items.shape and got.hot_tiles.shape == want.hot_tiles.shape
+    real, used = want.items[:, 0] >= 0, want.hot_tiles[:, 0] >= 0
+    assert torch.equal(got.items[real], want.items[real]) and (got.items[~real, 0] == -1).all()
+    assert torch.equal(got.hot_tiles[used], want.hot_tiles[used]) and (got.hot_tiles[~used, 0] == -1).all()
 
 
 # --- reference vs brute force ---------------------------------------------------------------------
