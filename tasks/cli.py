@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an option of the attention op, e.g. kernel_size=13; repeatable")
     p.add_argument("--dense-layers", help="blocks kept dense, e.g. 0,1,27 or 0-3")
     p.add_argument("--dense-steps", type=int, default=0, help="the first denoising steps kept dense")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="run the attention family even where it measures slower than dense attention (on a "
+                        "CUDA device the default times both on the first call of each token grid and runs the "
+                        "faster)")
     p.add_argument("--prompt")
     p.add_argument("--negative-prompt")
     p.add_argument("--class-labels", help="class-conditional pipelines (DiT): e.g. 207,360")

@@ -3,7 +3,8 @@ weights), dense against several attention swaps measured in the same run.
 
 Per case (a transformer class at a pixel resolution): the dense call, the call with the swapped
 self-attention skipped (``skip_attention``: the bound on any speedup from attention alone, Amdahl), and each
-swap's call with its speedup and the cosine similarity of its output to the dense one. Each transformer is
+swap's call with its speedup, the cosine similarity of its output to the dense one and whether it ran dense
+attention as the faster (``accelerate_pipeline``'s ``fall_back_if_slower``). Each transformer is
 built once for all its cases. Cases: FLUX at 2048x2048 and Wan 2.1 14B at 480x832 (33 and 81 frames) and
 720x1280 (81 frames), the sizes people wait on; for Wan the radial mask's layouts and decay factors side by
 side (``frames``, subquad's default, and ``official``, the published mask, at the official Wan script's
@@ -59,7 +60,7 @@ PIPELINE_CASES = (
 )
 PIPELINE_COLUMNS = [("case", "case", "s"), ("tokens", "tokens", "d"), ("attention", "attention", "s"),
                     ("ms", "ms", ".1f"), ("speedup", "x dense", ".2f"), ("bound", "bound x", ".2f"),
-                    ("cosine", "output cosine", ".5f")]
+                    ("cosine", "output cosine", ".5f"), ("fell_back", "ran dense (slower)", "")]
 
 
 def swap_label(family: str, options: dict[str, Any]) -> str:
@@ -69,17 +70,17 @@ def swap_label(family: str, options: dict[str, Any]) -> str:
 def _case_rows(model: torch.nn.Module, case: PipelineCase, repeats: int) -> list[dict]:
     inputs = pixel_inputs(case.kind, model, case.height, case.width, case.num_frames)
     dense_s, dense = time_call(model, inputs, repeats)
-    skipped_s = time_call(model, inputs, repeats, skip_attention)[0]
+    skipped_s = time_call(model, inputs, repeats, skip_attention, fall_back_if_slower=False)[0]
     base = {"case": case.label}
     rows = [{**base, "tokens": 0, "attention": "dense", "ms": dense_s * 1e3, "speedup": 1.0,
-             "bound": dense_s / skipped_s, "cosine": 1.0}]
+             "bound": dense_s / skipped_s, "cosine": 1.0, "fell_back": False}]
     for family, options in case.swaps:
         with accelerate_pipeline(model, family, **options) as swap:
             seconds, out = time_call(model, inputs, repeats)
-            tokens = math.prod(swap.policy.grid)
+            tokens, fell_back = math.prod(swap.policy.grid), swap.policy.fell_back
         rows.append({**base, "tokens": tokens, "attention": swap_label(family, options), "ms": seconds * 1e3,
                      "speedup": dense_s / seconds, "bound": dense_s / skipped_s,
-                     "cosine": cosine_similarity(out.float(), dense.float())})
+                     "cosine": cosine_similarity(out.float(), dense.float()), "fell_back": fell_back})
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()))
     rows[0]["tokens"] = rows[-1]["tokens"]
     return rows

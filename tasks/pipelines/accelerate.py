@@ -164,7 +164,7 @@ class AttentionSwap:
 
 
 def accelerate_pipeline(pipe: Any, attn: str | AttentionOp, *, dense_layers: Iterable[int] = (),
-                        dense_steps: int = 0, **options: Any) -> AttentionSwap:
+                        dense_steps: int = 0, fall_back_if_slower: bool = True, **options: Any) -> AttentionSwap:
     """Swap the self-attention over the latent tokens of ``pipe``'s transformer(s) for ``attn``.
 
     ``pipe``: a diffusers pipeline (its ``transformer`` and ``transformer_2``) or a transformer.
@@ -174,6 +174,9 @@ def accelerate_pipeline(pipe: Any, attn: str | AttentionOp, *, dense_layers: Ite
     ``op(q, k, v, *, grid, num_prefix, **options)`` on (B, heads, N, d).
     ``dense_layers``: block indices (in forward order; Flux counts its double-stream blocks first)
     that keep dense attention; ``dense_steps``: the first denoising steps stay dense.
+    ``fall_back_if_slower``: on a CUDA device (outside ``torch.compile``), the op is timed against dense
+    attention on the first call of each token grid, and where it is slower the layers run dense attention
+    (a warning says so; ``swap.policy.measured`` keeps the times).
     Every check runs before anything changes: on an error the pipeline is left as it was; the values of
     a named family's options are checked here (``Family.check``), not at the first denoising step.
     """
@@ -198,7 +201,8 @@ def accelerate_pipeline(pipe: Any, attn: str | AttentionOp, *, dense_layers: Ite
                              f"{num_blocks} blocks with self-attention (0..{num_blocks - 1})")
         plans.append((transformer, spec, targets))
     name, op, fits = family
-    policy = GridAttentionPolicy(name, op, options, dense_layers, dense_steps, fits)
+    fall_back = checks.check_bool(fall_back_if_slower, "fall_back_if_slower", "accelerate_pipeline")
+    policy = GridAttentionPolicy(name, op, options, dense_layers, dense_steps, fits, fall_back)
     originals, hooks, layers = [], [], {}
     for index, (transformer, spec, targets) in enumerate(plans):
         prefix = f"{TRANSFORMER_ATTRIBUTES[index]}." if len(plans) > 1 else ""

@@ -94,7 +94,7 @@ def run_accelerate_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = parse_options(args.opt)
-    swap = dict(dense_layers=parse_indices(args.dense_layers), **options)
+    swap = dict(dense_layers=parse_indices(args.dense_layers), fall_back_if_slower=not args.no_fallback, **options)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.compile and not args.random:

@@ -27,7 +27,10 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections as _flux_qkv
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections as _wan_qkv
 
+from ..bench.measure import median_ms
 from .families import AttentionOp
+
+MEASURED_DEVICES = ("cuda",)    # where ``fall_back_if_slower`` times the op against dense attention
 
 
 class GridAttentionPolicy:
@@ -39,13 +42,18 @@ class GridAttentionPolicy:
     rises (a new sampling run), so classifier-free guidance run as two calls stays one step.
     ``fits(grid)`` says whether the op makes sense on a grid (a window larger than the grid does
     not, nor a mask or selection that keeps every pair); on a grid that does not fit, attention is
-    dense and a warning says so once.
+    dense and a warning says so once. ``fall_back_if_slower``: on a CUDA device, outside ``torch.compile``, the
+    op and dense attention are timed once per call signature (grid, shapes, dtype) on the first call's inputs,
+    and where dense attention is faster it runs instead (a warning gives both times; ``measured`` keeps them).
     """
 
     def __init__(self, name: str, op: AttentionOp, options: dict, dense_layers: Sequence[int] = (),
-                 dense_steps: int = 0, fits: Callable[[tuple[int, ...]], bool] = lambda grid: True) -> None:
+                 dense_steps: int = 0, fits: Callable[[tuple[int, ...]], bool] = lambda grid: True,
+                 fall_back_if_slower: bool = True) -> None:
         self.name, self.op, self.options, self.fits = name, op, dict(options), fits
         self.dense_layers, self.dense_steps = frozenset(dense_layers), dense_steps
+        self.fall_back_if_slower = fall_back_if_slower
+        self.measured: dict[tuple, tuple[float, float]] = {}     # call signature -> (op ms, dense ms)
         self.grid: tuple[int, ...] | None = None
         self.step = 0
         self._last_timestep: float | None = None
@@ -86,7 +94,36 @@ class GridAttentionPolicy:
         if q.shape[2] != num_prefix + image_tokens:
             raise ValueError(f"{q.shape[2]} tokens in the attention, but {num_prefix} text tokens plus the latent "
                              f"grid {self.grid} ({image_tokens} tokens) were expected")
+        if self._slower_than_dense(q, k, v, num_prefix):
+            return F.scaled_dot_product_attention(q, k, v)
+        return self._op(q, k, v, num_prefix)
+
+    def _op(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_prefix: int) -> torch.Tensor:
         return self.op(q, k, v, grid=self.grid, num_prefix=num_prefix, **self.options)
+
+    def _slower_than_dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_prefix: int) -> bool:
+        """Whether dense attention beat the op on this call signature (timed on its first call: median of 3
+        after a warm-up call that also compiles the op's kernels)."""
+        if (not self.fall_back_if_slower or q.device.type not in MEASURED_DEVICES
+                or torch.compiler.is_compiling()):
+            return False
+        key = (self.grid, num_prefix, tuple(q.shape), tuple(v.shape), q.dtype, q.device)
+        if key not in self.measured:
+            op_ms = median_ms(lambda: self._op(q, k, v, num_prefix), q.device, repeats=3, warmup=1)
+            dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), q.device, repeats=3, warmup=1)
+            self.measured[key] = (op_ms, dense_ms)
+            if dense_ms < op_ms:
+                warnings.warn(f"{self.name} with {self.options} takes {op_ms:.3f} ms per attention call on the token "
+                              f"grid {self.grid} ({tuple(q.shape)}, {str(q.dtype).removeprefix('torch.')}), dense "
+                              f"attention {dense_ms:.3f} ms: these calls run dense attention (accelerate_pipeline("
+                              f"..., fall_back_if_slower=False) keeps {self.name})", stacklevel=3)
+        op_ms, dense_ms = self.measured[key]
+        return dense_ms < op_ms
+
+    @property
+    def fell_back(self) -> bool:
+        """Whether some call signature runs dense attention because the op was slower."""
+        return any(dense < op for op, dense in self.measured.values())
 
 
 class _SwappedProcessor:

@@ -309,7 +309,8 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
 
     Pixels map to latents as in ``pixel_inputs``.
     Returns the token grid, the number of blocks with self-attention, both median times, the speedup, the
-    output cosine similarity and the bound on any speedup: the call with the swapped attention skipped
+    output cosine similarity, whether the family fell back to dense attention as slower (``fall_back_if_slower``)
+    and the bound on any speedup: the call with the swapped attention skipped
     (``skip_attention``, the same dense layers kept), its time and dense time / that time; with ``compile`` also both under ``torch.compile(transformer)``
     (``fullgraph`` but for Flux, whose grid is read from the values of ``img_ids``: one graph break), each
     with its compile time (the first call); with ``steps`` also end to end: a denoising loop of ``steps``
@@ -331,16 +332,16 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
         timed["dense_loop"] = _timed(lambda: loop("dense"))
     with accelerate_pipeline(transformer, attn, dense_layers=dense_layers, **options) as swap:
         fast_s, fast = _time(call, repeats), call()
-        grid, blocks = swap.policy.grid, len(set(swap.layers.values()))
+        grid, blocks, fell_back = swap.policy.grid, len(set(swap.layers.values())), swap.policy.fell_back
         if compile:
             timed["accelerated"] = _compiled_time(compiled_call, repeats)
-    skipped_s = time_call(transformer, inputs, repeats, skip_attention, dense_layers)[0]
+    skipped_s = time_call(transformer, inputs, repeats, skip_attention, dense_layers, fall_back_if_slower=False)[0]
     if steps:
         with accelerate_pipeline(transformer, attn, dense_layers=dense_layers, dense_steps=dense_steps, **options):
             timed["accelerated_loop"] = _timed(lambda: loop("accelerated"))
     report = {"kind": kind, "size": size, "grid": grid, "tokens": int(torch.tensor(grid).prod()), "blocks": blocks,
               "dense_ms": dense_s * 1e3, "accelerated_ms": fast_s * 1e3, "speedup": dense_s / fast_s,
-              "output_cosine": cosine_similarity(fast.float(), dense.float()),
+              "output_cosine": cosine_similarity(fast.float(), dense.float()), "fell_back_to_dense": fell_back,
               "attention_skipped_ms": skipped_s * 1e3, "speedup_bound": dense_s / skipped_s}
     if steps:
         (dense_loop_s, dense_latents), (fast_loop_s, fast_latents) = timed["dense_loop"], timed["accelerated_loop"]

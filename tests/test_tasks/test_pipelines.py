@@ -318,6 +318,36 @@ def test_cli_random_transformer(tmp_path):
     assert report["speedup_bound"] == pytest.approx(report["dense_ms"] / report["attention_skipped_ms"])
 
 
+@pytest.mark.parametrize("op_ms,dense_ms", [(5.0, 1.0), (1.0, 5.0)])
+def test_fall_back_if_slower_runs_the_faster_of_the_op_and_dense_attention(op_ms, dense_ms, monkeypatch):
+    """Timed once per call signature (both DiT layers share one) on a measured device: where dense attention is
+    faster the layers give the original model's output and a warning gives both times; else the op's output."""
+    from subquad.tasks.pipelines import processors
+    monkeypatch.setattr(processors, "MEASURED_DEVICES", ("cpu",))
+    timed = []
+    monkeypatch.setattr(processors, "median_ms", lambda fn, device, repeats, warmup: timed.append(fn) or
+                        (op_ms, dense_ms)[len(timed) - 1])
+    model, inputs = _model_and_inputs("dit")
+    dense = _run(model, inputs)
+    with accelerate_pipeline(model, "neighborhood", kernel_size=3, fall_back_if_slower=False):
+        structured = _run(model, inputs)
+    assert not timed and not torch.allclose(structured, dense, atol=1e-4)
+    with warnings.catch_warnings(record=True) as caught, accelerate_pipeline(model, "neighborhood", kernel_size=3) as swap:
+        warnings.simplefilter("always")
+        out = _run(model, inputs)
+    assert len(timed) == 2 and swap.policy.fell_back == (dense_ms < op_ms)
+    slower = [str(w.message) for w in caught if "these calls run dense attention" in str(w.message)]
+    if dense_ms < op_ms:
+        assert torch.allclose(out, dense, atol=1e-6) and len(slower) == 1 and "5.000 ms" in slower[0], slower
+    else:
+        assert torch.equal(out, structured) and not slower
+
+
+def test_fall_back_if_slower_is_a_bool():
+    with pytest.raises(ValueError, match="fall_back_if_slower must be True or False"):
+        accelerate_pipeline(random_transformer("dit"), "neighborhood", kernel_size=3, fall_back_if_slower="no")
+
+
 def test_skip_attention_is_the_call_with_the_self_attention_returning_its_values(monkeypatch):
     """The speedup bound's call: DiT's self-attention swapped for skip_attention is DiT with SDPA returning v."""
     model, inputs = _model_and_inputs("dit")
