@@ -55,6 +55,7 @@ def _bench(args: argparse.Namespace) -> None:
         cfg.families = families
     if args.repeats:
         cfg.repeats = args.repeats
+    cfg.cuda_graph = args.cuda_graph
     run_bench(cfg, Path(args.out))
 
 
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "dense vs attention swaps (CUDA)")
     p.add_argument("--compile", action="store_true", help="models suite: also time torch.compile(model)")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="models suite: also time inference captured into one CUDA graph (no host time)")
+                   help="families and models suites: also time the calls captured into one CUDA graph and replayed "
+                        "(the GPU time without the host time; models: inference only)")
     p.add_argument("--models", help="models suite: comma-separated substrings of the model names to keep "
                                     "(e.g. mala,nat); the dense peers always run")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ... import attention, kernels
 from ..tables import format_table, save_csv
-from .measure import median_ms, peak_memory_bytes
+from .measure import cuda_graphed, median_ms, peak_memory_bytes
 
 BASELINE = "softmax"        # dense softmax attention (SDPA): every speedup is measured against it
 
@@ -33,6 +33,7 @@ class BenchConfig:
     head_dim: int = 64
     repeats: int = 10
     warmup: int = 2
+    cuda_graph: bool = False                   # also time each call replayed from one CUDA graph (no host time)
 
     @classmethod
     def default(cls, device: str | None = None) -> "BenchConfig":
@@ -100,6 +101,8 @@ def _peer_installed(backend: str) -> bool:
 
 def bench_families(cfg: BenchConfig) -> list[dict]:
     """One row per (family, size); the baseline (SDPA) is measured first in each size."""
+    if cfg.cuda_graph and cfg.device.type != "cuda":
+        raise ValueError(f"--cuda-graph replays CUDA graphs and needs a CUDA device, got {cfg.device}")
     families = [BASELINE] + [f for f in cfg.families if f != BASELINE]
     rows = []
     jobs = [(size, name) for size in cfg.sizes for name in families]
@@ -113,21 +116,27 @@ def bench_families(cfg: BenchConfig) -> list[dict]:
                              **_measure(fn, q, k, v, cfg)))
     for r in rows:
         base = next(x for x in rows if x["family"] == BASELINE and x["grid"] == r["grid"] and x["batch"] == r["batch"])
-        r["speedup_fwd"] = base["fwd_ms"] / r["fwd_ms"]
-        r["speedup_fwd_bwd"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        for key in ("fwd", "fwd_bwd", "fwd_graph", "fwd_bwd_graph"):
+            if f"{key}_ms" in r:
+                r[f"speedup_{key}"] = base[f"{key}_ms"] / r[f"{key}_ms"]
     return rows
 
 
 def _measure(fn: Callable, q, k, v, cfg: BenchConfig) -> dict:
-    """Median ms forward and forward+backward, peak MiB of the forward; NaN for what a peer cannot
-    do (natten has no backward on CPU), so the row still shows that it was tried."""
+    """Median ms forward and forward+backward, peak MiB of the forward (and with ``cfg.cuda_graph`` both
+    replayed from a CUDA graph: the GPU time alone); NaN for what a peer cannot do (natten has no backward
+    on CPU), so the row still shows that it was tried."""
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     grad = torch.randn_like(q)
-    return dict(
-        fwd_ms=_or_nan(lambda: median_ms(lambda: fn(q, k, v), cfg.device, cfg.repeats, cfg.warmup)),
-        fwd_bwd_ms=_or_nan(lambda: median_ms(lambda: torch.autograd.backward(fn(qg, kg, vg), grad),
-                                             cfg.device, cfg.repeats, cfg.warmup)),
-        peak_mib=_or_nan(lambda: peak_memory_bytes(lambda: fn(q, k, v), cfg.device) / 2**20))
+    forward = lambda: fn(q, k, v)  # noqa: E731
+    forward_backward = lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), grad, allow_unused=True)  # noqa: E731
+    timed = lambda call: _or_nan(lambda: median_ms(call(), cfg.device, cfg.repeats, cfg.warmup))  # noqa: E731
+    row = dict(fwd_ms=timed(lambda: forward), fwd_bwd_ms=timed(lambda: forward_backward),
+               peak_mib=_or_nan(lambda: peak_memory_bytes(forward, cfg.device) / 2**20))
+    if cfg.cuda_graph:
+        row.update(fwd_graph_ms=timed(lambda: cuda_graphed(forward, cfg.device)),
+                   fwd_bwd_graph_ms=timed(lambda: cuda_graphed(forward_backward, cfg.device)))
+    return row
 
 
 def _or_nan(measure: Callable[[], float]) -> float:
@@ -146,6 +155,8 @@ BENCH_COLUMNS = [("family", "family", "s"), ("batch", "B", "d"), ("grid", "grid"
                  ("dtype", "dtype", "s"), ("fwd_ms", "fwd ms", ".3f"), ("fwd_bwd_ms", "fwd+bwd ms", ".3f"),
                  ("peak_mib", "peak MiB", ".1f"), ("speedup_fwd", "x SDPA fwd", ".2f"),
                  ("speedup_fwd_bwd", "x SDPA fwd+bwd", ".2f")]
+GRAPH_COLUMNS = [("fwd_graph_ms", "graph fwd ms", ".3f"), ("fwd_bwd_graph_ms", "graph fwd+bwd ms", ".3f"),
+                 ("speedup_fwd_graph", "x SDPA graph fwd", ".2f"), ("speedup_fwd_bwd_graph", "x SDPA graph fwd+bwd", ".2f")]
 
 
 def save_plot(rows: list[dict], path: Path, title: str) -> None:
@@ -181,7 +192,7 @@ def run_bench(cfg: BenchConfig, out_dir: Path) -> list[dict]:
              f"median of {cfg.repeats}")
     save_plot(rows, out_dir / "bench.png", title)
     print(title)
-    print(format_table(rows, BENCH_COLUMNS))
+    print(format_table(rows, BENCH_COLUMNS + GRAPH_COLUMNS * cfg.cuda_graph))
     print(f"saved {out_dir / 'bench.csv'} and {out_dir / 'bench.png'}")
     return rows
 

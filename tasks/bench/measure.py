@@ -28,6 +28,25 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
     return statistics.median(times)
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def cuda_graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """``fn`` (on fixed inputs) captured into one CUDA graph, after warm-up calls on a side stream (kernels
+    compiled, caches filled); the returned replay issues all its work at once. One side stream per device for
+    every capture: cuBLAS keeps a workspace per stream, which would add to every later row's peak memory."""
+    stream = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def kernel_ms(fn: Callable[[], object]) -> float:
     """Median milliseconds of ``fn()`` by ``triton.testing.do_bench`` (CUDA; 25 ms warm-up, 100 ms of repeats)."""
     from triton.testing import do_bench     # triton is a Linux-only dependency: the CPU suites run without it

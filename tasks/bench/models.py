@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ..tables import format_table, save_csv
 from ..zoo import count_model
-from .measure import median_ms
+from .measure import cuda_graphed, median_ms
 
 matplotlib.use("Agg")
 
@@ -136,25 +136,6 @@ def _depth(model: torch.nn.Module) -> int:
     return sum(1 for m in model.modules() if hasattr(m, "attn") and isinstance(m.attn, torch.nn.Module)) or 1
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
-    """``fn`` (on fixed inputs) captured into one CUDA graph, after warm-up calls on a side stream (kernels
-    compiled, caches filled); the returned replay issues all its work at once. One side stream per device for
-    every capture: cuBLAS keeps a workspace per stream, which would add to every later row's peak memory."""
-    stream = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device))
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def measure_model(name: str, case: ModelCase, device: torch.device, repeats: int, mode: str = "eager") -> dict:
     """One row: throughput, peak memory, host time per block (and compile time) of ``name`` in ``case``."""
     row = dict(case=case.label, model=name, mode=mode, batch=case.batch, img_size=case.img_size,
@@ -180,7 +161,7 @@ def measure_model(name: str, case: ModelCase, device: torch.device, repeats: int
         _warm_up(infer, device)
         _reset_peak(device)
         if mode == "cuda-graph":
-            infer = _graphed(infer, device)
+            infer = cuda_graphed(infer, device)
         infer_ms = median_ms(infer, device, repeats, warmup=2)
         row["infer_peak_gib"] = _peak_gib(device)
         row["host_us_per_block"] = _host_ms(infer, device, repeats) * 1e3 / depth

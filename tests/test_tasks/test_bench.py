@@ -37,6 +37,26 @@ def test_bench_writes_table_csv_and_plot(run_subquad, tmp_path):
     assert "x SDPA fwd" in res.stdout
 
 
+def test_bench_cuda_graph_needs_a_cuda_device():
+    cfg = bench.BenchConfig(torch.device("cpu"), torch.float32, [(1, 12, 12)], families=["mala"], cuda_graph=True)
+    with pytest.raises(ValueError, match="--cuda-graph replays CUDA graphs and needs a CUDA device"):
+        bench.bench_families(cfg)
+
+
+@pytest.mark.gpu
+def test_gpu_bench_cuda_graph_rows():
+    """With cuda_graph, each row also has its forward and forward+backward replayed from a CUDA graph, and the
+    ratios to SDPA's replays."""
+    cfg = bench.BenchConfig(torch.device("cuda"), torch.bfloat16, [(1, 32, 32)], families=["mala", "loglinear"],
+                            repeats=3, warmup=1, cuda_graph=True)
+    rows = bench.bench_families(cfg)
+    assert {r["family"] for r in rows} >= {"softmax", "mala", "loglinear"}
+    for r in rows:
+        assert r["fwd_graph_ms"] > 0 and r["fwd_bwd_graph_ms"] > 0 and r["speedup_fwd_bwd_graph"] > 0
+        if r["family"] == "softmax":
+            assert r["speedup_fwd_graph"] == pytest.approx(1.0)
+
+
 def test_bench_skips_a_peer_whose_package_is_missing(monkeypatch, capsys):
     monkeypatch.setitem(bench.PEER_PACKAGES, "natten", "subquad_no_such_package")
     monkeypatch.setattr(bench, "_SKIPPED", set())
