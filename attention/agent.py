@@ -9,31 +9,16 @@ from torch import nn
 from ..kernels import agent_attention, checks, depthwise_conv_on_grid, family
 from ..kernels.core.family import check_options
 from .base import GridAttention
-from .grid_maps import (bilinear_resize_matrix, constant_of_sizes, depthwise_conv, linear_resize_matrix,
-                        without_autocast)
+from .grid_maps import depthwise_conv, linear_resize_matrix, without_autocast
 from .registry import register
 
 
 MAP_SIDE = 7         # the agent bias maps are 7x7, resized to the grid
 
 
-def bias_operator(bias_grid: tuple[int, int], grid: tuple[int, int], num_prefix: int,
-                  like: torch.Tensor) -> torch.Tensor:
-    """(49 + gh0 + gw0 + 1, P + gh * gw): the linear map from an agent bias's terms (its 7x7 map, its row and
-    column terms on ``bias_grid`` (gh0, gw0), its prefix term) to the bias over the P prefix tokens and the
-    grid: the map resized bilinearly, the row and column terms linearly (align_corners=False, ``resize_map``),
-    the prefix term copied. A constant of the sizes (``constant_of_sizes``)."""
-    (gh0, gw0), (gh, gw) = bias_grid, grid
-
-    def build() -> torch.Tensor:
-        row_terms, col_terms = linear_resize_matrix(gh0, gh, like), linear_resize_matrix(gw0, gw, like)
-        spread = lambda m, axis: m.T.unsqueeze(axis + 1).expand(m.shape[1], gh, gw).reshape(m.shape[1], -1)  # noqa: E731
-        grid_part = torch.cat([bilinear_resize_matrix((MAP_SIDE, MAP_SIDE), grid, like).T, spread(row_terms, 1),
-                               spread(col_terms, 0), like.new_zeros(1, gh * gw)])
-        prefix_part = like.new_zeros(grid_part.shape[0], num_prefix)
-        prefix_part[-1] = 1
-        return torch.cat([prefix_part, grid_part], 1)
-    return constant_of_sizes(("agent_bias", gh0, gw0, gh, gw, num_prefix), like, build)
+def _resize_last(x: torch.Tensor, size: int) -> torch.Tensor:
+    """x's last axis resized linearly (align_corners=False) to ``size``: x itself when it has that size."""
+    return x if x.shape[-1] == size else x @ linear_resize_matrix(x.shape[-1], size, x).T
 
 
 @register("agent")
@@ -87,20 +72,21 @@ class AgentAttention(GridAttention):
                                          lambda: self._resized_bias(grid, num_prefix))
 
     def _resized_bias(self, grid: tuple[int, int], num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both biases are linear in their parameters: each is one matrix product of its terms (the 7x7 map, the
-        row and column terms on ``bias_grid``, the prefix term) with ``bias_operator`` (float32 or wider, as
-        ``resize_map``)."""
+        """Both biases at once: their 7x7 maps resized bilinearly (R_h M R_w^T), their row and column terms
+        linearly (align_corners=False, as ``resize_map``), in float32 or wider; B2 built as B1 is, then
+        transposed."""
         h, n = self.num_heads, self.num_agents
+        (gh, gw), (gh0, gw0) = grid, self.bias_grid
         dtype = torch.promote_types(self.an_bias.dtype, torch.float32)
-        terms = lambda m, r, c, p: torch.cat([m.reshape(h, n, -1), r, c, p], -1).to(dtype)  # noqa: E731
-        b1_terms = terms(self.an_bias, self.ah_bias.reshape(h, n, -1), self.aw_bias.reshape(h, n, -1),
-                         self.ac_bias.reshape(h, n, 1))
-        b2_terms = terms(self.na_bias, self.ha_bias.reshape(h, -1, n).transpose(1, 2),
-                         self.wa_bias.reshape(h, -1, n).transpose(1, 2), self.ca_bias.reshape(h, n, 1))
-        operator = bias_operator(self.bias_grid, grid, num_prefix, b1_terms)
-        with without_autocast(operator.device):
-            b1, b2 = b1_terms @ operator, (b2_terms @ operator).transpose(1, 2)
-        return b1.to(self.an_bias.dtype), b2.to(self.an_bias.dtype)
+        maps = torch.stack([self.an_bias, self.na_bias]).to(dtype)                                  # (2, h, n, 7, 7)
+        rows = torch.stack([self.ah_bias.reshape(h, n, gh0), self.ha_bias.reshape(h, gh0, n).transpose(1, 2)])
+        cols = torch.stack([self.aw_bias.reshape(h, n, gw0), self.wa_bias.reshape(h, gw0, n).transpose(1, 2)])
+        prefix = torch.stack([self.ac_bias.reshape(h, n, 1), self.ca_bias.reshape(h, n, 1)]).to(dtype)
+        with without_autocast(maps.device):
+            resized = (_resize_last(_resize_last(maps, gw).transpose(-1, -2), gh).transpose(-1, -2)
+                       + _resize_last(rows.to(dtype), gh)[..., None] + _resize_last(cols.to(dtype), gw)[..., None, :])
+        biases = torch.cat([prefix.expand(2, h, n, num_prefix), resized.flatten(-2)], -1).to(self.an_bias.dtype)
+        return biases[0], biases[1].transpose(1, 2)
 
     def attend(self, x, q, k, v, grid, num_prefix):
         grid = checks.check_image_grid(grid, "agent attention")

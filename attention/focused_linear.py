@@ -9,7 +9,7 @@ from torch import nn
 from ..kernels import checks, depthwise_conv_on_grid, family, focused_linear_attention
 from ..kernels.core.family import check_options
 from .base import GridAttention
-from .grid_maps import bilinear_resize_matrix, depthwise_conv, without_autocast
+from .grid_maps import depthwise_conv, resize_map
 from .registry import register
 
 
@@ -45,12 +45,8 @@ class FocusedLinearAttention(GridAttention):
 
     def key_encoding(self, grid: tuple[int, ...], num_prefix: int, dtype: torch.dtype) -> torch.Tensor:
         """The positional encoding resized to the grid, (h, P + N, d) with zeros on the P prefix keys."""
-        pe = self.positional_encoding[0]                                         # (pos_grid tokens, C)
-        if self.pos_grid != tuple(grid[-2:]):                                    # resized bilinearly, in float32
-            work = pe.to(torch.promote_types(pe.dtype, torch.float32))
-            with without_autocast(work.device):
-                pe = bilinear_resize_matrix(self.pos_grid, tuple(grid[-2:]), work) @ work
-        pe = pe.reshape(-1, self.num_heads, self.head_dim).transpose(0, 1)       # (h, H*W, d)
+        pe = self.positional_encoding.reshape(*self.pos_grid, self.num_heads, self.head_dim).permute(2, 3, 0, 1)
+        pe = resize_map(pe, tuple(grid[-2:])).flatten(2).transpose(1, 2)    # (h, H*W, d)
         if len(grid) == 3:
             pe = pe.repeat(1, grid[0], 1)
         return F.pad(pe.to(dtype), (0, 0, num_prefix, 0))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -11,36 +10,25 @@ from torch import nn
 from ..kernels.grid_conv.reference import grad_in_layout
 
 
-_CONSTANTS: dict[tuple, torch.Tensor] = {}
-
-
-def constant_of_sizes(key: tuple, like: torch.Tensor, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``build()``, a tensor that depends on sizes alone (``key``) and on ``like``'s device and dtype: built once
-    per key in eager mode, where building it every call cost a dozen small launches; under ``torch.compile``
-    traced into the graph (no cache to guard on)."""
-    if torch.compiler.is_compiling():
-        return build()
-    key = (*key, like.device, like.dtype)
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = build()
-    return _CONSTANTS[key]
+_RESIZE_MATRICES: dict[tuple, torch.Tensor] = {}
 
 
 def linear_resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
-    """(n_out, n_in): linear interpolation (align_corners=False) of a length-n_in axis as a matrix."""
-    def build() -> torch.Tensor:
-        eye = torch.eye(n_in, device=like.device, dtype=like.dtype)[None]
-        return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
-    return constant_of_sizes(("resize", n_in, n_out), like, build)
+    """(n_out, n_in): linear interpolation (align_corners=False) of a length-n_in axis as a matrix.
+
+    A constant of the sizes: built once per (sizes, device, dtype) in eager mode, where building it
+    every call cost a dozen small launches per resized map."""
+    if torch.compiler.is_compiling():           # traced once into the graph: no cache to guard on
+        return _build_resize_matrix(n_in, n_out, like)
+    key = (n_in, n_out, like.device, like.dtype)
+    if key not in _RESIZE_MATRICES:
+        _RESIZE_MATRICES[key] = _build_resize_matrix(n_in, n_out, like)
+    return _RESIZE_MATRICES[key]
 
 
-def bilinear_resize_matrix(grid_in: tuple[int, int], grid_out: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """(H_out * W_out, H_in * W_in): bilinear interpolation (align_corners=False) of a raster-order map as a
-    matrix, ``resize_map``'s two products in one."""
-    def build() -> torch.Tensor:
-        rows, cols = (linear_resize_matrix(n_in, n_out, like) for n_in, n_out in zip(grid_in, grid_out))
-        return torch.kron(rows, cols)
-    return constant_of_sizes(("bilinear", *grid_in, *grid_out), like, build)
+def _build_resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(n_in, device=like.device, dtype=like.dtype)[None]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
 
 
 def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
