@@ -93,6 +93,15 @@ def _key_rows(TileRows, tile, P, Nq, Nk, num_table_tiles, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _row_ptrs(X, XE, rows, Nq, sxn, sen, EXTRA: tl.constexpr):
+    """Pointers to the rows of the keys (values, or their gradients): with ``EXTRA`` the rows from Nq on (extra key
+    tiles) are rows of a second tensor XE, else all rows are X's."""
+    if EXTRA:
+        return tl.where(rows < Nq, X + rows * sxn, XE + (rows - Nq) * sen)
+    return X + rows * sxn
+
+
+@triton.jit
 def _step_key_rows(TileRows, ColIdx, e, hi, P, Nq, Nk, num_table_tiles, BLOCK_N: tl.constexpr,
                    TILES: tl.constexpr, TABLE: tl.constexpr):
     """Key rows (TILES * BLOCK_N,) of the key tiles of CSR entries e .. e + TILES - 1; entries from ``hi`` on
@@ -120,13 +129,15 @@ def _step_query_rows(TileRows, RowIdx, e, hi, Nq, BLOCK_M: tl.constexpr, TILES: 
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, sxkn, sxvn, Nq,
+              qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-              CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr):
     cols = tl.arange(0, BLOCK_D)
-    k = load_block(K + keys[:, None] * skn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
-    v = load_block(V + keys[:, None] * svn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    k = load_block(_row_ptrs(K, KX, keys, Nq, skn, sxkn, EXTRA)[:, None] + cols[None, :], keys, key_limit, cols,
+                   HEAD_DIM, BLOCK_D, CHECK_K)
+    v = load_block(_row_ptrs(V, VX, keys, Nq, svn, sxvn, EXTRA)[:, None] + cols[None, :], keys, key_limit, cols,
+                   HEAD_DIM, BLOCK_D, CHECK_K)
     s = dot_acc(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
     s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                      HAS_MASK, HAS_BIAS, CHECK_K, False)
@@ -134,13 +145,13 @@ def _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, keys, key_limit, mask_
 
 
 @triton.jit(do_not_specialize=["H", "Nq", "Nk", "P", "num_table_tiles"])
-def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows,
-                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, srb, srh, sbb, sbh,
-                H, Nq, Nk, P, num_table_tiles, qk_scale,
+def _fwd_kernel(Q, K, V, KX, VX, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sxkb, sxkh, sxkn, sxvb, sxvh, sxvn, sob, soh, son,
+                srb, srh, sbb, sbh, H, Nq, Nk, P, num_table_tiles, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE: tl.constexpr,
-                KEY_TILES: tl.constexpr):
+                EXTRA: tl.constexpr, KEY_TILES: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -150,14 +161,17 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, Ti
                     HEAD_DIM, BLOCK_D, CHECK_Q)
     K += b * skb + h * skh
     V += b * svb + h * svh
+    KX += b * sxkb + h * sxkh
+    VX += b * sxvb + h * sxvh
     KeyBias += b * sbb + h * sbh
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, P, KEY_TILES * BLOCK_N):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, start + tl.arange(0, KEY_TILES * BLOCK_N),
-                                  P, -1, skn, svn, qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D,
-                                  MASK_WORDS, MASK_BITS, False, HAS_BIAS, True, DOT_PRECISION)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks,
+                                  start + tl.arange(0, KEY_TILES * BLOCK_N), P, -1, skn, svn, sxkn, sxvn, Nq, qk_scale,
+                                  HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, False,
+                                  HAS_BIAS, True, DOT_PRECISION, EXTRA)
     row = RowPtr + b * srb + h * srh + tile
     lo = tl.load(row)
     hi = tl.load(row + 1)
@@ -166,9 +180,9 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, Ti
         mask_id = -1
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KeyBias, TileMasks, keys, Nk, mask_id, skn, svn,
-                                  qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS,
-                                  HAS_MASK, HAS_BIAS, CHECK_K, DOT_PRECISION)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, Nk, mask_id, skn, svn,
+                                  sxkn, sxvn, Nq, qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D,
+                                  MASK_WORDS, MASK_BITS, HAS_MASK, HAS_BIAS, CHECK_K, DOT_PRECISION, EXTRA)
     out, lse = softmax_finish(acc, m_i, l_i)
     store_block(O + b * sob + h * soh + rows[:, None] * son + cols[None, :], out.to(O.dtype.element_ty),
                  rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
@@ -179,14 +193,15 @@ def _fwd_kernel(Q, K, V, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, Ti
 
 
 @triton.jit(do_not_specialize=["H", "Hq", "Nq", "Nk", "P", "num_q_tiles", "num_chunks", "num_hot"])
-def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Work, RowIdx, MaskIdx, TileMasks, KeyBias, TileRows, Hot,
-                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                   skgb, skgh, skgn, svgb, svgh, svgn, sbb, sbh,
+def _bwd_kv_kernel(Q, K, V, KX, VX, DO, DK, DV, DKX, DVX, LSE, Delta, Work, RowIdx, MaskIdx, TileMasks, KeyBias,
+                   TileRows, Hot, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sxkb, sxkh, sxkn, sxvb, sxvh, sxvn,
+                   sdb, sdh, sdn, skgb, skgh, skgn, svgb, svgh, svgn, sxkgb, sxkgh, sxkgn, sxvgb, sxvgh, sxvgn, sbb, sbh,
                    H, Hq, Nq, Nk, P, num_q_tiles, num_chunks, num_hot, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                    CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   TABLE: tl.constexpr, PREFIX: tl.constexpr, CHUNK: tl.constexpr, QUERY_TILES: tl.constexpr):
+                   TABLE: tl.constexpr, PREFIX: tl.constexpr, CHUNK: tl.constexpr, QUERY_TILES: tl.constexpr,
+                   EXTRA: tl.constexpr):
     """dK, dV of one work item of ``KeyTileWork`` (a hot tile's chunk adds its float32 partial sums into its
     slot of ``Hot``), for each (b, h) the item's CSR row stands for (program axis 1: all of them, or one when
     the CSR is per batch and head); PREFIX: of one prefix block over one chunk of query tiles (float32
@@ -214,10 +229,10 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Work, RowIdx, MaskIdx, TileM
         keys = _key_rows(TileRows, tile, P, Nq, Nk, num_q_tiles, BLOCK_N, TABLE)
         key_limit = Nk
     cols = tl.arange(0, BLOCK_D)
-    k = load_block(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], keys, key_limit, cols,
-                    HEAD_DIM, BLOCK_D, CHECK_K)
-    v = load_block(V + b * svb + h * svh + keys[:, None] * svn + cols[None, :], keys, key_limit, cols,
-                    HEAD_DIM, BLOCK_D, CHECK_K)
+    k_rows = _row_ptrs(K + b * skb + h * skh, KX + b * sxkb + h * sxkh, keys, Nq, skn, sxkn, EXTRA)
+    v_rows = _row_ptrs(V + b * svb + h * svh, VX + b * sxvb + h * sxvh, keys, Nq, svn, sxvn, EXTRA)
+    k = load_block(k_rows[:, None] + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    v = load_block(v_rows[:, None] + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
     Q += b * sqb + h * sqh
     DO += b * sdb + h * sdh
     LSE += bh * Nq
@@ -251,10 +266,12 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Work, RowIdx, MaskIdx, TileM
         tl.atomic_add(Hot + out_rows[:, None] * BLOCK_D + cols[None, :], dk)
         tl.atomic_add(Hot + slab + out_rows[:, None] * BLOCK_D + cols[None, :], dv)
     else:
-        store_block(DK + b * skgb + h * skgh + keys[:, None] * skgn + cols[None, :], dk.to(DK.dtype.element_ty),
-                     keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
-        store_block(DV + b * svgb + h * svgh + keys[:, None] * svgn + cols[None, :], dv.to(DV.dtype.element_ty),
-                     keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+        dk_rows = _row_ptrs(DK + b * skgb + h * skgh, DKX + b * sxkgb + h * sxkgh, keys, Nq, skgn, sxkgn, EXTRA)
+        dv_rows = _row_ptrs(DV + b * svgb + h * svgh, DVX + b * sxvgb + h * sxvgh, keys, Nq, svgn, sxvgn, EXTRA)
+        store_block(dk_rows[:, None] + cols[None, :], dk.to(DK.dtype.element_ty), keys, key_limit, cols, HEAD_DIM,
+                    BLOCK_D, CHECK_K)
+        store_block(dv_rows[:, None] + cols[None, :], dv.to(DV.dtype.element_ty), keys, key_limit, cols, HEAD_DIM,
+                    BLOCK_D, CHECK_K)
 
 
 @triton.jit
@@ -267,10 +284,10 @@ def _batch_head(row, Hq, H):
 
 
 @triton.jit
-def _hot_tiles_kernel(Hot, HotTiles, DK, DV, TileRows, skgb, skgh, skgn, svgb, svgh, svgn,
-                      H, Hq, Nq, Nk, P, num_table_tiles,
+def _hot_tiles_kernel(Hot, HotTiles, DK, DV, DKX, DVX, TileRows, skgb, skgh, skgn, svgb, svgh, svgn,
+                      sxkgb, sxkgh, sxkgn, sxvgb, sxvgh, sxvgn, H, Hq, Nq, Nk, P, num_table_tiles,
                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_K: tl.constexpr,
-                      TABLE: tl.constexpr):
+                      TABLE: tl.constexpr, EXTRA: tl.constexpr):
     """dK, dV of each hot key tile from its summed float32 partials, in the gradients' dtype."""
     slot = tl.program_id(0)
     row = tl.load(HotTiles + slot * 2)
@@ -283,20 +300,24 @@ def _hot_tiles_kernel(Hot, HotTiles, DK, DV, TileRows, skgb, skgh, skgn, svgb, s
     slab = tl.num_programs(0) * tl.num_programs(1) * BLOCK_N * BLOCK_D
     dk = tl.load(Hot + rows[:, None] * BLOCK_D + cols[None, :])
     dv = tl.load(Hot + slab + rows[:, None] * BLOCK_D + cols[None, :])
-    store_block(DK + b * skgb + h * skgh + keys[:, None] * skgn + cols[None, :], dk.to(DK.dtype.element_ty),
-                 keys, Nk, cols, HEAD_DIM, BLOCK_D, CHECK_K)
-    store_block(DV + b * svgb + h * svgh + keys[:, None] * svgn + cols[None, :], dv.to(DV.dtype.element_ty),
-                 keys, Nk, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    dk_rows = _row_ptrs(DK + b * skgb + h * skgh, DKX + b * sxkgb + h * sxkgh, keys, Nq, skgn, sxkgn, EXTRA)
+    dv_rows = _row_ptrs(DV + b * svgb + h * svgh, DVX + b * sxvgb + h * sxvgh, keys, Nq, svgn, sxvgn, EXTRA)
+    store_block(dk_rows[:, None] + cols[None, :], dk.to(DK.dtype.element_ty), keys, Nk, cols, HEAD_DIM, BLOCK_D,
+                CHECK_K)
+    store_block(dv_rows[:, None] + cols[None, :], dv.to(DV.dtype.element_ty), keys, Nk, cols, HEAD_DIM, BLOCK_D,
+                CHECK_K)
 
 
 @triton.jit
-def _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _bwd_q_step(dq, q, do, lse, delta, K, V, KX, VX, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, sxkn,
+                sxvn, Nq, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr,
+                HAS_BIAS: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr):
     cols = tl.arange(0, BLOCK_D)
-    k = load_block(K + keys[:, None] * skn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
-    v = load_block(V + keys[:, None] * svn + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    k = load_block(_row_ptrs(K, KX, keys, Nq, skn, sxkn, EXTRA)[:, None] + cols[None, :], keys, key_limit, cols,
+                   HEAD_DIM, BLOCK_D, CHECK_K)
+    v = load_block(_row_ptrs(V, VX, keys, Nq, svn, sxvn, EXTRA)[:, None] + cols[None, :], keys, key_limit, cols,
+                   HEAD_DIM, BLOCK_D, CHECK_K)
     s = dot_acc(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
     s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                      HAS_MASK, HAS_BIAS, CHECK_K, False)
@@ -304,13 +325,14 @@ def _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, keys, key_limit
 
 
 @triton.jit(do_not_specialize=["H", "Nq", "Nk", "P", "num_table_tiles"])
-def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows,
-                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, srb, srh, sbb, sbh,
+def _bwd_q_kernel(Q, K, V, KX, VX, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sxkb, sxkh, sxkn, sxvb, sxvh, sxvn, sdb, sdh, sdn,
+                  sgb, sgh, sgn, srb, srh, sbb, sbh,
                   H, Nq, Nk, P, num_table_tiles, qk_scale, sm_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                   CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  TABLE: tl.constexpr, KEY_TILES: tl.constexpr):
+                  TABLE: tl.constexpr, EXTRA: tl.constexpr, KEY_TILES: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -323,12 +345,15 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMask
     lse, delta = load_row_stats(LSE + bh * Nq, Delta + bh * Nq, rows, rows < Nq)
     K += b * skb + h * skh
     V += b * svb + h * svh
+    KX += b * sxkb + h * sxkh
+    VX += b * sxvb + h * sxvh
     KeyBias += b * sbb + h * sbh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, P, KEY_TILES * BLOCK_N):
-        dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, start + tl.arange(0, KEY_TILES * BLOCK_N),
-                         P, -1, skn, svn, qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS,
-                         MASK_BITS, False, HAS_BIAS, True, DOT_PRECISION)
+        dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KX, VX, KeyBias, TileMasks,
+                         start + tl.arange(0, KEY_TILES * BLOCK_N), P, -1, skn, svn, sxkn, sxvn, Nq, qk_scale,
+                         HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, False, HAS_BIAS, True,
+                         DOT_PRECISION, EXTRA)
     row = RowPtr + b * srb + h * srh + tile
     lo = tl.load(row)
     hi = tl.load(row + 1)
@@ -337,9 +362,9 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, TileMask
         mask_id = -1
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
-        dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KeyBias, TileMasks, keys, Nk, mask_id, skn, svn, qk_scale,
-                         HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, HAS_MASK, HAS_BIAS,
-                         CHECK_K, DOT_PRECISION)
+        dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KX, VX, KeyBias, TileMasks, keys, Nk, mask_id, skn, svn, sxkn,
+                         sxvn, Nq, qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS,
+                         HAS_MASK, HAS_BIAS, CHECK_K, DOT_PRECISION, EXTRA)
     dq *= sm_scale
     store_block(DQ + b * sgb + h * sgh + rows[:, None] * sgn + cols[None, :], dq.to(DQ.dtype.element_ty),
                  rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
@@ -444,12 +469,28 @@ def _num_q_tiles(nq: int, block_m: int, tile_rows: torch.Tensor | None) -> int:
     return num_tiles(nq, block_m) if tile_rows is None else tile_rows.numel() // block_m
 
 
+def _extra_keys(k: Tensor, v: Tensor, extra: tuple[Tensor, Tensor] | None, tile_rows: Tensor | None
+                ) -> tuple[Tensor, Tensor, int, tuple[int, ...]]:
+    """(extra keys, extra values, all keys' count, their strides) for the kernels: ``extra`` (keys past the tokens,
+    tokens in place only) read from their own tensors, or none (k, v stand in, never read)."""
+    if extra is None:
+        return k, v, k.shape[2], (0,) * 6
+    if tile_rows is None:
+        raise ValueError("block_sparse_attention: extra key tiles from their own tensors need tile_rows")
+    kx, vx = rows_contiguous(extra[0]), rows_contiguous(extra[1])
+    return kx, vx, k.shape[2] + kx.shape[2], (*strides(kx), *strides(vx))
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, tile_mask_idx: Tensor | None,
             tile_masks: Tensor | None, key_bias: Tensor | None, tile_rows: Tensor | None, block_m: int, block_n: int,
-            num_prefix: int, scale: float, config: dict | None = None) -> tuple[Tensor, Tensor]:
+            num_prefix: int, scale: float, config: dict | None = None,
+            extra: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Output (B, H, Nq, d) in q's dtype and the base-2 log-sum-exp (B, H, Nq) float32 (-inf: no key);
-    with ``tile_rows`` the rows no tile lists (the prefix) are 0 with log-sum-exp -inf."""
+    with ``tile_rows`` the rows no tile lists (the prefix) are 0 with log-sum-exp -inf. ``extra``: the keys and
+    values past k's and v's rows (extra key tiles, tokens in place) in tensors of their own, read there instead
+    of from a concatenation (LLSA's pooled keys); ``key_bias`` then covers both."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
+    kx, vx, nk, extra_strides = _extra_keys(k, v, extra, tile_rows)
     b, h, nq, d = q.shape
     o = heads_last_empty(q, b, h, nq, v.shape[-1])
     lse = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
@@ -463,20 +504,25 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
     mask_idx = tile_mask_idx if tile_mask_idx is not None else col_idx
     nqt = _num_q_tiles(nq, block_m, tile_rows)
     launch(_fwd_kernel, (nqt, b * h),
-        q, k, v, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0], tile_rows if tile_rows is not None else col_idx,
-        *strides(q), *strides(k), *strides(v), *strides(o), *strides(row_ptr)[:2], *bias[1:],
-        h, nq, k.shape[2], num_prefix, nqt, qk_scale, **consts, KEY_TILES=key_tiles, **config)
+        q, k, v, kx, vx, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0],
+        tile_rows if tile_rows is not None else col_idx, *strides(q), *strides(k), *strides(v), *extra_strides,
+        *strides(o), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, num_prefix, nqt, qk_scale, **consts,
+        EXTRA=extra is not None, KEY_TILES=key_tiles, **config)
     return o, lse
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, row_ptr: Tensor, col_idx: Tensor,
              tile_mask_idx: Tensor | None, tile_masks: Tensor | None, key_bias: Tensor | None, tile_rows: Tensor | None,
-             block_m: int, block_n: int, num_prefix: int, scale: float,
-             configs: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv (no gradient for key_bias). ``configs`` maps "bwd_kv"/"bwd_q" to launch configs."""
+             block_m: int, block_n: int, num_prefix: int, scale: float, configs: dict | None = None,
+             extra: tuple[Tensor, Tensor] | None = None,
+             extra_grads: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv (no gradient for key_bias). ``configs`` maps "bwd_kv"/"bwd_q" to launch configs. With
+    ``extra`` (as ``forward``'s), the gradients of its keys and values are written into ``extra_grads``
+    (tensors of their shapes, contiguous)."""
     do, q, k, v = rows_contiguous(do), rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     b, h, nq, d = q.shape
-    nk, p = k.shape[2], num_prefix
+    kx, vx, nk, extra_strides = _extra_keys(k, v, extra, tile_rows)
+    p = num_prefix
     nqt = _num_q_tiles(nq, block_m, tile_rows)
     nkt = num_tiles(nk - p, block_n) if tile_rows is None else nqt + num_tiles(nk - nq, block_n)
     consts, bias, masks, qk_scale = _launch_args(q, k, block_m, block_n, p, tile_mask_idx, tile_masks, key_bias,
@@ -491,43 +537,45 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
         dq[:, :, :p].zero_()
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dkx, dvx = extra_grads if extra is not None else (dk, dv)
+    grad_strides = (*strides(dk), *strides(dv), *((*strides(dkx), *strides(dvx)) if extra is not None else (0,) * 6))
     row_idx, mask_idx_t, work = _transposed_layout(row_ptr, col_idx, tile_mask_idx, nkt)
     masked = tile_mask_idx is not None
     query_tiles, key_tiles = tiles_per_step(block_m, masked), tiles_per_step(block_n, masked)
     kv_config = configs.get("bwd_kv") or launch_config("bwd_kv", block_m * query_tiles, block_n, d, q.dtype)
-    common = (*strides(q), *strides(k), *strides(v), *strides(do))
+    common = (*strides(q), *strides(k), *strides(v), *extra_strides, *strides(do))
     if nkt > 0:
         rows_q, heads_q = row_ptr.shape[:2]
         per_row = (b // rows_q) * (h // heads_q)              # the (b, h) each CSR row stands for
         num_hot = work.hot_tiles.shape[0]
         hot = torch.zeros(2, num_hot, per_row, block_n, consts["BLOCK_D"], device=q.device, dtype=torch.float32)
         launch(_bwd_kv_kernel, (work.items.shape[0], per_row),
-            q, k, v, do, dk, dv, lse, delta, work.items, row_idx,
+            q, k, v, kx, vx, do, dk, dv, dkx, dvx, lse, delta, work.items, row_idx,
             mask_idx_t if mask_idx_t is not None else row_idx, masks, bias[0], rows_arg, hot,
-            *common, *strides(dk), *strides(dv), bias[1], bias[2], h, heads_q, nq, nk, p, nqt, 1, num_hot, qk_scale, scale,
-            **consts, PREFIX=False, CHUNK=PREFIX_CHUNK, QUERY_TILES=query_tiles, **kv_config)
-        launch(_hot_tiles_kernel, (num_hot, per_row), hot, work.hot_tiles, dk, dv, rows_arg,
-               *strides(dk), *strides(dv), h, heads_q, nq, nk, p, nqt,
+            *common, *grad_strides, bias[1], bias[2], h, heads_q, nq, nk, p, nqt, 1, num_hot, qk_scale, scale,
+            **consts, PREFIX=False, CHUNK=PREFIX_CHUNK, QUERY_TILES=query_tiles, EXTRA=extra is not None, **kv_config)
+        launch(_hot_tiles_kernel, (num_hot, per_row), hot, work.hot_tiles, dk, dv, dkx, dvx, rows_arg,
+               *grad_strides, h, heads_q, nq, nk, p, nqt,
                HEAD_DIM=d, BLOCK_N=block_n, BLOCK_D=consts["BLOCK_D"], CHECK_K=consts["CHECK_K"],
-               TABLE=consts["TABLE"])
+               TABLE=consts["TABLE"], EXTRA=extra is not None)
     if p > 0:
         chunks, blocks = num_tiles(nqt, PREFIX_CHUNK), num_tiles(p, block_n)
         parts = torch.empty(2, chunks, b * h, blocks * block_n, consts["BLOCK_D"], device=q.device,
                             dtype=torch.float32)
         launch(_bwd_kv_kernel, (blocks * chunks, b * h),
-            q, k, v, do, parts[0], parts[1], lse, delta, row_idx, row_idx, row_idx, masks, bias[0], rows_arg, parts,
-            *common, *strides(dk), *strides(dv), bias[1], bias[2], h, 1, nq, nk, p, nqt, chunks, 0, qk_scale, scale,
-            **{**consts, "HAS_MASK": False, "CHECK_K": True}, PREFIX=True, CHUNK=PREFIX_CHUNK, QUERY_TILES=query_tiles,
-            **kv_config)
+            q, k, v, kx, vx, do, parts[0], parts[1], parts[0], parts[1], lse, delta, row_idx, row_idx, row_idx, masks,
+            bias[0], rows_arg, parts, *common, *grad_strides, bias[1], bias[2], h, 1, nq, nk, p, nqt, chunks, 0,
+            qk_scale, scale, **{**consts, "HAS_MASK": False, "CHECK_K": True}, PREFIX=True, CHUNK=PREFIX_CHUNK,
+            QUERY_TILES=query_tiles, EXTRA=extra is not None, **kv_config)
         summed = parts.sum(1)[..., :p, :d].reshape(2, b, h, p, d)
         dk[:, :, :p] = summed[0]
         dv[:, :, :p] = summed[1]
     q_config = configs.get("bwd_q") or launch_config("bwd_q", block_m, block_n * key_tiles, d, q.dtype)
     launch(_bwd_q_kernel, (nqt, b * h),
-        q, k, v, do, dq, lse, delta, row_ptr, col_idx,
+        q, k, v, kx, vx, do, dq, lse, delta, row_ptr, col_idx,
         tile_mask_idx if tile_mask_idx is not None else col_idx, masks, bias[0], rows_arg,
         *common, *strides(dq), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, p, nqt, qk_scale, scale,
-        **consts, KEY_TILES=key_tiles, **q_config)
+        **consts, EXTRA=extra is not None, KEY_TILES=key_tiles, **q_config)
     return dq, dk, dv
 
 

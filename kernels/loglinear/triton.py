@@ -1,7 +1,7 @@
 """LLSA in Triton: the hierarchical top-K below the coarsest level (Zhou et al. 2025, Sec. 3.2), one launch per
 level instead of the gathers, masks, matrix product and top-K of ``plan.select_blocks``; and the whole
-attention (pooling, selection, the core) as one differentiable op whose backward spreads the pooled keys'
-gradients over their blocks' tokens directly.
+attention (pooling, selection, the core over the tokens in place and the pooled keys as extra key tiles) as
+one differentiable op whose backward spreads the pooled keys' gradients over their blocks' tokens directly.
 
 One program per (parent block, batch x head): the pooled queries of the parent's s x s children against
 the pooled keys of the candidates (the children of the blocks the parent selected), float32 products, then
@@ -88,50 +88,52 @@ def select_blocks_triton(pooled_q: Sequence[torch.Tensor], pooled_k: Sequence[to
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], num_prefix: int, side: int,
              top_k: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The core's output (prefix rows 0) and log-sum-exp, and what the backward reads: the keys and values with
-    the pooled ones appended and the key-tile lists."""
+    """The core's output (prefix rows 0) and log-sum-exp, and what the backward reads: the pooled keys and values
+    (the core's extra key tiles; the tokens are read in place) and the key-tile lists."""
     grid, levels, t = tuple(grid), len(top_k), side * side
-    keys, values, pooled = pool_into_buffers(q, k, v, grid, num_prefix, side, levels)
+    pooled_keys, pooled_values, pooled = pool_into_buffers(q, k, v, grid, num_prefix, side, levels)
     selected = select_blocks_triton([p[0] for p in pooled], [p[1] for p in pooled],
                                     block_hierarchy(grid, side, levels, q.device), top_k)
     row_ptr, col_idx = key_tile_lists(selected, grid, num_prefix, side)
     _, key_bias, _, _, _, tile_rows = pooled_key_tiles(grid, side, levels, num_prefix, q.device)
-    out, lse = core_forward(q, keys, values, row_ptr, col_idx, None, None, key_bias, tile_rows, t, t, num_prefix,
-                            q.shape[-1] ** -0.5)
-    return out, lse, keys, values, col_idx
+    out, lse = core_forward(q, k, v, row_ptr, col_idx, None, None, key_bias, tile_rows, t, t, num_prefix,
+                            q.shape[-1] ** -0.5, extra=(pooled_keys, pooled_values))
+    return out, lse, pooled_keys, pooled_values, col_idx
 
 
-def _backward(do: Tensor, q: Tensor, out: Tensor, lse: Tensor, keys: Tensor, values: Tensor, col_idx: Tensor,
-              grid: list[int], num_prefix: int, side: int, top_k: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv: the core's backward over the keys with the pooled ones, then each pooled row's gradient
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, pooled_keys: Tensor,
+              pooled_values: Tensor, col_idx: Tensor, grid: list[int], num_prefix: int, side: int,
+              top_k: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv: the core's backward over the tokens and the pooled keys, then each pooled row's gradient
     spread over its block's tokens (``spread_pooled_gradients``)."""
     grid, levels, t = tuple(grid), len(top_k), side * side
     _, key_bias, _, _, _, tile_rows = pooled_key_tiles(grid, side, levels, num_prefix, q.device)
     _, n1, width = pooled_key_counts(grid, side, tuple(top_k))
     row_ptr = fixed_width_row_ptr(q.shape[0], q.shape[1], n1, width, q.device)
-    dq, d_keys, d_values = core_backward(do, q, keys, values, out, lse, row_ptr, col_idx, None, None, key_bias,
-                                         tile_rows, t, t, num_prefix, q.shape[-1] ** -0.5)
-    return (dq, *spread_pooled_gradients(d_keys, d_values, grid, num_prefix, side, levels))
+    pooled_grads = (torch.empty_like(pooled_keys), torch.empty_like(pooled_values))
+    dq, dk, dv = core_backward(do, q, k, v, out, lse, row_ptr, col_idx, None, None, key_bias, tile_rows, t, t,
+                               num_prefix, q.shape[-1] ** -0.5, extra=(pooled_keys, pooled_values),
+                               extra_grads=pooled_grads)
+    spread_pooled_gradients(dk, dv, *pooled_grads, grid, num_prefix, side, levels)
+    return dq, dk, dv
 
 
 def _forward_fake(q, k, v, grid, num_prefix, side, top_k):
     b, h, n, _ = q.shape
     pooled, n1, width = pooled_key_counts(tuple(grid), side, tuple(top_k))
-    rows = n + pooled + side * side
+    rows = pooled + side * side
     return (heads_last_empty(q, b, h, n, v.shape[-1]), q.new_empty(b, h, n, dtype=torch.float32),
             k.new_empty(b, h, rows, k.shape[-1]), v.new_empty(b, h, rows, v.shape[-1]),
             q.new_empty(b * h * n1 * width, dtype=torch.int32))
 
 
-def _backward_fake(do, q, out, lse, keys, values, col_idx, grid, num_prefix, side, top_k):
-    n = q.shape[2]
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            *(x.new_empty(*x.shape[:2], n, x.shape[-1]) for x in (keys, values)))
+def _backward_fake(do, q, k, v, out, lse, pooled_keys, pooled_values, col_idx, grid, num_prefix, side, top_k):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 _loglinear_attention = triton_op("loglinear_attention", _forward, _backward, num_tensors=3,
                                  forward_fake=_forward_fake, backward_fake=_backward_fake,
-                                 save=lambda inputs, outputs: (inputs[0], *outputs))
+                                 save=lambda inputs, outputs: (*inputs[:3], *outputs))
 
 
 def loglinear_attention_on_triton(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], num_prefix: int, side: int,

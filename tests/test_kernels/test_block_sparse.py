@@ -245,6 +245,29 @@ def test_triton_split_key_tiles(per_head, dtype, monkeypatch):
 
 
 @requires_triton
+@pytest.mark.parametrize("masks,p", [(False, 3), (True, 0)])
+def test_extra_key_tiles_from_their_own_tensors_equal_the_concatenation(masks, p):
+    """Keys past the tokens read from tensors of their own (``extra``: LLSA's pooled keys, no concatenation) give
+    the output and gradients of the same keys appended to k and v."""
+    layout, (q, k, v), _ = in_place_case((7, 10), (4, 4), p, masks=masks, extra=37)
+    args = [layout.get(name) for name in ("row_ptr", "col_idx", "tile_mask_idx", "tile_masks", "key_bias",
+                                          "tile_rows")] + [16, 16, p, 0.25]
+    n = q.shape[2]
+    k, v = k.detach(), v.detach()
+    out, lse = block_sparse_triton.forward(q, k, v, *args)
+    extra = (k[:, :, n:].contiguous(), v[:, :, n:].contiguous())
+    out_x, lse_x = block_sparse_triton.forward(q, k[:, :, :n], v[:, :, :n], *args, extra=extra)
+    assert torch.equal(out, out_x) and torch.equal(lse, lse_x)
+    do = torch.randn_like(out)
+    dq, dk, dv = block_sparse_triton.backward(do, q.detach(), k, v, out, lse, *args)
+    extra_grads = (torch.empty_like(extra[0]), torch.empty_like(extra[1]))
+    dq_x, dk_x, dv_x = block_sparse_triton.backward(do, q.detach(), k[:, :, :n], v[:, :, :n], out, lse, *args,
+                                                    extra=extra, extra_grads=extra_grads)
+    assert torch.equal(dq, dq_x)
+    assert torch.equal(dk, torch.cat([dk_x, extra_grads[0]], 2)) and torch.equal(dv, torch.cat([dv_x, extra_grads[1]], 2))
+
+
+@requires_triton
 @pytest.mark.parametrize("masks", [True, False])
 def test_tile_rows_split_key_tiles(masks, monkeypatch):
     monkeypatch.setattr(block_sparse_triton, "KEY_CHUNK", 2)

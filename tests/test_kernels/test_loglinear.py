@@ -282,32 +282,36 @@ requires_triton_backend = pytest.mark.skipif("triton" not in available_backends(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("grid,p,side,levels", [((13, 17), 1, 4, 1), ((40, 36), 0, 4, 2), ((30, 7), 2, 2, 3)])
 def test_triton_pooling_equals_the_torch_pooling(grid, p, side, levels, dtype):
-    """pool_into_buffers (one launch per level) against pool_levels and with_pooled_keys; the buffers' padding
-    rows, which the torch version fills with block 0's pooled row under a -inf bias, are zero here. Its
-    backward spread against pooled_key_gradients."""
+    """pool_into_buffers (one launch per level) against pool_levels and the rows with_pooled_keys appends after the
+    tokens; the padding rows, which the torch version fills with block 0's pooled row under a -inf bias, are zero
+    here. Its backward spread against pooled_key_gradients."""
     triton_pool = importlib.import_module("subquad.kernels.loglinear.triton_pool")
     b, h, d = 2, 3, 24
-    q, k, v = (torch.randn(b, h, p + math.prod(grid), d).to(dtype) for _ in range(3))
+    n = p + math.prod(grid)
+    q, k, v = (torch.randn(b, h, n, d).to(dtype) for _ in range(3))
     k = k.transpose(1, 2).contiguous().transpose(1, 2)            # strided, as the qkv projection's views
     keys, values, pooled = triton_pool.pool_into_buffers(q, k, v, grid, p, side, levels)
     hierarchy = block_hierarchy(grid, side, levels)
     rows = pooled_key_tiles(grid, side, levels, p, q.device)[0]
-    zero = triton_pool.pooling_tables(grid, side, levels, p, q.device)[1].long()
+    zero = triton_pool.pooling_tables(grid, side, levels, q.device)[1].long()
     for i, x in enumerate((q, k, v)):
         for level, want in enumerate(pool_levels(x[:, :, p:], hierarchy)):
             assert_rel_close(pooled[level][i], want, torch.float32, what=f"pooled {'qkv'[i]} level {level}")
     for x, buffer in ((k, keys), (v, values)):
-        want = with_pooled_keys(x, pool_levels(x[:, :, p:], hierarchy), rows, side * side)
+        want = with_pooled_keys(x, pool_levels(x[:, :, p:], hierarchy), rows, side * side)[:, :, n:]
         kept = torch.ones(want.shape[2], dtype=torch.bool)
         kept[zero] = False
-        assert_rel_close(buffer[:, :, kept], want[:, :, kept], dtype, what="buffer")
+        assert buffer.shape == want.shape
+        assert_rel_close(buffer[:, :, kept], want[:, :, kept], dtype, what="pooled rows")
         assert torch.equal(buffer[:, :, zero], torch.zeros_like(buffer[:, :, zero]))
-    g_keys, g_values = torch.randn_like(keys), torch.randn_like(values)
-    g_keys[:, :, zero] = 0                      # the core gives no gradient to padding rows (-inf bias)
-    g_values[:, :, zero] = 0
-    dk, dv = triton_pool.spread_pooled_gradients(g_keys, g_values, grid, p, side, levels)
-    assert_rel_close(dk, pooled_key_gradients(g_keys, grid, side, levels, p), dtype, what="dk")
-    assert_rel_close(dv, pooled_key_gradients(g_values, grid, side, levels, p), dtype, what="dv")
+    grads = [torch.randn(b, h, n, d).to(dtype) for _ in range(2)]
+    pooled_grads = [torch.randn_like(keys), torch.randn_like(values)]
+    for g in pooled_grads:
+        g[:, :, zero] = 0                      # the core gives no gradient to padding rows (-inf bias)
+    want = [pooled_key_gradients(torch.cat([g, pg], 2), grid, side, levels, p) for g, pg in zip(grads, pooled_grads)]
+    triton_pool.spread_pooled_gradients(*grads, *pooled_grads, grid, p, side, levels)
+    assert_rel_close(grads[0], want[0], dtype, what="dk")
+    assert_rel_close(grads[1], want[1], dtype, what="dv")
 
 
 @pytest.mark.gpu
