@@ -94,7 +94,8 @@ def transpose_csr(row_ptr: torch.Tensor, col_idx: torch.Tensor, tile_mask_idx: t
     """The same layout listed per key tile: (col_ptr (Bq, Hq, num_k_tiles + 1), row_idx, mask_idx).
 
     ``row_idx`` gives the query tiles (ascending) that list each key tile; ``mask_idx`` their tile
-    masks. Pure torch on the layout's device, no host sync.
+    masks. Pure torch on the layout's device, no host sync; with ``chunk_key_tiles`` the reference of
+    ``transpose_triton.transposed_work``, which the backward runs.
     """
     bq, hq, n1 = row_ptr.shape
     nqt, nnz, dev = n1 - 1, col_idx.numel(), row_ptr.device

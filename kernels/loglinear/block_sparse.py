@@ -81,7 +81,8 @@ def pooled_key_gradients(d_keys: torch.Tensor, grid: tuple[int, int], side: int,
                          num_prefix: int) -> torch.Tensor:
     """The gradient of the (B, h, P + N, d) keys (or values) from the gradient of ``with_pooled_keys``' buffer
     (B, h, P + N + pooled + tile, d): the tokens' own rows, plus, per level, each pooled row's gradient spread
-    evenly over the real tokens of its block (a pooled row is their mean), summed in float32."""
+    evenly over the real tokens of its block (a pooled row is their mean), summed in float32. The reference of
+    ``triton_pool.spread_pooled_gradients`` (the CPU path's autograd gives the same through the pooling)."""
     hierarchy = block_hierarchy(grid, side, levels, d_keys.device)
     rows = pooled_key_tiles(grid, side, levels, num_prefix, d_keys.device)[0]
     b, h, _, d = d_keys.shape
