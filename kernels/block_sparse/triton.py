@@ -459,6 +459,8 @@ def _transposed_layout(row_ptr, col_idx, tile_mask_idx, num_k_tiles):
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
         return hit[1]
     result = transposed_work(row_ptr, col_idx, tile_mask_idx, num_k_tiles, KEY_CHUNK)
+    for stale in [k for k, (refs, _) in _TRANSPOSED_CACHE.items() if any(ref() is None for ref in refs)]:
+        del _TRANSPOSED_CACHE[stale]            # a layout freed (LLSA's, every call) holds no device memory here
     _TRANSPOSED_CACHE[key] = (tuple(weakref.ref(t) for t in tensors), result)
     while len(_TRANSPOSED_CACHE) > 64:
         _TRANSPOSED_CACHE.popitem(last=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import math
 import random
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -242,6 +243,22 @@ def test_triton_split_key_tiles(per_head, dtype, monkeypatch):
     check_against(lambda q, k, v: block_sparse_attention(q, k, v, backend="triton", **layout),
                   lambda q, k, v: block_sparse_attention(q, k, v, backend="reference", **layout),
                   q, k, v, dtype, f"split key tiles, per head {per_head}")
+
+
+@requires_triton
+def test_transposed_layout_cache_drops_freed_layouts(monkeypatch):
+    """Layouts made afresh every call (LLSA's) are not kept alive by the cache of transposed layouts: an entry whose
+    layout tensors are gone is dropped at the next insert."""
+    monkeypatch.setattr(block_sparse_triton, "_TRANSPOSED_CACHE", OrderedDict())
+    row_ptr, col_idx = block_mask_to_csr(torch.rand(1, 1, 4, 4) < 0.5)
+    for _ in range(3):
+        fresh = col_idx.clone()
+        block_sparse_triton._transposed_layout(row_ptr, fresh, None, 4)
+        del fresh
+    assert len(block_sparse_triton._TRANSPOSED_CACHE) == 1
+    kept = col_idx.clone()
+    first = block_sparse_triton._transposed_layout(row_ptr, kept, None, 4)
+    assert block_sparse_triton._transposed_layout(row_ptr, kept, None, 4) is first       # a live layout: a hit
 
 
 @requires_triton
