@@ -10,8 +10,8 @@ shared by the heads), zero padding and r = k // 2:
 A program owns a TILE_H x TILE_W block of one frame's grid tokens and all d channels of one head: it loads
 the k*k shifted tiles under masks (neighbouring programs run at the same time, so the halo rows come from
 cache), accumulates in fp32 and writes the output dtype; x and the residual are read once, out written once.
-A program per (batch, head) copies the prefix rows. The filter enters as fp32 taps (k*k, C), laid out once
-per call, so that each tap's channels are one contiguous vector load.
+A program per (batch, head) copies the prefix rows. The filter enters as fp32 taps (k*k, C), so that each
+tap's channels are one contiguous vector load, laid out once per filter tensor and version (``_taps``).
 
 Backward, with g = dL/dout: d residual = g; dx = the transposed conv of g (the flipped filter), 0 on the
 prefix rows: the forward kernel with the taps flipped, as parallel as the forward. dw[c, i, j] = sum g[t, c]
@@ -20,6 +20,7 @@ C = d): each program sums a chunk of tiles into fp32 partials [dw taps | dbias] 
 registers and stored once, and a small kernel sums the programs' partials into dw and dbias in their dtype.
 """
 import math
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -191,11 +192,23 @@ def _items(num_prefix: int, frames: int, grid_h: int, grid_w: int, tile_h: int, 
     return grid_items, grid_items + (num_prefix > 0)
 
 
+_TAPS: dict[int, tuple] = {}          # id(filter) -> (weak reference, version, taps)
+
+
 def _taps(weight: Tensor) -> Tensor:
-    """The filter as fp32 (k*k, C): a tap's channels are contiguous, so each tap is one vector load."""
+    """The filter as fp32 (k*k, C): a tap's channels are contiguous, so each tap is one vector load. Kept per
+    filter tensor while its version counter is unchanged (optimizer steps, ``load_state_dict`` and EMA updates bump
+    it; writes through ``.data`` do not, as for the modules' ``cached_for_inference``): four small ops saved per
+    call in inference, and in the backward of a training step."""
+    kept = _TAPS.get(id(weight))
+    if kept is not None and kept[0]() is weight and kept[1] == weight._version:
+        return kept[2]
     channels, k = weight.shape[0], weight.shape[-1]
     taps = torch.empty(k * k, channels, device=weight.device, dtype=torch.float32)
-    return taps.copy_(weight.reshape(channels, -1).t())
+    taps.copy_(weight.detach().reshape(channels, -1).t())
+    key = id(weight)
+    _TAPS[key] = (weakref.ref(weight, lambda _: _TAPS.pop(key, None)), weight._version, taps)
+    return taps
 
 
 def _unit_channel(x: Tensor) -> Tensor:

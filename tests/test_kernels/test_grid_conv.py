@@ -224,6 +224,18 @@ def test_gradients_of_a_subset():
     assert relative_error(dw, torch.autograd.grad(want, weight, torch.ones_like(want))[0]) < 1e-5
 
 
+def test_a_filter_changed_in_place_is_laid_out_again():
+    """The taps kept per filter tensor follow its version: an in-place update (an optimizer step, a load) is seen."""
+    x, weight, bias, res = _inputs(1, 2, (3, 4), 1, 16, 3, False, torch.float32, "cpu")
+    conv = lambda backend: depthwise_conv_on_grid(x, weight, bias, grid=(3, 4), num_prefix=1, residual=res,  # noqa: E731
+                                                  backend=backend)
+    first = conv("triton")
+    assert torch.equal(conv("triton"), first)
+    with torch.no_grad():
+        weight.mul_(-2.0)
+    assert relative_error(conv("triton"), conv("reference")) < 1e-6 and not torch.allclose(conv("triton"), first)
+
+
 def test_no_grad_forward_has_no_autograd_node():
     x, weight, bias, res = (t.requires_grad_() for t in _inputs(1, 2, (3, 4), 1, 16, 3, True, torch.float32, "cpu"))
     with torch.no_grad():
