@@ -32,7 +32,7 @@ from .layout import num_tiles
 from .transpose_triton import transposed_work
 
 PREFIX_CHUNK = 16       # query tiles per program in the prefix keys' dK/dV (partial sums, added with torch)
-KEY_CHUNK = 32          # query tiles per program in a key tile's dK/dV (more: the tile is split, ``KeyTileWork``)
+KEY_CHUNK = 32          # loop steps per program in a key tile's dK/dV (more: the tile is split, ``KeyTileWork``)
 STEP_ROWS = 64          # rows of the tiles taken per loop step (one tile at least)
 
 
@@ -450,15 +450,15 @@ def _launch_args(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, 
 _TRANSPOSED_CACHE: OrderedDict[tuple, tuple] = OrderedDict()
 
 
-def _transposed_layout(row_ptr, col_idx, tile_mask_idx, num_k_tiles):
-    """The query tiles (and tile masks) per key tile with the dK/dV work list (``transposed_work``), cached for
-    layouts used again unchanged (same tensors, same versions)."""
+def _transposed_layout(row_ptr, col_idx, tile_mask_idx, num_k_tiles, chunk):
+    """The query tiles (and tile masks) per key tile with the dK/dV work list (``transposed_work``, programs of at
+    most ``chunk`` query tiles), cached for layouts used again unchanged (same tensors, same versions)."""
     tensors = (row_ptr, col_idx) if tile_mask_idx is None else (row_ptr, col_idx, tile_mask_idx)
-    key = (num_k_tiles, *((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors))
+    key = (num_k_tiles, chunk, *((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors))
     hit = _TRANSPOSED_CACHE.get(key)
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
         return hit[1]
-    result = transposed_work(row_ptr, col_idx, tile_mask_idx, num_k_tiles, KEY_CHUNK)
+    result = transposed_work(row_ptr, col_idx, tile_mask_idx, num_k_tiles, chunk)
     for stale in [k for k, (refs, _) in _TRANSPOSED_CACHE.items() if any(ref() is None for ref in refs)]:
         del _TRANSPOSED_CACHE[stale]            # a layout freed (LLSA's, every call) holds no device memory here
     _TRANSPOSED_CACHE[key] = (tuple(weakref.ref(t) for t in tensors), result)
@@ -541,9 +541,10 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     dkx, dvx = extra_grads if extra is not None else (dk, dv)
     grad_strides = (*strides(dk), *strides(dv), *((*strides(dkx), *strides(dvx)) if extra is not None else (0,) * 6))
-    row_idx, mask_idx_t, work = _transposed_layout(row_ptr, col_idx, tile_mask_idx, nkt)
     masked = tile_mask_idx is not None
     query_tiles, key_tiles = tiles_per_step(block_m, masked), tiles_per_step(block_n, masked)
+    # a program takes at most KEY_CHUNK steps: KEY_CHUNK * query_tiles listings (fewer hot-tile partial slots)
+    row_idx, mask_idx_t, work = _transposed_layout(row_ptr, col_idx, tile_mask_idx, nkt, KEY_CHUNK * query_tiles)
     kv_config = configs.get("bwd_kv") or launch_config("bwd_kv", block_m * query_tiles, block_n, d, q.dtype)
     common = (*strides(q), *strides(k), *strides(v), *extra_strides, *strides(do))
     if nkt > 0:

@@ -253,12 +253,12 @@ def test_transposed_layout_cache_drops_freed_layouts(monkeypatch):
     row_ptr, col_idx = block_mask_to_csr(torch.rand(1, 1, 4, 4) < 0.5)
     for _ in range(3):
         fresh = col_idx.clone()
-        block_sparse_triton._transposed_layout(row_ptr, fresh, None, 4)
+        block_sparse_triton._transposed_layout(row_ptr, fresh, None, 4, 32)
         del fresh
     assert len(block_sparse_triton._TRANSPOSED_CACHE) == 1
     kept = col_idx.clone()
-    first = block_sparse_triton._transposed_layout(row_ptr, kept, None, 4)
-    assert block_sparse_triton._transposed_layout(row_ptr, kept, None, 4) is first       # a live layout: a hit
+    first = block_sparse_triton._transposed_layout(row_ptr, kept, None, 4, 32)
+    assert block_sparse_triton._transposed_layout(row_ptr, kept, None, 4, 32) is first       # a live layout: a hit
 
 
 @requires_triton
@@ -285,10 +285,14 @@ def test_extra_key_tiles_from_their_own_tensors_equal_the_concatenation(masks, p
 
 
 @requires_triton
-@pytest.mark.parametrize("masks", [True, False])
-def test_tile_rows_split_key_tiles(masks, monkeypatch):
-    monkeypatch.setattr(block_sparse_triton, "KEY_CHUNK", 2)
-    layout, (q, k, v), brute = in_place_case((7, 10), (4, 4), 3, masks=masks, extra=21)
+@pytest.mark.parametrize("masks,grid", [(True, (7, 10)), (False, (13, 17))])
+def test_tile_rows_split_key_tiles(masks, grid, monkeypatch):
+    """Programs of at most KEY_CHUNK steps: 2 tiles with tile masks (one per step), 4 without (a step takes four
+    16-token query tiles): key tiles listed more often are split."""
+    monkeypatch.setattr(block_sparse_triton, "KEY_CHUNK", 2 if masks else 1)
+    layout, (q, k, v), brute = in_place_case(grid, (4, 4), 3, masks=masks, extra=21)
+    listings = csr_to_block_mask(layout["row_ptr"], layout["col_idx"], int(layout["col_idx"].max()) + 1).sum(2)
+    assert int(listings.max()) > (2 if masks else 4)                # some key tile of some (b, h) is split
     check_against(lambda q, k, v: block_sparse_attention(q, k, v, backend="triton", **layout), brute, q, k, v,
                   torch.float32, f"triton in place, split key tiles, masks {masks}")
 
