@@ -9,16 +9,8 @@ from torch import nn
 from ..kernels import agent_attention, checks, depthwise_conv_on_grid, family
 from ..kernels.core.family import check_options
 from .base import GridAttention
-from .grid_maps import depthwise_conv, linear_resize_matrix, without_autocast
+from .grid_maps import depthwise_conv, resize_map
 from .registry import register
-
-
-MAP_SIDE = 7         # the agent bias maps are 7x7, resized to the grid
-
-
-def _resize_last(x: torch.Tensor, size: int) -> torch.Tensor:
-    """x's last axis resized linearly (align_corners=False) to ``size``: x itself when it has that size."""
-    return x if x.shape[-1] == size else x @ linear_resize_matrix(x.shape[-1], size, x).T
 
 
 @register("agent")
@@ -72,9 +64,8 @@ class AgentAttention(GridAttention):
                                          lambda: self._resized_bias(grid, num_prefix))
 
     def _resized_bias(self, grid: tuple[int, int], num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both biases at once: their 7x7 maps resized bilinearly (R_h M R_w^T), their row and column terms
-        linearly (align_corners=False, as ``resize_map``), in float32 or wider; B2 built as B1 is, then
-        transposed."""
+        """Both biases at once (``resize_map`` on the stacked terms): their 7x7 maps resized bilinearly, their row
+        and column terms linearly, in float32 or wider; B2 built as B1 is, then transposed."""
         h, n = self.num_heads, self.num_agents
         (gh, gw), (gh0, gw0) = grid, self.bias_grid
         dtype = torch.promote_types(self.an_bias.dtype, torch.float32)
@@ -82,9 +73,8 @@ class AgentAttention(GridAttention):
         rows = torch.stack([self.ah_bias.reshape(h, n, gh0), self.ha_bias.reshape(h, gh0, n).transpose(1, 2)])
         cols = torch.stack([self.aw_bias.reshape(h, n, gw0), self.wa_bias.reshape(h, gw0, n).transpose(1, 2)])
         prefix = torch.stack([self.ac_bias.reshape(h, n, 1), self.ca_bias.reshape(h, n, 1)]).to(dtype)
-        with without_autocast(maps.device):
-            resized = (_resize_last(_resize_last(maps, gw).transpose(-1, -2), gh).transpose(-1, -2)
-                       + _resize_last(rows.to(dtype), gh)[..., None] + _resize_last(cols.to(dtype), gw)[..., None, :])
+        resized = (resize_map(maps, grid) + resize_map(rows.to(dtype), (gh,))[..., None]
+                   + resize_map(cols.to(dtype), (gw,))[..., None, :])
         biases = torch.cat([prefix.expand(2, h, n, num_prefix), resized.flatten(-2)], -1).to(self.an_bias.dtype)
         return biases[0], biases[1].transpose(1, 2)
 

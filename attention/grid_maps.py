@@ -13,7 +13,7 @@ from ..kernels.grid_conv.reference import grad_in_layout
 _RESIZE_MATRICES: dict[tuple, torch.Tensor] = {}
 
 
-def linear_resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+def _linear_resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
     """(n_out, n_in): linear interpolation (align_corners=False) of a length-n_in axis as a matrix.
 
     A constant of the sizes: built once per (sizes, device, dtype) in eager mode, where building it
@@ -31,7 +31,7 @@ def _build_resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Ten
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
 
 
-def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off on the devices that have it (not the meta device, on which FLOPs are counted)."""
     return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
@@ -48,10 +48,10 @@ def resize_map(m: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     if spatial == tuple(size):
         return m
     work = m.to(torch.promote_types(m.dtype, torch.float32))
-    with without_autocast(work.device):                       # the maps stay in float32 under autocast
-        out = work @ linear_resize_matrix(spatial[-1], size[-1], work).T
+    with _without_autocast(work.device):                       # the maps stay in float32 under autocast
+        out = work @ _linear_resize_matrix(spatial[-1], size[-1], work).T
         if len(size) == 2:
-            out = linear_resize_matrix(spatial[0], size[0], work) @ out
+            out = _linear_resize_matrix(spatial[0], size[0], work) @ out
     return out.to(m.dtype)
 
 
