@@ -6,6 +6,8 @@ one differentiable op whose backward spreads the pooled keys' gradients over the
 One program per (parent block, batch x head): the pooled queries of the parent's s x s children against
 the pooled keys of the candidates (the children of the blocks the parent selected), float32 products, then
 K rounds of a row maximum. Same selection as ``select_blocks`` (ties aside: float32 sums in another order).
+The warps grow with the candidate tile (one warp per 1,024 of its float32 values, 4 to 16): at four, the
+product of 16 pooled queries with 128 candidates (K = 8, d = 64) spills to local memory (sm_90, ptxas).
 """
 from __future__ import annotations
 
@@ -66,9 +68,11 @@ def select_children(pooled_q: torch.Tensor, pooled_k: torch.Tensor, selected_up:
     n_up, k_up = selected_up.shape[2:]
     ss = children.shape[1]
     out = torch.empty(b, h, n_fine, top_k, dtype=torch.int64, device=pooled_q.device)
+    block_d, block_up = max(16, triton.next_power_of_2(d)), triton.next_power_of_2(k_up)
+    warps = min(16, max(4, block_up * ss * block_d // 1024))
     launch(_select_children_kernel, (n_up, b * h), pooled_q.contiguous(), pooled_k.contiguous(),
            selected_up.contiguous(), children.contiguous(), out, n_fine, n_up, k_up, top_k,
-           HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), SS=ss, BLOCK_UP=triton.next_power_of_2(k_up))
+           HEAD_DIM=d, BLOCK_D=block_d, SS=ss, BLOCK_UP=block_up, num_warps=warps)
     return out
 
 

@@ -3,10 +3,11 @@ pooled keys / values the core reads as extra key tiles (the rows ``block_sparse.
 after the tokens, here in tensors of their own: the tokens are read in place), in one launch per level; and
 the backward's spreading of the pooled rows' gradients over their blocks' tokens in one launch.
 
-Forward: one program per finest block (x batch * head) reads its tokens once, writes their float32 means
+Forward: one program per ``POOL_ROWS // (s*s)`` finest blocks (x batch * head) reads their tokens once (q, k and
+v loaded together before any store: one memory round trip, not one per tensor), writes their float32 means
 (the selection's pooled q, k and the coarser levels' inputs) and the pooled row of k, v; extra programs zero
 the padding and null rows. Each coarser level: one program per block averages its children's means
-(weighted by their token counts). Backward: one program per finest block adds to its tokens' gradient the
+(weighted by their token counts). Backward: one program per as many finest blocks adds to its tokens' gradient the
 gradient of the pooled row of each of its ancestors (itself at level 1) divided by that block's token count.
 """
 from __future__ import annotations
@@ -20,6 +21,9 @@ from ..core.compile_constant import compile_constant
 from ..core.triton_common import launch, strides
 from .block_sparse import pooled_key_tiles, pooled_tile_slots
 from .plan import block_hierarchy
+
+POOL_ROWS = 64          # token rows per program of the finest pooling and spreading (several blocks)
+POOL_WARPS = 8          # at 4, spreading 64 rows of head dim 64 spills registers (sm_90, ptxas)
 
 
 @compile_constant
@@ -50,36 +54,43 @@ def pooling_tables(grid: tuple[int, int], side: int, levels: int, device: torch.
     return tuple(buffer_rows), zero, counts, children, ancestor_rows, ancestor_scale
 
 
-@triton.jit(do_not_specialize=["n_blocks", "H", "Nq"])
-def _pool_finest_kernel(Q, K, V, KB, VB, PQ, PK, PV, TileRows, BufferRows, ZeroRows, Counts, n_blocks, H, Nq,
-                        sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbb, sbh, sbn, scb, sch, scn,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
-    block = tl.program_id(0)
+@triton.jit(do_not_specialize=["n_blocks", "n_programs", "H", "Nq"])
+def _pool_finest_kernel(Q, K, V, KB, VB, PQ, PK, PV, TileRows, BufferRows, ZeroRows, Counts, n_blocks, n_programs, H,
+                        Nq, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbb, sbh, sbn, scb, sch, scn,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr):
+    program = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols[None, :] < HEAD_DIM
-    if block >= n_blocks:                        # zero T padding / null rows of the buffers
-        rows = tl.load(ZeroRows + (block - n_blocks) * T + tl.arange(0, T)).to(tl.int64)
+    KB += b * sbb + h * sbh
+    VB += b * scb + h * sch
+    if program >= n_programs:                    # zero T padding / null rows of the buffers
+        rows = tl.load(ZeroRows + (program - n_programs) * T + tl.arange(0, T)).to(tl.int64)
         zeros = tl.zeros([T, BLOCK_D], dtype=KB.dtype.element_ty)
-        tl.store(KB + b * sbb + h * sbh + rows[:, None] * sbn + cols[None, :], zeros, mask=col_ok)
-        tl.store(VB + b * scb + h * sch + rows[:, None] * scn + cols[None, :], zeros, mask=col_ok)
+        tl.store(KB + rows[:, None] * sbn + cols[None, :], zeros, mask=col_ok)
+        tl.store(VB + rows[:, None] * scn + cols[None, :], zeros, mask=col_ok)
         return
-    rows = tl.load(TileRows + block * T + tl.arange(0, T)).to(tl.int64)
+    blocks = program * BLOCKS + tl.arange(0, BLOCKS)
+    slots = program * BLOCKS * T + tl.arange(0, BLOCKS * T)
+    rows = tl.load(TileRows + slots, mask=slots < n_blocks * T, other=Nq).to(tl.int64)
     real = (rows[:, None] < Nq) & col_ok
-    scale = 1.0 / tl.load(Counts + block)
-    out = bh * n_blocks * HEAD_DIM + block * HEAD_DIM + cols
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], mask=real, other=0.0)
-    tl.store(PQ + out, tl.sum(q.to(tl.float32), 0) * scale, mask=cols < HEAD_DIM)
-    row = tl.load(BufferRows + block).to(tl.int64)
     k = tl.load(K + b * skb + h * skh + rows[:, None] * skn + cols[None, :], mask=real, other=0.0)
-    k_mean = tl.sum(k.to(tl.float32), 0) * scale
-    tl.store(PK + out, k_mean, mask=cols < HEAD_DIM)
-    tl.store(KB + b * sbb + h * sbh + row * sbn + cols, k_mean.to(KB.dtype.element_ty), mask=cols < HEAD_DIM)
     v = tl.load(V + b * svb + h * svh + rows[:, None] * svn + cols[None, :], mask=real, other=0.0)
-    v_mean = tl.sum(v.to(tl.float32), 0) * scale
-    tl.store(PV + out, v_mean, mask=cols < HEAD_DIM)
-    tl.store(VB + b * scb + h * sch + row * scn + cols, v_mean.to(VB.dtype.element_ty), mask=cols < HEAD_DIM)
+    ok = blocks < n_blocks
+    scale = 1.0 / tl.load(Counts + blocks, mask=ok, other=1.0)
+    row = tl.load(BufferRows + blocks, mask=ok, other=0).to(tl.int64)
+    q_mean = tl.sum(tl.reshape(q.to(tl.float32), (BLOCKS, T, BLOCK_D)), 1) * scale[:, None]
+    k_mean = tl.sum(tl.reshape(k.to(tl.float32), (BLOCKS, T, BLOCK_D)), 1) * scale[:, None]
+    v_mean = tl.sum(tl.reshape(v.to(tl.float32), (BLOCKS, T, BLOCK_D)), 1) * scale[:, None]
+    out = bh * n_blocks * HEAD_DIM + blocks[:, None] * HEAD_DIM + cols[None, :]
+    store = ok[:, None] & col_ok
+    tl.store(PQ + out, q_mean, mask=store)
+    tl.store(PK + out, k_mean, mask=store)
+    tl.store(PV + out, v_mean, mask=store)
+    tl.store(KB + row[:, None] * sbn + cols[None, :], k_mean.to(KB.dtype.element_ty), mask=store)
+    tl.store(VB + row[:, None] * scn + cols[None, :], v_mean.to(VB.dtype.element_ty), mask=store)
 
 
 @triton.jit(do_not_specialize=["n_fine", "n_blocks", "H"])
@@ -119,9 +130,11 @@ def pool_into_buffers(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], nu
     pooled = [q.new_empty(3, b, h, c.numel(), d, dtype=torch.float32) for c in counts]
     consts = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), T=t)
     n1 = counts[0].numel()
-    launch(_pool_finest_kernel, (n1 + zero.numel() // t, b * h), q, k, v, keys, values, *pooled[0], tile_rows,
-           buffer_rows[0], zero, counts[0], n1, h, q.shape[2], *strides(q), *strides(k), *strides(v),
-           *strides(keys), *strides(values), **consts)
+    blocks = max(1, POOL_ROWS // t)
+    programs = triton.cdiv(n1, blocks)
+    launch(_pool_finest_kernel, (programs + zero.numel() // t, b * h), q, k, v, keys, values, *pooled[0], tile_rows,
+           buffer_rows[0], zero, counts[0], n1, programs, h, q.shape[2], *strides(q), *strides(k), *strides(v),
+           *strides(keys), *strides(values), **consts, BLOCKS=blocks, num_warps=POOL_WARPS)
     for level in range(1, levels):
         launch(_pool_parents_kernel, (counts[level].numel(), b * h), *pooled[level - 1], *pooled[level], keys, values,
                children[level - 1], counts[level - 1], counts[level], buffer_rows[level], counts[level - 1].numel(),
@@ -132,12 +145,16 @@ def pool_into_buffers(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], nu
 @triton.jit(do_not_specialize=["n_blocks", "H", "Nq"])
 def _spread_pooled_kernel(DK, DV, DKX, DVX, TileRows, AncestorRows, AncestorScale, n_blocks, H, Nq,
                           skb, skh, skn, svb, svh, svn, sxkb, sxkh, sxkn, sxvb, sxvh, sxvn,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, LEVELS: tl.constexpr):
-    block = tl.program_id(0)
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, LEVELS: tl.constexpr,
+                          BLOCKS: tl.constexpr):
+    program = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     cols = tl.arange(0, BLOCK_D)
-    rows = tl.load(TileRows + block * T + tl.arange(0, T)).to(tl.int64)
+    slots = program * BLOCKS * T + tl.arange(0, BLOCKS * T)
+    block = slots // T
+    listed = block < n_blocks
+    rows = tl.load(TileRows + slots, mask=listed, other=Nq).to(tl.int64)
     real = (rows[:, None] < Nq) & (cols[None, :] < HEAD_DIM)
     DK += b * skb + h * skh
     DV += b * svb + h * svh
@@ -146,10 +163,10 @@ def _spread_pooled_kernel(DK, DV, DKX, DVX, TileRows, AncestorRows, AncestorScal
     dk = tl.load(DK + rows[:, None] * skn + cols[None, :], mask=real, other=0.0).to(tl.float32)
     dv = tl.load(DV + rows[:, None] * svn + cols[None, :], mask=real, other=0.0).to(tl.float32)
     for level in tl.static_range(LEVELS):
-        row = tl.load(AncestorRows + level * n_blocks + block).to(tl.int64)
-        scale = tl.load(AncestorScale + level * n_blocks + block)
-        dk += tl.load(DKX + row * sxkn + cols, mask=cols < HEAD_DIM, other=0.0).to(tl.float32)[None, :] * scale
-        dv += tl.load(DVX + row * sxvn + cols, mask=cols < HEAD_DIM, other=0.0).to(tl.float32)[None, :] * scale
+        row = tl.load(AncestorRows + level * n_blocks + block, mask=listed, other=0).to(tl.int64)[:, None]
+        scale = tl.load(AncestorScale + level * n_blocks + block, mask=listed, other=0.0)[:, None]
+        dk += tl.load(DKX + row * sxkn + cols[None, :], mask=real, other=0.0).to(tl.float32) * scale
+        dv += tl.load(DVX + row * sxvn + cols[None, :], mask=real, other=0.0).to(tl.float32) * scale
     tl.store(DK + rows[:, None] * skn + cols[None, :], dk.to(DK.dtype.element_ty), mask=real)
     tl.store(DV + rows[:, None] * svn + cols[None, :], dv.to(DV.dtype.element_ty), mask=real)
 
@@ -163,6 +180,9 @@ def spread_pooled_gradients(dk: Tensor, dv: Tensor, d_pooled_keys: Tensor, d_poo
     tile_rows = pooled_key_tiles(grid, side, levels, num_prefix, dk.device)[-1]
     _, _, counts, _, ancestor_rows, ancestor_scale = pooling_tables(grid, side, levels, dk.device)
     n1 = counts[0].numel()
-    launch(_spread_pooled_kernel, (n1, b * h), dk, dv, d_pooled_keys, d_pooled_values, tile_rows, ancestor_rows,
-           ancestor_scale, n1, h, n, *strides(dk), *strides(dv), *strides(d_pooled_keys), *strides(d_pooled_values),
-           HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), T=side * side, LEVELS=levels)
+    t = side * side
+    blocks = max(1, POOL_ROWS // t)
+    launch(_spread_pooled_kernel, (triton.cdiv(n1, blocks), b * h), dk, dv, d_pooled_keys, d_pooled_values, tile_rows,
+           ancestor_rows, ancestor_scale, n1, h, n, *strides(dk), *strides(dv), *strides(d_pooled_keys),
+           *strides(d_pooled_values), HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), T=t, LEVELS=levels,
+           BLOCKS=blocks, num_warps=POOL_WARPS)

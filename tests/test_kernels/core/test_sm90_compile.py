@@ -3,7 +3,8 @@ bf16 case forward and backward on the CPU interpreter while its launches are rec
 constexprs, warps and stages), then a process without the interpreter compiles each recorded kernel with
 ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (Triton's own ptxas; no device needed). The interpreter
 runs what a GPU would not compile (a shape, a layout or an op Triton rejects only when lowering): this catches
-it on a CPU-only machine."""
+it on a CPU-only machine. At real sizes (launches recorded with the kernels' work skipped) LLSA's and radial
+attention's kernels are also checked for register spills."""
 from __future__ import annotations
 
 import json
@@ -72,8 +73,22 @@ def _cases() -> None:
                                                        tile_masks=masks, backend="triton"), *qkv(1, 2, 128, 64))
 
 
-def _record(monkeypatch) -> list[dict]:
-    """The distinct launches of ``_cases``: kernel module and name, argument types, constexprs and options."""
+def _real_size_cases() -> None:
+    """LLSA at the paper's shapes (head dim 64; 128x128 with two levels, 256x256 with three) and radial attention on
+    an image, forward and backward: their launch configurations (block sizes, warps, stages) as on a GPU."""
+    for grid in ((128, 128), (256, 256)):
+        qkv = [torch.randn(1, 4, math.prod(grid), 64).bfloat16().requires_grad_() for _ in range(3)]
+        out = kernels.loglinear_attention(*qkv, grid=grid, backend="triton")
+        torch.autograd.grad(out, qkv, torch.randn_like(out))
+    qkv = [torch.randn(1, 4, 64 * 64, 64).bfloat16().requires_grad_() for _ in range(3)]
+    out = kernels.radial_attention(*qkv, grid=(64, 64), backend="triton")
+    torch.autograd.grad(out, qkv, torch.randn_like(out))
+
+
+def _record(monkeypatch, cases=_cases, run_kernels: bool = True) -> list[dict]:
+    """The distinct launches of ``cases``: kernel module and name, argument types, constexprs and options; with
+    ``run_kernels`` False the kernels' work is skipped (the launch sequence of a real size, in seconds; outputs
+    are left as allocated)."""
     from triton.runtime.interpreter import InterpretedFunction
     seen, launches = set(), []
     run = InterpretedFunction.run
@@ -88,19 +103,21 @@ def _record(monkeypatch) -> list[dict]:
         if key not in seen:
             seen.add(key)
             launches.append(launch)
-        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        if run_kernels:
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", recording)
-    _cases()
+    cases()
     return launches
 
 
 COMPILE = textwrap.dedent("""
-    import importlib, json, sys
+    import importlib, json, os, re, subprocess, sys, tempfile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    failures = []
+    from triton.backends.nvidia.compiler import get_ptxas
+    failures, spills = [], {}
     for launch in json.load(sys.stdin):
         kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
         names = [p.name for p in kernel.params]
@@ -108,12 +125,32 @@ COMPILE = textwrap.dedent("""
                          launch["constexprs"]}, **launch["constexprs"]}
         signature = {n: "constexpr" if n in constexprs else launch["types"][n] for n in names}
         source = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constexprs.items()})
+        name = f"{launch['module']}.{launch['name']} {launch['constexprs']} {launch['options']}"
         try:
-            triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch["options"])
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch["options"])
         except Exception as e:
-            failures.append(f"{launch['module']}.{launch['name']} {launch['constexprs']}: {type(e).__name__}: {e}")
-    print(json.dumps(failures))
+            failures.append(f"{name}: {type(e).__name__}: {e}")
+            continue
+        if SPILLS:
+            with tempfile.TemporaryDirectory() as folder:
+                ptx = os.path.join(folder, "kernel.ptx")
+                with open(ptx, "w") as f:
+                    f.write(compiled.asm["ptx"])
+                done = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx, "-o", ptx + ".cubin"],
+                                      capture_output=True, text=True, check=True)
+            spills[name] = int(re.search(r"([0-9]+) bytes spill stores", done.stderr).group(1))
+    print(json.dumps(dict(failures=failures, spills=spills)))
 """)
+
+
+def _compile_for_sm90(launches: list[dict], spills: bool) -> dict:
+    """Compile the launches in a process without the interpreter: {"failures": [...], "spills": {launch: bytes of
+    spill stores by ptxas -v}} (spills measured only when asked)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", f"SPILLS = {spills}\n" + COMPILE], input=json.dumps(launches),
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_every_launched_kernel_compiles_for_sm90(monkeypatch):
@@ -121,9 +158,18 @@ def test_every_launched_kernel_compiles_for_sm90(monkeypatch):
     assert {launch["name"] for launch in launches} >= {"_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel",
                                                          "_pool_finest_kernel", "_select_children_kernel",
                                                          "_write_kernel", "_spread_pooled_kernel"}
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(launches), capture_output=True, text=True,
-                          env=env, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    failures = json.loads(done.stdout.strip().splitlines()[-1])
+    failures = _compile_for_sm90(launches, spills=False)["failures"]
     assert not failures, "\n".join(failures)
+
+
+def test_llsa_and_radial_kernels_do_not_spill_at_real_sizes(monkeypatch):
+    """At the launch configurations of real sizes (head dim 64) no kernel of LLSA or radial attention spills
+    registers to local memory on sm_90 (ptxas -v): a spill in a per-round loop (the selection's top-K) costs
+    more than the kernel's work."""
+    launches = _record(monkeypatch, _real_size_cases, run_kernels=False)
+    assert {launch["name"] for launch in launches} >= {"_select_children_kernel", "_pool_finest_kernel",
+                                                         "_spread_pooled_kernel", "_fwd_kernel", "_bwd_kv_kernel"}
+    result = _compile_for_sm90(launches, spills=True)
+    assert not result["failures"], "\n".join(result["failures"])
+    spilling = {name: size for name, size in result["spills"].items() if size}
+    assert not spilling, "\n".join(f"{name}: {size} bytes spilled" for name, size in spilling.items())
