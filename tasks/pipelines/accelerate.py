@@ -31,7 +31,7 @@ from torch import nn
 from ... import kernels
 from ...kernels import checks
 from ...kernels.core.family import check_options
-from .families import AttentionOp, resolve_family
+from .families import AttentionOp, pipeline_options, resolve_family
 from .processors import (FluxAttnProcessor, GridAttentionPolicy, JointAttnProcessor, SelfAttnProcessor,
                          WanAttnProcessor, _SwappedProcessor)
 
@@ -171,7 +171,8 @@ def accelerate_pipeline(pipe: Any, attn: str | AttentionOp, *, dense_layers: Ite
     ``attn``: a family that replaces dense attention without training, by name or alias
     (``families.pipeline_families()``, e.g. 'neighborhood' or 'nat'), with its op's options as keywords
     (``kernel_size=`` for neighborhood, ``num_agents=`` for agent...); or any op
-    ``op(q, k, v, *, grid, num_prefix, **options)`` on (B, heads, N, d).
+    ``op(q, k, v, *, grid, num_prefix, **options)`` on (B, heads, N, d). On video transformers (Wan) a family's
+    ``families.VIDEO_DEFAULTS`` fill the options not given (radial: ``decay_factor=0.2``).
     ``dense_layers``: block indices (in forward order; Flux counts its double-stream blocks first)
     that keep dense attention; ``dense_steps``: the first denoising steps stay dense.
     ``fall_back_if_slower``: on a CUDA device (outside ``torch.compile``), the op is timed against dense
@@ -191,6 +192,7 @@ def accelerate_pipeline(pipe: Any, attn: str | AttentionOp, *, dense_layers: Ite
     plans, family = [], None
     for transformer in transformers:
         spec = SUPPORTED[type(transformer)]
+        options = pipeline_options(attn, options, spec.grid_dims)
         family = resolve_family(attn, options, spec.grid_dims, type(transformer).__name__)
         if not callable(attn):
             check_options(kernels.family(family[0]), options, "accelerate_pipeline")

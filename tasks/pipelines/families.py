@@ -26,6 +26,18 @@ def pipeline_aliases() -> dict[str, str]:
     return {alias: r.name for r in pipeline_families().values() for alias in r.aliases}
 
 
+# Options a family takes on video grids unless given. Radial at decay 0.2 (the radial-attention authors' Wan
+# value): at the op's default 1.0 the mask keeps 62% and 43% of the token pairs of Wan at 480x832 (33 and 81
+# frames), too dense to beat dense attention there (`subquad bench --suite pipeline`, README).
+VIDEO_DEFAULTS: dict[str, dict] = {"radial": {"decay_factor": 0.2}}
+
+
+def pipeline_options(attn: str | AttentionOp, options: dict, grid_rank: int) -> dict:
+    """``options`` with the family's ``VIDEO_DEFAULTS`` filled in on video grids (rank 3)."""
+    name = pipeline_aliases().get(attn, attn) if isinstance(attn, str) else None
+    return {**VIDEO_DEFAULTS.get(name, {}), **options} if grid_rank == 3 else dict(options)
+
+
 def _window_fits(grid: tuple[int, ...], options: dict) -> bool:
     """A window family's window (``kernel_size`` x ``dilation``) must fit in every side of the grid."""
     return all(side >= options.get("kernel_size", 1) * options.get("dilation", 1) for side in grid)

@@ -171,6 +171,16 @@ def test_video_and_option_checks_of_radial_and_loglinear():
     assert all(wan.get_submodule(n).processor is p for n, p in before.items())
 
 
+def test_video_pipelines_default_radial_to_decay_0_2_and_keep_given_options():
+    wan, flux = random_transformer("wan"), random_transformer("flux")
+    with accelerate_pipeline(wan, "radial") as swap:
+        assert swap.policy.options == {"decay_factor": 0.2}
+    with accelerate_pipeline(wan, "radial", decay_factor=1.0, layout="official") as swap:
+        assert swap.policy.options == {"decay_factor": 1.0, "layout": "official"}
+    with accelerate_pipeline(flux, "radial") as swap:                       # images: the op's defaults
+        assert swap.policy.options == {}
+
+
 def test_dense_layers_and_dense_steps():
     model, inputs = _model_and_inputs("dit")
     reference = _run(model, inputs)
