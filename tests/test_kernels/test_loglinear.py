@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from subquad.kernels import available_backends, loglinear_attention
-from subquad.kernels.loglinear.block_sparse import (core_inputs, pooled_key_counts, pooled_key_gradients,
-                                                     pooled_key_tiles, with_pooled_keys)
+from subquad.kernels.loglinear.block_sparse import (core_inputs, key_tile_lists, pooled_key_counts,
+                                                     pooled_key_gradients, pooled_key_tiles, with_pooled_keys)
 from subquad.kernels.loglinear.plan import auto_levels, block_hierarchy, normalize_options, pool_levels, select_blocks
 from subquad.kernels.core.testing import assert_compiles_to_the_same, assert_rel_close
 from subquad.kernels.core.tiles import to_tiles
@@ -91,20 +91,46 @@ def test_pool_levels_equals_pooling_each_level_directly(grid, block, top_k, p):
         assert_rel_close(got, pool_blocks(x, layout), torch.float32)
 
 
+TRITON_SELECTION_CASES = [((13, 17), 16, (4, 2)), ((40, 36), 16, (5, 3)), ((32, 48), 16, (4, 2)),
+                          ((70, 50), 16, (8, 4, 1)), ((50, 41), 64, (3, 1)), ((9, 8), 16, (3,))]
+
+
 @pytest.mark.skipif("triton" not in available_backends("loglinear_attention"), reason="no Triton")
-@pytest.mark.parametrize("grid,block,top_k", [((13, 17), 16, (4, 2)), ((40, 36), 16, (5, 3)), ((32, 48), 16, (4, 2)),
-                                              ((70, 50), 16, (8, 4, 1)), ((50, 41), 64, (3, 1))])
-def test_triton_selection_equals_select_blocks(grid, block, top_k):
-    """The Triton selection below the coarsest level picks the blocks of ``select_blocks`` (as sets: the
-    order of equal picks is free), -1 where fewer than K candidates exist."""
-    select_blocks_triton = importlib.import_module("subquad.kernels.loglinear.triton").select_blocks_triton
+@pytest.mark.parametrize("grid,block,top_k", TRITON_SELECTION_CASES)
+@pytest.mark.parametrize("top_in_torch", [False, True])
+def test_triton_selection_equals_select_blocks(grid, block, top_k, top_in_torch, monkeypatch):
+    """The Triton selection picks the blocks of ``select_blocks`` at every level (as sets: the order of equal
+    picks is free), -1 where fewer than K candidates exist; the coarsest level in Triton or, past
+    ``MAX_TOP_BLOCKS`` blocks, by torch's top-K."""
+    triton_select = importlib.import_module("subquad.kernels.loglinear.triton_select")
+    if top_in_torch:
+        monkeypatch.setattr(triton_select, "MAX_TOP_BLOCKS", 0)
     hierarchy = block_hierarchy(grid, math.isqrt(block), len(top_k))
     pq, pk = (pool_levels(torch.randn(2, 3, grid[0] * grid[1], 24), hierarchy) for _ in range(2))
     want = select_blocks(pq, pk, hierarchy, top_k).selected
-    got = select_blocks_triton(pq, pk, hierarchy, top_k)
+    got = triton_select.select_blocks_triton(pq, pk, hierarchy, top_k)
     for level, (a, b) in enumerate(zip(got, want)):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert torch.equal(a.sort(-1).values, b.sort(-1).values), f"level {level + 1}"
+
+
+@pytest.mark.skipif("triton" not in available_backends("loglinear_attention"), reason="no Triton")
+@pytest.mark.parametrize("grid,block,top_k", TRITON_SELECTION_CASES)
+@pytest.mark.parametrize("p", [0, 2])
+def test_triton_key_tile_lists_equal_the_torch_lists(grid, block, top_k, p):
+    """The lists kernel writes ``key_tile_lists``' col_idx from the same selection (packed as the Triton
+    selection keeps it: every level in one buffer), -1 entries (fewer candidates than K) on the null tile."""
+    triton_select = importlib.import_module("subquad.kernels.loglinear.triton_select")
+    side = math.isqrt(block)
+    hierarchy = block_hierarchy(grid, side, len(top_k))
+    pq, pk = (pool_levels(torch.randn(2, 3, grid[0] * grid[1], 24), hierarchy) for _ in range(2))
+    selected = select_blocks(pq, pk, hierarchy, top_k).selected
+    buffer = torch.cat([s.flatten(2) for s in selected], -1)
+    sizes = [s[0, 0].numel() for s in selected]
+    packed = [part.unflatten(-1, s.shape[2:]) for part, s in zip(buffer.split(sizes, -1), selected)]
+    _, want = key_tile_lists(selected, grid, p, side)
+    got = triton_select.key_tile_lists_triton(packed, grid, p, side)
+    assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 def explicit_llsa(q, k, v, grid, side, top_k, p):

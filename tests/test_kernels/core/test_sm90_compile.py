@@ -156,8 +156,9 @@ def _compile_for_sm90(launches: list[dict], spills: bool) -> dict:
 def test_every_launched_kernel_compiles_for_sm90(monkeypatch):
     launches = _record(monkeypatch)
     assert {launch["name"] for launch in launches} >= {"_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel",
-                                                         "_pool_finest_kernel", "_select_children_kernel",
-                                                         "_write_kernel", "_spread_pooled_kernel"}
+                                                         "_pool_finest_kernel", "_select_kernel",
+                                                         "_write_kernel", "_spread_pooled_kernel",
+                                                         "_key_tile_lists_kernel"}
     failures = _compile_for_sm90(launches, spills=False)["failures"]
     assert not failures, "\n".join(failures)
 
@@ -167,7 +168,7 @@ def test_llsa_and_radial_kernels_do_not_spill_at_real_sizes(monkeypatch):
     registers to local memory on sm_90 (ptxas -v): a spill in a per-round loop (the selection's top-K) costs
     more than the kernel's work."""
     launches = _record(monkeypatch, _real_size_cases, run_kernels=False)
-    assert {launch["name"] for launch in launches} >= {"_select_children_kernel", "_pool_finest_kernel",
+    assert {launch["name"] for launch in launches} >= {"_select_kernel", "_pool_finest_kernel",
                                                          "_spread_pooled_kernel", "_fwd_kernel", "_bwd_kv_kernel"}
     result = _compile_for_sm90(launches, spills=True)
     assert not result["failures"], "\n".join(result["failures"])
