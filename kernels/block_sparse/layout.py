@@ -30,6 +30,9 @@ once, so a (B, H, N, d) output has the grid rows filled and the P prefix rows 0.
 of a raster grid is then read in place: ``kernels.core.tiles.TileLayout.slots + P`` is such a table.
 Keys past the N tokens (Nk > N) are extra key tiles of ``block_n`` consecutive rows, numbered after the
 table's tiles (LLSA's pooled tokens: the tokens stay in place, only the extra keys are appended).
+The Triton forward also takes query tiles other than the key tiles (``triton.QueryTiles``: several key
+tiles' rows side by side, each CSR column owned by one row group or by all), so that key tiles listed by
+all of them are read once (LLSA's sibling blocks).
 """
 from __future__ import annotations
 
@@ -247,9 +250,11 @@ def csr_from_lists(lists: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @compile_constant
+@compile_constant
 def fixed_width_row_ptr(b: int, h: int, nq: int, width: int, device: torch.device) -> torch.Tensor:
     """The row pointers of a CSR of ``width`` entries per row, (B, h, Q + 1) int32: for lists that change
-    every call (their ``col_idx`` flattened), built once per shape (no device-to-host sync)."""
+    every call (their ``col_idx`` flattened), built once per shape and device and cached (no device-to-host
+    sync, no host time per call; a constant under ``torch.compile``)."""
     starts = torch.arange(b * h, device=device)[:, None] * nq + torch.arange(nq + 1, device=device)
     return (starts * width).reshape(b, h, nq + 1).to(torch.int32)
 

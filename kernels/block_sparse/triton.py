@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import triton
@@ -114,6 +115,15 @@ def _step_key_rows(TileRows, ColIdx, e, hi, P, Nq, Nk, num_table_tiles, BLOCK_N:
 
 
 @triton.jit
+def _step_owners(Owners, column, width, BLOCK_N: tl.constexpr, TILES: tl.constexpr):
+    """The owner (TILES * BLOCK_N,) of each key of the list columns column .. column + TILES - 1: the row group of
+    the query tile whose rows see it, -1 for all rows (``Owners``: one per column, every list as wide)."""
+    g = tl.arange(0, TILES)
+    owners = tl.load(Owners + column + g, mask=column + g < width, other=-1)
+    return tl.reshape(tl.broadcast_to(owners[:, None], (TILES, BLOCK_N)), (TILES * BLOCK_N,))
+
+
+@triton.jit
 def _step_query_rows(TileRows, RowIdx, e, hi, Nq, BLOCK_M: tl.constexpr, TILES: tl.constexpr,
                      TABLE: tl.constexpr, LISTED: tl.constexpr):
     """Query rows (TILES * BLOCK_M,) of the query tiles of transposed-CSR entries e .. e + TILES - 1
@@ -129,10 +139,11 @@ def _step_query_rows(TileRows, RowIdx, e, hi, Nq, BLOCK_M: tl.constexpr, TILES: 
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, sxkn, sxvn, Nq,
-              qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-              CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr):
+def _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, key_limit, mask_id, owners, skn, svn, sxkn,
+              sxvn, Nq, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr,
+              HAS_BIAS: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr,
+              ROW_GROUPS: tl.constexpr):
     cols = tl.arange(0, BLOCK_D)
     k = load_block(_row_ptrs(K, KX, keys, Nq, skn, sxkn, EXTRA)[:, None] + cols[None, :], keys, key_limit, cols,
                    HEAD_DIM, BLOCK_D, CHECK_K)
@@ -141,21 +152,24 @@ def _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, key_limi
     s = dot_acc(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
     s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                      HAS_MASK, HAS_BIAS, CHECK_K, False)
+    if ROW_GROUPS > 1:      # a key of an owned entry is seen by its owner's rows only
+        group = tl.arange(0, BLOCK_M) // (BLOCK_M // ROW_GROUPS)
+        s = tl.where((owners[None, :] < 0) | (owners[None, :] == group[:, None]), s, float("-inf"))
     return softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["H", "Nq", "Nk", "P", "num_table_tiles"])
-def _fwd_kernel(Q, K, V, KX, VX, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows,
+def _fwd_kernel(Q, K, V, KX, VX, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows, QueryRows, Owners,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sxkb, sxkh, sxkn, sxvb, sxvh, sxvn, sob, soh, son,
                 srb, srh, sbb, sbh, H, Nq, Nk, P, num_table_tiles, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE: tl.constexpr,
-                EXTRA: tl.constexpr, KEY_TILES: tl.constexpr):
+                EXTRA: tl.constexpr, KEY_TILES: tl.constexpr, ROW_GROUPS: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    rows = _tile_rows(TileRows, tile, 0, BLOCK_M, TABLE)
+    rows = _tile_rows(QueryRows, tile, 0, BLOCK_M, TABLE)
     cols = tl.arange(0, BLOCK_D)
     q = load_block(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], rows, Nq, cols,
                     HEAD_DIM, BLOCK_D, CHECK_Q)
@@ -169,9 +183,9 @@ def _fwd_kernel(Q, K, V, KX, VX, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, Key
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, P, KEY_TILES * BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks,
-                                  start + tl.arange(0, KEY_TILES * BLOCK_N), P, -1, skn, svn, sxkn, sxvn, Nq, qk_scale,
-                                  HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, False,
-                                  HAS_BIAS, True, DOT_PRECISION, EXTRA)
+                                  start + tl.arange(0, KEY_TILES * BLOCK_N), P, -1, -1, skn, svn, sxkn, sxvn, Nq,
+                                  qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS,
+                                  False, HAS_BIAS, True, DOT_PRECISION, EXTRA, 1)
     row = RowPtr + b * srb + h * srh + tile
     lo = tl.load(row)
     hi = tl.load(row + 1)
@@ -180,9 +194,13 @@ def _fwd_kernel(Q, K, V, KX, VX, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, Key
         mask_id = -1
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, Nk, mask_id, skn, svn,
-                                  sxkn, sxvn, Nq, qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D,
-                                  MASK_WORDS, MASK_BITS, HAS_MASK, HAS_BIAS, CHECK_K, DOT_PRECISION, EXTRA)
+        owners = -1
+        if ROW_GROUPS > 1:
+            owners = _step_owners(Owners, e - lo, hi - lo, BLOCK_N, KEY_TILES)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, Nk, mask_id, owners, skn,
+                                  svn, sxkn, sxvn, Nq, qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D,
+                                  MASK_WORDS, MASK_BITS, HAS_MASK, HAS_BIAS, CHECK_K, DOT_PRECISION, EXTRA,
+                                  ROW_GROUPS)
     out, lse = softmax_finish(acc, m_i, l_i)
     store_block(O + b * sob + h * soh + rows[:, None] * son + cols[None, :], out.to(O.dtype.element_ty),
                  rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
@@ -390,13 +408,15 @@ TUNED_CONFIGS: dict[tuple, dict] = {
     ("bwd_kv", 64, 64, 128, 2): {"num_warps": 4, "num_stages": 2},
     ("bwd_q", 64, 64, 128, 2): {"num_warps": 4, "num_stages": 2},
     ("fwd", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 3},
+    ("fwd_grouped", 64, 64, 64, 2): {"num_warps": 4, "num_stages": 2},      # LLSA's sibling blocks; 3 stages spill
     ("bwd_kv", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 2},
     ("bwd_q", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 2},
 }
 
 
 def launch_config(kind: str, block_m: int, block_n: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """num_warps / num_stages for a kernel ("fwd", "bwd_kv", "bwd_q") on Hopper-class GPUs.
+    """num_warps / num_stages for a kernel ("fwd", "fwd_grouped" (``QueryTiles``), "bwd_kv", "bwd_q") on Hopper-class
+    GPUs.
 
     Measured entries of TUNED_CONFIGS first; else the rule they suggest: 4 warps, 8 for 128x128 score
     tiles in the backward, for 128x64 in the forward, and for 128-row tiles at head dim 128,
@@ -447,6 +467,17 @@ def _launch_args(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, 
     return consts, bias, masks, scale * LOG2E.value
 
 
+class QueryTiles(NamedTuple):
+    """Query tiles other than the key tiles (the forward's): ``rows`` (num_q_tiles * block_m,) int32 their token
+    rows (a padding slot holds Nq), e.g. ``groups`` key tiles' rows side by side, so that the key tiles all of
+    them list are read once for all; ``owners`` (width,) int32, for lists of one width (``fixed_width_row_ptr``),
+    the row group (of block_m / groups rows) that sees each column's key tile, -1 for every row."""
+
+    rows: Tensor
+    owners: Tensor
+    groups: int
+
+
 _TRANSPOSED_CACHE: OrderedDict[tuple, tuple] = OrderedDict()
 
 
@@ -486,11 +517,14 @@ def _extra_keys(k: Tensor, v: Tensor, extra: tuple[Tensor, Tensor] | None, tile_
 def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, tile_mask_idx: Tensor | None,
             tile_masks: Tensor | None, key_bias: Tensor | None, tile_rows: Tensor | None, block_m: int, block_n: int,
             num_prefix: int, scale: float, config: dict | None = None,
-            extra: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+            extra: tuple[Tensor, Tensor] | None = None,
+            query_tiles: QueryTiles | None = None) -> tuple[Tensor, Tensor]:
     """Output (B, H, Nq, d) in q's dtype and the base-2 log-sum-exp (B, H, Nq) float32 (-inf: no key);
     with ``tile_rows`` the rows no tile lists (the prefix) are 0 with log-sum-exp -inf. ``extra``: the keys and
     values past k's and v's rows (extra key tiles, tokens in place) in tensors of their own, read there instead
-    of from a concatenation (LLSA's pooled keys); ``key_bias`` then covers both."""
+    of from a concatenation (LLSA's pooled keys); ``key_bias`` then covers both. ``query_tiles`` (with
+    ``tile_rows``): query tiles of block_m rows of their own, whose lists say which row group sees each entry
+    (``QueryTiles``); ``tile_rows`` then describes the key tiles only."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     kx, vx, nk, extra_strides = _extra_keys(k, v, extra, tile_rows)
     b, h, nq, d = q.shape
@@ -502,14 +536,21 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
     consts, bias, masks, qk_scale = _launch_args(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks,
                                             key_bias, tile_rows, scale, lse)
     key_tiles = tiles_per_step(block_n, tile_mask_idx is not None)
-    config = config or launch_config("fwd", block_m, block_n * key_tiles, d, q.dtype)
+    config = config or launch_config("fwd" if query_tiles is None else "fwd_grouped", block_m, block_n * key_tiles, d,
+                                     q.dtype)
     mask_idx = tile_mask_idx if tile_mask_idx is not None else col_idx
-    nqt = _num_q_tiles(nq, block_m, tile_rows)
+    rows_arg = tile_rows if tile_rows is not None else col_idx
+    if query_tiles is None:
+        query_rows, owners, groups, nqt = rows_arg, col_idx, 1, _num_q_tiles(nq, block_m, tile_rows)
+        num_key_tiles = nqt
+    else:
+        query_rows, owners, groups = query_tiles
+        nqt, num_key_tiles = query_rows.numel() // block_m, tile_rows.numel() // block_n
     launch(_fwd_kernel, (nqt, b * h),
-        q, k, v, kx, vx, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0],
-        tile_rows if tile_rows is not None else col_idx, *strides(q), *strides(k), *strides(v), *extra_strides,
-        *strides(o), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, num_prefix, nqt, qk_scale, **consts,
-        EXTRA=extra is not None, KEY_TILES=key_tiles, **config)
+        q, k, v, kx, vx, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0], rows_arg, query_rows, owners,
+        *strides(q), *strides(k), *strides(v), *extra_strides,
+        *strides(o), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, num_prefix, num_key_tiles, qk_scale, **consts,
+        EXTRA=extra is not None, KEY_TILES=key_tiles, ROW_GROUPS=groups, **config)
     return o, lse
 
 

@@ -70,6 +70,49 @@ def pooled_key_counts(grid: tuple[int, int], side: int, top_k: tuple[int, ...]) 
     return sum(blocks[1:]) * t + top_tiles * t, blocks[0], sum(top_k) + top_tiles
 
 
+SIBLING_ROWS = 64       # query rows of the forward's tiles of sibling blocks (``sibling_query_tiles``)
+
+
+def sibling_group(side: int) -> int:
+    """Finest blocks per query tile of the forward: ``SIBLING_ROWS`` tokens of side-by-side siblings (s = 4: a
+    1 x 4 strip of 4 x 4 blocks, a row of their parent's children), or 1 (no grouping) where that is not a part
+    of a parent's row."""
+    group = SIBLING_ROWS // (side * side)
+    return group if 1 < group <= side and side % group == 0 else 1
+
+
+@compile_constant
+def sibling_query_tiles(grid: tuple[int, int], side: int, top_k: tuple[int, ...], num_prefix: int,
+                        device: torch.device) -> tuple:
+    """The forward's query tiles of ``sibling_group(side)`` side-by-side finest blocks of one parent, which list
+    the same pooled tiles (their ancestors' selections and the coarsest level): (token rows (tiles * g * s^2,)
+    int32, the padding rows Nq; the gather from ``key_tile_lists``' rows (n_1, W) to the tiles' lists (tiles,
+    S + g * K_1): the S shared pooled tiles once, then each block's K_1 selected ones (a missing block at the
+    grid's edge repeats the first one's, for padding rows); each column's owner (-1: shared, else the block's
+    place in the tile) int32; the number of tiles). Keys shared by the g blocks are then read once for g * s^2
+    query rows, and the products have 64 rows (tensor-core sized) instead of 16."""
+    g, t, k1 = sibling_group(side), side * side, top_k[0]
+    hierarchy = block_hierarchy(grid, side, len(top_k), device)
+    finest = hierarchy.layouts[0]
+    width = pooled_key_counts(grid, side, top_k)[2]
+    rows_high, cols = finest.tiles_per_side
+    strips = -(-cols // g)
+    members = torch.arange(strips * g, device=device).reshape(1, strips, g)                # block columns
+    blocks = torch.arange(rows_high, device=device)[:, None, None] * cols + members       # (rows, strips, g)
+    blocks = torch.where(members < cols, blocks, -1).reshape(-1, g)                       # (tiles, g), -1: none
+    padding = finest.num_tokens + num_prefix
+    slots = finest.slots.to(torch.int64).reshape(-1, t) + num_prefix
+    rows = torch.where(blocks[..., None] >= 0, slots[blocks.clamp_min(0)], padding).reshape(-1).to(torch.int32)
+    first = blocks[:, :1]
+    own_block = torch.where(blocks >= 0, blocks, first)
+    shared = first * width + k1 + torch.arange(width - k1, device=device)
+    own = (own_block[..., None] * width + torch.arange(k1, device=device)).reshape(len(blocks), -1)
+    gather = torch.cat([shared, own], -1).reshape(-1)
+    owners = torch.cat([torch.full((width - k1,), -1, device=device),
+                        torch.arange(g, device=device).repeat_interleave(k1)]).to(torch.int32)
+    return rows, gather, owners, len(blocks)
+
+
 @compile_constant
 def token_blocks(grid: tuple[int, int], side: int, levels: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Per level, the block of each raster token (N,)."""

@@ -10,14 +10,17 @@ from torch import Tensor
 
 from ..block_sparse.layout import fixed_width_row_ptr
 from ..block_sparse.triton import backward as core_backward
+from ..block_sparse.triton import QueryTiles
 from ..block_sparse.triton import forward as core_forward
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 from ..softmax import with_prefix_queries
-from .block_sparse import pooled_key_counts, pooled_key_tiles
+from .block_sparse import pooled_key_counts, pooled_key_tiles, sibling_group, sibling_query_tiles
 from .plan import block_hierarchy
 from .triton_pool import pool_into_buffers, spread_pooled_gradients
 from .triton_select import key_tile_lists_triton, select_blocks_triton
+
+SIBLING_HEAD_DIM = 64   # the largest head dim whose forward takes query tiles of sibling blocks (no spills on sm_90)
 
 
 def _row_ptr(q: Tensor, grid: tuple[int, int], side: int, top_k: list[int]) -> Tensor:
@@ -35,10 +38,20 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], num_prefix: int, 
     selected = select_blocks_triton([p[0] for p in pooled], [p[1] for p in pooled],
                                     block_hierarchy(grid, side, levels, q.device), top_k)
     col_idx = key_tile_lists_triton(selected, grid, num_prefix, side)
-    row_ptr = _row_ptr(q, grid, side, top_k)
     _, key_bias, _, _, _, tile_rows = pooled_key_tiles(grid, side, levels, num_prefix, q.device)
-    out, lse = core_forward(q, k, v, row_ptr, col_idx, None, None, key_bias, tile_rows, t, t, num_prefix,
-                            q.shape[-1] ** -0.5, extra=(pooled_keys, pooled_values))
+    b, h = q.shape[:2]
+    # query tiles of sibling blocks, their shared pooled tiles read once; at head dim 128 their 64-row tiles spill
+    group = sibling_group(side) if q.shape[-1] <= SIBLING_HEAD_DIM else 1
+    if group > 1:
+        query_rows, gather, owners, num_tiles = sibling_query_tiles(grid, side, tuple(top_k), num_prefix, q.device)
+        lists = col_idx.view(b * h, -1).index_select(1, gather)
+        row_ptr = fixed_width_row_ptr(b, h, num_tiles, gather.numel() // num_tiles, q.device)
+        out, lse = core_forward(q, k, v, row_ptr, lists.view(-1), None, None, key_bias, tile_rows, group * t, t,
+                                num_prefix, q.shape[-1] ** -0.5, extra=(pooled_keys, pooled_values),
+                                query_tiles=QueryTiles(query_rows, owners, group))
+    else:
+        out, lse = core_forward(q, k, v, _row_ptr(q, grid, side, top_k), col_idx, None, None, key_bias, tile_rows,
+                                t, t, num_prefix, q.shape[-1] ** -0.5, extra=(pooled_keys, pooled_values))
     return out, lse, pooled_keys, pooled_values, col_idx
 
 

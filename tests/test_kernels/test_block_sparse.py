@@ -406,6 +406,42 @@ def test_tile_rows_bf16():
                   torch.bfloat16, "triton in place bf16")
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("grid,p,shared,own", [((9, 14), 2, 3, 2), ((13, 17), 0, 5, 3)])
+def test_query_tiles_of_grouped_key_tiles_equal_the_tiles_own_lists(grid, p, shared, own, dtype):
+    """Forward with ``QueryTiles``: query tiles of 4 key tiles' rows side by side (the last one short of tiles),
+    each listing ``shared`` key tiles for all its rows and ``own`` per key tile for that tile's rows only, equal
+    the forward over the key tiles as query tiles, each listing its shared and own entries (output and
+    log-sum-exp); the owners change inside a loop step."""
+    from subquad.kernels.block_sparse.layout import fixed_width_row_ptr
+    from subquad.kernels.block_sparse.triton import QueryTiles, forward
+    g = torch.Generator().manual_seed(0)
+    b, h, d, group = 2, 2, 16, 4
+    layout = tile_layout(grid, (4, 4), False, "cpu")
+    tiles, n = layout.num_tiles, p + math.prod(grid)
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to(dtype) for _ in range(3))
+    key_bias = torch.randn(b, 1, n, generator=g)
+    tile_rows = (layout.slots + p).to(torch.int32)
+    num_groups = -(-tiles // group)
+    shared_lists = torch.randint(0, tiles, (b, h, num_groups, shared), generator=g)
+    own_lists = torch.randint(0, tiles, (b, h, num_groups, group, own), generator=g)
+    grouped = torch.cat([shared_lists, own_lists.flatten(-2)], -1).to(torch.int32)
+    member = torch.arange(tiles)
+    per_tile = torch.cat([shared_lists[:, :, member // group], own_lists[:, :, member // group, member % group]], -1)
+    padded = torch.cat([tile_rows, torch.full((num_groups * group * 16 - tile_rows.numel(),), n, dtype=torch.int32)])
+    owners = torch.cat([torch.full((shared,), -1), torch.arange(group).repeat_interleave(own)]).to(torch.int32)
+    scale = d ** -0.5
+    out, lse = forward(q, k, v, fixed_width_row_ptr(b, h, num_groups, shared + group * own, "cpu"),
+                       grouped.flatten(), None, None, key_bias, tile_rows, group * 16, 16, p, scale,
+                       query_tiles=QueryTiles(padded, owners, group))
+    want, want_lse = forward(q, k, v, fixed_width_row_ptr(b, h, tiles, shared + own, "cpu"),
+                             per_tile.to(torch.int32).flatten(), None, None, key_bias, tile_rows, 16, 16, p, scale)
+    assert_rel_close(out, want, dtype, what="output")
+    assert_rel_close(lse[:, :, p:], want_lse[:, :, p:], torch.float32, what="log-sum-exp")
+    assert torch.equal(out[:, :, :p], want[:, :, :p]) and torch.equal(lse[:, :, :p], want_lse[:, :, :p])
+
+
 def test_tile_rows_argument_errors():
     layout, (q, k, v), _ = in_place_case((8, 8), (4, 4), 0)
     with pytest.raises(ValueError, match="block_m == block_n and Nk >= Nq"):
