@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from subquad.kernels import available_backends, block_sparse_attention
-from subquad.kernels.block_sparse.layout import (block_mask_to_csr, chunk_key_tiles, csr_to_block_mask, num_tiles,
-                                                    pack_tile_masks, transpose_csr, unpack_tile_masks)
+from subquad.kernels.block_sparse.layout import (block_mask_to_csr, chunk_key_tiles, csr_to_block_mask,
+                                                    fixed_width_row_ptr, num_tiles, pack_tile_masks, transpose_csr,
+                                                    unpack_tile_masks)
 from subquad.kernels.core.testing import assert_rel_close
 from subquad.kernels.core.tiles import tile_layout
 
@@ -414,8 +415,7 @@ def test_query_tiles_of_grouped_key_tiles_equal_the_tiles_own_lists(grid, p, sha
     each listing ``shared`` key tiles for all its rows and ``own`` per key tile for that tile's rows only, equal
     the forward over the key tiles as query tiles, each listing its shared and own entries (output and
     log-sum-exp); the owners change inside a loop step."""
-    from subquad.kernels.block_sparse.layout import fixed_width_row_ptr
-    from subquad.kernels.block_sparse.triton import QueryTiles, forward
+    forward, QueryTiles = block_sparse_triton.forward, block_sparse_triton.QueryTiles
     g = torch.Generator().manual_seed(0)
     b, h, d, group = 2, 2, 16, 4
     layout = tile_layout(grid, (4, 4), False, "cpu")

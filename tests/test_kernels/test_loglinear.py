@@ -9,7 +9,8 @@ import torch
 
 from subquad.kernels import available_backends, loglinear_attention
 from subquad.kernels.loglinear.block_sparse import (core_inputs, key_tile_lists, pooled_key_counts,
-                                                     pooled_key_gradients, pooled_key_tiles, with_pooled_keys)
+                                                     pooled_key_gradients, pooled_key_tiles, sibling_group,
+                                                     sibling_query_tiles, with_pooled_keys)
 from subquad.kernels.loglinear.plan import auto_levels, block_hierarchy, normalize_options, pool_levels, select_blocks
 from subquad.kernels.core.testing import assert_compiles_to_the_same, assert_rel_close
 from subquad.kernels.core.tiles import to_tiles
@@ -273,6 +274,38 @@ def test_triton_core_backend_equals_reference(grid, p, opts, key_chunk, dtype, m
     if key_chunk is not None:
         monkeypatch.setattr(importlib.import_module("subquad.kernels.block_sparse.triton"), "KEY_CHUNK", key_chunk)
     check_backend("triton", grid, p, opts, dtype=dtype, heads=1)
+
+
+@pytest.mark.parametrize("grid,p,top_k", [((13, 17), 1, (4,)), ((40, 37), 2, (5, 3)), ((70, 66), 0, (2, 2, 1))])
+def test_sibling_query_tiles_cover_the_grid_with_blocks_of_one_parent(grid, p, top_k):
+    """The forward's query tiles: every grid token's row once (the rest padding), each tile's blocks children of
+    one parent (so that the shared columns, taken from its first block, are every member's), the lists gathered as
+    shared columns then each block's own, with their owners."""
+    side, group = 4, sibling_group(4)
+    rows, gather, owners, tiles = sibling_query_tiles(grid, side, top_k, p, torch.device("cpu"))
+    n = math.prod(grid)
+    assert group == 4 and rows.numel() == tiles * group * 16
+    real = rows[rows < p + n]
+    assert torch.equal(real.sort().values, torch.arange(p, p + n, dtype=real.dtype))
+    assert bool((rows[rows >= p + n] == p + n).all())
+    hierarchy = block_hierarchy(grid, side, len(top_k))
+    position = hierarchy.layouts[0].position
+    blocks = torch.full((tiles, group), -1)
+    for i, r in enumerate(rows.reshape(tiles, group, 16)):
+        for j, slot in enumerate(r):
+            if bool((slot < p + n).any()):
+                blocks[i, j] = int(position[slot[slot < p + n][0] - p]) // 16
+    if len(top_k) > 1:
+        parents = hierarchy.parent[0][blocks.clamp_min(0)]
+        assert bool(((parents == parents[:, :1]) | (blocks < 0)).all())
+    width = pooled_key_counts(grid, side, top_k)[2]
+    shared = width - top_k[0]
+    columns = gather.reshape(tiles, -1)
+    assert torch.equal(columns[:, :shared], blocks[:, :1] * width + top_k[0] + torch.arange(shared))
+    own = columns[:, shared:].reshape(tiles, group, top_k[0])
+    members = torch.where(blocks >= 0, blocks, blocks[:, :1])
+    assert torch.equal(own, members[..., None] * width + torch.arange(top_k[0]))
+    assert owners.tolist() == [-1] * shared + [j for j in range(group) for _ in range(top_k[0])]
 
 
 @pytest.mark.parametrize("grid,p,block,top_k", [((13, 17), 1, 16, (4,)), ((40, 36), 0, 16, (5, 3)),
