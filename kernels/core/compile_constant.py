@@ -43,6 +43,11 @@ def compile_constant(build: Callable[..., Plan]) -> Callable[..., Plan]:
 
     @functools.wraps(build)
     def specialized(*args: object, **kwargs: object) -> Plan:
+        if not torch.compiler.is_compiling():
+            try:        # eager: hashable arguments go to the cache as they are (no per-call conversion)
+                return cached(*args, **kwargs)
+            except TypeError:       # a list among them (or a TypeError of the build, raised again below)
+                pass
         return constant(*static(args), **{name: static(value) for name, value in kwargs.items()})
 
     return specialized
