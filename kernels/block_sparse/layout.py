@@ -250,11 +250,9 @@ def csr_from_lists(lists: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @compile_constant
-@compile_constant
 def fixed_width_row_ptr(b: int, h: int, nq: int, width: int, device: torch.device) -> torch.Tensor:
     """The row pointers of a CSR of ``width`` entries per row, (B, h, Q + 1) int32: for lists that change
-    every call (their ``col_idx`` flattened), built once per shape and device and cached (no device-to-host
-    sync, no host time per call; a constant under ``torch.compile``)."""
+    every call (their ``col_idx`` flattened), built once per shape (no device-to-host sync)."""
     starts = torch.arange(b * h, device=device)[:, None] * nq + torch.arange(nq + 1, device=device)
     return (starts * width).reshape(b, h, nq + 1).to(torch.int32)
 

@@ -39,19 +39,18 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], num_prefix: int, 
                                     block_hierarchy(grid, side, levels, q.device), top_k)
     col_idx = key_tile_lists_triton(selected, grid, num_prefix, side)
     _, key_bias, _, _, _, tile_rows = pooled_key_tiles(grid, side, levels, num_prefix, q.device)
-    b, h = q.shape[:2]
     # query tiles of sibling blocks, their shared pooled tiles read once; at head dim 128 their 64-row tiles spill
     group = sibling_group(side) if q.shape[-1] <= SIBLING_HEAD_DIM else 1
     if group > 1:
+        b, h = q.shape[:2]
         query_rows, gather, owners, num_tiles = sibling_query_tiles(grid, side, tuple(top_k), num_prefix, q.device)
-        lists = col_idx.view(b * h, -1).index_select(1, gather)
+        lists = col_idx.view(b * h, -1).index_select(1, gather).view(-1)
         row_ptr = fixed_width_row_ptr(b, h, num_tiles, gather.numel() // num_tiles, q.device)
-        out, lse = core_forward(q, k, v, row_ptr, lists.view(-1), None, None, key_bias, tile_rows, group * t, t,
-                                num_prefix, q.shape[-1] ** -0.5, extra=(pooled_keys, pooled_values),
-                                query_tiles=QueryTiles(query_rows, owners, group))
+        query_tiles = QueryTiles(query_rows, owners, group)
     else:
-        out, lse = core_forward(q, k, v, _row_ptr(q, grid, side, top_k), col_idx, None, None, key_bias, tile_rows,
-                                t, t, num_prefix, q.shape[-1] ** -0.5, extra=(pooled_keys, pooled_values))
+        row_ptr, lists, query_tiles = _row_ptr(q, grid, side, top_k), col_idx, None
+    out, lse = core_forward(q, k, v, row_ptr, lists, None, None, key_bias, tile_rows, group * t, t, num_prefix,
+                            q.shape[-1] ** -0.5, extra=(pooled_keys, pooled_values), query_tiles=query_tiles)
     return out, lse, pooled_keys, pooled_values, col_idx
 
 
