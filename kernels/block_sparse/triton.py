@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..core.triton_common import (LOG2E, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
                                   load_block, load_row_stats, rows_contiguous, softmax_finish, softmax_step,
-                                  store_block, strides, transposed_scores)
+                                  row_alignment, store_block, strides, transposed_scores)
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 from .layout import num_tiles
@@ -96,9 +96,11 @@ def _key_rows(TileRows, tile, P, Nq, Nk, num_table_tiles, BLOCK_N: tl.constexpr,
 @triton.jit
 def _row_ptrs(X, XE, rows, Nq, sxn, sen, EXTRA: tl.constexpr):
     """Pointers to the rows of the keys (values, or their gradients): with ``EXTRA`` the rows from Nq on (extra key
-    tiles) are rows of a second tensor XE, else all rows are X's."""
+    tiles) are rows of a second tensor XE, else all rows are X's. ``EXTRA`` is then the bytes every row of both is
+    aligned to (``row_alignment``): a choice between two pointers hides it from Triton, whose loads and stores of
+    the rows would otherwise be 2-byte scalar accesses, never pipelined."""
     if EXTRA:
-        return tl.where(rows < Nq, X + rows * sxn, XE + (rows - Nq) * sen)
+        return tl.multiple_of(tl.where(rows < Nq, X + rows * sxn, XE + (rows - Nq) * sen), EXTRA)
     return X + rows * sxn
 
 
@@ -527,6 +529,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
     (``QueryTiles``); ``tile_rows`` then describes the key tiles only."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     kx, vx, nk, extra_strides = _extra_keys(k, v, extra, tile_rows)
+    extra_rows = row_alignment(k, v, kx, vx) if extra is not None else 0
     b, h, nq, d = q.shape
     o = heads_last_empty(q, b, h, nq, v.shape[-1])
     lse = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
@@ -550,7 +553,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
         q, k, v, kx, vx, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0], rows_arg, query_rows, owners,
         *strides(q), *strides(k), *strides(v), *extra_strides,
         *strides(o), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, num_prefix, num_key_tiles, qk_scale, **consts,
-        EXTRA=extra is not None, KEY_TILES=key_tiles, ROW_GROUPS=groups, **config)
+        EXTRA=extra_rows, KEY_TILES=key_tiles, ROW_GROUPS=groups, **config)
     return o, lse
 
 
@@ -582,6 +585,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     dkx, dvx = extra_grads if extra is not None else (dk, dv)
     grad_strides = (*strides(dk), *strides(dv), *((*strides(dkx), *strides(dvx)) if extra is not None else (0,) * 6))
+    extra_rows = row_alignment(k, v, kx, vx, dk, dv, dkx, dvx) if extra is not None else 0
     masked = tile_mask_idx is not None
     query_tiles, key_tiles = tiles_per_step(block_m, masked), tiles_per_step(block_n, masked)
     # a program takes at most KEY_CHUNK steps: KEY_CHUNK * query_tiles listings (fewer hot-tile partial slots)
@@ -597,11 +601,11 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
             q, k, v, kx, vx, do, dk, dv, dkx, dvx, lse, delta, work.items, row_idx,
             mask_idx_t if mask_idx_t is not None else row_idx, masks, bias[0], rows_arg, hot,
             *common, *grad_strides, bias[1], bias[2], h, heads_q, nq, nk, p, nqt, 1, num_hot, qk_scale, scale,
-            **consts, PREFIX=False, CHUNK=PREFIX_CHUNK, QUERY_TILES=query_tiles, EXTRA=extra is not None, **kv_config)
+            **consts, PREFIX=False, CHUNK=PREFIX_CHUNK, QUERY_TILES=query_tiles, EXTRA=extra_rows, **kv_config)
         launch(_hot_tiles_kernel, (num_hot, per_row), hot, work.hot_tiles, dk, dv, dkx, dvx, rows_arg,
                *grad_strides, h, heads_q, nq, nk, p, nqt,
                HEAD_DIM=d, BLOCK_N=block_n, BLOCK_D=consts["BLOCK_D"], CHECK_K=consts["CHECK_K"],
-               TABLE=consts["TABLE"], EXTRA=extra is not None)
+               TABLE=consts["TABLE"], EXTRA=extra_rows)
     if p > 0:
         chunks, blocks = num_tiles(nqt, PREFIX_CHUNK), num_tiles(p, block_n)
         parts = torch.empty(2, chunks, b * h, blocks * block_n, consts["BLOCK_D"], device=q.device,
@@ -610,7 +614,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
             q, k, v, kx, vx, do, parts[0], parts[1], parts[0], parts[1], lse, delta, row_idx, row_idx, row_idx, masks,
             bias[0], rows_arg, parts, *common, *grad_strides, bias[1], bias[2], h, 1, nq, nk, p, nqt, chunks, 0,
             qk_scale, scale, **{**consts, "HAS_MASK": False, "CHECK_K": True}, PREFIX=True, CHUNK=PREFIX_CHUNK,
-            QUERY_TILES=query_tiles, EXTRA=extra is not None, **kv_config)
+            QUERY_TILES=query_tiles, EXTRA=extra_rows, **kv_config)
         summed = parts.sum(1)[..., :p, :d].reshape(2, b, h, p, d)
         dk[:, :, :p] = summed[0]
         dv[:, :, :p] = summed[1]
@@ -619,7 +623,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
         q, k, v, kx, vx, do, dq, lse, delta, row_ptr, col_idx,
         tile_mask_idx if tile_mask_idx is not None else col_idx, masks, bias[0], rows_arg,
         *common, *strides(dq), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, p, nqt, qk_scale, scale,
-        **consts, EXTRA=extra is not None, KEY_TILES=key_tiles, **q_config)
+        **consts, EXTRA=extra_rows, KEY_TILES=key_tiles, **q_config)
     return dq, dk, dv
 
 

@@ -3,6 +3,7 @@ stores, matrix products with 16-bit operands (hi + lo splits of fp32 values) for
 flash-attention steps (FlashAttention-2, Dao 2023, Alg. 1-2) of the softmax-attention kernels (block-sparse
 core, neighborhood attention), whose scores live in the log2 domain (exp2) with float32 accumulation."""
 import functools
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -117,6 +118,17 @@ def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
 def strides(x: torch.Tensor) -> Tuple[int, int, int]:
     """(batch, head, token) strides of a (B, h, N, ...) tensor; a broadcast (size-1) batch or head gets 0."""
     return tuple(0 if x.shape[i] == 1 else x.stride(i) for i in range(3))
+
+
+def row_alignment(*tensors: torch.Tensor) -> int:
+    """The bytes (a power of two, at most 16) dividing the address of every (batch, head, token) row of each
+    (B, h, N, ...) tensor: the gcd of 16, its data pointer and its ``strides`` in bytes. For kernels that restate
+    it with ``tl.multiple_of`` where Triton cannot derive it (a row pointer chosen from two tensors): 16-byte
+    vector accesses and asynchronous copies need it."""
+    align = 16
+    for x in tensors:
+        align = math.gcd(align, x.data_ptr(), *(s * x.element_size() for s in strides(x)))
+    return align
 
 
 def head_strides(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:

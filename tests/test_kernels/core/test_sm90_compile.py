@@ -1,10 +1,13 @@
 """Every Triton kernel the ops launch also compiles for Hopper (sm_90), checked without a GPU: each op runs a small
-bf16 case forward and backward on the CPU interpreter while its launches are recorded (kernel, argument types,
-constexprs, warps and stages), then a process without the interpreter compiles each recorded kernel with
-``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (Triton's own ptxas; no device needed). The interpreter
-runs what a GPU would not compile (a shape, a layout or an op Triton rejects only when lowering): this catches
-it on a CPU-only machine. At real sizes (launches recorded with the kernels' work skipped) LLSA's and radial
-attention's kernels are also checked for register spills."""
+bf16 case forward and backward on the CPU interpreter while its launches are recorded (kernel, each argument's type
+and the JIT's specialisation of it: an int equal to 1 a constant, 16-divisible ints and 16-byte aligned pointers
+marked so, as ``kernel[grid](...)`` would compile them; constexprs, warps and stages), then a process without the
+interpreter compiles each recorded kernel with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (Triton's own
+ptxas; no device needed). The interpreter runs what a GPU would not compile (a shape, a layout or an op Triton
+rejects only when lowering): this catches it on a CPU-only machine. At real sizes (launches recorded with the
+kernels' work skipped) LLSA's and radial attention's kernels are also checked for register spills and for 2-byte
+scalar global loads and stores in their machine code (``cuobjdump -sass``): a tile read one element per
+instruction, as an alignment the compiler cannot see makes it, is several times slower and never pipelined."""
 from __future__ import annotations
 
 import json
@@ -22,23 +25,17 @@ from subquad.kernels.block_sparse.layout import block_mask_to_csr
 from subquad.kernels.core.dispatch import INTERPRET
 
 triton = pytest.importorskip("triton")
+from triton.backends.compiler import BaseBackend  # noqa: E402  (after the skip: Triton may be absent)
+from triton.runtime.jit import native_specialize_impl  # noqa: E402
 pytestmark = pytest.mark.skipif(not INTERPRET or "triton" not in kernels.available_backends("loglinear_attention"),
                                 reason="records launches on the Triton interpreter")
 
-DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
-          torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
-
-
-def _arg_type(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + DTYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {type(value).__name__}")
+def _specialisations(fn, args: tuple, kwargs: dict) -> dict:
+    """{argument: [type, specialisation]} of the non-constexpr arguments, as Triton's JIT specialises them
+    (``do_not_specialize`` respected)."""
+    plain = set((fn.kwargs.get("do_not_specialize") or ()))
+    return {name: list(native_specialize_impl(BaseBackend, value, False, name not in plain, True))
+            for name, value in zip(fn.arg_names, args) if name not in kwargs}
 
 
 def _cases() -> None:
@@ -96,7 +93,7 @@ def _record(monkeypatch, cases=_cases, run_kernels: bool = True) -> list[dict]:
     def recording(self, *args, grid, warmup, **kwargs):
         names = self.arg_names
         launch = dict(module=self.fn.__module__, name=self.fn.__name__,
-                      types={names[i]: _arg_type(a) for i, a in enumerate(args)},
+                      specs=_specialisations(self, args, kwargs),
                       constexprs={k: v for k, v in kwargs.items() if k in names},
                       options={k: v for k, v in kwargs.items() if k not in names})
         key = json.dumps(launch, sort_keys=True)
@@ -112,42 +109,56 @@ def _record(monkeypatch, cases=_cases, run_kernels: bool = True) -> list[dict]:
 
 
 COMPILE = textwrap.dedent("""
-    import importlib, json, os, re, subprocess, sys, tempfile
+    import collections, importlib, json, os, re, subprocess, sys, tempfile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.backends.nvidia.compiler import get_ptxas
-    failures, spills = [], {}
+    ptxas = get_ptxas(90).path
+    cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
+    failures, spills, narrow = [], {}, {}
     for launch in json.load(sys.stdin):
         kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
         names = [p.name for p in kernel.params]
         constexprs = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.name not in
                          launch["constexprs"]}, **launch["constexprs"]}
-        signature = {n: "constexpr" if n in constexprs else launch["types"][n] for n in names}
-        source = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constexprs.items()})
+        signature, attrs = {}, {}
+        for n in names:
+            kind, spec = ("constexpr", constexprs[n]) if n in constexprs else launch["specs"][n]
+            if kind == "constexpr":         # declared so, or an int the JIT specialised to its value 1
+                signature[n], constexprs[n] = "constexpr", spec
+                continue
+            signature[n] = kind
+            if spec == "D":
+                attrs[(names.index(n),)] = [["tt.divisibility", 16]]
+        source = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constexprs.items()}, attrs)
         name = f"{launch['module']}.{launch['name']} {launch['constexprs']} {launch['options']}"
         try:
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch["options"])
         except Exception as e:
             failures.append(f"{name}: {type(e).__name__}: {e}")
             continue
-        if SPILLS:
+        if REAL_SIZE:
             with tempfile.TemporaryDirectory() as folder:
                 ptx = os.path.join(folder, "kernel.ptx")
                 with open(ptx, "w") as f:
                     f.write(compiled.asm["ptx"])
-                done = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx, "-o", ptx + ".cubin"],
+                done = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", ptx + ".cubin"],
                                       capture_output=True, text=True, check=True)
+                sass = subprocess.run([cuobjdump, "-sass", ptx + ".cubin"], capture_output=True, text=True,
+                                      check=True).stdout
             spills[name] = int(re.search(r"([0-9]+) bytes spill stores", done.stderr).group(1))
-    print(json.dumps(dict(failures=failures, spills=spills)))
+            narrow[name] = dict(collections.Counter(re.findall(r"\\b((?:LDG|STG)\\.E\\.[US]16)\\b", sass)))
+    print(json.dumps(dict(failures=failures, spills=spills, narrow=narrow)))
 """)
 
 
-def _compile_for_sm90(launches: list[dict], spills: bool) -> dict:
+def _compile_for_sm90(launches: list[dict], real_size: bool) -> dict:
     """Compile the launches in a process without the interpreter: {"failures": [...], "spills": {launch: bytes of
-    spill stores by ptxas -v}} (spills measured only when asked)."""
+    spill stores by ptxas -v}, "narrow": {launch: {2-byte global load / store instruction: count in its SASS}}}
+    (the last two only for ``real_size``)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", f"SPILLS = {spills}\n" + COMPILE], input=json.dumps(launches),
+    done = subprocess.run([sys.executable, "-c", f"REAL_SIZE = {real_size}\n" + COMPILE], input=json.dumps(launches),
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -159,18 +170,25 @@ def test_every_launched_kernel_compiles_for_sm90(monkeypatch):
                                                          "_pool_finest_kernel", "_select_kernel",
                                                          "_write_kernel", "_spread_pooled_kernel",
                                                          "_key_tile_lists_kernel"}
-    failures = _compile_for_sm90(launches, spills=False)["failures"]
+    failures = _compile_for_sm90(launches, real_size=False)["failures"]
     assert not failures, "\n".join(failures)
 
 
-def test_llsa_and_radial_kernels_do_not_spill_at_real_sizes(monkeypatch):
+def test_llsa_and_radial_kernels_at_real_sizes_neither_spill_nor_access_scalars(monkeypatch):
     """At the launch configurations of real sizes (head dim 64) no kernel of LLSA or radial attention spills
     registers to local memory on sm_90 (ptxas -v): a spill in a per-round loop (the selection's top-K) costs
-    more than the kernel's work."""
+    more than the kernel's work; and the block-sparse core, whose tiles each thread reads 8 values of a row at a
+    time, loads and stores no 16-bit value alone (a key tile whose row pointers come from two tensors, LLSA's
+    tokens and pooled keys, did until their alignment was restated). The pooling's block means are one value
+    per thread, stored alone by design."""
     launches = _record(monkeypatch, _real_size_cases, run_kernels=False)
     assert {launch["name"] for launch in launches} >= {"_select_kernel", "_pool_finest_kernel",
-                                                         "_spread_pooled_kernel", "_fwd_kernel", "_bwd_kv_kernel"}
-    result = _compile_for_sm90(launches, spills=True)
+                                                         "_spread_pooled_kernel", "_fwd_kernel", "_bwd_kv_kernel",
+                                                         "_bwd_q_kernel", "_hot_tiles_kernel"}
+    result = _compile_for_sm90(launches, real_size=True)
     assert not result["failures"], "\n".join(result["failures"])
     spilling = {name: size for name, size in result["spills"].items() if size}
     assert not spilling, "\n".join(f"{name}: {size} bytes spilled" for name, size in spilling.items())
+    narrow = {name: found for name, found in result["narrow"].items()
+              if found and name.startswith("subquad.kernels.block_sparse.triton.")}
+    assert not narrow, "\n".join(f"{name}: {found}" for name, found in narrow.items())
