@@ -25,8 +25,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..core.triton_common import (LOG2E, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
-                                  load_block, load_row_stats, rows_contiguous, softmax_finish, softmax_step,
-                                  row_alignment, store_block, strides, transposed_scores)
+                                  load_block, load_row_stats, row_alignment, row_ptrs, rows_contiguous,
+                                  softmax_finish, softmax_step, store_block, strides, transposed_scores)
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 from .layout import num_tiles
@@ -94,14 +94,13 @@ def _key_rows(TileRows, tile, P, Nq, Nk, num_table_tiles, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _row_ptrs(X, XE, rows, Nq, sxn, sen, EXTRA: tl.constexpr):
+def _row_ptrs(X, XE, rows, Nq, sxn, sen, EXTRA: tl.constexpr, ALIGN: tl.constexpr):
     """Pointers to the rows of the keys (values, or their gradients): with ``EXTRA`` the rows from Nq on (extra key
-    tiles) are rows of a second tensor XE, else all rows are X's. ``EXTRA`` is then the bytes every row of both is
-    aligned to (``row_alignment``): a choice between two pointers hides it from Triton, whose loads and stores of
-    the rows would otherwise be 2-byte scalar accesses, never pipelined."""
+    tiles) are rows of a second tensor XE, else all rows are X's; ALIGN bytes aligned (``row_ptrs``: a choice
+    between two pointers also hides the alignment from Triton)."""
     if EXTRA:
-        return tl.multiple_of(tl.where(rows < Nq, X + rows * sxn, XE + (rows - Nq) * sen), EXTRA)
-    return X + rows * sxn
+        return tl.multiple_of(tl.where(rows < Nq, X + rows * sxn, XE + (rows - Nq) * sen), ALIGN)
+    return row_ptrs(X, rows, sxn, ALIGN)
 
 
 @triton.jit
@@ -145,12 +144,12 @@ def _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, key_limi
               sxvn, Nq, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr,
               HAS_BIAS: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr,
-              ROW_GROUPS: tl.constexpr):
+              ALIGN: tl.constexpr, ROW_GROUPS: tl.constexpr):
     cols = tl.arange(0, BLOCK_D)
-    k = load_block(_row_ptrs(K, KX, keys, Nq, skn, sxkn, EXTRA)[:, None] + cols[None, :], keys, key_limit, cols,
-                   HEAD_DIM, BLOCK_D, CHECK_K)
-    v = load_block(_row_ptrs(V, VX, keys, Nq, svn, sxvn, EXTRA)[:, None] + cols[None, :], keys, key_limit, cols,
-                   HEAD_DIM, BLOCK_D, CHECK_K)
+    k = load_block(_row_ptrs(K, KX, keys, Nq, skn, sxkn, EXTRA, ALIGN)[:, None] + cols[None, :], keys, key_limit,
+                   cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    v = load_block(_row_ptrs(V, VX, keys, Nq, svn, sxvn, EXTRA, ALIGN)[:, None] + cols[None, :], keys, key_limit,
+                   cols, HEAD_DIM, BLOCK_D, CHECK_K)
     s = dot_acc(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
     s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                      HAS_MASK, HAS_BIAS, CHECK_K, False)
@@ -167,13 +166,13 @@ def _fwd_kernel(Q, K, V, KX, VX, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, Key
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE: tl.constexpr,
-                EXTRA: tl.constexpr, KEY_TILES: tl.constexpr, ROW_GROUPS: tl.constexpr):
+                EXTRA: tl.constexpr, ALIGN: tl.constexpr, KEY_TILES: tl.constexpr, ROW_GROUPS: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rows = _tile_rows(QueryRows, tile, 0, BLOCK_M, TABLE)
     cols = tl.arange(0, BLOCK_D)
-    q = load_block(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], rows, Nq, cols,
+    q = load_block(row_ptrs(Q + b * sqb + h * sqh, rows, sqn, ALIGN)[:, None] + cols[None, :], rows, Nq, cols,
                     HEAD_DIM, BLOCK_D, CHECK_Q)
     K += b * skb + h * skh
     V += b * svb + h * svh
@@ -187,7 +186,7 @@ def _fwd_kernel(Q, K, V, KX, VX, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, Key
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks,
                                   start + tl.arange(0, KEY_TILES * BLOCK_N), P, -1, -1, skn, svn, sxkn, sxvn, Nq,
                                   qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS,
-                                  False, HAS_BIAS, True, DOT_PRECISION, EXTRA, 1)
+                                  False, HAS_BIAS, True, DOT_PRECISION, EXTRA, ALIGN, 1)
     row = RowPtr + b * srb + h * srh + tile
     lo = tl.load(row)
     hi = tl.load(row + 1)
@@ -202,10 +201,10 @@ def _fwd_kernel(Q, K, V, KX, VX, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, Key
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, Nk, mask_id, owners, skn,
                                   svn, sxkn, sxvn, Nq, qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D,
                                   MASK_WORDS, MASK_BITS, HAS_MASK, HAS_BIAS, CHECK_K, DOT_PRECISION, EXTRA,
-                                  ROW_GROUPS)
+                                  ALIGN, ROW_GROUPS)
     out, lse = softmax_finish(acc, m_i, l_i)
-    store_block(O + b * sob + h * soh + rows[:, None] * son + cols[None, :], out.to(O.dtype.element_ty),
-                 rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
+    store_block(row_ptrs(O + b * sob + h * soh, rows, son, ALIGN)[:, None] + cols[None, :],
+                out.to(O.dtype.element_ty), rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
     if CHECK_Q:
         tl.store(LSE + bh * Nq + rows, lse, mask=rows < Nq)
     else:
@@ -221,7 +220,7 @@ def _bwd_kv_kernel(Q, K, V, KX, VX, DO, DK, DV, DKX, DVX, LSE, Delta, Work, RowI
                    MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                    CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    TABLE: tl.constexpr, PREFIX: tl.constexpr, CHUNK: tl.constexpr, QUERY_TILES: tl.constexpr,
-                   EXTRA: tl.constexpr):
+                   EXTRA: tl.constexpr, ALIGN: tl.constexpr):
     """dK, dV of one work item of ``KeyTileWork`` (a hot tile's chunk adds its float32 partial sums into its
     slot of ``Hot``), for each (b, h) the item's CSR row stands for (program axis 1: all of them, or one when
     the CSR is per batch and head); PREFIX: of one prefix block over one chunk of query tiles (float32
@@ -249,8 +248,8 @@ def _bwd_kv_kernel(Q, K, V, KX, VX, DO, DK, DV, DKX, DVX, LSE, Delta, Work, RowI
         keys = _key_rows(TileRows, tile, P, Nq, Nk, num_q_tiles, BLOCK_N, TABLE)
         key_limit = Nk
     cols = tl.arange(0, BLOCK_D)
-    k_rows = _row_ptrs(K + b * skb + h * skh, KX + b * sxkb + h * sxkh, keys, Nq, skn, sxkn, EXTRA)
-    v_rows = _row_ptrs(V + b * svb + h * svh, VX + b * sxvb + h * sxvh, keys, Nq, svn, sxvn, EXTRA)
+    k_rows = _row_ptrs(K + b * skb + h * skh, KX + b * sxkb + h * sxkh, keys, Nq, skn, sxkn, EXTRA, ALIGN)
+    v_rows = _row_ptrs(V + b * svb + h * svh, VX + b * sxvb + h * sxvh, keys, Nq, svn, sxvn, EXTRA, ALIGN)
     k = load_block(k_rows[:, None] + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
     v = load_block(v_rows[:, None] + cols[None, :], keys, key_limit, cols, HEAD_DIM, BLOCK_D, CHECK_K)
     Q += b * sqb + h * sqh
@@ -265,8 +264,10 @@ def _bwd_kv_kernel(Q, K, V, KX, VX, DO, DK, DV, DKX, DVX, LSE, Delta, Work, RowI
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
         rows = _step_query_rows(TileRows, RowIdx, e, hi, Nq, BLOCK_M, QUERY_TILES, TABLE, not PREFIX)
-        q = load_block(Q + rows[:, None] * sqn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
-        do = load_block(DO + rows[:, None] * sdn + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
+        q = load_block(row_ptrs(Q, rows, sqn, ALIGN)[:, None] + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D,
+                       CHECK_Q)
+        do = load_block(row_ptrs(DO, rows, sdn, ALIGN)[:, None] + cols[None, :], rows, Nq, cols, HEAD_DIM, BLOCK_D,
+                        CHECK_Q)
         lse, delta = load_row_stats(LSE, Delta, rows, rows < Nq)
         s_t = transposed_scores(k, q, DOT_PRECISION) * qk_scale
         s_t = _mask_scores(s_t, KeyBias, TileMasks, keys, key_limit, mask_id, QUERY_TILES * BLOCK_M, BLOCK_N,
@@ -286,8 +287,10 @@ def _bwd_kv_kernel(Q, K, V, KX, VX, DO, DK, DV, DKX, DVX, LSE, Delta, Work, RowI
         tl.atomic_add(Hot + out_rows[:, None] * BLOCK_D + cols[None, :], dk)
         tl.atomic_add(Hot + slab + out_rows[:, None] * BLOCK_D + cols[None, :], dv)
     else:
-        dk_rows = _row_ptrs(DK + b * skgb + h * skgh, DKX + b * sxkgb + h * sxkgh, keys, Nq, skgn, sxkgn, EXTRA)
-        dv_rows = _row_ptrs(DV + b * svgb + h * svgh, DVX + b * sxvgb + h * sxvgh, keys, Nq, svgn, sxvgn, EXTRA)
+        dk_rows = _row_ptrs(DK + b * skgb + h * skgh, DKX + b * sxkgb + h * sxkgh, keys, Nq, skgn, sxkgn, EXTRA,
+                            ALIGN)
+        dv_rows = _row_ptrs(DV + b * svgb + h * svgh, DVX + b * sxvgb + h * sxvgh, keys, Nq, svgn, sxvgn, EXTRA,
+                            ALIGN)
         store_block(dk_rows[:, None] + cols[None, :], dk.to(DK.dtype.element_ty), keys, key_limit, cols, HEAD_DIM,
                     BLOCK_D, CHECK_K)
         store_block(dv_rows[:, None] + cols[None, :], dv.to(DV.dtype.element_ty), keys, key_limit, cols, HEAD_DIM,
@@ -307,7 +310,7 @@ def _batch_head(row, Hq, H):
 def _hot_tiles_kernel(Hot, HotTiles, DK, DV, DKX, DVX, TileRows, skgb, skgh, skgn, svgb, svgh, svgn,
                       sxkgb, sxkgh, sxkgn, sxvgb, sxvgh, sxvgn, H, Hq, Nq, Nk, P, num_table_tiles,
                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_K: tl.constexpr,
-                      TABLE: tl.constexpr, EXTRA: tl.constexpr):
+                      TABLE: tl.constexpr, EXTRA: tl.constexpr, ALIGN: tl.constexpr):
     """dK, dV of each hot key tile from its summed float32 partials, in the gradients' dtype."""
     slot = tl.program_id(0)
     row = tl.load(HotTiles + slot * 2)
@@ -320,8 +323,8 @@ def _hot_tiles_kernel(Hot, HotTiles, DK, DV, DKX, DVX, TileRows, skgb, skgh, skg
     slab = tl.num_programs(0) * tl.num_programs(1) * BLOCK_N * BLOCK_D
     dk = tl.load(Hot + rows[:, None] * BLOCK_D + cols[None, :])
     dv = tl.load(Hot + slab + rows[:, None] * BLOCK_D + cols[None, :])
-    dk_rows = _row_ptrs(DK + b * skgb + h * skgh, DKX + b * sxkgb + h * sxkgh, keys, Nq, skgn, sxkgn, EXTRA)
-    dv_rows = _row_ptrs(DV + b * svgb + h * svgh, DVX + b * sxvgb + h * sxvgh, keys, Nq, svgn, sxvgn, EXTRA)
+    dk_rows = _row_ptrs(DK + b * skgb + h * skgh, DKX + b * sxkgb + h * sxkgh, keys, Nq, skgn, sxkgn, EXTRA, ALIGN)
+    dv_rows = _row_ptrs(DV + b * svgb + h * svgh, DVX + b * sxvgb + h * sxvgh, keys, Nq, svgn, sxvgn, EXTRA, ALIGN)
     store_block(dk_rows[:, None] + cols[None, :], dk.to(DK.dtype.element_ty), keys, Nk, cols, HEAD_DIM, BLOCK_D,
                 CHECK_K)
     store_block(dv_rows[:, None] + cols[None, :], dv.to(DV.dtype.element_ty), keys, Nk, cols, HEAD_DIM, BLOCK_D,
@@ -332,12 +335,13 @@ def _hot_tiles_kernel(Hot, HotTiles, DK, DV, DKX, DVX, TileRows, skgb, skgh, skg
 def _bwd_q_step(dq, q, do, lse, delta, K, V, KX, VX, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, sxkn,
                 sxvn, Nq, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr,
-                HAS_BIAS: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr):
+                HAS_BIAS: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr,
+                ALIGN: tl.constexpr):
     cols = tl.arange(0, BLOCK_D)
-    k = load_block(_row_ptrs(K, KX, keys, Nq, skn, sxkn, EXTRA)[:, None] + cols[None, :], keys, key_limit, cols,
-                   HEAD_DIM, BLOCK_D, CHECK_K)
-    v = load_block(_row_ptrs(V, VX, keys, Nq, svn, sxvn, EXTRA)[:, None] + cols[None, :], keys, key_limit, cols,
-                   HEAD_DIM, BLOCK_D, CHECK_K)
+    k = load_block(_row_ptrs(K, KX, keys, Nq, skn, sxkn, EXTRA, ALIGN)[:, None] + cols[None, :], keys, key_limit,
+                   cols, HEAD_DIM, BLOCK_D, CHECK_K)
+    v = load_block(_row_ptrs(V, VX, keys, Nq, svn, sxvn, EXTRA, ALIGN)[:, None] + cols[None, :], keys, key_limit,
+                   cols, HEAD_DIM, BLOCK_D, CHECK_K)
     s = dot_acc(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
     s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                      HAS_MASK, HAS_BIAS, CHECK_K, False)
@@ -352,15 +356,15 @@ def _bwd_q_kernel(Q, K, V, KX, VX, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, 
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                   CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  TABLE: tl.constexpr, EXTRA: tl.constexpr, KEY_TILES: tl.constexpr):
+                  TABLE: tl.constexpr, EXTRA: tl.constexpr, ALIGN: tl.constexpr, KEY_TILES: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rows = _tile_rows(TileRows, tile, 0, BLOCK_M, TABLE)
     cols = tl.arange(0, BLOCK_D)
-    q = load_block(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], rows, Nq, cols,
+    q = load_block(row_ptrs(Q + b * sqb + h * sqh, rows, sqn, ALIGN)[:, None] + cols[None, :], rows, Nq, cols,
                     HEAD_DIM, BLOCK_D, CHECK_Q)
-    do = load_block(DO + b * sdb + h * sdh + rows[:, None] * sdn + cols[None, :], rows, Nq, cols,
+    do = load_block(row_ptrs(DO + b * sdb + h * sdh, rows, sdn, ALIGN)[:, None] + cols[None, :], rows, Nq, cols,
                      HEAD_DIM, BLOCK_D, CHECK_Q)
     lse, delta = load_row_stats(LSE + bh * Nq, Delta + bh * Nq, rows, rows < Nq)
     K += b * skb + h * skh
@@ -373,7 +377,7 @@ def _bwd_q_kernel(Q, K, V, KX, VX, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, 
         dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KX, VX, KeyBias, TileMasks,
                          start + tl.arange(0, KEY_TILES * BLOCK_N), P, -1, skn, svn, sxkn, sxvn, Nq, qk_scale,
                          HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, False, HAS_BIAS, True,
-                         DOT_PRECISION, EXTRA)
+                         DOT_PRECISION, EXTRA, ALIGN)
     row = RowPtr + b * srb + h * srh + tile
     lo = tl.load(row)
     hi = tl.load(row + 1)
@@ -384,10 +388,10 @@ def _bwd_q_kernel(Q, K, V, KX, VX, DO, DQ, LSE, Delta, RowPtr, ColIdx, MaskIdx, 
             mask_id = tl.load(MaskIdx + e)
         dq = _bwd_q_step(dq, q, do, lse, delta, K, V, KX, VX, KeyBias, TileMasks, keys, Nk, mask_id, skn, svn, sxkn,
                          sxvn, Nq, qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS,
-                         HAS_MASK, HAS_BIAS, CHECK_K, DOT_PRECISION, EXTRA)
+                         HAS_MASK, HAS_BIAS, CHECK_K, DOT_PRECISION, EXTRA, ALIGN)
     dq *= sm_scale
-    store_block(DQ + b * sgb + h * sgh + rows[:, None] * sgn + cols[None, :], dq.to(DQ.dtype.element_ty),
-                 rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
+    store_block(row_ptrs(DQ + b * sgb + h * sgh, rows, sgn, ALIGN)[:, None] + cols[None, :],
+                dq.to(DQ.dtype.element_ty), rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
 
 
 # --- launch ------------------------------------------------------------------------------------
@@ -529,7 +533,6 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
     (``QueryTiles``); ``tile_rows`` then describes the key tiles only."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     kx, vx, nk, extra_strides = _extra_keys(k, v, extra, tile_rows)
-    extra_rows = row_alignment(k, v, kx, vx) if extra is not None else 0
     b, h, nq, d = q.shape
     o = heads_last_empty(q, b, h, nq, v.shape[-1])
     lse = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
@@ -553,7 +556,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
         q, k, v, kx, vx, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0], rows_arg, query_rows, owners,
         *strides(q), *strides(k), *strides(v), *extra_strides,
         *strides(o), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, num_prefix, num_key_tiles, qk_scale, **consts,
-        EXTRA=extra_rows, KEY_TILES=key_tiles, ROW_GROUPS=groups, **config)
+        EXTRA=extra is not None, ALIGN=row_alignment(q, k, v, kx, vx, o), KEY_TILES=key_tiles, ROW_GROUPS=groups,
+        **config)
     return o, lse
 
 
@@ -577,7 +581,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     configs = configs or {}
     delta = torch.empty_like(lse)
     launch(delta_kernel, (num_tiles(nq, block_m), b * h), o, do, delta, *strides(o), *strides(do), h, nq,
-           HEAD_DIM=d, BLOCK_M=block_m, BLOCK_D=consts["BLOCK_D"])
+           HEAD_DIM=d, BLOCK_M=block_m, BLOCK_D=consts["BLOCK_D"], ALIGN=row_alignment(o, do))
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     if tile_rows is not None and p > 0:
         dq[:, :, :p].zero_()
@@ -585,7 +589,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     dkx, dvx = extra_grads if extra is not None else (dk, dv)
     grad_strides = (*strides(dk), *strides(dv), *((*strides(dkx), *strides(dvx)) if extra is not None else (0,) * 6))
-    extra_rows = row_alignment(k, v, kx, vx, dk, dv, dkx, dvx) if extra is not None else 0
+    rows_kw = dict(EXTRA=extra is not None, ALIGN=row_alignment(q, k, v, kx, vx, do, dq, dk, dv, dkx, dvx))
     masked = tile_mask_idx is not None
     query_tiles, key_tiles = tiles_per_step(block_m, masked), tiles_per_step(block_n, masked)
     # a program takes at most KEY_CHUNK steps: KEY_CHUNK * query_tiles listings (fewer hot-tile partial slots)
@@ -601,11 +605,11 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
             q, k, v, kx, vx, do, dk, dv, dkx, dvx, lse, delta, work.items, row_idx,
             mask_idx_t if mask_idx_t is not None else row_idx, masks, bias[0], rows_arg, hot,
             *common, *grad_strides, bias[1], bias[2], h, heads_q, nq, nk, p, nqt, 1, num_hot, qk_scale, scale,
-            **consts, PREFIX=False, CHUNK=PREFIX_CHUNK, QUERY_TILES=query_tiles, EXTRA=extra_rows, **kv_config)
+            **consts, PREFIX=False, CHUNK=PREFIX_CHUNK, QUERY_TILES=query_tiles, **rows_kw, **kv_config)
         launch(_hot_tiles_kernel, (num_hot, per_row), hot, work.hot_tiles, dk, dv, dkx, dvx, rows_arg,
                *grad_strides, h, heads_q, nq, nk, p, nqt,
                HEAD_DIM=d, BLOCK_N=block_n, BLOCK_D=consts["BLOCK_D"], CHECK_K=consts["CHECK_K"],
-               TABLE=consts["TABLE"], EXTRA=extra_rows)
+               TABLE=consts["TABLE"], **rows_kw)
     if p > 0:
         chunks, blocks = num_tiles(nqt, PREFIX_CHUNK), num_tiles(p, block_n)
         parts = torch.empty(2, chunks, b * h, blocks * block_n, consts["BLOCK_D"], device=q.device,
@@ -614,7 +618,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
             q, k, v, kx, vx, do, parts[0], parts[1], parts[0], parts[1], lse, delta, row_idx, row_idx, row_idx, masks,
             bias[0], rows_arg, parts, *common, *grad_strides, bias[1], bias[2], h, 1, nq, nk, p, nqt, chunks, 0,
             qk_scale, scale, **{**consts, "HAS_MASK": False, "CHECK_K": True}, PREFIX=True, CHUNK=PREFIX_CHUNK,
-            QUERY_TILES=query_tiles, EXTRA=extra_rows, **kv_config)
+            QUERY_TILES=query_tiles, **rows_kw, **kv_config)
         summed = parts.sum(1)[..., :p, :d].reshape(2, b, h, p, d)
         dk[:, :, :p] = summed[0]
         dv[:, :, :p] = summed[1]
@@ -623,7 +627,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
         q, k, v, kx, vx, do, dq, lse, delta, row_ptr, col_idx,
         tile_mask_idx if tile_mask_idx is not None else col_idx, masks, bias[0], rows_arg,
         *common, *strides(dq), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, p, nqt, qk_scale, scale,
-        **consts, EXTRA=extra_rows, KEY_TILES=key_tiles, **q_config)
+        **consts, **rows_kw, KEY_TILES=key_tiles, **q_config)
     return dq, dk, dv
 
 

@@ -122,9 +122,9 @@ def strides(x: torch.Tensor) -> Tuple[int, int, int]:
 
 def row_alignment(*tensors: torch.Tensor) -> int:
     """The bytes (a power of two, at most 16) dividing the address of every (batch, head, token) row of each
-    (B, h, N, ...) tensor: the gcd of 16, its data pointer and its ``strides`` in bytes. For kernels that restate
-    it with ``tl.multiple_of`` where Triton cannot derive it (a row pointer chosen from two tensors): 16-byte
-    vector accesses and asynchronous copies need it."""
+    (B, h, N, ...) tensor: the gcd of 16, its data pointer and its ``strides`` in bytes. For kernels that state it
+    with ``tl.multiple_of`` (``row_ptrs``) where Triton cannot derive it (a stride not divisible by 16, a row
+    pointer chosen from two tensors): 16-byte vector accesses and asynchronous copies need it."""
     align = 16
     for x in tensors:
         align = math.gcd(align, x.data_ptr(), *(s * x.element_size() for s in strides(x)))
@@ -290,6 +290,14 @@ def dot_acc(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def row_ptrs(X, rows, stride, ALIGN: tl.constexpr):
+    """Pointers to the rows ``rows`` of X, ``stride`` elements apart, each ALIGN bytes aligned (``row_alignment``):
+    Triton assumes an alignment only for strides divisible by 16, so a row or head stride of 72 (head dim 72)
+    would leave every access of a tile a 2-byte one, never pipelined."""
+    return tl.multiple_of(X + rows * stride, ALIGN)
+
+
+@triton.jit
 def load_block(ptrs, rows, row_limit, cols, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                CHECK_ROWS: tl.constexpr):
     """A (rows, BLOCK_D) block, zero outside [0, row_limit) x [0, HEAD_DIM)."""
@@ -401,15 +409,15 @@ def load_row_stats(LSE, Delta, rows, row_mask):
 
 @triton.jit(do_not_specialize=["H", "Nq"])
 def delta_kernel(O, DO, Delta, sob, soh, son, sdb, sdh, sdn, H, Nq,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta = rowsum(dO * O) per query, (B * H, Nq) float32."""
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
+    """delta = rowsum(dO * O) per query, (B * H, Nq) float32; ALIGN: ``row_alignment(o, do)``."""
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    o = load_block(O + b * sob + h * soh + rows[:, None] * son + cols[None, :], rows, Nq, cols,
+    o = load_block(row_ptrs(O + b * sob + h * soh, rows, son, ALIGN)[:, None] + cols[None, :], rows, Nq, cols,
                    HEAD_DIM, BLOCK_D, True)
-    do = load_block(DO + b * sdb + h * sdh + rows[:, None] * sdn + cols[None, :], rows, Nq, cols,
+    do = load_block(row_ptrs(DO + b * sdb + h * sdh, rows, sdn, ALIGN)[:, None] + cols[None, :], rows, Nq, cols,
                     HEAD_DIM, BLOCK_D, True)
     tl.store(Delta + bh * Nq + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < Nq)

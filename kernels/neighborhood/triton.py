@@ -35,7 +35,8 @@ from torch import Tensor
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 from ..core.triton_common import (LOG2E, cdiv, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
-                                  load_block, load_row_stats, rows_contiguous, softmax_finish, softmax_step, strides)
+                                  load_block, load_row_stats, row_alignment, row_ptrs, rows_contiguous,
+                                  softmax_finish, softmax_step, strides)
 from ..softmax import with_prefix_queries
 
 PREFIX_BLOCK = 16       # prefix keys per block (the smallest tl.dot side)
@@ -123,11 +124,11 @@ def _window_scores(s, Rpb, q_r, q_c, start_r, start_c, k_r, k_c, qk_bias_scale, 
 
 @triton.jit
 def _prefix_block(q, K, V, p0, P, cols, skn, svn, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  PB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  PB: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
     """Prefix keys p0..p0+PB of a query tile: their k, v and the scores (log2 domain, -inf past P)."""
     keys = p0 + tl.arange(0, PB)
-    kp = load_block(K + keys[:, None] * skn + cols[None, :], keys, P, cols, HEAD_DIM, BLOCK_D, True)
-    vp = load_block(V + keys[:, None] * svn + cols[None, :], keys, P, cols, HEAD_DIM, BLOCK_D, True)
+    kp = load_block(row_ptrs(K, keys, skn, ALIGN)[:, None] + cols[None, :], keys, P, cols, HEAD_DIM, BLOCK_D, True)
+    vp = load_block(row_ptrs(V, keys, svn, ALIGN)[:, None] + cols[None, :], keys, P, cols, HEAD_DIM, BLOCK_D, True)
     s = tl.where(keys[None, :] < P, dot_acc(q, tl.trans(kp), None, DOT_PRECISION) * qk_scale, float("-inf"))
     return keys, kp, vp, s
 
@@ -135,7 +136,7 @@ def _prefix_block(q, K, V, p0, P, cols, skn, svn, qk_scale, HEAD_DIM: tl.constex
 @triton.jit
 def _grid_block(q, K, V, Rpb, kr0, kc0, r_hi, c_hi, g_r, g_c, u_r, u_c, start_r, start_c, width, dilation, P,
                 cols, skn, svn, qk_scale, KS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KH: tl.constexpr,
-                KW: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                KW: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
     """The KH x KW key block at (kr0, kc0) of a query tile's key rectangle: its k, v and the scores of
     the tile's queries, masked to their windows, with the relative position bias (log2 domain). Keys
     past the rectangle are read at its last row/column (in bounds) and masked by the window test."""
@@ -143,8 +144,8 @@ def _grid_block(q, K, V, Rpb, kr0, kc0, r_hi, c_hi, g_r, g_c, u_r, u_c, start_r,
     k_r = kr0 + offs_n // KW
     k_c = kc0 + offs_n % KW
     k_tok = P + _token(g_r, g_c, tl.minimum(k_r, r_hi - 1), tl.minimum(k_c, c_hi - 1), width, dilation)
-    k = load_block(K + k_tok[:, None] * skn + cols[None, :], offs_n, KH * KW, cols, HEAD_DIM, BLOCK_D, False)
-    v = load_block(V + k_tok[:, None] * svn + cols[None, :], offs_n, KH * KW, cols, HEAD_DIM, BLOCK_D, False)
+    k = load_block(row_ptrs(K, k_tok, skn, ALIGN)[:, None] + cols[None, :], offs_n, KH * KW, cols, HEAD_DIM, BLOCK_D, False)
+    v = load_block(row_ptrs(V, k_tok, svn, ALIGN)[:, None] + cols[None, :], offs_n, KH * KW, cols, HEAD_DIM, BLOCK_D, False)
     s = dot_acc(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
     s = _window_scores(s, Rpb, u_r[:, None], u_c[:, None], start_r[:, None], start_c[:, None],
                        k_r[None, :], k_c[None, :], LOG2E, KS, HAS_RPB)
@@ -159,7 +160,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Rpb,
                 NH, height, width, dilation, P, qk_scale,
                 KS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TH: tl.constexpr,
                 TW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PB: tl.constexpr, HAS_RPB: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
     BLOCK_M: tl.constexpr = TH * TW
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // NH, bh % NH
@@ -167,7 +168,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Rpb,
                                                                          TH, TW)
     offs_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    q = load_block(Q + b * sqb + h * sqh + (P + q_tok)[:, None] * sqn + cols[None, :], offs_m, BLOCK_M, cols,
+    q = load_block(row_ptrs(Q + b * sqb + h * sqh, (P + q_tok), sqn, ALIGN)[:, None] + cols[None, :], offs_m, BLOCK_M, cols,
                    HEAD_DIM, BLOCK_D, False)
     K += b * skb + h * skh
     V += b * svb + h * svh
@@ -179,17 +180,17 @@ def _fwd_kernel(Q, K, V, O, LSE, Rpb,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for p0 in range(0, P, PB):
         keys, kp, vp, s = _prefix_block(q, K, V, p0, P, cols, skn, svn, qk_scale, HEAD_DIM, BLOCK_D, PB,
-                                        DOT_PRECISION)
+                                        DOT_PRECISION, ALIGN)
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, vp, DOT_PRECISION)
     r_lo, r_hi, c_lo, c_hi = _key_rectangle(r0, c0, len_r, len_c, KS, TH, TW)
     blocks_c = tl.cdiv(c_hi - c_lo, KW)
     for blk in range(tl.cdiv(r_hi - r_lo, KH) * blocks_c):
         k, v, s = _grid_block(q, K, V, Rpb, r_lo + (blk // blocks_c) * KH, c_lo + (blk % blocks_c) * KW, r_hi, c_hi,
                               g_r, g_c, u_r, u_c, start_r, start_c, width, dilation, P, cols, skn, svn, qk_scale,
-                              KS, HEAD_DIM, BLOCK_D, KH, KW, HAS_RPB, DOT_PRECISION)
+                              KS, HEAD_DIM, BLOCK_D, KH, KW, HAS_RPB, DOT_PRECISION, ALIGN)
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
     out, lse = softmax_finish(acc, m_i, l_i)
-    tl.store(O + b * sob + h * soh + q_tok[:, None] * son + cols[None, :], out.to(O.dtype.element_ty),
+    tl.store(row_ptrs(O + b * sob + h * soh, q_tok, son, ALIGN)[:, None] + cols[None, :], out.to(O.dtype.element_ty),
              mask=q_ok[:, None] & (cols[None, :] < HEAD_DIM))
     tl.store(LSE + bh * height * width + q_tok, lse, mask=q_ok)
 
@@ -223,7 +224,7 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, Rpb, DRpb, DKP, DVP,
                   NH, height, width, dilation, P, qk_scale, sm_scale,
                   KS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TH: tl.constexpr,
                   TW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PB: tl.constexpr, DA: tl.constexpr,
-                  DB: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  DB: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
     """dQ of one query tile; with it the prefix keys' dK, dV (float32 atomics into DKP, DVP of shape
     (B * H * P, BLOCK_D)) and the bias gradient (atomics into this program's table of DRpb)."""
     BLOCK_M: tl.constexpr = TH * TW
@@ -233,9 +234,9 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, Rpb, DRpb, DKP, DVP,
                                                                          TH, TW)
     offs_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    q = load_block(Q + b * sqb + h * sqh + (P + q_tok)[:, None] * sqn + cols[None, :], offs_m, BLOCK_M, cols,
+    q = load_block(row_ptrs(Q + b * sqb + h * sqh, (P + q_tok), sqn, ALIGN)[:, None] + cols[None, :], offs_m, BLOCK_M, cols,
                    HEAD_DIM, BLOCK_D, False)
-    do = load_block(DO + b * sdb + h * sdh + q_tok[:, None] * sdn + cols[None, :], offs_m, BLOCK_M, cols,
+    do = load_block(row_ptrs(DO + b * sdb + h * sdh, q_tok, sdn, ALIGN)[:, None] + cols[None, :], offs_m, BLOCK_M, cols,
                     HEAD_DIM, BLOCK_D, False)
     # a copied query (not q_ok) gets lse = +inf: probability 0, so it adds to no gradient
     lse, delta = load_row_stats(LSE + bh * height * width, Delta + bh * height * width, q_tok, q_ok)
@@ -248,7 +249,7 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, Rpb, DRpb, DKP, DVP,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for p0 in range(0, P, PB):
         keys, kp, vp, s = _prefix_block(q, K, V, p0, P, cols, skn, svn, qk_scale, HEAD_DIM, BLOCK_D, PB,
-                                        DOT_PRECISION)
+                                        DOT_PRECISION, ALIGN)
         dq, _ = dq_step(dq, s, lse, delta, do, kp, vp, DOT_PRECISION)
         zero = tl.zeros([PB, BLOCK_D], dtype=tl.float32)
         dkp, dvp, _ = dkdv_step(zero, zero, tl.trans(s), lse, delta, q, do, vp, DOT_PRECISION)
@@ -262,11 +263,11 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, Rpb, DRpb, DKP, DVP,
         kc0 = c_lo + (blk % blocks_c) * KW
         k, v, s = _grid_block(q, K, V, Rpb, kr0, kc0, r_hi, c_hi, g_r, g_c, u_r, u_c, start_r, start_c, width,
                               dilation, P, cols, skn, svn, qk_scale, KS, HEAD_DIM, BLOCK_D, KH, KW, HAS_RPB,
-                              DOT_PRECISION)
+                              DOT_PRECISION, ALIGN)
         dq, ds = dq_step(dq, s, lse, delta, do, k, v, DOT_PRECISION)
         if HAS_RPB:
             _add_bias_grad(DRpb, ds, kr0 - r0, kc0 - c0, KS, TH, TW, KH, KW, DA, DB, DOT_PRECISION)
-    tl.store(DQ + b * sgb + h * sgh + (P + q_tok)[:, None] * sgn + cols[None, :],
+    tl.store(row_ptrs(DQ + b * sgb + h * sgh, (P + q_tok), sgn, ALIGN)[:, None] + cols[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None] & (cols[None, :] < HEAD_DIM))
 
 
@@ -276,7 +277,7 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Rpb,
                    NH, height, width, dilation, P, qk_scale, sm_scale,
                    KS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TH: tl.constexpr,
                    TW: tl.constexpr, QH: tl.constexpr, QW: tl.constexpr, HAS_RPB: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
     """dK, dV of one TH x TW tile of grid keys over the QH x QW query blocks of its viewers' rectangle."""
     BLOCK_N: tl.constexpr = TH * TW
     BLOCK_M: tl.constexpr = QH * QW
@@ -288,9 +289,9 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Rpb,
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    k = load_block(K + b * skb + h * skh + k_tok[:, None] * skn + cols[None, :], offs_n, BLOCK_N, cols,
+    k = load_block(row_ptrs(K + b * skb + h * skh, k_tok, skn, ALIGN)[:, None] + cols[None, :], offs_n, BLOCK_N, cols,
                    HEAD_DIM, BLOCK_D, False)
-    v = load_block(V + b * svb + h * svh + k_tok[:, None] * svn + cols[None, :], offs_n, BLOCK_N, cols,
+    v = load_block(row_ptrs(V + b * svb + h * svh, k_tok, svn, ALIGN)[:, None] + cols[None, :], offs_n, BLOCK_N, cols,
                    HEAD_DIM, BLOCK_D, False)
     Q += b * sqb + h * sqh
     DO += b * sdb + h * sdh
@@ -311,9 +312,9 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Rpb,
         u_r = tl.minimum(u_r, r_hi - 1)
         u_c = tl.minimum(u_c, c_hi - 1)
         q_tok = _token(g_r, g_c, u_r, u_c, width, dilation)
-        q = load_block(Q + (P + q_tok)[:, None] * sqn + cols[None, :], offs_m, BLOCK_M, cols, HEAD_DIM, BLOCK_D,
+        q = load_block(row_ptrs(Q, (P + q_tok), sqn, ALIGN)[:, None] + cols[None, :], offs_m, BLOCK_M, cols, HEAD_DIM, BLOCK_D,
                        False)
-        do = load_block(DO + q_tok[:, None] * sdn + cols[None, :], offs_m, BLOCK_M, cols, HEAD_DIM, BLOCK_D, False)
+        do = load_block(row_ptrs(DO, q_tok, sdn, ALIGN)[:, None] + cols[None, :], offs_m, BLOCK_M, cols, HEAD_DIM, BLOCK_D, False)
         lse, delta = load_row_stats(LSE, Delta, q_tok, in_rect)
         s_t = dot_acc(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
         s_t = _window_scores(s_t, Rpb, u_r[None, :], u_c[None, :], _window_start(u_r, len_r, KS)[None, :],
@@ -321,9 +322,9 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Rpb,
                              HAS_RPB)
         dk, dv, _ = dkdv_step(dk, dv, s_t, lse, delta, q, do, v, DOT_PRECISION)
     store_mask = k_ok[:, None] & (cols[None, :] < HEAD_DIM)
-    tl.store(DK + b * skgb + h * skgh + k_tok[:, None] * skgn + cols[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+    tl.store(row_ptrs(DK + b * skgb + h * skgh, k_tok, skgn, ALIGN)[:, None] + cols[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=store_mask)
-    tl.store(DV + b * svgb + h * svgh + k_tok[:, None] * svgn + cols[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(row_ptrs(DV + b * svgb + h * svgh, k_tok, svgn, ALIGN)[:, None] + cols[None, :], dv.to(DV.dtype.element_ty),
              mask=store_mask)
 
 
@@ -342,7 +343,8 @@ def default_config(grid: tuple[int, int], kernel_size: int, dilation: int, head_
     From sweeps in bf16, d = 64, 56x56 k7 to 256x256 k21: 8 x 8 query and key tiles with 4 warps beat
     larger tiles, since a small tile wastes least of its key rectangle (8 + k - 1 on a side). The key blocks
     are 8 x 8 or 4 x 16, whichever pads that rectangle less (k21: 28 x 32 instead of 32 x 32 keys).
-    dK/dV programs take 8 x 16 query blocks with 16-bit inputs. The
+    dK/dV programs take 8 x 16 query blocks with 16-bit inputs, 8 x 8 and 8 warps from padded head dim 128 on
+    (not swept: any other of these choices spills 48-400 bytes of registers per thread on sm_90, ptxas). The
     pipeline is as deep as fits in ~160 KB of shared memory (at most 3 stages forward, 2 backward)."""
     elem = torch.finfo(dtype).bits // 8
     d = max(16, triton.next_power_of_2(head_dim))
@@ -354,10 +356,11 @@ def default_config(grid: tuple[int, int], kernel_size: int, dilation: int, head_
     side = 8 + kernel_size - 1
     padded = lambda kh, kw: cdiv(side, kh) * kh * cdiv(side, kw) * kw     # noqa: E731
     kh, kw = (4, 16) if padded(4, 16) < padded(8, 8) else (8, 8)
-    qw = 16 if elem == 2 else 8
+    qw = 16 if elem == 2 and d < 128 else 8
+    kv_warps = 8 if d >= 128 else warps
     return {"fwd": dict(TH=8, TW=8, KH=kh, KW=kw, num_warps=warps, num_stages=fwd_stages),
             "bwd_q": dict(TH=8, TW=8, KH=kh, KW=kw, num_warps=warps, num_stages=bwd_stages),
-            "bwd_kv": dict(TH=8, TW=8, QH=8, QW=qw, num_warps=warps, num_stages=bwd_stages)}
+            "bwd_kv": dict(TH=8, TW=8, QH=8, QW=qw, num_warps=kv_warps, num_stages=bwd_stages)}
 
 
 def _consts(q: Tensor, kernel_size: int) -> dict:
@@ -379,7 +382,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], height: int,
     launch(_fwd_kernel, (tiles, b * nh),
         q, k, v, o, lse, rpb.contiguous() if rpb is not None else lse,
         *strides(q), *strides(k), *strides(v), *strides(o), nh, height, width, dilation, num_prefix,
-        scale * LOG2E.value, **_consts(q, kernel_size), **cfg, PB=PREFIX_BLOCK, HAS_RPB=rpb is not None)
+        scale * LOG2E.value, **_consts(q, kernel_size), **cfg, PB=PREFIX_BLOCK, HAS_RPB=rpb is not None,
+        ALIGN=row_alignment(q, k, v, o))
     return o, lse
 
 
@@ -396,12 +400,13 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     configs = config or default_config((height, width), kernel_size, dilation, d, q.dtype)
     delta = torch.empty_like(lse)
     launch(delta_kernel, (cdiv(n, 128), b * nh), o, do, delta, *strides(o), *strides(do), nh, n, HEAD_DIM=d,
-           BLOCK_M=128, BLOCK_D=block_d)
+           BLOCK_M=128, BLOCK_D=block_d, ALIGN=row_alignment(o, do))
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     if p > 0:
         dq[:, :, :p].zero_()
     qk_scale = scale * LOG2E.value
     common = (*strides(q), *strides(k), *strides(v), *strides(do))
+    consts["ALIGN"] = row_alignment(q, k, v, do, dq, dk, dv)
     rpb_arg = rpb.contiguous() if rpb is not None else lse
 
     cfg = dict(configs["bwd_q"])
