@@ -33,8 +33,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..core.triton_common import (LOG2E, cdiv, dot, dot_split_a, dot_split_b, head_strides, launch,
-                                  load_tile, num_programs_target, pad_dim, precision_flags, round_to, split_operand,
-                                  split_tokens, store_tile)
+                                  load_tile, num_programs_target, pad_dim, precision_flags, round_to, row_alignment,
+                                  split_operand, split_tokens, store_tile)
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 
@@ -94,7 +94,7 @@ def _scores(x, a_hi, a_lo, LOWP: tl.constexpr):
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
 def _pool_kernel(q_ptr, part_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_qb, s_qh, s_qn,
                  A_SIDE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                 LOWP: tl.constexpr):
+                 LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """Partial bin sums sum_{i in bin a} q_i over one chunk of tokens: (NAP, DP) fp32."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -110,7 +110,7 @@ def _pool_kernel(q_ptr, part_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_qb,
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
-        x = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc)
+        x = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc, ALIGN)
         member = tl.where(_bins(offs_n, offs_a, num_prefix, grid_h, grid_w, A_SIDE) & mn[:, None], 1.0, 0.0)
         acc += dot(tl.trans(round_to(member, DT)), x, LOWP)      # 0/1 weights: exact in 16 bits
     tl.store(part_ptr + (bh * tl.num_programs(1) + split) * NAP * DP + offs_a[:, None] * DP + offs_c[None, :], acc)
@@ -143,7 +143,7 @@ def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
                       N, H, chunk, qk_scale, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                       NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
                       DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      LOWP: tl.constexpr):
+                      LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """Online softmax over one chunk of keys for every agent: running max, sum and P V (log2 domain).
     P enters P V as hi + lo: rounding it once, as flash attention does, would perturb V_A by 2^-9 / sqrt(N),
     which is a percent of the differences between the agents' rows when the softmax is nearly flat, and
@@ -168,8 +168,8 @@ def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
-        kt = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc)
-        vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
+        kt = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc, ALIGN)
+        vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv, ALIGN)
         s = _aggregate_scores(kt, a_hi, a_lo, b1_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS, LOWP)
         s = tl.where(mn[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -230,7 +230,7 @@ def _broadcast_kernel(q_ptr, agents_ptr, va_ptr, b2_ptr, o_ptr, N, H, chunk, qk_
                       s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
                       NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
                       DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      LOWP: tl.constexpr):
+                      LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """O = P2 V_A for one chunk of queries (P2 rounded once to the input dtype, V_A as hi + lo)."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
@@ -250,10 +250,10 @@ def _broadcast_kernel(q_ptr, agents_ptr, va_ptr, b2_ptr, o_ptr, N, H, chunk, qk_
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
-        qt = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc)
+        qt = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc, ALIGN)
         p = _broadcast_probs(qt, a_hi, a_lo, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS, LOWP)
         out = dot_split_b(round_to(p, DT), va_hi, va_lo, LOWP)
-        store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out)
+        store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out, ALIGN)
 
 
 @triton.jit(do_not_specialize=["B", "BPG", "N", "H", "chunk", "grid_h", "grid_w"])
@@ -262,7 +262,7 @@ def _broadcast_bwd_kernel(q_ptr, do_ptr, agents_ptr, va_ptr, b2_ptr, dq_ptr, db2
                           s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_db, s_dh, s_dn,
                           NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                           DP: tl.constexpr, DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
+                          BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """Broadcast stage backward for one head, one chunk of queries and one group of BPG batch elements:
     dq (without the pooling term), the group's dB2 accumulated in place (its own slice of db2), and per
     batch element partial [dV_A | dA]. rowsum(dO O) = rowsum(P2 dP2) needs no recomputed O."""
@@ -293,15 +293,15 @@ def _broadcast_bwd_kernel(q_ptr, do_ptr, agents_ptr, va_ptr, b2_ptr, dq_ptr, db2
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mn = offs_n < hi
-            qt = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc)
-            g = load_tile(g_base, offs_n, offs_v, s_gn, mn, mv)
+            qt = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc, ALIGN)
+            g = load_tile(g_base, offs_n, offs_v, s_gn, mn, mv, ALIGN)
             p = _broadcast_probs(qt, a_hi, a_lo, b2_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS,
                                  LOWP)
             dp = dot_split_b(g, tl.trans(va_hi), tl.trans(va_lo), LOWP)
             ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
             ds16 = round_to(ds, DT)
             dq = dot(ds16, a_hi, LOWP) * scale
-            store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dq)
+            store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dq, ALIGN)
             acc_va += dot(tl.trans(round_to(p, DT)), g, LOWP)
             acc_a += dot(tl.trans(ds16), qt, LOWP)
             if BIAS_GRAD:
@@ -322,7 +322,7 @@ def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, gra
                           s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
                           NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                           DP: tl.constexpr, DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
+                          BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """Aggregation stage backward for one head, one chunk of keys and one group of BPG batch elements:
     dk, dv, the group's dB1 in place and per batch element a partial dA = dS1 K / sqrt(d)."""
     h = tl.program_id(0)
@@ -355,17 +355,17 @@ def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, gra
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mn = offs_n < hi
-            kt = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc)
-            vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
+            kt = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc, ALIGN)
+            vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv, ALIGN)
             s = _aggregate_scores(kt, a_hi, a_lo, b1_ptr, h, offs_n, offs_a, mn, ma, N, qk_scale, NA, HAS_BIAS,
                                   LOWP)
             p = tl.where(mn[None, :], tl.exp2(s - lse[:, None]), 0.0)
             ds = p * (_dot_split_first(dva_hi, dva_lo, tl.trans(vt), LOWP) - delta[:, None])
             ds16 = round_to(ds, DT)
             dk = dot(tl.trans(ds16), a_hi, LOWP) * scale
-            store_tile(dk_base, offs_n, offs_c, s_dkn, mn, mc, dk)
+            store_tile(dk_base, offs_n, offs_c, s_dkn, mn, mc, dk, ALIGN)
             dv = dot(tl.trans(round_to(p, DT)), dva_hi, LOWP)
-            store_tile(dv_base, offs_n, offs_v, s_dvn, mn, mv, dv)
+            store_tile(dv_base, offs_n, offs_v, s_dvn, mn, mv, dv, ALIGN)
             acc_a += dot(ds16, kt, LOWP)
             if BIAS_GRAD:
                 ptrs = db1_base + offs_a[:, None] * N + offs_n[None, :]
@@ -381,7 +381,7 @@ def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, gra
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
 def _unpool_kernel(dq_ptr, da_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_db, s_dh, s_dn,
                    A_SIDE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   LOWP: tl.constexpr):
+                   LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """dq_i += sum over the bins a holding grid token i of dA_a / |bin a|."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
@@ -398,9 +398,9 @@ def _unpool_kernel(dq_ptr, da_ptr, N, H, chunk, num_prefix, grid_h, grid_w, s_db
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
         member = tl.where(_bins(offs_n, offs_a, num_prefix, grid_h, grid_w, A_SIDE) & mn[:, None], 1.0, 0.0)
-        dq = load_tile(dq_base, offs_n, offs_c, s_dn, mn, mc).to(tl.float32)
+        dq = load_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, ALIGN).to(tl.float32)
         dq += dot_split_b(round_to(member, DT), da_hi, da_lo, LOWP)
-        store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dq)
+        store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dq, ALIGN)
 
 
 # --- launchers ------------------------------------------------------------------------------
@@ -457,7 +457,8 @@ def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor
     splits, chunk = split_tokens(b * h, n - num_prefix, cfg["BLOCK_N"], target)
     part = q.new_empty(b * h, splits, nap, dp, dtype=torch.float32)
     launch(_pool_kernel, (b * h, splits), q, part, n, h, chunk, num_prefix, grid_h, grid_w, s_qb, s_qh, s_qn,
-           A_SIDE=meta["A_SIDE"], D=d, DP=dp, NAP=nap, **flags, **_launch_opts(cfg, meta["LOWP"]))
+           A_SIDE=meta["A_SIDE"], D=d, DP=dp, NAP=nap, ALIGN=row_alignment(q), **flags,
+           **_launch_opts(cfg, meta["LOWP"]))
     agents = part.sum(1) if splits > 1 else part.view(b * h, nap, dp)
 
     cfg = CONFIG["aggregate"]
@@ -468,7 +469,7 @@ def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor
     qk_scale = d ** -0.5 * LOG2E.value
     launch(_aggregate_kernel, (b * h, splits), k, v, agents, b1 if has_bias else q, m_part, l_part, acc_part, n, h,
            chunk, qk_scale, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, NA=num_agents, HAS_BIAS=has_bias,
-           **meta, **_launch_opts(cfg, meta["LOWP"]))
+           ALIGN=row_alignment(k, v), **meta, **_launch_opts(cfg, meta["LOWP"]))
     va = q.new_empty(b * h, nap, dvp, dtype=torch.float32)
     lse = q.new_empty(b * h, nap, dtype=torch.float32)
     cfg = CONFIG["merge"]
@@ -481,7 +482,7 @@ def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor
     splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], 2 * target, cfg["max_tiles"])
     launch(_broadcast_kernel, (b * h, splits), q, agents, va, b2 if has_bias else q, out, n, h, chunk, qk_scale,
            grid_h, grid_w, s_qb, s_qh, s_qn, out.stride(0), out.stride(1), out.stride(2), NA=num_agents,
-           HAS_BIAS=has_bias, **meta, **_launch_opts(cfg, meta["LOWP"]))
+           HAS_BIAS=has_bias, ALIGN=row_alignment(q, out), **meta, **_launch_opts(cfg, meta["LOWP"]))
     return out, agents, va, lse
 
 
@@ -515,7 +516,8 @@ def agent_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, b1: 
     part_q = q.new_empty(b * h, splits, nap * (dvp + dp), dtype=torch.float32)
     launch(_broadcast_bwd_kernel, (h, splits, groups), q, grad, agents, va, b2 if has_bias else q, dq,
            db2 if bias_grad else q, part_q, b, per_group, n, h, chunk, scale * LOG2E.value, scale, grid_h, grid_w,
-           s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, dq.stride(0), dq.stride(1), dq.stride(2), **flags, **opts)
+           s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, dq.stride(0), dq.stride(1), dq.stride(2),
+           ALIGN=row_alignment(q, grad, dq), **flags, **opts)
     grads_q = part_q.sum(1) if splits > 1 else part_q.view(b * h, nap * (dvp + dp))
 
     cfg = CONFIG["aggregate_bwd"]
@@ -526,14 +528,14 @@ def agent_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, b1: 
     launch(_aggregate_bwd_kernel, (h, splits, groups), k, v, agents, b1 if has_bias else q, va, lse, grads_q, dk,
            dv, db1 if bias_grad else q, part_k, b, per_group, n, h, chunk, scale * LOG2E.value, scale, grid_h, grid_w,
            s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, dk.stride(0), dk.stride(1), dk.stride(2),
-           dv.stride(0), dv.stride(1), dv.stride(2), **flags, **opts)
+           dv.stride(0), dv.stride(1), dv.stride(2), ALIGN=row_alignment(k, v, dk, dv), **flags, **opts)
     da = grads_q[:, nap * dvp:].reshape(b * h, nap, dp) + part_k.sum(1)
 
     cfg = CONFIG["unpool"]
     splits, chunk = split_tokens(b * h, n - num_prefix, cfg["BLOCK_N"], 2 * target, cfg["max_tiles"])
     launch(_unpool_kernel, (b * h, splits), dq, da, n, h, chunk, num_prefix, grid_h, grid_w, dq.stride(0),
            dq.stride(1), dq.stride(2), A_SIDE=meta["A_SIDE"], D=d, DP=dp, NAP=nap, LOWP=meta["LOWP"],
-           **_launch_opts(cfg, meta["LOWP"]))
+           ALIGN=row_alignment(dq), **_launch_opts(cfg, meta["LOWP"]))
     return dq, dk, dv, group_sum(db1), group_sum(db2)
 
 

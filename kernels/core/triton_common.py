@@ -141,10 +141,10 @@ def head_strides(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:
 
 
 @triton.jit
-def load_tile(base, offs_n, offs_c, stride_n, mask_n, mask_c):
-    """A (tokens, channels) tile in its own dtype, zero outside the masks."""
-    return tl.load(base + offs_n[:, None] * stride_n + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :],
-                   other=0.0)
+def load_tile(base, offs_n, offs_c, stride_n, mask_n, mask_c, ALIGN: tl.constexpr):
+    """A (tokens, channels) tile in its own dtype, zero outside the masks; rows ALIGN bytes aligned (``row_ptrs``)."""
+    return tl.load(row_ptrs(base, offs_n, stride_n, ALIGN)[:, None] + offs_c[None, :],
+                   mask=mask_n[:, None] & mask_c[None, :], other=0.0)
 
 
 @triton.jit
@@ -159,8 +159,8 @@ def round_to(x, DT: tl.constexpr):
 
 
 @triton.jit
-def store_tile(base, offs_n, offs_c, stride_n, mask_n, mask_c, value):
-    ptrs = base + offs_n[:, None] * stride_n + offs_c[None, :]
+def store_tile(base, offs_n, offs_c, stride_n, mask_n, mask_c, value, ALIGN: tl.constexpr):
+    ptrs = row_ptrs(base, offs_n, stride_n, ALIGN)[:, None] + offs_c[None, :]
     tl.store(ptrs, round_to(value, base.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
 
 

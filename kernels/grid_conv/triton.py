@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..core.triton_common import (cdiv, head_strides, launch, load_tile, num_programs_target, pad_dim,
-                                  round_to, store_tile)
+                                  round_to, row_alignment, store_tile)
 from ..core.triton_op import triton_op
 
 # Tile sizes and launch options (``python -m subquad.tasks.bench.grid_conv --sweep`` times them); 8 warps
@@ -61,16 +61,16 @@ def _tile(j, num_prefix, grid_h, grid_w, TILE_H: tl.constexpr, TILE_W: tl.conste
 
 
 @triton.jit
-def _shifted(base, stride_n, first, row, col, di, dj, grid_h, grid_w, offs_c, mc):
+def _shifted(base, stride_n, first, row, col, di, dj, grid_h, grid_w, offs_c, mc, ALIGN: tl.constexpr):
     """The fp32 tile of tokens (row + di, col + dj) of a frame, zero outside the grid (the zero padding)."""
     r, c = row + di, col + dj
     inside = (r >= 0) & (r < grid_h) & (c >= 0) & (c < grid_w)
-    return load_tile(base, first + r * grid_w + c, offs_c, stride_n, inside, mc).to(tl.float32)
+    return load_tile(base, first + r * grid_w + c, offs_c, stride_n, inside, mc, ALIGN).to(tl.float32)
 
 
 @triton.jit
 def _conv(base, stride_n, taps_ptr, s_tap, chan, first, row, col, grid_h, grid_w, offs_c, mc, K: tl.constexpr,
-          FLIP: tl.constexpr, TOKENS: tl.constexpr, DP: tl.constexpr):
+          FLIP: tl.constexpr, TOKENS: tl.constexpr, DP: tl.constexpr, ALIGN: tl.constexpr):
     """sum_ij w[chan, i, j] src[row + i - K//2, col + j - K//2] in fp32, the filter given as fp32 taps
     (K*K, C); FLIP takes w[chan, K-1-i, K-1-j] (the transposed conv of the backward). The filter rows are
     a loop, not unrolled: K shifted tiles in flight at a time, not K*K, keep the registers in bounds."""
@@ -83,22 +83,22 @@ def _conv(base, stride_n, taps_ptr, s_tap, chan, first, row, col, grid_h, grid_w
                 tap = i * K + j
             w = tl.load(taps_ptr + tap * s_tap + chan, mask=mc, other=0.0)
             acc += w[None, :] * _shifted(base, stride_n, first, row, col, i - K // 2, j - K // 2, grid_h, grid_w,
-                                         offs_c, mc)
+                                         offs_c, mc, ALIGN)
     return acc
 
 
 @triton.jit
 def _prefix_rows(src_base, s_src, dst_base, s_dst, num_prefix, offs_c, mc, COPY: tl.constexpr, TOKENS: tl.constexpr,
-                 DP: tl.constexpr):
+                 DP: tl.constexpr, ALIGN: tl.constexpr):
     """dst[:P] = src[:P] (COPY) or 0: the conv is 0 on the prefix rows."""
     for p0 in range(0, num_prefix, TOKENS):
         offs = p0 + tl.arange(0, TOKENS)
         m = offs < num_prefix
         if COPY:
-            rows = load_tile(src_base, offs, offs_c, s_src, m, mc).to(tl.float32)
+            rows = load_tile(src_base, offs, offs_c, s_src, m, mc, ALIGN).to(tl.float32)
         else:
             rows = tl.zeros((TOKENS, DP), tl.float32)
-        store_tile(dst_base, offs, offs_c, s_dst, m, mc, rows)
+        store_tile(dst_base, offs, offs_c, s_dst, m, mc, rows, ALIGN)
 
 
 # --- kernels --------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def _forward_kernel(x_ptr, taps_ptr, b_ptr, r_ptr, o_ptr, num_prefix, grid_h, gr
                     s_xb, s_xh, s_xn, s_rb, s_rh, s_rn, s_ob, s_oh, s_on,
                     D: tl.constexpr, DP: tl.constexpr, K: tl.constexpr, PER_HEAD: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, FLIP: tl.constexpr, TILE_H: tl.constexpr,
-                    TILE_W: tl.constexpr):
+                    TILE_W: tl.constexpr, ALIGN: tl.constexpr):
     """out = residual + bias + conv(x) for one tile of one (batch, head); item ``grid_items`` of a batch
     element (there when P > 0) is its prefix rows. ``items`` = tiles per batch element, prefix item included.
     FLIP: the transposed conv (dx of the backward, from x = g)."""
@@ -121,22 +121,22 @@ def _forward_kernel(x_ptr, taps_ptr, b_ptr, r_ptr, o_ptr, num_prefix, grid_h, gr
     r_base = r_ptr + b * s_rb + h * s_rh
     o_base = o_ptr + b * s_ob + h * s_oh
     if j == grid_items:
-        _prefix_rows(r_base, s_rn, o_base, s_on, num_prefix, offs_c, mc, HAS_RES, TILE_H * TILE_W, DP)
+        _prefix_rows(r_base, s_rn, o_base, s_on, num_prefix, offs_c, mc, HAS_RES, TILE_H * TILE_W, DP, ALIGN)
     else:
         row, col, first, tok, inside = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
         acc = _conv(x_ptr + b * s_xb + h * s_xh, s_xn, taps_ptr, s_tap, chan, first, row, col, grid_h, grid_w, offs_c,
-                    mc, K, FLIP, TILE_H * TILE_W, DP)
+                    mc, K, FLIP, TILE_H * TILE_W, DP, ALIGN)
         if HAS_BIAS:
             acc += tl.load(b_ptr + chan, mask=mc, other=0.0).to(tl.float32)[None, :]
         if HAS_RES:
-            acc += load_tile(r_base, tok, offs_c, s_rn, inside, mc).to(tl.float32)
-        store_tile(o_base, tok, offs_c, s_on, inside, mc, acc)
+            acc += load_tile(r_base, tok, offs_c, s_rn, inside, mc, ALIGN).to(tl.float32)
+        store_tile(o_base, tok, offs_c, s_on, inside, mc, acc, ALIGN)
 
 
 @triton.jit(do_not_specialize=["num_prefix", "grid_h", "grid_w", "grid_items", "items", "total", "chunk"])
 def _filter_grad_kernel(g_ptr, x_ptr, part_ptr, num_prefix, grid_h, grid_w, grid_items, items, total, chunk,
                         s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, D: tl.constexpr, DP: tl.constexpr, K: tl.constexpr,
-                        ROWS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+                        ROWS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, ALIGN: tl.constexpr):
     """The fp32 partials [dw tap 0 .. tap K*K-1 | dbias] of a chunk of the (batch, tile) items of one head,
     summed in registers (ROWS >= K*K + 1 rows of DP) and stored once at part[head, chunk]."""
     split = tl.program_id(0)
@@ -150,12 +150,12 @@ def _filter_grad_kernel(g_ptr, x_ptr, part_ptr, num_prefix, grid_h, grid_w, grid
         b, j = (item // items).to(tl.int64), item % items
         if j != grid_items:
             row, col, first, tok, inside = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
-            g = load_tile(g_ptr + b * s_gb + h * s_gh, tok, offs_c, s_gn, inside, mc).to(tl.float32)
+            g = load_tile(g_ptr + b * s_gb + h * s_gh, tok, offs_c, s_gn, inside, mc, ALIGN).to(tl.float32)
             acc += tl.where(rows == K * K, tl.sum(g, axis=0)[None, :], 0.0)
             x_base = x_ptr + b * s_xb + h * s_xh
             for i in range(K):
                 for jj in tl.static_range(K):
-                    xs = _shifted(x_base, s_xn, first, row, col, i - K // 2, jj - K // 2, grid_h, grid_w, offs_c, mc)
+                    xs = _shifted(x_base, s_xn, first, row, col, i - K // 2, jj - K // 2, grid_h, grid_w, offs_c, mc, ALIGN)
                     acc += tl.where(rows == i * K + jj, tl.sum(g * xs, axis=0)[None, :], 0.0)
     part = part_ptr + (h * tl.num_programs(0) + split) * (K * K + 1) * DP
     tl.store(part + rows * DP + offs_c[None, :], acc, mask=rows < K * K + 1)
@@ -236,7 +236,8 @@ def _conv_launch(x: Tensor, taps: Tensor, bias: Optional[Tensor], residual: Opti
     launch(_forward_kernel, (b * items, h), x, taps, bias.contiguous() if bias is not None else x, res, out,
            num_prefix, grid_h, grid_w, grid_items, items, taps.stride(0), s_xb, s_xh, s_xn, s_rb, s_rh, s_rn,
            out.stride(0), out.stride(1), out.stride(2), D=d, DP=pad_dim(d), K=math.isqrt(taps.shape[0]),
-           PER_HEAD=taps.shape[1] == h * d, HAS_BIAS=bias is not None, HAS_RES=residual is not None, FLIP=flip, **cfg)
+           PER_HEAD=taps.shape[1] == h * d, HAS_BIAS=bias is not None, HAS_RES=residual is not None, FLIP=flip,
+           ALIGN=row_alignment(x, res, out), **cfg)
     return out
 
 
@@ -264,7 +265,7 @@ def grid_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     part = x.new_empty(h, splits, k * k + 1, dp, dtype=torch.float32)
     launch(_filter_grad_kernel, (splits, h), grad, x, part, num_prefix, grid_h, grid_w, grid_items, items, total,
            chunk, s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, D=d, DP=dp, K=k, ROWS=triton.next_power_of_2(k * k + 1),
-           TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], num_warps=cfg["num_warps"])
+           TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], ALIGN=row_alignment(grad, x), num_warps=cfg["num_warps"])
     dw, db = _filter_grads_like(weight, bias)
     groups = channels // d
     cfg = CONFIG["reduce"]

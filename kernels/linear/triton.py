@@ -50,7 +50,7 @@ from torch import Tensor
 from ..core.rope import rope_2d_angles
 from ..core.triton_common import (cdiv, dot_split, dot_split_a, dot_split_b, dot_terms, head_strides, launch,
                                   load_tile, num_programs_target, operand_dtype, pad_dim, precision_flags,
-                                  split_operand, split_tokens, store_tile)
+                                  row_alignment, split_operand, split_tokens, store_tile)
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 from .reference import FOCUSED_EPS, LINEAR_EPS
@@ -130,10 +130,11 @@ def _focused_parts(x, inv_c, mc, p, eps, inv_m, P_INT: tl.constexpr):
 
 
 @triton.jit
-def _load_heads(base, heads, offs_n, offs_c, s_h, s_n, mask):
-    """A (heads, tokens, channels) block of a (B, h, N, d) tensor's batch at ``base``, 0 outside ``mask``."""
-    return tl.load(base + heads[:, None, None] * s_h + offs_n[None, :, None] * s_n + offs_c[None, None, :], mask=mask,
-                   other=0.0)
+def _load_heads(base, heads, offs_n, offs_c, s_h, s_n, mask, ALIGN: tl.constexpr):
+    """A (heads, tokens, channels) block of a (B, h, N, d) tensor's batch at ``base``, 0 outside ``mask``; rows
+    ALIGN bytes aligned (``row_ptrs``)."""
+    rows = tl.multiple_of(base + heads[:, None] * s_h + offs_n[None, :] * s_n, [ALIGN, ALIGN])
+    return tl.load(rows[:, :, None] + offs_c[None, None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -164,7 +165,7 @@ def _scale_rows(c_ptr, heads, offs_c, H, eps, D: tl.constexpr):
 
 @triton.jit
 def _online_norms(x_base, s_h, s_n, c_ptr, H, offs_n, mn, p, eps, D: tl.constexpr, DP: tl.constexpr,
-                  HB: tl.constexpr, EVEN: tl.constexpr, P_INT: tl.constexpr):
+                  HB: tl.constexpr, EVEN: tl.constexpr, P_INT: tl.constexpr, ALIGN: tl.constexpr):
     """The whole-token [1/m, ||r||, ||r/m||, ||(r/m)^p||] (m = max(r) over all H heads' channels) of a
     tile of tokens, loading HB heads at a time as one (HB, tokens, DP) block; across head blocks the running
     sums are rescaled whenever m grows, as an online softmax rescales its sum. EVEN: D = DP and HB divides H,
@@ -178,7 +179,7 @@ def _online_norms(x_base, s_h, s_n, c_ptr, H, offs_n, mn, p, eps, D: tl.constexp
     for h0 in range(0, H, HB):
         heads = h0 + offs_h
         inv_c, eps_c, m_hc = _scale_rows(c_ptr, heads, offs_c, H, eps, D)
-        x = _load_heads(x_base, heads, offs_n, offs_c, s_h, s_n, m_hc[:, None, :] & mn[None, :, None])
+        x = _load_heads(x_base, heads, offs_n, offs_c, s_h, s_n, m_hc[:, None, :] & mn[None, :, None], ALIGN)
         r = _relu_scaled(x.to(tl.float32), inv_c, eps_c, m_hc, EVEN)
         m_new = tl.maximum(tl.maximum(m, tl.max(tl.max(r, axis=2), axis=0)), 1e-30)   # > 0 on padding tokens too
         alpha = tl.where(m > 0, m / m_new, 1.0)        # m = 0 before the first head, when the sums are 0 too
@@ -315,7 +316,7 @@ def _load_grad_state(grads_ptr, bh, inv_n, scale_d, FEATURE: tl.constexpr, DT: t
 @triton.jit(do_not_specialize=["N", "H"])
 def _token_norms_kernel(q_ptr, k_ptr, c_ptr, rec_ptr, B, N, H, p, eps, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn,
                         P_INT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, HB: tl.constexpr,
-                        EVEN: tl.constexpr, BLOCK_N: tl.constexpr):
+                        EVEN: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
     """FLatten's whole-token norms (Eq. 5-6 over all C = H * D channels) of a tile of tokens of the queries
     (program_id(2) = 0) or the keys (1): the (2, B, N, 4) record [1/m, ||r||, ||r/m||, ||(r/m)^p||] with
     m = max(r)."""
@@ -328,13 +329,13 @@ def _token_norms_kernel(q_ptr, k_ptr, c_ptr, rec_ptr, B, N, H, p, eps, s_qb, s_q
     else:
         x_base, s_xh, s_xn = k_ptr + b * s_kb, s_kh, s_kn
     inv_m, norm_r, norm_rn, norm_rp = _online_norms(x_base, s_xh, s_xn, c_ptr, H, offs_n, mn, p, eps, D, DP, HB,
-                                                    EVEN, P_INT)
+                                                    EVEN, P_INT, ALIGN)
     _store_norms(rec_ptr + which * B * N * 4, b, N, offs_n, mn, inv_m, norm_r, norm_rn, norm_rp)
 
 
 @triton.jit(do_not_specialize=["N", "H"])
 def _query_gw_kernel(g_ptr, o_ptr, den_ptr, norms_ptr, gw_ptr, N, H, lin_eps, s_gb, s_gh, s_gn, s_ob, s_oh, s_on,
-                     DV: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr):
+                     DV: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
     """g.w of a tile of queries over all heads: phi(q_i) . dL/dphi(q_i) / ||r_i||, which for O = num / den
     (den = phi . z / M + eps) collapses to eps sum_h G_ih . O_ih / den_ih / ||r_i||."""
     b = tl.program_id(0)
@@ -344,8 +345,8 @@ def _query_gw_kernel(g_ptr, o_ptr, den_ptr, norms_ptr, gw_ptr, N, H, lin_eps, s_
     mv = offs_v < DV
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for h in range(H):
-        g = load_tile(g_ptr + b * s_gb + h * s_gh, offs_n, offs_v, s_gn, mn, mv).to(tl.float32)
-        o = load_tile(o_ptr + b * s_ob + h * s_oh, offs_n, offs_v, s_on, mn, mv).to(tl.float32)
+        g = load_tile(g_ptr + b * s_gb + h * s_gh, offs_n, offs_v, s_gn, mn, mv, ALIGN).to(tl.float32)
+        o = load_tile(o_ptr + b * s_ob + h * s_oh, offs_n, offs_v, s_on, mn, mv, ALIGN).to(tl.float32)
         den = tl.load(den_ptr + (b * H + h) * N + offs_n, mask=mn, other=1.0)
         acc += tl.sum(g * o, axis=1) / den
     norm_r = tl.load(norms_ptr + (b * N + offs_n) * 4 + 1, mask=mn, other=1.0)
@@ -357,7 +358,7 @@ def _state_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, trig_ptr, part_ptr,
                   N, H, chunk, p, eps, num_prefix, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                   FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
                   D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                  BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
+                  BLOCK_N: tl.constexpr, LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """Partial [S = sum_j rot(phi(k_j))^T v_j | sum_j phi(k_j) | sum_j v_j] over one chunk of tokens.
     The two sums accumulate per token row and are reduced once, after the loop."""
     bh = tl.program_id(0)
@@ -378,8 +379,8 @@ def _state_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, trig_ptr, part_ptr,
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
-        x = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
-        vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
+        x = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc, ALIGN).to(tl.float32)
+        vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv, ALIGN)
         inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE)
         phi = tl.where(mn[:, None], _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT), 0.0)
         ksum += phi
@@ -400,7 +401,7 @@ def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
                    grid_h, grid_w, inv_n, scale_d, lin_eps, s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
                    FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
                    D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, TERMS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
+                   BLOCK_N: tl.constexpr, LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """The output of one chunk of queries of one head from the reduced state: FLatten's O (keeping its
     normaliser den (B*h, N) for the backward's g.w) or MALA's Y."""
     bh = tl.program_id(0)
@@ -419,7 +420,7 @@ def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
-        x = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc).to(tl.float32)
+        x = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc, ALIGN).to(tl.float32)
         inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE)
         phi = _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT)
         if FEATURE == 0:
@@ -433,7 +434,7 @@ def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
                 phi = _rotate(phi, cos, sin, BLOCK_N, DP, False)
             a = dot_terms(phi, state_hi, state_lo, DT, TERMS, LOWP)
             out = a * (1.0 + 1.0 / (s + lin_eps))[:, None] - s[:, None] * vbar[None, :]
-        store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out)
+        store_tile(o_base, offs_n, offs_v, s_on, mn, mv, out, ALIGN)
 
 
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
@@ -442,7 +443,7 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_
                        s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_db, s_dh, s_dn,
                        FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
                        D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                       BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
+                       BLOCK_N: tl.constexpr, LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """Query side: dq (FLatten: with the per-token g.w of _query_gw_kernel), and partial
     [dS (d x dv) | dz (d) | dvbar (dv) | dc (d)] over one chunk."""
     bh = tl.program_id(0)
@@ -467,8 +468,8 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
-        x = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc).to(tl.float32)
-        g = load_tile(g_base, offs_n, offs_v, s_gn, mn, mv).to(tl.float32)
+        x = load_tile(q_base, offs_n, offs_c, s_qn, mn, mc, ALIGN).to(tl.float32)
+        g = load_tile(g_base, offs_n, offs_v, s_gn, mn, mv, ALIGN).to(tl.float32)
         inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, FEATURE)
         phi = tl.where(mn[:, None], _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, FEATURE, P_INT), 0.0)
         if FEATURE == 0:
@@ -503,7 +504,7 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_
             acc_k += d_s[:, None] * phi
             acc_v -= s[:, None] * g
             dx = d_phi * tl.where(x > 0, 1.0, phi)
-        store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dx)
+        store_tile(dq_base, offs_n, offs_c, s_dn, mn, mc, dx, ALIGN)
     part = part_ptr + (bh * tl.num_programs(1) + split) * (DP * DVP + 2 * DP + DVP)
     tl.store(part + offs_c[:, None] * DVP + offs_v[None, :], acc_state)
     if FEATURE == 0:
@@ -519,7 +520,7 @@ def _backward_k_kernel(k_ptr, v_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr,
                        N, H, chunk, num_prefix, grid_h, grid_w, inv_n, scale_d,
                        s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
                        ROPE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                       BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
+                       BLOCK_N: tl.constexpr, LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """MALA's key side: dk, dv of one chunk of one head from the reduced [dS | dz | dvbar]."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -539,8 +540,8 @@ def _backward_k_kernel(k_ptr, v_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr,
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < hi
-        x = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
-        vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv)
+        x = load_tile(k_base, offs_n, offs_c, s_kn, mn, mc, ALIGN).to(tl.float32)
+        vt = load_tile(v_base, offs_n, offs_v, s_vn, mn, mv, ALIGN)
         phi = tl.where(mc[None, :], tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)
         d_rot = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP)
         rot = phi
@@ -551,20 +552,20 @@ def _backward_k_kernel(k_ptr, v_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr,
         d_phi = d_rot + d_ksum[None, :]
         dv = dot_split(rot, d_state_hi, d_state_lo, DT, LOWP) + d_vsum[None, :]
         dx = d_phi * tl.where(x > 0, 1.0, phi)
-        store_tile(dk_base, offs_n, offs_c, s_dkn, mn, mc, dx)
-        store_tile(dv_base, offs_n, offs_v, s_dvn, mn, mv, dv)
+        store_tile(dk_base, offs_n, offs_c, s_dkn, mn, mc, dx, ALIGN)
+        store_tile(dv_base, offs_n, offs_v, s_dvn, mn, mv, dv, ALIGN)
 
 
 @triton.jit
 def _focused_key_head(c_ptr, grads_ptr, k_head, v_head, bh, h, offs_n, mn, offs_c, mc, offs_v, mv, s_kn, s_vn, p,
                       eps, inv_n, inv_m, norm_r, norm_rp, DT: tl.constexpr, P_INT: tl.constexpr, D: tl.constexpr,
-                      DP: tl.constexpr, DVP: tl.constexpr, LOWP: tl.constexpr):
+                      DP: tl.constexpr, DVP: tl.constexpr, LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """One head of a key tile in FLatten's key backward: its scale, keys x, features phi, the gradient
     d phi = dS v + dz reaching them, and the state gradient dS (hi, lo)."""
     inv_c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
     d_state_hi, d_state_lo, d_ksum, _ = _load_grad_state(grads_ptr, bh, inv_n, 1.0, 0, DT, DP, DVP, LOWP)
-    x = load_tile(k_head, offs_n, offs_c, s_kn, mn, mc).to(tl.float32)
-    vt = load_tile(v_head, offs_n, offs_v, s_vn, mn, mv)
+    x = load_tile(k_head, offs_n, offs_c, s_kn, mn, mc, ALIGN).to(tl.float32)
+    vt = load_tile(v_head, offs_n, offs_v, s_vn, mn, mv, ALIGN)
     phi = _feature(x, inv_c, mc, p, eps, inv_m, norm_r, norm_rp, 0, P_INT)
     d_phi = dot_split_b(vt, tl.trans(d_state_hi), tl.trans(d_state_lo), LOWP) + d_ksum[None, :]
     return inv_c, x, phi, d_phi, d_state_hi, d_state_lo
@@ -574,7 +575,7 @@ def _focused_key_head(c_ptr, grads_ptr, k_head, v_head, bh, h, offs_n, mn, offs_
 def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, dv_ptr, dc_ptr, N, H, p, eps, inv_n,
                                s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
                                P_INT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
-                               DVP: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
+                               DVP: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """FLatten's key side for a tile of tokens over all heads: first the keys' whole-token
     g.w = sum_h phi_h(k_j) . (dS_h v_j + dz_h) / M / ||r_j|| (one pass over the heads), then per head dk, dv
     and a partial dc (B, tiles, H, DP). The second pass re-reads the tiles it has just read (from cache)."""
@@ -593,17 +594,17 @@ def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, 
     for h in range(H):
         inv_c, x, phi, d_phi, d_state_hi, d_state_lo = _focused_key_head(
             c_ptr, grads_ptr, k_base + h * s_kh, v_base + h * s_vh, b * H + h, h, offs_n, mn, offs_c, mc, offs_v, mv,
-            s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP)
+            s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP, ALIGN)
         gw += tl.sum(phi * d_phi, axis=1)
     gw = gw / norm_r
     for h in range(H):
         inv_c, x, phi, d_phi, d_state_hi, d_state_lo = _focused_key_head(
             c_ptr, grads_ptr, k_base + h * s_kh, v_base + h * s_vh, b * H + h, h, offs_n, mn, offs_c, mc, offs_v, mv,
-            s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP)
+            s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP, ALIGN)
         dv = dot_split(phi, d_state_hi, d_state_lo, DT, LOWP)
         dx, dc = _focused_backward(d_phi, gw, x, inv_c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT)
-        store_tile(dk_ptr + b * s_dkb + h * s_dkh, offs_n, offs_c, s_dkn, mn, mc, dx)
-        store_tile(dv_ptr + b * s_dvb + h * s_dvh, offs_n, offs_v, s_dvn, mn, mv, dv)
+        store_tile(dk_ptr + b * s_dkb + h * s_dkh, offs_n, offs_c, s_dkn, mn, mc, dx, ALIGN)
+        store_tile(dv_ptr + b * s_dvb + h * s_dvh, offs_n, offs_v, s_dvn, mn, mv, dv, ALIGN)
         tl.store(dc_ptr + ((b * tl.num_programs(1) + tile) * H + h) * DP + offs_c,
                  tl.sum(tl.where(mn[:, None], dc, 0.0), axis=0))
 
@@ -686,7 +687,7 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
         heads = min(1 << (h - 1).bit_length(), max(1, NORMS_TILE // (opts["BLOCK_N"] * dp)))
         launch(_token_norms_kernel, (b, cdiv(n, opts["BLOCK_N"]), 2), q, k, c, norms, b, n, h, float(p), FOCUSED_EPS,
                s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, P_INT=meta["P_INT"], D=d, DP=dp, HB=heads,
-               EVEN=d == dp and h % heads == 0, **opts)
+               EVEN=d == dp and h % heads == 0, ALIGN=row_alignment(q, k), **opts)
         den = q.new_empty(b * h, n, dtype=torch.float32)
     else:
         norms = den = q.new_empty(0, dtype=torch.float32)
@@ -695,7 +696,8 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
     splits, chunk = _splits(cfg, opts, b * h, n, q.device)
     part = q.new_empty(b * h, splits, dp * dvp + dp + dvp, dtype=torch.float32)
     launch(_state_kernel, (b * h, splits), k, v, c, norms[1] if focused else q, trig, part, n, h, chunk, float(p),
-           FOCUSED_EPS, num_prefix, rope_h, rope_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, **meta, **opts)
+           FOCUSED_EPS, num_prefix, rope_h, rope_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, ALIGN=row_alignment(k, v),
+           **meta, **opts)
     state = part.sum(1) if splits > 1 else part[:, 0]
     out = heads_last_empty(q, b, h, n, dv)
     cfg = CONFIG["focused_output" if focused else "output"]
@@ -705,7 +707,7 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
     launch(_output_kernel, (b * h, splits), q, c, norms[0] if focused else q, trig, state, out,
            den if focused else q, n, h, chunk,
            float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS, s_qb, s_qh, s_qn,
-           out.stride(0), out.stride(1), out.stride(2), TERMS=terms, **meta, **opts)
+           out.stride(0), out.stride(1), out.stride(2), TERMS=terms, ALIGN=row_alignment(q, out), **meta, **opts)
     return out, state, norms, den if focused else q.new_empty(b * h, 0, dtype=torch.float32)
 
 
@@ -728,7 +730,7 @@ def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: 
         gw_q = grad.new_empty(b, n, dtype=torch.float32)
         opts = _launch_opts(CONFIG["gw_query"], meta)
         launch(_query_gw_kernel, (b, cdiv(n, opts["BLOCK_N"])), grad, out, den, norms[0], gw_q, n, h, LINEAR_EPS,
-               s_gb, s_gh, s_gn, s_ob, s_oh, s_on, DV=d_v, DVP=dvp, **opts)
+               s_gb, s_gh, s_gn, s_ob, s_oh, s_on, DV=d_v, DVP=dvp, ALIGN=row_alignment(grad, out), **opts)
 
     cfg = CONFIG["bwd_q"]
     opts = _launch_opts(cfg, meta)
@@ -736,7 +738,8 @@ def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: 
     part = q.new_empty(b * h, splits, dp * dvp + 2 * dp + dvp, dtype=torch.float32)
     launch(_backward_q_kernel, (b * h, splits), q, grad, c, norms[0] if focused else q, gw_q, trig, state, dq, part,
            n, h, chunk, float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS,
-           s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, dq.stride(0), dq.stride(1), dq.stride(2), **meta, **opts)
+           s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, dq.stride(0), dq.stride(1), dq.stride(2),
+           ALIGN=row_alignment(q, grad, dq), **meta, **opts)
     grads = part.sum(1) if splits > 1 else part[:, 0]
 
     strides = (s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0),
@@ -747,14 +750,14 @@ def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: 
         splits, chunk = _splits(cfg, opts, b * h, n, q.device)
         launch(_backward_k_kernel, (b * h, splits), k, v, trig, grads, dk, dv, n, h, chunk, num_prefix, rope_h,
                rope_w, 1.0 / n, d ** -0.5, *strides, ROPE=meta["ROPE"], D=d, DV=d_v, DP=dp, DVP=dvp,
-               LOWP=meta["LOWP"], **opts)
+               LOWP=meta["LOWP"], ALIGN=row_alignment(k, v, dk, dv), **opts)
         return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
     opts = _launch_opts(CONFIG["focused_bwd_k"], meta)
     tiles = cdiv(n, opts["BLOCK_N"])
     part_c = q.new_empty(b, tiles, h, dp, dtype=torch.float32)
     launch(_focused_backward_k_kernel, (b, tiles), k, v, c, norms[1], grads, dk, dv, part_c, n, h, float(p),
            FOCUSED_EPS, 1.0 / n, *strides, P_INT=meta["P_INT"], D=d, DV=d_v, DP=dp, DVP=dvp, LOWP=meta["LOWP"],
-           **opts)
+           ALIGN=row_alignment(k, v, dk, dv), **opts)
     dc = grads[:, dp * dvp + dp + dvp:].reshape(b, h, dp).sum(0) + part_c.sum((0, 1))
     return dq, dk, dv, dc[:, :d]
 

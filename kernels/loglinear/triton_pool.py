@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..core.compile_constant import compile_constant
-from ..core.triton_common import launch, strides
+from ..core.triton_common import launch, row_alignment, row_ptrs, strides
 from .block_sparse import pooled_key_tiles, pooled_tile_slots
 from .plan import block_hierarchy
 
@@ -57,7 +57,8 @@ def pooling_tables(grid: tuple[int, int], side: int, levels: int, device: torch.
 @triton.jit(do_not_specialize=["n_blocks", "n_programs", "H", "Nq"])
 def _pool_finest_kernel(Q, K, V, KB, VB, PQ, PK, PV, TileRows, BufferRows, ZeroRows, Counts, n_blocks, n_programs, H,
                         Nq, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbb, sbh, sbn, scb, sch, scn,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr,
+                        ALIGN: tl.constexpr):
     program = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -68,16 +69,16 @@ def _pool_finest_kernel(Q, K, V, KB, VB, PQ, PK, PV, TileRows, BufferRows, ZeroR
     if program >= n_programs:                    # zero T padding / null rows of the buffers
         rows = tl.load(ZeroRows + (program - n_programs) * T + tl.arange(0, T)).to(tl.int64)
         zeros = tl.zeros([T, BLOCK_D], dtype=KB.dtype.element_ty)
-        tl.store(KB + rows[:, None] * sbn + cols[None, :], zeros, mask=col_ok)
-        tl.store(VB + rows[:, None] * scn + cols[None, :], zeros, mask=col_ok)
+        tl.store(row_ptrs(KB, rows, sbn, ALIGN)[:, None] + cols[None, :], zeros, mask=col_ok)
+        tl.store(row_ptrs(VB, rows, scn, ALIGN)[:, None] + cols[None, :], zeros, mask=col_ok)
         return
     blocks = program * BLOCKS + tl.arange(0, BLOCKS)
     slots = program * BLOCKS * T + tl.arange(0, BLOCKS * T)
     rows = tl.load(TileRows + slots, mask=slots < n_blocks * T, other=Nq).to(tl.int64)
     real = (rows[:, None] < Nq) & col_ok
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], mask=real, other=0.0)
-    k = tl.load(K + b * skb + h * skh + rows[:, None] * skn + cols[None, :], mask=real, other=0.0)
-    v = tl.load(V + b * svb + h * svh + rows[:, None] * svn + cols[None, :], mask=real, other=0.0)
+    q = tl.load(row_ptrs(Q + b * sqb + h * sqh, rows, sqn, ALIGN)[:, None] + cols[None, :], mask=real, other=0.0)
+    k = tl.load(row_ptrs(K + b * skb + h * skh, rows, skn, ALIGN)[:, None] + cols[None, :], mask=real, other=0.0)
+    v = tl.load(row_ptrs(V + b * svb + h * svh, rows, svn, ALIGN)[:, None] + cols[None, :], mask=real, other=0.0)
     ok = blocks < n_blocks
     scale = 1.0 / tl.load(Counts + blocks, mask=ok, other=1.0)
     row = tl.load(BufferRows + blocks, mask=ok, other=0).to(tl.int64)
@@ -89,8 +90,8 @@ def _pool_finest_kernel(Q, K, V, KB, VB, PQ, PK, PV, TileRows, BufferRows, ZeroR
     tl.store(PQ + out, q_mean, mask=store)
     tl.store(PK + out, k_mean, mask=store)
     tl.store(PV + out, v_mean, mask=store)
-    tl.store(KB + row[:, None] * sbn + cols[None, :], k_mean.to(KB.dtype.element_ty), mask=store)
-    tl.store(VB + row[:, None] * scn + cols[None, :], v_mean.to(VB.dtype.element_ty), mask=store)
+    tl.store(row_ptrs(KB, row, sbn, ALIGN)[:, None] + cols[None, :], k_mean.to(KB.dtype.element_ty), mask=store)
+    tl.store(row_ptrs(VB, row, scn, ALIGN)[:, None] + cols[None, :], v_mean.to(VB.dtype.element_ty), mask=store)
 
 
 @triton.jit(do_not_specialize=["n_fine", "n_blocks", "H"])
@@ -134,7 +135,8 @@ def pool_into_buffers(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], nu
     programs = triton.cdiv(n1, blocks)
     launch(_pool_finest_kernel, (programs + zero.numel() // t, b * h), q, k, v, keys, values, *pooled[0], tile_rows,
            buffer_rows[0], zero, counts[0], n1, programs, h, q.shape[2], *strides(q), *strides(k), *strides(v),
-           *strides(keys), *strides(values), **consts, BLOCKS=blocks, num_warps=POOL_WARPS)
+           *strides(keys), *strides(values), **consts, BLOCKS=blocks, ALIGN=row_alignment(q, k, v, keys, values),
+           num_warps=POOL_WARPS)
     for level in range(1, levels):
         launch(_pool_parents_kernel, (counts[level].numel(), b * h), *pooled[level - 1], *pooled[level], keys, values,
                children[level - 1], counts[level - 1], counts[level], buffer_rows[level], counts[level - 1].numel(),
@@ -146,7 +148,7 @@ def pool_into_buffers(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], nu
 def _spread_pooled_kernel(DK, DV, DKX, DVX, TileRows, AncestorRows, AncestorScale, n_blocks, H, Nq,
                           skb, skh, skn, svb, svh, svn, sxkb, sxkh, sxkn, sxvb, sxvh, sxvn,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, LEVELS: tl.constexpr,
-                          BLOCKS: tl.constexpr):
+                          BLOCKS: tl.constexpr, ALIGN: tl.constexpr):
     program = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -160,15 +162,19 @@ def _spread_pooled_kernel(DK, DV, DKX, DVX, TileRows, AncestorRows, AncestorScal
     DV += b * svb + h * svh
     DKX += b * sxkb + h * sxkh
     DVX += b * sxvb + h * sxvh
-    dk = tl.load(DK + rows[:, None] * skn + cols[None, :], mask=real, other=0.0).to(tl.float32)
-    dv = tl.load(DV + rows[:, None] * svn + cols[None, :], mask=real, other=0.0).to(tl.float32)
+    dk_rows = row_ptrs(DK, rows, skn, ALIGN)[:, None] + cols[None, :]
+    dv_rows = row_ptrs(DV, rows, svn, ALIGN)[:, None] + cols[None, :]
+    dk = tl.load(dk_rows, mask=real, other=0.0).to(tl.float32)
+    dv = tl.load(dv_rows, mask=real, other=0.0).to(tl.float32)
     for level in tl.static_range(LEVELS):
-        row = tl.load(AncestorRows + level * n_blocks + block, mask=listed, other=0).to(tl.int64)[:, None]
+        row = tl.load(AncestorRows + level * n_blocks + block, mask=listed, other=0).to(tl.int64)
         scale = tl.load(AncestorScale + level * n_blocks + block, mask=listed, other=0.0)[:, None]
-        dk += tl.load(DKX + row * sxkn + cols[None, :], mask=real, other=0.0).to(tl.float32) * scale
-        dv += tl.load(DVX + row * sxvn + cols[None, :], mask=real, other=0.0).to(tl.float32) * scale
-    tl.store(DK + rows[:, None] * skn + cols[None, :], dk.to(DK.dtype.element_ty), mask=real)
-    tl.store(DV + rows[:, None] * svn + cols[None, :], dv.to(DV.dtype.element_ty), mask=real)
+        dk += tl.load(row_ptrs(DKX, row, sxkn, ALIGN)[:, None] + cols[None, :], mask=real,
+                      other=0.0).to(tl.float32) * scale
+        dv += tl.load(row_ptrs(DVX, row, sxvn, ALIGN)[:, None] + cols[None, :], mask=real,
+                      other=0.0).to(tl.float32) * scale
+    tl.store(dk_rows, dk.to(DK.dtype.element_ty), mask=real)
+    tl.store(dv_rows, dv.to(DV.dtype.element_ty), mask=real)
 
 
 def spread_pooled_gradients(dk: Tensor, dv: Tensor, d_pooled_keys: Tensor, d_pooled_values: Tensor,
@@ -185,4 +191,4 @@ def spread_pooled_gradients(dk: Tensor, dv: Tensor, d_pooled_keys: Tensor, d_poo
     launch(_spread_pooled_kernel, (triton.cdiv(n1, blocks), b * h), dk, dv, d_pooled_keys, d_pooled_values, tile_rows,
            ancestor_rows, ancestor_scale, n1, h, n, *strides(dk), *strides(dv), *strides(d_pooled_keys),
            *strides(d_pooled_values), HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), T=t, LEVELS=levels,
-           BLOCKS=blocks, num_warps=POOL_WARPS)
+           BLOCKS=blocks, ALIGN=row_alignment(dk, dv, d_pooled_keys, d_pooled_values), num_warps=POOL_WARPS)

@@ -83,15 +83,20 @@ def _real_size_cases() -> None:
 
 
 def _head_dim_72_cases() -> None:
-    """Radial, neighborhood and log-linear attention at head dim 72 (DiT-XL/2, PixArt) with q, k, v as the models
-    make them (views of one (B, N, 3, h, d) projection: head stride 72, which Triton's JIT does not mark
-    aligned), forward and backward."""
-    grid = (32, 32)
-    for op, options in (("radial", {}), ("neighborhood", dict(kernel_size=7)), ("loglinear", {})):
+    """Every op at head dim 72 (DiT-XL/2, PixArt) with q, k, v as the models make them (views of one (B, N, 3, h, d)
+    projection: head stride 72, which Triton's JIT does not mark aligned), forward and backward."""
+    grid = (16, 16)
+    ops = (("radial_attention", {}), ("neighborhood_attention", dict(kernel_size=7)), ("loglinear_attention", {}),
+           ("mala_attention", {}), ("focused_linear_attention", {}), ("agent_attention", dict(num_agents=16)))
+    for op, options in ops:
         qkv = torch.randn(2, 1 + math.prod(grid), 3, 4, 72).bfloat16().requires_grad_()
-        out = getattr(kernels, f"{op}_attention")(*qkv.permute(2, 0, 3, 1, 4).unbind(0), grid=grid, num_prefix=1,
-                                                   backend="triton", **options)
+        out = getattr(kernels, op)(*qkv.permute(2, 0, 3, 1, 4).unbind(0), grid=grid, num_prefix=1, backend="triton",
+                                   **options)
         torch.autograd.grad(out, qkv, torch.randn_like(out))
+    x = torch.randn(2, 1 + math.prod(grid), 4, 72).bfloat16().transpose(1, 2).requires_grad_()
+    weight = torch.randn(4 * 72, 1, 3, 3).requires_grad_()
+    out = kernels.depthwise_conv_on_grid(x, weight, None, grid=grid, num_prefix=1, backend="triton")
+    torch.autograd.grad(out, [x, weight], torch.randn_like(out))
 
 
 def _record(monkeypatch, cases=_cases, run_kernels: bool = True) -> list[dict]:
@@ -204,18 +209,19 @@ def test_llsa_and_radial_kernels_at_real_sizes_neither_spill_nor_access_scalars(
     _assert_tiles_accessed_in_vectors(result)
 
 
-SOFTMAX_KERNELS = ("subquad.kernels.block_sparse.triton.", "subquad.kernels.neighborhood.triton.",
-                   "subquad.kernels.core.triton_common.")
+TILE_KERNELS = tuple(f"subquad.kernels.{module}." for module in (
+    "block_sparse.triton", "neighborhood.triton", "core.triton_common", "linear.triton", "agent.triton",
+    "grid_conv.triton"))
 
 
 def _assert_tiles_accessed_in_vectors(result: dict) -> None:
-    """No 16-bit scalar global load or store in the softmax kernels (block-sparse core, neighborhood attention),
-    whose tiles each thread reads 8 values of a row at a time."""
-    narrow = {name: found for name, found in result["narrow"].items() if found and name.startswith(SOFTMAX_KERNELS)}
+    """No 16-bit scalar global load or store in the kernels that read (tokens, channels) tiles (attention cores,
+    linear attention, agent attention, the depthwise conv), where each thread reads 8 values of a row at a time."""
+    narrow = {name: found for name, found in result["narrow"].items() if found and name.startswith(TILE_KERNELS)}
     assert not narrow, "\n".join(f"{name}: {found}" for name, found in narrow.items())
 
 
-def test_softmax_kernels_read_tiles_in_vectors_at_head_dim_72(monkeypatch):
+def test_kernels_read_tiles_in_vectors_at_head_dim_72(monkeypatch):
     """Head dim 72 in the models' q, k, v layout: every row is 16-byte aligned, but no stride is divisible by 16
     (what Triton's JIT marks aligned), so the kernels state the alignment (``row_ptrs``); without it every tile
     access was one 16-bit value per instruction, with hundreds of bytes of register spills."""
