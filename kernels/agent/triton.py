@@ -46,7 +46,8 @@ CONFIG = {
     "aggregate": dict(BLOCK_N=32, num_warps=4, num_stages=3),
     "broadcast": dict(BLOCK_N=32, num_warps=4, num_stages=3, max_tiles=8),
     "merge": dict(BLOCK_S=32, num_warps=4),
-    "broadcast_bwd": dict(BLOCK_N=64, num_warps=8, num_stages=2, min_chunk=512),
+    # wide heads: 32-token tiles (not swept; 64 spill 172 bytes of registers per thread on sm_90 at head dim 72)
+    "broadcast_bwd": dict(BLOCK_N=64, num_warps=8, num_stages=2, min_chunk=512, wide_block_n=32),
     "aggregate_bwd": dict(BLOCK_N=64, num_warps=8, num_stages=2, min_chunk=512),
     "unpool": dict(BLOCK_N=32, num_warps=4, num_stages=3, max_tiles=8),
 }
@@ -416,11 +417,14 @@ def _constexprs(dtype: torch.dtype, d: int, dv: int, num_agents: int) -> dict:
                 **precision_flags(dtype))
 
 
-def _launch_opts(cfg: dict, lowp: bool) -> dict:
+def _launch_opts(cfg: dict, meta: dict) -> dict:
     """The kernel's tile and launch options; fp32 inputs (exact fp32 products on the FMA units, which need
-    far more registers) take tiles of at most 16 tokens."""
-    return dict(BLOCK_N=cfg["BLOCK_N"] if lowp else min(cfg["BLOCK_N"], 16), num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"])
+    far more registers) take tiles of at most 16 tokens, wide heads (a padded head dim over 64, e.g. DiT's 72
+    padded to 128) the config's ``wide_block_n`` where it has one."""
+    block_n = cfg["BLOCK_N"] if meta["LOWP"] else min(cfg["BLOCK_N"], 16)
+    if max(meta["DP"], meta["DVP"]) > 64:
+        block_n = min(block_n, cfg.get("wide_block_n", block_n))
+    return dict(BLOCK_N=block_n, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def backward_split(batch: int, heads: int, n: int, block_n: int, target: int, min_chunk: int
@@ -458,7 +462,7 @@ def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor
     part = q.new_empty(b * h, splits, nap, dp, dtype=torch.float32)
     launch(_pool_kernel, (b * h, splits), q, part, n, h, chunk, num_prefix, grid_h, grid_w, s_qb, s_qh, s_qn,
            A_SIDE=meta["A_SIDE"], D=d, DP=dp, NAP=nap, ALIGN=row_alignment(q), **flags,
-           **_launch_opts(cfg, meta["LOWP"]))
+           **_launch_opts(cfg, meta))
     agents = part.sum(1) if splits > 1 else part.view(b * h, nap, dp)
 
     cfg = CONFIG["aggregate"]
@@ -469,7 +473,7 @@ def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor
     qk_scale = d ** -0.5 * LOG2E.value
     launch(_aggregate_kernel, (b * h, splits), k, v, agents, b1 if has_bias else q, m_part, l_part, acc_part, n, h,
            chunk, qk_scale, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, NA=num_agents, HAS_BIAS=has_bias,
-           ALIGN=row_alignment(k, v), **meta, **_launch_opts(cfg, meta["LOWP"]))
+           ALIGN=row_alignment(k, v), **meta, **_launch_opts(cfg, meta))
     va = q.new_empty(b * h, nap, dvp, dtype=torch.float32)
     lse = q.new_empty(b * h, nap, dtype=torch.float32)
     cfg = CONFIG["merge"]
@@ -482,7 +486,7 @@ def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor
     splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], 2 * target, cfg["max_tiles"])
     launch(_broadcast_kernel, (b * h, splits), q, agents, va, b2 if has_bias else q, out, n, h, chunk, qk_scale,
            grid_h, grid_w, s_qb, s_qh, s_qn, out.stride(0), out.stride(1), out.stride(2), NA=num_agents,
-           HAS_BIAS=has_bias, ALIGN=row_alignment(q, out), **meta, **_launch_opts(cfg, meta["LOWP"]))
+           HAS_BIAS=has_bias, ALIGN=row_alignment(q, out), **meta, **_launch_opts(cfg, meta))
     return out, agents, va, lse
 
 
@@ -510,7 +514,7 @@ def agent_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, b1: 
         return buf if not bias_grad else (buf[0] if buf.shape[0] == 1 else buf.sum(0))
 
     cfg = CONFIG["broadcast_bwd"]
-    opts = _launch_opts(cfg, meta["LOWP"])
+    opts = _launch_opts(cfg, meta)
     splits, chunk, groups, per_group = backward_split(b, h, n, opts["BLOCK_N"], target, cfg["min_chunk"])
     db2 = bias_buffer(groups, b2.shape if bias_grad else ())
     part_q = q.new_empty(b * h, splits, nap * (dvp + dp), dtype=torch.float32)
@@ -521,7 +525,7 @@ def agent_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, b1: 
     grads_q = part_q.sum(1) if splits > 1 else part_q.view(b * h, nap * (dvp + dp))
 
     cfg = CONFIG["aggregate_bwd"]
-    opts = _launch_opts(cfg, meta["LOWP"])
+    opts = _launch_opts(cfg, meta)
     splits, chunk, groups, per_group = backward_split(b, h, n, opts["BLOCK_N"], target, cfg["min_chunk"])
     db1 = bias_buffer(groups, b1.shape if bias_grad else ())
     part_k = q.new_empty(b * h, splits, nap, dp, dtype=torch.float32)
@@ -535,7 +539,7 @@ def agent_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, b1: 
     splits, chunk = split_tokens(b * h, n - num_prefix, cfg["BLOCK_N"], 2 * target, cfg["max_tiles"])
     launch(_unpool_kernel, (b * h, splits), dq, da, n, h, chunk, num_prefix, grid_h, grid_w, dq.stride(0),
            dq.stride(1), dq.stride(2), A_SIDE=meta["A_SIDE"], D=d, DP=dp, NAP=nap, LOWP=meta["LOWP"],
-           ALIGN=row_alignment(dq), **_launch_opts(cfg, meta["LOWP"]))
+           ALIGN=row_alignment(dq), **_launch_opts(cfg, meta))
     return dq, dk, dv, group_sum(db1), group_sum(db2)
 
 
