@@ -3,7 +3,8 @@ one for the lists, instead of the gathers, masks, matrix products and top-Ks of 
 concatenations of ``block_sparse.key_tile_lists``; no host synchronisation (CUDA-graph capturable).
 
 Selection, one program per (group of query blocks, batch x head): the pooled queries of the group's blocks
-against the pooled keys of its candidates, float32 products, then K rounds of a row maximum. Below the coarsest
+against the pooled keys of its candidates, float32 products, then K rounds of a row maximum (of int64 keys
+holding a score and its candidate: one reduction a round). Below the coarsest
 level a group is a parent's s x s children and its candidates the children of the blocks the parent selected;
 at the coarsest level the blocks are cut into groups of s x s and every group's candidates are all blocks (the
 same kernel: each group "selected" every group). Same selection as ``select_blocks`` (ties aside: float32 sums
@@ -29,6 +30,7 @@ from .block_sparse import pooled_key_tiles
 from .plan import BlockHierarchy, block_hierarchy
 
 MAX_TOP_BLOCKS = 256    # the coarsest level scored in Triton up to this many blocks (else torch's top-K)
+NO_KEY = tl.constexpr(-2**63)   # the selection's key of no candidate, below every score's
 LIST_BLOCKS = 16        # finest blocks per program of the lists kernel
 
 
@@ -48,16 +50,16 @@ def _select_kernel(PQ, PK, SelUp, Groups, Out, n_fine, K_up, K, s_up, s_out,
     k = tl.load(PK + (bh * n_fine + cand[:, None]) * HEAD_DIM + cols[None, :],
                 mask=(cand[:, None] >= 0) & (cols[None, :] < HEAD_DIM), other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    s = tl.where(cand[None, :] >= 0, s, float("-inf"))
-    slots = tl.arange(0, BLOCK_UP * SS)
+    # each score with its candidate as one int64 key (score bits made to order as the floats, candidate below):
+    # a round of the top-K is one row maximum, which names its candidate; a picked key is unique (candidates are)
+    bits = s.to(tl.int32, bitcast=True)
+    order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    keys = tl.where(cand[None, :] >= 0, (order << 32) | cand.to(tl.int64)[None, :], NO_KEY)
     out = Out + bh * s_out + kids * K
     for j in range(K):
-        best = tl.max(s, 1)
-        at = tl.argmax(s, 1)
-        hit = slots[None, :] == at[:, None]
-        pick = tl.sum(tl.where(hit, cand[None, :], 0), 1)
-        tl.store(out + j, tl.where(best > float("-inf"), pick, -1), mask=kids >= 0)
-        s = tl.where(hit, float("-inf"), s)
+        best = tl.max(keys, 1)
+        tl.store(out + j, tl.where(best != NO_KEY, best & 0x7FFFFFFF, -1), mask=kids >= 0)
+        keys = tl.where(keys == best[:, None], NO_KEY, keys)
 
 
 def _bh_stride(x: Tensor) -> int:
