@@ -3,10 +3,10 @@ pooled keys / values the core reads as extra key tiles (the rows ``block_sparse.
 after the tokens, here in tensors of their own: the tokens are read in place), in one launch per level; and
 the backward's spreading of the pooled rows' gradients over their blocks' tokens in one launch.
 
-Forward: one program per ``POOL_ROWS // (s*s)`` finest blocks (x batch * head) reads their tokens once (q, k and
-v loaded together before any store: one memory round trip, not one per tensor), writes their float32 means
-(the selection's pooled q, k and the coarser levels' inputs) and the pooled row of k, v; extra programs zero
-the padding and null rows. Each coarser level: one program per block averages its children's means
+Forward: one program per ``POOL_TILE // d`` finest blocks (x batch * head) reads their tokens once, the t-th
+token of every block at step t (q, k and v together), so that each thread sums its own values (no reduction
+across threads), and writes their float32 means (the selection's pooled q, k and the coarser levels' inputs)
+and the pooled row of k, v; extra programs zero the padding and null rows. Each coarser level: one program per block averages its children's means
 (weighted by their token counts). Backward: one program per as many finest blocks adds to its tokens' gradient the
 gradient of the pooled row of each of its ancestors (itself at level 1) divided by that block's token count.
 """
@@ -22,7 +22,8 @@ from ..core.triton_common import launch, row_alignment, row_ptrs, strides
 from .block_sparse import pooled_key_tiles, pooled_tile_slots
 from .plan import block_hierarchy
 
-POOL_ROWS = 64          # token rows per program of the finest pooling and spreading (several blocks)
+POOL_ROWS = 64          # token rows per program of the spreading (several blocks)
+POOL_TILE = 2048        # values per token step of a finest pooling program: 8 per thread at POOL_WARPS
 POOL_WARPS = 8          # at 4, spreading 64 rows of head dim 64 spills registers (sm_90, ptxas)
 
 
@@ -73,18 +74,24 @@ def _pool_finest_kernel(Q, K, V, KB, VB, PQ, PK, PV, TileRows, BufferRows, ZeroR
         tl.store(row_ptrs(VB, rows, scn, ALIGN)[:, None] + cols[None, :], zeros, mask=col_ok)
         return
     blocks = program * BLOCKS + tl.arange(0, BLOCKS)
-    slots = program * BLOCKS * T + tl.arange(0, BLOCKS * T)
-    rows = tl.load(TileRows + slots, mask=slots < n_blocks * T, other=Nq).to(tl.int64)
-    real = (rows[:, None] < Nq) & col_ok
-    q = tl.load(row_ptrs(Q + b * sqb + h * sqh, rows, sqn, ALIGN)[:, None] + cols[None, :], mask=real, other=0.0)
-    k = tl.load(row_ptrs(K + b * skb + h * skh, rows, skn, ALIGN)[:, None] + cols[None, :], mask=real, other=0.0)
-    v = tl.load(row_ptrs(V + b * svb + h * svh, rows, svn, ALIGN)[:, None] + cols[None, :], mask=real, other=0.0)
     ok = blocks < n_blocks
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    q_sum = tl.zeros([BLOCKS, BLOCK_D], dtype=tl.float32)
+    k_sum = tl.zeros([BLOCKS, BLOCK_D], dtype=tl.float32)
+    v_sum = tl.zeros([BLOCKS, BLOCK_D], dtype=tl.float32)
+    for t in tl.static_range(T):        # the t-th token of every block: sums in each thread's registers
+        rows = tl.load(TileRows + blocks * T + t, mask=ok, other=Nq).to(tl.int64)
+        real = (rows[:, None] < Nq) & col_ok
+        q_sum += tl.load(row_ptrs(Q, rows, sqn, ALIGN)[:, None] + cols[None, :], mask=real, other=0.0).to(tl.float32)
+        k_sum += tl.load(row_ptrs(K, rows, skn, ALIGN)[:, None] + cols[None, :], mask=real, other=0.0).to(tl.float32)
+        v_sum += tl.load(row_ptrs(V, rows, svn, ALIGN)[:, None] + cols[None, :], mask=real, other=0.0).to(tl.float32)
     scale = 1.0 / tl.load(Counts + blocks, mask=ok, other=1.0)
     row = tl.load(BufferRows + blocks, mask=ok, other=0).to(tl.int64)
-    q_mean = tl.sum(tl.reshape(q.to(tl.float32), (BLOCKS, T, BLOCK_D)), 1) * scale[:, None]
-    k_mean = tl.sum(tl.reshape(k.to(tl.float32), (BLOCKS, T, BLOCK_D)), 1) * scale[:, None]
-    v_mean = tl.sum(tl.reshape(v.to(tl.float32), (BLOCKS, T, BLOCK_D)), 1) * scale[:, None]
+    q_mean = q_sum * scale[:, None]
+    k_mean = k_sum * scale[:, None]
+    v_mean = v_sum * scale[:, None]
     out = bh * n_blocks * HEAD_DIM + blocks[:, None] * HEAD_DIM + cols[None, :]
     store = ok[:, None] & col_ok
     tl.store(PQ + out, q_mean, mask=store)
@@ -131,7 +138,7 @@ def pool_into_buffers(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], nu
     pooled = [q.new_empty(3, b, h, c.numel(), d, dtype=torch.float32) for c in counts]
     consts = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), T=t)
     n1 = counts[0].numel()
-    blocks = max(1, POOL_ROWS // t)
+    blocks = max(1, POOL_TILE // consts["BLOCK_D"])
     programs = triton.cdiv(n1, blocks)
     launch(_pool_finest_kernel, (programs + zero.numel() // t, b * h), q, k, v, keys, values, *pooled[0], tile_rows,
            buffer_rows[0], zero, counts[0], n1, programs, h, q.shape[2], *strides(q), *strides(k), *strides(v),
