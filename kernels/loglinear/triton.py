@@ -20,7 +20,9 @@ from .plan import block_hierarchy
 from .triton_pool import pool_into_buffers, spread_pooled_gradients
 from .triton_select import key_tile_lists_triton, select_blocks_triton
 
-SIBLING_HEAD_DIM = 64   # the largest head dim whose forward takes query tiles of sibling blocks (no spills on sm_90)
+# the largest head dim whose forward takes query tiles of sibling blocks (measured at 64; at 128 their 64-row
+# tiles spilled registers until the key rows' alignment was stated, not re-measured since)
+SIBLING_HEAD_DIM = 64
 
 
 def _row_ptr(q: Tensor, grid: tuple[int, int], side: int, top_k: list[int]) -> Tensor:
@@ -39,7 +41,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], num_prefix: int, 
                                     block_hierarchy(grid, side, levels, q.device), top_k)
     col_idx = key_tile_lists_triton(selected, grid, num_prefix, side)
     _, key_bias, _, _, _, tile_rows = pooled_key_tiles(grid, side, levels, num_prefix, q.device)
-    # query tiles of sibling blocks, their shared pooled tiles read once; at head dim 128 their 64-row tiles spill
+    # query tiles of sibling blocks, their shared pooled tiles read once (up to SIBLING_HEAD_DIM)
     group = sibling_group(side) if q.shape[-1] <= SIBLING_HEAD_DIM else 1
     if group > 1:
         b, h = q.shape[:2]
