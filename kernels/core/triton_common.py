@@ -3,7 +3,6 @@ stores, matrix products with 16-bit operands (hi + lo splits of fp32 values) for
 flash-attention steps (FlashAttention-2, Dao 2023, Alg. 1-2) of the softmax-attention kernels (block-sparse
 core, neighborhood attention), whose scores live in the log2 domain (exp2) with float32 accumulation."""
 import functools
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -122,13 +121,15 @@ def strides(x: torch.Tensor) -> Tuple[int, int, int]:
 
 def row_alignment(*tensors: torch.Tensor) -> int:
     """The bytes (a power of two, at most 16) dividing the address of every (batch, head, token) row of each
-    (B, h, N, ...) tensor: the gcd of 16, its data pointer and its ``strides`` in bytes. For kernels that state it
-    with ``tl.multiple_of`` (``row_ptrs``) where Triton cannot derive it (a stride not divisible by 16, a row
-    pointer chosen from two tensors): 16-byte vector accesses and asynchronous copies need it."""
-    align = 16
+    (B, h, N, ...) tensor: the lowest set bit of 16, its data pointer and its first three strides in bytes (OR-ed:
+    the element size is a power of two). For kernels that state it with ``tl.multiple_of`` (``row_ptrs``) where
+    Triton cannot derive it (a stride not divisible by 16, a row pointer chosen from two tensors): 16-byte
+    vector accesses and asynchronous copies need it. Called per launch: a few Python operations per tensor."""
+    bits = 16
     for x in tensors:
-        align = math.gcd(align, x.data_ptr(), *(s * x.element_size() for s in strides(x)))
-    return align
+        s = x.stride()
+        bits |= x.data_ptr() | (s[0] | s[1] | s[2]) * x.element_size()
+    return bits & -bits
 
 
 def head_strides(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:

@@ -119,8 +119,8 @@ def test_cached_launch_matches_triton_launch_on_gpu(monkeypatch):
 
 def test_row_alignment_is_the_gcd_of_every_rows_address_in_bytes():
     """row_alignment: 16 for contiguous rows of 8 bf16 values; a view starting one value in, a token stride of an
-    odd number of values or of 12 bytes lowers it to what every row's address is divisible by; a size-1 batch or
-    head (stride 0 in ``strides``) does not count."""
+    odd number of values or of 12 bytes lowers it to what every row's address is divisible by; a broadcast batch
+    or head (stride 0) does not lower it."""
     x = torch.zeros(2, 3, 5, 8, dtype=torch.bfloat16)
     assert x.data_ptr() % 16 == 0
     assert _common.row_alignment(x) == 16
