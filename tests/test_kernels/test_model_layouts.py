@@ -1,0 +1,46 @@
+"""Every op's Triton kernels on q, k, v as the models make them: views of one (B, N, 3, h, d) projection (token
+stride 3hd, head stride d), at head dim 64 and at DiT-XL/2's and PixArt's 72 (16-byte aligned rows whose strides
+Triton's JIT does not mark aligned: the kernels state the alignment, ``row_alignment``), and once more starting
+one value past an allocation (2-byte aligned rows: the kernels must not assume more). Forward and gradients
+against each op's reference in float32 on the same values; on CPU under the Triton interpreter on a small grid, on CUDA (``gpu``) on a larger
+one, where a wrong alignment claim is a misaligned-address fault or a wrong result."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from subquad import kernels
+from subquad.kernels.core.dispatch import INTERPRET
+from subquad.kernels.core.testing import assert_rel_close
+
+OPS = {"radial_attention": {}, "neighborhood_attention": dict(kernel_size=5), "loglinear_attention": dict(top_k=(2,)),
+       "mala_attention": {}, "focused_linear_attention": {}, "agent_attention": dict(num_agents=16)}
+DEVICES = [pytest.param("cpu", (8, 8), marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1"),
+                        id="cpu"),
+           pytest.param("cuda", (48, 40), marks=pytest.mark.gpu, id="cuda")]
+
+
+def projection_views(b: int, n: int, h: int, d: int, offset: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v (B, h, N, d) bf16 as views of one (B, N, 3, h, d) leaf, which starts ``offset`` values into its
+    allocation; the leaf is returned for the gradients."""
+    flat = torch.randn(offset + b * n * 3 * h * d, device=device).bfloat16()
+    leaf = flat[offset:].view(b, n, 3, h, d).requires_grad_()
+    return leaf.permute(2, 0, 3, 1, 4), leaf
+
+
+@pytest.mark.parametrize("device,grid", DEVICES)
+@pytest.mark.parametrize("d,offset", [(64, 0), (72, 0), (72, 1)])
+@pytest.mark.parametrize("op", list(OPS))
+def test_triton_on_projection_views_equals_reference(op, d, offset, device, grid):
+    fn = getattr(kernels, op)
+    b, h, p = 2, 2, 1
+    (q, k, v), leaf = projection_views(b, p + math.prod(grid), h, d, offset, device)
+    out = fn(q, k, v, grid=grid, num_prefix=p, backend="triton", **OPS[op])
+    leaf32 = leaf.detach().float().requires_grad_()           # the reference in float32 on the same values
+    want = fn(*leaf32.permute(2, 0, 3, 1, 4), grid=grid, num_prefix=p, backend="reference", **OPS[op])
+    assert_rel_close(out, want, torch.bfloat16, what=f"{op} d={d} offset={offset}")
+    g = torch.randn_like(want)
+    (grad,), (grad_want,) = torch.autograd.grad(out, leaf, g.bfloat16()), torch.autograd.grad(want, leaf32, g)
+    assert_rel_close(grad, grad_want, torch.bfloat16, what=f"{op} d={d} offset={offset} gradient")
