@@ -44,3 +44,23 @@ def test_triton_on_projection_views_equals_reference(op, d, offset, device, grid
     g = torch.randn_like(want)
     (grad,), (grad_want,) = torch.autograd.grad(out, leaf, g.bfloat16()), torch.autograd.grad(want, leaf32, g)
     assert_rel_close(grad, grad_want, torch.bfloat16, what=f"{op} d={d} offset={offset} gradient")
+
+
+@pytest.mark.parametrize("device,grid", DEVICES)
+@pytest.mark.parametrize("d,offset", [(64, 0), (72, 0), (72, 1)])
+def test_depthwise_conv_on_projection_views_equals_reference(d, offset, device, grid):
+    """The DWC / LePE conv on the value view with a residual view (the q of the same projection)."""
+    b, h, p = 2, 2, 1
+    (q, _, v), leaf = projection_views(b, p + math.prod(grid), h, d, offset, device)
+    weight = torch.randn(h * d, 1, 3, 3, device=device).requires_grad_()
+    out = kernels.depthwise_conv_on_grid(v, weight, None, grid=grid, num_prefix=p, residual=q, backend="triton")
+    leaf32 = leaf.detach().float().requires_grad_()
+    q32, _, v32 = leaf32.permute(2, 0, 3, 1, 4)
+    want = kernels.depthwise_conv_on_grid(v32, weight, None, grid=grid, num_prefix=p, residual=q32,
+                                          backend="reference")
+    assert_rel_close(out, want, torch.bfloat16, what=f"conv d={d} offset={offset}")
+    g = torch.randn_like(want)
+    grad, grad_w = torch.autograd.grad(out, (leaf, weight), g.bfloat16())
+    grad_want, grad_w_want = torch.autograd.grad(want, (leaf32, weight), g)
+    assert_rel_close(grad, grad_want, torch.bfloat16, what=f"conv d={d} offset={offset} gradient")
+    assert_rel_close(grad_w, grad_w_want, torch.bfloat16, what=f"conv d={d} offset={offset} filter gradient")
