@@ -17,7 +17,7 @@ import torch
 from ..block_sparse.layout import fixed_width_row_ptr
 from ..core.compile_constant import compile_constant
 from ..core.dispatch import choose_backend
-from ..softmax import with_prefix_queries
+from ..softmax import fill_prefix_queries
 from .plan import BlockHierarchy, block_hierarchy, pool_levels, select_blocks
 
 
@@ -212,4 +212,4 @@ def loglinear_attention_on_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     c = core_inputs(q, k, v, grid, num_prefix, side, top_k)
     out = core(q, c.keys, c.values, c.row_ptr, c.col_idx, t, t, num_prefix, None, None, c.key_bias, None,
                c.tile_rows)
-    return with_prefix_queries(out[:, :, num_prefix:], q, k, v, num_prefix)
+    return fill_prefix_queries(out, q, k, v, num_prefix)

@@ -14,7 +14,7 @@ from ..block_sparse.triton import QueryTiles
 from ..block_sparse.triton import forward as core_forward
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
-from ..softmax import with_prefix_queries
+from ..softmax import fill_prefix_queries
 from .block_sparse import pooled_key_counts, pooled_key_tiles, sibling_group, sibling_query_tiles
 from .plan import block_hierarchy
 from .triton_pool import pool_into_buffers, spread_pooled_gradients
@@ -95,4 +95,4 @@ def loglinear_attention_on_triton(q: Tensor, k: Tensor, v: Tensor, grid: tuple[i
     """LLSA on the Triton core and selection as one op (one autograd node: no graph over the pooling and
     the buffers; under ``torch.compile`` one custom op); the prefix queries, dense over all keys, by SDPA."""
     out = _loglinear_attention(q, k, v, list(grid), num_prefix, side, list(top_k))
-    return with_prefix_queries(out[:, :, num_prefix:], q, k, v, num_prefix)
+    return fill_prefix_queries(out, q, k, v, num_prefix)

@@ -9,7 +9,7 @@ import torch
 from ..block_sparse.layout import csr_from_lists
 from ..core.compile_constant import compile_constant
 from ..core.dispatch import choose_backend
-from ..softmax import with_prefix_queries
+from ..softmax import fill_prefix_queries
 from .plan import radial_plan, tile_size
 
 
@@ -31,7 +31,7 @@ def radial_attention_on_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     t = tile_size(options)
     core = choose_backend("block_sparse_attention", core_backend, q, v=v)
     out = core(q, k, v, row_ptr, col_idx, t, t, num_prefix, None, None, None, None, tile_rows)
-    return with_prefix_queries(out[:, :, num_prefix:], q, k, v, num_prefix)
+    return fill_prefix_queries(out, q, k, v, num_prefix)
 
 
 radial_attention_on_triton = functools.partial(radial_attention_on_core, core_backend="triton")

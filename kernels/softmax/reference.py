@@ -50,3 +50,16 @@ def with_prefix_queries(grid_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     if num_prefix == 0:
         return grid_out
     return cat_tokens(prefix_attention_sdpa(q[:, :, :num_prefix], k, v), grid_out)
+
+
+def fill_prefix_queries(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        num_prefix: int) -> torch.Tensor:
+    """A block-sparse core's output (B, h, N, d), its grid rows computed, with the P prefix queries' output
+    (dense over all keys, by SDPA) in its first rows: written there in place when no gradient is recorded (a copy
+    of P rows), else ``with_prefix_queries``' concatenation (the core's backward keeps its output as it was)."""
+    if num_prefix == 0:
+        return out
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return with_prefix_queries(out[:, :, num_prefix:], q, k, v, num_prefix)
+    out[:, :, :num_prefix] = F.scaled_dot_product_attention(q[:, :, :num_prefix], k, v)
+    return out

@@ -1,10 +1,14 @@
-"""softmax_attention (both backends) against softmax(q k^T / sqrt(d)) v written out by hand."""
+"""softmax_attention (both backends) against softmax(q k^T / sqrt(d)) v written out by hand; the block-sparse
+families' prefix queries (dense softmax over all keys) joined to their output."""
 import math
 
 import pytest
 import torch
 
+from subquad import kernels
 from subquad.kernels import softmax_attention
+from subquad.kernels.core.heads_last import cat_tokens
+from subquad.kernels.softmax import reference as softmax_reference
 from subquad.kernels.core.testing import assert_rel_close
 
 BACKENDS = ["sdpa", "reference"]
@@ -61,3 +65,27 @@ def test_bad_input_names_the_values():
         softmax_attention(q, q, q.double())
     with pytest.raises(ValueError, match=r"no backend 'nope'.*reference.*sdpa"):
         softmax_attention(q, q, q, backend="nope")
+
+
+@pytest.mark.parametrize("op", ["radial_attention", "loglinear_attention"])
+@pytest.mark.parametrize("backend", ["block_sparse", "triton"])
+def test_prefix_queries_filled_in_place_without_autograd(op, backend, monkeypatch):
+    """The block-sparse families' prefix queries (dense over all keys) go into the core's output in place when no
+    gradient is recorded (no concatenation of the whole output) and are concatenated when one is: the same
+    values either way, those of SDPA for the prefix queries."""
+    if "triton" not in kernels.available_backends(op) and backend == "triton":
+        pytest.skip("no Triton")
+    grid, p = (8, 8), 3
+    q, k, v = (torch.randn(2, 2, p + 64, 16) for _ in range(3))
+    options = dict(top_k=(2,)) if op == "loglinear_attention" else {}
+    fn = lambda *qkv: getattr(kernels, op)(*qkv, grid=grid, num_prefix=p, backend=backend, **options)  # noqa: E731
+    joins = []
+    monkeypatch.setattr(softmax_reference, "cat_tokens", lambda *parts: joins.append(1) or cat_tokens(*parts))
+    with torch.no_grad():
+        filled = fn(q, k, v)
+    assert not joins
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    joined = fn(*leaves)
+    assert joins and joined.grad_fn is not None
+    torch.testing.assert_close(filled, joined.detach())
+    assert_rel_close(filled[:, :, :p], softmax_attention(q[:, :, :p], k, v), torch.float32)
