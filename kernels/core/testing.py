@@ -1,4 +1,5 @@
-"""Tolerances for comparing a kernel with its reference (the project's rule, used by tests and bench)."""
+"""Tolerances for comparing a kernel with its reference (the project's rule, used by tests and bench), and inputs
+laid out as the models make them."""
 from __future__ import annotations
 
 import torch
@@ -35,3 +36,12 @@ def assert_compiles_to_the_same(fn, *inputs: torch.Tensor, what: str = "compiled
     g = torch.randn_like(out)
     for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(want, inputs, g))):
         assert_rel_close(a, b, torch.float32, what=f"{what} grad of input {i}")
+
+
+def projection_views(b: int, n: int, h: int, d: int, offset: int = 0, device: str | torch.device = "cpu"
+                     ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """q, k, v (B, h, N, d) bf16 as a model's attention makes them: views of one (B, N, 3, h, d) leaf (token
+    stride 3hd, head stride d), which starts ``offset`` values into its allocation; the leaf, for gradients."""
+    flat = torch.randn(offset + b * n * 3 * h * d, device=device).bfloat16()
+    leaf = flat[offset:].view(b, n, 3, h, d).requires_grad_()
+    return tuple(leaf.permute(2, 0, 3, 1, 4)), leaf

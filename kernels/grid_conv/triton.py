@@ -155,7 +155,8 @@ def _filter_grad_kernel(g_ptr, x_ptr, part_ptr, num_prefix, grid_h, grid_w, grid
             x_base = x_ptr + b * s_xb + h * s_xh
             for i in range(K):
                 for jj in tl.static_range(K):
-                    xs = _shifted(x_base, s_xn, first, row, col, i - K // 2, jj - K // 2, grid_h, grid_w, offs_c, mc, ALIGN)
+                    xs = _shifted(x_base, s_xn, first, row, col, i - K // 2, jj - K // 2, grid_h, grid_w, offs_c,
+                                  mc, ALIGN)
                     acc += tl.where(rows == i * K + jj, tl.sum(g * xs, axis=0)[None, :], 0.0)
     part = part_ptr + (h * tl.num_programs(0) + split) * (K * K + 1) * DP
     tl.store(part + rows * DP + offs_c[None, :], acc, mask=rows < K * K + 1)

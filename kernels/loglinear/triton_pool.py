@@ -6,9 +6,10 @@ the backward's spreading of the pooled rows' gradients over their blocks' tokens
 Forward: one program per ``POOL_TILE // d`` finest blocks (x batch * head) reads their tokens once, the t-th
 token of every block at step t (q, k and v together), so that each thread sums its own values (no reduction
 across threads), and writes their float32 means (the selection's pooled q, k and the coarser levels' inputs)
-and the pooled row of k, v; extra programs zero the padding and null rows. Each coarser level: one program per block averages its children's means
-(weighted by their token counts). Backward: one program per as many finest blocks adds to its tokens' gradient the
-gradient of the pooled row of each of its ancestors (itself at level 1) divided by that block's token count.
+and the pooled row of k, v; extra programs zero the padding and null rows. Each coarser level: one program per
+block averages its children's means (weighted by their token counts). Backward: one program per as many finest
+blocks adds to its tokens' gradient the gradient of the pooled row of each of its ancestors (itself at level 1)
+divided by that block's token count.
 """
 from __future__ import annotations
 

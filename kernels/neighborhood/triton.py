@@ -144,8 +144,10 @@ def _grid_block(q, K, V, Rpb, kr0, kc0, r_hi, c_hi, g_r, g_c, u_r, u_c, start_r,
     k_r = kr0 + offs_n // KW
     k_c = kc0 + offs_n % KW
     k_tok = P + _token(g_r, g_c, tl.minimum(k_r, r_hi - 1), tl.minimum(k_c, c_hi - 1), width, dilation)
-    k = load_block(row_ptrs(K, k_tok, skn, ALIGN)[:, None] + cols[None, :], offs_n, KH * KW, cols, HEAD_DIM, BLOCK_D, False)
-    v = load_block(row_ptrs(V, k_tok, svn, ALIGN)[:, None] + cols[None, :], offs_n, KH * KW, cols, HEAD_DIM, BLOCK_D, False)
+    k = load_block(row_ptrs(K, k_tok, skn, ALIGN)[:, None] + cols[None, :], offs_n, KH * KW, cols, HEAD_DIM,
+                   BLOCK_D, False)
+    v = load_block(row_ptrs(V, k_tok, svn, ALIGN)[:, None] + cols[None, :], offs_n, KH * KW, cols, HEAD_DIM,
+                   BLOCK_D, False)
     s = dot_acc(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
     s = _window_scores(s, Rpb, u_r[:, None], u_c[:, None], start_r[:, None], start_c[:, None],
                        k_r[None, :], k_c[None, :], LOG2E, KS, HAS_RPB)
@@ -168,8 +170,8 @@ def _fwd_kernel(Q, K, V, O, LSE, Rpb,
                                                                          TH, TW)
     offs_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    q = load_block(row_ptrs(Q + b * sqb + h * sqh, (P + q_tok), sqn, ALIGN)[:, None] + cols[None, :], offs_m, BLOCK_M, cols,
-                   HEAD_DIM, BLOCK_D, False)
+    q = load_block(row_ptrs(Q + b * sqb + h * sqh, P + q_tok, sqn, ALIGN)[:, None] + cols[None, :], offs_m,
+                   BLOCK_M, cols, HEAD_DIM, BLOCK_D, False)
     K += b * skb + h * skh
     V += b * svb + h * svh
     Rpb += h * (2 * KS - 1) * (2 * KS - 1)
@@ -190,8 +192,8 @@ def _fwd_kernel(Q, K, V, O, LSE, Rpb,
                               KS, HEAD_DIM, BLOCK_D, KH, KW, HAS_RPB, DOT_PRECISION, ALIGN)
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
     out, lse = softmax_finish(acc, m_i, l_i)
-    tl.store(row_ptrs(O + b * sob + h * soh, q_tok, son, ALIGN)[:, None] + cols[None, :], out.to(O.dtype.element_ty),
-             mask=q_ok[:, None] & (cols[None, :] < HEAD_DIM))
+    tl.store(row_ptrs(O + b * sob + h * soh, q_tok, son, ALIGN)[:, None] + cols[None, :],
+             out.to(O.dtype.element_ty), mask=q_ok[:, None] & (cols[None, :] < HEAD_DIM))
     tl.store(LSE + bh * height * width + q_tok, lse, mask=q_ok)
 
 
@@ -234,10 +236,10 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, Delta, Rpb, DRpb, DKP, DVP,
                                                                          TH, TW)
     offs_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    q = load_block(row_ptrs(Q + b * sqb + h * sqh, (P + q_tok), sqn, ALIGN)[:, None] + cols[None, :], offs_m, BLOCK_M, cols,
-                   HEAD_DIM, BLOCK_D, False)
-    do = load_block(row_ptrs(DO + b * sdb + h * sdh, q_tok, sdn, ALIGN)[:, None] + cols[None, :], offs_m, BLOCK_M, cols,
-                    HEAD_DIM, BLOCK_D, False)
+    q = load_block(row_ptrs(Q + b * sqb + h * sqh, P + q_tok, sqn, ALIGN)[:, None] + cols[None, :], offs_m,
+                   BLOCK_M, cols, HEAD_DIM, BLOCK_D, False)
+    do = load_block(row_ptrs(DO + b * sdb + h * sdh, q_tok, sdn, ALIGN)[:, None] + cols[None, :], offs_m,
+                    BLOCK_M, cols, HEAD_DIM, BLOCK_D, False)
     # a copied query (not q_ok) gets lse = +inf: probability 0, so it adds to no gradient
     lse, delta = load_row_stats(LSE + bh * height * width, Delta + bh * height * width, q_tok, q_ok)
     K += b * skb + h * skh
@@ -312,9 +314,10 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Rpb,
         u_r = tl.minimum(u_r, r_hi - 1)
         u_c = tl.minimum(u_c, c_hi - 1)
         q_tok = _token(g_r, g_c, u_r, u_c, width, dilation)
-        q = load_block(row_ptrs(Q, (P + q_tok), sqn, ALIGN)[:, None] + cols[None, :], offs_m, BLOCK_M, cols, HEAD_DIM, BLOCK_D,
-                       False)
-        do = load_block(row_ptrs(DO, q_tok, sdn, ALIGN)[:, None] + cols[None, :], offs_m, BLOCK_M, cols, HEAD_DIM, BLOCK_D, False)
+        q = load_block(row_ptrs(Q, P + q_tok, sqn, ALIGN)[:, None] + cols[None, :], offs_m, BLOCK_M, cols, HEAD_DIM,
+                       BLOCK_D, False)
+        do = load_block(row_ptrs(DO, q_tok, sdn, ALIGN)[:, None] + cols[None, :], offs_m, BLOCK_M, cols, HEAD_DIM,
+                        BLOCK_D, False)
         lse, delta = load_row_stats(LSE, Delta, q_tok, in_rect)
         s_t = dot_acc(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
         s_t = _window_scores(s_t, Rpb, u_r[None, :], u_c[None, :], _window_start(u_r, len_r, KS)[None, :],
@@ -322,10 +325,10 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Rpb,
                              HAS_RPB)
         dk, dv, _ = dkdv_step(dk, dv, s_t, lse, delta, q, do, v, DOT_PRECISION)
     store_mask = k_ok[:, None] & (cols[None, :] < HEAD_DIM)
-    tl.store(row_ptrs(DK + b * skgb + h * skgh, k_tok, skgn, ALIGN)[:, None] + cols[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=store_mask)
-    tl.store(row_ptrs(DV + b * svgb + h * svgh, k_tok, svgn, ALIGN)[:, None] + cols[None, :], dv.to(DV.dtype.element_ty),
-             mask=store_mask)
+    tl.store(row_ptrs(DK + b * skgb + h * skgh, k_tok, skgn, ALIGN)[:, None] + cols[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(row_ptrs(DV + b * svgb + h * svgh, k_tok, svgn, ALIGN)[:, None] + cols[None, :],
+             dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
 # --- launch ----------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import native_specialize_impl
 
 from ... import kernels
+from ...kernels.core.testing import projection_views
 
 OPS = {"radial": ("radial_attention", {}), "neighborhood": ("neighborhood_attention", dict(kernel_size=7)),
        "loglinear": ("loglinear_attention", {}), "mala": ("mala_attention", {}),
@@ -150,8 +151,7 @@ def op_case(op: str, grid: tuple[int, ...], batch: int, heads: int, head_dim: in
         name, options = OPS[op]
         n = num_prefix + math.prod(grid)
         if layout == "projection":
-            leaf = torch.randn(batch, n, 3, heads, head_dim).bfloat16().requires_grad_()
-            q, k, v = leaf.permute(2, 0, 3, 1, 4)
+            (q, k, v), leaf = projection_views(batch, n, heads, head_dim)
             leaves = [leaf]
         else:
             q, k, v = leaves = [torch.randn(batch, heads, n, head_dim).bfloat16().requires_grad_() for _ in range(3)]

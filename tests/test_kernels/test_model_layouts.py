@@ -2,8 +2,9 @@
 stride 3hd, head stride d), at head dim 64 and at DiT-XL/2's and PixArt's 72 (16-byte aligned rows whose strides
 Triton's JIT does not mark aligned: the kernels state the alignment, ``row_alignment``), and once more starting
 one value past an allocation (2-byte aligned rows: the kernels must not assume more). Forward and gradients
-against each op's reference in float32 on the same values; on CPU under the Triton interpreter on a small grid, on CUDA (``gpu``) on a larger
-one, where a wrong alignment claim is a misaligned-address fault or a wrong result."""
+against each op's reference in float32 on the same values; on CPU under the Triton interpreter on a small grid,
+on CUDA (``gpu``) on a larger one, where a wrong alignment claim is a misaligned-address fault or a wrong
+result."""
 from __future__ import annotations
 
 import math
@@ -13,21 +14,13 @@ import torch
 
 from subquad import kernels
 from subquad.kernels.core.dispatch import INTERPRET
-from subquad.kernels.core.testing import assert_rel_close
+from subquad.kernels.core.testing import assert_rel_close, projection_views
 
 OPS = {"radial_attention": {}, "neighborhood_attention": dict(kernel_size=5), "loglinear_attention": dict(top_k=(2,)),
        "mala_attention": {}, "focused_linear_attention": {}, "agent_attention": dict(num_agents=16)}
 DEVICES = [pytest.param("cpu", (8, 8), marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1"),
                         id="cpu"),
            pytest.param("cuda", (48, 40), marks=pytest.mark.gpu, id="cuda")]
-
-
-def projection_views(b: int, n: int, h: int, d: int, offset: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v (B, h, N, d) bf16 as views of one (B, N, 3, h, d) leaf, which starts ``offset`` values into its
-    allocation; the leaf is returned for the gradients."""
-    flat = torch.randn(offset + b * n * 3 * h * d, device=device).bfloat16()
-    leaf = flat[offset:].view(b, n, 3, h, d).requires_grad_()
-    return leaf.permute(2, 0, 3, 1, 4), leaf
 
 
 @pytest.mark.parametrize("device,grid", DEVICES)
