@@ -172,10 +172,21 @@ def _row(name: str, kernel: dict) -> str:
             f" barriers {count('BAR')}, local memory {count('STL', 'LDL')}")
 
 
+def _grid(text: str) -> tuple[int, ...]:
+    """HxW or TxHxW (positive ints) for ``--grid``."""
+    try:
+        grid = tuple(int(x) for x in text.split("x"))
+    except ValueError:
+        grid = ()
+    if len(grid) not in (2, 3) or min(grid) < 1:
+        raise argparse.ArgumentTypeError(f"expected HxW or TxHxW with positive sides, e.g. 64x64, got {text!r}")
+    return grid
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", choices=sorted(OPS), required=True)
-    parser.add_argument("--grid", default="64x64", help="HxW or TxHxW tokens")
+    parser.add_argument("--grid", type=_grid, default="64x64", help="HxW or TxHxW tokens")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -186,14 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":     # the kernels must be interpreted from their import on
         env = dict(os.environ, TRITON_INTERPRET="1")
         sys.exit(subprocess.run([sys.executable, "-m", __spec__.name, *(argv or sys.argv[1:])], env=env).returncode)
-    grid = tuple(int(x) for x in args.grid.split("x"))
-    case = op_case(args.op, grid, args.batch, args.heads, args.head_dim, args.num_prefix, args.layout,
+    case = op_case(args.op, args.grid, args.batch, args.heads, args.head_dim, args.num_prefix, args.layout,
                    not args.forward_only)
     with recording_launches(run_kernels=False) as launches:
         case()
     result = compile_for_sm90(launches)
-    print(f"{args.op} grid {args.grid}, B {args.batch}, {args.heads} heads, d {args.head_dim}, {args.layout} layout"
-          f" (sm_90, Triton's ptxas; per thread)")
+    print(f"{args.op} grid {'x'.join(map(str, args.grid))}, B {args.batch}, {args.heads} heads, d {args.head_dim}, "
+          f"{args.layout} layout (sm_90, Triton's ptxas; per thread)")
     for name, kernel in result["kernels"].items():
         print(_row(name.replace("subquad.kernels.", ""), kernel))
     for failure in result["failures"]:

@@ -141,7 +141,8 @@ def test_kernels_read_tiles_in_vectors_at_head_dim_72():
 
 
 def test_machine_code_report_command():
-    """``python -m subquad.tasks.bench.machine_code`` reports each kernel an op launches at the given size."""
+    """``python -m subquad.tasks.bench.machine_code`` reports each kernel an op launches at the given size; a grid
+    that is not HxW or TxHxW is a usage error."""
     done = subprocess.run([sys.executable, "-m", "subquad.tasks.bench.machine_code", "--op", "mala", "--grid", "8x8",
                            "--heads", "2", "--head-dim", "16", "--forward-only"], capture_output=True, text=True,
                           timeout=600)
@@ -150,3 +151,6 @@ def test_machine_code_report_command():
     assert lines[0].startswith("mala grid 8x8, B 1, 2 heads, d 16, projection layout")
     assert [line.split()[0] for line in lines[1::2]] == ["linear.triton._state_kernel", "linear.triton._output_kernel"]
     assert all(line.strip().startswith("registers ") and "16-bit scalar accesses 0" in line for line in lines[2::2])
+    bad = subprocess.run([sys.executable, "-m", "subquad.tasks.bench.machine_code", "--op", "mala", "--grid", "8"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "expected HxW or TxHxW" in bad.stderr
