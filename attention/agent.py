@@ -9,7 +9,7 @@ from torch import nn
 from ..kernels import agent_attention, checks, depthwise_conv_on_grid, family
 from ..kernels.core.family import check_options
 from .base import GridAttention
-from .grid_maps import depthwise_conv, resize_map
+from .grid_maps import cached_constant, depthwise_conv, linear_resize_matrix, without_autocast
 from .registry import register
 
 
@@ -64,19 +64,34 @@ class AgentAttention(GridAttention):
                                          lambda: self._resized_bias(grid, num_prefix))
 
     def _resized_bias(self, grid: tuple[int, int], num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both biases at once (``resize_map`` on the stacked terms): their 7x7 maps resized bilinearly, their row
-        and column terms linearly, in float32 or wider; B2 built as B1 is, then transposed."""
+        """Both biases as one matrix product: each (head, agent) row of terms [7x7 map, row terms, column terms,
+        prefix term] times ``_bias_operator`` (bilinear / linear resizing and the sums, a constant of the grid),
+        in float32 or wider; B2 built as B1 is, then transposed."""
         h, n = self.num_heads, self.num_agents
-        (gh, gw), (gh0, gw0) = grid, self.bias_grid
         dtype = torch.promote_types(self.an_bias.dtype, torch.float32)
-        maps = torch.stack([self.an_bias, self.na_bias]).to(dtype)                                  # (2, h, n, 7, 7)
-        rows = torch.stack([self.ah_bias.reshape(h, n, gh0), self.ha_bias.reshape(h, gh0, n).transpose(1, 2)])
-        cols = torch.stack([self.aw_bias.reshape(h, n, gw0), self.wa_bias.reshape(h, gw0, n).transpose(1, 2)])
-        prefix = torch.stack([self.ac_bias.reshape(h, n, 1), self.ca_bias.reshape(h, n, 1)]).to(dtype)
-        resized = (resize_map(maps, grid) + resize_map(rows.to(dtype), (gh,))[..., None]
-                   + resize_map(cols.to(dtype), (gw,))[..., None, :])
-        biases = torch.cat([prefix.expand(2, h, n, num_prefix), resized.flatten(-2)], -1).to(self.an_bias.dtype)
+        to_grid = torch.cat([self.an_bias.reshape(h, n, -1), self.ah_bias.reshape(h, n, -1),
+                             self.aw_bias.reshape(h, n, -1), self.ac_bias.reshape(h, n, 1)], -1)
+        from_grid = torch.cat([self.na_bias.reshape(h, n, -1), self.ha_bias.reshape(h, -1, n).transpose(1, 2),
+                               self.wa_bias.reshape(h, -1, n).transpose(1, 2), self.ca_bias.reshape(h, n, 1)], -1)
+        terms = torch.stack([to_grid, from_grid]).to(dtype)
+        with without_autocast(terms.device):                # the biases stay in float32 under autocast
+            biases = (terms @ self._bias_operator(grid, num_prefix, terms)).to(self.an_bias.dtype)
         return biases[0], biases[1].transpose(1, 2)
+
+    def _bias_operator(self, grid: tuple[int, int], num_prefix: int, like: torch.Tensor) -> torch.Tensor:
+        """(49 + gh0 + gw0 + 1, num_prefix + gh * gw): column p + (r * gw + c) holds the weights of the map
+        (bilinear: R_h[r] x R_w[c]), of the row terms (R_rows[r]) and of the column terms (R_cols[c]) at grid
+        token (r, c); a prefix column picks the prefix term."""
+        (gh, gw), (gh0, gw0) = grid, self.bias_grid
+
+        def build() -> torch.Tensor:
+            rows, cols = linear_resize_matrix(gh0, gh, like), linear_resize_matrix(gw0, gw, like)
+            on_grid = torch.cat([torch.kron(linear_resize_matrix(7, gh, like), linear_resize_matrix(7, gw, like)),
+                                 rows.repeat_interleave(gw, 0), cols.repeat(gh, 1), like.new_zeros(gh * gw, 1)], 1)
+            prefix = like.new_zeros(num_prefix, on_grid.shape[1])
+            prefix[:, -1] = 1
+            return torch.cat([prefix, on_grid]).T.contiguous()
+        return cached_constant(("agent_bias", grid, num_prefix, self.bias_grid), like, build)
 
     def attend(self, x, q, k, v, grid, num_prefix):
         grid = checks.check_image_grid(grid, "agent attention")

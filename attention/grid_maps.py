@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -10,28 +11,30 @@ from torch import nn
 from ..kernels.grid_conv.reference import grad_in_layout
 
 
-_RESIZE_MATRICES: dict[tuple, torch.Tensor] = {}
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
-def _linear_resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
-    """(n_out, n_in): linear interpolation (align_corners=False) of a length-n_in axis as a matrix.
-
-    A constant of the sizes: built once per (sizes, device, dtype) in eager mode, where building it
-    every call cost a dozen small launches per resized map."""
+def cached_constant(key: tuple, like: torch.Tensor, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``build()``, a constant of the sizes in ``key`` (e.g. an interpolation matrix), kept per (key, device,
+    dtype of ``like``) in eager mode, where building it every call cost a dozen small launches."""
     if torch.compiler.is_compiling():           # traced once into the graph: no cache to guard on
-        return _build_resize_matrix(n_in, n_out, like)
-    key = (n_in, n_out, like.device, like.dtype)
-    if key not in _RESIZE_MATRICES:
-        _RESIZE_MATRICES[key] = _build_resize_matrix(n_in, n_out, like)
-    return _RESIZE_MATRICES[key]
+        return build()
+    key = (*key, like.device, like.dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = build()
+    return _CONSTANTS[key]
 
 
-def _build_resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
-    eye = torch.eye(n_in, device=like.device, dtype=like.dtype)[None]
-    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
+def linear_resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in): linear interpolation (align_corners=False) of a length-n_in axis as a matrix (the identity
+    when n_in == n_out), on ``like``'s device and dtype."""
+    def build() -> torch.Tensor:
+        eye = torch.eye(n_in, device=like.device, dtype=like.dtype)[None]
+        return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
+    return cached_constant(("linear_resize", n_in, n_out), like, build)
 
 
-def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off on the devices that have it (not the meta device, on which FLOPs are counted)."""
     return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
@@ -48,10 +51,10 @@ def resize_map(m: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     if spatial == tuple(size):
         return m
     work = m.to(torch.promote_types(m.dtype, torch.float32))
-    with _without_autocast(work.device):                       # the maps stay in float32 under autocast
-        out = work @ _linear_resize_matrix(spatial[-1], size[-1], work).T
+    with without_autocast(work.device):                       # the maps stay in float32 under autocast
+        out = work @ linear_resize_matrix(spatial[-1], size[-1], work).T
         if len(size) == 2:
-            out = _linear_resize_matrix(spatial[0], size[0], work) @ out
+            out = linear_resize_matrix(spatial[0], size[0], work) @ out
     return out.to(m.dtype)
 
 

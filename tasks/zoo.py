@@ -35,7 +35,9 @@ def count_model(name: str, img_size: int | None = None, **kwargs) -> dict:
     """Parameters and GFLOPs of ``name`` at its default input size (or ``img_size`` square), built on the
     meta device (no memory).
 
-    GFLOPs follow the papers' convention: multiply-accumulates / 1e9 (fvcore counts the same way).
+    GFLOPs follow the papers' convention: multiply-accumulates / 1e9 (fvcore counts the same way) of one
+    inference call, without what is computed from the parameters alone and kept for inference (an agent
+    block's resized biases).
     """
     size = get_pretrained_cfg(name).input_size
     if img_size is not None and img_size != size[-1]:
@@ -45,9 +47,12 @@ def count_model(name: str, img_size: int | None = None, **kwargs) -> dict:
         inputs = (torch.empty(1, *size),)
         if isinstance(model, DiT):
             inputs += (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-    with FlopCounterMode(display=False) as counter, warnings.catch_warnings():
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")       # a family's note that it runs dense on this grid: not news here
-        model(*inputs)
+        model(*inputs)                        # values of the parameters alone (resized bias maps) kept, not counted
+        with FlopCounterMode(display=False) as counter:
+            model(*inputs)
     family = getattr(model, "attn_schedule", None)
     families = sorted(set(family.names)) if family is not None else []
     return {
