@@ -4,12 +4,13 @@ checkpoints load unchanged."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import agent_attention, checks, depthwise_conv_on_grid, family
 from ..kernels.core.family import check_options
 from .base import GridAttention
-from .grid_maps import cached_constant, depthwise_conv, linear_resize_matrix, without_autocast
+from .grid_maps import cached_constant, depthwise_conv, grid_resize_matrix, linear_resize_matrix, without_autocast
 from .registry import register
 
 
@@ -86,11 +87,11 @@ class AgentAttention(GridAttention):
 
         def build() -> torch.Tensor:
             rows, cols = linear_resize_matrix(gh0, gh, like), linear_resize_matrix(gw0, gw, like)
-            on_grid = torch.cat([torch.kron(linear_resize_matrix(7, gh, like), linear_resize_matrix(7, gw, like)),
-                                 rows.repeat_interleave(gw, 0), cols.repeat(gh, 1), like.new_zeros(gh * gw, 1)], 1)
-            prefix = like.new_zeros(num_prefix, on_grid.shape[1])
-            prefix[:, -1] = 1
-            return torch.cat([prefix, on_grid]).T.contiguous()
+            on_grid = torch.cat([rows.repeat_interleave(gw, 0), cols.repeat(gh, 1)], 1)
+            prefix = like.new_zeros(num_prefix + gh * gw, 1)
+            prefix[:num_prefix] = 1
+            return torch.cat([grid_resize_matrix((7, 7), grid, num_prefix, like),
+                              F.pad(on_grid, (0, 0, num_prefix, 0)), prefix], 1).T.contiguous()
         return cached_constant(("agent_bias", grid, num_prefix, self.bias_grid), like, build)
 
     def attend(self, x, q, k, v, grid, num_prefix):

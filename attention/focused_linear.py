@@ -3,13 +3,12 @@ Linear Attention", ICCV 2023). Parameter names follow the official code."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import checks, depthwise_conv_on_grid, family, focused_linear_attention
 from ..kernels.core.family import check_options
 from .base import GridAttention
-from .grid_maps import depthwise_conv, resize_map
+from .grid_maps import depthwise_conv, grid_resize_matrix, without_autocast
 from .registry import register
 
 
@@ -44,12 +43,12 @@ class FocusedLinearAttention(GridAttention):
         self.to(**self.factory_kwargs)
 
     def key_encoding(self, grid: tuple[int, ...], num_prefix: int, dtype: torch.dtype) -> torch.Tensor:
-        """The positional encoding resized to the grid, (h, P + N, d) with zeros on the P prefix keys."""
-        pe = self.positional_encoding.reshape(*self.pos_grid, self.num_heads, self.head_dim).permute(2, 3, 0, 1)
-        pe = resize_map(pe, tuple(grid[-2:])).flatten(2).transpose(1, 2)    # (h, H*W, d)
-        if len(grid) == 3:
-            pe = pe.repeat(1, grid[0], 1)
-        return F.pad(pe.to(dtype), (0, 0, num_prefix, 0))
+        """The positional encoding resized bilinearly to the grid (each frame of a video grid alike), (h, P + N,
+        d) with zeros on the P prefix keys: one product with ``grid_resize_matrix``, in float32 or wider."""
+        pe = self.positional_encoding[0].to(torch.promote_types(self.positional_encoding.dtype, torch.float32))
+        with without_autocast(pe.device):
+            pe = grid_resize_matrix(self.pos_grid, grid, num_prefix, pe) @ pe             # (P + N, dim)
+        return pe.to(dtype).reshape(-1, self.num_heads, self.head_dim).transpose(0, 1)
 
     def attend(self, x, q, k, v, grid, num_prefix):
         if self.positional_encoding is not None:      # one pass over k; prefix keys get none

@@ -34,6 +34,20 @@ def linear_resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Ten
     return cached_constant(("linear_resize", n_in, n_out), like, build)
 
 
+def grid_resize_matrix(src: tuple[int, int], grid: tuple[int, ...], num_prefix: int,
+                       like: torch.Tensor) -> torch.Tensor:
+    """(num_prefix + prod(grid), sh * sw): a map on the ``src`` grid (raster order) resized bilinearly to the
+    grid's (H, W) (align_corners=False; the identity when they match), the same on every frame of a (T, H, W)
+    grid, zero on the prefix rows: ``grid_resize_matrix(...) @ m.flatten()`` is ``F.interpolate``'s map in
+    one product."""
+    def build() -> torch.Tensor:
+        (sh, sw), (gh, gw) = src, grid[-2:]
+        on_grid = torch.kron(linear_resize_matrix(sh, gh, like), linear_resize_matrix(sw, gw, like))
+        frames = grid[0] if len(grid) == 3 else 1
+        return torch.cat([like.new_zeros(num_prefix, sh * sw), on_grid.repeat(frames, 1)])
+    return cached_constant(("grid_resize", tuple(src), tuple(grid), num_prefix), like, build)
+
+
 def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off on the devices that have it (not the meta device, on which FLOPs are counted)."""
     return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)

@@ -135,6 +135,21 @@ def test_flatten_key_encoding_kept_for_inference_only_while_the_encoding_is_unch
     assert not torch.equal(changed, first)
 
 
+@pytest.mark.parametrize("grid,num_prefix", [((4, 4), 1), ((7, 5), 2), ((3, 6, 9), 0)])
+def test_flatten_key_encoding_is_the_encoding_interpolated(grid, num_prefix):
+    """The encoding on its (4, 4) grid, bilinearly resized to the grid (each frame of a video grid alike) as
+    F.interpolate does, split into heads, zero on the prefix keys; exact on its own grid."""
+    m = randomize(attention.build("flatten", dim=16, num_heads=2, pos_grid=(4, 4))).double()
+    pe = m.positional_encoding.reshape(1, 4, 4, 16).permute(0, 3, 1, 2)
+    ref = F.interpolate(pe, size=grid[-2:], mode="bilinear", align_corners=False).flatten(2)     # (1, 16, H*W)
+    ref = ref.repeat(1, 1, math.prod(grid[:-2])).reshape(2, 8, -1).transpose(1, 2)             # (h, N, d)
+    out = m.key_encoding(grid, num_prefix, torch.float64)
+    assert out.shape == (2, num_prefix + math.prod(grid), 8) and not out[:, :num_prefix].any()
+    torch.testing.assert_close(out[:, num_prefix:], ref, rtol=1e-12, atol=1e-12)
+    if grid == (4, 4):
+        torch.testing.assert_close(out[:, num_prefix:], ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("shape,size", [((3, 4, 7, 7), (56, 40)), ((2, 7, 7), (5, 9)), ((4, 49), (13,)),
                                         ((2, 3, 5), (64,)), ((1, 7, 7), (7, 30))])
 def test_resize_map_is_f_interpolate(shape, size):
