@@ -4,13 +4,12 @@ checkpoints load unchanged."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import agent_attention, checks, depthwise_conv_on_grid, family
 from ..kernels.core.family import check_options
 from .base import GridAttention
-from .grid_maps import cached_constant, depthwise_conv, grid_resize_matrix, linear_resize_matrix, without_autocast
+from .grid_maps import cached_constant, depthwise_conv, grid_resize_matrix, without_autocast
 from .registry import register
 
 
@@ -82,16 +81,15 @@ class AgentAttention(GridAttention):
     def _bias_operator(self, grid: tuple[int, int], num_prefix: int, like: torch.Tensor) -> torch.Tensor:
         """(49 + gh0 + gw0 + 1, num_prefix + gh * gw): column p + (r * gw + c) holds the weights of the map
         (bilinear: R_h[r] x R_w[c]), of the row terms (R_rows[r]) and of the column terms (R_cols[c]) at grid
-        token (r, c); a prefix column picks the prefix term."""
+        token (r, c); a prefix column picks the prefix term. The row terms resize as a (gh0, 1) map, the column
+        terms as a (1, gw0) map (resizing a length-1 axis repeats it)."""
         (gh, gw), (gh0, gw0) = grid, self.bias_grid
 
         def build() -> torch.Tensor:
-            rows, cols = linear_resize_matrix(gh0, gh, like), linear_resize_matrix(gw0, gw, like)
-            on_grid = torch.cat([rows.repeat_interleave(gw, 0), cols.repeat(gh, 1)], 1)
             prefix = like.new_zeros(num_prefix + gh * gw, 1)
             prefix[:num_prefix] = 1
-            return torch.cat([grid_resize_matrix((7, 7), grid, num_prefix, like),
-                              F.pad(on_grid, (0, 0, num_prefix, 0)), prefix], 1).T.contiguous()
+            return torch.cat([grid_resize_matrix(src, grid, num_prefix, like)
+                              for src in ((7, 7), (gh0, 1), (1, gw0))] + [prefix], 1).T.contiguous()
         return cached_constant(("agent_bias", grid, num_prefix, self.bias_grid), like, build)
 
     def attend(self, x, q, k, v, grid, num_prefix):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -11,18 +12,26 @@ from torch import nn
 from ..kernels.grid_conv.reference import grad_in_layout
 
 
-_CONSTANTS: dict[tuple, torch.Tensor] = {}
+# the most bytes the kept constants may hold together (an agent block's bias matrix at a 2048x2048 image, patch
+# 16, is 5 MiB): the least recently used go first, so that images of ever new sizes do not grow the cache
+CONSTANT_BYTES = 64 * 2 ** 20
+_CONSTANTS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
 
 def cached_constant(key: tuple, like: torch.Tensor, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``build()``, a constant of the sizes in ``key`` (e.g. an interpolation matrix), kept per (key, device,
-    dtype of ``like``) in eager mode, where building it every call cost a dozen small launches."""
+    dtype of ``like``) in eager mode, where building it every call cost a dozen small launches; at most
+    ``CONSTANT_BYTES`` are kept (least recently used dropped first)."""
     if torch.compiler.is_compiling():           # traced once into the graph: no cache to guard on
         return build()
     key = (*key, like.device, like.dtype)
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = build()
-    return _CONSTANTS[key]
+    if key in _CONSTANTS:
+        _CONSTANTS.move_to_end(key)
+        return _CONSTANTS[key]
+    value = _CONSTANTS[key] = build()
+    while len(_CONSTANTS) > 1 and sum(t.nbytes for t in _CONSTANTS.values()) > CONSTANT_BYTES:
+        _CONSTANTS.popitem(last=False)
+    return value
 
 
 def linear_resize_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
@@ -42,7 +51,8 @@ def grid_resize_matrix(src: tuple[int, int], grid: tuple[int, ...], num_prefix: 
     one product."""
     def build() -> torch.Tensor:
         (sh, sw), (gh, gw) = src, grid[-2:]
-        on_grid = torch.kron(linear_resize_matrix(sh, gh, like), linear_resize_matrix(sw, gw, like))
+        rows, cols = linear_resize_matrix(sh, gh, like), linear_resize_matrix(sw, gw, like)
+        on_grid = (rows[:, None, :, None] * cols[None, :, None, :]).reshape(gh * gw, sh * sw)     # R_h x R_w
         frames = grid[0] if len(grid) == 3 else 1
         return torch.cat([like.new_zeros(num_prefix, sh * sw), on_grid.repeat(frames, 1)])
     return cached_constant(("grid_resize", tuple(src), tuple(grid), num_prefix), like, build)

@@ -150,6 +150,18 @@ def test_flatten_key_encoding_is_the_encoding_interpolated(grid, num_prefix):
         torch.testing.assert_close(out[:, num_prefix:], ref, rtol=0, atol=0)
 
 
+def test_grid_constants_kept_within_their_byte_budget(monkeypatch):
+    """Resize matrices of ever new grids do not grow the cache past CONSTANT_BYTES; the latest stays kept."""
+    from subquad.attention import grid_maps
+    monkeypatch.setattr(grid_maps, "_CONSTANTS", type(grid_maps._CONSTANTS)())
+    monkeypatch.setattr(grid_maps, "CONSTANT_BYTES", 1_000_000)          # > one 60x60 matrix (706 kB)
+    like = torch.empty(0)
+    for side in range(20, 61):
+        last = grid_maps.grid_resize_matrix((7, 7), (side, side), 1, like)
+        assert sum(t.nbytes for t in grid_maps._CONSTANTS.values()) <= 1_000_000
+    assert grid_maps.grid_resize_matrix((7, 7), (60, 60), 1, like) is last
+
+
 @pytest.mark.parametrize("shape,size", [((3, 4, 7, 7), (56, 40)), ((2, 7, 7), (5, 9)), ((4, 49), (13,)),
                                         ((2, 3, 5), (64,)), ((1, 7, 7), (7, 30))])
 def test_resize_map_is_f_interpolate(shape, size):
