@@ -79,6 +79,11 @@ def backends_of(op: str) -> tuple[Backend, ...]:
     return tuple(_BACKENDS.get(op, []))
 
 
+def records_grad(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd records a call on ``tensors`` (grad mode on and one of them requires a gradient)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def call_facts(x: torch.Tensor, v: torch.Tensor | None = None, **extra: Any) -> dict[str, Any]:
     """The facts of a call on (B, heads, N, d) tensors that requirements read."""
     return dict(device=x.device, dtype=x.dtype, head_dim=x.shape[-1],

@@ -25,6 +25,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .dispatch import records_grad
+
 Gradients = Callable[[Callable, Tensor, tuple, tuple, tuple], Sequence[Optional[Tensor]]]
 
 
@@ -97,7 +99,7 @@ def triton_op(name: str, forward: Callable, backward: Callable, *, num_tensors: 
     def apply(*inputs) -> Tensor:
         if torch.compiler.is_compiling():
             return _as_tuple(forward_op(*inputs))[0]
-        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:num_tensors])):
+        if not records_grad(*inputs[:num_tensors]):
             return _as_tuple(forward(*inputs))[0]
         return Eager.apply(*inputs)
 

@@ -7,8 +7,8 @@ from typing import Sequence
 import torch
 
 from ..core import checks
-from ..core.dispatch import (TRITON, TRITON_DTYPES, Requirement, choose_backend, dtypes, register_backend,
-                             triton_device)
+from ..core.dispatch import (TRITON, TRITON_DTYPES, Requirement, choose_backend, dtypes, records_grad,
+                             register_backend, triton_device)
 from .reference import depthwise_conv_on_grid_reference
 
 # A filter shared by the heads (FLatten) runs cudnn's conv by default when a gradient is needed: the Triton
@@ -34,7 +34,7 @@ def depthwise_conv_on_grid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """
     grid = checks.check_grid_conv(x, weight, bias, grid, num_prefix, residual)
     per_channel = weight.shape[0] == x.shape[1] * x.shape[-1]
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    needs_grad = records_grad(x, weight, bias, residual)
     fn = choose_backend("depthwise_conv_on_grid", backend, x, grid=grid, per_channel=per_channel, needs_grad=needs_grad)
     if x.shape[0] == 0 or x.shape[1] == 0:       # no batch or no heads: an empty output (conv2d rejects 0 groups)
         params = weight.sum() if bias is None else weight.sum() + bias.sum()

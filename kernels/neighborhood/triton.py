@@ -32,12 +32,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..core.dispatch import records_grad
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 from ..core.triton_common import (LOG2E, cdiv, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
                                   load_block, load_row_stats, row_alignment, row_ptrs, rows_contiguous,
                                   softmax_finish, softmax_step, strides)
-from ..softmax import with_prefix_queries
+from ..softmax import fill_prefix_queries, with_prefix_queries
 
 PREFIX_BLOCK = 16       # prefix keys per block (the smallest tl.dot side)
 
@@ -372,13 +373,16 @@ def _consts(q: Tensor, kernel_size: int) -> dict:
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], height: int, width: int, kernel_size: int,
-            dilation: int, num_prefix: int, scale: float, config: Optional[dict] = None) -> tuple[Tensor, Tensor]:
-    """The grid queries' output (B, H, height * width, d) in q's dtype and their base-2 log-sum-exp
-    (B, H, height * width) float32."""
+            dilation: int, num_prefix: int, prefix_rows: bool, scale: float,
+            config: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    """The grid queries' output (B, H, height * width, d) in q's dtype, after ``num_prefix`` rows left for the
+    prefix queries if ``prefix_rows`` (B, H, N, d), and the grid queries' base-2 log-sum-exp (B, H, height *
+    width) float32."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     b, nh, _, d = q.shape
     n = height * width
-    o = heads_last_empty(q, b, nh, n, v.shape[-1])
+    out = heads_last_empty(q, b, nh, n + num_prefix * prefix_rows, v.shape[-1])
+    o = out[:, :, out.shape[2] - n:]
     lse = torch.empty(b, nh, n, device=q.device, dtype=torch.float32)
     cfg = dict((config or default_config((height, width), kernel_size, dilation, d, q.dtype))["fwd"])
     tiles = _num_tiles(height, width, dilation, cfg["TH"], cfg["TW"])
@@ -387,17 +391,18 @@ def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], height: int,
         *strides(q), *strides(k), *strides(v), *strides(o), nh, height, width, dilation, num_prefix,
         scale * LOG2E.value, **_consts(q, kernel_size), **cfg, PB=PREFIX_BLOCK, HAS_RPB=rpb is not None,
         ALIGN=row_alignment(q, k, v, o))
-    return o, lse
+    return out, lse
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, rpb: Optional[Tensor],
-             height: int, width: int, kernel_size: int, dilation: int, num_prefix: int, scale: float,
-             config: Optional[dict] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             height: int, width: int, kernel_size: int, dilation: int, num_prefix: int, prefix_rows: bool,
+             scale: float, config: Optional[dict] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (B, H, N, d) of the grid queries' attention and the bias gradient (H, 2k-1, 2k-1) float32
     (empty without rpb); dq is 0 on the prefix rows."""
+    n, p = height * width, num_prefix
+    o, do = o[:, :, o.shape[2] - n:], do[:, :, do.shape[2] - n:]
     do, q, k, v = rows_contiguous(do), rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     b, nh, n_all, d = q.shape
-    n, p = height * width, num_prefix
     consts = _consts(q, kernel_size)
     block_d = consts["BLOCK_D"]
     configs = config or default_config((height, width), kernel_size, dilation, d, q.dtype)
@@ -440,13 +445,13 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
 
 # --- the op: custom ops for torch.compile, an autograd.Function in eager mode ------------------------
 
-def _forward_fake(q, k, v, rpb, height, width, kernel_size, dilation, num_prefix, scale):
+def _forward_fake(q, k, v, rpb, height, width, kernel_size, dilation, num_prefix, prefix_rows, scale):
     b, nh = q.shape[:2]
-    return (heads_last_empty(q, b, nh, height * width, v.shape[-1]),
+    return (heads_last_empty(q, b, nh, height * width + num_prefix * prefix_rows, v.shape[-1]),
             q.new_empty(b, nh, height * width, dtype=torch.float32))
 
 
-def _backward_fake(do, q, k, v, o, lse, rpb, height, width, kernel_size, dilation, num_prefix, scale):
+def _backward_fake(do, q, k, v, o, lse, rpb, height, width, kernel_size, dilation, num_prefix, prefix_rows, scale):
     side = 2 * kernel_size - 1
     drpb = q.new_empty((q.shape[1], side, side) if rpb is not None else (0, side, side), dtype=torch.float32)
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))   # as backward's
@@ -467,7 +472,10 @@ _neighborhood_attention = triton_op(
 def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], kernel_size: int,
                                   dilation: int, rpb: Optional[Tensor], num_prefix: int) -> Tensor:
     """The Triton backend of ``neighborhood_attention`` (arguments as the reference's): the grid queries
-    through the kernels above, the prefix queries (dense over all keys) through SDPA."""
-    out = _neighborhood_attention(q, k, v, rpb, grid[0], grid[1], kernel_size, dilation, num_prefix,
+    through the kernels above, the prefix queries (dense over all keys) through SDPA, written into the rows the
+    kernel left for them when no gradient is recorded (else concatenated: ``fill_prefix_queries``)."""
+    prefix_rows = num_prefix > 0 and not records_grad(q, k, v, rpb)
+    out = _neighborhood_attention(q, k, v, rpb, grid[0], grid[1], kernel_size, dilation, num_prefix, prefix_rows,
                                   q.shape[-1] ** -0.5)
-    return with_prefix_queries(out, q, k, v, num_prefix)
+    return fill_prefix_queries(out, q, k, v, num_prefix) if prefix_rows else with_prefix_queries(out, q, k, v,
+                                                                                                  num_prefix)

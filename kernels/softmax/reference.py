@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.dispatch import records_grad
 from ..core.heads_last import cat_tokens
 from ..core.precision import compute_dtype
 
@@ -59,7 +60,7 @@ def fill_prefix_queries(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     of P rows), else ``with_prefix_queries``' concatenation (the core's backward keeps its output as it was)."""
     if num_prefix == 0:
         return out
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if records_grad(q, k, v):
         return with_prefix_queries(out[:, :, num_prefix:], q, k, v, num_prefix)
     out[:, :, :num_prefix] = F.scaled_dot_product_attention(q[:, :, :num_prefix], k, v)
     return out

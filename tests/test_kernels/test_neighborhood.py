@@ -231,6 +231,11 @@ def check_case(grid, kernel_size, dilation, num_prefix, use_rpb, dtype, batch=1,
     ref = neighborhood_attention(*ref_in, rpb=ref_rpb, backend="reference", **opts)
     what = f"grid={grid} k={kernel_size} dilation={dilation} prefix={num_prefix} rpb={use_rpb} {dtype}"
     assert_rel_close(out, ref, dtype=dtype, what=f"{what} out")
+    if config is None:      # inference: the prefix queries' output written into the rows the kernel leaves
+        with torch.no_grad():
+            inferred = neighborhood_attention(q, k, v, rpb=rpb, backend="triton", **opts)
+        assert inferred.transpose(1, 2).is_contiguous(), "not in SDPA's heads-last layout"
+        assert_rel_close(inferred, ref, dtype=dtype, what=f"{what} out without autograd")
     do = torch.randn(out.shape, device=device, generator=generator).to(dtype)
     inputs, ref_inputs = [q, k, v], ref_in
     if use_rpb:
@@ -250,14 +255,14 @@ def _with_config(q, k, v, rpb, config, grid, kernel_size, dilation, num_prefix):
     class Tiled(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v, rpb):
-            o, lse = na.forward(q, k, v, rpb, *grid, kernel_size, dilation, 0, q.shape[-1] ** -0.5, config)
+            o, lse = na.forward(q, k, v, rpb, *grid, kernel_size, dilation, 0, False, q.shape[-1] ** -0.5, config)
             ctx.save_for_backward(q, k, v, rpb, o, lse)
             return o
 
         @staticmethod
         def backward(ctx, do):
             q, k, v, rpb, o, lse = ctx.saved_tensors
-            dq, dk, dv, drpb = na.backward(do, q, k, v, o, lse, rpb, *grid, kernel_size, dilation, 0,
+            dq, dk, dv, drpb = na.backward(do, q, k, v, o, lse, rpb, *grid, kernel_size, dilation, 0, False,
                                            q.shape[-1] ** -0.5, config)
             return dq, dk, dv, drpb if rpb is not None else None
 
