@@ -32,8 +32,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..core.alignment import row_alignment
 from ..core.triton_common import (LOG2E, cdiv, dot, dot_split_a, dot_split_b, head_strides, launch,
-                                  load_tile, num_programs_target, pad_dim, precision_flags, round_to, row_alignment,
+                                  load_tile, num_programs_target, pad_dim, precision_flags, round_to,
                                   split_operand, split_tokens, store_tile)
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op

@@ -24,8 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..core.alignment import row_alignment
 from ..core.triton_common import (LOG2E, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
-                                  load_block, load_row_stats, row_alignment, row_ptrs, rows_contiguous,
+                                  load_block, load_row_stats, row_ptrs, rows_contiguous,
                                   softmax_finish, softmax_step, store_block, strides, transposed_scores)
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op

@@ -119,19 +119,6 @@ def strides(x: torch.Tensor) -> Tuple[int, int, int]:
     return tuple(0 if x.shape[i] == 1 else x.stride(i) for i in range(3))
 
 
-def row_alignment(*tensors: torch.Tensor) -> int:
-    """The bytes (a power of two, at most 16) dividing the address of every (batch, head, token) row of each
-    (B, h, N, ...) tensor: the lowest set bit of 16, its data pointer and its first three strides in bytes (OR-ed:
-    the element size is a power of two). For kernels that state it with ``tl.multiple_of`` (``row_ptrs``) where
-    Triton cannot derive it (a stride not divisible by 16, a row pointer chosen from two tensors): 16-byte
-    vector accesses and asynchronous copies need it. Called per launch: a few Python operations per tensor."""
-    bits = 16
-    for x in tensors:
-        s = x.stride()
-        bits |= x.data_ptr() | (s[0] | s[1] | s[2]) * x.element_size()
-    return bits & -bits
-
-
 def head_strides(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:
     """x (B, h, N, d) with unit stride on d (copied if not) and its (batch, head, token) strides."""
     strides = x.stride()

@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..core.alignment import row_alignment
 from ..core.triton_common import (cdiv, head_strides, launch, load_tile, num_programs_target, pad_dim,
-                                  round_to, row_alignment, store_tile)
+                                  round_to, store_tile)
 from ..core.triton_op import triton_op
 
 # Tile sizes and launch options (``python -m subquad.tasks.bench.grid_conv --sweep`` times them); 8 warps

@@ -47,10 +47,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..core.alignment import row_alignment
 from ..core.rope import rope_2d_angles
 from ..core.triton_common import (cdiv, dot_split, dot_split_a, dot_split_b, dot_terms, head_strides, launch,
                                   load_tile, num_programs_target, operand_dtype, pad_dim, precision_flags,
-                                  row_alignment, split_operand, split_tokens, store_tile)
+                                  split_operand, split_tokens, store_tile)
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 from .reference import FOCUSED_EPS, LINEAR_EPS

@@ -18,8 +18,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..core.alignment import row_alignment
 from ..core.compile_constant import compile_constant
-from ..core.triton_common import launch, row_alignment, row_ptrs, strides
+from ..core.triton_common import launch, row_ptrs, strides
 from .block_sparse import pooled_key_tiles, pooled_tile_slots
 from .plan import block_hierarchy
 

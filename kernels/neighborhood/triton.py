@@ -32,11 +32,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..core.alignment import row_alignment
 from ..core.dispatch import records_grad
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 from ..core.triton_common import (LOG2E, cdiv, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
-                                  load_block, load_row_stats, row_alignment, row_ptrs, rows_contiguous,
+                                  load_block, load_row_stats, row_ptrs, rows_contiguous,
                                   softmax_finish, softmax_step, strides)
 from ..softmax import fill_prefix_queries, with_prefix_queries
 

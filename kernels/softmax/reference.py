@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.alignment import rows_aligned
 from ..core.dispatch import records_grad
 from ..core.heads_last import cat_tokens
 from ..core.precision import compute_dtype
@@ -20,8 +21,9 @@ def softmax_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 def softmax_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            scale: float | None = None) -> torch.Tensor:
-    """PyTorch's fused scaled_dot_product_attention: the baseline every figure is compared with."""
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    """PyTorch's fused scaled_dot_product_attention: the baseline every figure is compared with (inputs whose rows
+    are not 16-byte aligned copied first, ``rows_aligned``)."""
+    return F.scaled_dot_product_attention(*rows_aligned(q, k, v), scale=scale)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -40,8 +42,9 @@ def prefix_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     """SDPA of a few prefix queries (cls tokens) over all keys, as the sparse families attend them, with the
     output's gradient made contiguous: a model's gradient arrives in the heads-last layout (a view of the
     (B, N, h*d) gradient), and cuDNN's SDPA backward on an H200 returned a wrong dq for a one-query slice of it
-    (relative error 0.9; contiguous, the usual 3e-3 of bf16)."""
-    return _ContiguousGrad.apply(F.scaled_dot_product_attention(q, k, v))
+    (relative error 0.9; contiguous, the usual 3e-3 of bf16). Inputs whose rows are not 16-byte aligned are copied
+    first (``rows_aligned``)."""
+    return _ContiguousGrad.apply(F.scaled_dot_product_attention(*rows_aligned(q, k, v)))
 
 
 def with_prefix_queries(grid_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -62,5 +65,5 @@ def fill_prefix_queries(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return out
     if records_grad(q, k, v):
         return with_prefix_queries(out[:, :, num_prefix:], q, k, v, num_prefix)
-    out[:, :, :num_prefix] = F.scaled_dot_product_attention(q[:, :, :num_prefix], k, v)
+    out[:, :, :num_prefix] = F.scaled_dot_product_attention(*rows_aligned(q[:, :, :num_prefix], k, v))
     return out

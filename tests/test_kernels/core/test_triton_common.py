@@ -115,17 +115,3 @@ def test_cached_launch_matches_triton_launch_on_gpu(monkeypatch):
                 torch.cuda.synchronize()
                 assert torch.isfinite(got).all() and torch.equal(got, expected), (offset, feature)
     assert any(key[0].__name__ == "_output_kernel" for key in _common._FAST)
-
-
-def test_row_alignment_is_the_gcd_of_every_rows_address_in_bytes():
-    """row_alignment: 16 for contiguous rows of 8 bf16 values; a view starting one value in, a token stride of an
-    odd number of values or of 12 bytes lowers it to what every row's address is divisible by; a broadcast batch
-    or head (stride 0) does not lower it."""
-    x = torch.zeros(2, 3, 5, 8, dtype=torch.bfloat16)
-    assert x.data_ptr() % 16 == 0
-    assert _common.row_alignment(x) == 16
-    assert _common.row_alignment(x, x.flatten()[1:].view(1, 1, -1, 1)) == 2           # starts 2 bytes in
-    assert _common.row_alignment(torch.zeros(1, 1, 6, 5, dtype=torch.bfloat16)) == 2  # rows 10 bytes apart
-    assert _common.row_alignment(torch.zeros(4, 6, 3, dtype=torch.float32)[None]) == 4   # 12-byte rows
-    assert _common.row_alignment(torch.zeros(4, 8, dtype=torch.float32)[None, None, :, :6]) == 16
-    assert _common.row_alignment(torch.zeros(1, 1, 2, 8, dtype=torch.bfloat16).expand(2, 3, 2, 8)) == 16
