@@ -415,6 +415,7 @@ TUNED_CONFIGS: dict[tuple, dict] = {
     ("bwd_kv", 64, 64, 128, 2): {"num_warps": 4, "num_stages": 2},
     ("bwd_q", 64, 64, 128, 2): {"num_warps": 4, "num_stages": 2},
     ("fwd", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 3},
+    ("fwd", 128, 64, 128, 2): {"num_warps": 4, "num_stages": 2},
     ("fwd_grouped", 64, 64, 64, 2): {"num_warps": 4, "num_stages": 2},      # LLSA's sibling blocks; 3 stages spill
     ("bwd_kv", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 2},
     ("bwd_q", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 2},
