@@ -4,7 +4,10 @@ timm's dense model of the same size, measured in the same run.
 Per model and case: inference images/s (eval, no grad) and training images/s (forward, cross-entropy,
 backward, fused AdamW step on fp32 weights), both under bf16 autocast on CUDA; the peak memory of each; the host time per block (how long one inference forward takes to *issue*, after a sync, divided by
 the depth: the Python and launch cost that a GPU-bound model hides and a host-bound one does not); GFLOPs
-per image from the FLOP counter and the FLOP-ideal speedup (peer GFLOPs / model GFLOPs). Modes: ``eager``
+per image from the FLOP counter and the FLOP-ideal speedup (peer GFLOPs / model GFLOPs). Each case also times
+the peer with its attention skipped (``attention_skipped``: SDPA returns v): its ratio to the peer is what any
+attention could give there at most (Amdahl), the bound the FLOP-ideal speedup overstates where the blocks'
+norms, residuals and casts cost as much as the attention. Modes: ``eager``
 (always), ``compile``: the same rows for ``torch.compile(model)`` with the compile time (the first calls);
 ``cuda-graph`` (CUDA only): inference captured into one CUDA graph and replayed, the model's GPU time without
 its host time (no training figure).
@@ -15,6 +18,7 @@ suite.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import time
@@ -25,6 +29,7 @@ from typing import Callable
 import matplotlib
 import timm
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
@@ -63,6 +68,21 @@ MODEL_COLUMNS = [("case", "case", "s"), ("model", "model", "s"), ("mode", "mode"
                  ("gflops", "GFLOPs/img", ".2f"), ("flop_ideal", "FLOP-ideal x", ".2f"),
                  ("speedup_infer", "x peer infer", ".2f"), ("speedup_train", "x peer train", ".2f"),
                  ("compile_s", "compile s", ".1f")]
+
+
+SKIPPED = " [attention skipped]"       # the peer's row label with ``attention_skipped``
+
+
+@contextlib.contextmanager
+def attention_skipped():
+    """Within the block ``F.scaled_dot_product_attention`` returns its values (timm's attention calls it through
+    the module attribute): a dense model then costs everything but its attention."""
+    sdpa = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: v
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
 
 
 def _create(name: str, case: ModelCase, device: torch.device) -> torch.nn.Module:
@@ -136,15 +156,23 @@ def _depth(model: torch.nn.Module) -> int:
     return sum(1 for m in model.modules() if hasattr(m, "attn") and isinstance(m.attn, torch.nn.Module)) or 1
 
 
-def measure_model(name: str, case: ModelCase, device: torch.device, repeats: int, mode: str = "eager") -> dict:
-    """One row: throughput, peak memory, host time per block (and compile time) of ``name`` in ``case``."""
-    row = dict(case=case.label, model=name, mode=mode, batch=case.batch, img_size=case.img_size,
-               compile_s=float("nan"))
+def measure_model(name: str, case: ModelCase, device: torch.device, repeats: int, mode: str = "eager",
+                  skip_attention: bool = False) -> dict:
+    """One row: throughput, peak memory, host time per block (and compile time) of ``name`` in ``case``; with
+    ``skip_attention`` of the model with its SDPA skipped (``attention_skipped``; no GFLOPs counted)."""
+    row = dict(case=case.label, model=name + SKIPPED * skip_attention, mode=mode, batch=case.batch,
+               img_size=case.img_size, compile_s=float("nan"))
+    with attention_skipped() if skip_attention else contextlib.nullcontext():
+        return _measure(name, case, device, repeats, mode, row, count_flops=not skip_attention)
+
+
+def _measure(name: str, case: ModelCase, device: torch.device, repeats: int, mode: str, row: dict,
+             count_flops: bool) -> dict:
     compile = mode == "compile"
     model = None
     try:
         model = _create(name, case, device)
-        row["gflops"] = count_model(name, img_size=case.img_size)["gflops"]
+        row["gflops"] = count_model(name, img_size=case.img_size)["gflops"] if count_flops else float("nan")
         depth = _depth(model)
         if compile:
             model = torch.compile(model)
@@ -189,8 +217,8 @@ def measure_model(name: str, case: ModelCase, device: torch.device, repeats: int
 def bench_models(cases: tuple[ModelCase, ...] = MODEL_CASES, repeats: int = 10, device: str = "cuda",
                  modes: tuple[str, ...] = ("eager",), models: list[str] | None = None,
                  csv_path: Path | None = None) -> list[dict]:
-    """One row per (case, mode, model), the peer first; ratios to the peer of the same case and mode
-    (``MODES``). ``models`` keeps only the subquad models whose name contains one of these strings;
+    """One row per (case, mode, model), the peer first, then the peer with its attention skipped (the bound on
+    any attention's gain); ratios to the peer of the same case and mode (``MODES``). ``models`` keeps only the subquad models whose name contains one of these strings;
     ``csv_path`` is rewritten after every row, so that an interrupted run keeps what it measured."""
     dev = torch.device(device)
     for mode in modes:
@@ -198,11 +226,12 @@ def bench_models(cases: tuple[ModelCase, ...] = MODEL_CASES, repeats: int = 10, 
             raise ValueError(f"unknown bench mode {mode!r}; valid: {', '.join(MODES)}")
     if "cuda-graph" in modes and dev.type != "cuda":
         raise ValueError(f"the cuda-graph mode captures CUDA graphs and needs a CUDA device, got {device!r}")
-    jobs = [(case, name, mode) for case in cases for mode in modes
-            for name in (case.peer,) + tuple(m for m in case.models if not models or any(s in m for s in models))]
+    jobs = [(case, name, mode, skip) for case in cases for mode in modes
+            for name, skip in ((case.peer, False), (case.peer, True),
+                               *((m, False) for m in case.models if not models or any(s in m for s in models)))]
     rows = []
-    for case, name, mode in tqdm(jobs, desc="bench models", unit="model"):
-        row = measure_model(name, case, dev, repeats, mode=mode)
+    for case, name, mode, skip in tqdm(jobs, desc="bench models", unit="model"):
+        row = measure_model(name, case, dev, repeats, mode=mode, skip_attention=skip)
         rows.append(row)
         if csv_path is not None:
             save_csv(rows, csv_path)

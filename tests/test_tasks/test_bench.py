@@ -5,13 +5,14 @@ import math
 
 import pytest
 import torch
+import timm
 
 from subquad import attention, kernels
 from subquad.kernels.grid_conv import triton as grid_conv_kernels
 from subquad.tasks.bench import families as bench
 from subquad.tasks.bench import grid_conv
 from subquad.tasks.bench.dit import bench_dit
-from subquad.tasks.bench.models import ModelCase, bench_models, save_models_plot
+from subquad.tasks.bench.models import ModelCase, attention_skipped, bench_models, save_models_plot
 from subquad.tasks.bench.pipelines import PipelineCase, bench_pipelines, save_pipeline_plot
 from subquad.tasks.bench.suites import run_suite
 from subquad.tasks.zoo import count_model
@@ -138,18 +139,23 @@ def test_bench_pipelines_rows_bound_and_plot(tmp_path):
 
 
 def test_bench_models_rows_ratios_and_plot(tmp_path):
-    """The models suite's code path on a tiny CPU case: the dense peer first, ratios to it, host time per
-    block, FLOP-ideal speedup from the FLOP counter, a CSV kept after every row and a plot."""
+    """The models suite's code path on a tiny CPU case: the dense peer first, then the peer with its attention
+    skipped (its ratio: the bound on any attention's gain), ratios to the peer, host time per block, FLOP-ideal
+    speedup from the FLOP counter, a CSV kept after every row and a plot."""
     case = ModelCase("tiny", "deit_tiny_patch16_224", ("mala_deit_tiny_patch16_224",), 32, 1)
     rows = bench_models((case,), repeats=1, device="cpu", csv_path=tmp_path / "m.csv")
-    assert [r["model"] for r in rows] == ["deit_tiny_patch16_224", "mala_deit_tiny_patch16_224"]
-    assert [r["mode"] for r in rows] == ["eager", "eager"]
-    peer, mala = rows
+    assert [r["model"] for r in rows] == ["deit_tiny_patch16_224", "deit_tiny_patch16_224 [attention skipped]",
+                                          "mala_deit_tiny_patch16_224"]
+    assert [r["mode"] for r in rows] == ["eager"] * 3
+    peer, skipped, mala = rows
     assert peer["speedup_infer"] == peer["speedup_train"] == peer["flop_ideal"] == 1.0
+    assert skipped["speedup_infer"] == pytest.approx(skipped["infer_img_s"] / peer["infer_img_s"])
+    assert math.isnan(skipped["gflops"]) and "error" not in skipped
     assert mala["speedup_infer"] == pytest.approx(mala["infer_img_s"] / peer["infer_img_s"])
     assert mala["flop_ideal"] == pytest.approx(peer["gflops"] / mala["gflops"])
     for r in rows:
-        assert r["infer_img_s"] > 0 and r["train_img_s"] > 0 and r["host_us_per_block"] > 0 and r["gflops"] > 0
+        assert r["infer_img_s"] > 0 and r["train_img_s"] > 0 and r["host_us_per_block"] > 0
+    assert peer["gflops"] > 0 and mala["gflops"] > 0
     assert [r["model"] for r in csv.DictReader(open(tmp_path / "m.csv"))] == [r["model"] for r in rows]
     save_models_plot(rows, tmp_path / "m.png", "tiny")
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -170,23 +176,36 @@ def test_gpu_bench_models_cuda_graph_rows(tmp_path):
     case = ModelCase("tiny", "deit_tiny_patch16_224", ("mala_deit_tiny_patch16_224", "agent_deit_tiny_patch16_224"),
                      224, 8)
     rows = bench_models((case,), repeats=3, modes=("eager", "cuda-graph"), csv_path=tmp_path / "m.csv")
+    peers = ("deit_tiny_patch16_224", "deit_tiny_patch16_224 [attention skipped]")
     assert [(r["mode"], r["model"]) for r in rows] == [(m, n) for m in ("eager", "cuda-graph")
-                                                        for n in ("deit_tiny_patch16_224",) + case.models]
+                                                        for n in peers + case.models]
     for r in rows:
         assert r["infer_img_s"] > 0 and "error" not in r
         assert math.isnan(r["train_img_s"]) == (r["mode"] == "cuda-graph")
-    graphed_peer = rows[3]
-    assert graphed_peer["speedup_infer"] == 1.0 and rows[4]["speedup_infer"] == pytest.approx(
-        rows[4]["infer_img_s"] / graphed_peer["infer_img_s"])
+    graphed_peer = rows[4]
+    assert graphed_peer["speedup_infer"] == 1.0 and rows[6]["speedup_infer"] == pytest.approx(
+        rows[6]["infer_img_s"] / graphed_peer["infer_img_s"])
 
 
 def test_bench_models_keeps_going_past_a_failing_model(tmp_path, capsys):
     case = ModelCase("tiny", "deit_tiny_patch16_224", ("no_such_model_patch16_224",), 32, 1)
     rows = bench_models((case,), repeats=1, device="cpu", csv_path=tmp_path / "m.csv")
-    assert [r.get("error") for r in rows] == [None, "RuntimeError"]
-    assert rows[0]["infer_img_s"] > 0 and math.isnan(rows[1]["infer_img_s"])
+    assert [r.get("error") for r in rows] == [None, None, "RuntimeError"]
+    assert rows[0]["infer_img_s"] > 0 and math.isnan(rows[2]["infer_img_s"])
     assert "bench models: no_such_model_patch16_224 at tiny B1: RuntimeError" in capsys.readouterr().out
-    assert len(list(csv.DictReader(open(tmp_path / "m.csv")))) == 2
+    assert len(list(csv.DictReader(open(tmp_path / "m.csv")))) == 3
+
+
+def test_attention_skipped_only_within_its_block():
+    """A timm dense model's output changes while SDPA is skipped (values passed through) and is back after."""
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        with attention_skipped():
+            skipped = model(x)
+        after = model(x)
+    assert torch.equal(before, after) and not torch.allclose(before, skipped)
 
 
 @pytest.mark.parametrize("family", ["agent", "flatten", "mala", "nat", "radial", "llsa"])
