@@ -44,7 +44,7 @@ def _bench(args: argparse.Namespace) -> None:
     if args.suite != "families":
         modes = ("eager",) + ("compile",) * args.compile + ("cuda-graph",) * args.cuda_graph
         run_suite(args.suite, Path(args.out), families, modes=modes,
-                  models=args.models.split(",") if args.models else None)
+                  models=args.models.split(",") if args.models else None, profile=args.profile)
         return
     cfg = BenchConfig.default(args.device)
     if args.dtype:
@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true",
                    help="families and models suites: also time the calls captured into one CUDA graph and replayed "
                         "(the GPU time without the host time; models: inference only)")
+    p.add_argument("--profile", action="store_true",
+                   help="models suite: instead of timing, where each model's inference GPU time goes (torch.profiler: "
+                        "microseconds per kernel and block, bench_models_profile.csv)")
     p.add_argument("--models", help="models suite: comma-separated substrings of the model names to keep "
                                     "(e.g. mala,nat); the dense peers always run")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")

@@ -31,6 +31,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
 from ..tables import format_table, save_csv
@@ -242,6 +243,54 @@ def bench_models(cases: tuple[ModelCase, ...] = MODEL_CASES, repeats: int = 10, 
         r["flop_ideal"] = peer["gflops"] / r["gflops"]
         r["speedup_infer"] = r["infer_img_s"] / peer["infer_img_s"]
         r["speedup_train"] = r["train_img_s"] / peer["train_img_s"]
+    return rows
+
+
+def profile_model(name: str, case: ModelCase, device: torch.device, steps: int = 5, top: int = 12) -> list[dict]:
+    """Where one inference forward of ``name`` in ``case`` spends its time (torch.profiler over ``steps`` forwards
+    after warm-up): per CUDA kernel (per CPU op on the CPU), microseconds per forward and per block, calls per
+    forward and share of the total; the ``top`` largest, then one row for the rest."""
+    cuda = device.type == "cuda"
+    model = _create(name, case, device).eval()
+    depth = _depth(model)
+    infer, _ = _steps(model, case, device)
+    _warm_up(infer, device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            infer()
+        _sync(device)
+    spent = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / steps, e.count / steps)
+             for e in prof.key_averages()]
+    spent = sorted((x for x in spent if x[1] > 0), key=lambda x: -x[1])
+    total = sum(us for _, us, _ in spent)
+    rest = spent[top:]
+    spent = spent[:top] + ([(f"(the other {len(rest)})", sum(x[1] for x in rest), sum(x[2] for x in rest))]
+                           if rest else [])
+    return [dict(case=case.label, model=name, kernel=key, us_per_forward=us, us_per_block=us / depth,
+                 calls_per_forward=calls, share=us / total) for key, us, calls in spent]
+
+
+PROFILE_COLUMNS = [("model", "model", "s"), ("kernel", "kernel (CUDA) or op (CPU)", "s"),
+                   ("us_per_block", "µs/block", ".1f"), ("calls_per_forward", "calls", ".0f"), ("share", "share", ".2f")]
+
+
+def run_models_profile(out_dir: Path, cases: tuple[ModelCase, ...] = MODEL_CASES, models: list[str] | None = None,
+                       device: str = "cuda") -> list[dict]:
+    """``profile_model`` for each case's peer and models: printed per model and saved as
+    ``bench_models_profile.csv``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev, rows = torch.device(device), []
+    jobs = [(case, name) for case in cases
+            for name in (case.peer,) + tuple(m for m in case.models if not models or any(s in m for s in models))]
+    for case, name in tqdm(jobs, desc="profile models", unit="model"):
+        these = profile_model(name, case, dev)
+        rows += these
+        save_csv(rows, out_dir / "bench_models_profile.csv")
+        tqdm.write(f"{name} at {case.label} B{case.batch}: {sum(r['us_per_block'] for r in these):.0f} µs/block\n"
+                   + format_table([{**r, "kernel": r["kernel"][:70]} for r in these], PROFILE_COLUMNS))
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 

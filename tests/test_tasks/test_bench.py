@@ -12,7 +12,8 @@ from subquad.kernels.grid_conv import triton as grid_conv_kernels
 from subquad.tasks.bench import families as bench
 from subquad.tasks.bench import grid_conv
 from subquad.tasks.bench.dit import bench_dit
-from subquad.tasks.bench.models import ModelCase, attention_skipped, bench_models, save_models_plot
+from subquad.tasks.bench.models import (ModelCase, attention_skipped, bench_models, profile_model,
+                                         run_models_profile, save_models_plot)
 from subquad.tasks.bench.pipelines import PipelineCase, bench_pipelines, save_pipeline_plot
 from subquad.tasks.bench.suites import run_suite
 from subquad.tasks.zoo import count_model
@@ -194,6 +195,22 @@ def test_bench_models_keeps_going_past_a_failing_model(tmp_path, capsys):
     assert rows[0]["infer_img_s"] > 0 and math.isnan(rows[2]["infer_img_s"])
     assert "bench models: no_such_model_patch16_224 at tiny B1: RuntimeError" in capsys.readouterr().out
     assert len(list(csv.DictReader(open(tmp_path / "m.csv")))) == 3
+
+
+def test_profile_model_splits_a_forward_by_kernel(tmp_path):
+    """The profile's CPU path on a tiny case: the top ops (here CPU ops) by time per forward, largest first, then
+    the rest in one row; shares sum to 1 and a block's time is the forward's over the depth."""
+    case = ModelCase("tiny", "deit_tiny_patch16_224", ("mala_deit_tiny_patch16_224",), 32, 1)
+    rows = profile_model("mala_deit_tiny_patch16_224", case, torch.device("cpu"), steps=2, top=5)
+    assert len(rows) == 6 and rows[-1]["kernel"].startswith("(the other ")
+    assert [r["us_per_forward"] for r in rows[:5]] == sorted((r["us_per_forward"] for r in rows[:5]), reverse=True)
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert all(r["us_per_block"] == pytest.approx(r["us_per_forward"] / 12) and r["calls_per_forward"] > 0
+               for r in rows)
+    assert any("linear" in r["kernel"] or "addmm" in r["kernel"] for r in rows)
+    saved = run_models_profile(tmp_path, (case,), device="cpu")
+    assert {r["model"] for r in saved} == {"deit_tiny_patch16_224", "mala_deit_tiny_patch16_224"}
+    assert len(list(csv.DictReader(open(tmp_path / "bench_models_profile.csv")))) == len(saved)
 
 
 def test_attention_skipped_only_within_its_block():
