@@ -478,5 +478,6 @@ def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, grid: tuple[i
     prefix_rows = num_prefix > 0 and not records_grad(q, k, v, rpb)
     out = _neighborhood_attention(q, k, v, rpb, grid[0], grid[1], kernel_size, dilation, num_prefix, prefix_rows,
                                   q.shape[-1] ** -0.5)
-    return fill_prefix_queries(out, q, k, v, num_prefix) if prefix_rows else with_prefix_queries(out, q, k, v,
-                                                                                                  num_prefix)
+    if prefix_rows:
+        return fill_prefix_queries(out, q, k, v, num_prefix)
+    return with_prefix_queries(out, q, k, v, num_prefix)

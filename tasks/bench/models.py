@@ -86,6 +86,11 @@ def attention_skipped():
         F.scaled_dot_product_attention = sdpa
 
 
+def case_models(case: ModelCase, models: list[str] | None) -> tuple[str, ...]:
+    """The case's subquad models whose name contains one of the substrings ``models`` (all for None)."""
+    return tuple(m for m in case.models if not models or any(s in m for s in models))
+
+
 def _create(name: str, case: ModelCase, device: torch.device) -> torch.nn.Module:
     size = {} if case.img_size == 224 else {"img_size": case.img_size}
     with device:
@@ -219,8 +224,9 @@ def bench_models(cases: tuple[ModelCase, ...] = MODEL_CASES, repeats: int = 10, 
                  modes: tuple[str, ...] = ("eager",), models: list[str] | None = None,
                  csv_path: Path | None = None) -> list[dict]:
     """One row per (case, mode, model), the peer first, then the peer with its attention skipped (the bound on
-    any attention's gain); ratios to the peer of the same case and mode (``MODES``). ``models`` keeps only the subquad models whose name contains one of these strings;
-    ``csv_path`` is rewritten after every row, so that an interrupted run keeps what it measured."""
+    any attention's gain); ratios to the peer of the same case and mode (``MODES``). ``models`` keeps only the
+    subquad models whose name contains one of these strings (``case_models``); ``csv_path`` is rewritten after
+    every row, so that an interrupted run keeps what it measured."""
     dev = torch.device(device)
     for mode in modes:
         if mode not in MODES:
@@ -229,7 +235,7 @@ def bench_models(cases: tuple[ModelCase, ...] = MODEL_CASES, repeats: int = 10, 
         raise ValueError(f"the cuda-graph mode captures CUDA graphs and needs a CUDA device, got {device!r}")
     jobs = [(case, name, mode, skip) for case in cases for mode in modes
             for name, skip in ((case.peer, False), (case.peer, True),
-                               *((m, False) for m in case.models if not models or any(s in m for s in models)))]
+                               *((m, False) for m in case_models(case, models)))]
     rows = []
     for case, name, mode, skip in tqdm(jobs, desc="bench models", unit="model"):
         row = measure_model(name, case, dev, repeats, mode=mode, skip_attention=skip)
@@ -271,7 +277,8 @@ def profile_model(name: str, case: ModelCase, device: torch.device, steps: int =
 
 
 PROFILE_COLUMNS = [("model", "model", "s"), ("kernel", "kernel (CUDA) or op (CPU)", "s"),
-                   ("us_per_block", "µs/block", ".1f"), ("calls_per_forward", "calls", ".0f"), ("share", "share", ".2f")]
+                   ("us_per_block", "µs/block", ".1f"), ("calls_per_forward", "calls", ".0f"),
+                   ("share", "share", ".2f")]
 
 
 def run_models_profile(out_dir: Path, cases: tuple[ModelCase, ...] = MODEL_CASES, models: list[str] | None = None,
@@ -280,8 +287,7 @@ def run_models_profile(out_dir: Path, cases: tuple[ModelCase, ...] = MODEL_CASES
     ``bench_models_profile.csv``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     dev, rows = torch.device(device), []
-    jobs = [(case, name) for case in cases
-            for name in (case.peer,) + tuple(m for m in case.models if not models or any(s in m for s in models))]
+    jobs = [(case, name) for case in cases for name in (case.peer, *case_models(case, models))]
     for case, name in tqdm(jobs, desc="profile models", unit="model"):
         these = profile_model(name, case, dev)
         rows += these

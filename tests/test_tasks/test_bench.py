@@ -4,8 +4,8 @@ import csv
 import math
 
 import pytest
-import torch
 import timm
+import torch
 
 from subquad import attention, kernels
 from subquad.kernels.grid_conv import triton as grid_conv_kernels
