@@ -33,6 +33,7 @@ from torch import nn
 from ..attention import build
 from ..attention.grid_maps import depthwise_conv, resize_map
 from .attention_schedule import AttentionSchedule, AttnEntry
+from .fused_norm import add_norm
 from .pretrained import build_with_pretrained, check_state_dict
 
 NUM_STAGES = 4
@@ -199,9 +200,10 @@ class HierarchicalBlock(nn.Module):
         b, h, w, c = x.shape
         if self.cpe is not None:
             x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        y = self.attn(self.norm1(x).reshape(b, h * w, c), grid=(h, w)).reshape(b, h, w, c)
-        x = x + self.drop_path1(self.ls1(y))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x, y = add_norm(self.norm1, x)
+        y = self.attn(y.reshape(b, h * w, c), grid=(h, w)).reshape(b, h, w, c)
+        x, y = add_norm(self.norm2, x, self.drop_path1(self.ls1(y)))
+        return x + self.drop_path2(self.ls2(self.mlp(y)))
 
 
 class HierarchicalStage(nn.Module):

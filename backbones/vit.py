@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import build
 from .attention_schedule import AttentionSchedule, AttnEntry
+from .fused_norm import add_norm
 
 
 class GridBlock(nn.Module):
@@ -46,8 +47,9 @@ class GridBlock(nn.Module):
             self.to(device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid, num_prefix)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x, h = add_norm(self.norm1, x)
+        x, h = add_norm(self.norm2, x, self.drop_path1(self.ls1(self.attn(h, grid, num_prefix))))
+        return x + self.drop_path2(self.ls2(self.mlp(h)))
 
 
 class GridVisionTransformer(VisionTransformer):

@@ -70,7 +70,7 @@ CONFIG = {   # per_sm: programs per SM that the N-split of a (batch, head) kerne
     # FLatten's kernels over all heads of a tile of tokens (grid: batch x token tiles)
     "norms": dict(BLOCK_N=64, num_warps=4, num_stages=2),
     "gw_query": dict(BLOCK_N=32, num_warps=4, num_stages=2),
-    "focused_bwd_k": dict(BLOCK_N=32, num_warps=4, num_stages=3),
+    "focused_bwd_k": dict(BLOCK_N=32, num_warps=4, num_stages=3, wide_num_stages=2),
 }
 # 16-bit products per output phi(q) @ S (dot_terms): 1 rounds phi(q) and S once each (about 2^-9, the output's
 # own bf16 rounding; bf16 MALA/FLatten outputs then lie ~3e-3 from float64); 3 carries S to about 2^-16
@@ -80,7 +80,8 @@ OUTPUT_TERMS_FP16 = 3   # fp16 outputs (bf16 operands): 1 product would be 2^-9,
 NORMS_TILE = 8192      # elements of one (tokens, heads, channels) tile of the norms kernel
 # A padded head_dim over 64 (DiT's 72 -> 128): tiles of at most 32 tokens (a kernel's wide_block_n where it
 # has one) and at least 8 warps: wider tiles spill registers there (FLatten's query backward is fastest at 16
-# tokens, its output kernel at 32).
+# tokens, its output kernel at 32). A kernel's wide_num_stages caps its pipeline there: FLatten's key backward
+# with 3 stages asks for 241 KiB of shared memory on 16-byte aligned rows, over sm_90's 227 KiB.
 WIDE = dict(max_block_n=32, min_warps=8)
 
 
@@ -657,13 +658,14 @@ def _launch_opts(cfg: dict, meta: dict) -> dict:
     """The kernel's tile and launch options; fp32 inputs (exact fp32 products on the FMA units, which need
     far more registers) take tiles of at most 16 tokens, and wide heads (a padded head_dim over 64, e.g.
     DiT's 72 padded to 128) the smaller tiles and more warps of WIDE."""
-    block_n, warps = cfg["BLOCK_N"], cfg["num_warps"]
+    block_n, warps, stages = cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
     if not meta["LOWP"]:
         block_n = min(block_n, 16)
     if max(meta["DP"], meta["DVP"]) > 64:
         block_n = min(block_n, cfg.get("wide_block_n", WIDE["max_block_n"]))
         warps = max(warps, WIDE["min_warps"])
-    return dict(BLOCK_N=block_n, num_warps=warps, num_stages=cfg["num_stages"])
+        stages = cfg.get("wide_num_stages", stages)
+    return dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
 def _splits(cfg: dict, opts: dict, groups: int, n: int, device: torch.device) -> Tuple[int, int]:

@@ -51,7 +51,9 @@ class ModelCase:
     batch: int
 
 
-DEIT_SMALL = tuple(f"{f}_deit_small_patch16_224" for f in ("agent", "flatten", "mala", "nat", "radial", "llsa"))
+# softmax: subquad's own dense DeiT-S (its blocks with SDPA), whose ratio is what the blocks' fused norms give alone
+DEIT_SMALL = tuple(f"{f}_deit_small_patch16_224"
+                   for f in ("softmax", "agent", "flatten", "mala", "nat", "radial", "llsa"))
 HIER_TINY = ("agent_swin_tiny_patch4_window7_224", "flatten_swin_tiny_patch4_window7_224", "agent_pvt_tiny",
              "flatten_pvt_tiny", "nat_tiny", "dinat_tiny", "mavit_tiny")
 MODEL_CASES = (

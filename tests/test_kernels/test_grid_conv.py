@@ -120,19 +120,6 @@ def test_bad_arguments_raise(backend, change, message):
 # --- the Triton kernels against the reference -----------------------------------------------------
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    """torch.empty, torch.empty_like and Tensor.new_empty return NaN-filled floating point tensors."""
-    def poison(make):
-        def wrapped(*args, **kwargs):
-            t = make(*args, **kwargs)
-            return t.fill_(float("nan")) if t.is_floating_point() else t
-        return wrapped
-
-    for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")):
-        monkeypatch.setattr(owner, name, poison(getattr(owner, name)))
-
-
 def _inputs(b, h, grid, num_prefix, d, k, shared, dtype, device, bias=True, residual=True, strided=False,
             param_dtype=torch.float32):
     """x, weight, bias, residual; ``strided``: x and the residual as (B, N, h, d)-layout views with unit channel

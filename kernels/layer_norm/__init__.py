@@ -1,0 +1,54 @@
+"""LayerNorm fused with the residual add before it and the cast after it: the norms of a pre-norm
+transformer block as one pass over the residual stream each.
+
+A pre-norm block under autocast spends three passes per norm on the residual stream outside its matrix
+products: the residual add (fp32), the LayerNorm (fp32 in, fp32 out) and the cast of its output to the
+autocast dtype before the next projection. ``add_layer_norm`` reads x and y once and writes s = x + y and
+LN(s), already in the projection's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..core import checks
+from ..core.dispatch import (TRITON, TRITON_DTYPES, Requirement, choose_backend, dtypes, register_backend,
+                             triton_device)
+from .reference import add_layer_norm_reference
+
+OUTPUT_DTYPES = Requirement("y and the output in float16, bfloat16 or float32",
+                            lambda f: f["out_dtype"] in TRITON_DTYPES and f["y_dtype"] in (None, *TRITON_DTYPES))
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def add_layer_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float = 1e-5, *, out_dtype: torch.dtype | None = None,
+                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, LN(s)) with s = x + y (s = x when ``y`` is None) and LN(s) = (s - mean) / sqrt(var + eps) * weight +
+    bias over the last axis.
+
+    s has the dtype of x + y (type promotion); LN(s) has ``out_dtype`` (default: the autocast dtype under autocast, which
+    the next linear layer computes in, else s's dtype). ``weight`` and ``bias``: None or (C,). Backends: ``triton`` (one pass,
+    forward and backward; the default on CUDA), ``reference`` (PyTorch ops; also what runs under
+    ``torch.compile``, whose compiler fuses them itself).
+    """
+    checks.check_add_layer_norm(x, y, weight, bias)
+    eps = checks.check_float(eps, "eps", "add_layer_norm", positive=True)
+    s_dtype = x.dtype if y is None else torch.promote_types(x.dtype, y.dtype)
+    if out_dtype is None:
+        out_dtype = _autocast_dtype(x.device.type) or s_dtype
+    if torch.compiler.is_compiling():
+        return add_layer_norm_reference(x, y, weight, bias, eps, out_dtype)
+    fn = choose_backend("add_layer_norm", backend, x, out_dtype=out_dtype, y_dtype=None if y is None else y.dtype)
+    return fn(x, y, weight, bias, eps, out_dtype)
+
+
+if TRITON:
+    from .triton import add_layer_norm_triton
+    register_backend("add_layer_norm", "triton", add_layer_norm_triton,
+                     requires=(triton_device(), dtypes(*TRITON_DTYPES), OUTPUT_DTYPES))
+register_backend("add_layer_norm", "reference", add_layer_norm_reference)

@@ -1,0 +1,153 @@
+"""LayerNorm after a residual add (kernels/layer_norm): the reference against the definition written out, the
+Triton kernels against the reference (CPU: the interpreter on small shapes; ``gpu``: model sizes), and the
+blocks' ``add_norm`` against the unfused add and norm.
+
+The ground truth is the reference in float64 on the same values. Fresh allocations are NaN-filled (``poisoned``),
+so an element a kernel forgets to write fails the comparison."""
+import pytest
+import torch
+from timm.layers import LayerNorm as TimmLayerNorm
+from torch import nn
+
+from subquad.backbones.fused_norm import add_norm
+from subquad.kernels.core.testing import REL_TOL, relative_error
+from subquad.kernels.layer_norm import add_layer_norm
+
+
+def definition(x, y, weight, bias, eps):
+    """s = x + y; (s - mean) / sqrt(mean((s - mean)^2) + eps) * weight + bias, mean over the last axis."""
+    s = x if y is None else x + y
+    mean = s.mean(-1, keepdim=True)
+    out = (s - mean) / torch.sqrt(((s - mean) ** 2).mean(-1, keepdim=True) + eps)
+    return s, out * (1 if weight is None else weight) + (0 if bias is None else bias)
+
+
+@pytest.mark.parametrize("with_y,with_weight,with_bias", [(True, True, True), (False, True, True),
+                                                          (True, False, True), (True, True, False)])
+def test_reference_matches_definition(with_y, with_weight, with_bias):
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True) if with_y else None
+    w = torch.randn(24, dtype=torch.float64, requires_grad=True) if with_weight else None
+    b = torch.randn(24, dtype=torch.float64, requires_grad=True) if with_bias else None
+    got = add_layer_norm(x, y, w, b, 1e-5, backend="reference")
+    want = definition(x, y, w, b, 1e-5)
+    leaves = [t for t in (x, y, w, b) if t is not None]
+    g = [torch.randn_like(t) for t in want]
+    for a, e in zip((*got, *torch.autograd.grad(got, leaves, g)), (*want, *torch.autograd.grad(want, leaves, g))):
+        assert relative_error(a, e) < 1e-12
+
+
+def check_against_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype, device="cpu", upstream=("s", "out"),
+                            transposed=False, weight=True, bias=True):
+    """Forward and every gradient of backend="triton" against the float64 reference; the (what, error, tolerance)
+    that failed. ``upstream``: which outputs the loss reads; ``transposed``: x as a non-contiguous view."""
+    dev = torch.device(device)
+    x = torch.randn(shape, device=dev).to(x_dtype)
+    if transposed:
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    x.requires_grad_()
+    y = torch.randn(shape, device=dev).to(y_dtype).requires_grad_() if y_dtype is not None else None
+    w = (torch.randn(shape[-1], device=dev) * 0.5 + 1).to(param_dtype).requires_grad_() if weight else None
+    b = torch.randn(shape[-1], device=dev).to(param_dtype).requires_grad_() if bias else None
+    leaves = [t for t in (x, y, w, b) if t is not None]
+    s, out = add_layer_norm(x, y, w, b, 1e-5, out_dtype=out_dtype, backend="triton")
+    assert s.dtype == (x_dtype if y is None else torch.promote_types(x_dtype, y_dtype)) and out.dtype == out_dtype
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(ref_leaves)
+    rx, ry, rw, rb = (next(it) if t is not None else None for t in (x, y, w, b))
+    rs, rout = add_layer_norm(rx, ry, rw, rb, 1e-5, backend="reference")
+    gs, gout = torch.randn_like(rs), torch.randn_like(rout)
+    use_s = "s" in upstream and y is not None
+    loss = ((out.double() * gout).sum() if "out" in upstream else 0) + ((s.double() * gs).sum() if use_s else 0)
+    ref_loss = ((rout * gout).sum() if "out" in upstream else 0) + ((rs * gs).sum() if use_s else 0)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref_loss, ref_leaves, allow_unused=True)
+    tol = max(REL_TOL[x_dtype], REL_TOL[out_dtype], REL_TOL[y_dtype or x_dtype], REL_TOL[param_dtype])
+    names = [n for n, t in zip(("dx", "dy", "dweight", "dbias"), (x, y, w, b)) if t is not None]
+    failed = []
+    for what, a, e in zip(["s", "out", *names], [s, out, *grads], [rs, rout, *ref_grads]):
+        if e is None:
+            if a is not None and a.abs().max() > 0:
+                failed.append((what, "nonzero where the reference has no gradient", 0))
+            continue
+        err = relative_error(a, e)
+        if not err < tol:
+            failed.append((what, err, tol))
+    return failed
+
+
+CPU_CASES = [  # shape, x dtype, y dtype, output dtype, parameter dtype, options
+    ((3, 5, 48), torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, {}),     # autocast: fp32 stream
+    ((7, 72), torch.float32, torch.float32, torch.float32, torch.float32, {}),
+    ((2, 9, 40), torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16, {}),   # a bf16 model
+    ((4, 24), torch.float32, None, torch.bfloat16, torch.float32, {}),                  # the first norm: no add
+    ((3, 6, 20), torch.float16, torch.float16, torch.float16, torch.float32, {}),
+    ((5, 3, 33), torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, dict(upstream=("out",))),
+    ((5, 3, 33), torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, dict(upstream=("s",))),
+    ((4, 6, 16), torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, dict(transposed=True)),
+    ((2, 700, 8), torch.float32, torch.float32, torch.float32, torch.float32, dict(weight=False)),  # many rows
+    ((3, 10), torch.float32, torch.float32, torch.bfloat16, torch.float32, dict(bias=False)),
+]
+
+
+@pytest.mark.parametrize("shape,x_dtype,y_dtype,out_dtype,param_dtype,opts", CPU_CASES)
+def test_triton_matches_reference_cpu(poisoned, shape, x_dtype, y_dtype, out_dtype, param_dtype, opts):
+    assert check_against_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype, **opts) == []
+
+
+GPU_CASES = [
+    ((4, 4097, 384), torch.float32, torch.bfloat16, torch.bfloat16, torch.float32),    # DeiT-S at 1024 px
+    ((128, 197, 384), torch.float32, torch.bfloat16, torch.bfloat16, torch.float32),   # DeiT-S at 224 px, B128
+    ((2, 1024, 1152), torch.float32, torch.bfloat16, torch.bfloat16, torch.float32),   # DiT-XL width
+    ((8, 56, 56, 96), torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),  # Swin-T stage 1, NHWC
+    ((3, 1000, 768), torch.float32, None, torch.bfloat16, torch.float32),
+    ((2, 333, 4096), torch.float32, torch.float32, torch.float32, torch.float32),        # 8 warps
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,x_dtype,y_dtype,out_dtype,param_dtype", GPU_CASES)
+def test_gpu_triton_matches_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype):
+    assert check_against_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype, device="cuda") == []
+
+
+def test_output_dtype_follows_autocast():
+    x, y = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s, out = add_layer_norm(x, y, None, None)
+    assert s.dtype == torch.float32 and out.dtype == torch.bfloat16
+    s, out = add_layer_norm(x, y.bfloat16(), None, None)
+    assert s.dtype == out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("args,message", [
+    ((torch.ones(2, 3, dtype=torch.int64), None, None, None), "x must be a floating point tensor"),
+    ((torch.randn(2, 3), torch.randn(2, 4), None, None), "y must be a floating point tensor of x's shape"),
+    ((torch.randn(2, 3), None, torch.randn(4), None), "weight must be a floating point tensor of shape \\(C,\\) = "
+                                                      "\\(3,\\)"),
+    ((torch.randn(2, 3), None, None, torch.randn(3, 1)), "bias must be"),
+    ((torch.randn(2, 0), None, None, None), "C >= 1"),
+])
+def test_bad_arguments_raise(args, message):
+    with pytest.raises(ValueError, match=message):
+        add_layer_norm(*args)
+
+
+def test_bad_eps_raises():
+    with pytest.raises(ValueError, match="eps"):
+        add_layer_norm(torch.randn(2, 3), None, None, None, eps=-1.0)
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(16), TimmLayerNorm(16, eps=1e-6), nn.LayerNorm(16, bias=False),
+                                  nn.RMSNorm(16)])
+@pytest.mark.parametrize("with_y", [True, False])
+def test_add_norm_is_add_then_norm(norm, with_y):
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_()
+    x = torch.randn(2, 5, 16)
+    y = torch.randn(2, 5, 16) if with_y else None
+    s, out = add_norm(norm, x, y)
+    want = x + y if with_y else x
+    assert torch.equal(s, want)
+    assert relative_error(out, norm(want)) < 1e-6
