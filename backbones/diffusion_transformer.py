@@ -19,6 +19,7 @@ from torch import nn
 
 from ..attention import build
 from .attention_schedule import AttentionSchedule, AttnEntry
+from .patchify import PatchifyConv2d
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -122,6 +123,7 @@ class DiT(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
         self.attn_schedule = schedule = AttentionSchedule(attn, attn_kwargs, depth)
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True, strict_img_size=False)
+        self.x_embedder.proj = PatchifyConv2d.from_conv(self.x_embedder.proj)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, *schedule[i]) for i in range(depth))

@@ -34,6 +34,7 @@ from ..attention import build
 from ..attention.grid_maps import depthwise_conv, resize_map
 from .attention_schedule import AttentionSchedule, AttnEntry
 from .fused_norm import add_norm
+from .patchify import PatchifyConv2d
 from .pretrained import build_with_pretrained, check_state_dict
 
 NUM_STAGES = 4
@@ -97,7 +98,8 @@ def make_stem(kind: str, in_chans: int, dim: int) -> nn.Module:
     activation between); ``conv_bn``: MAViT's 3x3 convs of strides 2, 1, 1, 2, each with BatchNorm and all
     but the last with GELU."""
     if kind == "patch":
-        return ConvEmbed(_conv(in_chans, dim, 4, 4), nn.LayerNorm(dim), channels_last_input=False)
+        proj = PatchifyConv2d.from_conv(_conv(in_chans, dim, 4, 4))
+        return ConvEmbed(proj, nn.LayerNorm(dim), channels_last_input=False)
     if kind == "overlap":
         return ConvEmbed(nn.Conv2d(in_chans, dim, 7, 4, padding=3), nn.LayerNorm(dim), channels_last_input=False)
     if kind == "cswin":

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import build
 from .attention_schedule import AttentionSchedule, AttnEntry
 from .fused_norm import add_norm
+from .patchify import PatchifyConv2d
 
 
 class GridBlock(nn.Module):
@@ -66,6 +67,7 @@ class GridVisionTransformer(VisionTransformer):
             raise ValueError("patch_drop_rate drops grid tokens, which breaks the grid the attention needs")
         self.attn_schedule = AttentionSchedule(attn, attn_kwargs, depth)
         super().__init__(depth=depth, block_fn=partial(GridBlock, attn_schedule=self.attn_schedule), **kwargs)
+        self.patch_embed.proj = PatchifyConv2d.from_conv(self.patch_embed.proj)
 
     def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         grid = tuple(self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))

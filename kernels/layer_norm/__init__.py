@@ -11,18 +11,13 @@ from __future__ import annotations
 import torch
 
 from ..core import checks
+from ..core.precision import autocast_dtype
 from ..core.dispatch import (TRITON, TRITON_DTYPES, Requirement, choose_backend, dtypes, register_backend,
                              triton_device)
 from .reference import add_layer_norm_reference
 
 OUTPUT_DTYPES = Requirement("y and the output in float16, bfloat16 or float32",
                             lambda f: f["out_dtype"] in TRITON_DTYPES and f["y_dtype"] in (None, *TRITON_DTYPES))
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
 
 
 def add_layer_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -40,7 +35,7 @@ def add_layer_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor
     eps = checks.check_float(eps, "eps", "add_layer_norm", positive=True)
     s_dtype = x.dtype if y is None else torch.promote_types(x.dtype, y.dtype)
     if out_dtype is None:
-        out_dtype = _autocast_dtype(x.device.type) or s_dtype
+        out_dtype = autocast_dtype(x.device.type) or s_dtype
     if torch.compiler.is_compiling():
         return add_layer_norm_reference(x, y, weight, bias, eps, out_dtype)
     fn = choose_backend("add_layer_norm", backend, x, out_dtype=out_dtype, y_dtype=None if y is None else y.dtype)

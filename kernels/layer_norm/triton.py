@@ -50,7 +50,7 @@ def _normalized(s, mask, c, eps):
 
 
 @triton.jit(do_not_specialize=["rows", "eps"])
-def _forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, s_ptr, out_ptr, stats_ptr, rows, c, eps,
+def _add_layer_norm_kernel(x_ptr, y_ptr, w_ptr, b_ptr, s_ptr, out_ptr, stats_ptr, rows, c, eps,
                     HAS_Y: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SAVE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     offs_m, offs_c, mask = _rows(tl.program_id(0) * BLOCK_M, rows, c, BLOCK_M, BLOCK_C)
@@ -74,7 +74,7 @@ def _forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, s_ptr, out_ptr, stats_ptr, rows,
 
 
 @triton.jit(do_not_specialize=["rows", "chunk"])
-def _backward_kernel(dout_ptr, ds_ptr, s_ptr, w_ptr, stats_ptr, dx_ptr, dy_ptr, part_ptr, rows, c, chunk,
+def _add_layer_norm_backward_kernel(dout_ptr, ds_ptr, s_ptr, w_ptr, stats_ptr, dx_ptr, dy_ptr, part_ptr, rows, c, chunk,
                      HAS_DS: tl.constexpr, HAS_W: tl.constexpr, HAS_DY: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """ds_total of rows [pid * chunk, (pid + 1) * chunk) into dx (and dy), the chunk's fp32 partials of dw and
@@ -111,7 +111,7 @@ def _backward_kernel(dout_ptr, ds_ptr, s_ptr, w_ptr, stats_ptr, dx_ptr, dy_ptr, 
 
 
 @triton.jit(do_not_specialize=["programs"])
-def _reduce_kernel(part_ptr, dw_ptr, db_ptr, programs, c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _weight_grads_kernel(part_ptr, dw_ptr, db_ptr, programs, c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """dw (which = 0) or db (which = 1) of channels [pid * BLOCK_C, ...): the sum of the programs' partials."""
     which = tl.program_id(1)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -145,7 +145,7 @@ def _forward(x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], bias: Opt
     rows = x.numel() // c
     stats = torch.empty(2, rows, device=x.device, dtype=torch.float32) if save else None
     cfg = _config(c)
-    launch(_forward_kernel, (cdiv(rows, cfg["BLOCK_M"]),), x, y if y is not None else x,
+    launch(_add_layer_norm_kernel, (cdiv(rows, cfg["BLOCK_M"]),), x, y if y is not None else x,
            weight if weight is not None else x, bias if bias is not None else x, s, out,
            stats if save else out, rows, c, eps, HAS_Y=y is not None, HAS_W=weight is not None,
            HAS_B=bias is not None, SAVE=save, **cfg)
@@ -168,7 +168,7 @@ def _backward(dout: Tensor, ds: Optional[Tensor], s: Tensor, weight: Optional[Te
     chunk = cdiv(cdiv(rows, programs), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
     programs = cdiv(rows, chunk)
     part = torch.empty(programs, 2, c, device=s.device, dtype=torch.float32) if weight_grads else dx
-    launch(_backward_kernel, (programs,), dout, ds if ds is not None else dout, s,
+    launch(_add_layer_norm_backward_kernel, (programs,), dout, ds if ds is not None else dout, s,
            weight if weight is not None else s, stats, dx, dy if dy is not None else dx, part, rows, c, chunk,
            HAS_DS=ds is not None, HAS_W=weight is not None, HAS_DY=dy is not None, WEIGHT_GRADS=weight_grads,
            **cfg)
@@ -179,7 +179,7 @@ def _backward(dout: Tensor, ds: Optional[Tensor], s: Tensor, weight: Optional[Te
     dw = torch.empty(c, device=s.device, dtype=w_dtype or torch.float32)
     db = torch.empty(c, device=s.device, dtype=b_dtype or torch.float32)
     block_c = min(256, cfg["BLOCK_C"])
-    launch(_reduce_kernel, (cdiv(c, block_c), 2), part, dw, db, programs, c, BLOCK_C=block_c, **REDUCE)
+    launch(_weight_grads_kernel, (cdiv(c, block_c), 2), part, dw, db, programs, c, BLOCK_C=block_c, **REDUCE)
     return dx, dy, dw, db
 
 
