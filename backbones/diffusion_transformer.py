@@ -18,12 +18,17 @@ from timm.layers import Mlp, PatchEmbed
 from torch import nn
 
 from ..attention import build
+from ..kernels.layer_norm import add_layer_norm
 from .attention_schedule import AttentionSchedule, AttnEntry
 from .patchify import PatchifyConv2d
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+def add_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                      y: torch.Tensor | None = None,
+                      gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, norm(s) * (1 + scale) + shift) with s = x + gate * y (x when y is None), shift, scale and gate (B, C)
+    per sample: adaLN's residual add, norm and modulation as one fused pass (``add_layer_norm``)."""
+    return add_layer_norm(x, y, 1 + scale, shift, norm.eps, gate=gate)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -87,8 +92,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), grid)
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x, h = add_norm_modulate(self.norm1, x, shift1, scale1)
+        x, h = add_norm_modulate(self.norm2, x, shift2, scale2, self.attn(h, grid), gate1)
+        return x + gate2.unsqueeze(1) * self.mlp(h)
 
 
 class FinalLayer(nn.Module):
@@ -100,7 +106,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(add_norm_modulate(self.norm_final, x, shift, scale)[1])
 
 
 class DiT(ModelMixin, ConfigMixin):

@@ -248,17 +248,22 @@ def check_grid_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def check_add_layer_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None,
-                         bias: torch.Tensor | None, op: str = "add_layer_norm") -> None:
-    """x (..., C) floating point with C >= 1; y None or x's shape on x's device; weight and bias None or (C,)
-    floating point on x's device."""
+                         bias: torch.Tensor | None, gate: torch.Tensor | None = None,
+                         op: str = "add_layer_norm") -> None:
+    """x (..., C) floating point with C >= 1; y None or x's shape on x's device; weight, bias and gate None, (C,)
+    or one per sample (B, C) of x (B, ..., C), floating point on x's device; a gate only with y."""
     if x.dim() < 1 or x.dtype not in _FLOAT_DTYPES or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must be a floating point tensor (..., C) with C >= 1, got {x.dtype} "
                          f"{tuple(x.shape)}")
     if y is not None and (y.shape != x.shape or y.dtype not in _FLOAT_DTYPES or y.device != x.device):
         raise ValueError(f"{op}: y must be a floating point tensor of x's shape {tuple(x.shape)} on {x.device}, got "
                          f"{y.dtype} {tuple(y.shape)} on {y.device}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (tuple(t.shape) != (x.shape[-1],) or t.dtype not in _FLOAT_DTYPES
-                              or t.device != x.device):
-            raise ValueError(f"{op}: {name} must be a floating point tensor of shape (C,) = ({x.shape[-1]},) on "
-                             f"{x.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if gate is not None and y is None:
+        raise ValueError(f"{op}: a gate multiplies y, but y is None")
+    c = x.shape[-1]
+    shapes = [(c,)] + ([(x.shape[0], c)] if x.dim() >= 2 else [])
+    for name, t in (("weight", weight), ("bias", bias), ("gate", gate)):
+        if t is not None and (tuple(t.shape) not in shapes or t.dtype not in _FLOAT_DTYPES or t.device != x.device):
+            raise ValueError(f"{op}: {name} must be a floating point tensor of shape "
+                             f"{' or '.join(str(s) for s in shapes)} (shared, or one per sample) on {x.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")

@@ -21,26 +21,29 @@ OUTPUT_DTYPES = Requirement("y and the output in float16, bfloat16 or float32",
 
 
 def add_layer_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                   eps: float = 1e-5, *, out_dtype: torch.dtype | None = None,
+                   eps: float = 1e-5, *, gate: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, LN(s)) with s = x + y (s = x when ``y`` is None) and LN(s) = (s - mean) / sqrt(var + eps) * weight +
-    bias over the last axis.
+    """(s, LN(s) * weight + bias) with s = x + gate * y (s = x when ``y`` is None, gate 1 when None) and
+    LN(s) = (s - mean) / sqrt(var + eps) over the last axis.
 
-    s has the dtype of x + y (type promotion); LN(s) has ``out_dtype`` (default: the autocast dtype under autocast, which
-    the next linear layer computes in, else s's dtype). ``weight`` and ``bias``: None or (C,). Backends: ``triton`` (one pass,
-    forward and backward; the default on CUDA), ``reference`` (PyTorch ops; also what runs under
-    ``torch.compile``, whose compiler fuses them itself).
+    ``weight``, ``bias`` and ``gate``: None, (C,), or one per sample (B, C) of x (B, ..., C): DiT's adaLN
+    modulation is ``weight = 1 + scale``, ``bias = shift`` and the gate of the residual branch. s has the dtype of
+    x + gate * y (type promotion); the normalized output has ``out_dtype`` (default: the autocast dtype under
+    autocast, which the next linear layer computes in, else s's dtype). Backends: ``triton`` (one pass, forward
+    and backward; the default on CUDA), ``reference`` (PyTorch ops; also what runs under ``torch.compile``,
+    whose compiler fuses them itself).
     """
-    checks.check_add_layer_norm(x, y, weight, bias)
+    checks.check_add_layer_norm(x, y, weight, bias, gate)
     eps = checks.check_float(eps, "eps", "add_layer_norm", positive=True)
-    s_dtype = x.dtype if y is None else torch.promote_types(x.dtype, y.dtype)
+    s_dtype = x.dtype
+    for t in (y, gate):
+        s_dtype = s_dtype if t is None else torch.promote_types(s_dtype, t.dtype)
     if out_dtype is None:
         out_dtype = autocast_dtype(x.device.type) or s_dtype
     if torch.compiler.is_compiling():
-        return add_layer_norm_reference(x, y, weight, bias, eps, out_dtype)
+        return add_layer_norm_reference(x, y, weight, bias, eps, out_dtype, gate)
     fn = choose_backend("add_layer_norm", backend, x, out_dtype=out_dtype, y_dtype=None if y is None else y.dtype)
-    return fn(x, y, weight, bias, eps, out_dtype)
-
+    return fn(x, y, weight, bias, eps, out_dtype, gate)
 
 if TRITON:
     from .triton import add_layer_norm_triton

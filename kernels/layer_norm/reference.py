@@ -5,9 +5,22 @@ import torch
 import torch.nn.functional as F
 
 
+def per_sample(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (C,) parameter as is, a per-sample (B, C) one shaped to broadcast over x (B, ..., C)."""
+    return p if p.dim() == 1 else p.reshape(p.shape[0], *([1] * (x.dim() - 2)), p.shape[-1])
+
+
 def add_layer_norm_reference(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None,
-                             bias: torch.Tensor | None, eps: float,
-                             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, LN(s) in ``out_dtype``) with s = x + y (x when y is None), LN over the last axis."""
-    s = x if y is None else x + y
-    return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps).to(out_dtype)
+                             bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype,
+                             gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, LN(s) * weight + bias in ``out_dtype``) with s = x + gate * y (x when y is None; gate 1 when None),
+    LN over the last axis; weight, bias and gate (C,) or per sample (B, C) (DiT's adaLN modulation)."""
+    s = x if y is None else x + (y if gate is None else per_sample(gate, x) * y)
+    if all(p is None or p.dim() == 1 for p in (weight, bias)):
+        return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps).to(out_dtype)
+    out = F.layer_norm(s, s.shape[-1:], None, None, eps)
+    if weight is not None:
+        out = out * per_sample(weight, s)
+    if bias is not None:
+        out = out + per_sample(bias, s)
+    return s, out.to(out_dtype)

@@ -1,16 +1,19 @@
 """LayerNorm after a residual add in Triton: one pass forward, one pass backward (plus a small reduction).
 
-Rows of C channels (C = the model width), BLOCK_M rows per program, all C channels of a row in one tile:
+Rows of C channels (C = the model width), BLOCK_M rows per program, all C channels of a row in one tile. The
+parameters w, b and the gate g are each shared by all rows ((C,)) or one per group of ``group_rows`` consecutive
+rows ((G, C): one per sample, DiT's adaLN), read through a group stride that is 0 when shared:
 
-  forward    s = x + y (rounded to s's dtype, as PyTorch's add), mean = sum(s) / C,
+  forward    s = x + g * y (rounded to s's dtype, as PyTorch's add), mean = sum(s) / C,
              rstd = 1 / sqrt(sum((s - mean)^2) / C + eps), out = (s - mean) * rstd * w + b
-  backward   with s_hat = (s - mean) * rstd and g = w * d_out:
-             ds_total = d_s + rstd * (g - s_hat * mean(g * s_hat) - mean(g))      (d_s: the gradient of s)
-             dx = dy = ds_total;  dw = sum_rows d_out * s_hat;  db = sum_rows d_out
+  backward   with s_hat = (s - mean) * rstd and h = w * d_out:
+             ds_total = d_s + rstd * (h - s_hat * mean(h * s_hat) - mean(h))      (d_s: the gradient of s)
+             dx = ds_total, dy = g * ds_total;  dw = sum d_out * s_hat, db = sum d_out, dg = sum ds_total * y
+             (the sums over a group's rows, or all rows for a shared parameter)
 
 x, y and s are read and written once each, out written once, in fp32 arithmetic; mean and rstd (fp32, one per
-row) are kept for the backward. A backward program walks a chunk of rows and holds its dw / db partials in
-registers; a second kernel sums the programs' partials.
+row) are kept for the backward. A backward program walks a chunk of one group's rows and holds its dw, db, dg
+partials in registers; a second kernel sums the programs' partials per group (or over all for a shared one).
 """
 from typing import Optional, Tuple
 
@@ -21,10 +24,12 @@ from torch import Tensor
 
 from ..core.dispatch import records_grad
 from ..core.triton_common import cdiv, launch, num_programs_target, round_to
+from .reference import add_layer_norm_reference
 
 # Rows per program and warps, by the padded width: a tile of about 4096 fp32 values per operand.
 TILE_ELEMENTS = 4096
 REDUCE = dict(BLOCK_R=32, num_warps=4)
+PARTIALS = 3          # dw, db, dg
 
 
 def _config(c: int) -> dict:
@@ -33,11 +38,17 @@ def _config(c: int) -> dict:
 
 
 @triton.jit
-def _rows(row0, rows, c, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(row offsets, channel offsets, mask) of the tile of rows row0 .. row0 + BLOCK_M - 1."""
+def _rows(row0, end, c, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(row offsets, channel offsets, mask) of the tile of rows row0 .. row0 + BLOCK_M - 1 below ``end``."""
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
-    return offs_m.to(tl.int64), offs_c, (offs_m < rows)[:, None] & (offs_c < c)[None, :]
+    return offs_m.to(tl.int64), offs_c, (offs_m < end)[:, None] & (offs_c < c)[None, :]
+
+
+@triton.jit
+def _param(ptr, group, s_group, offs_c, mask):
+    """A parameter's fp32 values for the rows' groups (``group`` a scalar or a column of row groups)."""
+    return tl.load(ptr + group * s_group + offs_c, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -49,23 +60,26 @@ def _normalized(s, mask, c, eps):
     return centred * rstd[:, None], mean, rstd
 
 
-@triton.jit(do_not_specialize=["rows", "eps"])
-def _add_layer_norm_kernel(x_ptr, y_ptr, w_ptr, b_ptr, s_ptr, out_ptr, stats_ptr, rows, c, eps,
-                    HAS_Y: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SAVE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+@triton.jit(do_not_specialize=["rows", "eps", "group_rows"])
+def _add_layer_norm_kernel(x_ptr, y_ptr, g_ptr, w_ptr, b_ptr, s_ptr, out_ptr, stats_ptr, rows, c, eps, group_rows,
+                           s_gg, s_wg, s_bg, HAS_Y: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr,
+                           HAS_B: tl.constexpr, SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     offs_m, offs_c, mask = _rows(tl.program_id(0) * BLOCK_M, rows, c, BLOCK_M, BLOCK_C)
     at = offs_m[:, None] * c + offs_c[None, :]
+    group = (offs_m // group_rows)[:, None]
     s = tl.load(x_ptr + at, mask=mask, other=0.0)
     if HAS_Y:
-        s = round_to(s.to(tl.float32) + tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32),
-                     s_ptr.dtype.element_ty)
+        y = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if HAS_G:
+            y = y * _param(g_ptr, group, s_gg, offs_c[None, :], mask)
+        s = round_to(s.to(tl.float32) + y, s_ptr.dtype.element_ty)
         tl.store(s_ptr + at, s, mask=mask)
     s_hat, mean, rstd = _normalized(s.to(tl.float32), mask, c, eps)
     out = s_hat
     if HAS_W:
-        out = out * tl.load(w_ptr + offs_c, mask=offs_c < c, other=0.0).to(tl.float32)[None, :]
+        out = out * _param(w_ptr, group, s_wg, offs_c[None, :], mask)
     if HAS_B:
-        out = out + tl.load(b_ptr + offs_c, mask=offs_c < c, other=0.0).to(tl.float32)[None, :]
+        out = out + _param(b_ptr, group, s_bg, offs_c[None, :], mask)
     tl.store(out_ptr + at, round_to(out, out_ptr.dtype.element_ty), mask=mask)
     if SAVE:
         in_rows = offs_m < rows
@@ -73,72 +87,84 @@ def _add_layer_norm_kernel(x_ptr, y_ptr, w_ptr, b_ptr, s_ptr, out_ptr, stats_ptr
         tl.store(stats_ptr + rows + offs_m, rstd, mask=in_rows)
 
 
-@triton.jit(do_not_specialize=["rows", "chunk"])
-def _add_layer_norm_backward_kernel(dout_ptr, ds_ptr, s_ptr, w_ptr, stats_ptr, dx_ptr, dy_ptr, part_ptr, rows, c, chunk,
-                     HAS_DS: tl.constexpr, HAS_W: tl.constexpr, HAS_DY: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """ds_total of rows [pid * chunk, (pid + 1) * chunk) into dx (and dy), the chunk's fp32 partials of dw and
-    db into part[pid] (rows 0 and 1) when WEIGHT_GRADS; stats: the forward's (mean, rstd), (2, rows)."""
-    pid = tl.program_id(0)
+@triton.jit(do_not_specialize=["rows", "group_rows", "chunk"])
+def _add_layer_norm_backward_kernel(dout_ptr, ds_ptr, s_ptr, y_ptr, g_ptr, w_ptr, stats_ptr, dx_ptr, dy_ptr, part_ptr,
+                                    rows, c, group_rows, chunk, s_gg, s_wg, HAS_DS: tl.constexpr, HAS_G: tl.constexpr,
+                                    HAS_W: tl.constexpr, HAS_DY: tl.constexpr, PARAM_GRADS: tl.constexpr,
+                                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """ds_total of rows [chunk k of group j] into dx (and g * ds_total into dy) for program (j, k); the chunk's
+    fp32 partials of dw, db, dg into part[j, k] when PARAM_GRADS; stats: the forward's (mean, rstd), (2, rows)."""
+    group = tl.program_id(0)
+    lo = group * group_rows + tl.program_id(1) * chunk
+    end = tl.minimum(lo + chunk, (group + 1) * group_rows)
     offs_c = tl.arange(0, BLOCK_C)
     mc = offs_c < c
-    w = tl.load(w_ptr + offs_c, mask=mc, other=0.0).to(tl.float32) if HAS_W else 1.0
+    w = _param(w_ptr, group, s_wg, offs_c, mc) if HAS_W else 1.0
+    gate = _param(g_ptr, group, s_gg, offs_c, mc) if HAS_G else 1.0
     dw = tl.zeros((BLOCK_C,), tl.float32)
     db = tl.zeros((BLOCK_C,), tl.float32)
-    lo = pid * chunk
-    for row0 in range(lo, tl.minimum(lo + chunk, rows), BLOCK_M):
-        offs_m, offs_c, mask = _rows(row0, tl.minimum(lo + chunk, rows), c, BLOCK_M, BLOCK_C)
-        in_rows = offs_m < tl.minimum(lo + chunk, rows)
+    dg = tl.zeros((BLOCK_C,), tl.float32)
+    for row0 in range(lo, end, BLOCK_M):
+        offs_m, offs_c, mask = _rows(row0, end, c, BLOCK_M, BLOCK_C)
+        in_rows = offs_m < end
         at = offs_m[:, None] * c + offs_c[None, :]
         mean = tl.load(stats_ptr + offs_m, mask=in_rows, other=0.0)
         rstd = tl.load(stats_ptr + rows + offs_m, mask=in_rows, other=0.0)
         s_hat = tl.where(mask, (tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean[:, None])
                          * rstd[:, None], 0.0)
         dout = tl.load(dout_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        g = dout * w
-        ds = (g - s_hat * (tl.sum(g * s_hat, axis=1) / c)[:, None] - (tl.sum(g, axis=1) / c)[:, None]) * rstd[:, None]
+        h = dout * w
+        ds = (h - s_hat * (tl.sum(h * s_hat, axis=1) / c)[:, None] - (tl.sum(h, axis=1) / c)[:, None]) * rstd[:, None]
         if HAS_DS:
             ds += tl.load(ds_ptr + at, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + at, round_to(ds, dx_ptr.dtype.element_ty), mask=mask)
         if HAS_DY:
-            tl.store(dy_ptr + at, round_to(ds, dy_ptr.dtype.element_ty), mask=mask)
-        if WEIGHT_GRADS:
+            tl.store(dy_ptr + at, round_to(ds * gate, dy_ptr.dtype.element_ty), mask=mask)
+        if PARAM_GRADS:
             dw += tl.sum(dout * s_hat, axis=0)
             db += tl.sum(dout, axis=0)
-    if WEIGHT_GRADS:
-        tl.store(part_ptr + pid * 2 * c + offs_c, dw, mask=mc)
-        tl.store(part_ptr + (pid * 2 + 1) * c + offs_c, db, mask=mc)
+            if HAS_G:
+                dg += tl.sum(ds * tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32), axis=0)
+    if PARAM_GRADS:
+        part = part_ptr + (group * tl.num_programs(1) + tl.program_id(1)) * 3 * c + offs_c
+        tl.store(part, dw, mask=mc)
+        tl.store(part + c, db, mask=mc)
+        tl.store(part + 2 * c, dg, mask=mc)
 
 
-@triton.jit(do_not_specialize=["programs"])
-def _weight_grads_kernel(part_ptr, dw_ptr, db_ptr, programs, c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dw (which = 0) or db (which = 1) of channels [pid * BLOCK_C, ...): the sum of the programs' partials."""
-    which = tl.program_id(1)
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+@triton.jit(do_not_specialize=["per_output"])
+def _param_grads_kernel(part_ptr, grad_ptr, per_output, which, c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row o of a parameter's gradient, channels [pid(1) * BLOCK_C, ...): the sum of partial ``which`` (0 dw,
+    1 db, 2 dg) of the programs o * per_output .. (o + 1) * per_output - 1."""
+    o = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-    for r0 in range(0, programs, BLOCK_R):
+    for r0 in range(0, per_output, BLOCK_R):
         r = r0 + offs_r
-        acc += tl.load(part_ptr + ((r * 2 + which) * c)[:, None] + offs_c[None, :],
-                       mask=(r < programs)[:, None] & (offs_c < c)[None, :], other=0.0)
-    total = tl.sum(acc, axis=0)
-    if which == 0:
-        tl.store(dw_ptr + offs_c, round_to(total, dw_ptr.dtype.element_ty), mask=offs_c < c)
-    else:
-        tl.store(db_ptr + offs_c, round_to(total, db_ptr.dtype.element_ty), mask=offs_c < c)
+        acc += tl.load(part_ptr + (((o * per_output + r) * 3 + which) * c)[:, None] + offs_c[None, :],
+                       mask=(r < per_output)[:, None] & (offs_c < c)[None, :], other=0.0)
+    tl.store(grad_ptr + o * c + offs_c, round_to(tl.sum(acc, axis=0), grad_ptr.dtype.element_ty), mask=offs_c < c)
 
 
 # --- launchers ------------------------------------------------------------------------------
 
-def _forward(x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-             out_dtype: torch.dtype, save: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def _group_stride(p: Optional[Tensor]) -> int:
+    """A parameter's stride between groups: 0 when shared by all rows ((C,)) or absent."""
+    return p.stride(0) if p is not None and p.dim() == 2 else 0
+
+
+def _forward(x: Tensor, y: Optional[Tensor], gate: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+             eps: float, out_dtype: torch.dtype, save: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """(s, out, stats), each row-contiguous: s is x itself when y is None, stats the rows' (mean, rstd), (2, rows)
     fp32, when ``save`` (else None)."""
     c = x.shape[-1]
     x = x.contiguous()
     if y is not None:
         y = y.contiguous()
-        s = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, y.dtype))
+        s_dtype = torch.promote_types(x.dtype, y.dtype)
+        s = torch.empty(x.shape, device=x.device, dtype=s_dtype if gate is None else
+                        torch.promote_types(s_dtype, gate.dtype))
     else:
         s = x
     out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
@@ -146,75 +172,118 @@ def _forward(x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], bias: Opt
     stats = torch.empty(2, rows, device=x.device, dtype=torch.float32) if save else None
     cfg = _config(c)
     launch(_add_layer_norm_kernel, (cdiv(rows, cfg["BLOCK_M"]),), x, y if y is not None else x,
-           weight if weight is not None else x, bias if bias is not None else x, s, out,
-           stats if save else out, rows, c, eps, HAS_Y=y is not None, HAS_W=weight is not None,
-           HAS_B=bias is not None, SAVE=save, **cfg)
+           _or(gate, x), _or(weight, x), _or(bias, x), s, out, stats if save else out, rows, c, eps,
+           _group_rows(x, _shapes(gate, weight, bias)), _group_stride(gate), _group_stride(weight), _group_stride(bias),
+           HAS_Y=y is not None, HAS_G=gate is not None, HAS_W=weight is not None, HAS_B=bias is not None, SAVE=save,
+           **cfg)
     return s, out, stats
 
 
-def _backward(dout: Tensor, ds: Optional[Tensor], s: Tensor, weight: Optional[Tensor], stats: Tensor, dtypes: Tuple,
-              weight_grads: bool) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dx, dy, dw, db) for ``dtypes`` = those of (x, y, weight, bias) (None for an absent one): dy is dx when y has
-    x's dtype, dw and db are None unless ``weight_grads``."""
-    x_dtype, y_dtype, w_dtype, b_dtype = dtypes
+def _or(t: Optional[Tensor], other: Tensor) -> Tensor:
+    """t, or ``other`` as a placeholder pointer for an absent tensor (the kernel does not read it)."""
+    return t if t is not None else other
+
+
+def _group_rows(x: Tensor, shapes: Tuple[Optional[torch.Size], ...]) -> int:
+    """Rows per parameter group: those of one sample when a parameter is per sample ((B, C)), else all rows."""
+    per_sample = any(shape is not None and len(shape) == 2 for shape in shapes)
+    return x.numel() // x.shape[-1] // (x.shape[0] if per_sample else 1)
+
+
+def _shapes(*params: Optional[Tensor]) -> Tuple[Optional[torch.Size], ...]:
+    return tuple(None if p is None else p.shape for p in params)
+
+
+def _backward(dout: Tensor, ds: Optional[Tensor], s: Tensor, y: Optional[Tensor], gate: Optional[Tensor],
+              weight: Optional[Tensor], stats: Tensor, dtypes: Tuple, shapes: Tuple, needs: Tuple[bool, ...]) -> Tuple:
+    """(dx, dy, dgate, dweight, dbias): ``dtypes`` and ``shapes`` are those of (x, y, gate, weight, bias) (None for
+    an absent one), ``needs`` says which of gate, weight, bias need a gradient (None for the others); dy is dx
+    when y has x's dtype and there is no gate."""
+    x_dtype, y_dtype = dtypes[:2]
     c = s.shape[-1]
     rows = s.numel() // c
     dout = dout.contiguous()
     ds = ds.contiguous() if ds is not None else None
     dx = torch.empty(s.shape, device=s.device, dtype=x_dtype)
-    dy = torch.empty(s.shape, device=s.device, dtype=y_dtype) if y_dtype not in (None, x_dtype) else None
+    separate_dy = y_dtype is not None and (y_dtype != x_dtype or gate is not None)
+    dy = torch.empty(s.shape, device=s.device, dtype=y_dtype) if separate_dy else None
     cfg = _config(c)
-    programs = max(1, min(cdiv(rows, cfg["BLOCK_M"]), num_programs_target(s.device)))
-    chunk = cdiv(cdiv(rows, programs), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-    programs = cdiv(rows, chunk)
-    part = torch.empty(programs, 2, c, device=s.device, dtype=torch.float32) if weight_grads else dx
-    launch(_add_layer_norm_backward_kernel, (programs,), dout, ds if ds is not None else dout, s,
-           weight if weight is not None else s, stats, dx, dy if dy is not None else dx, part, rows, c, chunk,
-           HAS_DS=ds is not None, HAS_W=weight is not None, HAS_DY=dy is not None, WEIGHT_GRADS=weight_grads,
-           **cfg)
-    if y_dtype == x_dtype:
+    group_rows = _group_rows(s, shapes[2:])
+    groups = rows // group_rows
+    splits = max(1, min(cdiv(group_rows, cfg["BLOCK_M"]), cdiv(num_programs_target(s.device), groups)))
+    chunk = cdiv(cdiv(group_rows, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+    splits = cdiv(group_rows, chunk)
+    part = torch.empty(groups * splits, PARTIALS, c, device=s.device, dtype=torch.float32) if any(needs) else dx
+    launch(_add_layer_norm_backward_kernel, (groups, splits), dout, _or(ds, dout), s, _or(y, s), _or(gate, s),
+           _or(weight, s), stats, dx, _or(dy, dx), part, rows, c, group_rows, chunk, _group_stride(gate),
+           _group_stride(weight), HAS_DS=ds is not None, HAS_G=gate is not None, HAS_W=weight is not None,
+           HAS_DY=dy is not None, PARAM_GRADS=any(needs), **cfg)
+    if y_dtype is not None and not separate_dy:
         dy = dx
-    if not weight_grads:
-        return dx, dy, None, None
-    dw = torch.empty(c, device=s.device, dtype=w_dtype or torch.float32)
-    db = torch.empty(c, device=s.device, dtype=b_dtype or torch.float32)
-    block_c = min(256, cfg["BLOCK_C"])
-    launch(_weight_grads_kernel, (cdiv(c, block_c), 2), part, dw, db, programs, c, BLOCK_C=block_c, **REDUCE)
-    return dx, dy, dw, db
+    # partials in the kernel's order (dw, db, dg); the parameters in the op's order (gate, weight, bias)
+    dg, dw, db = (_param_grad(part, which, groups, splits, dtypes[2 + i], shapes[2 + i]) if needs[i] else None
+                  for i, which in ((0, 2), (1, 0), (2, 1)))
+    return dx, dy, dg, dw, db
+
+
+def _param_grad(part: Tensor, which: int, groups: int, splits: int, dtype: torch.dtype, shape: torch.Size) -> Tensor:
+    """Partial ``which`` (0 dw, 1 db, 2 dg) summed per group for a per-sample parameter ((G, C)), over all
+    programs for a shared one ((C,))."""
+    c = part.shape[-1]
+    grad = torch.empty(shape, device=part.device, dtype=dtype)
+    outputs = groups if len(shape) == 2 else 1
+    block_c = min(256, triton.next_power_of_2(c))
+    launch(_param_grads_kernel, (outputs, cdiv(c, block_c)), part, grad, groups * splits // outputs, which, c,
+           BLOCK_C=block_c, **REDUCE)
+    return grad
 
 
 class _AddLayerNorm(torch.autograd.Function):
-    """(s, out) = (x + y, LN(x + y)) when y is given, else out = LN(x)."""
+    """(s, out) = (x + gate * y, LN(s) * weight + bias) when y is given, else out = LN(x) * weight + bias."""
 
     @staticmethod
-    def forward(ctx, x, y, weight, bias, eps, out_dtype):
-        s, out, stats = _forward(x, y, weight, bias, eps, out_dtype, save=True)
-        ctx.save_for_backward(s, weight, stats)
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in (x, y, weight, bias))
+    def forward(ctx, x, y, gate, weight, bias, eps, out_dtype):
+        s, out, stats = _forward(x, y, gate, weight, bias, eps, out_dtype, save=True)
+        ctx.save_for_backward(s, y if gate is not None else None, gate, weight, stats)
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (x, y, gate, weight, bias))
+        ctx.shapes = _shapes(x, y, gate, weight, bias)
         ctx.set_materialize_grads(False)
         return (s, out) if y is not None else out
 
     @staticmethod
     def backward(ctx, *grads):
         ds, dout = grads if len(grads) == 2 else (None, grads[0])
-        s, weight, stats = ctx.saved_tensors
-        need_x, need_y, need_w, need_b = ctx.needs_input_grad[:4]
+        s, y, gate, weight, stats = ctx.saved_tensors
+        need_x, need_y, need_g, need_w, need_b = ctx.needs_input_grad[:5]
         if dout is None:                # only s was used: its gradient passes through the add
-            return ds if need_x else None, ds.to(ctx.dtypes[1]) if need_y else None, None, None, None, None
-        dx, dy, dw, db = _backward(dout, ds, s, weight, stats, ctx.dtypes, need_w or need_b)
-        return (dx if need_x else None, dy if need_y else None, dw if need_w else None, db if need_b else None,
-                None, None)
+            dy = ds * gate.reshape(_per_row(gate, ds)) if gate is not None else ds
+            dg = _per_group_sum(ds * y, gate) if need_g else None
+            return (ds if need_x else None, dy.to(ctx.dtypes[1]) if need_y else None,
+                    dg.to(ctx.dtypes[2]) if need_g else None, None, None, None, None)
+        dx, dy, dg, dw, db = _backward(dout, ds, s, y, gate, weight, stats, ctx.dtypes, ctx.shapes,
+                                       (need_g, need_w, need_b))
+        return dx if need_x else None, dy if need_y else None, dg, dw, db, None, None
+
+
+def _per_group_sum(t: Tensor, p: Tensor) -> Tensor:
+    """t (B, ..., C) summed to the parameter p's shape: over each sample's rows for (B, C), all rows for (C,)."""
+    return t.reshape(p.shape[0], -1, p.shape[-1]).sum(1) if p.dim() == 2 else t.reshape(-1, p.shape[-1]).sum(0)
+
+
+def _per_row(p: Tensor, x: Tensor) -> Tuple[int, ...]:
+    """The shape that broadcasts a (C,) or per-sample (B, C) parameter over x (B, ..., C)."""
+    return p.shape if p.dim() == 1 else (p.shape[0], *([1] * (x.dim() - 2)), p.shape[-1])
 
 
 def add_layer_norm_triton(x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                          eps: float, out_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """(x + y, LayerNorm(x + y) in ``out_dtype``) of tensors (..., C) (see the module docstring); x and LN(x)
-    when y is None."""
+                          eps: float, out_dtype: torch.dtype, gate: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(x + gate * y, LayerNorm(x + gate * y) * weight + bias in ``out_dtype``) of tensors (B, ..., C), the
+    parameters (C,) or per sample (B, C) (see the module docstring); x and LN(x) * weight + bias when y is None."""
     if x.numel() == 0:
-        s = x if y is None else x + y
-        return s, s.to(out_dtype)
-    if records_grad(x, y, weight, bias):
-        result = _AddLayerNorm.apply(x, y, weight, bias, eps, out_dtype)
+        return add_layer_norm_reference(x, y, weight, bias, eps, out_dtype, gate)
+    gate, weight, bias = (p if p is None or p.stride(-1) == 1 else p.contiguous() for p in (gate, weight, bias))
+    if records_grad(x, y, gate, weight, bias):
+        result = _AddLayerNorm.apply(x, y, gate, weight, bias, eps, out_dtype)
         return result if y is not None else (x, result)
-    s, out, _ = _forward(x, y, weight, bias, eps, out_dtype, save=False)
+    s, out, _ = _forward(x, y, gate, weight, bias, eps, out_dtype, save=False)
     return s if y is not None else x, out

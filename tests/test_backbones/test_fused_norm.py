@@ -1,12 +1,14 @@
-"""The blocks' fused residual add + LayerNorm (``add_norm``) changes no model's output or gradients: each model
-against itself with ``add_norm`` replaced by the unfused add and norm, under bf16 autocast as trained. On the CPU
-both sides run PyTorch ops (the fusion is a CUDA kernel), so these tests need a GPU."""
+"""The blocks' fused residual add + LayerNorm (``add_norm``, DiT's ``add_norm_modulate``) changes no model's
+output or gradients: each model against itself with the fused step replaced by the unfused add, norm (and
+modulation) written out, under bf16 autocast as trained. On the CPU both sides run PyTorch ops (the fusion is a
+CUDA kernel), which checks how the blocks call the fused op; on the GPU (``gpu``) the kernels run."""
 import pytest
 import timm
 import torch
 
 import subquad  # noqa: F401  (registers the models)
-from subquad.backbones import hierarchical, vit
+from subquad.backbones import diffusion_transformer, hierarchical, vit
+from subquad.backbones.diffusion_transformer import DiT
 from subquad.kernels.core.testing import relative_error
 
 
@@ -15,9 +17,14 @@ def unfused(norm, x, y=None):
     return s, norm(s)
 
 
-def _output_and_grads(model, images):
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = model(images)
+def unfused_modulate(norm, x, shift, scale, y=None, gate=None):
+    s = x if y is None else x + gate.unsqueeze(1) * y
+    return s, norm(s) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def _output_and_grads(model, *inputs):
+    with torch.autocast(inputs[0].device.type, dtype=torch.bfloat16):
+        out = model(*inputs)
     out.float().square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -38,5 +45,26 @@ def test_fused_norm_model_equals_unfused(monkeypatch, name, img_size):
     want, want_grads = _output_and_grads(model, images)
     assert relative_error(out, want) < 1e-2
     assert grads.keys() == want_grads.keys()
+    flat = torch.cat([grads[n].float().flatten() for n in grads])
+    assert relative_error(flat, torch.cat([want_grads[n].float().flatten() for n in grads])) < 1e-2
+
+
+def _dit(device):
+    torch.manual_seed(0)
+    model = DiT(input_size=16, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=5, attn="mala")
+    for name, p in model.named_parameters():       # adaLN-Zero starts with zero gates: make every branch count
+        if "adaLN_modulation" in name or "final_layer.linear" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    inputs = (torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 4]))
+    return model.to(device).eval(), [t.to(device) for t in inputs]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fused_adaln_dit_equals_unfused(monkeypatch, device):
+    model, inputs = _dit(device)
+    out, grads = _output_and_grads(model, *inputs)
+    monkeypatch.setattr(diffusion_transformer, "add_norm_modulate", unfused_modulate)
+    want, want_grads = _output_and_grads(model, *inputs)
+    assert out.abs().max() > 0 and relative_error(out, want) < 1e-2
     flat = torch.cat([grads[n].float().flatten() for n in grads])
     assert relative_error(flat, torch.cat([want_grads[n].float().flatten() for n in grads])) < 1e-2

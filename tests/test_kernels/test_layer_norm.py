@@ -14,48 +14,68 @@ from subquad.kernels.core.testing import REL_TOL, relative_error
 from subquad.kernels.layer_norm import add_layer_norm
 
 
-def definition(x, y, weight, bias, eps):
-    """s = x + y; (s - mean) / sqrt(mean((s - mean)^2) + eps) * weight + bias, mean over the last axis."""
-    s = x if y is None else x + y
-    mean = s.mean(-1, keepdim=True)
-    out = (s - mean) / torch.sqrt(((s - mean) ** 2).mean(-1, keepdim=True) + eps)
-    return s, out * (1 if weight is None else weight) + (0 if bias is None else bias)
+def definition(x, y, weight, bias, gate, eps):
+    """s = x + gate y; (s - mean) / sqrt(mean((s - mean)^2) + eps) * weight + bias, mean over the last axis, the
+    parameters indexed per sample by hand where they are (B, C)."""
+    def at(p, i):
+        return p if p.dim() == 1 else p[i]
+
+    rows = []
+    for i in range(x.shape[0]):
+        s = x[i] if y is None else x[i] + (1 if gate is None else at(gate, i)) * y[i]
+        mean = s.mean(-1, keepdim=True)
+        out = (s - mean) / torch.sqrt(((s - mean) ** 2).mean(-1, keepdim=True) + eps)
+        rows.append((s, out * (1 if weight is None else at(weight, i)) + (0 if bias is None else at(bias, i))))
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
-@pytest.mark.parametrize("with_y,with_weight,with_bias", [(True, True, True), (False, True, True),
-                                                          (True, False, True), (True, True, False)])
-def test_reference_matches_definition(with_y, with_weight, with_bias):
-    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True) if with_y else None
-    w = torch.randn(24, dtype=torch.float64, requires_grad=True) if with_weight else None
-    b = torch.randn(24, dtype=torch.float64, requires_grad=True) if with_bias else None
-    got = add_layer_norm(x, y, w, b, 1e-5, backend="reference")
-    want = definition(x, y, w, b, 1e-5)
-    leaves = [t for t in (x, y, w, b) if t is not None]
+@pytest.mark.parametrize("with_y,weight_shape,bias_shape,gate_shape", [
+    (True, (24,), (24,), None), (False, (24,), (24,), None), (True, None, (24,), None), (True, (24,), None, None),
+    (True, (3, 24), (3, 24), (3, 24)), (False, (3, 24), (24,), None), (True, None, None, (24,)),
+])
+def test_reference_matches_definition(with_y, weight_shape, bias_shape, gate_shape):
+    def make(shape):
+        return torch.randn(shape, dtype=torch.float64, requires_grad=True) if shape else None
+
+    x, y = make((3, 5, 24)), make((3, 5, 24) if with_y else None)
+    w, b, g = make(weight_shape), make(bias_shape), make(gate_shape)
+    got = add_layer_norm(x, y, w, b, 1e-5, gate=g, backend="reference")
+    want = definition(x, y, w, b, g, 1e-5)
+    leaves = [t for t in (x, y, w, b, g) if t is not None]
     g = [torch.randn_like(t) for t in want]
     for a, e in zip((*got, *torch.autograd.grad(got, leaves, g)), (*want, *torch.autograd.grad(want, leaves, g))):
         assert relative_error(a, e) < 1e-12
 
 
 def check_against_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype, device="cpu", upstream=("s", "out"),
-                            transposed=False, weight=True, bias=True):
+                            transposed=False, weight="shared", bias="shared", gate=None):
     """Forward and every gradient of backend="triton" against the float64 reference; the (what, error, tolerance)
-    that failed. ``upstream``: which outputs the loss reads; ``transposed``: x as a non-contiguous view."""
+    that failed. ``upstream``: which outputs the loss reads; ``transposed``: x as a non-contiguous view;
+    ``weight``, ``bias``, ``gate``: None, "shared" ((C,)) or "per_sample" ((B, C))."""
     dev = torch.device(device)
     x = torch.randn(shape, device=dev).to(x_dtype)
     if transposed:
         x = x.transpose(0, 1).contiguous().transpose(0, 1)
     x.requires_grad_()
     y = torch.randn(shape, device=dev).to(y_dtype).requires_grad_() if y_dtype is not None else None
-    w = (torch.randn(shape[-1], device=dev) * 0.5 + 1).to(param_dtype).requires_grad_() if weight else None
-    b = torch.randn(shape[-1], device=dev).to(param_dtype).requires_grad_() if bias else None
-    leaves = [t for t in (x, y, w, b) if t is not None]
-    s, out = add_layer_norm(x, y, w, b, 1e-5, out_dtype=out_dtype, backend="triton")
-    assert s.dtype == (x_dtype if y is None else torch.promote_types(x_dtype, y_dtype)) and out.dtype == out_dtype
+
+    def param(kind, scale, offset):
+        if kind is None:
+            return None
+        p_shape = (shape[-1],) if kind == "shared" else (shape[0], shape[-1])
+        return (torch.randn(p_shape, device=dev) * scale + offset).to(param_dtype).requires_grad_()
+
+    w, b, g = param(weight, 0.5, 1.0), param(bias, 1.0, 0.0), param(gate, 0.5, 0.5)
+    inputs = (x, y, w, b, g)
+    leaves = [t for t in inputs if t is not None]
+    s, out = add_layer_norm(x, y, w, b, 1e-5, gate=g, out_dtype=out_dtype, backend="triton")
+    s_dtype = x_dtype if y is None else torch.promote_types(torch.promote_types(x_dtype, y_dtype),
+                                                            param_dtype if g is not None else y_dtype)
+    assert s.dtype == s_dtype and out.dtype == out_dtype
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     it = iter(ref_leaves)
-    rx, ry, rw, rb = (next(it) if t is not None else None for t in (x, y, w, b))
-    rs, rout = add_layer_norm(rx, ry, rw, rb, 1e-5, backend="reference")
+    rx, ry, rw, rb, rg = (next(it) if t is not None else None for t in inputs)
+    rs, rout = add_layer_norm(rx, ry, rw, rb, 1e-5, gate=rg, backend="reference")
     gs, gout = torch.randn_like(rs), torch.randn_like(rout)
     use_s = "s" in upstream and y is not None
     loss = ((out.double() * gout).sum() if "out" in upstream else 0) + ((s.double() * gs).sum() if use_s else 0)
@@ -63,13 +83,14 @@ def check_against_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype, dev
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     ref_grads = torch.autograd.grad(ref_loss, ref_leaves, allow_unused=True)
     tol = max(REL_TOL[x_dtype], REL_TOL[out_dtype], REL_TOL[y_dtype or x_dtype], REL_TOL[param_dtype])
-    names = [n for n, t in zip(("dx", "dy", "dweight", "dbias"), (x, y, w, b)) if t is not None]
+    names = [n for n, t in zip(("dx", "dy", "dweight", "dbias", "dgate"), inputs) if t is not None]
     failed = []
     for what, a, e in zip(["s", "out", *names], [s, out, *grads], [rs, rout, *ref_grads]):
         if e is None:
             if a is not None and a.abs().max() > 0:
                 failed.append((what, "nonzero where the reference has no gradient", 0))
             continue
+        assert a.shape == e.shape, what
         err = relative_error(a, e)
         if not err < tol:
             failed.append((what, err, tol))
@@ -85,8 +106,20 @@ CPU_CASES = [  # shape, x dtype, y dtype, output dtype, parameter dtype, options
     ((5, 3, 33), torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, dict(upstream=("out",))),
     ((5, 3, 33), torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, dict(upstream=("s",))),
     ((4, 6, 16), torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, dict(transposed=True)),
-    ((2, 700, 8), torch.float32, torch.float32, torch.float32, torch.float32, dict(weight=False)),  # many rows
-    ((3, 10), torch.float32, torch.float32, torch.bfloat16, torch.float32, dict(bias=False)),
+    ((2, 700, 8), torch.float32, torch.float32, torch.float32, torch.float32, dict(weight=None)),  # many rows
+    ((3, 10), torch.float32, torch.float32, torch.bfloat16, torch.float32, dict(bias=None)),
+    # DiT's adaLN: weight = 1 + scale and bias = shift per sample, the residual branch gated per sample
+    ((3, 7, 40), torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16,
+     dict(weight="per_sample", bias="per_sample", gate="per_sample")),
+    ((2, 300, 16), torch.float32, torch.float32, torch.float32, torch.float32,
+     dict(weight="per_sample", bias="per_sample", gate="per_sample")),              # several programs per sample
+    ((2, 9, 24), torch.float32, None, torch.bfloat16, torch.float32, dict(weight="per_sample", bias="per_sample")),
+    ((3, 5, 24), torch.float32, torch.float32, torch.float32, torch.float32,
+     dict(weight="shared", bias="per_sample", gate="shared")),                      # mixed sharing
+    ((3, 5, 24), torch.float32, torch.bfloat16, torch.bfloat16, torch.float32,
+     dict(weight=None, bias=None, gate="per_sample", upstream=("s",))),            # only s read: no kernel
+    ((4, 24), torch.float32, torch.float32, torch.float32, torch.float32,
+     dict(weight="per_sample", bias=None, gate="per_sample")),                      # one row per sample
 ]
 
 
@@ -103,12 +136,18 @@ GPU_CASES = [
     ((3, 1000, 768), torch.float32, None, torch.bfloat16, torch.float32),
     ((2, 333, 4096), torch.float32, torch.float32, torch.float32, torch.float32),        # 8 warps
 ]
+ADALN = dict(weight="per_sample", bias="per_sample", gate="per_sample")
+GPU_CASES = [(*case, {}) for case in GPU_CASES] + [
+    ((8, 1024, 1152), torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16, ADALN),  # DiT-XL/2 at 512 px
+    ((2, 4096, 1152), torch.float32, None, torch.bfloat16, torch.bfloat16,
+     dict(weight="per_sample", bias="per_sample")),
+]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape,x_dtype,y_dtype,out_dtype,param_dtype", GPU_CASES)
-def test_gpu_triton_matches_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype):
-    assert check_against_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype, device="cuda") == []
+@pytest.mark.parametrize("shape,x_dtype,y_dtype,out_dtype,param_dtype,opts", GPU_CASES)
+def test_gpu_triton_matches_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype, opts):
+    assert check_against_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype, device="cuda", **opts) == []
 
 
 def test_output_dtype_follows_autocast():
@@ -123,14 +162,19 @@ def test_output_dtype_follows_autocast():
 @pytest.mark.parametrize("args,message", [
     ((torch.ones(2, 3, dtype=torch.int64), None, None, None), "x must be a floating point tensor"),
     ((torch.randn(2, 3), torch.randn(2, 4), None, None), "y must be a floating point tensor of x's shape"),
-    ((torch.randn(2, 3), None, torch.randn(4), None), "weight must be a floating point tensor of shape \\(C,\\) = "
-                                                      "\\(3,\\)"),
+    ((torch.randn(2, 3), None, torch.randn(4), None), "weight must be a floating point tensor of shape \\(3,\\) or "
+                                                      "\\(2, 3\\)"),
     ((torch.randn(2, 3), None, None, torch.randn(3, 1)), "bias must be"),
     ((torch.randn(2, 0), None, None, None), "C >= 1"),
 ])
 def test_bad_arguments_raise(args, message):
     with pytest.raises(ValueError, match=message):
         add_layer_norm(*args)
+
+
+def test_gate_without_y_raises():
+    with pytest.raises(ValueError, match="a gate multiplies y, but y is None"):
+        add_layer_norm(torch.randn(2, 3), None, None, None, gate=torch.randn(3))
 
 
 def test_bad_eps_raises():
