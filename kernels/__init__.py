@@ -1,5 +1,6 @@
-"""subquad.kernels: functional attention ops on (B, heads, N, d) tensors plus the grid, each with a
-PyTorch reference and (on CUDA) Triton kernels; one folder per family, shared pieces in ``core``."""
+"""subquad.kernels: functional attention ops on (B, heads, N, d) tensors plus the grid, and the blocks' fused
+residual add + LayerNorm, each with a PyTorch reference and (on CUDA) Triton kernels; one folder per family or
+op, shared pieces in ``core``."""
 # the families in the order of every family table (families() follows the order they register in)
 from .softmax import softmax_attention  # isort: skip
 from .agent import agent_attention  # isort: skip
@@ -13,9 +14,11 @@ from .core.dispatch import available_backends, choose_backend
 from .core.family import Family, families, family
 from .core.rope import apply_rope_2d
 from .grid_conv import depthwise_conv_on_grid
+from .layer_norm import add_layer_norm
 
 __all__ = [
     "Family",
+    "add_layer_norm",
     "agent_attention",
     "apply_rope_2d",
     "available_backends",

@@ -82,6 +82,21 @@ def _head_dim_72_cases() -> None:
     torch.autograd.grad(out, [x, weight], torch.randn_like(out))
 
 
+def _layer_norm_cases() -> None:
+    """The fused residual add + LayerNorm as the models call it, forward and backward: DeiT-S at 1024 px (float32
+    stream, bf16 sub-layer output), DiT-XL/2's adaLN at 512 px (per-sample parameters and gate), Swin-T's first
+    stage (bf16 stream, 96 channels); and the first norm of a block (no add)."""
+    for shape, stream, per_sample in (((4, 4097, 384), torch.float32, False), ((8, 1024, 1152), torch.float32, True),
+                                      ((8, 56, 56, 96), torch.bfloat16, False)):
+        x, y = torch.randn(shape).to(stream).requires_grad_(), torch.randn(shape).bfloat16().requires_grad_()
+        params = [torch.randn((shape[0], shape[-1]) if per_sample else shape[-1:]).requires_grad_()
+                  for _ in range(3 if per_sample else 2)]
+        s, out = kernels.add_layer_norm(x, y, *params[:2], gate=params[2] if per_sample else None,
+                                        out_dtype=torch.bfloat16, backend="triton")
+        torch.autograd.grad((s, out), [x, y, *params], (torch.randn_like(s), torch.randn_like(out)))
+        kernels.add_layer_norm(x, None, *params[:2], out_dtype=torch.bfloat16, backend="triton")
+
+
 def _record(cases=_cases, run_kernels: bool = True) -> list[dict]:
     """The distinct launches of ``cases`` (``recording_launches``)."""
     with recording_launches(run_kernels) as launches:
@@ -154,3 +169,16 @@ def test_machine_code_report_command():
     bad = subprocess.run([sys.executable, "-m", "subquad.tasks.bench.machine_code", "--op", "mala", "--grid", "8"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "expected HxW or TxHxW" in bad.stderr
+
+
+def test_layer_norm_kernels_at_model_sizes_neither_spill_nor_access_scalars():
+    """The fused LayerNorm's kernels at the models' widths (384, 1152, 96 channels: tiles of 8 x 512, 2 x 2048 and
+    32 x 128 values) keep their rows in registers (no spill on sm_90) and read and write them in vectors."""
+    launches = _record(_layer_norm_cases, run_kernels=False)
+    assert {launch["name"] for launch in launches} >= {"_add_layer_norm_kernel", "_add_layer_norm_backward_kernel",
+                                                         "_param_grads_kernel"}
+    result = compile_for_sm90(launches)
+    assert not result["failures"], "\n".join(result["failures"])
+    found = {name: (kernel["spills"], narrow_accesses(kernel["ops"])) for name, kernel in result["kernels"].items()
+             if ".layer_norm." in name and (kernel["spills"] or narrow_accesses(kernel["ops"]))}
+    assert not found, "\n".join(f"{name}: {spills} bytes spilled, {narrow}" for name, (spills, narrow) in found.items())
