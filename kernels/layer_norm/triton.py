@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..core.dispatch import records_grad
 from ..core.triton_common import cdiv, launch, num_programs_target, round_to
-from .reference import add_layer_norm_reference
+from .reference import add_layer_norm_reference, per_sample
 
 # Rows per program and warps, by the padded width: a tile of about 4096 fp32 values per operand.
 TILE_ELEMENTS = 4096
@@ -156,12 +156,10 @@ def _group_stride(p: Optional[Tensor]) -> int:
 
 def _forward(x: Tensor, y: Optional[Tensor], gate: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
              eps: float, out_dtype: torch.dtype, save: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """(s, out, stats), each row-contiguous: s is x itself when y is None, stats the rows' (mean, rstd), (2, rows)
-    fp32, when ``save`` (else None)."""
+    """(s, out, stats) of row-contiguous x and y: s is x itself when y is None, stats the rows' (mean, rstd),
+    (2, rows) fp32, when ``save`` (else None)."""
     c = x.shape[-1]
-    x = x.contiguous()
     if y is not None:
-        y = y.contiguous()
         s_dtype = torch.promote_types(x.dtype, y.dtype)
         s = torch.empty(x.shape, device=x.device, dtype=s_dtype if gate is None else
                         torch.promote_types(s_dtype, gate.dtype))
@@ -256,7 +254,7 @@ class _AddLayerNorm(torch.autograd.Function):
         s, y, gate, weight, stats = ctx.saved_tensors
         need_x, need_y, need_g, need_w, need_b = ctx.needs_input_grad[:5]
         if dout is None:                # only s was used: its gradient passes through the add
-            dy = ds * gate.reshape(_per_row(gate, ds)) if gate is not None else ds
+            dy = ds * per_sample(gate, ds) if gate is not None else ds
             dg = _per_group_sum(ds * y, gate) if need_g else None
             return (ds if need_x else None, dy.to(ctx.dtypes[1]) if need_y else None,
                     dg.to(ctx.dtypes[2]) if need_g else None, None, None, None, None)
@@ -270,20 +268,17 @@ def _per_group_sum(t: Tensor, p: Tensor) -> Tensor:
     return t.reshape(p.shape[0], -1, p.shape[-1]).sum(1) if p.dim() == 2 else t.reshape(-1, p.shape[-1]).sum(0)
 
 
-def _per_row(p: Tensor, x: Tensor) -> Tuple[int, ...]:
-    """The shape that broadcasts a (C,) or per-sample (B, C) parameter over x (B, ..., C)."""
-    return p.shape if p.dim() == 1 else (p.shape[0], *([1] * (x.dim() - 2)), p.shape[-1])
-
-
 def add_layer_norm_triton(x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                           eps: float, out_dtype: torch.dtype, gate: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(x + gate * y, LayerNorm(x + gate * y) * weight + bias in ``out_dtype``) of tensors (B, ..., C), the
     parameters (C,) or per sample (B, C) (see the module docstring); x and LN(x) * weight + bias when y is None."""
     if x.numel() == 0:
         return add_layer_norm_reference(x, y, weight, bias, eps, out_dtype, gate)
+    # the kernels read rows of x and y and the parameters' channels with unit stride
+    rows_x, y = x.contiguous(), y.contiguous() if y is not None else None
     gate, weight, bias = (p if p is None or p.stride(-1) == 1 else p.contiguous() for p in (gate, weight, bias))
     if records_grad(x, y, gate, weight, bias):
-        result = _AddLayerNorm.apply(x, y, gate, weight, bias, eps, out_dtype)
+        result = _AddLayerNorm.apply(rows_x, y, gate, weight, bias, eps, out_dtype)
         return result if y is not None else (x, result)
-    s, out, _ = _forward(x, y, gate, weight, bias, eps, out_dtype, save=False)
+    s, out, _ = _forward(rows_x, y, gate, weight, bias, eps, out_dtype, save=False)
     return s if y is not None else x, out

@@ -50,14 +50,17 @@ def test_reference_matches_definition(with_y, weight_shape, bias_shape, gate_sha
 def check_against_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype, device="cpu", upstream=("s", "out"),
                             transposed=False, weight="shared", bias="shared", gate=None):
     """Forward and every gradient of backend="triton" against the float64 reference; the (what, error, tolerance)
-    that failed. ``upstream``: which outputs the loss reads; ``transposed``: x as a non-contiguous view;
+    that failed. ``upstream``: which outputs the loss reads; ``transposed``: x and y as non-contiguous views;
     ``weight``, ``bias``, ``gate``: None, "shared" ((C,)) or "per_sample" ((B, C))."""
     dev = torch.device(device)
     x = torch.randn(shape, device=dev).to(x_dtype)
     if transposed:
         x = x.transpose(0, 1).contiguous().transpose(0, 1)
     x.requires_grad_()
-    y = torch.randn(shape, device=dev).to(y_dtype).requires_grad_() if y_dtype is not None else None
+    y = torch.randn(shape, device=dev).to(y_dtype) if y_dtype is not None else None
+    if transposed and y is not None:
+        y = y.transpose(0, 1).contiguous().transpose(0, 1)
+    y = y.requires_grad_() if y is not None else None
 
     def param(kind, scale, offset):
         if kind is None:
@@ -120,6 +123,8 @@ CPU_CASES = [  # shape, x dtype, y dtype, output dtype, parameter dtype, options
      dict(weight=None, bias=None, gate="per_sample", upstream=("s",))),            # only s read: no kernel
     ((4, 24), torch.float32, torch.float32, torch.float32, torch.float32,
      dict(weight="per_sample", bias=None, gate="per_sample")),                      # one row per sample
+    ((3, 4, 16), torch.float32, torch.bfloat16, torch.bfloat16, torch.float32,
+     dict(weight="per_sample", bias="per_sample", gate="per_sample", transposed=True)),
 ]
 
 
