@@ -145,8 +145,10 @@ def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
                       N, H, chunk, qk_scale, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                       NA: tl.constexpr, A_SIDE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
                       DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      LOWP: tl.constexpr, ALIGN: tl.constexpr):
-    """Online softmax over one chunk of keys for every agent: running max, sum and P V (log2 domain).
+                      LOWP: tl.constexpr, ALIGN: tl.constexpr, FINAL: tl.constexpr):
+    """Online softmax over one chunk of keys for every agent: running max, sum and P V (log2 domain). FINAL
+    (one chunk holds every key): V_A = P V / sum and lse = m + log2(sum) stored directly (at acc_ptr and m_ptr),
+    what ``_merge_kernel`` makes of a single split, without its launch.
     P enters P V as hi + lo: rounding it once, as flash attention does, would perturb V_A by 2^-9 / sqrt(N),
     which is a percent of the differences between the agents' rows when the softmax is nearly flat, and
     those differences are what dB2 sees (tests: test_flat_softmax_cpu)."""
@@ -181,8 +183,12 @@ def _aggregate_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, m_ptr, l_ptr, acc_ptr,
         acc = acc * alpha[:, None] + dot_split_a(p, vt, DT, LOWP)
         m_i = m_new
     part = bh * tl.num_programs(1) + split
-    tl.store(m_ptr + part * NAP + offs_a, m_i)
-    tl.store(l_ptr + part * NAP + offs_a, l_i)
+    if FINAL:
+        tl.store(m_ptr + part * NAP + offs_a, m_i + tl.log2(l_i))
+        acc = acc / l_i[:, None]
+    else:
+        tl.store(m_ptr + part * NAP + offs_a, m_i)
+        tl.store(l_ptr + part * NAP + offs_a, l_i)
     tl.store(acc_ptr + part * NAP * DVP + offs_a[:, None] * DVP + offs_v[None, :], acc)
 
 
@@ -468,19 +474,23 @@ def agent_attention_forward(q: Tensor, k: Tensor, v: Tensor, b1: Optional[Tensor
 
     cfg = CONFIG["aggregate"]
     splits, chunk = split_tokens(b * h, n, cfg["BLOCK_N"], target)
-    m_part = q.new_empty(b * h, splits, nap, dtype=torch.float32)
-    l_part = torch.empty_like(m_part)
-    acc_part = q.new_empty(b * h, splits, nap, dvp, dtype=torch.float32)
+    va = q.new_empty(b * h, nap, dvp, dtype=torch.float32)
+    lse = q.new_empty(b * h, nap, dtype=torch.float32)
+    if splits == 1:         # every key in one chunk: the aggregation writes V_A and lse itself
+        m_part, l_part, acc_part = lse, lse, va
+    else:
+        m_part = q.new_empty(b * h, splits, nap, dtype=torch.float32)
+        l_part = torch.empty_like(m_part)
+        acc_part = q.new_empty(b * h, splits, nap, dvp, dtype=torch.float32)
     qk_scale = d ** -0.5 * LOG2E.value
     launch(_aggregate_kernel, (b * h, splits), k, v, agents, b1 if has_bias else q, m_part, l_part, acc_part, n, h,
            chunk, qk_scale, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, NA=num_agents, HAS_BIAS=has_bias,
-           ALIGN=row_alignment(k, v), **meta, **_launch_opts(cfg, meta))
-    va = q.new_empty(b * h, nap, dvp, dtype=torch.float32)
-    lse = q.new_empty(b * h, nap, dtype=torch.float32)
-    cfg = CONFIG["merge"]
-    # the padding agents' rows are merged too (finite: their scores are the zero agent's), never read back
-    launch(_merge_kernel, (b * h, nap), m_part, l_part, acc_part, va, lse, splits, NAP=nap, DVP=dvp,
-           BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
+           ALIGN=row_alignment(k, v), FINAL=splits == 1, **meta, **_launch_opts(cfg, meta))
+    if splits > 1:
+        cfg = CONFIG["merge"]
+        # the padding agents' rows are merged too (finite: their scores are the zero agent's), never read back
+        launch(_merge_kernel, (b * h, nap), m_part, l_part, acc_part, va, lse, splits, NAP=nap, DVP=dvp,
+               BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
 
     out = heads_last_empty(q, b, h, n, dv)
     cfg = CONFIG["broadcast"]
