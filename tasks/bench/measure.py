@@ -15,6 +15,14 @@ from torch.utils._pytree import tree_leaves
 
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    return timed_ms(fn, device, repeats, warmup)[0]
+
+
+def timed_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:
+    """(median, spread) of the wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls; the spread is
+    the interquartile range (quartiles interpolated within the sample) over the median, 0 for fewer than 4
+    repeats: a row whose spread is large was not
+    timed in steady state (a shared or throttled host, another process on the GPU)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -25,7 +33,11 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
         fn()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    median = statistics.median(times)
+    if len(times) < 4:
+        return median, 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return median, (q3 - q1) / median
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..tables import format_table, save_csv
 from ..zoo import count_model
-from .measure import cuda_graphed, median_ms
+from .measure import cuda_graphed, timed_ms
 
 matplotlib.use("Agg")
 
@@ -67,6 +67,7 @@ NUM_CLASSES = 1000
 MODES = ("eager", "compile", "cuda-graph")
 MODEL_COLUMNS = [("case", "case", "s"), ("model", "model", "s"), ("mode", "mode", "s"),
                  ("infer_img_s", "infer img/s", ".1f"), ("train_img_s", "train img/s", ".1f"),
+                 ("infer_spread", "infer IQR/med", ".2f"), ("train_spread", "train IQR/med", ".2f"),
                  ("infer_peak_gib", "infer peak GiB", ".2f"), ("train_peak_gib", "train peak GiB", ".2f"), ("host_us_per_block", "host µs/block", ".0f"),
                  ("gflops", "GFLOPs/img", ".2f"), ("flop_ideal", "FLOP-ideal x", ".2f"),
                  ("speedup_infer", "x peer infer", ".2f"), ("speedup_train", "x peer train", ".2f"),
@@ -198,22 +199,23 @@ def _measure(name: str, case: ModelCase, device: torch.device, repeats: int, mod
         _reset_peak(device)
         if mode == "cuda-graph":
             infer = cuda_graphed(infer, device)
-        infer_ms = median_ms(infer, device, repeats, warmup=2)
+        infer_ms, row["infer_spread"] = timed_ms(infer, device, repeats, warmup=2)
         row["infer_peak_gib"] = _peak_gib(device)
         row["host_us_per_block"] = _host_ms(infer, device, repeats) * 1e3 / depth
         row["infer_img_s"] = case.batch / infer_ms * 1e3
-        row["train_img_s"] = row["train_peak_gib"] = float("nan")
+        row["train_img_s"] = row["train_peak_gib"] = row["train_spread"] = float("nan")
         if mode != "cuda-graph":
             model.train()
             _reset_peak(device)
-            train_ms = median_ms(train, device, repeats, warmup=2)
+            train_ms, row["train_spread"] = timed_ms(train, device, repeats, warmup=2)
             row["train_peak_gib"] = _peak_gib(device)
             row["train_img_s"] = case.batch / train_ms * 1e3
     except Exception as e:          # one model's failure (out of memory, a compile error) costs its row only
         tqdm.write(f"bench models: {name} at {case.label} B{case.batch}: {type(e).__name__}: {str(e)[:300]}")
         nan = float("nan")
-        row.update({key: row.get(key, nan) for key in ("gflops", "infer_img_s", "train_img_s", "infer_peak_gib",
-                                                         "train_peak_gib", "host_us_per_block")}, error=type(e).__name__)
+        row.update({key: row.get(key, nan) for key in ("gflops", "infer_img_s", "train_img_s", "infer_spread",
+                                                         "train_spread", "infer_peak_gib", "train_peak_gib",
+                                                         "host_us_per_block")}, error=type(e).__name__)
     finally:
         del model
         gc.collect()

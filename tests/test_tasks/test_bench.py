@@ -12,6 +12,8 @@ from subquad.kernels.grid_conv import triton as grid_conv_kernels
 from subquad.tasks.bench import families as bench
 from subquad.tasks.bench import grid_conv
 from subquad.tasks.bench.dit import bench_dit
+from subquad.tasks.bench import measure
+from subquad.tasks.bench.measure import timed_ms
 from subquad.tasks.bench.models import (ModelCase, attention_skipped, bench_models, profile_model,
                                          run_models_profile, save_models_plot)
 from subquad.tasks.bench.pipelines import PipelineCase, bench_pipelines, save_pipeline_plot
@@ -156,6 +158,7 @@ def test_bench_models_rows_ratios_and_plot(tmp_path):
     assert mala["flop_ideal"] == pytest.approx(peer["gflops"] / mala["gflops"])
     for r in rows:
         assert r["infer_img_s"] > 0 and r["train_img_s"] > 0 and r["host_us_per_block"] > 0
+        assert r["infer_spread"] >= 0 and r["train_spread"] >= 0
     assert peer["gflops"] > 0 and mala["gflops"] > 0
     assert [r["model"] for r in csv.DictReader(open(tmp_path / "m.csv"))] == [r["model"] for r in rows]
     save_models_plot(rows, tmp_path / "m.png", "tiny")
@@ -234,3 +237,17 @@ def test_flops_are_counted_at_any_input_size(family):
     name = f"{family}_deit_tiny_patch16_224"
     small, large = (count_model(name, img_size=size)["gflops"] for size in (64, 128))
     assert 0 < small < large
+
+
+def test_timed_ms_reports_the_median_and_the_interquartile_spread(monkeypatch):
+    """Calls of 1, 1, 1, 1, 1, 5 ms (a fake clock): the median 1 ms and the quartiles too (one outlier moves
+    neither); then 1, 2, 3, 4 ms: quartiles 1.75 and 3.25 around the median 2.5, a spread of 0.6."""
+    now = [0.0]
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: now[0])
+    durations = iter([1, 1, 1, 1, 1, 5, 1, 2, 3, 4])
+
+    def call():
+        now[0] += next(durations) / 1e3
+
+    assert timed_ms(call, torch.device("cpu"), repeats=6, warmup=0) == pytest.approx((1.0, 0.0))
+    assert timed_ms(call, torch.device("cpu"), repeats=4, warmup=0) == pytest.approx((2.5, 0.6))
