@@ -27,7 +27,8 @@ def add_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, 
                       y: torch.Tensor | None = None,
                       gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, norm(s) * (1 + scale) + shift) with s = x + gate * y (x when y is None), shift, scale and gate (B, C)
-    per sample: adaLN's residual add, norm and modulation as one fused pass (``add_layer_norm``)."""
+    per sample: adaLN's residual add, norm and modulation as one fused pass (``add_layer_norm``). ``norm`` is a
+    LayerNorm without affine parameters (DiT's: the modulation is its only scale and shift); its eps is used."""
     return add_layer_norm(x, y, 1 + scale, shift, norm.eps, gate=gate)
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from ..core import checks
-from ..core.precision import autocast_dtype
 from ..core.dispatch import (TRITON, TRITON_DTYPES, Requirement, choose_backend, dtypes, register_backend,
                              triton_device)
-from .reference import add_layer_norm_reference
+from ..core.precision import autocast_dtype
+from .reference import add_layer_norm_reference, sum_dtype
 
 OUTPUT_DTYPES = Requirement("y and the output in float16, bfloat16 or float32",
                             lambda f: f["out_dtype"] in TRITON_DTYPES and f["y_dtype"] in (None, *TRITON_DTYPES))
@@ -35,15 +35,13 @@ def add_layer_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor
     """
     checks.check_add_layer_norm(x, y, weight, bias, gate)
     eps = checks.check_float(eps, "eps", "add_layer_norm", positive=True)
-    s_dtype = x.dtype
-    for t in (y, gate):
-        s_dtype = s_dtype if t is None else torch.promote_types(s_dtype, t.dtype)
     if out_dtype is None:
-        out_dtype = autocast_dtype(x.device.type) or s_dtype
+        out_dtype = autocast_dtype(x.device.type) or sum_dtype(x, y, gate)
     if torch.compiler.is_compiling():
         return add_layer_norm_reference(x, y, weight, bias, eps, out_dtype, gate)
     fn = choose_backend("add_layer_norm", backend, x, out_dtype=out_dtype, y_dtype=None if y is None else y.dtype)
     return fn(x, y, weight, bias, eps, out_dtype, gate)
+
 
 if TRITON:
     from .triton import add_layer_norm_triton

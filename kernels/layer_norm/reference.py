@@ -10,6 +10,14 @@ def per_sample(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return p if p.dim() == 1 else p.reshape(p.shape[0], *([1] * (x.dim() - 2)), p.shape[-1])
 
 
+def sum_dtype(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None) -> torch.dtype:
+    """The dtype of s = x + gate * y under PyTorch's type promotion (x's when y is None; a gate comes with y)."""
+    dtype = x.dtype
+    for t in (y, gate):
+        dtype = dtype if t is None else torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def add_layer_norm_reference(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None,
                              bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype,
                              gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..core.dispatch import records_grad
 from ..core.triton_common import cdiv, launch, num_programs_target, round_to
-from .reference import add_layer_norm_reference, per_sample
+from .reference import add_layer_norm_reference, per_sample, sum_dtype
 
 # Rows per program and warps, by the padded width: a tile of about 4096 fp32 values per operand.
 TILE_ELEMENTS = 4096
@@ -159,12 +159,7 @@ def _forward(x: Tensor, y: Optional[Tensor], gate: Optional[Tensor], weight: Opt
     """(s, out, stats) of row-contiguous x and y: s is x itself when y is None, stats the rows' (mean, rstd),
     (2, rows) fp32, when ``save`` (else None)."""
     c = x.shape[-1]
-    if y is not None:
-        s_dtype = torch.promote_types(x.dtype, y.dtype)
-        s = torch.empty(x.shape, device=x.device, dtype=s_dtype if gate is None else
-                        torch.promote_types(s_dtype, gate.dtype))
-    else:
-        s = x
+    s = torch.empty(x.shape, device=x.device, dtype=sum_dtype(x, y, gate)) if y is not None else x
     out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     rows = x.numel() // c
     stats = torch.empty(2, rows, device=x.device, dtype=torch.float32) if save else None

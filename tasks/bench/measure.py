@@ -21,8 +21,8 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
 def timed_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:
     """(median, spread) of the wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls; the spread is
     the interquartile range (quartiles interpolated within the sample) over the median, 0 for fewer than 4
-    repeats: a row whose spread is large was not
-    timed in steady state (a shared or throttled host, another process on the GPU)."""
+    repeats: a row whose spread is large was not timed in steady state (a shared or throttled host, another
+    process on the GPU)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
