@@ -44,7 +44,8 @@ def _bench(args: argparse.Namespace) -> None:
     if args.suite != "families":
         modes = ("eager",) + ("compile",) * args.compile + ("cuda-graph",) * args.cuda_graph
         run_suite(args.suite, Path(args.out), families, modes=modes,
-                  models=args.models.split(",") if args.models else None, profile=args.profile)
+                  models=args.models.split(",") if args.models else None, profile=args.profile,
+                  sizes=parse_sizes(args.sizes) if args.sizes else None, repeats=args.repeats)
         return
     cfg = BenchConfig.default(args.device)
     if args.dtype:
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time every attention family against SDPA (table, CSV, PNG)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--sizes", help="comma-separated BxHxW, e.g. 32x56x56,4x128x128")
+    p.add_argument("--sizes", help="comma-separated BxHxW, e.g. 32x56x56,4x128x128 (models suite: the cases of these "
+                   "batch sizes and image sides, e.g. 4x1024x1024; another size adds a DeiT-S case)")
     p.add_argument("--families", help="comma-separated attention families or aliases (default: all; "
                                       "`subquad families` lists them)")
     p.add_argument("--repeats", type=int, help="timed repeats per case (median reported)")

@@ -89,6 +89,21 @@ def attention_skipped():
         F.scaled_dot_product_attention = sdpa
 
 
+def select_cases(sizes: list[tuple[int, int, int]] | None, cases: tuple[ModelCase, ...] = MODEL_CASES
+                 ) -> tuple[ModelCase, ...]:
+    """The cases whose (batch, H, W) is one of ``sizes`` (all for None); a size no case has becomes a DeiT-S case
+    at that size and batch (square images only: the DeiT-S cases resize one ``img_size``)."""
+    if not sizes:
+        return cases
+    picked = []
+    for batch, h, w in sizes:
+        if h != w:
+            raise ValueError(f"the models suite runs square images; got {batch}x{h}x{w} (give BxSxS)")
+        matching = [c for c in cases if (c.batch, c.img_size) == (batch, h)]
+        picked += matching or [ModelCase(f"DeiT-S {h}", "deit_small_patch16_224", DEIT_SMALL, h, batch)]
+    return tuple(dict.fromkeys(picked))
+
+
 def case_models(case: ModelCase, models: list[str] | None) -> tuple[str, ...]:
     """The case's subquad models whose name contains one of the substrings ``models`` (all for None)."""
     return tuple(m for m in case.models if not models or any(s in m for s in models))
@@ -326,10 +341,11 @@ def save_models_plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run_models_bench(out_dir: Path, modes: tuple[str, ...] = ("eager",), models: list[str] | None = None) -> list[dict]:
-    """Measure every case, print the table, save ``bench_models.csv`` and ``bench_models.png``."""
+def run_models_bench(out_dir: Path, modes: tuple[str, ...] = ("eager",), models: list[str] | None = None,
+                     cases: tuple[ModelCase, ...] = MODEL_CASES, repeats: int = 10) -> list[dict]:
+    """Measure each case, print the table, save ``bench_models.csv`` and ``bench_models.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = bench_models(modes=modes, models=models, csv_path=out_dir / "bench_models.csv")
+    rows = bench_models(cases, repeats=repeats, modes=modes, models=models, csv_path=out_dir / "bench_models.csv")
     save_csv(rows, out_dir / "bench_models.csv")
     title = (f"subquad bench --suite models: {torch.cuda.get_device_name()}, bf16 autocast, "
              f"random weights, same-run ratios to timm's dense model")

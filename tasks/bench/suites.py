@@ -9,13 +9,15 @@ from ..tables import format_table, save_csv
 
 
 def run_suite(suite: str, out_dir: Path, families: list[str] | None = None, modes: tuple[str, ...] = ("eager",),
-              models: list[str] | None = None, profile: bool = False) -> list[dict]:
+              models: list[str] | None = None, profile: bool = False,
+              sizes: list[tuple[int, int, int]] | None = None, repeats: int | None = None) -> list[dict]:
     """The CUDA-only suites: ``linear`` (FLatten, MALA, agent attention against their references and
     SDPA), ``block-sparse`` (the core against SDPA and FlexAttention), ``grid-conv`` (the depthwise conv on
     the grid, DWC / LePE, against the cuDNN reference) or ``dit`` (DiT training step and sampling per
     family against the SDPA DiT; ``families`` picks the families), ``models`` (whole models against timm's
     dense peers in each of ``modes``: eager, compile, cuda-graph; ``models`` picks models by name substring;
-    ``profile``: instead, each model's GPU time per kernel and block) or
+    ``profile``: instead, each model's GPU time per kernel and block; ``sizes`` (batch, H, W) picks the cases,
+    ``repeats`` the timed calls) or
     ``pipeline`` (diffusers transformers of the released sizes, one call dense vs each attention swap, with the
     bound from skipping the attention; ``families`` picks the swaps)."""
     if not torch.cuda.is_available():
@@ -31,10 +33,11 @@ def run_suite(suite: str, out_dir: Path, families: list[str] | None = None, mode
         from .dit import bench_dit
         rows = bench_dit(families)
     elif suite == "models":
-        from .models import run_models_bench, run_models_profile
+        from .models import run_models_bench, run_models_profile, select_cases
+        cases = select_cases(sizes)
         if profile:
-            return run_models_profile(out_dir, models=models)
-        return run_models_bench(out_dir, modes=modes, models=models)
+            return run_models_profile(out_dir, cases, models=models)
+        return run_models_bench(out_dir, modes=modes, models=models, cases=cases, repeats=repeats or 10)
     elif suite == "pipeline":
         from .pipelines import run_pipeline_bench
         return run_pipeline_bench(out_dir, families)

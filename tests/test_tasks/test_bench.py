@@ -14,8 +14,8 @@ from subquad.tasks.bench import grid_conv
 from subquad.tasks.bench.dit import bench_dit
 from subquad.tasks.bench import measure
 from subquad.tasks.bench.measure import timed_ms
-from subquad.tasks.bench.models import (ModelCase, attention_skipped, bench_models, profile_model,
-                                         run_models_profile, save_models_plot)
+from subquad.tasks.bench.models import (MODEL_CASES, ModelCase, attention_skipped, bench_models, profile_model,
+                                         run_models_profile, save_models_plot, select_cases)
 from subquad.tasks.bench.pipelines import PipelineCase, bench_pipelines, save_pipeline_plot
 from subquad.tasks.bench.suites import run_suite
 from subquad.tasks.zoo import count_model
@@ -189,6 +189,19 @@ def test_gpu_bench_models_cuda_graph_rows(tmp_path):
     graphed_peer = rows[4]
     assert graphed_peer["speedup_infer"] == 1.0 and rows[6]["speedup_infer"] == pytest.approx(
         rows[6]["infer_img_s"] / graphed_peer["infer_img_s"])
+
+
+def test_bench_models_sizes_pick_the_cases():
+    """``--sizes`` keeps the cases of those batch sizes and image sides (both 224² B128 cases), in the order given;
+    a size no case has becomes a DeiT-S case; a non-square size is refused."""
+    assert select_cases(None) == MODEL_CASES
+    picked = select_cases([(4, 1024, 1024), (128, 224, 224)])
+    assert [c.label for c in picked] == ["DeiT-S 1024", "DeiT-S 224", "Swin-T 224"]
+    new, = select_cases([(16, 512, 512)])
+    assert (new.peer, new.img_size, new.batch) == ("deit_small_patch16_224", 512, 16)
+    assert new.models == MODEL_CASES[0].models
+    with pytest.raises(ValueError, match="square images; got 2x512x256"):
+        select_cases([(2, 512, 256)])
 
 
 def test_bench_models_keeps_going_past_a_failing_model(tmp_path, capsys):
