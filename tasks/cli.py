@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="families and models suites: also time the calls captured into one CUDA graph and replayed "
                         "(the GPU time without the host time; models: inference only)")
     p.add_argument("--profile", action="store_true",
-                   help="models suite: instead of timing, where each model's inference GPU time goes (torch.profiler: "
-                        "microseconds per kernel and block, bench_models_profile.csv)")
+                   help="models suite: instead of timing, where each model's GPU time goes in inference and in a "
+                        "training step (torch.profiler: microseconds per kernel and block, bench_models_profile.csv)")
     p.add_argument("--models", help="models suite: comma-separated substrings of the model names to keep "
                                     "(e.g. mala,nat); the dense peers always run")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")

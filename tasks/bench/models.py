@@ -271,18 +271,22 @@ def bench_models(cases: tuple[ModelCase, ...] = MODEL_CASES, repeats: int = 10, 
     return rows
 
 
-def profile_model(name: str, case: ModelCase, device: torch.device, steps: int = 5, top: int = 12) -> list[dict]:
-    """Where one inference forward of ``name`` in ``case`` spends its time (torch.profiler over ``steps`` forwards
-    after warm-up): per CUDA kernel (per CPU op on the CPU), microseconds per forward and per block, calls per
-    forward and share of the total; the ``top`` largest, then one row for the rest."""
+def profile_model(name: str, case: ModelCase, device: torch.device, steps: int = 5, top: int = 12,
+                  step: str = "infer") -> list[dict]:
+    """Where one ``step`` of ``name`` in ``case`` spends its time: an inference forward (``infer``) or a training
+    step (``train``: forward, backward, optimizer), torch.profiler over ``steps`` of them after warm-up; per CUDA
+    kernel (per CPU op on the CPU), microseconds per step and per block, calls per step and share of the total;
+    the ``top`` largest, then one row for the rest."""
+    if step not in ("infer", "train"):
+        raise ValueError(f"step is 'infer' or 'train', got {step!r}")
     cuda = device.type == "cuda"
-    model = _create(name, case, device).eval()
+    model = _create(name, case, device).train(step == "train")
     depth = _depth(model)
-    infer, _ = _steps(model, case, device)
-    _warm_up(infer, device)
+    fn = dict(zip(("infer", "train"), _steps(model, case, device)))[step]
+    _warm_up(fn, device)
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            infer()
+            fn()
         _sync(device)
     spent = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / steps, e.count / steps)
              for e in prof.key_averages()]
@@ -291,28 +295,28 @@ def profile_model(name: str, case: ModelCase, device: torch.device, steps: int =
     rest = spent[top:]
     spent = spent[:top] + ([(f"(the other {len(rest)})", sum(x[1] for x in rest), sum(x[2] for x in rest))]
                            if rest else [])
-    return [dict(case=case.label, model=name, kernel=key, us_per_forward=us, us_per_block=us / depth,
+    return [dict(case=case.label, model=name, step=step, kernel=key, us_per_forward=us, us_per_block=us / depth,
                  calls_per_forward=calls, share=us / total) for key, us, calls in spent]
 
 
-PROFILE_COLUMNS = [("model", "model", "s"), ("kernel", "kernel (CUDA) or op (CPU)", "s"),
+PROFILE_COLUMNS = [("model", "model", "s"), ("step", "step", "s"), ("kernel", "kernel (CUDA) or op (CPU)", "s"),
                    ("us_per_block", "µs/block", ".1f"), ("calls_per_forward", "calls", ".0f"),
                    ("share", "share", ".2f")]
 
 
 def run_models_profile(out_dir: Path, cases: tuple[ModelCase, ...] = MODEL_CASES, models: list[str] | None = None,
-                       device: str = "cuda") -> list[dict]:
-    """``profile_model`` for each case's peer and models: printed per model and saved as
-    ``bench_models_profile.csv``."""
+                       device: str = "cuda", steps: tuple[str, ...] = ("infer", "train")) -> list[dict]:
+    """``profile_model`` for each case's peer and models, inference and training step: printed per model and
+    saved as ``bench_models_profile.csv``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     dev, rows = torch.device(device), []
-    jobs = [(case, name) for case in cases for name in (case.peer, *case_models(case, models))]
-    for case, name in tqdm(jobs, desc="profile models", unit="model"):
-        these = profile_model(name, case, dev)
+    jobs = [(case, name, step) for case in cases for name in (case.peer, *case_models(case, models)) for step in steps]
+    for case, name, step in tqdm(jobs, desc="profile models", unit="model"):
+        these = profile_model(name, case, dev, step=step)
         rows += these
         save_csv(rows, out_dir / "bench_models_profile.csv")
-        tqdm.write(f"{name} at {case.label} B{case.batch}: {sum(r['us_per_block'] for r in these):.0f} µs/block\n"
-                   + format_table([{**r, "kernel": r["kernel"][:70]} for r in these], PROFILE_COLUMNS))
+        tqdm.write(f"{name} at {case.label} B{case.batch}, {step}: {sum(r['us_per_block'] for r in these):.0f} "
+                   f"µs/block\n" + format_table([{**r, "kernel": r["kernel"][:70]} for r in these], PROFILE_COLUMNS))
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -22,8 +22,8 @@ def unfused_modulate(norm, x, shift, scale, y=None, gate=None):
     return s, norm(s) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def _output_and_grads(model, *inputs):
-    with torch.autocast(inputs[0].device.type, dtype=torch.bfloat16):
+def _output_and_grads(model, *inputs, autocast=True):
+    with torch.autocast(inputs[0].device.type, dtype=torch.bfloat16, enabled=autocast):
         out = model(*inputs)
     out.float().square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -31,10 +31,17 @@ def _output_and_grads(model, *inputs):
     return out.float(), grads
 
 
+def _flat(grads, names):
+    return torch.cat([grads[n].float().flatten() for n in names])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,img_size", [("mala_deit_tiny_patch16_224", 224), ("nat_deit_tiny_patch16_224", 320),
                                            ("agent_swin_tiny_patch4_window7_224", 224), ("nat_tiny", 224)])
 def test_fused_norm_model_equals_unfused(monkeypatch, name, img_size):
+    """Under bf16 autocast the fused and the unfused model each differ from the float32 model by bf16 rounding
+    (about 1% in the gradients of a whole model): the fused one is held to the unfused one's error against the
+    float32 model (output and gradients), and both to 1e-2 of each other in the output."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, **({} if img_size == 224 else {"img_size": img_size}))
     model = model.cuda().eval()       # no drop path: both runs compute the same function (gradients still flow)
@@ -43,10 +50,13 @@ def test_fused_norm_model_equals_unfused(monkeypatch, name, img_size):
     for module in (vit, hierarchical):
         monkeypatch.setattr(module, "add_norm", unfused)
     want, want_grads = _output_and_grads(model, images)
+    exact, exact_grads = _output_and_grads(model, images, autocast=False)
     assert relative_error(out, want) < 1e-2
-    assert grads.keys() == want_grads.keys()
-    flat = torch.cat([grads[n].float().flatten() for n in grads])
-    assert relative_error(flat, torch.cat([want_grads[n].float().flatten() for n in grads])) < 1e-2
+    assert grads.keys() == want_grads.keys() == exact_grads.keys()
+    names = list(grads)
+    for fused, plain, truth in ((out, want, exact),
+                                (_flat(grads, names), _flat(want_grads, names), _flat(exact_grads, names))):
+        assert relative_error(fused, truth) < max(1.25 * relative_error(plain, truth), 2e-3)
 
 
 def _dit(device):

@@ -226,8 +226,16 @@ def test_profile_model_splits_a_forward_by_kernel(tmp_path):
     every = profile_model("mala_deit_tiny_patch16_224", case, torch.device("cpu"), steps=1, top=10_000)
     assert not every[-1]["kernel"].startswith("(the other ")
     assert any("linear" in r["kernel"] or "addmm" in r["kernel"] for r in every)
+    train = profile_model("mala_deit_tiny_patch16_224", case, torch.device("cpu"), steps=1, top=10_000, step="train")
+    assert {r["step"] for r in train} == {"train"}
+    assert sum(r["us_per_forward"] for r in train) > sum(r["us_per_forward"] for r in every)    # backward too
+    assert any("backward" in r["kernel"].lower() for r in train)
+    with pytest.raises(ValueError, match="step is 'infer' or 'train'"):
+        profile_model("mala_deit_tiny_patch16_224", case, torch.device("cpu"), step="eval")
     saved = run_models_profile(tmp_path, (case,), device="cpu")
-    assert {r["model"] for r in saved} == {"deit_tiny_patch16_224", "mala_deit_tiny_patch16_224"}
+    assert {(r["model"], r["step"]) for r in saved} == {(m, s) for m in ("deit_tiny_patch16_224",
+                                                                          "mala_deit_tiny_patch16_224")
+                                                         for s in ("infer", "train")}
     assert len(list(csv.DictReader(open(tmp_path / "bench_models_profile.csv")))) == len(saved)
 
 
