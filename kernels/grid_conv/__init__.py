@@ -7,17 +7,8 @@ from typing import Sequence
 import torch
 
 from ..core import checks
-from ..core.dispatch import (TRITON, TRITON_DTYPES, Requirement, choose_backend, dtypes, records_grad,
-                             register_backend, triton_device)
+from ..core.dispatch import TRITON, TRITON_DTYPES, choose_backend, dtypes, register_backend, triton_device
 from .reference import depthwise_conv_on_grid_reference
-
-# A filter shared by the heads (FLatten) runs cudnn's conv by default when a gradient is needed: the Triton
-# backward, which also sums dweight over the heads, measured slower there, while its forward (in place, the
-# residual add fused) is faster than cudnn's on permuted copies (docs/bench_grid_conv_h200.csv).
-PER_CHANNEL_FILTER = Requirement("one filter per channel (weight of heads*head_dim channels), or no gradient, when "
-                                 "chosen automatically",
-                                 lambda f: f.get("named", False) or f["per_channel"] or not f["needs_grad"],
-                                 preference=True)
 
 
 def depthwise_conv_on_grid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -29,13 +20,10 @@ def depthwise_conv_on_grid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     filter per head channel shared by the heads (FLatten); ``bias`` None or (C,). Zero padding keeps the
     grid; a video grid (T, H, W) convolves each frame with the 2D filter. The conv is 0 on the prefix rows,
     so there the output is the residual (0 when ``residual`` is None). Backends: ``reference`` (F.conv2d on
-    permuted copies), ``triton`` (in place on the token layout, the residual add fused; the default on CUDA
-    for per-channel filters, and for shared ones when no gradient is needed; else ``reference``).
+    permuted copies), ``triton`` (in place on the token layout, the residual add fused; the default on CUDA).
     """
     grid = checks.check_grid_conv(x, weight, bias, grid, num_prefix, residual)
-    per_channel = weight.shape[0] == x.shape[1] * x.shape[-1]
-    needs_grad = records_grad(x, weight, bias, residual)
-    fn = choose_backend("depthwise_conv_on_grid", backend, x, grid=grid, per_channel=per_channel, needs_grad=needs_grad)
+    fn = choose_backend("depthwise_conv_on_grid", backend, x, grid=grid)
     if x.shape[0] == 0 or x.shape[1] == 0:       # no batch or no heads: an empty output (conv2d rejects 0 groups)
         params = weight.sum() if bias is None else weight.sum() + bias.sum()
         return (x * 0 if residual is None else residual) + params * 0
@@ -45,5 +33,5 @@ def depthwise_conv_on_grid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 if TRITON:
     from .triton import depthwise_conv_on_grid_triton
     register_backend("depthwise_conv_on_grid", "triton", depthwise_conv_on_grid_triton,
-                     requires=(triton_device(), dtypes(*TRITON_DTYPES), PER_CHANNEL_FILTER))
+                     requires=(triton_device(), dtypes(*TRITON_DTYPES)))
 register_backend("depthwise_conv_on_grid", "reference", depthwise_conv_on_grid_reference)

@@ -16,8 +16,9 @@ tap's channels are one contiguous vector load, laid out once per filter tensor a
 Backward, with g = dL/dout: d residual = g; dx = the transposed conv of g (the flipped filter), 0 on the
 prefix rows: the forward kernel with the taps flipped, as parallel as the forward. dw[c, i, j] = sum g[t, c]
 x[t + (i - r, j - r), c] and dbias[c] = sum g[t, c] over the grid tokens and the batch (and the heads when
-C = d): each program sums a chunk of tiles into fp32 partials [dw taps | dbias] (k*k + 1 rows of d) held in
-registers and stored once, and a small kernel sums the programs' partials into dw and dbias in their dtype.
+C = d): each program sums a chunk of tiles into fp32 partials [dw taps | dbias] (k*k + 1 rows of d), tap by
+tap in a register tile reduced over the tokens once per chunk, and a small kernel sums the programs' partials
+into dw and dbias in their dtype.
 """
 import math
 import weakref
@@ -137,30 +138,30 @@ def _forward_kernel(x_ptr, taps_ptr, b_ptr, r_ptr, o_ptr, num_prefix, grid_h, gr
 @triton.jit(do_not_specialize=["num_prefix", "grid_h", "grid_w", "grid_items", "items", "total", "chunk"])
 def _filter_grad_kernel(g_ptr, x_ptr, part_ptr, num_prefix, grid_h, grid_w, grid_items, items, total, chunk,
                         s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, D: tl.constexpr, DP: tl.constexpr, K: tl.constexpr,
-                        ROWS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, ALIGN: tl.constexpr):
-    """The fp32 partials [dw tap 0 .. tap K*K-1 | dbias] of a chunk of the (batch, tile) items of one head,
-    summed in registers (ROWS >= K*K + 1 rows of DP) and stored once at part[head, chunk]."""
+                        TILE_H: tl.constexpr, TILE_W: tl.constexpr, ALIGN: tl.constexpr):
+    """The fp32 partials [dw tap 0 .. tap K*K-1 | dbias] of a chunk of the (batch, tile) items of one head, stored
+    at part[head, chunk]. Per tap, the products g * x(shifted) of the chunk's tiles add up in a (tokens, DP) tile
+    and are summed over the tokens once, at the end: a sum over the tokens per tile and tap (a reduction across
+    the warps, K*K of them per tile) would cost more than the products."""
     split = tl.program_id(0)
     h = tl.program_id(1)
     offs_c = tl.arange(0, DP)
     mc = offs_c < D
-    rows = tl.arange(0, ROWS)[:, None]
-    acc = tl.zeros((ROWS, DP), tl.float32)
     lo = split * chunk
-    for item in range(lo, tl.minimum(lo + chunk, total)):
-        b, j = (item // items).to(tl.int64), item % items
-        if j != grid_items:
-            row, col, first, tok, inside = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
-            g = load_tile(g_ptr + b * s_gb + h * s_gh, tok, offs_c, s_gn, inside, mc, ALIGN).to(tl.float32)
-            acc += tl.where(rows == K * K, tl.sum(g, axis=0)[None, :], 0.0)
-            x_base = x_ptr + b * s_xb + h * s_xh
-            for i in range(K):
-                for jj in tl.static_range(K):
-                    xs = _shifted(x_base, s_xn, first, row, col, i - K // 2, jj - K // 2, grid_h, grid_w, offs_c,
-                                  mc, ALIGN)
-                    acc += tl.where(rows == i * K + jj, tl.sum(g * xs, axis=0)[None, :], 0.0)
+    hi = tl.minimum(lo + chunk, total)
     part = part_ptr + (h * tl.num_programs(0) + split) * (K * K + 1) * DP
-    tl.store(part + rows * DP + offs_c[None, :], acc, mask=rows < K * K + 1)
+    for tap in tl.static_range(K * K + 1):
+        acc = tl.zeros((TILE_H * TILE_W, DP), tl.float32)
+        for item in range(lo, hi):
+            b, j = (item // items).to(tl.int64), item % items
+            if j != grid_items:
+                row, col, first, tok, inside = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
+                g = load_tile(g_ptr + b * s_gb + h * s_gh, tok, offs_c, s_gn, inside, mc, ALIGN).to(tl.float32)
+                if tap < K * K:
+                    g *= _shifted(x_ptr + b * s_xb + h * s_xh, s_xn, first, row, col, tap // K - K // 2,
+                                  tap % K - K // 2, grid_h, grid_w, offs_c, mc, ALIGN)
+                acc += g
+        tl.store(part + tap * DP + offs_c, tl.sum(acc, axis=0))
 
 
 @triton.jit(do_not_specialize=["rows"])
@@ -266,8 +267,7 @@ def grid_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     splits = cdiv(total, chunk)
     part = x.new_empty(h, splits, k * k + 1, dp, dtype=torch.float32)
     launch(_filter_grad_kernel, (splits, h), grad, x, part, num_prefix, grid_h, grid_w, grid_items, items, total,
-           chunk, s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, D=d, DP=dp, K=k, ROWS=triton.next_power_of_2(k * k + 1),
-           TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], ALIGN=row_alignment(grad, x), num_warps=cfg["num_warps"])
+           chunk, s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, D=d, DP=dp, K=k, TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], ALIGN=row_alignment(grad, x), num_warps=cfg["num_warps"])
     dw, db = _filter_grads_like(weight, bias)
     groups = channels // d
     cfg = CONFIG["reduce"]

@@ -309,19 +309,17 @@ def test_gpu_fuzz(poisoned):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shared, needs_grad, expected", [(False, True, "triton"), (False, False, "triton"),
-                                                          (True, True, "reference"), (True, False, "triton")])
-def test_gpu_default_backend_by_filter(shared, needs_grad, expected):
-    """On CUDA the default is the Triton kernel for per-channel filters, and for filters shared by the heads
-    when no gradient is needed; shared filters that need one take the reference (cudnn), whose backward
-    measured faster than the Triton one (which sums dweight over the heads): a preference, so no warning."""
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_gpu_default_backend_is_triton(shared, needs_grad):
+    """On CUDA the default is the Triton kernel, for per-channel filters and filters shared by the heads alike,
+    with or without a gradient, and without a warning."""
     h, d = 4, 64
     x = torch.randn(2, h, 1 + 14 * 14, d, device="cuda")
     weight = torch.randn(d if shared else h * d, 1, 5, 5, device="cuda", requires_grad=needs_grad)
-    impl = {b.name: b.fn for b in backends_of("depthwise_conv_on_grid")}[expected]
+    impl = {b.name: b.fn for b in backends_of("depthwise_conv_on_grid")}["triton"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        chosen = choose_backend("depthwise_conv_on_grid", None, x, grid=(14, 14), per_channel=not shared,
-                                needs_grad=needs_grad)
+        chosen = choose_backend("depthwise_conv_on_grid", None, x, grid=(14, 14))
         depthwise_conv_on_grid(x, weight, None, grid=(14, 14), num_prefix=1)
     assert chosen is impl
