@@ -56,6 +56,18 @@ def test_forward_backward_small_input(name):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", SMALLEST)
+def test_torch_compile_fullgraph_captures(name):
+    """Each hierarchical family traces into one graph (no graph break in the blocks, the window/patch merging or the
+    attention's host code) and the captured model computes what the eager one does."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 96)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_features_only_shapes_strides_and_subsets():
     feats = timm.create_model("agent_pvt_tiny", features_only=True)
     outs = feats(torch.randn(1, 3, 64, 96))
