@@ -3,6 +3,8 @@ Attention", ECCV 2024). Parameter names and shapes follow the official DeiT code
 checkpoints load unchanged."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -10,6 +12,7 @@ from ..kernels import agent_attention, checks, depthwise_conv_on_grid, family
 from ..kernels.core.family import check_options
 from .base import GridAttention
 from .grid_maps import cached_constant, depthwise_conv, grid_resize_matrix, without_autocast
+from .recompute import recomputed_in_backward
 from .registry import register
 
 
@@ -61,22 +64,35 @@ class AgentAttention(GridAttention):
         biases = (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias, self.ac_bias,
                   self.ca_bias)
         return self.cached_for_inference("agent_bias", (grid, num_prefix), biases,
-                                         lambda: self._resized_bias(grid, num_prefix))
+                                         lambda: self._resized_bias(grid, num_prefix)[0])
 
-    def _resized_bias(self, grid: tuple[int, int], num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both biases as one matrix product: each (head, agent) row of terms [7x7 map, row terms, column terms,
-        prefix term] times ``_bias_operator`` (bilinear / linear resizing and the sums, a constant of the grid),
-        in float32 or wider; B2 built as B1 is, then transposed."""
+    def _resized_bias(self, grid: tuple[int, int], num_prefix: int
+                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[Callable, Callable]]:
+        """((B1, B2), how to rebuild each): both biases as matrix products of their terms, each (head, agent) row
+        [7x7 map, row terms, column terms, prefix term] in float32 or wider, with ``_bias_operator`` R (bilinear /
+        linear resizing and the sums, a constant of the grid): B1 = T_to R, B2 = R^T T_from^T, each contiguous as
+        the kernels read it. The rebuilders recompute them from detached terms (a few hundred KB, against 2 h n N
+        values), so that training need not keep the biases for the backward (``recomputed_in_backward``)."""
         h, n = self.num_heads, self.num_agents
         dtype = torch.promote_types(self.an_bias.dtype, torch.float32)
         to_grid = torch.cat([self.an_bias.reshape(h, n, -1), self.ah_bias.reshape(h, n, -1),
-                             self.aw_bias.reshape(h, n, -1), self.ac_bias.reshape(h, n, 1)], -1)
+                             self.aw_bias.reshape(h, n, -1), self.ac_bias.reshape(h, n, 1)], -1).to(dtype)
         from_grid = torch.cat([self.na_bias.reshape(h, n, -1), self.ha_bias.reshape(h, -1, n).transpose(1, 2),
-                               self.wa_bias.reshape(h, -1, n).transpose(1, 2), self.ca_bias.reshape(h, n, 1)], -1)
-        terms = torch.stack([to_grid, from_grid]).to(dtype)
-        with without_autocast(terms.device):                # the biases stay in float32 under autocast
-            biases = (terms @ self._bias_operator(grid, num_prefix, terms)).to(self.an_bias.dtype)
-        return biases[0], biases[1].transpose(1, 2)
+                               self.wa_bias.reshape(h, -1, n).transpose(1, 2), self.ca_bias.reshape(h, n, 1)],
+                              -1).to(dtype)
+        operator = self._bias_operator(grid, num_prefix, to_grid)
+        out = self.an_bias.dtype
+
+        def b1(terms: torch.Tensor) -> torch.Tensor:
+            with without_autocast(terms.device):           # the biases stay in float32 under autocast
+                return (terms @ operator).to(out)
+
+        def b2(terms: torch.Tensor) -> torch.Tensor:
+            with without_autocast(terms.device):
+                return (operator.T @ terms.transpose(1, 2)).to(out)
+
+        kept_to, kept_from = to_grid.detach(), from_grid.detach()
+        return (b1(to_grid), b2(from_grid)), (lambda: b1(kept_to), lambda: b2(kept_from))
 
     def _bias_operator(self, grid: tuple[int, int], num_prefix: int, like: torch.Tensor) -> torch.Tensor:
         """(49 + gh0 + gw0 + 1, num_prefix + gh * gw): column p + (r * gw + c) holds the weights of the map
@@ -94,9 +110,11 @@ class AgentAttention(GridAttention):
 
     def attend(self, x, q, k, v, grid, num_prefix):
         grid = checks.check_image_grid(grid, "agent attention")
-        y = agent_attention(q, k, v, grid=grid, num_agents=self.num_agents,
-                            agent_bias=self.agent_bias(grid, num_prefix), num_prefix=num_prefix,
-                            backend=self.backend)
+        bias, rebuild = (self._resized_bias(grid, num_prefix) if torch.is_grad_enabled()
+                         else (self.agent_bias(grid, num_prefix), ()))
+        with recomputed_in_backward(*zip(bias, rebuild)):
+            y = agent_attention(q, k, v, grid=grid, num_agents=self.num_agents, agent_bias=bias,
+                                num_prefix=num_prefix, backend=self.backend)
         return depthwise_conv_on_grid(v, self.dwc.weight, self.dwc.bias, grid=grid, num_prefix=num_prefix, residual=y,
                                       backend=self.backend)
 

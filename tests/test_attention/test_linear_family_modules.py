@@ -98,7 +98,7 @@ def test_agent_bias_kept_for_inference_only_while_the_parameters_are_unchanged()
     """Without autograd the resized pair is reused for the same grid; an in-place update, load_state_dict, an
     optimizer step, a dtype change or another grid rebuilds it; with autograd it is built every call."""
     m = randomize(attention.build("agent", dim=16, num_heads=2, num_agents=4))
-    fresh = lambda grid, prefix: m._resized_bias(grid, prefix)          # noqa: E731
+    fresh = lambda grid, prefix: m._resized_bias(grid, prefix)[0]       # noqa: E731
     with torch.no_grad():
         first = m.agent_bias((9, 10), 1)
         assert m.agent_bias((9, 10), 1)[0] is first[0]
