@@ -14,6 +14,13 @@ class _Recipe:
         self.build = build
 
 
+def _other_hooks_active() -> bool:
+    """Whether saved-tensor hooks are set already (activation checkpointing's, a user's); True where this torch
+    cannot tell, so that the recipes then stay off."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
 def _signature(t: torch.Tensor) -> tuple:
     """What identifies a tensor's values without holding it: memory, dtype, shape, strides, device."""
     return t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.device
@@ -27,8 +34,7 @@ def recomputed_in_backward(*recipes: tuple[torch.Tensor, Callable[[], torch.Tens
     (a small matrix product), its memory is free from the forward to the backward. A no-op without autograd,
     under ``torch.compile`` and inside other saved-tensor hooks (activation checkpointing, which keeps its own
     recipe: the whole forward)."""
-    if (not recipes or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+    if not recipes or not torch.is_grad_enabled() or torch.compiler.is_compiling() or _other_hooks_active():
         yield
         return
     builds = {_signature(t): build for t, build in recipes}     # the hooks, kept by autograd, hold no tensor
