@@ -267,7 +267,8 @@ def grid_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     splits = cdiv(total, chunk)
     part = x.new_empty(h, splits, k * k + 1, dp, dtype=torch.float32)
     launch(_filter_grad_kernel, (splits, h), grad, x, part, num_prefix, grid_h, grid_w, grid_items, items, total,
-           chunk, s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, D=d, DP=dp, K=k, TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], ALIGN=row_alignment(grad, x), num_warps=cfg["num_warps"])
+           chunk, s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, D=d, DP=dp, K=k, TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"],
+           ALIGN=row_alignment(grad, x), num_warps=cfg["num_warps"])
     dw, db = _filter_grads_like(weight, bias)
     groups = channels // d
     cfg = CONFIG["reduce"]
