@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.triton_common import launch
+from ..core.triton_common import cdiv, launch
 from .layout import KeyTileWork
 
 BLOCK = 256
@@ -122,13 +122,13 @@ def transposed_work(row_ptr: torch.Tensor, col_idx: torch.Tensor, tile_mask_idx:
     if nnz:
         launch(_entry_keys_kernel, (bq * hq * nqt,), row_ptr, col_idx, keys, nqt, num_k_tiles, BLOCK=64)
     keys, order = torch.sort(keys)
-    num_blocks = triton.cdiv(num_tiles, BLOCK)
+    num_blocks = cdiv(num_tiles, BLOCK)
     steps = max(1, nnz.bit_length())
     totals = torch.empty(num_blocks, 2, dtype=torch.int64, device=dev)
     launch(_count_kernel, (num_blocks,), keys, totals, nnz, steps, num_tiles, nqt, CHUNK=chunk, BLOCK=BLOCK)
     items = torch.empty(width, 5, dtype=torch.int32, device=dev)
     hot_tiles = torch.empty(slots, 2, dtype=torch.int32, device=dev)
-    idle = triton.cdiv(max(width - num_tiles, slots), BLOCK)
+    idle = cdiv(max(width - num_tiles, slots), BLOCK)
     launch(_write_kernel, (num_blocks + idle,), keys, totals, items, hot_tiles, nnz, steps, num_tiles, nqt,
            num_k_tiles, num_blocks, width, slots, CHUNK=chunk, BLOCK=BLOCK)
     mask_idx = None if tile_mask_idx is None else tile_mask_idx[order]

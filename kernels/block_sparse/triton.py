@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..core.alignment import row_alignment
 from ..core.triton_common import (LOG2E, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
-                                  load_block, load_row_stats, row_ptrs, rows_contiguous,
+                                  load_block, load_row_stats, pad_dim, row_ptrs, rows_contiguous,
                                   softmax_finish, softmax_step, store_block, strides, transposed_scores)
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
@@ -431,7 +431,7 @@ def launch_config(kind: str, block_m: int, block_n: int, head_dim: int, dtype: t
     with the deepest pipeline (at most 3) whose buffers fit in ~160 KB of shared memory.
     """
     elem = torch.finfo(dtype).bits // 8
-    d = max(16, triton.next_power_of_2(head_dim))
+    d = pad_dim(head_dim)
     tuned = TUNED_CONFIGS.get((kind, block_m, block_n, d, elem))
     if tuned is not None:
         return dict(tuned)
@@ -461,7 +461,7 @@ def _launch_args(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, 
     table = tile_rows is not None      # padding slots of the table hold N: the bounds checks drop them
     masked = tile_mask_idx is not None
     consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_D=max(16, triton.next_power_of_2(head_dim)), MASK_WORDS=num_tiles(block_n, 32),
+                  BLOCK_D=pad_dim(head_dim), MASK_WORDS=num_tiles(block_n, 32),
                   MASK_BITS=min(32, block_n), HAS_MASK=masked, HAS_BIAS=key_bias is not None,
                   CHECK_Q=table or nq % block_m != 0 or tiles_per_step(block_m, masked) > 1,
                   CHECK_K=table or (nk - num_prefix) % block_n != 0 or tiles_per_step(block_n, masked) > 1,

@@ -12,13 +12,20 @@ import triton.language as tl
 from .dispatch import INTERPRET
 
 
+# Host-side integer helpers in plain Python: triton.cdiv and triton.next_power_of_2 are constexpr functions
+# whose every host call unwraps its arguments (microseconds each, several per launch).
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def pad_dim(n: int) -> int:
     """Padded channel count: a power of two, at least 16 (the smallest tl.dot operand side)."""
-    return max(16, 1 << (n - 1).bit_length())
+    return max(16, next_power_of_2(n))
 
 
 # INTERPRET (kernels run on Triton's CPU interpreter) as a constexpr, for jit functions that read it as a global
@@ -45,8 +52,7 @@ def num_programs_target(device: torch.device, per_sm: int = 4) -> int:
 
 
 def split_tokens(groups: int, n: int, block_n: int, target: int, max_tiles: int = 1 << 30) -> Tuple[int, int]:
-    """(num_splits, chunk), in plain Python (triton.cdiv is a JIT function, slow to call from the host):
-    cut N into chunks of whole tiles so that groups * num_splits programs fill
+    """(num_splits, chunk): cut N into chunks of whole tiles so that groups * num_splits programs fill
     the device (small batch, large N) while each chunk spans at most ``max_tiles`` tiles."""
     tiles = cdiv(n, block_n)
     splits = min(tiles, max(cdiv(target, groups), cdiv(tiles, max_tiles)))
@@ -116,7 +122,8 @@ def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def strides(x: torch.Tensor) -> Tuple[int, int, int]:
     """(batch, head, token) strides of a (B, h, N, ...) tensor; a broadcast (size-1) batch or head gets 0."""
-    return tuple(0 if x.shape[i] == 1 else x.stride(i) for i in range(3))
+    shape, stride = x.shape, x.stride()
+    return (0 if shape[0] == 1 else stride[0], 0 if shape[1] == 1 else stride[1], 0 if shape[2] == 1 else stride[2])
 
 
 def head_strides(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..core.dispatch import records_grad
-from ..core.triton_common import cdiv, launch, num_programs_target, round_to
+from ..core.triton_common import cdiv, launch, next_power_of_2, num_programs_target, round_to
 from .reference import add_layer_norm_reference, per_sample, sum_dtype
 
 # Rows per program and warps, by the padded width: a tile of about 4096 fp32 values per operand.
@@ -33,7 +33,7 @@ PARTIALS = 3          # dw, db, dg
 
 
 def _config(c: int) -> dict:
-    block_c = triton.next_power_of_2(c)
+    block_c = next_power_of_2(c)
     return dict(BLOCK_M=max(1, TILE_ELEMENTS // block_c), BLOCK_C=block_c, num_warps=4 if block_c <= 2048 else 8)
 
 
@@ -225,7 +225,7 @@ def _param_grad(part: Tensor, which: int, groups: int, splits: int, dtype: torch
     c = part.shape[-1]
     grad = torch.empty(shape, device=part.device, dtype=dtype)
     outputs = groups if len(shape) == 2 else 1
-    block_c = min(256, triton.next_power_of_2(c))
+    block_c = min(256, next_power_of_2(c))
     launch(_param_grads_kernel, (outputs, cdiv(c, block_c)), part, grad, groups * splits // outputs, which, c,
            BLOCK_C=block_c, **REDUCE)
     return grad

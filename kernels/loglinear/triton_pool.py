@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..core.alignment import row_alignment
 from ..core.compile_constant import compile_constant
-from ..core.triton_common import launch, row_ptrs, strides
+from ..core.triton_common import cdiv, launch, pad_dim, row_ptrs, strides
 from .block_sparse import pooled_key_tiles, pooled_tile_slots
 from .plan import block_hierarchy
 
@@ -138,10 +138,10 @@ def pool_into_buffers(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], nu
     total = sum(r.numel() for r in rows) + t
     keys, values = k.new_empty(b, h, total, d), v.new_empty(b, h, total, v.shape[-1])
     pooled = [q.new_empty(3, b, h, c.numel(), d, dtype=torch.float32) for c in counts]
-    consts = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), T=t)
+    consts = dict(HEAD_DIM=d, BLOCK_D=pad_dim(d), T=t)
     n1 = counts[0].numel()
     blocks = max(1, POOL_TILE // consts["BLOCK_D"])
-    programs = triton.cdiv(n1, blocks)
+    programs = cdiv(n1, blocks)
     launch(_pool_finest_kernel, (programs + zero.numel() // t, b * h), q, k, v, keys, values, *pooled[0], tile_rows,
            buffer_rows[0], zero, counts[0], n1, programs, h, q.shape[2], *strides(q), *strides(k), *strides(v),
            *strides(keys), *strides(values), **consts, BLOCKS=blocks, ALIGN=row_alignment(q, k, v, keys, values),
@@ -197,7 +197,7 @@ def spread_pooled_gradients(dk: Tensor, dv: Tensor, d_pooled_keys: Tensor, d_poo
     n1 = counts[0].numel()
     t = side * side
     blocks = max(1, POOL_ROWS // t)
-    launch(_spread_pooled_kernel, (triton.cdiv(n1, blocks), b * h), dk, dv, d_pooled_keys, d_pooled_values, tile_rows,
+    launch(_spread_pooled_kernel, (cdiv(n1, blocks), b * h), dk, dv, d_pooled_keys, d_pooled_values, tile_rows,
            ancestor_rows, ancestor_scale, n1, h, n, *strides(dk), *strides(dv), *strides(d_pooled_keys),
-           *strides(d_pooled_values), HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), T=t, LEVELS=levels,
+           *strides(d_pooled_values), HEAD_DIM=d, BLOCK_D=pad_dim(d), T=t, LEVELS=levels,
            BLOCKS=blocks, ALIGN=row_alignment(dk, dv, d_pooled_keys, d_pooled_values), num_warps=POOL_WARPS)

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..core.compile_constant import compile_constant
-from ..core.triton_common import launch
+from ..core.triton_common import cdiv, launch, next_power_of_2, pad_dim
 from .block_sparse import pooled_key_tiles
 from .plan import BlockHierarchy, block_hierarchy
 
@@ -75,7 +75,7 @@ def _select(pooled_q: Tensor, pooled_k: Tensor, selected_up: Tensor, groups: Ten
     b, h, n_fine, d = pooled_q.shape
     num_groups, k_up = selected_up.shape[2:]
     ss = groups.shape[1]
-    block_d, block_up = max(16, triton.next_power_of_2(d)), triton.next_power_of_2(k_up)
+    block_d, block_up = pad_dim(d), next_power_of_2(k_up)
     warps = min(16, max(4, block_up * ss * block_d // 1024))
     launch(_select_kernel, (num_groups, b * h), pooled_q.contiguous(), pooled_k.contiguous(), selected_up, groups,
            out, n_fine, k_up, out.shape[-1], _bh_stride(selected_up), _bh_stride(out),
@@ -168,8 +168,8 @@ def key_tile_lists_triton(selected: Sequence[Tensor], grid: tuple[int, int], num
     b, h, n_fine = buffer.shape[:3]
     width = sum(top_k) + n_coarsest
     col_idx = torch.empty(b * h * n_fine * width, dtype=torch.int32, device=buffer.device)
-    launch(_key_tile_lists_kernel, (triton.cdiv(n_fine, LIST_BLOCKS), b * h), buffer, ancestors, table, col_idx,
+    launch(_key_tile_lists_kernel, (cdiv(n_fine, LIST_BLOCKS), b * h), buffer, ancestors, table, col_idx,
            n_fine, _bh_stride(buffer), width, null_tile, coarsest_first, n_coarsest, LEVELS=len(top_k),
-           BLOCK_K=triton.next_power_of_2(max(top_k)), BLOCK_C=triton.next_power_of_2(n_coarsest),
+           BLOCK_K=next_power_of_2(max(top_k)), BLOCK_C=next_power_of_2(n_coarsest),
            BLOCKS=LIST_BLOCKS)
     return col_idx

@@ -25,6 +25,7 @@ contention), summed after. Prefix queries attend densely: SDPA, outside these ke
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -37,7 +38,7 @@ from ..core.dispatch import records_grad
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 from ..core.triton_common import (LOG2E, cdiv, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
-                                  load_block, load_row_stats, row_ptrs, rows_contiguous,
+                                  load_block, load_row_stats, pad_dim, row_ptrs, rows_contiguous,
                                   softmax_finish, softmax_step, strides)
 from ..softmax import fill_prefix_queries, with_prefix_queries
 
@@ -340,6 +341,7 @@ def _num_tiles(height: int, width: int, dilation: int, th: int, tw: int) -> int:
     return dilation * dilation * cdiv(cdiv(height, dilation), th) * cdiv(cdiv(width, dilation), tw)
 
 
+@functools.lru_cache(maxsize=256)
 def default_config(grid: tuple[int, int], kernel_size: int, dilation: int, head_dim: int,
                    dtype: torch.dtype) -> dict[str, dict]:
     """Tile shapes and launch options per kernel: "fwd" and "bwd_q" (query tile TH x TW, key blocks
@@ -350,9 +352,10 @@ def default_config(grid: tuple[int, int], kernel_size: int, dilation: int, head_
     are 8 x 8 or 4 x 16, whichever pads that rectangle less (k21: 28 x 32 instead of 32 x 32 keys).
     dK/dV programs take 8 x 16 query blocks with 16-bit inputs, 8 x 8 and 8 warps from padded head dim 128 on
     (not swept: any other of these choices spills 48-400 bytes of registers per thread on sm_90, ptxas). The
-    pipeline is as deep as fits in ~160 KB of shared memory (at most 3 stages forward, 2 backward)."""
+    pipeline is as deep as fits in ~160 KB of shared memory (at most 3 stages forward, 2 backward). Cached: the
+    callers copy the per-kernel dicts before changing them."""
     elem = torch.finfo(dtype).bits // 8
-    d = max(16, triton.next_power_of_2(head_dim))
+    d = pad_dim(head_dim)
     tile = 64 * d       # elements of one block of 64 tokens
     budget = 160 * 1024 // elem
     warps = 8 if elem == 4 else 4
@@ -369,7 +372,7 @@ def default_config(grid: tuple[int, int], kernel_size: int, dilation: int, head_
 
 
 def _consts(q: Tensor, kernel_size: int) -> dict:
-    return dict(KS=kernel_size, HEAD_DIM=q.shape[-1], BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
+    return dict(KS=kernel_size, HEAD_DIM=q.shape[-1], BLOCK_D=pad_dim(q.shape[-1]),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
@@ -428,8 +431,8 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
         q, k, v, do, dq, lse, delta, rpb_arg, drpb_parts if rpb is not None else lse,
         *(prefix_grads if p > 0 else (lse, lse)), *common, *strides(dq), nh, height, width, dilation, p, qk_scale,
         scale, **consts, **cfg,
-        PB=PREFIX_BLOCK, DA=max(16, triton.next_power_of_2(cfg["TH"] + cfg["KH"] - 1)),
-        DB=max(16, triton.next_power_of_2(cfg["TW"] + cfg["KW"] - 1)), HAS_RPB=rpb is not None)
+        PB=PREFIX_BLOCK, DA=pad_dim(cfg["TH"] + cfg["KH"] - 1),
+        DB=pad_dim(cfg["TW"] + cfg["KW"] - 1), HAS_RPB=rpb is not None)
 
     cfg = dict(configs["bwd_kv"])
     tiles = _num_tiles(height, width, dilation, cfg["TH"], cfg["TW"])
