@@ -2,8 +2,9 @@
 timm's dense model of the same size, measured in the same run.
 
 Per model and case: inference images/s (eval, no grad) and training images/s (forward, cross-entropy,
-backward, fused AdamW step on fp32 weights), both under bf16 autocast on CUDA; the peak memory of each; the host time per block (how long one inference forward takes to *issue*, after a sync, divided by
-the depth: the Python and launch cost that a GPU-bound model hides and a host-bound one does not); GFLOPs
+backward, fused AdamW step on fp32 weights), both under bf16 autocast on CUDA; the peak memory of each; the host time per block of each (how long one inference
+forward or training step takes to *issue*, after a sync, divided by the depth: the Python and launch cost that a
+GPU-bound model hides and a host-bound one does not; where it reaches the step's time, the host bounds it); GFLOPs
 per image from the FLOP counter and the FLOP-ideal speedup (peer GFLOPs / model GFLOPs). Each case also times
 the peer with its attention skipped (``attention_skipped``: SDPA returns v): its ratio to the peer is what any
 attention could give there at most (Amdahl), the bound the FLOP-ideal speedup overstates where the blocks'
@@ -68,7 +69,8 @@ MODES = ("eager", "compile", "cuda-graph")
 MODEL_COLUMNS = [("case", "case", "s"), ("model", "model", "s"), ("mode", "mode", "s"),
                  ("infer_img_s", "infer img/s", ".1f"), ("train_img_s", "train img/s", ".1f"),
                  ("infer_spread", "infer IQR/med", ".2f"), ("train_spread", "train IQR/med", ".2f"),
-                 ("infer_peak_gib", "infer peak GiB", ".2f"), ("train_peak_gib", "train peak GiB", ".2f"), ("host_us_per_block", "host µs/block", ".0f"),
+                 ("infer_peak_gib", "infer peak GiB", ".2f"), ("train_peak_gib", "train peak GiB", ".2f"),
+                 ("host_us_per_block", "host µs/block", ".0f"), ("train_host_us_per_block", "train host µs/block", ".0f"),
                  ("gflops", "GFLOPs/img", ".2f"), ("flop_ideal", "FLOP-ideal x", ".2f"),
                  ("speedup_infer", "x peer infer", ".2f"), ("speedup_train", "x peer train", ".2f"),
                  ("compile_s", "compile s", ".1f")]
@@ -218,19 +220,21 @@ def _measure(name: str, case: ModelCase, device: torch.device, repeats: int, mod
         row["infer_peak_gib"] = _peak_gib(device)
         row["host_us_per_block"] = _host_ms(infer, device, repeats) * 1e3 / depth
         row["infer_img_s"] = case.batch / infer_ms * 1e3
-        row["train_img_s"] = row["train_peak_gib"] = row["train_spread"] = float("nan")
+        row["train_img_s"] = row["train_peak_gib"] = row["train_spread"] = row["train_host_us_per_block"] = float("nan")
         if mode != "cuda-graph":
             model.train()
             _reset_peak(device)
             train_ms, row["train_spread"] = timed_ms(train, device, repeats, warmup=2)
             row["train_peak_gib"] = _peak_gib(device)
             row["train_img_s"] = case.batch / train_ms * 1e3
+            row["train_host_us_per_block"] = _host_ms(train, device, repeats) * 1e3 / depth
     except Exception as e:          # one model's failure (out of memory, a compile error) costs its row only
         tqdm.write(f"bench models: {name} at {case.label} B{case.batch}: {type(e).__name__}: {str(e)[:300]}")
         nan = float("nan")
         row.update({key: row.get(key, nan) for key in ("gflops", "infer_img_s", "train_img_s", "infer_spread",
                                                          "train_spread", "infer_peak_gib", "train_peak_gib",
-                                                         "host_us_per_block")}, error=type(e).__name__)
+                                                         "host_us_per_block", "train_host_us_per_block")},
+                   error=type(e).__name__)
     finally:
         del model
         gc.collect()

@@ -143,8 +143,8 @@ def test_bench_pipelines_rows_bound_and_plot(tmp_path):
 
 def test_bench_models_rows_ratios_and_plot(tmp_path):
     """The models suite's code path on a tiny CPU case: the dense peer first, then the peer with its attention
-    skipped (its ratio: the bound on any attention's gain), ratios to the peer, host time per block, FLOP-ideal
-    speedup from the FLOP counter, a CSV kept after every row and a plot."""
+    skipped (its ratio: the bound on any attention's gain), ratios to the peer, host time per block (inference
+    and training), FLOP-ideal speedup from the FLOP counter, a CSV kept after every row and a plot."""
     case = ModelCase("tiny", "deit_tiny_patch16_224", ("mala_deit_tiny_patch16_224",), 32, 1)
     rows = bench_models((case,), repeats=1, device="cpu", csv_path=tmp_path / "m.csv")
     assert [r["model"] for r in rows] == ["deit_tiny_patch16_224", "deit_tiny_patch16_224 [attention skipped]",
@@ -158,6 +158,7 @@ def test_bench_models_rows_ratios_and_plot(tmp_path):
     assert mala["flop_ideal"] == pytest.approx(peer["gflops"] / mala["gflops"])
     for r in rows:
         assert r["infer_img_s"] > 0 and r["train_img_s"] > 0 and r["host_us_per_block"] > 0
+        assert r["train_host_us_per_block"] > 0
         assert r["infer_spread"] >= 0 and r["train_spread"] >= 0
     assert peer["gflops"] > 0 and mala["gflops"] > 0
     assert [r["model"] for r in csv.DictReader(open(tmp_path / "m.csv"))] == [r["model"] for r in rows]
