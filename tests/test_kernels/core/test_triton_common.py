@@ -115,3 +115,17 @@ def test_cached_launch_matches_triton_launch_on_gpu(monkeypatch):
                 torch.cuda.synchronize()
                 assert torch.isfinite(got).all() and torch.equal(got, expected), (offset, feature)
     assert any(key[0].__name__ == "_output_kernel" for key in _common._FAST)
+
+
+def test_host_integer_helpers_agree_with_tritons():
+    """The launchers' plain-Python cdiv, next_power_of_2 and pad_dim give what triton.cdiv and
+    triton.next_power_of_2 give (pad_dim: at least 16), and strides() zeroes a broadcast batch or head."""
+    for n in [1, 2, 3, 7, 8, 9, 15, 16, 17, 63, 64, 65, 100, 1000, 4097]:
+        assert _common.next_power_of_2(n) == triton.next_power_of_2(n)
+        assert _common.pad_dim(n) == max(16, triton.next_power_of_2(n))
+        for d in [1, 3, 16, 64]:
+            assert _common.cdiv(n, d) == triton.cdiv(n, d)
+    x = torch.empty(2, 3, 5, 4)
+    assert _common.strides(x) == (60, 20, 4)
+    assert _common.strides(x[:1]) == (0, 20, 4)
+    assert _common.strides(x[:, :1].expand(2, 3, 5, 4)) == (60, 0, 4)
