@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..core.alignment import row_alignment
 from ..core.triton_common import (LOG2E, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
-                                  load_block, load_row_stats, pad_dim, row_ptrs, rows_contiguous,
+                                  load_block, load_row_stats, pad_dim, row_ptrs, rows_contiguous, scores,
                                   softmax_finish, softmax_step, store_block, strides, transposed_scores)
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
@@ -151,7 +151,7 @@ def _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, key_limi
                    cols, HEAD_DIM, BLOCK_D, CHECK_K)
     v = load_block(_row_ptrs(V, VX, keys, Nq, svn, sxvn, EXTRA, ALIGN)[:, None] + cols[None, :], keys, key_limit,
                    cols, HEAD_DIM, BLOCK_D, CHECK_K)
-    s = dot_acc(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+    s = scores(q, k, DOT_PRECISION) * qk_scale
     s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                      HAS_MASK, HAS_BIAS, CHECK_K, False)
     if ROW_GROUPS > 1:      # a key of an owned entry is seen by its owner's rows only
@@ -343,7 +343,7 @@ def _bwd_q_step(dq, q, do, lse, delta, K, V, KX, VX, KeyBias, TileMasks, keys, k
                    cols, HEAD_DIM, BLOCK_D, CHECK_K)
     v = load_block(_row_ptrs(V, VX, keys, Nq, svn, sxvn, EXTRA, ALIGN)[:, None] + cols[None, :], keys, key_limit,
                    cols, HEAD_DIM, BLOCK_D, CHECK_K)
-    s = dot_acc(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+    s = scores(q, k, DOT_PRECISION) * qk_scale
     s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                      HAS_MASK, HAS_BIAS, CHECK_K, False)
     return dq_step(dq, s, lse, delta, do, k, v, DOT_PRECISION)[0]

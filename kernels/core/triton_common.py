@@ -359,15 +359,33 @@ def recomputed_probabilities(x, DT: tl.constexpr):
 
 
 @triton.jit
+def scores(q, k, DOT_PRECISION: tl.constexpr):
+    """q @ k^T (M, N): the unscaled scores of a query block and a key block. The CPU interpreter's matmul and sums
+    add in an order that follows the operands' shapes, so that a backward recomputing the scores on blocks of
+    another height could round them otherwise than the forward did; there the products are added one head-dim
+    column after the other, the same order for any M and N."""
+    if INTERPRETING:
+        qf, kf = q.to(tl.float32), k.to(tl.float32)
+        cols = tl.arange(0, q.shape[1])
+        s = tl.zeros((q.shape[0], k.shape[0]), tl.float32)
+        for c in tl.static_range(q.shape[1]):
+            qc = tl.sum(tl.where(cols[None, :] == c, qf, 0.0), axis=1)
+            kc = tl.sum(tl.where(cols[None, :] == c, kf, 0.0), axis=1)
+            s += qc[:, None] * kc[None, :]
+    else:
+        s = dot_acc(q, tl.trans(k), None, DOT_PRECISION)
+    return s
+
+
+@triton.jit
 def transposed_scores(k, q, DOT_PRECISION: tl.constexpr):
-    """k @ q^T: the key side's (N, M) scores, rounded as the forward's q @ k^T rounded them, so that
+    """k @ q^T: the key side's (N, M) scores, rounded as the forward's ``scores(q, k)`` rounded them, so that
     exp2(s - lse) <= 1 holds for the recomputed scores too (see recomputed_probabilities). On the GPU an element
     of either orientation is the same tensor-core products, accumulated per k step in the same order (the gpu
-    tests of tests/test_kernels/test_numerics.py check the outcome at scores of ~1e8); the CPU interpreter's
-    BLAS matmul sums in an order that follows the operands' layout, so there the forward's product is computed
-    and transposed."""
+    tests of tests/test_kernels/test_numerics.py check the outcome at scores of ~1e8); in the CPU interpreter the
+    forward's scores are computed and transposed."""
     if INTERPRETING:
-        s_t = tl.trans(dot_acc(q, tl.trans(k), None, DOT_PRECISION))
+        s_t = tl.trans(scores(q, k, DOT_PRECISION))
     else:
         s_t = dot_acc(k, tl.trans(q), None, DOT_PRECISION)
     return s_t

@@ -19,7 +19,6 @@ import math
 
 import pytest
 import torch
-import triton
 
 from subquad.kernels import focused_linear_attention, loglinear_attention, mala_attention, radial_attention
 from subquad.kernels.core.dispatch import INTERPRET
@@ -147,17 +146,7 @@ SPARSE_OPS = {   # (grid, tile side) -> op; 4 tiles per side of the grid, each a
 }
 
 
-# Under Triton 3.8's CPU interpreter (torch 2.14, NumPy 2.4) the block-sparse core's backward recomputes
-# probabilities above 1 at these scores (dv up to 1e10 against 6; the error starts at q, k = 1e3 randn), which the
-# earlier interpreters did not; the cause (the interpreter or the kernels) is not found yet, the GPU cases check
-# the kernels themselves
-INTERPRETER_LARGE_SCORES = pytest.mark.xfail(
-    tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8),
-    reason="Triton >= 3.8 CPU interpreter: recomputed probabilities at scores of ~1e8 differ from the forward's")
-
-
-@pytest.mark.parametrize("device,size", [pytest.param(*DEVICES[0].values, marks=[ON_CPU, INTERPRETER_LARGE_SCORES],
-                                                      id="cpu-small"), *DEVICES[1:]])
+@pytest.mark.parametrize("device,size", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("op", list(SPARSE_OPS))
 def test_block_sparse_large_scores(op, dtype, device, size):
