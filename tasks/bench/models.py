@@ -2,14 +2,14 @@
 timm's dense model of the same size, measured in the same run.
 
 Per model and case: inference images/s (eval, no grad) and training images/s (forward, cross-entropy,
-backward, fused AdamW step on fp32 weights), both under bf16 autocast on CUDA; the peak memory of each; the host time per block of each (how long one inference
-forward or training step takes to *issue*, after a sync, divided by the depth: the Python and launch cost that a
-GPU-bound model hides and a host-bound one does not; where it reaches the step's time, the host bounds it); GFLOPs
-per image from the FLOP counter and the FLOP-ideal speedup (peer GFLOPs / model GFLOPs). Each case also times
-the peer with its attention skipped (``attention_skipped``: SDPA returns v): its ratio to the peer is what any
-attention could give there at most (Amdahl), the bound the FLOP-ideal speedup overstates where the blocks'
-norms, residuals and casts cost as much as the attention. Modes: ``eager``
-(always), ``compile``: the same rows for ``torch.compile(model)`` with the compile time (the first calls);
+backward, fused AdamW step on fp32 weights), both under bf16 autocast on CUDA; the peak memory of each; the host
+time per block of each (how long one inference forward or training step takes to *issue*, after a sync, divided
+by the depth: the Python and launch cost that a GPU-bound model hides and a host-bound one does not; where it
+reaches the step's time, the host bounds it); GFLOPs per image from the FLOP counter and the FLOP-ideal speedup
+(peer GFLOPs / model GFLOPs). Each case also times the peer with its attention skipped (``attention_skipped``:
+SDPA returns v): its ratio to the peer is what any attention could give there at most (Amdahl), the bound the
+FLOP-ideal speedup overstates where the blocks' norms, residuals and casts cost as much as the attention. Modes:
+``eager`` (always), ``compile``: the same rows for ``torch.compile(model)`` with the compile time (the first calls);
 ``cuda-graph`` (CUDA only): inference captured into one CUDA graph and replayed, the model's GPU time without
 its host time (no training figure).
 
@@ -70,7 +70,8 @@ MODEL_COLUMNS = [("case", "case", "s"), ("model", "model", "s"), ("mode", "mode"
                  ("infer_img_s", "infer img/s", ".1f"), ("train_img_s", "train img/s", ".1f"),
                  ("infer_spread", "infer IQR/med", ".2f"), ("train_spread", "train IQR/med", ".2f"),
                  ("infer_peak_gib", "infer peak GiB", ".2f"), ("train_peak_gib", "train peak GiB", ".2f"),
-                 ("host_us_per_block", "host µs/block", ".0f"), ("train_host_us_per_block", "train host µs/block", ".0f"),
+                 ("host_us_per_block", "host µs/block", ".0f"),
+                 ("train_host_us_per_block", "train host µs/block", ".0f"),
                  ("gflops", "GFLOPs/img", ".2f"), ("flop_ideal", "FLOP-ideal x", ".2f"),
                  ("speedup_infer", "x peer infer", ".2f"), ("speedup_train", "x peer train", ".2f"),
                  ("compile_s", "compile s", ".1f")]
