@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="models suite: also time torch.compile(model)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="families and models suites: also time the calls captured into one CUDA graph and replayed "
-                        "(the GPU time without the host time; models: inference only)")
+                        "(the GPU time without the host time; models: inference and the training step)")
     p.add_argument("--profile", action="store_true",
                    help="models suite: instead of timing, where each model's GPU time goes in inference and in a "
                         "training step (torch.profiler: microseconds per kernel and block, bench_models_profile.csv)")

@@ -28,7 +28,7 @@ from ...kernels.agent import triton as agent_kernels
 from ...kernels.core.triton_common import LAUNCHED
 from ...kernels.linear import triton as linear_kernels
 from ..tables import format_table, save_csv
-from .measure import kernel_ms
+from .measure import cuda_graphed, kernel_ms
 
 Size = tuple[tuple[int, int], int]          # ((H, W), batch)
 SIZES: list[Size] = [((56, 56), 32), ((128, 128), 4), ((256, 256), 1)]
@@ -59,19 +59,11 @@ def _graph_ms(fn: Callable[[], object]) -> float:
     """Median ms of ``fn`` replayed from a CUDA graph: its device time with no host in the loop (what
     torch.compile's CUDA graphs or a captured model see); NaN if ``fn`` cannot be captured."""
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        replay = cuda_graphed(fn, torch.device("cuda", torch.cuda.current_device()))
     except RuntimeError as e:
         print(f"bench_linear: not captured in a CUDA graph: {str(e).splitlines()[0][:120]}")
         return math.nan
-    return kernel_ms(graph.replay)
+    return kernel_ms(replay)
 
 
 def _time_pair(fn: Callable, inputs: Sequence[torch.Tensor], grad: torch.Tensor,

@@ -10,8 +10,8 @@ reaches the step's time, the host bounds it); GFLOPs per image from the FLOP cou
 SDPA returns v): its ratio to the peer is what any attention could give there at most (Amdahl), the bound the
 FLOP-ideal speedup overstates where the blocks' norms, residuals and casts cost as much as the attention. Modes:
 ``eager`` (always), ``compile``: the same rows for ``torch.compile(model)`` with the compile time (the first calls);
-``cuda-graph`` (CUDA only): inference captured into one CUDA graph and replayed, the model's GPU time without
-its host time (no training figure).
+``cuda-graph`` (CUDA only): inference and the whole training step (forward, backward and a capturable fused AdamW
+step) each captured into one CUDA graph and replayed, the model's GPU time without its host time.
 
 Cases: DeiT-S at 224² B128, 1024² B4 and 2048² B1 against timm ``deit_small_patch16_224``; the
 hierarchical tiny models at 224² B128 against timm ``swin_tiny_patch4_window7_224``. DiT is the ``dit``
@@ -127,11 +127,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _steps(model: torch.nn.Module, case: ModelCase, device: torch.device) -> tuple[Callable, Callable]:
-    """(inference forward, training step) closures over fixed random inputs."""
+def _steps(model: torch.nn.Module, case: ModelCase, device: torch.device, capturable: bool = False
+           ) -> tuple[Callable, Callable]:
+    """(inference forward, training step) closures over fixed random inputs; ``capturable``: the optimizer keeps
+    its step count on the GPU, so that the training step can be captured into a CUDA graph."""
     x = torch.randn(case.batch, 3, case.img_size, case.img_size, device=device)
     y = torch.randint(0, NUM_CLASSES, (case.batch,), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda", capturable=capturable)
 
     def infer() -> torch.Tensor:
         with torch.no_grad(), _autocast(device):
@@ -203,7 +205,8 @@ def _measure(name: str, case: ModelCase, device: torch.device, repeats: int, mod
         depth = _depth(model)
         if compile:
             model = torch.compile(model)
-        infer, train = _steps(model, case, device)
+        graphed = mode == "cuda-graph"
+        infer, train = _steps(model, case, device, capturable=graphed)
         if compile:
             start = time.perf_counter()
             model.eval()
@@ -215,20 +218,21 @@ def _measure(name: str, case: ModelCase, device: torch.device, repeats: int, mod
         model.eval()
         _warm_up(infer, device)
         _reset_peak(device)
-        if mode == "cuda-graph":
+        if graphed:
             infer = cuda_graphed(infer, device)
         infer_ms, row["infer_spread"] = timed_ms(infer, device, repeats, warmup=2)
         row["infer_peak_gib"] = _peak_gib(device)
         row["host_us_per_block"] = _host_ms(infer, device, repeats) * 1e3 / depth
         row["infer_img_s"] = case.batch / infer_ms * 1e3
-        row["train_img_s"] = row["train_peak_gib"] = row["train_spread"] = row["train_host_us_per_block"] = float("nan")
-        if mode != "cuda-graph":
-            model.train()
-            _reset_peak(device)
-            train_ms, row["train_spread"] = timed_ms(train, device, repeats, warmup=2)
-            row["train_peak_gib"] = _peak_gib(device)
-            row["train_img_s"] = case.batch / train_ms * 1e3
-            row["train_host_us_per_block"] = _host_ms(train, device, repeats) * 1e3 / depth
+        infer = None                # a captured graph's memory pool is freed with it, not counted in training's peak
+        model.train()
+        _reset_peak(device)
+        if graphed:
+            train = cuda_graphed(train, device)
+        train_ms, row["train_spread"] = timed_ms(train, device, repeats, warmup=2)
+        row["train_peak_gib"] = _peak_gib(device)
+        row["train_img_s"] = case.batch / train_ms * 1e3
+        row["train_host_us_per_block"] = _host_ms(train, device, repeats) * 1e3 / depth
     except Exception as e:          # one model's failure (out of memory, a compile error) costs its row only
         tqdm.write(f"bench models: {name} at {case.label} B{case.batch}: {type(e).__name__}: {str(e)[:300]}")
         nan = float("nan")
