@@ -37,3 +37,13 @@ def test_module_matches_hand_composition(grid, num_prefix):
     y = y + torch.cat([torch.zeros_like(values[:, :num_prefix]), lepe], dim=1)
     y = y * F.linear(x, m.gate.weight, m.gate.bias)
     assert_rel_close(m(x, grid=grid, num_prefix=num_prefix), F.linear(y, m.proj.weight, m.proj.bias), torch.float64)
+
+
+def test_rope_tables_built_in_inference_mode_serve_training():
+    """The sin/cos tables are cached per grid and dtype: a first call under inference mode must not leave
+    inference tensors that a later training call would save for its backward."""
+    grid = (3, 5)
+    with torch.inference_mode():
+        apply_rope_2d(torch.randn(1, 2, 16, 8, dtype=torch.float64), grid, 1)
+    x = torch.randn(1, 2, 16, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rope_2d(t, grid, 1), (x,))
