@@ -68,6 +68,12 @@ class GridAttention(nn.Module):
         """Mix the heads' values: (B, h, N, d) in, (B, h, N, d) out. ``x`` is the block input."""
         raise NotImplementedError
 
+    def key_offset(self, grid: tuple[int, ...], num_prefix: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """A (h, P + N, d) tensor added to the keys (after ``k_norm``) before ``attend``, or None (the default):
+        a positional encoding of the keys. Added in place into the qkv projection's output when ``k_norm`` is the
+        identity, so that training keeps no second copy of the keys for the backward."""
+        return None
+
     def needs_dense(self, grid: tuple[int, ...]) -> bool:
         """True when the grid is so small that the mechanism is pointless (exact dense attention instead)."""
         return False
@@ -113,8 +119,15 @@ class GridAttention(nn.Module):
         grid = checks.check_grid(grid)
         b, n, c = x.shape
         checks.check_tokens(n, grid, num_prefix)
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        offset = self.key_offset(grid, num_prefix, qkv.dtype)
+        if offset is not None and isinstance(self.k_norm, nn.Identity):
+            qkv[:, :, 1] += offset.transpose(0, 1)
+            offset = None
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        if offset is not None:
+            k = k + offset
         if self._needs_dense_on(grid):
             if not self._said_dense and not torch.compiler.is_compiling():     # warnings.warn cannot be traced
                 warnings.warn(f"{self.family} attention on the grid {grid} ({math.prod(grid)} tokens) is "

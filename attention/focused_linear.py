@@ -50,10 +50,13 @@ class FocusedLinearAttention(GridAttention):
             pe = grid_resize_matrix(self.pos_grid, grid, num_prefix, pe) @ pe             # (P + N, dim)
         return pe.to(dtype).reshape(-1, self.num_heads, self.head_dim).transpose(0, 1)
 
+    def key_offset(self, grid, num_prefix, dtype):
+        if self.positional_encoding is None:
+            return None
+        return self.cached_for_inference("key_encoding", (grid, num_prefix, dtype), (self.positional_encoding,),
+                                         lambda: self.key_encoding(grid, num_prefix, dtype))
+
     def attend(self, x, q, k, v, grid, num_prefix):
-        if self.positional_encoding is not None:      # one pass over k; prefix keys get none
-            k = k + self.cached_for_inference("key_encoding", (grid, num_prefix, k.dtype), (self.positional_encoding,),
-                                              lambda: self.key_encoding(grid, num_prefix, k.dtype))
         y = focused_linear_attention(q, k, v, grid=grid, focusing_factor=self.focusing_factor,
                                      scale=self.scale.reshape(self.num_heads, self.head_dim),
                                      num_prefix=num_prefix, backend=self.backend)

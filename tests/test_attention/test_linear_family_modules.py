@@ -215,10 +215,18 @@ def test_agent_gradients_reach_every_bias(grid):
 def test_focused_linear_module_matches_hand_composition(grid, num_prefix, opts):
     m = randomize(attention.build("focused_linear", dim=16, num_heads=2, qkv_bias=True, **opts)).double()
     x = torch.randn(2, num_prefix + math.prod(grid), 16, dtype=torch.float64)
+    assert_rel_close(m(x, grid=grid, num_prefix=num_prefix), focused_hand_composition(m, x, grid, num_prefix),
+                     torch.float64)
+
+
+def focused_hand_composition(m, x, grid, num_prefix):
+    """FLatten's module output from the functional op: heads split by hand, k_norm, the positional encoding
+    resized by F.interpolate and added to the grid keys, the shared DWC of V, the projection."""
     q, k, v = split_heads(m, x)
+    q, k = m.q_norm(q), m.k_norm(k)
     b, h, n, d = k.shape
     if m.positional_encoding is not None:
-        pe = m.positional_encoding.reshape(1, *m.pos_grid, 16).permute(0, 3, 1, 2)
+        pe = m.positional_encoding.reshape(1, *m.pos_grid, h * d).permute(0, 3, 1, 2)
         if tuple(grid) != m.pos_grid:
             pe = F.interpolate(pe, size=grid, mode="bilinear")
         pe = pe.flatten(2).transpose(1, 2).reshape(1, -1, h, d).transpose(1, 2)   # (1, h, H*W, d)
@@ -228,8 +236,22 @@ def test_focused_linear_module_matches_hand_composition(grid, num_prefix, opts):
     # one head_dim-channel DWC shared by every head: run each head as a batch element
     v_per_head = v.reshape(b * h, 1, n, d).transpose(1, 2).reshape(b * h, n, d)
     dwc = grid_conv(v_per_head, grid, num_prefix, m.dwc.weight, m.dwc.bias).reshape(b, h, n, d)
-    y = y + merge_heads(dwc)
-    assert_rel_close(m(x, grid=grid, num_prefix=num_prefix), F.linear(y, m.proj.weight, m.proj.bias), torch.float64)
+    return F.linear(y + merge_heads(dwc), m.proj.weight, m.proj.bias)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_focused_linear_key_encoding_gradients(qk_norm):
+    """The key encoding added in place into the qkv output (no k_norm) or after k_norm: the gradients of the
+    input, the qkv weights and the encoding equal the hand composition's (out of place)."""
+    grid, num_prefix = (4, 5), 1
+    m = randomize(attention.build("focused_linear", dim=16, num_heads=2, qkv_bias=True, qk_norm=qk_norm,
+                                  pos_grid=(3, 3))).double()
+    x = torch.randn(2, num_prefix + math.prod(grid), 16, dtype=torch.float64, requires_grad=True)
+    params = (x, m.qkv.weight, m.positional_encoding)
+    got = torch.autograd.grad(m(x, grid=grid, num_prefix=num_prefix).square().sum(), params)
+    want = torch.autograd.grad(focused_hand_composition(m, x, grid, num_prefix).square().sum(), params)
+    for g, w, name in zip(got, want, ("x", "qkv.weight", "positional_encoding")):
+        assert_rel_close(g, w, torch.float64, what=f"gradient of {name}")
 
 
 def test_focused_linear_module_matches_official_layout():
