@@ -14,7 +14,7 @@ from ..block_sparse.triton import QueryTiles
 from ..block_sparse.triton import forward as core_forward
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
-from ..softmax import fill_prefix_queries
+from ..softmax import add_prefix_queries_gradients, fill_prefix_queries
 from .block_sparse import pooled_key_counts, pooled_key_tiles, sibling_group, sibling_query_tiles
 from .plan import block_hierarchy
 from .triton_pool import pool_into_buffers, spread_pooled_gradients
@@ -33,8 +33,9 @@ def _row_ptr(q: Tensor, grid: tuple[int, int], side: int, top_k: list[int]) -> T
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], num_prefix: int, side: int,
              top_k: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The core's output (prefix rows 0) and log-sum-exp, and what the backward reads: the pooled keys and values
-    (the core's extra key tiles; the tokens are read in place) and the key-tile lists."""
+    """The output (the prefix queries' rows by SDPA, dense over the tokens) and the core's log-sum-exp, and what the
+    backward reads: the pooled keys and values (the core's extra key tiles; the tokens are read in place) and the
+    key-tile lists."""
     grid, levels, t = tuple(grid), len(top_k), side * side
     pooled_keys, pooled_values, pooled = pool_into_buffers(q, k, v, grid, num_prefix, side, levels)
     selected = select_blocks_triton([p[0] for p in pooled], [p[1] for p in pooled],
@@ -53,7 +54,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], num_prefix: int, 
         row_ptr, lists, query_tiles = _row_ptr(q, grid, side, top_k), col_idx, None
     out, lse = core_forward(q, k, v, row_ptr, lists, None, None, key_bias, tile_rows, group * t, t, num_prefix,
                             q.shape[-1] ** -0.5, extra=(pooled_keys, pooled_values), query_tiles=query_tiles)
-    return out, lse, pooled_keys, pooled_values, col_idx
+    return fill_prefix_queries(out, q, k, v, num_prefix), lse, pooled_keys, pooled_values, col_idx
 
 
 def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, pooled_keys: Tensor,
@@ -69,6 +70,7 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
                                num_prefix, q.shape[-1] ** -0.5, extra=(pooled_keys, pooled_values),
                                extra_grads=pooled_grads)
     spread_pooled_gradients(dk, dv, *pooled_grads, grid, num_prefix, side, levels)
+    add_prefix_queries_gradients(dq, dk, dv, do, q, k, v, out, num_prefix, q.shape[-1] ** -0.5)
     return dq, dk, dv
 
 
@@ -93,6 +95,6 @@ _loglinear_attention = triton_op("loglinear_attention", _forward, _backward, num
 def loglinear_attention_on_triton(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], num_prefix: int, side: int,
                                   top_k: tuple[int, ...]) -> Tensor:
     """LLSA on the Triton core and selection as one op (one autograd node: no graph over the pooling and
-    the buffers; under ``torch.compile`` one custom op); the prefix queries, dense over all keys, by SDPA."""
-    out = _loglinear_attention(q, k, v, list(grid), num_prefix, side, list(top_k))
-    return fill_prefix_queries(out, q, k, v, num_prefix)
+    the buffers; under ``torch.compile`` one custom op); the prefix queries, dense over all keys, by SDPA into
+    the same output (their gradients in the op's backward: no concatenated copy with autograd)."""
+    return _loglinear_attention(q, k, v, list(grid), num_prefix, side, list(top_k))

@@ -34,13 +34,12 @@ import triton.language as tl
 from torch import Tensor
 
 from ..core.alignment import row_alignment
-from ..core.dispatch import records_grad
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
 from ..core.triton_common import (LOG2E, cdiv, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
                                   load_block, load_row_stats, pad_dim, row_ptrs, rows_contiguous,
                                   softmax_finish, softmax_step, strides)
-from ..softmax import fill_prefix_queries, with_prefix_queries
+from ..softmax import add_prefix_queries_gradients, fill_prefix_queries
 
 PREFIX_BLOCK = 16       # prefix keys per block (the smallest tl.dot side)
 
@@ -379,9 +378,9 @@ def _consts(q: Tensor, kernel_size: int) -> dict:
 def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], height: int, width: int, kernel_size: int,
             dilation: int, num_prefix: int, prefix_rows: bool, scale: float,
             config: Optional[dict] = None) -> tuple[Tensor, Tensor]:
-    """The grid queries' output (B, H, height * width, d) in q's dtype, after ``num_prefix`` rows left for the
-    prefix queries if ``prefix_rows`` (B, H, N, d), and the grid queries' base-2 log-sum-exp (B, H, height *
-    width) float32."""
+    """The output in q's dtype: the grid queries' (B, H, height * width, d), after the ``num_prefix`` prefix
+    queries' rows (dense over all keys, by SDPA) if ``prefix_rows`` (B, H, N, d); and the grid queries' base-2
+    log-sum-exp (B, H, height * width) float32."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     b, nh, _, d = q.shape
     n = height * width
@@ -395,15 +394,18 @@ def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], height: int,
         *strides(q), *strides(k), *strides(v), *strides(o), nh, height, width, dilation, num_prefix,
         scale * LOG2E.value, **_consts(q, kernel_size), **cfg, PB=PREFIX_BLOCK, HAS_RPB=rpb is not None,
         ALIGN=row_alignment(q, k, v, o))
+    if prefix_rows:
+        fill_prefix_queries(out, q, k, v, num_prefix)
     return out, lse
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, rpb: Optional[Tensor],
              height: int, width: int, kernel_size: int, dilation: int, num_prefix: int, prefix_rows: bool,
              scale: float, config: Optional[dict] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk, dv (B, H, N, d) of the grid queries' attention and the bias gradient (H, 2k-1, 2k-1) float32
-    (empty without rpb); dq is 0 on the prefix rows."""
+    """dq, dk, dv (B, H, N, d) and the bias gradient (H, 2k-1, 2k-1) float32 (empty without rpb): of the grid
+    queries' attention, and of the prefix queries' too with ``prefix_rows`` (else dq is 0 on the prefix rows)."""
     n, p = height * width, num_prefix
+    o_all, do_all = o, do
     o, do = o[:, :, o.shape[2] - n:], do[:, :, do.shape[2] - n:]
     do, q, k, v = rows_contiguous(do), rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     b, nh, n_all, d = q.shape
@@ -443,6 +445,8 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
         grads = prefix_grads[..., :d].reshape(2, b, nh, p, d)
         dk[:, :, :p] = grads[0]
         dv[:, :, :p] = grads[1]
+    if prefix_rows:
+        add_prefix_queries_gradients(dq, dk, dv, do_all, q, k, v, o_all, p, scale)
     drpb = drpb_parts.reshape(b, nh, -1, side, side).sum((0, 2)) if rpb is not None else drpb_parts
     return dq, dk, dv, drpb
 
@@ -476,11 +480,8 @@ _neighborhood_attention = triton_op(
 def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], kernel_size: int,
                                   dilation: int, rpb: Optional[Tensor], num_prefix: int) -> Tensor:
     """The Triton backend of ``neighborhood_attention`` (arguments as the reference's): the grid queries
-    through the kernels above, the prefix queries (dense over all keys) through SDPA, written into the rows the
-    kernel left for them when no gradient is recorded (else concatenated: ``fill_prefix_queries``)."""
-    prefix_rows = num_prefix > 0 and not records_grad(q, k, v, rpb)
-    out = _neighborhood_attention(q, k, v, rpb, grid[0], grid[1], kernel_size, dilation, num_prefix, prefix_rows,
-                                  q.shape[-1] ** -0.5)
-    if prefix_rows:
-        return fill_prefix_queries(out, q, k, v, num_prefix)
-    return with_prefix_queries(out, q, k, v, num_prefix)
+    through the kernels above, the prefix queries (dense over all keys) by SDPA into the first rows of the same
+    output, their gradients in the op's backward (``prefix_queries_backward``): one output tensor, which the
+    op keeps for its backward and the next layer reads, no concatenated copy."""
+    return _neighborhood_attention(q, k, v, rpb, grid[0], grid[1], kernel_size, dilation, num_prefix,
+                                   num_prefix > 0, q.shape[-1] ** -0.5)

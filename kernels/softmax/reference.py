@@ -56,6 +56,33 @@ def with_prefix_queries(grid_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     return cat_tokens(prefix_attention_sdpa(q[:, :, :num_prefix], k, v), grid_out)
 
 
+def prefix_queries_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of a few prefix queries' dense attention O = softmax(q k^T scale) v over all keys, in float32,
+    from their output gradient ``do`` and output ``o`` (B, h, P, dv): (dq (B, h, P, d), the keys' and values' shares
+    dk, dv (B, h, N, d)). With P = softmax(S): dv = P^T do, dS = P (do v^T - rowsum(do o)), dq = dS k scale,
+    dk = dS^T q scale; the probabilities are recomputed (P rows over N keys: small)."""
+    qf, kf, vf, dof = (t.float() for t in (q, k, v, do))
+    probs = ((qf @ kf.transpose(-2, -1)) * scale).softmax(dim=-1)                      # (B, h, P, N)
+    ds = probs * (dof @ vf.transpose(-2, -1) - (dof * o.float()).sum(-1, keepdim=True))
+    return (ds @ kf) * scale, (ds.transpose(-2, -1) @ qf) * scale, probs.transpose(-2, -1) @ dof
+
+
+def add_prefix_queries_gradients(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, do: torch.Tensor,
+                                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, num_prefix: int,
+                                 scale: float) -> None:
+    """In place, for an op whose output holds the prefix queries' rows (``fill_prefix_queries`` in its forward):
+    their gradients (``prefix_queries_backward`` of the first ``num_prefix`` rows of do, q, o) written into dq's
+    first rows, their keys' and values' shares added to dk, dv."""
+    if num_prefix == 0:
+        return
+    p = num_prefix
+    dq_prefix, dk_prefix, dv_prefix = prefix_queries_backward(do[:, :, :p], q[:, :, :p], k, v, o[:, :, :p], scale)
+    dq[:, :, :p] = dq_prefix
+    dk += dk_prefix
+    dv += dv_prefix
+
+
 def fill_prefix_queries(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         num_prefix: int) -> torch.Tensor:
     """A block-sparse core's output (B, h, N, d), its grid rows computed, with the P prefix queries' output

@@ -231,6 +231,8 @@ def check_case(grid, kernel_size, dilation, num_prefix, use_rpb, dtype, batch=1,
     ref = neighborhood_attention(*ref_in, rpb=ref_rpb, backend="reference", **opts)
     what = f"grid={grid} k={kernel_size} dilation={dilation} prefix={num_prefix} rpb={use_rpb} {dtype}"
     assert_rel_close(out, ref, dtype=dtype, what=f"{what} out")
+    if config is None:      # with autograd too, one heads-last output (prefix rows included): the next layer's view
+        assert out.transpose(1, 2).is_contiguous(), "with autograd: not in SDPA's heads-last layout"
     if config is None:      # inference: the prefix queries' output written into the rows the kernel leaves
         with torch.no_grad():
             inferred = neighborhood_attention(q, k, v, rpb=rpb, backend="triton", **opts)

@@ -71,8 +71,9 @@ def test_bad_input_names_the_values():
 @pytest.mark.parametrize("backend", ["block_sparse", "triton"])
 def test_prefix_queries_filled_in_place_without_autograd(op, backend, monkeypatch):
     """The block-sparse families' prefix queries (dense over all keys) go into the core's output in place when no
-    gradient is recorded (no concatenation of the whole output) and are concatenated when one is: the same
-    values either way, those of SDPA for the prefix queries."""
+    gradient is recorded (no concatenation of the whole output) and are concatenated when one is, except in
+    LLSA's Triton op, which writes them into its own output with autograd too (their gradients in its backward):
+    the same values either way, those of SDPA for the prefix queries."""
     if "triton" not in kernels.available_backends(op) and backend == "triton":
         pytest.skip("no Triton")
     grid, p = (8, 8), 3
@@ -86,6 +87,21 @@ def test_prefix_queries_filled_in_place_without_autograd(op, backend, monkeypatc
     assert not joins
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     joined = fn(*leaves)
-    assert joins and joined.grad_fn is not None
+    concatenated = (op, backend) != ("loglinear_attention", "triton")
+    assert bool(joins) == concatenated and joined.grad_fn is not None
     torch.testing.assert_close(filled, joined.detach())
     assert_rel_close(filled[:, :, :p], softmax_attention(q[:, :, :p], k, v), torch.float32)
+
+
+@pytest.mark.parametrize("num_prefix,n", [(1, 37), (3, 20)])
+def test_prefix_queries_backward_equals_autograd(num_prefix, n):
+    """The prefix queries' explicit backward (float32) against autograd through the float64 reference."""
+    q = torch.randn(2, 3, num_prefix, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    scale = 8 ** -0.5
+    out = softmax_reference.softmax_attention_reference(q, k, v, scale)
+    do = torch.randn_like(out)
+    want = torch.autograd.grad(out, (q, k, v), do)
+    got = softmax_reference.prefix_queries_backward(do, q.detach(), k.detach(), v.detach(), out.detach(), scale)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_rel_close(g.double(), w, torch.float32, what=name)
