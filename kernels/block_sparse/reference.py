@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..softmax import fill_prefix_queries
 from .layout import check_block_sparse_layout, num_tiles, unpack_tile_masks
 
 
@@ -12,8 +13,10 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
                                      num_prefix: int = 0, tile_mask_idx: torch.Tensor | None = None,
                                      tile_masks: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
                                      scale: float | None = None,
-                                     tile_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale + key_bias) v over the listed keys, by gathers, in float32.
+                                     tile_rows: torch.Tensor | None = None,
+                                     prefix_queries: bool = False) -> torch.Tensor:
+    """softmax(q k^T * scale + key_bias) v over the listed keys, by gathers, in float32; with ``prefix_queries``
+    (and ``tile_rows``) the prefix rows hold the prefix queries' dense attention over the tokens (k's first Nq rows).
 
     Each query tile gathers its prefix keys and listed key tiles (padded to the longest row), so
     memory is O(N x listed keys). Differentiable in q, k, v and key_bias.
@@ -75,4 +78,5 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     if slot_rows is None:
         return out[:, :, :nq].to(q.dtype)
     real = slot_rows < nq
-    return out.new_zeros(b, h, nq, out.shape[-1]).index_copy(2, slot_rows[real], out[:, :, real]).to(q.dtype)
+    out = out.new_zeros(b, h, nq, out.shape[-1]).index_copy(2, slot_rows[real], out[:, :, real]).to(q.dtype)
+    return fill_prefix_queries(out, q, k[:, :, :nq], v[:, :, :nq], p) if prefix_queries else out

@@ -30,6 +30,7 @@ from ..core.triton_common import (LOG2E, delta_kernel, dkdv_step, dot_acc, dq_st
                                   softmax_finish, softmax_step, store_block, strides, transposed_scores)
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
+from ..softmax import add_prefix_queries_gradients, fill_prefix_queries
 from .layout import num_tiles
 from .transpose_triton import transposed_work
 
@@ -524,11 +525,12 @@ def _extra_keys(k: Tensor, v: Tensor, extra: tuple[Tensor, Tensor] | None, tile_
 
 def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, tile_mask_idx: Tensor | None,
             tile_masks: Tensor | None, key_bias: Tensor | None, tile_rows: Tensor | None, block_m: int, block_n: int,
-            num_prefix: int, scale: float, config: dict | None = None,
+            num_prefix: int, scale: float, prefix_queries: bool, config: dict | None = None,
             extra: tuple[Tensor, Tensor] | None = None,
             query_tiles: QueryTiles | None = None) -> tuple[Tensor, Tensor]:
     """Output (B, H, Nq, d) in q's dtype and the base-2 log-sum-exp (B, H, Nq) float32 (-inf: no key);
-    with ``tile_rows`` the rows no tile lists (the prefix) are 0 with log-sum-exp -inf. ``extra``: the keys and
+    with ``tile_rows`` the rows no tile lists (the prefix) are 0 with log-sum-exp -inf, or with ``prefix_queries``
+    the prefix queries' dense attention over the tokens (k's first Nq rows; SDPA). ``extra``: the keys and
     values past k's and v's rows (extra key tiles, tokens in place) in tensors of their own, read there instead
     of from a concatenation (LLSA's pooled keys); ``key_bias`` then covers both. ``query_tiles`` (with
     ``tile_rows``): query tiles of block_m rows of their own, whose lists say which row group sees each entry
@@ -560,15 +562,18 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
         *strides(o), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, num_prefix, num_key_tiles, qk_scale, **consts,
         EXTRA=extra is not None, ALIGN=row_alignment(q, k, v, kx, vx, o), KEY_TILES=key_tiles, ROW_GROUPS=groups,
         **config)
+    if prefix_queries:
+        fill_prefix_queries(o, q, k[:, :, :nq], v[:, :, :nq], num_prefix)
     return o, lse
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, row_ptr: Tensor, col_idx: Tensor,
              tile_mask_idx: Tensor | None, tile_masks: Tensor | None, key_bias: Tensor | None, tile_rows: Tensor | None,
-             block_m: int, block_n: int, num_prefix: int, scale: float, configs: dict | None = None,
-             extra: tuple[Tensor, Tensor] | None = None,
+             block_m: int, block_n: int, num_prefix: int, scale: float, prefix_queries: bool,
+             configs: dict | None = None, extra: tuple[Tensor, Tensor] | None = None,
              extra_grads: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv (no gradient for key_bias). ``configs`` maps "bwd_kv"/"bwd_q" to launch configs. With
+    """dq, dk, dv (no gradient for key_bias); with ``prefix_queries`` (as ``forward``'s) the prefix queries'
+    gradients too. ``configs`` maps "bwd_kv"/"bwd_q" to launch configs. With
     ``extra`` (as ``forward``'s), the gradients of its keys and values are written into ``extra_grads``
     (tensors of their shapes, contiguous)."""
     do, q, k, v = rows_contiguous(do), rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
@@ -630,19 +635,21 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
         tile_mask_idx if tile_mask_idx is not None else col_idx, masks, bias[0], rows_arg,
         *common, *strides(dq), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, p, nqt, qk_scale, scale,
         **consts, **rows_kw, KEY_TILES=key_tiles, **q_config)
+    if prefix_queries:
+        add_prefix_queries_gradients(dq, dk[:, :, :nq], dv[:, :, :nq], do, q, k[:, :, :nq], v[:, :, :nq], o, p, scale)
     return dq, dk, dv
 
 
 # --- the op: custom ops for torch.compile, an autograd.Function in eager mode ------------------------
 
 def _forward_fake(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows, block_m, block_n,
-                  num_prefix, scale):
+                  num_prefix, scale, prefix_queries):
     b, h, nq, _ = q.shape
     return heads_last_empty(q, b, h, nq, v.shape[-1]), q.new_empty(b, h, nq, dtype=torch.float32)
 
 
 def _backward_fake(do, q, k, v, o, lse, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows, block_m,
-                   block_n, num_prefix, scale):
+                   block_n, num_prefix, scale, prefix_queries):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))   # as backward's
 
 
@@ -658,8 +665,10 @@ _block_sparse_attention = triton_op(
 
 
 def block_sparse_attention_triton(q, k, v, row_ptr, col_idx, block_m, block_n, num_prefix=0, tile_mask_idx=None,
-                                  tile_masks=None, key_bias=None, scale=None, tile_rows=None) -> Tensor:
-    """The Triton backend of ``block_sparse_attention`` (arguments as the reference's)."""
+                                  tile_masks=None, key_bias=None, scale=None, tile_rows=None,
+                                  prefix_queries=False) -> Tensor:
+    """The Triton backend of ``block_sparse_attention`` (arguments as the reference's); ``prefix_queries``: the
+    prefix rows in the op's own output with autograd too (their gradients in its backward, no concatenation)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _block_sparse_attention(q, k, v, row_ptr, col_idx, tile_mask_idx, tile_masks, key_bias, tile_rows,
-                                   block_m, block_n, num_prefix, scale)
+                                   block_m, block_n, num_prefix, scale, bool(prefix_queries))

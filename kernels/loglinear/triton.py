@@ -53,7 +53,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], num_prefix: int, 
     else:
         row_ptr, lists, query_tiles = _row_ptr(q, grid, side, top_k), col_idx, None
     out, lse = core_forward(q, k, v, row_ptr, lists, None, None, key_bias, tile_rows, group * t, t, num_prefix,
-                            q.shape[-1] ** -0.5, extra=(pooled_keys, pooled_values), query_tiles=query_tiles)
+                            q.shape[-1] ** -0.5, False, extra=(pooled_keys, pooled_values), query_tiles=query_tiles)
     return fill_prefix_queries(out, q, k, v, num_prefix), lse, pooled_keys, pooled_values, col_idx
 
 
@@ -67,7 +67,7 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     row_ptr = _row_ptr(q, grid, side, top_k)
     pooled_grads = (torch.empty_like(pooled_keys), torch.empty_like(pooled_values))
     dq, dk, dv = core_backward(do, q, k, v, out, lse, row_ptr, col_idx, None, None, key_bias, tile_rows, t, t,
-                               num_prefix, q.shape[-1] ** -0.5, extra=(pooled_keys, pooled_values),
+                               num_prefix, q.shape[-1] ** -0.5, False, extra=(pooled_keys, pooled_values),
                                extra_grads=pooled_grads)
     spread_pooled_gradients(dk, dv, *pooled_grads, grid, num_prefix, side, levels)
     add_prefix_queries_gradients(dq, dk, dv, do, q, k, v, out, num_prefix, q.shape[-1] ** -0.5)

@@ -9,7 +9,6 @@ import torch
 from ..block_sparse.layout import csr_from_lists
 from ..core.compile_constant import compile_constant
 from ..core.dispatch import choose_backend
-from ..softmax import fill_prefix_queries
 from .plan import radial_plan, tile_size
 
 
@@ -26,12 +25,11 @@ def radial_core_layout(grid: tuple[int, ...], options: tuple, num_prefix: int,
 def radial_attention_on_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...],
                              num_prefix: int, options: tuple, core_backend: str | None = None) -> torch.Tensor:
     """The grid queries on the core (``core_backend``: the core's own choice when None); the prefix
-    queries, dense over all keys, by SDPA."""
+    queries, dense over all keys, by SDPA in the core op's own output (``prefix_queries``)."""
     row_ptr, col_idx, tile_rows = radial_core_layout(grid, options, num_prefix, q.device)
     t = tile_size(options)
     core = choose_backend("block_sparse_attention", core_backend, q, v=v)
-    out = core(q, k, v, row_ptr, col_idx, t, t, num_prefix, None, None, None, None, tile_rows)
-    return fill_prefix_queries(out, q, k, v, num_prefix)
+    return core(q, k, v, row_ptr, col_idx, t, t, num_prefix, None, None, None, None, tile_rows, num_prefix > 0)
 
 
 radial_attention_on_triton = functools.partial(radial_attention_on_core, core_backend="triton")

@@ -269,7 +269,7 @@ def test_extra_key_tiles_from_their_own_tensors_equal_the_concatenation(masks, p
     the output and gradients of the same keys appended to k and v."""
     layout, (q, k, v), _ = in_place_case((7, 10), (4, 4), p, masks=masks, extra=37)
     args = [layout.get(name) for name in ("row_ptr", "col_idx", "tile_mask_idx", "tile_masks", "key_bias",
-                                          "tile_rows")] + [16, 16, p, 0.25]
+                                          "tile_rows")] + [16, 16, p, 0.25, False]
     n = q.shape[2]
     k, v = k.detach(), v.detach()
     out, lse = block_sparse_triton.forward(q, k, v, *args)
@@ -400,6 +400,25 @@ def test_tile_rows_extra_key_tiles(backend, grid, p, extra):
                   torch.float32, f"{backend} in place, {extra} extra keys")
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("grid,p,extra", [((7, 10), 3, 0), ((8, 12), 1, 21)])
+def test_prefix_queries_in_the_output(backend, grid, p, extra):
+    """prefix_queries: the prefix rows hold the prefix queries' dense attention over the tokens (not the extra
+    keys), forward and gradients, the Triton op computing and differentiating them itself."""
+    layout, (q, k, v), brute = in_place_case(grid, (4, 4), p, masks=True, extra=extra)
+    n = p + math.prod(grid)
+
+    def with_prefix(q, k, v):
+        scores = (q[:, :, :p].double() @ k[:, :, :n].double().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        dense = scores.softmax(-1) @ v[:, :, :n].double()
+        return torch.cat([dense, brute(q, k, v)[:, :, p:]], 2)
+    check_against(lambda q, k, v: block_sparse_attention(q, k, v, backend=backend, prefix_queries=True, **layout),
+                  with_prefix, q, k, v, torch.float32, f"{backend} prefix queries")
+    without_rows = {key: value for key, value in layout.items() if key != "tile_rows"}
+    with pytest.raises(ValueError, match="prefix_queries=True needs tile_rows"):
+        block_sparse_attention(q, k, v, backend=backend, prefix_queries=True, **without_rows)
+
+
 @requires_triton
 def test_tile_rows_bf16():
     layout, (q, k, v), brute = in_place_case((7, 10), (4, 4), 2, dtype=torch.bfloat16)
@@ -433,10 +452,11 @@ def test_query_tiles_of_grouped_key_tiles_equal_the_tiles_own_lists(grid, p, sha
     owners = torch.cat([torch.full((shared,), -1), torch.arange(group).repeat_interleave(own)]).to(torch.int32)
     scale = d ** -0.5
     out, lse = forward(q, k, v, fixed_width_row_ptr(b, h, num_groups, shared + group * own, "cpu"),
-                       grouped.flatten(), None, None, key_bias, tile_rows, group * 16, 16, p, scale,
+                       grouped.flatten(), None, None, key_bias, tile_rows, group * 16, 16, p, scale, False,
                        query_tiles=QueryTiles(padded, owners, group))
     want, want_lse = forward(q, k, v, fixed_width_row_ptr(b, h, tiles, shared + own, "cpu"),
-                             per_tile.to(torch.int32).flatten(), None, None, key_bias, tile_rows, 16, 16, p, scale)
+                             per_tile.to(torch.int32).flatten(), None, None, key_bias, tile_rows, 16, 16, p, scale,
+                             False)
     assert_rel_close(out, want, dtype, what="output")
     assert_rel_close(lse[:, :, p:], want_lse[:, :, p:], torch.float32, what="log-sum-exp")
     assert torch.equal(out[:, :, :p], want[:, :, :p]) and torch.equal(lse[:, :, :p], want_lse[:, :, :p])
