@@ -56,16 +56,27 @@ def with_prefix_queries(grid_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     return cat_tokens(prefix_attention_sdpa(q[:, :, :num_prefix], k, v), grid_out)
 
 
+PREFIX_ROWS_PER_STEP = 64       # prefix queries per step of prefix_queries_backward: (B, h, 64, N) float32 scores
+
+
 def prefix_queries_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of a few prefix queries' dense attention O = softmax(q k^T scale) v over all keys, in float32,
     from their output gradient ``do`` and output ``o`` (B, h, P, dv): (dq (B, h, P, d), the keys' and values' shares
     dk, dv (B, h, N, d)). With P = softmax(S): dv = P^T do, dS = P (do v^T - rowsum(do o)), dq = dS k scale,
-    dk = dS^T q scale; the probabilities are recomputed (P rows over N keys: small)."""
-    qf, kf, vf, dof = (t.float() for t in (q, k, v, do))
-    probs = ((qf @ kf.transpose(-2, -1)) * scale).softmax(dim=-1)                      # (B, h, P, N)
-    ds = probs * (dof @ vf.transpose(-2, -1) - (dof * o.float()).sum(-1, keepdim=True))
-    return (ds @ kf) * scale, (ds.transpose(-2, -1) @ qf) * scale, probs.transpose(-2, -1) @ dof
+    dk = dS^T q scale; the probabilities are recomputed, ``PREFIX_ROWS_PER_STEP`` queries at a time (many prefix
+    tokens, such as a text prompt's, never hold a P x N matrix)."""
+    kf, vf = k.float(), v.float()
+    dq, dk, dv = [], torch.zeros_like(kf), torch.zeros_like(vf)
+    for start in range(0, q.shape[2], PREFIX_ROWS_PER_STEP):
+        rows = slice(start, start + PREFIX_ROWS_PER_STEP)
+        qf, dof = q[:, :, rows].float(), do[:, :, rows].float()
+        probs = ((qf @ kf.transpose(-2, -1)) * scale).softmax(dim=-1)                      # (B, h, rows, N)
+        ds = probs * (dof @ vf.transpose(-2, -1) - (dof * o[:, :, rows].float()).sum(-1, keepdim=True))
+        dq.append((ds @ kf) * scale)
+        dk += (ds.transpose(-2, -1) @ qf) * scale
+        dv += probs.transpose(-2, -1) @ dof
+    return torch.cat(dq, 2), dk, dv
 
 
 def add_prefix_queries_gradients(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, do: torch.Tensor,
