@@ -636,7 +636,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
         *common, *strides(dq), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, p, nqt, qk_scale, scale,
         **consts, **rows_kw, KEY_TILES=key_tiles, **q_config)
     if prefix_queries:
-        add_prefix_queries_gradients(dq, dk[:, :, :nq], dv[:, :, :nq], do, q, k[:, :, :nq], v[:, :, :nq], o, p, scale)
+        add_prefix_queries_gradients(dq, dk[:, :, :nq], dv[:, :, :nq], do, q, k[:, :, :nq], v[:, :, :nq], o, p)
     return dq, dk, dv
 
 

@@ -70,7 +70,7 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
                                num_prefix, q.shape[-1] ** -0.5, False, extra=(pooled_keys, pooled_values),
                                extra_grads=pooled_grads)
     spread_pooled_gradients(dk, dv, *pooled_grads, grid, num_prefix, side, levels)
-    add_prefix_queries_gradients(dq, dk, dv, do, q, k, v, out, num_prefix, q.shape[-1] ** -0.5)
+    add_prefix_queries_gradients(dq, dk, dv, do, q, k, v, out, num_prefix)
     return dq, dk, dv
 
 

@@ -446,7 +446,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
         dk[:, :, :p] = grads[0]
         dv[:, :, :p] = grads[1]
     if prefix_rows:
-        add_prefix_queries_gradients(dq, dk, dv, do_all, q, k, v, o_all, p, scale)
+        add_prefix_queries_gradients(dq, dk, dv, do_all, q, k, v, o_all, p)
     drpb = drpb_parts.reshape(b, nh, -1, side, side).sum((0, 2)) if rpb is not None else drpb_parts
     return dq, dk, dv, drpb
 

@@ -80,15 +80,17 @@ def prefix_queries_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
 
 def add_prefix_queries_gradients(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, do: torch.Tensor,
-                                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, num_prefix: int,
-                                 scale: float) -> None:
+                                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                                 num_prefix: int) -> None:
     """In place, for an op whose output holds the prefix queries' rows (``fill_prefix_queries`` in its forward):
-    their gradients (``prefix_queries_backward`` of the first ``num_prefix`` rows of do, q, o) written into dq's
-    first rows, their keys' and values' shares added to dk, dv."""
+    their gradients (``prefix_queries_backward`` of the first ``num_prefix`` rows of do, q, o, at SDPA's default
+    scale 1 / sqrt(d) as the forward's) written into dq's first rows, their keys' and values' shares added to dk,
+    dv."""
     if num_prefix == 0:
         return
     p = num_prefix
-    dq_prefix, dk_prefix, dv_prefix = prefix_queries_backward(do[:, :, :p], q[:, :, :p], k, v, o[:, :, :p], scale)
+    dq_prefix, dk_prefix, dv_prefix = prefix_queries_backward(do[:, :, :p], q[:, :, :p], k, v, o[:, :, :p],
+                                                              q.shape[-1] ** -0.5)
     dq[:, :, :p] = dq_prefix
     dk += dk_prefix
     dv += dv_prefix

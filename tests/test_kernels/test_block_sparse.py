@@ -420,6 +420,18 @@ def test_prefix_queries_in_the_output(backend, grid, p, extra):
 
 
 @requires_triton
+def test_prefix_queries_keep_sdpa_scale_under_a_custom_scale():
+    """With a custom scale for the listed tiles, the prefix rows stay SDPA's (default scale) in the Triton op's
+    forward and backward alike, as in the reference."""
+    layout, (q, k, v), _ = in_place_case((7, 10), (4, 4), 2, masks=True)
+
+    def run(backend):
+        return lambda q, k, v: block_sparse_attention(q, k, v, backend=backend, prefix_queries=True, scale=0.3,
+                                                      **layout)
+    check_against(run("triton"), run("reference"), q, k, v, torch.float32, "triton prefix queries, scale 0.3")
+
+
+@requires_triton
 def test_tile_rows_bf16():
     layout, (q, k, v), brute = in_place_case((7, 10), (4, 4), 2, dtype=torch.bfloat16)
     check_against(lambda q, k, v: block_sparse_attention(q, k, v, backend="triton", **layout), brute, q, k, v,
