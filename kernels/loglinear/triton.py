@@ -14,7 +14,6 @@ from ..block_sparse.triton import QueryTiles
 from ..block_sparse.triton import forward as core_forward
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
-from ..softmax import add_prefix_queries_gradients, fill_prefix_queries
 from .block_sparse import pooled_key_counts, pooled_key_tiles, sibling_group, sibling_query_tiles
 from .plan import block_hierarchy
 from .triton_pool import pool_into_buffers, spread_pooled_gradients
@@ -53,24 +52,24 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], num_prefix: int, 
     else:
         row_ptr, lists, query_tiles = _row_ptr(q, grid, side, top_k), col_idx, None
     out, lse = core_forward(q, k, v, row_ptr, lists, None, None, key_bias, tile_rows, group * t, t, num_prefix,
-                            q.shape[-1] ** -0.5, False, extra=(pooled_keys, pooled_values), query_tiles=query_tiles)
-    return fill_prefix_queries(out, q, k, v, num_prefix), lse, pooled_keys, pooled_values, col_idx
+                            q.shape[-1] ** -0.5, num_prefix > 0, extra=(pooled_keys, pooled_values),
+                            query_tiles=query_tiles)
+    return out, lse, pooled_keys, pooled_values, col_idx
 
 
 def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, pooled_keys: Tensor,
               pooled_values: Tensor, col_idx: Tensor, grid: list[int], num_prefix: int, side: int,
               top_k: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv: the core's backward over the tokens and the pooled keys, then each pooled row's gradient
-    spread over its block's tokens (``spread_pooled_gradients``)."""
+    """dq, dk, dv: the core's backward over the tokens, the pooled keys and the prefix queries, then each pooled
+    row's gradient spread over its block's tokens (``spread_pooled_gradients``)."""
     grid, levels, t = tuple(grid), len(top_k), side * side
     _, key_bias, _, _, _, tile_rows = pooled_key_tiles(grid, side, levels, num_prefix, q.device)
     row_ptr = _row_ptr(q, grid, side, top_k)
     pooled_grads = (torch.empty_like(pooled_keys), torch.empty_like(pooled_values))
     dq, dk, dv = core_backward(do, q, k, v, out, lse, row_ptr, col_idx, None, None, key_bias, tile_rows, t, t,
-                               num_prefix, q.shape[-1] ** -0.5, False, extra=(pooled_keys, pooled_values),
+                               num_prefix, q.shape[-1] ** -0.5, num_prefix > 0, extra=(pooled_keys, pooled_values),
                                extra_grads=pooled_grads)
     spread_pooled_gradients(dk, dv, *pooled_grads, grid, num_prefix, side, levels)
-    add_prefix_queries_gradients(dq, dk, dv, do, q, k, v, out, num_prefix)
     return dq, dk, dv
 
 
