@@ -376,16 +376,15 @@ def _consts(q: Tensor, kernel_size: int) -> dict:
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], height: int, width: int, kernel_size: int,
-            dilation: int, num_prefix: int, prefix_rows: bool, scale: float,
+            dilation: int, num_prefix: int, scale: float,
             config: Optional[dict] = None) -> tuple[Tensor, Tensor]:
-    """The output in q's dtype: the grid queries' (B, H, height * width, d), after the ``num_prefix`` prefix
-    queries' rows (dense over all keys, by SDPA) if ``prefix_rows`` (B, H, N, d); and the grid queries' base-2
-    log-sum-exp (B, H, height * width) float32."""
+    """The output (B, H, N, d) in q's dtype: the ``num_prefix`` prefix queries' rows (dense over all keys, by SDPA),
+    then the grid queries'; and the grid queries' base-2 log-sum-exp (B, H, height * width) float32."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     b, nh, _, d = q.shape
     n = height * width
-    out = heads_last_empty(q, b, nh, n + num_prefix * prefix_rows, v.shape[-1])
-    o = out[:, :, out.shape[2] - n:]
+    out = heads_last_empty(q, b, nh, n + num_prefix, v.shape[-1])
+    o = out[:, :, num_prefix:]
     lse = torch.empty(b, nh, n, device=q.device, dtype=torch.float32)
     cfg = dict((config or default_config((height, width), kernel_size, dilation, d, q.dtype))["fwd"])
     tiles = _num_tiles(height, width, dilation, cfg["TH"], cfg["TW"])
@@ -394,19 +393,18 @@ def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], height: int,
         *strides(q), *strides(k), *strides(v), *strides(o), nh, height, width, dilation, num_prefix,
         scale * LOG2E.value, **_consts(q, kernel_size), **cfg, PB=PREFIX_BLOCK, HAS_RPB=rpb is not None,
         ALIGN=row_alignment(q, k, v, o))
-    if prefix_rows:
-        fill_prefix_queries(out, q, k, v, num_prefix)
+    fill_prefix_queries(out, q, k, v, num_prefix)
     return out, lse
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, rpb: Optional[Tensor],
-             height: int, width: int, kernel_size: int, dilation: int, num_prefix: int, prefix_rows: bool,
+             height: int, width: int, kernel_size: int, dilation: int, num_prefix: int,
              scale: float, config: Optional[dict] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk, dv (B, H, N, d) and the bias gradient (H, 2k-1, 2k-1) float32 (empty without rpb): of the grid
-    queries' attention, and of the prefix queries' too with ``prefix_rows`` (else dq is 0 on the prefix rows)."""
+    """dq, dk, dv (B, H, N, d) and the bias gradient (H, 2k-1, 2k-1) float32 (empty without rpb) of the grid and
+    the prefix queries' attention."""
     n, p = height * width, num_prefix
     o_all, do_all = o, do
-    o, do = o[:, :, o.shape[2] - n:], do[:, :, do.shape[2] - n:]
+    o, do = o[:, :, p:], do[:, :, p:]
     do, q, k, v = rows_contiguous(do), rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     b, nh, n_all, d = q.shape
     consts = _consts(q, kernel_size)
@@ -445,21 +443,20 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
         grads = prefix_grads[..., :d].reshape(2, b, nh, p, d)
         dk[:, :, :p] = grads[0]
         dv[:, :, :p] = grads[1]
-    if prefix_rows:
-        add_prefix_queries_gradients(dq, dk, dv, do_all, q, k, v, o_all, p)
+    add_prefix_queries_gradients(dq, dk, dv, do_all, q, k, v, o_all, p)
     drpb = drpb_parts.reshape(b, nh, -1, side, side).sum((0, 2)) if rpb is not None else drpb_parts
     return dq, dk, dv, drpb
 
 
 # --- the op: custom ops for torch.compile, an autograd.Function in eager mode ------------------------
 
-def _forward_fake(q, k, v, rpb, height, width, kernel_size, dilation, num_prefix, prefix_rows, scale):
+def _forward_fake(q, k, v, rpb, height, width, kernel_size, dilation, num_prefix, scale):
     b, nh = q.shape[:2]
-    return (heads_last_empty(q, b, nh, height * width + num_prefix * prefix_rows, v.shape[-1]),
+    return (heads_last_empty(q, b, nh, height * width + num_prefix, v.shape[-1]),
             q.new_empty(b, nh, height * width, dtype=torch.float32))
 
 
-def _backward_fake(do, q, k, v, o, lse, rpb, height, width, kernel_size, dilation, num_prefix, prefix_rows, scale):
+def _backward_fake(do, q, k, v, o, lse, rpb, height, width, kernel_size, dilation, num_prefix, scale):
     side = 2 * kernel_size - 1
     drpb = q.new_empty((q.shape[1], side, side) if rpb is not None else (0, side, side), dtype=torch.float32)
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))   # as backward's
@@ -484,4 +481,4 @@ def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, grid: tuple[i
     output, their gradients in the op's backward (``prefix_queries_backward``): one output tensor, which the
     op keeps for its backward and the next layer reads, no concatenated copy."""
     return _neighborhood_attention(q, k, v, rpb, grid[0], grid[1], kernel_size, dilation, num_prefix,
-                                   num_prefix > 0, q.shape[-1] ** -0.5)
+                                   q.shape[-1] ** -0.5)

@@ -257,14 +257,14 @@ def _with_config(q, k, v, rpb, config, grid, kernel_size, dilation, num_prefix):
     class Tiled(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v, rpb):
-            o, lse = na.forward(q, k, v, rpb, *grid, kernel_size, dilation, 0, False, q.shape[-1] ** -0.5, config)
+            o, lse = na.forward(q, k, v, rpb, *grid, kernel_size, dilation, 0, q.shape[-1] ** -0.5, config)
             ctx.save_for_backward(q, k, v, rpb, o, lse)
             return o
 
         @staticmethod
         def backward(ctx, do):
             q, k, v, rpb, o, lse = ctx.saved_tensors
-            dq, dk, dv, drpb = na.backward(do, q, k, v, o, lse, rpb, *grid, kernel_size, dilation, 0, False,
+            dq, dk, dv, drpb = na.backward(do, q, k, v, o, lse, rpb, *grid, kernel_size, dilation, 0,
                                            q.shape[-1] ** -0.5, config)
             return dq, dk, dv, drpb if rpb is not None else None
 
