@@ -336,22 +336,31 @@ def _token_norms_kernel(q_ptr, k_ptr, c_ptr, rec_ptr, B, N, H, p, eps, s_qb, s_q
 
 
 @triton.jit(do_not_specialize=["N", "H"])
-def _query_gw_kernel(g_ptr, o_ptr, den_ptr, norms_ptr, gw_ptr, N, H, lin_eps, s_gb, s_gh, s_gn, s_ob, s_oh, s_on,
-                     DV: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
+def _query_gw_kernel(g_ptr, q_ptr, c_ptr, norms_ptr, state_ptr, den_ptr, gw_ptr, N, H, p, eps, inv_n, lin_eps,
+                     s_gb, s_gh, s_gn, s_qb, s_qh, s_qn, P_INT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                     DP: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
+                     ALIGN: tl.constexpr):
     """g.w of a tile of queries over all heads: phi(q_i) . dL/dphi(q_i) / ||r_i||, which for O = num / den
-    (den = phi . z / M + eps) collapses to eps sum_h G_ih . O_ih / den_ih / ||r_i||."""
+    (den = phi . z / M + eps) collapses to eps sum_h G_ih . O_ih / den_ih / ||r_i||. O is recomputed from
+    phi(q) and the state (the forward's output is not kept for the backward)."""
     b = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < N
+    DT = operand_dtype(q_ptr).dtype
+    offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
-    mv = offs_v < DV
+    mc, mv = offs_c < D, offs_v < DV
+    inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, 0)
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for h in range(H):
+        c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
+        state_hi, state_lo, kbar, vbar = _load_state(state_ptr, b * H + h, offs_c, offs_v, inv_n, 1.0, DT, 0,
+                                                     DP, DVP, LOWP)
+        x = load_tile(q_ptr + b * s_qb + h * s_qh, offs_n, offs_c, s_qn, mn, mc, ALIGN).to(tl.float32)
+        phi = _feature(x, c, mc, p, eps, inv_m, norm_r, norm_rp, 0, P_INT)
         g = load_tile(g_ptr + b * s_gb + h * s_gh, offs_n, offs_v, s_gn, mn, mv, ALIGN).to(tl.float32)
-        o = load_tile(o_ptr + b * s_ob + h * s_oh, offs_n, offs_v, s_on, mn, mv, ALIGN).to(tl.float32)
         den = tl.load(den_ptr + (b * H + h) * N + offs_n, mask=mn, other=1.0)
-        acc += tl.sum(g * o, axis=1) / den
-    norm_r = tl.load(norms_ptr + (b * N + offs_n) * 4 + 1, mask=mn, other=1.0)
+        acc += tl.sum(g * dot_split(phi, state_hi, state_lo, DT, LOWP), axis=1) / (den * den)
     tl.store(gw_ptr + b * N + offs_n, lin_eps * acc / norm_r, mask=mn)
 
 
@@ -714,11 +723,11 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
     return out, state, norms, den if focused else q.new_empty(b * h, 0, dtype=torch.float32)
 
 
-def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, out: Tensor, state: Tensor,
-                              norms: Tensor, den: Tensor, feature: int, p: float, num_prefix: int, rope_h: int,
+def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, state: Tensor, norms: Tensor,
+                              den: Tensor, feature: int, p: float, num_prefix: int, rope_h: int,
                               rope_w: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dc): dc (h, d) float32 for FLatten, an empty tensor for MALA (no scale). ``out``,
-    ``norms`` and ``den`` are FLatten's (empty for MALA)."""
+    """(dq, dk, dv, dc): dc (h, d) float32 for FLatten, an empty tensor for MALA (no scale). ``norms`` and
+    ``den`` are FLatten's (empty for MALA)."""
     b, h, n, d = q.shape
     d_v = v.shape[-1]
     meta, trig = _meta(q, v, feature, p, rope_h, rope_w)
@@ -729,11 +738,11 @@ def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     gw_q = q
     if focused:      # the queries' whole-token g.w (see _query_gw_kernel)
-        out, s_ob, s_oh, s_on = head_strides(out)
         gw_q = grad.new_empty(b, n, dtype=torch.float32)
         opts = _launch_opts(CONFIG["gw_query"], meta)
-        launch(_query_gw_kernel, (b, cdiv(n, opts["BLOCK_N"])), grad, out, den, norms[0], gw_q, n, h, LINEAR_EPS,
-               s_gb, s_gh, s_gn, s_ob, s_oh, s_on, DV=d_v, DVP=dvp, ALIGN=row_alignment(grad, out), **opts)
+        launch(_query_gw_kernel, (b, cdiv(n, opts["BLOCK_N"])), grad, q, c, norms[0], state, den, gw_q, n, h,
+               float(p), FOCUSED_EPS, 1.0 / n, LINEAR_EPS, s_gb, s_gh, s_gn, s_qb, s_qh, s_qn, P_INT=meta["P_INT"],
+               D=d, DV=d_v, DP=dp, DVP=dvp, LOWP=meta["LOWP"], ALIGN=row_alignment(grad, q), **opts)
 
     cfg = CONFIG["bwd_q"]
     opts = _launch_opts(cfg, meta)
@@ -776,16 +785,10 @@ def _forward_fake(q, k, v, c, feature, p, num_prefix, rope_h, rope_w):
             q.new_empty(b * h, n if focused else 0, dtype=torch.float32))
 
 
-def _backward_fake(grad, q, k, v, c, out, state, norms, den, feature, p, num_prefix, rope_h, rope_w):
+def _backward_fake(grad, q, k, v, c, state, norms, den, feature, p, num_prefix, rope_h, rope_w):
     dc_shape = (q.shape[1], q.shape[-1]) if feature == FOCUSED else (0,)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(dc_shape, dtype=torch.float32))
-
-
-def _save(inputs, outputs):
-    """What the backward reads: the output itself only for FLatten (its queries' g.w)."""
-    out, state, norms, den = outputs
-    return (*inputs[:4], out if inputs[4] == FOCUSED else den, state, norms, den)
 
 
 def _gradients(run_backward, grad, saved, args, needs):
@@ -795,7 +798,7 @@ def _gradients(run_backward, grad, saved, args, needs):
 
 
 _linear_attention = triton_op("linear_attention", linear_attention_forward, linear_attention_backward,
-                              num_tensors=4, forward_fake=_forward_fake, backward_fake=_backward_fake, save=_save,
+                              num_tensors=4, forward_fake=_forward_fake, backward_fake=_backward_fake,
                               gradients=_gradients)
 
 
