@@ -16,6 +16,26 @@ from .registry import module_backends, module_options
 CACHED_ELEMENTS = 2 ** 22
 
 
+class _AddedToKeys(torch.autograd.Function):
+    """qkv (B * N, 3 C) from the qkv projection with a key offset (h, N, d) added in place into its keys' columns
+    (one pass, no copy of the keys; ``mark_dirty`` on the product's own output, not a view, keeps autograd from
+    copying it whole in the backward). The gradient passes through; the offset's is the keys' summed over B."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, offset: torch.Tensor, batch: int) -> torch.Tensor:
+        h, n, d = offset.shape
+        qkv.view(batch, n, 3, h, d)[:, :, 1] += offset.transpose(0, 1)
+        ctx.mark_dirty(qkv)
+        ctx.shape = (batch, n, h, d)
+        return qkv
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        batch, n, h, d = ctx.shape
+        d_offset = grad.reshape(batch, n, 3, h, d)[:, :, 1].sum(0).transpose(0, 1) if ctx.needs_input_grad[1] else None
+        return grad, d_offset, None
+
+
 class GridAttention(nn.Module):
     """Multi-head attention over prefix tokens + a 2D (or 3D) grid of tokens.
 
@@ -71,7 +91,7 @@ class GridAttention(nn.Module):
     def key_offset(self, grid: tuple[int, ...], num_prefix: int, dtype: torch.dtype) -> torch.Tensor | None:
         """A (h, P + N, d) tensor added to the keys (after ``k_norm``) before ``attend``, or None (the default):
         a positional encoding of the keys. Added in place into the qkv projection's output when ``k_norm`` is the
-        identity, so that training keeps no second copy of the keys for the backward."""
+        identity (``_AddedToKeys``), so that training keeps no second copy of the keys for the backward."""
         return None
 
     def needs_dense(self, grid: tuple[int, ...]) -> bool:
@@ -119,12 +139,12 @@ class GridAttention(nn.Module):
         grid = checks.check_grid(grid)
         b, n, c = x.shape
         checks.check_tokens(n, grid, num_prefix)
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        qkv = self.qkv(x.reshape(b * n, c))             # 2D: the product's own output, not a view of it
         offset = self.key_offset(grid, num_prefix, qkv.dtype)
-        if offset is not None and isinstance(self.k_norm, nn.Identity):
-            qkv[:, :, 1] += offset.transpose(0, 1)
+        if offset is not None and isinstance(self.k_norm, nn.Identity) and not torch.compiler.is_compiling():
+            qkv = _AddedToKeys.apply(qkv, offset, b)
             offset = None
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if offset is not None:
             k = k + offset
