@@ -414,8 +414,6 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     launch(delta_kernel, (cdiv(n, 128), b * nh), o, do, delta, *strides(o), *strides(do), nh, n, HEAD_DIM=d,
            BLOCK_M=128, BLOCK_D=block_d, ALIGN=row_alignment(o, do))
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    if p > 0:
-        dq[:, :, :p].zero_()
     qk_scale = scale * LOG2E.value
     common = (*strides(q), *strides(k), *strides(v), *strides(do))
     consts["ALIGN"] = row_alignment(q, k, v, do, dq, dk, dv)
