@@ -25,12 +25,13 @@ import triton.language as tl
 from torch import Tensor
 
 from ..core.alignment import row_alignment
-from ..core.triton_common import (LOG2E, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
+from ..core.triton_common import (LOG2E, delta_kernel, dkdv_step, dq_step, launch,
                                   load_block, load_row_stats, pad_dim, row_ptrs, rows_contiguous, scores,
                                   softmax_finish, softmax_step, store_block, strides, transposed_scores)
 from ..core.heads_last import heads_last_empty
 from ..core.triton_op import triton_op
-from ..softmax import add_prefix_queries_gradients, fill_prefix_queries
+from ..softmax import fill_prefix_queries
+from ..softmax.prefix_triton import add_prefix_queries_gradients_triton
 from .layout import num_tiles
 from .transpose_triton import transposed_work
 
@@ -636,7 +637,8 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
         *common, *strides(dq), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, p, nqt, qk_scale, scale,
         **consts, **rows_kw, KEY_TILES=key_tiles, **q_config)
     if prefix_queries:
-        add_prefix_queries_gradients(dq, dk[:, :, :nq], dv[:, :, :nq], do, q, k[:, :, :nq], v[:, :, :nq], o, p)
+        add_prefix_queries_gradients_triton(dq, dk[:, :, :nq], dv[:, :, :nq], do, q, k[:, :, :nq], v[:, :, :nq], o,
+                                            p)
     return dq, dk, dv
 
 

@@ -39,7 +39,8 @@ from ..core.triton_op import triton_op
 from ..core.triton_common import (LOG2E, cdiv, delta_kernel, dkdv_step, dot_acc, dq_step, launch,
                                   load_block, load_row_stats, pad_dim, row_ptrs, rows_contiguous,
                                   softmax_finish, softmax_step, strides)
-from ..softmax import add_prefix_queries_gradients, fill_prefix_queries
+from ..softmax import fill_prefix_queries
+from ..softmax.prefix_triton import add_prefix_queries_gradients_triton
 
 PREFIX_BLOCK = 16       # prefix keys per block (the smallest tl.dot side)
 
@@ -441,7 +442,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
         grads = prefix_grads[..., :d].reshape(2, b, nh, p, d)
         dk[:, :, :p] = grads[0]
         dv[:, :, :p] = grads[1]
-    add_prefix_queries_gradients(dq, dk, dv, do_all, q, k, v, o_all, p)
+    add_prefix_queries_gradients_triton(dq, dk, dv, do_all, q, k, v, o_all, p)
     drpb = drpb_parts.reshape(b, nh, -1, side, side).sum((0, 2)) if rpb is not None else drpb_parts
     return dq, dk, dv, drpb
 
@@ -476,7 +477,7 @@ def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, grid: tuple[i
                                   dilation: int, rpb: Optional[Tensor], num_prefix: int) -> Tensor:
     """The Triton backend of ``neighborhood_attention`` (arguments as the reference's): the grid queries
     through the kernels above, the prefix queries (dense over all keys) by SDPA into the first rows of the same
-    output, their gradients in the op's backward (``prefix_queries_backward``): one output tensor, which the
+    output, their gradients in the op's backward (``add_prefix_queries_gradients_triton``): one output tensor, which the
     op keeps for its backward and the next layer reads, no concatenated copy."""
     return _neighborhood_attention(q, k, v, rpb, grid[0], grid[1], kernel_size, dilation, num_prefix,
                                    q.shape[-1] ** -0.5)

@@ -109,7 +109,8 @@ def test_every_launched_kernel_compiles_for_sm90():
     assert {launch["name"] for launch in launches} >= {"_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel",
                                                          "_pool_finest_kernel", "_select_kernel",
                                                          "_write_kernel", "_spread_pooled_kernel",
-                                                         "_key_tile_lists_kernel"}
+                                                         "_key_tile_lists_kernel", "_prefix_dq_kernel",
+                                                         "_prefix_dkdv_kernel"}
     failures = compile_for_sm90(launches, sass=False)["failures"]
     assert not failures, "\n".join(failures)
 
@@ -134,7 +135,7 @@ def test_llsa_and_radial_kernels_at_real_sizes_neither_spill_nor_access_scalars(
 
 TILE_KERNELS = tuple(f"subquad.kernels.{module}." for module in (
     "block_sparse.triton", "neighborhood.triton", "core.triton_common", "linear.triton", "agent.triton",
-    "grid_conv.triton"))
+    "grid_conv.triton", "softmax.prefix_triton"))
 
 
 def _assert_tiles_accessed_in_vectors(result: dict) -> None:
