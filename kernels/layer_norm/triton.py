@@ -133,10 +133,14 @@ def _add_layer_norm_backward_kernel(dout_ptr, ds_ptr, s_ptr, y_ptr, g_ptr, w_ptr
 
 
 @triton.jit(do_not_specialize=["per_output"])
-def _param_grads_kernel(part_ptr, grad_ptr, per_output, which, c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Row o of a parameter's gradient, channels [pid(1) * BLOCK_C, ...): the sum of partial ``which`` (0 dw,
-    1 db, 2 dg) of the programs o * per_output .. (o + 1) * per_output - 1."""
+def _param_grads_kernel(part_ptr, grad_ptr, per_output, which0, which1, which2, c, BLOCK_R: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """Row o of the j-th requested gradient (j = pid(2); its partial is which_j: 0 dw, 1 db, 2 dg), channels
+    [pid(1) * BLOCK_C, ...), into grad[j, o]: the sum of that partial over the programs o * per_output .. (o + 1) *
+    per_output - 1."""
     o = tl.program_id(0)
+    j = tl.program_id(2)
+    which = tl.where(j == 0, which0, tl.where(j == 1, which1, which2))
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
@@ -144,7 +148,7 @@ def _param_grads_kernel(part_ptr, grad_ptr, per_output, which, c, BLOCK_R: tl.co
         r = r0 + offs_r
         acc += tl.load(part_ptr + (((o * per_output + r) * 3 + which) * c)[:, None] + offs_c[None, :],
                        mask=(r < per_output)[:, None] & (offs_c < c)[None, :], other=0.0)
-    tl.store(grad_ptr + o * c + offs_c, round_to(tl.sum(acc, axis=0), grad_ptr.dtype.element_ty), mask=offs_c < c)
+    tl.store(grad_ptr + (j * tl.num_programs(0) + o) * c + offs_c, tl.sum(acc, axis=0), mask=offs_c < c)
 
 
 # --- launchers ------------------------------------------------------------------------------
@@ -214,21 +218,28 @@ def _backward(dout: Tensor, ds: Optional[Tensor], s: Tensor, y: Optional[Tensor]
     if y_dtype is not None and not separate_dy:
         dy = dx
     # partials in the kernel's order (dw, db, dg); the parameters in the op's order (gate, weight, bias)
-    dg, dw, db = (_param_grad(part, which, groups, splits, dtypes[2 + i], shapes[2 + i]) if needs[i] else None
-                  for i, which in ((0, 2), (1, 0), (2, 1)))
-    return dx, dy, dg, dw, db
+    return (dx, dy, *_param_grads(part, [which if needs[i] else None for i, which in enumerate((2, 0, 1))], groups,
+                                  splits, dtypes[2:], shapes[2:]))
 
 
-def _param_grad(part: Tensor, which: int, groups: int, splits: int, dtype: torch.dtype, shape: torch.Size) -> Tensor:
-    """Partial ``which`` (0 dw, 1 db, 2 dg) summed per group for a per-sample parameter ((G, C)), over all
-    programs for a shared one ((C,))."""
+def _param_grads(part: Tensor, which: list, groups: int, splits: int, dtypes: Tuple, shapes: Tuple) -> list:
+    """The gradients of (gate, weight, bias) from the backward's partials (``which``: each one's partial index, None
+    for no gradient), one launch for all: each partial summed per group, then over the groups for a shared
+    parameter ((C,)), in the parameter's dtype."""
+    wanted = [i for i, w in enumerate(which) if w is not None]
+    if not wanted:
+        return [None, None, None]
     c = part.shape[-1]
-    grad = torch.empty(shape, device=part.device, dtype=dtype)
-    outputs = groups if len(shape) == 2 else 1
+    sums = torch.empty(len(wanted), groups, c, device=part.device, dtype=torch.float32)
     block_c = min(256, next_power_of_2(c))
-    launch(_param_grads_kernel, (outputs, cdiv(c, block_c)), part, grad, groups * splits // outputs, which, c,
+    picks = [which[i] for i in wanted] + [0] * (3 - len(wanted))
+    launch(_param_grads_kernel, (groups, cdiv(c, block_c), len(wanted)), part, sums, splits, *picks, c,
            BLOCK_C=block_c, **REDUCE)
-    return grad
+    grads = [None, None, None]
+    for j, i in enumerate(wanted):
+        grad = sums[j] if len(shapes[i]) == 2 else (sums[j, 0] if groups == 1 else sums[j].sum(0))
+        grads[i] = grad.to(dtypes[i])
+    return grads
 
 
 class _AddLayerNorm(torch.autograd.Function):
