@@ -8,8 +8,12 @@ import torch
 from subquad import kernels
 from subquad.kernels import softmax_attention
 from subquad.kernels.core.heads_last import cat_tokens
-from subquad.kernels.softmax import reference as softmax_reference
+from subquad.kernels.core.dispatch import INTERPRET, TRITON
 from subquad.kernels.core.testing import assert_rel_close
+from subquad.kernels.softmax import reference as softmax_reference
+
+if TRITON:
+    from subquad.kernels.softmax import prefix_triton
 
 BACKENDS = ["sdpa", "reference"]
 
@@ -108,6 +112,7 @@ def test_prefix_queries_backward_equals_autograd(num_prefix, n):
         assert_rel_close(g.double(), w, torch.float32, what=name)
 
 
+@pytest.mark.skipif(not (TRITON and INTERPRET), reason="the Triton kernels on CPU tensors: Triton's interpreter")
 @pytest.mark.parametrize("b,h,n,d,num_prefix,dtype", [
     (2, 3, 70, 16, 1, torch.float32),         # one cls token, keys over two tiles, the last one partial
     (2, 1, 50, 16, 20, torch.float32),        # more prefix queries than one block
@@ -118,7 +123,6 @@ def test_prefix_queries_gradients_triton_match_the_reference(b, h, n, d, num_pre
     """The Triton prefix backward (CPU interpreter here) writes dq's prefix rows and adds the keys' and values'
     shares into dk, dv as the explicit reference does, from the same inputs (in float32 dk, dv start nonzero: an
     add, not an overwrite; in 16 bits at zero, whose sum rounds no increment away); dq's grid rows stay untouched."""
-    from subquad.kernels.softmax.prefix_triton import add_prefix_queries_gradients_triton
     q, k, v, do = (torch.randn(b, h, n, d).to(dtype) for _ in range(4))
     o = softmax_reference.softmax_attention_reference(q, k, v)
     start = [torch.randn(b, h, n, d)] + [torch.randn(b, h, n, d) * (dtype == torch.float32) for _ in range(2)]
@@ -126,7 +130,7 @@ def test_prefix_queries_gradients_triton_match_the_reference(b, h, n, d, num_pre
     softmax_reference.add_prefix_queries_gradients(*want, do.float(), q.float(), k.float(), v.float(), o.float(),
                                                    num_prefix)
     got = [t.to(dtype, copy=True) for t in start]
-    add_prefix_queries_gradients_triton(*got, do, q, k, v, o, num_prefix)
+    prefix_triton.add_prefix_queries_gradients_triton(*got, do, q, k, v, o, num_prefix)
     p = num_prefix
     assert_rel_close(got[0][:, :, :p].float(), want[0][:, :, :p], dtype, what="dq prefix rows")
     assert torch.equal(got[0][:, :, p:], start[0][:, :, p:].to(dtype)), "grid rows of dq changed"
