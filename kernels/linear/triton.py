@@ -589,7 +589,8 @@ def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, 
                                DVP: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """FLatten's key side for a tile of tokens over all heads: first the keys' whole-token
     g.w = sum_h phi_h(k_j) . (dS_h v_j + dz_h) / M / ||r_j|| (one pass over the heads), then per head dk, dv
-    and a partial dc (B, tiles, H, DP). The second pass re-reads the tiles it has just read (from cache)."""
+    and a partial dc (B, tiles, H, DP), the first tile's with the queries' share added (so that dc is one sum).
+    The second pass re-reads the tiles it has just read (from cache)."""
     b = tl.program_id(0)
     tile = tl.program_id(1)
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -616,8 +617,11 @@ def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, 
         dx, dc = _focused_backward(d_phi, gw, x, inv_c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT)
         store_tile(dk_ptr + b * s_dkb + h * s_dkh, offs_n, offs_c, s_dkn, mn, mc, dx, ALIGN)
         store_tile(dv_ptr + b * s_dvb + h * s_dvh, offs_n, offs_v, s_dvn, mn, mv, dv, ALIGN)
-        tl.store(dc_ptr + ((b * tl.num_programs(1) + tile) * H + h) * DP + offs_c,
-                 tl.sum(tl.where(mn[:, None], dc, 0.0), axis=0))
+        dc = tl.sum(tl.where(mn[:, None], dc, 0.0), axis=0)
+        # the first tile also carries the queries' share (the reduced grads' last DP values)
+        dc += tl.load(grads_ptr + (b * H + h) * (DP * DVP + 2 * DP + DVP) + DP * DVP + DP + DVP + offs_c,
+                      mask=(offs_c < DP) & (tile == 0), other=0.0)
+        tl.store(dc_ptr + ((b * tl.num_programs(1) + tile) * H + h) * DP + offs_c, dc)
 
 
 # --- launchers ------------------------------------------------------------------------------
@@ -770,8 +774,7 @@ def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: 
     launch(_focused_backward_k_kernel, (b, tiles), k, v, c, norms[1], grads, dk, dv, part_c, n, h, float(p),
            FOCUSED_EPS, 1.0 / n, *strides, P_INT=meta["P_INT"], D=d, DV=d_v, DP=dp, DVP=dvp, LOWP=meta["LOWP"],
            ALIGN=row_alignment(k, v, dk, dv), **opts)
-    dc = grads[:, dp * dvp + dp + dvp:].reshape(b, h, dp).sum(0) + part_c.sum((0, 1))
-    return dq, dk, dv, dc[:, :d]
+    return dq, dk, dv, part_c.sum((0, 1))[:, :d]
 
 
 # --- the op: custom ops for torch.compile, an autograd.Function in eager mode ------------------------
