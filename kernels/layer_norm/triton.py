@@ -13,7 +13,8 @@ rows ((G, C): one per sample, DiT's adaLN), read through a group stride that is 
 
 x, y and s are read and written once each, out written once, in fp32 arithmetic; mean and rstd (fp32, one per
 row) are kept for the backward. A backward program walks a chunk of one group's rows and holds its dw, db, dg
-partials in registers; a second kernel sums the programs' partials per group (or over all for a shared one).
+partials in registers; one more launch sums every requested partial per group (then a shared
+parameter's over its groups, which are one unless another parameter is per sample).
 """
 from typing import Optional, Tuple
 
