@@ -542,7 +542,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
     o = heads_last_empty(q, b, h, nq, v.shape[-1])
     lse = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
     if tile_rows is not None and num_prefix > 0:
-        o[:, :, :num_prefix].zero_()
+        if not prefix_queries:               # else fill_prefix_queries writes these rows
+            o[:, :, :num_prefix].zero_()
         lse[:, :, :num_prefix].fill_(float("-inf"))
     consts, bias, masks, qk_scale = _launch_args(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks,
                                             key_bias, tile_rows, scale, lse)
@@ -591,7 +592,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     launch(delta_kernel, (num_tiles(nq, block_m), b * h), o, do, delta, *strides(o), *strides(do), h, nq,
            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_D=consts["BLOCK_D"], ALIGN=row_alignment(o, do))
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if tile_rows is not None and p > 0:
+    if tile_rows is not None and p > 0 and not prefix_queries:    # else the prefix queries' gradients fill them
         dq[:, :, :p].zero_()
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
