@@ -24,7 +24,7 @@ class _AddedToKeys(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, offset: torch.Tensor, batch: int) -> torch.Tensor:
         h, n, d = offset.shape
-        qkv.view(batch, n, 3, h, d)[:, :, 1] += offset.transpose(0, 1)
+        qkv.view(batch, n, 3, h, d)[:, :, 1].add_(offset.transpose(0, 1))   # not "+=": its setitem copies back
         ctx.mark_dirty(qkv)
         ctx.shape = (batch, n, h, d)
         return qkv
