@@ -3,12 +3,13 @@ Linear Attention", ICCV 2023). Parameter names follow the official code."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import checks, depthwise_conv_on_grid, family, focused_linear_attention
 from ..kernels.core.family import check_options
 from .base import GridAttention
-from .grid_maps import depthwise_conv, grid_resize_matrix, without_autocast
+from .grid_maps import depthwise_conv, resize_map
 from .registry import register
 
 
@@ -43,12 +44,17 @@ class FocusedLinearAttention(GridAttention):
         self.to(**self.factory_kwargs)
 
     def key_encoding(self, grid: tuple[int, ...], num_prefix: int, dtype: torch.dtype) -> torch.Tensor:
-        """The positional encoding resized bilinearly to the grid (each frame of a video grid alike), (h, P + N,
-        d) with zeros on the P prefix keys: one product with ``grid_resize_matrix``, in float32 or wider."""
-        pe = self.positional_encoding[0].to(torch.promote_types(self.positional_encoding.dtype, torch.float32))
-        with without_autocast(pe.device):
-            pe = grid_resize_matrix(self.pos_grid, grid, num_prefix, pe) @ pe             # (P + N, dim)
-        return pe.to(dtype).reshape(-1, self.num_heads, self.head_dim).transpose(0, 1)
+        """The positional encoding resized bilinearly to the grid (``resize_map``: two small products, the
+        parameter itself on its own grid; each frame of a video grid alike), (h, P + N, d) with zeros on the P
+        prefix keys."""
+        (sh, sw), dim = self.pos_grid, self.dim
+        pe = resize_map(self.positional_encoding[0].T.reshape(dim, sh, sw), tuple(grid[-2:]))
+        pe = pe.reshape(dim, -1).T.to(dtype)                                              # (H * W, dim)
+        if len(grid) == 3:
+            pe = pe.repeat(grid[0], 1)
+        if num_prefix:
+            pe = F.pad(pe, (0, 0, num_prefix, 0))
+        return pe.reshape(-1, self.num_heads, self.head_dim).transpose(0, 1)
 
     def key_offset(self, grid, num_prefix, dtype):
         if self.positional_encoding is None:
