@@ -33,7 +33,7 @@ from torch import nn
 from ..attention import build
 from ..attention.grid_maps import depthwise_conv, resize_map
 from .attention_schedule import AttentionSchedule, AttnEntry
-from .fused_norm import add_norm
+from .fused_norm import add_norm, residual_branch
 from .patchify import PatchifyConv2d
 from .pretrained import build_with_pretrained, check_state_dict
 
@@ -204,7 +204,7 @@ class HierarchicalBlock(nn.Module):
             x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         x, y = add_norm(self.norm1, x)
         y = self.attn(y.reshape(b, h * w, c), grid=(h, w)).reshape(b, h, w, c)
-        x, y = add_norm(self.norm2, x, self.drop_path1(self.ls1(y)))
+        x, y = add_norm(self.norm2, x, *residual_branch(self.ls1, self.drop_path1, y))
         return x + self.drop_path2(self.ls2(self.mlp(y)))
 
 

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import build
 from .attention_schedule import AttentionSchedule, AttnEntry
-from .fused_norm import add_norm
+from .fused_norm import add_norm, residual_branch
 from .patchify import PatchifyConv2d
 
 
@@ -49,7 +49,7 @@ class GridBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
         x, h = add_norm(self.norm1, x)
-        x, h = add_norm(self.norm2, x, self.drop_path1(self.ls1(self.attn(h, grid, num_prefix))))
+        x, h = add_norm(self.norm2, x, *residual_branch(self.ls1, self.drop_path1, self.attn(h, grid, num_prefix)))
         return x + self.drop_path2(self.ls2(self.mlp(h)))
 
 

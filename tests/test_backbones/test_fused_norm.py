@@ -5,14 +5,19 @@ CUDA kernel), which checks how the blocks call the fused op; on the GPU (``gpu``
 import pytest
 import timm
 import torch
+from timm.layers import DropPath, LayerScale
+from torch import nn
 
 import subquad  # noqa: F401  (registers the models)
 from subquad.backbones import diffusion_transformer, hierarchical, vit
 from subquad.backbones.diffusion_transformer import DiT
+from subquad.backbones.fused_norm import add_norm, residual_branch
 from subquad.kernels.core.testing import relative_error
 
 
-def unfused(norm, x, y=None):
+def unfused(norm, x, y=None, gate=None):
+    if gate is not None:
+        y = y * (gate if gate.dim() == 1 else gate.reshape(gate.shape[0], *[1] * (y.dim() - 2), -1))
     s = x if y is None else x + y
     return s, norm(s)
 
@@ -78,3 +83,34 @@ def test_fused_adaln_dit_equals_unfused(monkeypatch, device):
     assert out.abs().max() > 0 and relative_error(out, want) < 1e-2
     flat = torch.cat([grads[n].float().flatten() for n in grads])
     assert relative_error(flat, torch.cat([want_grads[n].float().flatten() for n in grads])) < 1e-2
+
+
+@pytest.mark.parametrize("layer_scale,drop_prob,training", [(None, 0.5, True), (0.3, 0.0, True), (0.3, 0.5, True),
+                                                            (0.3, 0.5, False), ("inplace", 0.5, True)])
+def test_residual_branch_gate_is_layer_scale_and_drop_path(layer_scale, drop_prob, training):
+    """LayerScale's gamma and DropPath's per-sample mask applied as the fused add's gate give what the modules give
+    (same draws of the mask from the same seed), output and gradients; an in-place LayerScale runs as written."""
+    norm = nn.LayerNorm(16)
+    ls = (nn.Identity() if layer_scale is None else
+          LayerScale(16, 0.5, inplace=True) if layer_scale == "inplace" else LayerScale(16, layer_scale))
+    with torch.no_grad():
+        for p in (*norm.parameters(), *ls.parameters()):
+            p.add_(torch.randn_like(p) * 0.1)
+    dp = DropPath(drop_prob) if drop_prob else nn.Identity()
+    dp.train(training)
+    x, y = torch.randn(8, 3, 5, 16, requires_grad=True), torch.randn(8, 3, 5, 16, requires_grad=True)
+    leaves = [x, y, *norm.parameters(), *ls.parameters()]
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(1)
+        y_out = y * 1.0                        # a sub-layer's output, not a leaf (an in-place LayerScale writes it)
+        branch = residual_branch(ls, dp, y_out) if fused else (dp(ls(y_out)),)
+        s, out = add_norm(norm, x, *branch)
+        results.append((s, out, torch.autograd.grad((s * out).sum(), leaves)))
+    (s0, out0, g0), (s1, out1, g1) = results
+    torch.testing.assert_close(s1, s0)
+    torch.testing.assert_close(out1, out0)
+    for a, e in zip(g1, g0):
+        torch.testing.assert_close(a, e)
+    dropped = (s0 == x).flatten(1).all(1)
+    assert dropped.any() == (training and drop_prob > 0), "the draws should drop some of 8 samples at p=0.5"
