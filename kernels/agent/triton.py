@@ -332,7 +332,8 @@ def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, gra
                           DP: tl.constexpr, DVP: tl.constexpr, NAP: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """Aggregation stage backward for one head, one chunk of keys and one group of BPG batch elements:
-    dk, dv, the group's dB1 in place and per batch element a partial dA = dS1 K / sqrt(d)."""
+    dk, dv, the group's dB1 in place and per batch element a partial dA = dS1 K / sqrt(d) (the first chunk's with
+    the broadcast stage's share, the last NAP * DP values of ``grads``, added)."""
     h = tl.program_id(0)
     split = tl.program_id(1)
     group = tl.program_id(2)
@@ -381,8 +382,11 @@ def _aggregate_bwd_kernel(k_ptr, v_ptr, agents_ptr, b1_ptr, va_ptr, lse_ptr, gra
                 if b > b_lo:
                     ds += tl.load(ptrs, mask=m, other=0.0)
                 tl.store(ptrs, ds, mask=m)
+        acc_a *= scale
+        if split == 0:          # the first chunk also carries the broadcast stage's share of dA (so dA is one sum)
+            acc_a += tl.load(grads_ptr + bh * NAP * (DVP + DP) + NAP * DVP + offs_a[:, None] * DP + offs_c[None, :])
         tl.store(part_ptr + (bh * tl.num_programs(1) + split) * NAP * DP + offs_a[:, None] * DP + offs_c[None, :],
-                 acc_a * scale)
+                 acc_a)
         tl.debug_barrier()          # this batch element's dB1 stores are read by other threads at the next
 
 
@@ -544,7 +548,7 @@ def agent_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, b1: 
            dv, db1 if bias_grad else q, part_k, b, per_group, n, h, chunk, scale * LOG2E.value, scale, grid_h, grid_w,
            s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, dk.stride(0), dk.stride(1), dk.stride(2),
            dv.stride(0), dv.stride(1), dv.stride(2), ALIGN=row_alignment(k, v, dk, dv), **flags, **opts)
-    da = grads_q[:, nap * dvp:].reshape(b * h, nap, dp) + part_k.sum(1)
+    da = part_k.sum(1) if splits > 1 else part_k.view(b * h, nap, dp)
 
     cfg = CONFIG["unpool"]
     splits, chunk = split_tokens(b * h, n - num_prefix, cfg["BLOCK_N"], 2 * target, cfg["max_tiles"])
