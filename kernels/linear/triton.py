@@ -618,9 +618,8 @@ def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, 
         store_tile(dk_ptr + b * s_dkb + h * s_dkh, offs_n, offs_c, s_dkn, mn, mc, dx, ALIGN)
         store_tile(dv_ptr + b * s_dvb + h * s_dvh, offs_n, offs_v, s_dvn, mn, mv, dv, ALIGN)
         dc = tl.sum(tl.where(mn[:, None], dc, 0.0), axis=0)
-        # the first tile also carries the queries' share (the reduced grads' last DP values)
-        dc += tl.load(grads_ptr + (b * H + h) * (DP * DVP + 2 * DP + DVP) + DP * DVP + DP + DVP + offs_c,
-                      mask=(offs_c < DP) & (tile == 0), other=0.0)
+        if tile == 0:       # the first tile also carries the queries' share (the reduced grads' last DP values)
+            dc += tl.load(grads_ptr + (b * H + h) * (DP * DVP + 2 * DP + DVP) + DP * DVP + DP + DVP + offs_c)
         tl.store(dc_ptr + ((b * tl.num_programs(1) + tile) * H + h) * DP + offs_c, dc)
 
 

@@ -6,9 +6,8 @@ import torch
 from ..core import checks
 from ..core.dispatch import choose_backend, register_backend
 from ..core.family import Family, register_family
-from .reference import (add_prefix_queries_gradients, fill_prefix_queries, prefix_attention_sdpa,
-                        prefix_queries_backward, softmax_attention_reference, softmax_attention_sdpa,
-                        with_prefix_queries)
+from .reference import (fill_prefix_queries, prefix_attention_sdpa, softmax_attention_reference,
+                        softmax_attention_sdpa, with_prefix_queries)
 
 FAMILY = register_family(Family(
     name="softmax", aliases=("sdpa", "dense"), title="dense softmax (SDPA)", paper="the baseline", cost="O(N²)",

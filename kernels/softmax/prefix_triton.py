@@ -18,18 +18,11 @@ import triton.language as tl
 from torch import Tensor
 
 from ..core.alignment import row_alignment
-from ..core.triton_common import (LOG2E, cdiv, dkdv_step, dq_step, launch, load_block, load_row_stats, pad_dim,
-                                  round_to, row_ptrs, rows_contiguous, scores, strides,
-                                  transposed_scores)
+from ..core.triton_common import (LOG2E, cdiv, dkdv_step, dq_step, launch, load_row_stats, load_tile, pad_dim,
+                                  rows_contiguous, scores, store_tile, strides, transposed_scores)
 
 BLOCK_M = 16        # prefix queries per block (the smallest tl.dot side; most models have one)
 BLOCK_N = 64        # keys per tile
-
-
-@triton.jit
-def _tile(base, rows, limit, stride, cols, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
-    return load_block(row_ptrs(base, rows, stride, ALIGN)[:, None] + cols[None, :], rows, limit, cols, HEAD_DIM,
-                      BLOCK_D, True)
 
 
 @triton.jit(do_not_specialize=["H", "N", "P"])
@@ -43,16 +36,17 @@ def _prefix_dq_kernel(Q, K, V, O, DO, DQ, Stats, sqb, sqh, sqn, skb, skh, skn, s
     b, h = bh // H, bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    q = _tile(Q + b * sqb + h * sqh, rows, P, sqn, cols, HEAD_DIM, BLOCK_D, ALIGN)
-    do = _tile(DO + b * sdb + h * sdh, rows, P, sdn, cols, HEAD_DIM, BLOCK_D, ALIGN)
-    o = _tile(O + b * sob + h * soh, rows, P, son, cols, HEAD_DIM, BLOCK_D, ALIGN)
+    mc = cols < HEAD_DIM
+    q = load_tile(Q + b * sqb + h * sqh, rows, cols, sqn, rows < P, mc, ALIGN)
+    do = load_tile(DO + b * sdb + h * sdh, rows, cols, sdn, rows < P, mc, ALIGN)
+    o = load_tile(O + b * sob + h * soh, rows, cols, son, rows < P, mc, ALIGN)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     k_base, v_base = K + b * skb + h * skh, V + b * svb + h * svh
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     for start in range(0, N, BLOCK_N):             # pass 1: the rows' log-sum-exp (the output is the op's)
         keys = start + tl.arange(0, BLOCK_N)
-        k = _tile(k_base, keys, N, skn, cols, HEAD_DIM, BLOCK_D, ALIGN)
+        k = load_tile(k_base, keys, cols, skn, keys < N, mc, ALIGN)
         s = tl.where(keys[None, :] < N, scores(q, k, DOT_PRECISION) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
@@ -61,12 +55,11 @@ def _prefix_dq_kernel(Q, K, V, O, DO, DQ, Stats, sqb, sqh, sqn, skb, skh, skn, s
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(0, N, BLOCK_N):             # pass 2: dQ
         keys = start + tl.arange(0, BLOCK_N)
-        k = _tile(k_base, keys, N, skn, cols, HEAD_DIM, BLOCK_D, ALIGN)
-        v = _tile(v_base, keys, N, svn, cols, HEAD_DIM, BLOCK_D, ALIGN)
+        k = load_tile(k_base, keys, cols, skn, keys < N, mc, ALIGN)
+        v = load_tile(v_base, keys, cols, svn, keys < N, mc, ALIGN)
         s = tl.where(keys[None, :] < N, scores(q, k, DOT_PRECISION) * qk_scale, float("-inf"))
         dq, _ = dq_step(dq, s, lse, delta, do, k, v, DOT_PRECISION)
-    dq_ptrs = row_ptrs(DQ + b * sgb + h * sgh, rows, sgn, ALIGN)[:, None] + cols[None, :]
-    tl.store(dq_ptrs, round_to(dq * scale, DQ.dtype.element_ty), mask=(rows[:, None] < P) & (cols[None, :] < HEAD_DIM))
+    store_tile(DQ + b * sgb + h * sgh, rows, cols, sgn, rows < P, mc, dq * scale, ALIGN)
     tl.store(Stats + bh * P + rows, lse, mask=rows < P)
     tl.store(Stats + (tl.num_programs(1) + bh) * P + rows, delta, mask=rows < P)
 
@@ -81,22 +74,23 @@ def _prefix_dkdv_kernel(Q, K, V, DO, DK, DV, Stats, sqb, sqh, sqn, skb, skh, skn
     b, h = bh // H, bh % H
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    k = _tile(K + b * skb + h * skh, keys, N, skn, cols, HEAD_DIM, BLOCK_D, ALIGN)
-    v = _tile(V + b * svb + h * svh, keys, N, svn, cols, HEAD_DIM, BLOCK_D, ALIGN)
+    mc = cols < HEAD_DIM
+    k = load_tile(K + b * skb + h * skh, keys, cols, skn, keys < N, mc, ALIGN)
+    v = load_tile(V + b * svb + h * svh, keys, cols, svn, keys < N, mc, ALIGN)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for start in range(0, P, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q = _tile(Q + b * sqb + h * sqh, rows, P, sqn, cols, HEAD_DIM, BLOCK_D, ALIGN)
-        do = _tile(DO + b * sdb + h * sdh, rows, P, sdn, cols, HEAD_DIM, BLOCK_D, ALIGN)
+        q = load_tile(Q + b * sqb + h * sqh, rows, cols, sqn, rows < P, mc, ALIGN)
+        do = load_tile(DO + b * sdb + h * sdh, rows, cols, sdn, rows < P, mc, ALIGN)
         lse, delta = load_row_stats(Stats + bh * P, Stats + (tl.num_programs(1) + bh) * P, rows, rows < P)
         s_t = transposed_scores(k, q, DOT_PRECISION) * qk_scale
         dk, dv, _ = dkdv_step(dk, dv, s_t, lse, delta, q, do, v, DOT_PRECISION)
-    mask = (keys[:, None] < N) & (cols[None, :] < HEAD_DIM)
-    dk_ptrs = row_ptrs(DK + b * skgb + h * skgh, keys, skgn, ALIGN)[:, None] + cols[None, :]
-    dv_ptrs = row_ptrs(DV + b * svgb + h * svgh, keys, svgn, ALIGN)[:, None] + cols[None, :]
-    tl.store(dk_ptrs, round_to(tl.load(dk_ptrs, mask=mask, other=0.0) + dk * scale, DK.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, round_to(tl.load(dv_ptrs, mask=mask, other=0.0) + dv, DV.dtype.element_ty), mask=mask)
+    mn = keys < N
+    dk_base, dv_base = DK + b * skgb + h * skgh, DV + b * svgb + h * svgh
+    store_tile(dk_base, keys, cols, skgn, mn, mc, load_tile(dk_base, keys, cols, skgn, mn, mc, ALIGN) + dk * scale,
+               ALIGN)
+    store_tile(dv_base, keys, cols, svgn, mn, mc, load_tile(dv_base, keys, cols, svgn, mn, mc, ALIGN) + dv, ALIGN)
 
 
 def add_prefix_queries_gradients_triton(dq: Tensor, dk: Tensor, dv: Tensor, do: Tensor, q: Tensor, k: Tensor,
