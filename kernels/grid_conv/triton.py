@@ -14,13 +14,13 @@ A program per (batch, head) copies the prefix rows. The filter enters as fp32 ta
 tap's channels are one contiguous vector load, laid out once per filter tensor and version (``_taps``).
 
 Backward, with g = dL/dout: d residual = g; dx = the transposed conv of g (the flipped filter), 0 on the
-prefix rows: the forward kernel with the taps flipped, as parallel as the forward. dw[c, i, j] = sum g[t, c]
-x[t + (i - r, j - r), c] and dbias[c] = sum g[t, c] over the grid tokens and the batch (and the heads when
-C = d): each program sums a chunk of tiles into fp32 partials [dw taps | dbias] (k*k + 1 rows of d), tap by
-tap in a register tile reduced over the tokens once per chunk, and a small kernel sums the programs' partials
-into dw and dbias in their dtype.
+prefix rows; dw[c, i, j] = sum g[t, c] x[t + (i - r, j - r), c] and dbias[c] = sum g[t, c] over the grid tokens
+and the batch (and the heads when C = d). One kernel does both over a chunk of tiles per program: per tile it
+loads g once, and per tap the shifted tiles of x and g (from L1 after the first taps), summing g * x(shifted)
+over the tile's tokens into that tap's row of fp32 partials [dw taps | dbias] (k*k + 1 rows of d) and adding
+the flipped tap times g(shifted) into dx; g and x cross the memory system once. A small kernel sums the
+programs' partials into dw and dbias in their dtype.
 """
-import math
 import weakref
 from typing import Optional, Tuple
 
@@ -35,13 +35,13 @@ from ..core.triton_common import (cdiv, head_strides, launch, load_tile, num_pro
 from ..core.triton_op import triton_op
 
 # Tile sizes and launch options (``python -m subquad.tasks.bench.grid_conv --sweep`` times them); 8 warps
-# keep a 64-token tile under 130 registers (sm_90 ptxas, bf16, d = 64, k = 5: no spills). The forward's
-# tiles serve dx too. backward (the filter gradients): per_sm programs per SM that the chunks aim at, and at least
-# min_tiles tiles per chunk, so that the partials stay a small part of the chunk's bytes ((k*k + 1) / (64
-# min_tiles) of its g and x for 16-bit inputs).
+# keep a 64-token tile under 130 registers in the forward and 150 in the backward (sm_90 ptxas, bf16, d = 64,
+# k = 5: no spills; the backward at 4 warps spills). backward: per_sm programs per SM that the chunks aim at, and
+# at least min_tiles tiles per chunk, so that the partials stay a small part of the chunk's bytes ((k*k + 1) /
+# (64 min_tiles) of its g and x for 16-bit inputs).
 CONFIG = {
     "forward": dict(TILE_H=8, TILE_W=8, num_warps=8),
-    "backward": dict(TILE_H=8, TILE_W=8, num_warps=4, per_sm=4, min_tiles=4),
+    "backward": dict(TILE_H=8, TILE_W=8, num_warps=8, per_sm=4, min_tiles=4),
     "reduce": dict(BLOCK_R=32, num_warps=4),
 }
 
@@ -72,18 +72,14 @@ def _shifted(base, stride_n, first, row, col, di, dj, grid_h, grid_w, offs_c, mc
 
 @triton.jit
 def _conv(base, stride_n, taps_ptr, s_tap, chan, first, row, col, grid_h, grid_w, offs_c, mc, K: tl.constexpr,
-          FLIP: tl.constexpr, TOKENS: tl.constexpr, DP: tl.constexpr, ALIGN: tl.constexpr):
+          TOKENS: tl.constexpr, DP: tl.constexpr, ALIGN: tl.constexpr):
     """sum_ij w[chan, i, j] src[row + i - K//2, col + j - K//2] in fp32, the filter given as fp32 taps
-    (K*K, C); FLIP takes w[chan, K-1-i, K-1-j] (the transposed conv of the backward). The filter rows are
-    a loop, not unrolled: K shifted tiles in flight at a time, not K*K, keep the registers in bounds."""
+    (K*K, C). The filter rows are a loop, not unrolled: K shifted tiles in flight at a time, not K*K, keep the
+    registers in bounds."""
     acc = tl.zeros((TOKENS, DP), tl.float32)
     for i in range(K):
         for j in tl.static_range(K):
-            if FLIP:
-                tap = K * K - 1 - (i * K + j)
-            else:
-                tap = i * K + j
-            w = tl.load(taps_ptr + tap * s_tap + chan, mask=mc, other=0.0)
+            w = tl.load(taps_ptr + (i * K + j) * s_tap + chan, mask=mc, other=0.0)
             acc += w[None, :] * _shifted(base, stride_n, first, row, col, i - K // 2, j - K // 2, grid_h, grid_w,
                                          offs_c, mc, ALIGN)
     return acc
@@ -109,11 +105,10 @@ def _prefix_rows(src_base, s_src, dst_base, s_dst, num_prefix, offs_c, mc, COPY:
 def _forward_kernel(x_ptr, taps_ptr, b_ptr, r_ptr, o_ptr, num_prefix, grid_h, grid_w, grid_items, items, s_tap,
                     s_xb, s_xh, s_xn, s_rb, s_rh, s_rn, s_ob, s_oh, s_on,
                     D: tl.constexpr, DP: tl.constexpr, K: tl.constexpr, PER_HEAD: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, FLIP: tl.constexpr, TILE_H: tl.constexpr,
-                    TILE_W: tl.constexpr, ALIGN: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                    ALIGN: tl.constexpr):
     """out = residual + bias + conv(x) for one tile of one (batch, head); item ``grid_items`` of a batch
-    element (there when P > 0) is its prefix rows. ``items`` = tiles per batch element, prefix item included.
-    FLIP: the transposed conv (dx of the backward, from x = g)."""
+    element (there when P > 0) is its prefix rows. ``items`` = tiles per batch element, prefix item included."""
     b = (tl.program_id(0) // items).to(tl.int64)        # batch offsets may pass 2^31 elements
     j = tl.program_id(0) % items
     h = tl.program_id(1)
@@ -127,7 +122,7 @@ def _forward_kernel(x_ptr, taps_ptr, b_ptr, r_ptr, o_ptr, num_prefix, grid_h, gr
     else:
         row, col, first, tok, inside = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
         acc = _conv(x_ptr + b * s_xb + h * s_xh, s_xn, taps_ptr, s_tap, chan, first, row, col, grid_h, grid_w, offs_c,
-                    mc, K, FLIP, TILE_H * TILE_W, DP, ALIGN)
+                    mc, K, TILE_H * TILE_W, DP, ALIGN)
         if HAS_BIAS:
             acc += tl.load(b_ptr + chan, mask=mc, other=0.0).to(tl.float32)[None, :]
         if HAS_RES:
@@ -136,32 +131,47 @@ def _forward_kernel(x_ptr, taps_ptr, b_ptr, r_ptr, o_ptr, num_prefix, grid_h, gr
 
 
 @triton.jit(do_not_specialize=["num_prefix", "grid_h", "grid_w", "grid_items", "items", "total", "chunk"])
-def _filter_grad_kernel(g_ptr, x_ptr, part_ptr, num_prefix, grid_h, grid_w, grid_items, items, total, chunk,
-                        s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, D: tl.constexpr, DP: tl.constexpr, K: tl.constexpr,
-                        TILE_H: tl.constexpr, TILE_W: tl.constexpr, ALIGN: tl.constexpr):
-    """The fp32 partials [dw tap 0 .. tap K*K-1 | dbias] of a chunk of the (batch, tile) items of one head, stored
-    at part[head, chunk]. Per tap, the products g * x(shifted) of the chunk's tiles add up in a (tokens, DP) tile
-    and are summed over the tokens once, at the end: a sum over the tokens per tile and tap (a reduction across
-    the warps, K*K of them per tile) would cost more than the products."""
+def _backward_kernel(g_ptr, x_ptr, taps_ptr, dx_ptr, part_ptr, num_prefix, grid_h, grid_w, grid_items, items, total,
+                     chunk, s_tap, s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, s_db, s_dh, s_dn, D: tl.constexpr,
+                     DP: tl.constexpr, K: tl.constexpr, TAPS: tl.constexpr, PER_HEAD: tl.constexpr,
+                     TILE_H: tl.constexpr, TILE_W: tl.constexpr, ALIGN: tl.constexpr):
+    """For a chunk of the (batch, tile) items of one head: the fp32 partials [dw tap 0 .. tap K*K-1 | dbias],
+    stored at part[head, chunk], and dx of the chunk's tiles, 0 on the prefix rows. Per tile, g is
+    loaded once; per tap, the products g * x(shifted) are summed over the tile's tokens into row ``tap`` of a
+    (TAPS, DP) register tile, and dx gathers the flipped tap times g(shifted). The shifted tiles overlap, so
+    after the first taps they come from L1: g and x cross the memory system once."""
     split = tl.program_id(0)
     h = tl.program_id(1)
     offs_c = tl.arange(0, DP)
     mc = offs_c < D
+    chan = h * D + offs_c if PER_HEAD else offs_c
+    taps = tl.arange(0, TAPS)[:, None]
     lo = split * chunk
     hi = tl.minimum(lo + chunk, total)
+    acc = tl.zeros((TAPS, DP), tl.float32)
+    for item in range(lo, hi):
+        b, j = (item // items).to(tl.int64), item % items
+        g_base = g_ptr + b * s_gb + h * s_gh
+        dx_base = dx_ptr + b * s_db + h * s_dh
+        if j == grid_items:
+            _prefix_rows(dx_base, s_dn, dx_base, s_dn, num_prefix, offs_c, mc, False, TILE_H * TILE_W, DP, ALIGN)
+        else:
+            row, col, first, tok, inside = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
+            g = load_tile(g_base, tok, offs_c, s_gn, inside, mc, ALIGN).to(tl.float32)
+            acc += tl.where(taps == K * K, tl.sum(g, axis=0)[None, :], 0.0)
+            x_base = x_ptr + b * s_xb + h * s_xh
+            dx = tl.zeros((TILE_H * TILE_W, DP), tl.float32)
+            for i in range(K):
+                for jj in tl.static_range(K):
+                    xs = _shifted(x_base, s_xn, first, row, col, i - K // 2, jj - K // 2, grid_h, grid_w, offs_c, mc,
+                                  ALIGN)
+                    acc += tl.where(taps == i * K + jj, tl.sum(g * xs, axis=0)[None, :], 0.0)
+                    w = tl.load(taps_ptr + (K * K - 1 - (i * K + jj)) * s_tap + chan, mask=mc, other=0.0)
+                    dx += w[None, :] * _shifted(g_base, s_gn, first, row, col, i - K // 2, jj - K // 2, grid_h, grid_w,
+                                                offs_c, mc, ALIGN)
+            store_tile(dx_base, tok, offs_c, s_dn, inside, mc, dx, ALIGN)
     part = part_ptr + (h * tl.num_programs(0) + split) * (K * K + 1) * DP
-    for tap in tl.static_range(K * K + 1):
-        acc = tl.zeros((TILE_H * TILE_W, DP), tl.float32)
-        for item in range(lo, hi):
-            b, j = (item // items).to(tl.int64), item % items
-            if j != grid_items:
-                row, col, first, tok, inside = _tile(j, num_prefix, grid_h, grid_w, TILE_H, TILE_W)
-                g = load_tile(g_ptr + b * s_gb + h * s_gh, tok, offs_c, s_gn, inside, mc, ALIGN).to(tl.float32)
-                if tap < K * K:
-                    g *= _shifted(x_ptr + b * s_xb + h * s_xh, s_xn, first, row, col, tap // K - K // 2,
-                                  tap % K - K // 2, grid_h, grid_w, offs_c, mc, ALIGN)
-                acc += g
-        tl.store(part + tap * DP + offs_c, tl.sum(acc, axis=0))
+    tl.store(part + taps * DP + offs_c[None, :], acc, mask=taps < K * K + 1)
 
 
 @triton.jit(do_not_specialize=["rows"])
@@ -227,28 +237,21 @@ def _output_like(x: Tensor, residual: Optional[Tensor]) -> Tensor:
     return torch.empty_like(_unit_channel(residual)) if residual is not None else x.new_empty(x.shape)
 
 
-def _conv_launch(x: Tensor, taps: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], out: Tensor,
-                 flip: bool, num_prefix: int, frames: int, grid_h: int, grid_w: int) -> Tensor:
-    """out = residual + bias + conv(x) (the transposed conv if ``flip``), x and residual (B, h, N, d), the
-    filter as ``_taps``: (k*k, C) with C = h*d (per channel) or d (shared by the heads)."""
+def grid_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], num_prefix: int,
+                      frames: int, grid_h: int, grid_w: int) -> Tensor:
+    """residual + conv(x) (residual None: 0), in x's dtype; arguments as checked by ``depthwise_conv_on_grid``."""
     b, h, _, d = x.shape
+    taps, out = _taps(weight), _output_like(x, residual)
     x, s_xb, s_xh, s_xn = head_strides(x)
     res, s_rb, s_rh, s_rn = head_strides(residual) if residual is not None else (x, 0, 0, 0)
     cfg = CONFIG["forward"]
     grid_items, items = _items(num_prefix, frames, grid_h, grid_w, cfg["TILE_H"], cfg["TILE_W"])
     launch(_forward_kernel, (b * items, h), x, taps, bias.contiguous() if bias is not None else x, res, out,
            num_prefix, grid_h, grid_w, grid_items, items, taps.stride(0), s_xb, s_xh, s_xn, s_rb, s_rh, s_rn,
-           out.stride(0), out.stride(1), out.stride(2), D=d, DP=pad_dim(d), K=math.isqrt(taps.shape[0]),
-           PER_HEAD=taps.shape[1] == h * d, HAS_BIAS=bias is not None, HAS_RES=residual is not None, FLIP=flip,
+           out.stride(0), out.stride(1), out.stride(2), D=d, DP=pad_dim(d), K=weight.shape[-1],
+           PER_HEAD=taps.shape[1] == h * d, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
            ALIGN=row_alignment(x, res, out), **cfg)
     return out
-
-
-def grid_conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], num_prefix: int,
-                      frames: int, grid_h: int, grid_w: int) -> Tensor:
-    """residual + conv(x) (residual None: 0), in x's dtype; arguments as checked by ``depthwise_conv_on_grid``."""
-    return _conv_launch(x, _taps(weight), bias, residual, _output_like(x, residual), False, num_prefix, frames,
-                        grid_h, grid_w)
 
 
 def grid_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], num_prefix: int, frames: int,
@@ -258,7 +261,8 @@ def grid_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     k, channels = weight.shape[-1], weight.shape[0]
     (grad, s_gb, s_gh, s_gn), (x, s_xb, s_xh, s_xn) = head_strides(grad), head_strides(x)
     taps = _taps(weight)
-    dx = _conv_launch(grad, taps, None, None, torch.empty_like(x), True, num_prefix, frames, grid_h, grid_w)
+    dx = torch.empty_like(x)
+    _, s_db, s_dh, s_dn = head_strides(dx)
     dp = pad_dim(d)
     cfg = CONFIG["backward"]
     grid_items, items = _items(num_prefix, frames, grid_h, grid_w, cfg["TILE_H"], cfg["TILE_W"])
@@ -266,9 +270,10 @@ def grid_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     chunk = max(cfg["min_tiles"], cdiv(total, cdiv(num_programs_target(x.device, cfg["per_sm"]), h)))
     splits = cdiv(total, chunk)
     part = x.new_empty(h, splits, k * k + 1, dp, dtype=torch.float32)
-    launch(_filter_grad_kernel, (splits, h), grad, x, part, num_prefix, grid_h, grid_w, grid_items, items, total,
-           chunk, s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, D=d, DP=dp, K=k, TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"],
-           ALIGN=row_alignment(grad, x), num_warps=cfg["num_warps"])
+    launch(_backward_kernel, (splits, h), grad, x, taps, dx, part, num_prefix, grid_h, grid_w, grid_items, items,
+           total, chunk, taps.stride(0), s_gb, s_gh, s_gn, s_xb, s_xh, s_xn, s_db, s_dh, s_dn, D=d, DP=dp, K=k,
+           TAPS=triton.next_power_of_2(k * k + 1), PER_HEAD=channels == h * d, TILE_H=cfg["TILE_H"],
+           TILE_W=cfg["TILE_W"], ALIGN=row_alignment(grad, x, dx), num_warps=cfg["num_warps"])
     dw, db = _filter_grads_like(weight, bias)
     groups = channels // d
     cfg = CONFIG["reduce"]

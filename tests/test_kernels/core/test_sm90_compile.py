@@ -59,8 +59,9 @@ def _cases() -> None:
 
 
 def _real_size_cases() -> None:
-    """LLSA at the paper's shapes (head dim 64; 128x128 with two levels, 256x256 with three) and radial attention on
-    an image, forward and backward: their launch configurations (block sizes, warps, stages) as on a GPU."""
+    """LLSA at the paper's shapes (head dim 64; 128x128 with two levels, 256x256 with three), radial attention on
+    an image and MALA's 5x5 depthwise conv in a DeiT-S at 224 px (one filter per channel, and FLatten's shared by
+    the heads), forward and backward: their launch configurations (block sizes, warps, stages) as on a GPU."""
     for grid in ((128, 128), (256, 256)):
         qkv = [torch.randn(1, 4, math.prod(grid), 64).bfloat16().requires_grad_() for _ in range(3)]
         out = kernels.loglinear_attention(*qkv, grid=grid, backend="triton")
@@ -68,6 +69,11 @@ def _real_size_cases() -> None:
     qkv = [torch.randn(1, 4, 64 * 64, 64).bfloat16().requires_grad_() for _ in range(3)]
     out = kernels.radial_attention(*qkv, grid=(64, 64), backend="triton")
     torch.autograd.grad(out, qkv, torch.randn_like(out))
+    x = torch.randn(128, 197, 6, 64).bfloat16().transpose(1, 2).requires_grad_()
+    for channels in (6 * 64, 64):
+        weight = torch.randn(channels, 1, 5, 5).requires_grad_()
+        out = kernels.depthwise_conv_on_grid(x, weight, None, grid=(14, 14), num_prefix=1, backend="triton")
+        torch.autograd.grad(out, [x, weight], torch.randn_like(out))
 
 
 def _head_dim_72_cases() -> None:
@@ -115,17 +121,17 @@ def test_every_launched_kernel_compiles_for_sm90():
     assert not failures, "\n".join(failures)
 
 
-def test_llsa_and_radial_kernels_at_real_sizes_neither_spill_nor_access_scalars():
-    """At the launch configurations of real sizes (head dim 64) no kernel of LLSA or radial attention spills
-    registers to local memory on sm_90 (ptxas -v): a spill in a per-round loop (the selection's top-K) costs
-    more than the kernel's work; and the block-sparse core, whose tiles each thread reads 8 values of a row at a
+def test_kernels_at_real_sizes_neither_spill_nor_access_scalars():
+    """At the launch configurations of real sizes (head dim 64) no kernel of LLSA, radial attention or the depthwise
+    conv spills registers to local memory on sm_90 (ptxas -v): a spill in a per-round loop (the selection's
+    top-K, the conv backward's taps) costs more than the kernel's work; and the block-sparse core, whose tiles each thread reads 8 values of a row at a
     time, loads and stores no 16-bit value alone (a key tile whose row pointers come from two tensors, LLSA's
     tokens and pooled keys, did until their alignment was restated). The pooling's block means are one value
     per thread, stored alone by design."""
     launches = _record(_real_size_cases, run_kernels=False)
     assert {launch["name"] for launch in launches} >= {"_select_kernel", "_pool_finest_kernel",
                                                          "_spread_pooled_kernel", "_fwd_kernel", "_bwd_kv_kernel",
-                                                         "_bwd_q_kernel", "_hot_tiles_kernel"}
+                                                         "_bwd_q_kernel", "_hot_tiles_kernel", "_backward_kernel"}
     result = compile_for_sm90(launches)
     assert not result["failures"], "\n".join(result["failures"])
     spilling = {name: kernel["spills"] for name, kernel in result["kernels"].items() if kernel["spills"]}
