@@ -6,6 +6,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import checks, softmax_attention
@@ -17,23 +18,28 @@ CACHED_ELEMENTS = 2 ** 22
 
 
 class _AddedToKeys(torch.autograd.Function):
-    """qkv (B * N, 3 C) from the qkv projection with a key offset (h, N, d) added in place into its keys' columns
-    (one pass, no copy of the keys; ``mark_dirty`` on the product's own output, not a view, keeps autograd from
-    copying it whole in the backward). The gradient passes through; the offset's is the keys' summed over B."""
+    """qkv (B * (P + N), 3 C) from the qkv projection with a key offset (h, N, d) added in place into the columns
+    of its N grid keys (one pass in float32 when the offset is, rounded into qkv's dtype; no copy of the keys;
+    ``mark_dirty`` on the product's own output, not a view, keeps autograd from copying it whole in the backward).
+    The gradient passes through; the offset's is the grid keys' summed over B, in the offset's dtype."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, offset: torch.Tensor, batch: int) -> torch.Tensor:
+    def forward(ctx, qkv: torch.Tensor, offset: torch.Tensor, batch: int, num_prefix: int) -> torch.Tensor:
         h, n, d = offset.shape
-        qkv.view(batch, n, 3, h, d)[:, :, 1].add_(offset.transpose(0, 1))   # not "+=": its setitem copies back
+        keys = qkv.view(batch, num_prefix + n, 3, h, d)[:, num_prefix:, 1]
+        keys.add_(offset.transpose(0, 1))              # not "+=": its setitem copies back
         ctx.mark_dirty(qkv)
-        ctx.shape = (batch, n, h, d)
+        ctx.shape, ctx.num_prefix, ctx.offset_dtype = (batch, n, h, d), num_prefix, offset.dtype
         return qkv
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        batch, n, h, d = ctx.shape
-        d_offset = grad.reshape(batch, n, 3, h, d)[:, :, 1].sum(0).transpose(0, 1) if ctx.needs_input_grad[1] else None
-        return grad, d_offset, None
+        (batch, n, h, d), p = ctx.shape, ctx.num_prefix
+        d_offset = None
+        if ctx.needs_input_grad[1]:
+            keys = grad.reshape(batch, p + n, 3, h, d)[:, p:, 1]
+            d_offset = keys.sum(0, dtype=ctx.offset_dtype).transpose(0, 1)
+        return grad, d_offset, None, None
 
 
 class GridAttention(nn.Module):
@@ -88,10 +94,11 @@ class GridAttention(nn.Module):
         """Mix the heads' values: (B, h, N, d) in, (B, h, N, d) out. ``x`` is the block input."""
         raise NotImplementedError
 
-    def key_offset(self, grid: tuple[int, ...], num_prefix: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """A (h, P + N, d) tensor added to the keys (after ``k_norm``) before ``attend``, or None (the default):
-        a positional encoding of the keys. Added in place into the qkv projection's output when ``k_norm`` is the
-        identity (``_AddedToKeys``), so that training keeps no second copy of the keys for the backward."""
+    def key_offset(self, grid: tuple[int, ...]) -> torch.Tensor | None:
+        """A (h, N, d) tensor added to the N grid keys (after ``k_norm``; not the prefix keys) before ``attend``,
+        or None (the default): a positional encoding of the keys, in any float dtype (the sum is rounded to the
+        keys'). Added in place into the qkv projection's output when ``k_norm`` is the identity
+        (``_AddedToKeys``), so that training keeps no second copy of the keys for the backward."""
         return None
 
     def needs_dense(self, grid: tuple[int, ...]) -> bool:
@@ -140,14 +147,14 @@ class GridAttention(nn.Module):
         b, n, c = x.shape
         checks.check_tokens(n, grid, num_prefix)
         qkv = self.qkv(x.reshape(b * n, c))             # 2D: the product's own output, not a view of it
-        offset = self.key_offset(grid, num_prefix, qkv.dtype)
+        offset = self.key_offset(grid)
         if offset is not None and isinstance(self.k_norm, nn.Identity) and not torch.compiler.is_compiling():
-            qkv = _AddedToKeys.apply(qkv, offset, b)
+            qkv = _AddedToKeys.apply(qkv, offset, b, num_prefix)
             offset = None
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if offset is not None:
-            k = k + offset
+            k = (k + F.pad(offset, (0, 0, num_prefix, 0))).to(k.dtype)
         if self._needs_dense_on(grid):
             if not self._said_dense and not torch.compiler.is_compiling():     # warnings.warn cannot be traced
                 warnings.warn(f"{self.family} attention on the grid {grid} ({math.prod(grid)} tokens) is "

@@ -3,7 +3,6 @@ Linear Attention", ICCV 2023). Parameter names follow the official code."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import checks, depthwise_conv_on_grid, family, focused_linear_attention
@@ -43,24 +42,24 @@ class FocusedLinearAttention(GridAttention):
         self.lepe = depthwise_conv(dim, lepe_kernel_size) if checks.check_bool(lepe, "lepe", name) else None
         self.to(**self.factory_kwargs)
 
-    def key_encoding(self, grid: tuple[int, ...], num_prefix: int, dtype: torch.dtype) -> torch.Tensor:
-        """The positional encoding resized bilinearly to the grid (``resize_map``: two small products, the
-        parameter itself on its own grid; each frame of a video grid alike), (h, P + N, d) with zeros on the P
-        prefix keys."""
-        (sh, sw), dim = self.pos_grid, self.dim
-        pe = resize_map(self.positional_encoding[0].T.reshape(dim, sh, sw), tuple(grid[-2:]))
-        pe = pe.reshape(dim, -1).T.to(dtype)                                              # (H * W, dim)
+    def key_encoding(self, grid: tuple[int, ...]) -> torch.Tensor:
+        """The positional encoding resized bilinearly to the grid (``resize_map``: two small products; on its own
+        grid a view of the parameter) and split into heads, (h, N, d) in the parameter's dtype; each frame of a
+        video grid alike."""
+        (sh, sw), h, d = self.pos_grid, self.num_heads, self.head_dim
+        pe = self.positional_encoding.view(sh, sw, h * d)
+        if tuple(grid[-2:]) != (sh, sw):
+            pe = resize_map(pe.permute(2, 0, 1), tuple(grid[-2:])).permute(1, 2, 0)
+        pe = pe.reshape(-1, h, d)                                       # (H * W, h, d)
         if len(grid) == 3:
-            pe = pe.repeat(grid[0], 1)
-        if num_prefix:
-            pe = F.pad(pe, (0, 0, num_prefix, 0))
-        return pe.reshape(-1, self.num_heads, self.head_dim).transpose(0, 1)
+            pe = pe.repeat(grid[0], 1, 1)
+        return pe.transpose(0, 1)
 
-    def key_offset(self, grid, num_prefix, dtype):
+    def key_offset(self, grid):
         if self.positional_encoding is None:
             return None
-        return self.cached_for_inference("key_encoding", (grid, num_prefix, dtype), (self.positional_encoding,),
-                                         lambda: self.key_encoding(grid, num_prefix, dtype))
+        return self.cached_for_inference("key_encoding", grid, (self.positional_encoding,),
+                                         lambda: self.key_encoding(grid))
 
     def attend(self, x, q, k, v, grid, num_prefix):
         y = focused_linear_attention(q, k, v, grid=grid, focusing_factor=self.focusing_factor,

@@ -126,7 +126,7 @@ def test_flatten_key_encoding_kept_for_inference_only_while_the_encoding_is_unch
     with torch.no_grad():
         first = m(x, grid=(5, 6), num_prefix=1)
         kept = m._cached["key_encoding"][1]
-        assert kept.shape == (2, 31, 8) and not kept[:, 0].any()
+        assert kept.shape == (2, 30, 8)
         torch.testing.assert_close(m(x, grid=(5, 6), num_prefix=1), first, rtol=0, atol=0)
         assert m._cached["key_encoding"][1] is kept
         m.positional_encoding.mul_(2.0)
@@ -135,19 +135,20 @@ def test_flatten_key_encoding_kept_for_inference_only_while_the_encoding_is_unch
     assert not torch.equal(changed, first)
 
 
-@pytest.mark.parametrize("grid,num_prefix", [((4, 4), 1), ((7, 5), 2), ((3, 6, 9), 0)])
-def test_flatten_key_encoding_is_the_encoding_interpolated(grid, num_prefix):
+@pytest.mark.parametrize("grid", [(4, 4), (7, 5), (3, 6, 9)])
+def test_flatten_key_encoding_is_the_encoding_interpolated(grid):
     """The encoding on its (4, 4) grid, bilinearly resized to the grid (each frame of a video grid alike) as
-    F.interpolate does, split into heads, zero on the prefix keys; exact on its own grid."""
+    F.interpolate does, split into heads; on its own grid a view of the parameter."""
     m = randomize(attention.build("flatten", dim=16, num_heads=2, pos_grid=(4, 4))).double()
     pe = m.positional_encoding.reshape(1, 4, 4, 16).permute(0, 3, 1, 2)
     ref = F.interpolate(pe, size=grid[-2:], mode="bilinear", align_corners=False).flatten(2)     # (1, 16, H*W)
     ref = ref.repeat(1, 1, math.prod(grid[:-2])).reshape(2, 8, -1).transpose(1, 2)             # (h, N, d)
-    out = m.key_encoding(grid, num_prefix, torch.float64)
-    assert out.shape == (2, num_prefix + math.prod(grid), 8) and not out[:, :num_prefix].any()
-    torch.testing.assert_close(out[:, num_prefix:], ref, rtol=1e-12, atol=1e-12)
+    out = m.key_encoding(grid)
+    assert out.shape == (2, math.prod(grid), 8)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     if grid == (4, 4):
-        torch.testing.assert_close(out[:, num_prefix:], ref, rtol=0, atol=0)
+        assert out._base is m.positional_encoding
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 def test_grid_constants_kept_within_their_byte_budget(monkeypatch):
@@ -240,18 +241,37 @@ def focused_hand_composition(m, x, grid, num_prefix):
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_focused_linear_key_encoding_gradients(qk_norm):
-    """The key encoding added in place into the qkv output (no k_norm) or after k_norm: the gradients of the
-    input, the qkv weights and the encoding equal the hand composition's (out of place)."""
+@pytest.mark.parametrize("pos_grid", [(3, 3), (4, 5)])
+def test_focused_linear_key_encoding_gradients(qk_norm, pos_grid):
+    """The key encoding (resized, or a view of the parameter on its own grid) added in place into the qkv output
+    (no k_norm) or after k_norm: the gradients of the input, the qkv weights and the encoding equal the hand
+    composition's (out of place)."""
     grid, num_prefix = (4, 5), 1
     m = randomize(attention.build("focused_linear", dim=16, num_heads=2, qkv_bias=True, qk_norm=qk_norm,
-                                  pos_grid=(3, 3))).double()
+                                  pos_grid=pos_grid)).double()
     x = torch.randn(2, num_prefix + math.prod(grid), 16, dtype=torch.float64, requires_grad=True)
     params = (x, m.qkv.weight, m.positional_encoding)
     got = torch.autograd.grad(m(x, grid=grid, num_prefix=num_prefix).square().sum(), params)
     want = torch.autograd.grad(focused_hand_composition(m, x, grid, num_prefix).square().sum(), params)
     for g, w, name in zip(got, want, ("x", "qkv.weight", "positional_encoding")):
         assert_rel_close(g, w, torch.float64, what=f"gradient of {name}")
+
+
+def test_focused_linear_key_encoding_in_bfloat16_keys():
+    """Under bf16 autocast the float32 encoding is added into the bf16 keys (rounded once) and gets a float32
+    gradient, both as in the float64 hand composition within bf16's tolerance."""
+    grid, num_prefix = (4, 5), 1
+    m = randomize(attention.build("focused_linear", dim=16, num_heads=2, pos_grid=grid))
+    x = torch.randn(2, num_prefix + math.prod(grid), 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = m(x, grid=grid, num_prefix=num_prefix)
+    (d_pe,) = torch.autograd.grad(got.float().square().sum(), m.positional_encoding)
+    assert d_pe.dtype == torch.float32
+    m64 = m.double()
+    want = focused_hand_composition(m64, x.double(), grid, num_prefix)
+    (want_pe,) = torch.autograd.grad(want.square().sum(), m64.positional_encoding)
+    assert_rel_close(got, want, torch.bfloat16, what="output")
+    assert_rel_close(d_pe, want_pe, torch.bfloat16, what="gradient of the encoding")
 
 
 def test_focused_linear_module_matches_official_layout():
