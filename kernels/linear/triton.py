@@ -19,7 +19,8 @@ dz = sum_i dden_i phi(q_i), then dphi(k_j) = (dS v_j + dz) / M and dv_j = phi(k_
 MALA: da_i = G_i beta_i, ds_i = -G_i.a_i / (s_i + eps)^2 - G_i.vbar, and the same two reductions
 (plus dvbar = -sum_i s_i G_i). The focused map phi = ||r|| w with w = r^p / ||r^p|| and
 r = (ReLU(x) + eps) / softplus(s) has dL/dr = (g.w) r / ||r|| + p ||r|| r^(p-1) (g - (g.w) w) / ||r^p||,
-evaluated on r / max(r) (the expression is scale-free), and dL/dsoftplus(s) = -sum dL/dr r / softplus(s).
+evaluated on r / max(r) (the expression is scale-free), and dL/ds = -sum dL/dr r / softplus(s) * sigmoid(s)
+(the kernels take s itself and compute softplus(s) where they load it).
 The norms and g.w span the whole token, so g.w = sum_h phi_h . g_h / ||r|| is a cross-head reduction,
 computed before the per-head backward passes. For a query it collapses (phi . dphi = G.O eps / den per
 head): g.w = eps sum_h G_ih.O_ih / den_ih / ||r_i||, which needs the saved O and den. The query's factor
@@ -40,6 +41,7 @@ hi + lo exactly, one product more; the fp16 output takes OUTPUT_TERMS_FP16 = 3 p
 single bf16 roundings do not cost fp16 outputs their precision.
 """
 import functools
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -158,15 +160,23 @@ def _power_sums(r, inv_m, p, P_INT: tl.constexpr):
 
 
 @triton.jit
-def _scale_rows(c_ptr, heads, offs_c, H, eps, D: tl.constexpr):
+def _softplus(s):
+    """softplus(s) = max(s, 0) + log(1 + e^-|s|) in float32, log1p by its series where e^-|s| is small (where
+    1 + e^-|s| would round it away)."""
+    e = tl.exp(-tl.abs(s))
+    return tl.maximum(s, 0.0) + tl.where(e < 1e-2, e * (1.0 - e * (0.5 - e / 3.0)), tl.log(1.0 + e))
+
+
+@triton.jit
+def _scale_rows(scale_ptr, heads, offs_c, H, eps, D: tl.constexpr):
     """(1/c, eps/c, mask) per (head, channel) of the focused map's scale c = softplus(s), 0 on padding."""
     m_hc = (heads < H)[:, None] & (offs_c < D)[None, :]
-    inv_c = 1.0 / tl.load(c_ptr + heads[:, None] * D + offs_c[None, :], mask=m_hc, other=1.0)
+    inv_c = 1.0 / _softplus(tl.load(scale_ptr + heads[:, None] * D + offs_c[None, :], mask=m_hc, other=0.0))
     return inv_c, tl.where(m_hc, eps * inv_c, 0.0), m_hc
 
 
 @triton.jit
-def _online_norms(x_base, s_h, s_n, c_ptr, H, offs_n, mn, p, eps, D: tl.constexpr, DP: tl.constexpr,
+def _online_norms(x_base, s_h, s_n, scale_ptr, H, offs_n, mn, p, eps, D: tl.constexpr, DP: tl.constexpr,
                   HB: tl.constexpr, EVEN: tl.constexpr, P_INT: tl.constexpr, ALIGN: tl.constexpr):
     """The whole-token [1/m, ||r||, ||r/m||, ||(r/m)^p||] (m = max(r) over all H heads' channels) of a
     tile of tokens, loading HB heads at a time as one (HB, tokens, DP) block; across head blocks the running
@@ -180,7 +190,7 @@ def _online_norms(x_base, s_h, s_n, c_ptr, H, offs_n, mn, p, eps, D: tl.constexp
     sum_rp = tl.zeros(offs_n.shape, tl.float32)
     for h0 in range(0, H, HB):
         heads = h0 + offs_h
-        inv_c, eps_c, m_hc = _scale_rows(c_ptr, heads, offs_c, H, eps, D)
+        inv_c, eps_c, m_hc = _scale_rows(scale_ptr, heads, offs_c, H, eps, D)
         x = _load_heads(x_base, heads, offs_n, offs_c, s_h, s_n, m_hc[:, None, :] & mn[None, :, None], ALIGN)
         r = _relu_scaled(x.to(tl.float32), inv_c, eps_c, m_hc, EVEN)
         m_new = tl.maximum(tl.maximum(m, tl.max(tl.max(r, axis=2), axis=0)), 1e-30)   # > 0 on padding tokens too
@@ -242,10 +252,10 @@ def _focused_backward(g, gw, x, inv_c, mc, p, eps, inv_m, norm_rn, norm_rp, P_IN
 
 
 @triton.jit
-def _load_scale(c_ptr, h, offs_c, mc, D: tl.constexpr, DP: tl.constexpr, FEATURE: tl.constexpr):
+def _load_scale(scale_ptr, h, offs_c, mc, D: tl.constexpr, DP: tl.constexpr, FEATURE: tl.constexpr):
     """1 / softplus(s) of this head for the focused map; ones for MALA (unused there)."""
     if FEATURE == 0:
-        c = 1.0 / tl.load(c_ptr + h * D + offs_c, mask=mc, other=1.0)
+        c = 1.0 / _softplus(tl.load(scale_ptr + h * D + offs_c, mask=mc, other=0.0))
     else:
         c = tl.full((DP,), 1.0, tl.float32)
     return c
@@ -316,7 +326,7 @@ def _load_grad_state(grads_ptr, bh, inv_n, scale_d, FEATURE: tl.constexpr, DT: t
 # --- kernels --------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=["N", "H"])
-def _token_norms_kernel(q_ptr, k_ptr, c_ptr, rec_ptr, B, N, H, p, eps, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn,
+def _token_norms_kernel(q_ptr, k_ptr, scale_ptr, rec_ptr, B, N, H, p, eps, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn,
                         P_INT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, HB: tl.constexpr,
                         EVEN: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
     """FLatten's whole-token norms (Eq. 5-6 over all C = H * D channels) of a tile of tokens of the queries
@@ -330,13 +340,13 @@ def _token_norms_kernel(q_ptr, k_ptr, c_ptr, rec_ptr, B, N, H, p, eps, s_qb, s_q
         x_base, s_xh, s_xn = q_ptr + b * s_qb, s_qh, s_qn
     else:
         x_base, s_xh, s_xn = k_ptr + b * s_kb, s_kh, s_kn
-    inv_m, norm_r, norm_rn, norm_rp = _online_norms(x_base, s_xh, s_xn, c_ptr, H, offs_n, mn, p, eps, D, DP, HB,
+    inv_m, norm_r, norm_rn, norm_rp = _online_norms(x_base, s_xh, s_xn, scale_ptr, H, offs_n, mn, p, eps, D, DP, HB,
                                                     EVEN, P_INT, ALIGN)
     _store_norms(rec_ptr + which * B * N * 4, b, N, offs_n, mn, inv_m, norm_r, norm_rn, norm_rp)
 
 
 @triton.jit(do_not_specialize=["N", "H"])
-def _query_gw_kernel(g_ptr, q_ptr, c_ptr, norms_ptr, state_ptr, den_ptr, gw_ptr, N, H, p, eps, inv_n, lin_eps,
+def _query_gw_kernel(g_ptr, q_ptr, scale_ptr, norms_ptr, state_ptr, den_ptr, gw_ptr, N, H, p, eps, inv_n, lin_eps,
                      s_gb, s_gh, s_gn, s_qb, s_qh, s_qn, P_INT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                      DP: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
                      ALIGN: tl.constexpr):
@@ -353,7 +363,7 @@ def _query_gw_kernel(g_ptr, q_ptr, c_ptr, norms_ptr, state_ptr, den_ptr, gw_ptr,
     inv_m, norm_r, norm_rn, norm_rp = _token_norms(norms_ptr, b, N, offs_n, mn, 0)
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for h in range(H):
-        c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
+        c = _load_scale(scale_ptr, h, offs_c, mc, D, DP, 0)
         state_hi, state_lo, kbar, vbar = _load_state(state_ptr, b * H + h, offs_c, offs_v, inv_n, 1.0, DT, 0,
                                                      DP, DVP, LOWP)
         x = load_tile(q_ptr + b * s_qb + h * s_qh, offs_n, offs_c, s_qn, mn, mc, ALIGN).to(tl.float32)
@@ -365,7 +375,7 @@ def _query_gw_kernel(g_ptr, q_ptr, c_ptr, norms_ptr, state_ptr, den_ptr, gw_ptr,
 
 
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
-def _state_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, trig_ptr, part_ptr,
+def _state_kernel(k_ptr, v_ptr, scale_ptr, norms_ptr, trig_ptr, part_ptr,
                   N, H, chunk, p, eps, num_prefix, grid_h, grid_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                   FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
                   D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
@@ -379,7 +389,7 @@ def _state_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, trig_ptr, part_ptr,
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
-    c = _load_scale(c_ptr, h, offs_c, mc, D, DP, FEATURE)
+    c = _load_scale(scale_ptr, h, offs_c, mc, D, DP, FEATURE)
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
     acc = tl.zeros((DP, DVP), tl.float32)
@@ -408,7 +418,7 @@ def _state_kernel(k_ptr, v_ptr, c_ptr, norms_ptr, trig_ptr, part_ptr,
 
 
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
-def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr, N, H, chunk, p, eps, num_prefix,
+def _output_kernel(q_ptr, scale_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr, N, H, chunk, p, eps, num_prefix,
                    grid_h, grid_w, inv_n, scale_d, lin_eps, s_qb, s_qh, s_qn, s_ob, s_oh, s_on,
                    FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
                    D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, TERMS: tl.constexpr,
@@ -421,7 +431,7 @@ def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
-    c = _load_scale(c_ptr, h, offs_c, mc, D, DP, FEATURE)
+    c = _load_scale(scale_ptr, h, offs_c, mc, D, DP, FEATURE)
     state_hi, state_lo, kbar, vbar = _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT, FEATURE,
                                                  DP, DVP, LOWP)
     q_base = q_ptr + b * s_qb + h * s_qh
@@ -449,7 +459,7 @@ def _output_kernel(q_ptr, c_ptr, norms_ptr, trig_ptr, state_ptr, o_ptr, den_ptr,
 
 
 @triton.jit(do_not_specialize=["N", "H", "chunk", "num_prefix", "grid_h", "grid_w"])
-def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_ptr, dq_ptr, part_ptr,
+def _backward_q_kernel(q_ptr, do_ptr, scale_ptr, norms_ptr, gw_ptr, trig_ptr, state_ptr, dq_ptr, part_ptr,
                        N, H, chunk, p, eps, num_prefix, grid_h, grid_w, inv_n, scale_d, lin_eps,
                        s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_db, s_dh, s_dn,
                        FEATURE: tl.constexpr, P_INT: tl.constexpr, ROPE: tl.constexpr,
@@ -464,7 +474,7 @@ def _backward_q_kernel(q_ptr, do_ptr, c_ptr, norms_ptr, gw_ptr, trig_ptr, state_
     offs_c = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     mc, mv = offs_c < D, offs_v < DV
-    c = _load_scale(c_ptr, h, offs_c, mc, D, DP, FEATURE)
+    c = _load_scale(scale_ptr, h, offs_c, mc, D, DP, FEATURE)
     state_hi, state_lo, kbar, vbar = _load_state(state_ptr, bh, offs_c, offs_v, inv_n, scale_d, DT, FEATURE,
                                                  DP, DVP, LOWP)
     q_base = q_ptr + b * s_qb + h * s_qh
@@ -568,12 +578,12 @@ def _backward_k_kernel(k_ptr, v_ptr, trig_ptr, grads_ptr, dk_ptr, dv_ptr,
 
 
 @triton.jit
-def _focused_key_head(c_ptr, grads_ptr, k_head, v_head, bh, h, offs_n, mn, offs_c, mc, offs_v, mv, s_kn, s_vn, p,
+def _focused_key_head(scale_ptr, grads_ptr, k_head, v_head, bh, h, offs_n, mn, offs_c, mc, offs_v, mv, s_kn, s_vn, p,
                       eps, inv_n, inv_m, norm_r, norm_rp, DT: tl.constexpr, P_INT: tl.constexpr, D: tl.constexpr,
                       DP: tl.constexpr, DVP: tl.constexpr, LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """One head of a key tile in FLatten's key backward: its scale, keys x, features phi, the gradient
     d phi = dS v + dz reaching them, and the state gradient dS (hi, lo)."""
-    inv_c = _load_scale(c_ptr, h, offs_c, mc, D, DP, 0)
+    inv_c = _load_scale(scale_ptr, h, offs_c, mc, D, DP, 0)
     d_state_hi, d_state_lo, d_ksum, _ = _load_grad_state(grads_ptr, bh, inv_n, 1.0, 0, DT, DP, DVP, LOWP)
     x = load_tile(k_head, offs_n, offs_c, s_kn, mn, mc, ALIGN).to(tl.float32)
     vt = load_tile(v_head, offs_n, offs_v, s_vn, mn, mv, ALIGN)
@@ -583,13 +593,14 @@ def _focused_key_head(c_ptr, grads_ptr, k_head, v_head, bh, h, offs_n, mn, offs_
 
 
 @triton.jit(do_not_specialize=["N", "H"])
-def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, dv_ptr, dc_ptr, N, H, p, eps, inv_n,
+def _focused_backward_k_kernel(k_ptr, v_ptr, scale_ptr, rec_ptr, grads_ptr, dk_ptr, dv_ptr, ds_ptr, N, H, p, eps, inv_n,
                                s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
                                P_INT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr,
                                DVP: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr, ALIGN: tl.constexpr):
     """FLatten's key side for a tile of tokens over all heads: first the keys' whole-token
     g.w = sum_h phi_h(k_j) . (dS_h v_j + dz_h) / M / ||r_j|| (one pass over the heads), then per head dk, dv
-    and a partial dc (B, tiles, H, DP), the first tile's with the queries' share added (so that dc is one sum).
+    and a partial dc (B, tiles, H, DP), the first tile's with the queries' share added, times softplus'(s) =
+    sigmoid(s): partials of ds (so that ds is one sum).
     The second pass re-reads the tiles it has just read (from cache)."""
     b = tl.program_id(0)
     tile = tl.program_id(1)
@@ -605,14 +616,14 @@ def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, 
     gw = tl.zeros((BLOCK_N,), tl.float32)
     for h in range(H):
         inv_c, x, phi, d_phi, d_state_hi, d_state_lo = _focused_key_head(
-            c_ptr, grads_ptr, k_base + h * s_kh, v_base + h * s_vh, b * H + h, h, offs_n, mn, offs_c, mc, offs_v, mv,
-            s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP, ALIGN)
+            scale_ptr, grads_ptr, k_base + h * s_kh, v_base + h * s_vh, b * H + h, h, offs_n, mn, offs_c, mc, offs_v,
+            mv, s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP, ALIGN)
         gw += tl.sum(phi * d_phi, axis=1)
     gw = gw / norm_r
     for h in range(H):
         inv_c, x, phi, d_phi, d_state_hi, d_state_lo = _focused_key_head(
-            c_ptr, grads_ptr, k_base + h * s_kh, v_base + h * s_vh, b * H + h, h, offs_n, mn, offs_c, mc, offs_v, mv,
-            s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP, ALIGN)
+            scale_ptr, grads_ptr, k_base + h * s_kh, v_base + h * s_vh, b * H + h, h, offs_n, mn, offs_c, mc, offs_v,
+            mv, s_kn, s_vn, p, eps, inv_n, inv_m, norm_r, norm_rp, DT, P_INT, D, DP, DVP, LOWP, ALIGN)
         dv = dot_split(phi, d_state_hi, d_state_lo, DT, LOWP)
         dx, dc = _focused_backward(d_phi, gw, x, inv_c, mc, p, eps, inv_m, norm_rn, norm_rp, P_INT)
         store_tile(dk_ptr + b * s_dkb + h * s_dkh, offs_n, offs_c, s_dkn, mn, mc, dx, ALIGN)
@@ -620,7 +631,8 @@ def _focused_backward_k_kernel(k_ptr, v_ptr, c_ptr, rec_ptr, grads_ptr, dk_ptr, 
         dc = tl.sum(tl.where(mn[:, None], dc, 0.0), axis=0)
         if tile == 0:       # the first tile also carries the queries' share (the reduced grads' last DP values)
             dc += tl.load(grads_ptr + (b * H + h) * (DP * DVP + 2 * DP + DVP) + DP * DVP + DP + DVP + offs_c)
-        tl.store(dc_ptr + ((b * tl.num_programs(1) + tile) * H + h) * DP + offs_c, dc)
+        s = tl.load(scale_ptr + h * D + offs_c, mask=mc, other=0.0)
+        tl.store(ds_ptr + ((b * tl.num_programs(1) + tile) * H + h) * DP + offs_c, dc / (1.0 + tl.exp(-s)))
 
 
 # --- launchers ------------------------------------------------------------------------------
@@ -685,7 +697,7 @@ def _splits(cfg: dict, opts: dict, groups: int, n: int, device: torch.device) ->
                         cfg.get("max_tiles", 1 << 30))
 
 
-def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature: int, p: float,
+def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, feature: int, p: float,
                              num_prefix: int, rope_h: int, rope_w: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(O, state, norms, den): state (B*h, DP*DVP + DP + DVP) fp32 = [S | sum phi(k) | sum v] per head,
     unnormalised; FLatten's whole-token norms (2, B, N, 4) (queries, keys) and normaliser den (B*h, N),
@@ -700,8 +712,8 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
         norms = q.new_empty(2, b, n, 4, dtype=torch.float32)
         opts = _launch_opts(CONFIG["norms"], meta)
         heads = min(1 << (h - 1).bit_length(), max(1, NORMS_TILE // (opts["BLOCK_N"] * dp)))
-        launch(_token_norms_kernel, (b, cdiv(n, opts["BLOCK_N"]), 2), q, k, c, norms, b, n, h, float(p), FOCUSED_EPS,
-               s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, P_INT=meta["P_INT"], D=d, DP=dp, HB=heads,
+        launch(_token_norms_kernel, (b, cdiv(n, opts["BLOCK_N"]), 2), q, k, scale, norms, b, n, h, float(p),
+               FOCUSED_EPS, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, P_INT=meta["P_INT"], D=d, DP=dp, HB=heads,
                EVEN=d == dp and h % heads == 0, ALIGN=row_alignment(q, k), **opts)
         den = q.new_empty(b * h, n, dtype=torch.float32)
     else:
@@ -710,7 +722,7 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
     opts = _launch_opts(cfg, meta)
     splits, chunk = _splits(cfg, opts, b * h, n, q.device)
     part = q.new_empty(b * h, splits, dp * dvp + dp + dvp, dtype=torch.float32)
-    launch(_state_kernel, (b * h, splits), k, v, c, norms[1] if focused else q, trig, part, n, h, chunk, float(p),
+    launch(_state_kernel, (b * h, splits), k, v, scale, norms[1] if focused else q, trig, part, n, h, chunk, float(p),
            FOCUSED_EPS, num_prefix, rope_h, rope_w, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, ALIGN=row_alignment(k, v),
            **meta, **opts)
     state = part.sum(1) if splits > 1 else part[:, 0]
@@ -719,18 +731,18 @@ def linear_attention_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, feature
     opts = _launch_opts(cfg, meta)
     splits, chunk = _splits(cfg, opts, b * h, n, q.device)
     terms = OUTPUT_TERMS_FP16 if q.dtype == torch.float16 else OUTPUT_TERMS
-    launch(_output_kernel, (b * h, splits), q, c, norms[0] if focused else q, trig, state, out,
+    launch(_output_kernel, (b * h, splits), q, scale, norms[0] if focused else q, trig, state, out,
            den if focused else q, n, h, chunk,
            float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS, s_qb, s_qh, s_qn,
            out.stride(0), out.stride(1), out.stride(2), TERMS=terms, ALIGN=row_alignment(q, out), **meta, **opts)
     return out, state, norms, den if focused else q.new_empty(b * h, 0, dtype=torch.float32)
 
 
-def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, state: Tensor, norms: Tensor,
-                              den: Tensor, feature: int, p: float, num_prefix: int, rope_h: int,
+def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: Tensor, state: Tensor,
+                              norms: Tensor, den: Tensor, feature: int, p: float, num_prefix: int, rope_h: int,
                               rope_w: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dc): dc (h, d) float32 for FLatten, an empty tensor for MALA (no scale). ``norms`` and
-    ``den`` are FLatten's (empty for MALA)."""
+    """(dq, dk, dv, ds): ds (h, d) float32 for FLatten (``scale`` = s, the focused map's scale softplus(s)), an
+    empty tensor for MALA (no scale). ``norms`` and ``den`` are FLatten's (empty for MALA)."""
     b, h, n, d = q.shape
     d_v = v.shape[-1]
     meta, trig = _meta(q, v, feature, p, rope_h, rope_w)
@@ -743,7 +755,7 @@ def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: 
     if focused:      # the queries' whole-token g.w (see _query_gw_kernel)
         gw_q = grad.new_empty(b, n, dtype=torch.float32)
         opts = _launch_opts(CONFIG["gw_query"], meta)
-        launch(_query_gw_kernel, (b, cdiv(n, opts["BLOCK_N"])), grad, q, c, norms[0], state, den, gw_q, n, h,
+        launch(_query_gw_kernel, (b, cdiv(n, opts["BLOCK_N"])), grad, q, scale, norms[0], state, den, gw_q, n, h,
                float(p), FOCUSED_EPS, 1.0 / n, LINEAR_EPS, s_gb, s_gh, s_gn, s_qb, s_qh, s_qn, P_INT=meta["P_INT"],
                D=d, DV=d_v, DP=dp, DVP=dvp, LOWP=meta["LOWP"], ALIGN=row_alignment(grad, q), **opts)
 
@@ -751,7 +763,7 @@ def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: 
     opts = _launch_opts(cfg, meta)
     splits, chunk = _splits(cfg, opts, b * h, n, q.device)
     part = q.new_empty(b * h, splits, dp * dvp + 2 * dp + dvp, dtype=torch.float32)
-    launch(_backward_q_kernel, (b * h, splits), q, grad, c, norms[0] if focused else q, gw_q, trig, state, dq, part,
+    launch(_backward_q_kernel, (b * h, splits), q, grad, scale, norms[0] if focused else q, gw_q, trig, state, dq, part,
            n, h, chunk, float(p), FOCUSED_EPS, num_prefix, rope_h, rope_w, 1.0 / n, d ** -0.5, LINEAR_EPS,
            s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, dq.stride(0), dq.stride(1), dq.stride(2),
            ALIGN=row_alignment(q, grad, dq), **meta, **opts)
@@ -769,16 +781,16 @@ def linear_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, c: 
         return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
     opts = _launch_opts(CONFIG["focused_bwd_k"], meta)
     tiles = cdiv(n, opts["BLOCK_N"])
-    part_c = q.new_empty(b, tiles, h, dp, dtype=torch.float32)
-    launch(_focused_backward_k_kernel, (b, tiles), k, v, c, norms[1], grads, dk, dv, part_c, n, h, float(p),
+    part_s = q.new_empty(b, tiles, h, dp, dtype=torch.float32)
+    launch(_focused_backward_k_kernel, (b, tiles), k, v, scale, norms[1], grads, dk, dv, part_s, n, h, float(p),
            FOCUSED_EPS, 1.0 / n, *strides, P_INT=meta["P_INT"], D=d, DV=d_v, DP=dp, DVP=dvp, LOWP=meta["LOWP"],
            ALIGN=row_alignment(k, v, dk, dv), **opts)
-    return dq, dk, dv, part_c.sum((0, 1))[:, :d]
+    return dq, dk, dv, part_s.sum((0, 1))[:, :d]
 
 
 # --- the op: custom ops for torch.compile, an autograd.Function in eager mode ------------------------
 
-def _forward_fake(q, k, v, c, feature, p, num_prefix, rope_h, rope_w):
+def _forward_fake(q, k, v, scale, feature, p, num_prefix, rope_h, rope_w):
     b, h, n, d = q.shape
     dp, dvp = pad_dim(d), pad_dim(v.shape[-1])
     focused = feature == FOCUSED
@@ -787,16 +799,15 @@ def _forward_fake(q, k, v, c, feature, p, num_prefix, rope_h, rope_w):
             q.new_empty(b * h, n if focused else 0, dtype=torch.float32))
 
 
-def _backward_fake(grad, q, k, v, c, state, norms, den, feature, p, num_prefix, rope_h, rope_w):
+def _backward_fake(grad, q, k, v, scale, state, norms, den, feature, p, num_prefix, rope_h, rope_w):
     dc_shape = (q.shape[1], q.shape[-1]) if feature == FOCUSED else (0,)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(dc_shape, dtype=torch.float32))
 
 
 def _gradients(run_backward, grad, saved, args, needs):
-    dq, dk, dv, dc = run_backward(grad, *saved, *args)
-    c = saved[3]
-    return dq, dk, dv, dc.to(c.dtype) if args[0] == FOCUSED and needs[3] else None
+    dq, dk, dv, ds = run_backward(grad, *saved, *args)
+    return dq, dk, dv, ds if args[0] == FOCUSED and needs[3] else None
 
 
 _linear_attention = triton_op("linear_attention", linear_attention_forward, linear_attention_backward,
@@ -806,25 +817,26 @@ _linear_attention = triton_op("linear_attention", linear_attention_forward, line
 
 # --- backends of focused_linear_attention and mala_attention -------------------------------------
 
-_ONES: dict = {}
+_UNIT_SCALE: dict = {}
 
 
-def _softplus_scale(scale: Optional[Tensor], h: int, d: int, like: Tensor) -> Tensor:
-    """softplus(s) as an (h, d) float32 tensor (ones when there is no scale)."""
+def _scale_parameter(scale: Optional[Tensor], h: int, d: int, like: Tensor) -> Tensor:
+    """The focused map's s as an (h, d) float32 tensor, softplus(s) being its scale (log(e - 1), softplus 1 to
+    a rounding, when there is no scale)."""
     if scale is None:
         key = (h, d, like.device)
-        if key not in _ONES:
-            _ONES[key] = torch.ones(h, d, device=like.device, dtype=torch.float32)
-        return _ONES[key]
+        if key not in _UNIT_SCALE:
+            _UNIT_SCALE[key] = torch.full((h, d), math.log(math.e - 1), device=like.device, dtype=torch.float32)
+        return _UNIT_SCALE[key]
     s = scale.reshape(-1, d) if scale.numel() > 1 else scale.reshape(1, 1)
-    return torch.nn.functional.softplus(s.float()).expand(h, d).contiguous()
+    return s.float().expand(h, d).contiguous()
 
 
 def focused_linear_attention_triton(q: Tensor, k: Tensor, v: Tensor, focusing_factor: float,
                                     scale: Optional[Tensor]) -> Tensor:
     """FLatten's focused linear attention (arguments as the reference's)."""
-    c = _softplus_scale(scale, q.shape[1], q.shape[-1], q)
-    return _linear_attention(q, k, v, c, FOCUSED, float(focusing_factor), 0, 0, 0)
+    s = _scale_parameter(scale, q.shape[1], q.shape[-1], q)
+    return _linear_attention(q, k, v, s, FOCUSED, float(focusing_factor), 0, 0, 0)
 
 
 def mala_attention_triton(q: Tensor, k: Tensor, v: Tensor, rope_grid: Optional[Tuple[int, int]],

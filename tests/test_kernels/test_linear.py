@@ -460,6 +460,19 @@ def test_float64_is_the_reference_only():
                                    op(q, k, v, grid=(3, 4), num_prefix=1, backend="reference"))
 
 
+def test_triton_scale_far_from_zero_cpu():
+    """The kernels' softplus(s) and its derivative where e^s or e^-s is tiny (s from -14 to 28 per channel): the
+    output and the gradient of s as the reference's (torch's softplus) in float32."""
+    q, k, v = (torch.randn(1, 2, 1 + 20, 16) for _ in range(3))
+    scale = torch.linspace(-14.0, 28.0, 32).reshape(2, 16)[:, torch.randperm(16)].requires_grad_()
+    got, want = (focused_linear_attention(q, k, v, grid=(4, 5), scale=scale, num_prefix=1, backend=backend)
+                 for backend in ("triton", "reference"))
+    grad = torch.randn_like(want)
+    (d_got,), (d_want,) = (torch.autograd.grad(out, scale, grad) for out in (got, want))
+    assert_rel_close(got, want, torch.float32, what="out")
+    assert_rel_close(d_got, d_want, torch.float32, what="dscale")
+
+
 def test_custom_op_registration():
     """Schema, fake (meta) implementation and autograd registration, checked by torch.library.opcheck."""
     q, k, v = (torch.randn(1, 2, 21, 16, requires_grad=True) for _ in range(3))
