@@ -42,6 +42,30 @@ class _AddedToKeys(torch.autograd.Function):
         return grad, d_offset, None, None
 
 
+class _HeadsOfQKV(torch.autograd.Function):
+    """q, k, v (B, h, N, d) as views of the qkv projection's output (B * N, 3 C). Backward: the three gradients
+    stacked straight into the product's (B * N, 3 C) layout, one pass; autograd's unbind + permute + reshape
+    stack them head-major and then copy the whole stack into that layout."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, batch: int, heads: int):
+        ctx.rows = qkv.shape[0]
+        return qkv.view(batch, ctx.rows // batch, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):      # an unused part's gradient comes as zeros (materialize_grads)
+        return torch.stack([g.transpose(1, 2) for g in (dq, dk, dv)], dim=2).view(ctx.rows, -1), None, None
+
+
+def split_heads_of_qkv(qkv: torch.Tensor, batch: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, h, N, d) views of the qkv projection's output (B * N, 3 C), whose backward is one stack into
+    the product's layout (``_HeadsOfQKV``; the plain views when compiling: the compiler fuses the copies)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not qkv.requires_grad:
+        b_n, three_c = qkv.shape
+        return qkv.reshape(batch, b_n // batch, 3, heads, three_c // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    return _HeadsOfQKV.apply(qkv, batch, heads)
+
+
 class GridAttention(nn.Module):
     """Multi-head attention over prefix tokens + a 2D (or 3D) grid of tokens.
 
@@ -151,7 +175,7 @@ class GridAttention(nn.Module):
         if offset is not None and isinstance(self.k_norm, nn.Identity) and not torch.compiler.is_compiling():
             qkv = _AddedToKeys.apply(qkv, offset, b, num_prefix)
             offset = None
-        q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = split_heads_of_qkv(qkv, b, self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)
         if offset is not None:
             k = (k + F.pad(offset, (0, 0, num_prefix, 0))).to(k.dtype)

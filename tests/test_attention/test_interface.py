@@ -141,3 +141,26 @@ def test_timm_keywords_and_block(name):
     block = Block(16, 2, qkv_bias=True, attn_layer=attention.get(name), dtype=torch.float64)
     assert isinstance(block.attn, attention.get(name))
     assert {p.dtype for p in block.attn.parameters()} == {torch.float64}
+
+
+@pytest.mark.parametrize("used", [(True, True, True), (True, False, True), (False, True, False)])
+def test_heads_of_qkv_gradient_is_the_views_gradient_in_the_product_layout(used):
+    """q, k, v split from the qkv product (B * N, 3 C) get their gradient back as one stack in that layout, equal to
+    autograd's through the plain views (a part that gets no gradient gives zeros), for any gradient strides."""
+    from subquad.attention.base import split_heads_of_qkv
+    b, n, h, d = 2, 5, 3, 4
+    base = torch.randn(b * n, 3 * h * d, dtype=torch.float64)
+    weights = [torch.randn(b, h, n, d, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)
+               for _ in range(3)]
+
+    def loss(parts):
+        return sum((part * w).sum() for part, w, use in zip(parts, weights, used) if use)
+
+    qkv = base.clone().requires_grad_()
+    parts = split_heads_of_qkv(qkv * 1.0, b, h)
+    assert [tuple(p.shape) for p in parts] == [(b, h, n, d)] * 3
+    (got,) = torch.autograd.grad(loss(parts), qkv)
+    plain = base.clone().requires_grad_()
+    (want,) = torch.autograd.grad(loss((plain * 1.0).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)), plain)
+    assert got.shape == (b * n, 3 * h * d) and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
