@@ -50,7 +50,7 @@ class _HeadsOfQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, batch: int, heads: int):
         ctx.rows = qkv.shape[0]
-        return qkv.view(batch, ctx.rows // batch, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return qkv.reshape(batch, ctx.rows // batch, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):      # an unused part's gradient comes as zeros (materialize_grads)
