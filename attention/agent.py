@@ -15,6 +15,11 @@ from .grid_maps import cached_constant, depthwise_conv, grid_resize_matrix, with
 from .recompute import recomputed_in_backward
 from .registry import register
 
+# the resized biases (2 h n N values) are rebuilt in the backward, not kept, when they hold more than 1 / REBUILT_ABOVE
+# of the values of one (B, N, C) activation: at 2048 px B1 1.5x it, at 224 px B128 1% (kept: the rebuild's two
+# products and the saved-tensor hooks would cost more host time than the memory is worth)
+REBUILT_ABOVE = 8
+
 
 @register("agent")
 class AgentAttention(GridAttention):
@@ -112,6 +117,8 @@ class AgentAttention(GridAttention):
         grid = checks.check_image_grid(grid, "agent attention")
         bias, rebuild = (self._resized_bias(grid, num_prefix) if torch.is_grad_enabled()
                          else (self.agent_bias(grid, num_prefix), ()))
+        if sum(b.numel() for b in bias) * REBUILT_ABOVE < q.shape[0] * q.shape[2] * self.dim:
+            rebuild = ()        # small next to the batch's activations: kept, not rebuilt (two products fewer)
         with recomputed_in_backward(*zip(bias, rebuild)):
             y = agent_attention(q, k, v, grid=grid, num_agents=self.num_agents, agent_bias=bias,
                                 num_prefix=num_prefix, backend=self.backend)
