@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.grid_conv import depthwise_conv_on_grid
 from ..kernels.grid_conv.reference import grad_in_layout
 
 
@@ -89,6 +90,17 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, grad_in_layout(self.weight), grad_in_layout(self.bias))
+
+    def forward_nhwc(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual + this conv of an NHWC map x (B, H, W, C) (residual None: 0), through ``depthwise_conv_on_grid``
+        (on CUDA one Triton pass, the add fused) with the channels as groups of up to 64 (its heads: views of x,
+        no permuted copy, and no cast of a float32 x under autocast)."""
+        b, h, w, c = x.shape
+        group = next(g for g in (64, 32, 16, 8, 4, 2, 1) if c % g == 0)
+        as_heads = lambda t: t.reshape(b, h * w, c // group, group).transpose(1, 2)     # noqa: E731
+        out = depthwise_conv_on_grid(as_heads(x), self.weight, self.bias, grid=(h, w),
+                                     residual=as_heads(residual) if residual is not None else None)
+        return out.transpose(1, 2).reshape(b, h, w, c)
 
 
 def depthwise_conv(channels: int, kernel_size: int) -> nn.Conv2d:

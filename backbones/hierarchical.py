@@ -148,8 +148,7 @@ class DwConvMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.fc1(x))
-        x = x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.drop(self.fc2(x))
+        return self.drop(self.fc2(self.dwconv.forward_nhwc(x, residual=x)))
 
 
 class ConvFfn(nn.Module):
@@ -166,7 +165,7 @@ class ConvFfn(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dwconv(self.fc1(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = self.dwconv.forward_nhwc(self.fc1(x))
         return self.drop(self.fc2(self.drop(self.act(x))))
 
 
@@ -201,7 +200,7 @@ class HierarchicalBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         if self.cpe is not None:
-            x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            x = self.cpe.forward_nhwc(x, residual=x)
         x, y = add_norm(self.norm1, x)
         y = self.attn(y.reshape(b, h * w, c), grid=(h, w)).reshape(b, h, w, c)
         x, y = add_norm(self.norm2, x, *residual_branch(self.ls1, self.drop_path1, y))

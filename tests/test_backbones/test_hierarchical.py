@@ -1,5 +1,7 @@
 """Hierarchical backbones: every name builds, the smallest of each family trains a step, timm
 features, input checks, and the attention schedule with the per-stage placement options."""
+from functools import partial
+
 import pytest
 import timm
 import torch
@@ -158,3 +160,29 @@ def test_agent_blocks_take_no_prefix_biases():
     agent = model.stages[1].blocks[0].attn
     names = {n for n, _ in agent.named_parameters()}
     assert "an_bias" in names and not names & {"ac_bias", "ca_bias"}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("channels,dtype,residual", [(64, torch.float32, True), (96, torch.float32, False),
+                                                      (56, torch.bfloat16, True), (3, torch.float32, True)])
+def test_depthwise_conv_on_nhwc_maps_equals_the_conv_module(monkeypatch, backend, channels, dtype, residual):
+    """``forward_nhwc`` (the CPE, MAViT's and PVTv2's FFN convs: depthwise_conv_on_grid over channel groups of up
+    to 64 as heads, the residual fused) against the module's own conv on the permuted map, plus the residual:
+    output and the gradients of the map and the filter."""
+    from subquad import kernels
+    from subquad.attention import grid_maps
+    from subquad.kernels.core.testing import assert_rel_close
+    if backend not in kernels.available_backends("depthwise_conv_on_grid"):
+        pytest.skip("the Triton backend runs on CUDA or the interpreter")
+    monkeypatch.setattr(grid_maps, "depthwise_conv_on_grid", partial(kernels.depthwise_conv_on_grid, backend=backend))
+    conv = grid_maps.depthwise_conv(channels, 3)
+    x = torch.randn(2, 5, 7, channels).to(dtype).requires_grad_()
+    got = conv.forward_nhwc(x, residual=x if residual else None)
+    want = conv(x.float().permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + (x.float() if residual else 0)
+    grad = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, (x, conv.weight), grad.to(got.dtype))
+    want_grads = torch.autograd.grad(want, (x, conv.weight), grad)
+    assert got.shape == x.shape and got.dtype == dtype
+    assert_rel_close(got, want, dtype, what="out")
+    for g, w, what in zip(got_grads, want_grads, ("dx", "dweight")):
+        assert_rel_close(g, w, dtype, what=what)
