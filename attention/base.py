@@ -42,15 +42,20 @@ class _AddedToKeys(torch.autograd.Function):
         return grad, d_offset, None, None
 
 
+def _heads(qkv: torch.Tensor, batch: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, h, N, d) as views of the qkv projection's output (B * N, 3 C)."""
+    return qkv.reshape(batch, qkv.shape[0] // batch, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 class _HeadsOfQKV(torch.autograd.Function):
-    """q, k, v (B, h, N, d) as views of the qkv projection's output (B * N, 3 C). Backward: the three gradients
-    stacked straight into the product's (B * N, 3 C) layout, one pass; autograd's unbind + permute + reshape
-    stack them head-major and then copy the whole stack into that layout."""
+    """``_heads`` whose backward stacks the three gradients straight into the product's (B * N, 3 C) layout, one
+    pass; autograd's unbind + permute + reshape stack them head-major and then copy the whole stack into that
+    layout."""
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, batch: int, heads: int):
         ctx.rows = qkv.shape[0]
-        return qkv.reshape(batch, ctx.rows // batch, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return _heads(qkv, batch, heads)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):      # an unused part's gradient comes as zeros (materialize_grads)
@@ -61,8 +66,7 @@ def split_heads_of_qkv(qkv: torch.Tensor, batch: int, heads: int) -> tuple[torch
     """q, k, v (B, h, N, d) views of the qkv projection's output (B * N, 3 C), whose backward is one stack into
     the product's layout (``_HeadsOfQKV``; the plain views when compiling: the compiler fuses the copies)."""
     if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not qkv.requires_grad:
-        b_n, three_c = qkv.shape
-        return qkv.reshape(batch, b_n // batch, 3, heads, three_c // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+        return _heads(qkv, batch, heads)
     return _HeadsOfQKV.apply(qkv, batch, heads)
 
 

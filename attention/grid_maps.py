@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
 from typing import Callable
 
@@ -96,7 +97,7 @@ class DepthwiseConv2d(nn.Conv2d):
         (on CUDA one Triton pass, the add fused) with the channels as groups of up to 64 (its heads: views of x,
         no permuted copy, and no cast of a float32 x under autocast)."""
         b, h, w, c = x.shape
-        group = next(g for g in (64, 32, 16, 8, 4, 2, 1) if c % g == 0)
+        group = math.gcd(c, 64)                            # the largest power of two up to 64 dividing C
         as_heads = lambda t: t.reshape(b, h * w, c // group, group).transpose(1, 2)     # noqa: E731
         out = depthwise_conv_on_grid(as_heads(x), self.weight, self.bias, grid=(h, w),
                                      residual=as_heads(residual) if residual is not None else None)
