@@ -12,7 +12,9 @@ rows ((G, C): one per sample, DiT's adaLN), read through a group stride that is 
              (the sums over a group's rows, or all rows for a shared parameter)
 
 x, y and s are read and written once each, out written once, in fp32 arithmetic; mean and rstd (fp32, one per
-row) are kept for the backward. A backward program walks a chunk of one group's rows and holds its dw, db, dg
+row) are kept for the backward, and so is s, or s_hat in out's dtype where that is narrower (bf16 under autocast:
+half the bytes of the float32 stream, which is then free once the next block has read it; the backward reads
+s_hat rounded once, an error of about 2^-9 per term, the size of the 16-bit rounding of d_out itself). A backward program walks a chunk of one group's rows and holds its dw, db, dg
 partials in registers; one more launch sums every requested partial per group (then a shared
 parameter's over its groups, which are one unless another parameter is per sample).
 """
@@ -62,9 +64,10 @@ def _normalized(s, mask, c, eps):
 
 
 @triton.jit(do_not_specialize=["rows", "eps", "group_rows"])
-def _add_layer_norm_kernel(x_ptr, y_ptr, g_ptr, w_ptr, b_ptr, s_ptr, out_ptr, stats_ptr, rows, c, eps, group_rows,
-                           s_gg, s_wg, s_bg, HAS_Y: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr,
-                           HAS_B: tl.constexpr, SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _add_layer_norm_kernel(x_ptr, y_ptr, g_ptr, w_ptr, b_ptr, s_ptr, out_ptr, stats_ptr, hat_ptr, rows, c, eps,
+                           group_rows, s_gg, s_wg, s_bg, HAS_Y: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr,
+                           HAS_B: tl.constexpr, SAVE: tl.constexpr, SAVE_HAT: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
     offs_m, offs_c, mask = _rows(tl.program_id(0) * BLOCK_M, rows, c, BLOCK_M, BLOCK_C)
     at = offs_m[:, None] * c + offs_c[None, :]
     group = (offs_m // group_rows)[:, None]
@@ -76,6 +79,8 @@ def _add_layer_norm_kernel(x_ptr, y_ptr, g_ptr, w_ptr, b_ptr, s_ptr, out_ptr, st
         s = round_to(s.to(tl.float32) + y, s_ptr.dtype.element_ty)
         tl.store(s_ptr + at, s, mask=mask)
     s_hat, mean, rstd = _normalized(s.to(tl.float32), mask, c, eps)
+    if SAVE_HAT:
+        tl.store(hat_ptr + at, round_to(s_hat, hat_ptr.dtype.element_ty), mask=mask)
     out = s_hat
     if HAS_W:
         out = out * _param(w_ptr, group, s_wg, offs_c[None, :], mask)
@@ -92,9 +97,10 @@ def _add_layer_norm_kernel(x_ptr, y_ptr, g_ptr, w_ptr, b_ptr, s_ptr, out_ptr, st
 def _add_layer_norm_backward_kernel(dout_ptr, ds_ptr, s_ptr, y_ptr, g_ptr, w_ptr, stats_ptr, dx_ptr, dy_ptr, part_ptr,
                                     rows, c, group_rows, chunk, s_gg, s_wg, HAS_DS: tl.constexpr, HAS_G: tl.constexpr,
                                     HAS_W: tl.constexpr, HAS_DY: tl.constexpr, PARAM_GRADS: tl.constexpr,
-                                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                                    HAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """ds_total of rows [chunk k of group j] into dx (and g * ds_total into dy) for program (j, k); the chunk's
-    fp32 partials of dw, db, dg into part[j, k] when PARAM_GRADS; stats: the forward's (mean, rstd), (2, rows)."""
+    fp32 partials of dw, db, dg into part[j, k] when PARAM_GRADS; stats: the forward's (mean, rstd), (2, rows);
+    s_ptr: s, or s_hat itself when HAT."""
     group = tl.program_id(0)
     lo = group * group_rows + tl.program_id(1) * chunk
     end = tl.minimum(lo + chunk, (group + 1) * group_rows)
@@ -109,10 +115,13 @@ def _add_layer_norm_backward_kernel(dout_ptr, ds_ptr, s_ptr, y_ptr, g_ptr, w_ptr
         offs_m, offs_c, mask = _rows(row0, end, c, BLOCK_M, BLOCK_C)
         in_rows = offs_m < end
         at = offs_m[:, None] * c + offs_c[None, :]
-        mean = tl.load(stats_ptr + offs_m, mask=in_rows, other=0.0)
         rstd = tl.load(stats_ptr + rows + offs_m, mask=in_rows, other=0.0)
-        s_hat = tl.where(mask, (tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean[:, None])
-                         * rstd[:, None], 0.0)
+        if HAT:
+            s_hat = tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        else:
+            mean = tl.load(stats_ptr + offs_m, mask=in_rows, other=0.0)
+            s_hat = tl.where(mask, (tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean[:, None])
+                             * rstd[:, None], 0.0)
         dout = tl.load(dout_ptr + at, mask=mask, other=0.0).to(tl.float32)
         h = dout * w
         ds = (h - s_hat * (tl.sum(h * s_hat, axis=1) / c)[:, None] - (tl.sum(h, axis=1) / c)[:, None]) * rstd[:, None]
@@ -160,21 +169,22 @@ def _group_stride(p: Optional[Tensor]) -> int:
 
 
 def _forward(x: Tensor, y: Optional[Tensor], gate: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-             eps: float, out_dtype: torch.dtype, save: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """(s, out, stats) of row-contiguous x and y: s is x itself when y is None, stats the rows' (mean, rstd),
-    (2, rows) fp32, when ``save`` (else None)."""
+             eps: float, out_dtype: torch.dtype, save: bool) -> Tuple[Tensor, Tensor, Optional[Tuple[Tensor, Tensor]]]:
+    """(s, out, kept) of row-contiguous x and y: s is x itself when y is None; when ``save``, kept = (s, or s_hat
+    in out's dtype where that is narrower than s's; the rows' (mean, rstd), (2, rows) fp32), else None."""
     c = x.shape[-1]
     s = torch.empty(x.shape, device=x.device, dtype=sum_dtype(x, y, gate)) if y is not None else x
     out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     rows = x.numel() // c
     stats = torch.empty(2, rows, device=x.device, dtype=torch.float32) if save else None
+    hat = torch.empty_like(out) if save and out.element_size() < s.element_size() else None
     cfg = _config(c)
     launch(_add_layer_norm_kernel, (cdiv(rows, cfg["BLOCK_M"]),), x, y if y is not None else x,
-           _or(gate, x), _or(weight, x), _or(bias, x), s, out, stats if save else out, rows, c, eps,
+           _or(gate, x), _or(weight, x), _or(bias, x), s, out, _or(stats, out), _or(hat, out), rows, c, eps,
            _group_rows(x, _shapes(gate, weight, bias)), _group_stride(gate), _group_stride(weight), _group_stride(bias),
            HAS_Y=y is not None, HAS_G=gate is not None, HAS_W=weight is not None, HAS_B=bias is not None, SAVE=save,
-           **cfg)
-    return s, out, stats
+           SAVE_HAT=hat is not None, **cfg)
+    return s, out, (_or(hat, s), stats) if save else None
 
 
 def _or(t: Optional[Tensor], other: Tensor) -> Tensor:
@@ -193,10 +203,11 @@ def _shapes(*params: Optional[Tensor]) -> Tuple[Optional[torch.Size], ...]:
 
 
 def _backward(dout: Tensor, ds: Optional[Tensor], s: Tensor, y: Optional[Tensor], gate: Optional[Tensor],
-              weight: Optional[Tensor], stats: Tensor, dtypes: Tuple, shapes: Tuple, needs: Tuple[bool, ...]) -> Tuple:
-    """(dx, dy, dgate, dweight, dbias): ``dtypes`` and ``shapes`` are those of (x, y, gate, weight, bias) (None for
-    an absent one), ``needs`` says which of gate, weight, bias need a gradient (None for the others); dy is dx
-    when y has x's dtype and there is no gate."""
+              weight: Optional[Tensor], stats: Tensor, dtypes: Tuple, shapes: Tuple, needs: Tuple[bool, ...],
+              hat: bool) -> Tuple:
+    """(dx, dy, dgate, dweight, dbias) with ``s`` the forward's kept s, or s_hat where ``hat``; ``dtypes`` and
+    ``shapes`` are those of (x, y, gate, weight, bias) (None for an absent one), ``needs`` says which of gate,
+    weight, bias need a gradient (None for the others); dy is dx when y has x's dtype and there is no gate."""
     x_dtype, y_dtype = dtypes[:2]
     c = s.shape[-1]
     rows = s.numel() // c
@@ -215,7 +226,7 @@ def _backward(dout: Tensor, ds: Optional[Tensor], s: Tensor, y: Optional[Tensor]
     launch(_add_layer_norm_backward_kernel, (groups, splits), dout, _or(ds, dout), s, _or(y, s), _or(gate, s),
            _or(weight, s), stats, dx, _or(dy, dx), part, rows, c, group_rows, chunk, _group_stride(gate),
            _group_stride(weight), HAS_DS=ds is not None, HAS_G=gate is not None, HAS_W=weight is not None,
-           HAS_DY=dy is not None, PARAM_GRADS=any(needs), **cfg)
+           HAS_DY=dy is not None, PARAM_GRADS=any(needs), HAT=hat, **cfg)
     if y_dtype is not None and not separate_dy:
         dy = dx
     # partials in the kernel's order (dw, db, dg); the parameters in the op's order (gate, weight, bias)
@@ -248,8 +259,9 @@ class _AddLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, gate, weight, bias, eps, out_dtype):
-        s, out, stats = _forward(x, y, gate, weight, bias, eps, out_dtype, save=True)
-        ctx.save_for_backward(s, y if gate is not None else None, gate, weight, stats)
+        s, out, (kept, stats) = _forward(x, y, gate, weight, bias, eps, out_dtype, save=True)
+        ctx.save_for_backward(kept, y if gate is not None else None, gate, weight, stats)
+        ctx.hat = kept is not s
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (x, y, gate, weight, bias))
         ctx.shapes = _shapes(x, y, gate, weight, bias)
         ctx.set_materialize_grads(False)
@@ -258,15 +270,15 @@ class _AddLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         ds, dout = grads if len(grads) == 2 else (None, grads[0])
-        s, y, gate, weight, stats = ctx.saved_tensors
+        kept, y, gate, weight, stats = ctx.saved_tensors
         need_x, need_y, need_g, need_w, need_b = ctx.needs_input_grad[:5]
         if dout is None:                # only s was used: its gradient passes through the add
             dy = ds * per_sample(gate, ds) if gate is not None else ds
             dg = _per_group_sum(ds * y, gate) if need_g else None
             return (ds if need_x else None, dy.to(ctx.dtypes[1]) if need_y else None,
                     dg.to(ctx.dtypes[2]) if need_g else None, None, None, None, None)
-        dx, dy, dg, dw, db = _backward(dout, ds, s, y, gate, weight, stats, ctx.dtypes, ctx.shapes,
-                                       (need_g, need_w, need_b))
+        dx, dy, dg, dw, db = _backward(dout, ds, kept, y, gate, weight, stats, ctx.dtypes, ctx.shapes,
+                                       (need_g, need_w, need_b), ctx.hat)
         return dx if need_x else None, dy if need_y else None, dg, dw, db, None, None
 
 

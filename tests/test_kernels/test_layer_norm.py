@@ -155,6 +155,26 @@ def test_gpu_triton_matches_reference(shape, x_dtype, y_dtype, out_dtype, param_
     assert check_against_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype, device="cuda", **opts) == []
 
 
+@pytest.mark.parametrize("with_y", [True, False])
+@pytest.mark.parametrize("out_dtype,kept_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)])
+def test_backward_keeps_the_narrower_of_s_and_s_hat(poisoned, with_y, out_dtype, kept_dtype):
+    """What the Triton norm keeps for the backward at full size: s_hat in the output's dtype where it is narrower
+    than the float32 stream s (which is then free), else s itself."""
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    y = torch.randn(3, 5, 24, requires_grad=True) if with_y else None
+    kept = []
+
+    def pack(t):
+        kept.append((t.dtype, tuple(t.shape), t.data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        s, out = add_layer_norm(x, y, torch.ones(24), None, out_dtype=out_dtype, backend="triton")
+    full = [(dtype, ptr) for dtype, shape, ptr in kept if shape == tuple(x.shape)]
+    assert [dtype for dtype, _ in full] == [kept_dtype]
+    assert (full[0][1] == s.data_ptr()) == (kept_dtype == s.dtype)
+
+
 def test_output_dtype_follows_autocast():
     x, y = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
