@@ -1,6 +1,6 @@
-"""subquad.kernels: functional attention ops on (B, heads, N, d) tensors plus the grid, and the blocks' fused
-residual add + LayerNorm, each with a PyTorch reference and (on CUDA) Triton kernels; one folder per family or
-op, shared pieces in ``core``."""
+"""subquad.kernels: functional attention ops on (B, heads, N, d) tensors plus the grid, the blocks' fused
+residual add + LayerNorm and the q/k RMSNorm + rotary embedding of diffusion transformers, each with a PyTorch
+reference and (on CUDA) Triton kernels; one folder per family or op, shared pieces in ``core``."""
 # the families in the order of every family table (families() follows the order they register in)
 from .softmax import softmax_attention  # isort: skip
 from .agent import agent_attention  # isort: skip
@@ -15,6 +15,7 @@ from .core.family import Family, families, family
 from .core.rope import apply_rope_2d
 from .grid_conv import depthwise_conv_on_grid
 from .layer_norm import add_layer_norm
+from .qk_norm import rms_norm_rope
 
 __all__ = [
     "Family",
@@ -33,5 +34,6 @@ __all__ = [
     "mala_attention",
     "neighborhood_attention",
     "radial_attention",
+    "rms_norm_rope",
     "softmax_attention",
 ]

@@ -267,3 +267,29 @@ def check_add_layer_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.
             raise ValueError(f"{op}: {name} must be a floating point tensor of shape "
                              f"{' or '.join(str(s) for s in shapes)} (shared, or one per sample) on {x.device}, got "
                              f"{t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def check_rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                        out: torch.Tensor | None, op: str = "rms_norm_rope") -> None:
+    """x (B, N, H, D) floating point with D even and unit stride; weight (D,) or (H * D,); cos and sin both None
+    or both (N, D / 2); out None or x's shape with unit stride in D; all on x's device."""
+    if x.dim() != 4 or x.dtype not in _FLOAT_DTYPES or x.shape[-1] % 2 or x.stride(-1) != 1:
+        raise ValueError(f"{op}: x must be a floating point tensor (B, N, H, D) with an even D of unit stride (a "
+                         f"view of the (B, N, H * D) projection), got {x.dtype} {tuple(x.shape)} strides "
+                         f"{x.stride()}")
+    b, n, h, d = x.shape
+    if weight.dim() != 1 or weight.numel() not in (d, h * d) or weight.dtype not in _FLOAT_DTYPES \
+            or weight.device != x.device:
+        raise ValueError(f"{op}: weight must be a floating point tensor ({d},) (a norm per head) or ({h * d},) (per "
+                         f"token) on {x.device}, got {weight.dtype} {tuple(weight.shape)} on {weight.device}")
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{op}: give both cos and sin, or neither (no rotation)")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t is not None and (tuple(t.shape) != (n, d // 2) or t.dtype not in _FLOAT_DTYPES or t.device != x.device):
+            raise ValueError(f"{op}: {name} must be a floating point tensor (N, D / 2) = ({n}, {d // 2}) on "
+                             f"{x.device} (one angle per token and channel pair), got {t.dtype} {tuple(t.shape)} "
+                             f"on {t.device}")
+    if out is not None and (out.shape != x.shape or out.dtype not in _FLOAT_DTYPES or out.device != x.device
+                            or out.stride(-1) != 1):
+        raise ValueError(f"{op}: out must be a floating point tensor of x's shape {tuple(x.shape)} with unit "
+                         f"stride in D on {x.device}, got {out.dtype} {tuple(out.shape)} strides {out.stride()}")

@@ -22,11 +22,13 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections as _flux_qkv
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections as _wan_qkv
 
+from ...kernels import rms_norm_rope
 from ..bench.measure import median_ms
 from .families import AttentionOp
 
@@ -221,11 +223,50 @@ class JointAttnProcessor(_SwappedProcessor):
         return out if encoder_hidden_states is None else (out, encoder_hidden_states)
 
 
+def _weighted_rms_norms(*norms: nn.Module | None) -> bool:
+    """Whether every norm is a torch RMSNorm with a weight (FLUX's and Wan's q/k norms), which ``rms_norm_rope``
+    computes with the rotary embedding in one pass."""
+    return all(isinstance(n, nn.RMSNorm) and n.weight is not None for n in norms)
+
+
+def _normed_and_rotated(x: torch.Tensor, norm: nn.RMSNorm, tables: tuple[torch.Tensor, torch.Tensor] | None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """norm(x) rotated by the pair tables (cos, sin) (N, D / 2) when given, x (B, N, H, D), into ``out``."""
+    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    return rms_norm_rope(x, norm.weight, eps, *(tables or (None, None)), out=out)
+
+
+def _flux_joint_qkv(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, eq: torch.Tensor | None,
+                    ek: torch.Tensor | None, ev: torch.Tensor | None,
+                    rotary: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    """FLUX's normalised, rotated q and k and its v, (B, N, H, D) with the text tokens first: each norm and its
+    rotation one ``rms_norm_rope`` pass written straight into the joint buffer (diffusers: a dozen passes, then the
+    concatenation). FLUX's tables repeat each angle over its channel pair: every other column is a pair's."""
+    text = 0 if eq is None else eq.shape[1]
+
+    def tables(tokens: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if rotary is None else (rotary[0][tokens, ::2], rotary[1][tokens, ::2])
+
+    def joint(image: torch.Tensor, image_norm: nn.RMSNorm, prefix: torch.Tensor | None,
+              prefix_norm: nn.RMSNorm | None) -> torch.Tensor:
+        b, n, h, d = image.shape
+        out = image.new_empty(b, text + n, h, d)
+        if text:
+            _normed_and_rotated(prefix, prefix_norm, tables(slice(0, text)), out[:, :text])
+        _normed_and_rotated(image, image_norm, tables(slice(text, None)), out[:, text:])
+        return out
+
+    added_q, added_k = (attn.norm_added_q, attn.norm_added_k) if text else (None, None)
+    q, k = joint(query, attn.norm_q, eq, added_q), joint(key, attn.norm_k, ek, added_k)
+    return q, k, torch.cat([ev, value], 1) if text else value
+
+
 class FluxAttnProcessor(_SwappedProcessor):
     """``FluxAttnProcessor``: text tokens first (the prefix), then the packed latent grid.
 
     In the double-stream blocks the text comes as ``encoder_hidden_states``; in the single-stream
     blocks it is already the head of ``hidden_states``, and its length is what the grid leaves over.
+    Where the structured op runs, the q/k norms and the rotary embedding are ``rms_norm_rope`` passes.
     """
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -233,15 +274,21 @@ class FluxAttnProcessor(_SwappedProcessor):
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         query, key, value, eq, ek, ev = _flux_qkv(attn, hidden_states, encoder_hidden_states)
         query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
-        query, key = attn.norm_q(query), attn.norm_k(key)
         if attn.added_kv_proj_dim is not None:
             eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
-            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-            query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        if self.policy.is_dense(self.layer):
+        dense = self.policy.is_dense(self.layer)
+        added = (attn.norm_added_q, attn.norm_added_k) if attn.added_kv_proj_dim is not None else ()
+        if not dense and _weighted_rms_norms(attn.norm_q, attn.norm_k, *added):
+            query, key, value = _flux_joint_qkv(attn, query, key, value, eq, ek, ev, image_rotary_emb)
+        else:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+            if attn.added_kv_proj_dim is not None:
+                eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+                query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
+            if image_rotary_emb is not None:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if dense:
             out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend)
         else:
             _no_mask(attention_mask, "FluxAttnProcessor")
@@ -279,11 +326,18 @@ class WanAttnProcessor(_SwappedProcessor):
         if encoder_hidden_states is not None:
             raise ValueError("WanAttnProcessor (subquad) serves the self-attention attn1 only")
         query, key, value = _wan_qkv(attn, hidden_states, None)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        if rotary_emb is not None:
-            query, key = _wan_rotary(query, *rotary_emb), _wan_rotary(key, *rotary_emb)
-        if self.policy.is_dense(self.layer):
+        dense = self.policy.is_dense(self.layer)
+        if not dense and _weighted_rms_norms(attn.norm_q, attn.norm_k):
+            # Wan's tables are (1, N, 1, D): a pair's cos in its even column, its sin in its odd one
+            tables = None if rotary_emb is None else (rotary_emb[0][0, :, 0, 0::2], rotary_emb[1][0, :, 0, 1::2])
+            query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+            query, key = _normed_and_rotated(query, attn.norm_q, tables), _normed_and_rotated(key, attn.norm_k, tables)
+        else:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+            query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+            if rotary_emb is not None:
+                query, key = _wan_rotary(query, *rotary_emb), _wan_rotary(key, *rotary_emb)
+        if dense:
             out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                         backend=self._attention_backend)
         else:
