@@ -27,7 +27,8 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.
     head by token n's angle i: (a, b) -> (a cos[n, i] - b sin[n, i], a sin[n, i] + b cos[n, i]), with ``cos`` and
     ``sin`` (N, D / 2) (diffusers' FLUX tables are (N, D) with each value repeated per pair: pass ``cos[:, ::2]``).
     All in float32, rounded once. Inference only on Triton (no autograd): with a gradient to record, the
-    reference runs. Backends: ``triton`` (the default on CUDA), ``reference``.
+    reference runs. Backends: ``triton`` (the default on CUDA), ``reference`` (PyTorch ops; also what runs under
+    ``torch.compile``, whose compiler fuses them itself).
     """
     checks.check_rms_norm_rope(x, weight, cos, sin, out)
     eps = checks.check_float(eps, "eps", "rms_norm_rope", positive=True)
@@ -35,6 +36,8 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.
         out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     if x.numel() == 0:
         return out
+    if torch.compiler.is_compiling():
+        return rms_norm_rope_reference(x, weight, eps, cos, sin, out)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, cos, sin))
     fn = choose_backend("rms_norm_rope", backend, x, recording_grad=grad)
     return fn(x, weight, eps, cos, sin, out)
