@@ -266,7 +266,8 @@ class FluxAttnProcessor(_SwappedProcessor):
 
     In the double-stream blocks the text comes as ``encoder_hidden_states``; in the single-stream
     blocks it is already the head of ``hidden_states``, and its length is what the grid leaves over.
-    Where the structured op runs, the q/k norms and the rotary embedding are ``rms_norm_rope`` passes.
+    The q/k norms and the rotary embedding are ``rms_norm_rope`` passes, before dense attention too (dense layers and
+    steps, a grid the op does not fit).
     """
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -278,7 +279,7 @@ class FluxAttnProcessor(_SwappedProcessor):
             eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
         dense = self.policy.is_dense(self.layer)
         added = (attn.norm_added_q, attn.norm_added_k) if attn.added_kv_proj_dim is not None else ()
-        if not dense and _weighted_rms_norms(attn.norm_q, attn.norm_k, *added):
+        if _weighted_rms_norms(attn.norm_q, attn.norm_k, *added):
             query, key, value = _flux_joint_qkv(attn, query, key, value, eq, ek, ev, image_rotary_emb)
         else:
             query, key = attn.norm_q(query), attn.norm_k(key)
@@ -318,7 +319,8 @@ def _wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tenso
 
 
 class WanAttnProcessor(_SwappedProcessor):
-    """``WanAttnProcessor`` on the self-attention (attn1) over the (T, H, W) video grid."""
+    """``WanAttnProcessor`` on the self-attention (attn1) over the (T, H, W) video grid; its q/k norms (over the
+    token's H * D channels) and rotary embedding are ``rms_norm_rope`` passes, before dense attention too."""
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -327,7 +329,7 @@ class WanAttnProcessor(_SwappedProcessor):
             raise ValueError("WanAttnProcessor (subquad) serves the self-attention attn1 only")
         query, key, value = _wan_qkv(attn, hidden_states, None)
         dense = self.policy.is_dense(self.layer)
-        if not dense and _weighted_rms_norms(attn.norm_q, attn.norm_k):
+        if _weighted_rms_norms(attn.norm_q, attn.norm_k):
             # Wan's tables are (1, N, 1, D): a pair's cos in its even column, its sin in its odd one
             tables = None if rotary_emb is None else (rotary_emb[0][0, :, 0, 0::2], rotary_emb[1][0, :, 0, 1::2])
             query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))

@@ -200,6 +200,22 @@ def test_dense_layers_and_dense_steps():
         assert torch.equal(_run(model, at(900.0)), dense[900.0])          # a new run starts dense again
 
 
+@pytest.mark.parametrize("kind", ["flux", "wan"])
+def test_dense_steps_of_flux_and_wan_use_the_fused_qk_norm(kind, monkeypatch):
+    """FLUX's and Wan's q/k norms and rotary embedding are rms_norm_rope passes before dense attention too (dense
+    steps): the output is the original's up to rounding, and every swapped layer ran the fused passes."""
+    from subquad.tasks.pipelines import processors
+    calls = []
+    fused = processors.rms_norm_rope
+    monkeypatch.setattr(processors, "rms_norm_rope", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    model, inputs = _model_and_inputs(kind)
+    reference = _run(model, inputs)
+    with accelerate_pipeline(model, "radial", dense_steps=1):
+        out = _run(model, inputs)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    assert len(calls) >= 2 * len(LAYERS[kind])
+
+
 def test_grid_smaller_than_the_window_stays_dense():
     model, inputs = _model_and_inputs("dit")
     reference = _run(model, inputs)
