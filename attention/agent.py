@@ -10,15 +10,11 @@ from torch import nn
 
 from ..kernels import agent_attention, checks, depthwise_conv_on_grid, family
 from ..kernels.core.family import check_options
-from .base import GridAttention
+from .base import GridAttention, small_next_to_activations
 from .grid_maps import cached_constant, depthwise_conv, grid_resize_matrix, without_autocast
 from .recompute import recomputed_in_backward
 from .registry import register
 
-# the resized biases (2 h n N values) are rebuilt in the backward, not kept, when they hold more than 1 / REBUILT_ABOVE
-# of the values of one (B, N, C) activation: at 2048 px B1 1.5x it, at 224 px B128 1% (kept: the rebuild's two
-# products and the saved-tensor hooks would cost more host time than the memory is worth)
-REBUILT_ABOVE = 8
 
 
 @register("agent")
@@ -63,13 +59,13 @@ class AgentAttention(GridAttention):
         for p in self.parameters(recurse=False):
             nn.init.trunc_normal_(p, std=0.02)
 
-    def agent_bias(self, grid: tuple[int, int], num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def agent_bias(self, grid: tuple[int, int], num_prefix: int, activation: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B1 (h, n, N), B2 (h, N, n)) for this grid: maps and row/column terms resized to it (kept for
-        inference: ``cached_for_inference``)."""
+        inference where small next to an activation of ``activation`` elements: ``cached_for_inference``)."""
         biases = (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias, self.ac_bias,
                   self.ca_bias)
         return self.cached_for_inference("agent_bias", (grid, num_prefix), biases,
-                                         lambda: self._resized_bias(grid, num_prefix)[0])
+                                         lambda: self._resized_bias(grid, num_prefix)[0], activation)
 
     def _resized_bias(self, grid: tuple[int, int], num_prefix: int
                       ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[Callable, Callable]]:
@@ -115,10 +111,11 @@ class AgentAttention(GridAttention):
 
     def attend(self, x, q, k, v, grid, num_prefix):
         grid = checks.check_image_grid(grid, "agent attention")
+        activation = q.shape[0] * q.shape[2] * self.dim
         bias, rebuild = (self._resized_bias(grid, num_prefix) if torch.is_grad_enabled()
-                         else (self.agent_bias(grid, num_prefix), ()))
-        if sum(b.numel() for b in bias) * REBUILT_ABOVE < q.shape[0] * q.shape[2] * self.dim:
-            rebuild = ()        # small next to the batch's activations: kept, not rebuilt (two products fewer)
+                         else (self.agent_bias(grid, num_prefix, activation), ()))
+        if small_next_to_activations(sum(b.numel() for b in bias), activation):
+            rebuild = ()        # kept for the backward, not rebuilt: the two products and the hooks cost more host time
         with recomputed_in_backward(*zip(bias, rebuild)):
             y = agent_attention(q, k, v, grid=grid, num_agents=self.num_agents, agent_bias=bias,
                                 num_prefix=num_prefix, backend=self.backend)

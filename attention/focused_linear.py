@@ -55,11 +55,11 @@ class FocusedLinearAttention(GridAttention):
             pe = pe.repeat(grid[0], 1, 1)
         return pe.transpose(0, 1)
 
-    def key_offset(self, grid):
+    def key_offset(self, grid, activation):
         if self.positional_encoding is None:
             return None
         return self.cached_for_inference("key_encoding", grid, (self.positional_encoding,),
-                                         lambda: self.key_encoding(grid))
+                                         lambda: self.key_encoding(grid), activation)
 
     def attend(self, x, q, k, v, grid, num_prefix):
         y = focused_linear_attention(q, k, v, grid=grid, focusing_factor=self.focusing_factor,

@@ -63,6 +63,9 @@ def official_agent_bias(m, grid, num_prefix):
     return b1, b2
 
 
+LARGE = 1 << 30         # elements of an activation next to which any bias is small
+
+
 def test_agent_bias_uses_the_parameters_exactly_on_the_bias_grid():
     """On the 14x14 bias grid with one cls token: B1[:, a, 1 + 14 r + c] = an(r, c) + ah[r] + aw[c] (likewise B2),
     the row, column and cls terms used exactly and the 7x7 map an upsampled bilinearly as the official code does."""
@@ -72,7 +75,7 @@ def test_agent_bias_uses_the_parameters_exactly_on_the_bias_grid():
     with torch.no_grad():                           # first the row/column/cls terms alone: exact
         m.an_bias.zero_()
         m.na_bias.zero_()
-    b1, b2 = m.agent_bias((14, 14), 1)
+    b1, b2 = m.agent_bias((14, 14), 1, 0)
     torch.testing.assert_close(b1[:, :, 1:].reshape(h, n, 14, 14), (m.ah_bias + m.aw_bias)[0], rtol=0, atol=0)
     torch.testing.assert_close(b2[:, 1:].reshape(h, 14, 14, n), (m.ha_bias + m.wa_bias)[0], rtol=0, atol=0)
     torch.testing.assert_close(b1[:, :, 0], m.ac_bias.reshape(h, n), rtol=0, atol=0)
@@ -82,48 +85,65 @@ def test_agent_bias_uses_the_parameters_exactly_on_the_bias_grid():
         m.na_bias.copy_(maps[1])
         for name in ("ah_bias", "aw_bias", "ha_bias", "wa_bias"):
             getattr(m, name).zero_()
-    b1, b2 = m.agent_bias((14, 14), 1)
+    b1, b2 = m.agent_bias((14, 14), 1, 0)
     # 1e-6: resize_map interpolates in float32 even for a float64 module (attention/grid_maps.py)
     torch.testing.assert_close(b1[:, :, 1:].reshape(h, n, 14, 14),
                                F.interpolate(m.an_bias, size=(14, 14), mode="bilinear"), rtol=0, atol=1e-6)
     torch.testing.assert_close(b2[:, 1:].reshape(h, 14, 14, n),
                                F.interpolate(m.na_bias, size=(14, 14), mode="bilinear").permute(0, 2, 3, 1),
                                rtol=0, atol=1e-6)
-    b1, b2 = m.agent_bias((7, 7), 0)                # and used exactly on a 7x7 grid
+    b1, b2 = m.agent_bias((7, 7), 0, 0)             # and used exactly on a 7x7 grid
     torch.testing.assert_close(b1.reshape(h, n, 7, 7), m.an_bias, rtol=0, atol=0)
     torch.testing.assert_close(b2.reshape(h, 7, 7, n), m.na_bias.permute(0, 2, 3, 1), rtol=0, atol=0)
 
 
 def test_agent_bias_kept_for_inference_only_while_the_parameters_are_unchanged():
-    """Without autograd the resized pair is reused for the same grid; an in-place update, load_state_dict, an
-    optimizer step, a dtype change or another grid rebuilds it; with autograd it is built every call."""
+    """Without autograd the resized pair is reused for the same grid (beside large activations); an in-place update,
+    load_state_dict, an optimizer step, a dtype change or another grid rebuilds it; with autograd it is built every
+    call."""
     m = randomize(attention.build("agent", dim=16, num_heads=2, num_agents=4))
     fresh = lambda grid, prefix: m._resized_bias(grid, prefix)[0]       # noqa: E731
     with torch.no_grad():
-        first = m.agent_bias((9, 10), 1)
-        assert m.agent_bias((9, 10), 1)[0] is first[0]
-        other = m.agent_bias((8, 8), 0)
+        first = m.agent_bias((9, 10), 1, LARGE)
+        assert m.agent_bias((9, 10), 1, LARGE)[0] is first[0]
+        other = m.agent_bias((8, 8), 0, LARGE)
         assert other[0] is not first[0] and other[0].shape == (2, 4, 64)
         m.an_bias.add_(1.0)
-        updated = m.agent_bias((8, 8), 0)
+        updated = m.agent_bias((8, 8), 0, LARGE)
         torch.testing.assert_close(updated[0], fresh((8, 8), 0)[0], rtol=0, atol=0)
         assert not torch.equal(updated[0], other[0])
         m.load_state_dict({k: torch.randn_like(v) for k, v in m.state_dict().items()})
-        torch.testing.assert_close(m.agent_bias((8, 8), 0)[1], fresh((8, 8), 0)[1], rtol=0, atol=0)
+        torch.testing.assert_close(m.agent_bias((8, 8), 0, LARGE)[1], fresh((8, 8), 0)[1], rtol=0, atol=0)
     step = torch.optim.SGD(m.parameters(), lr=1.0)
     m(torch.randn(1, 64, 16), grid=(8, 8)).sum().backward()
     step.step()
     with torch.no_grad():
-        torch.testing.assert_close(m.agent_bias((8, 8), 0)[0], fresh((8, 8), 0)[0], rtol=0, atol=0)
+        torch.testing.assert_close(m.agent_bias((8, 8), 0, LARGE)[0], fresh((8, 8), 0)[0], rtol=0, atol=0)
         m.double()
-        assert m.agent_bias((8, 8), 0)[0].dtype == torch.float64
-    assert m.agent_bias((8, 8), 0)[0].requires_grad                     # with autograd: built, differentiable
+        assert m.agent_bias((8, 8), 0, LARGE)[0].dtype == torch.float64
+    assert m.agent_bias((8, 8), 0, LARGE)[0].requires_grad                     # with autograd: built, differentiable
+
+
+def test_agent_bias_not_kept_where_large_next_to_the_activations():
+    """The pair (2 h n N values) is kept only where it holds at most 1/8 of one (B, N, C) activation's values: at
+    2 x 2 x 4 x 80 = 1,280 values, kept beside 10,240 and rebuilt beside 10,239."""
+    m = randomize(attention.build("agent", dim=16, num_heads=2, num_agents=4))
+    with torch.no_grad():
+        first = m.agent_bias((8, 10), 0, 10240)
+        assert m.agent_bias((8, 10), 0, 10240)[0] is first[0]
+        m.agent_bias((8, 10), 0, 10239)
+        assert "agent_bias" not in m._cached                              # large next to this one: dropped
+        again = m.agent_bias((8, 10), 0, 10239)
+        assert again[0] is not first[0] and "agent_bias" not in m._cached
+        torch.testing.assert_close(again[0], first[0], rtol=0, atol=0)
 
 
 def test_flatten_key_encoding_kept_for_inference_only_while_the_encoding_is_unchanged():
     m = randomize(attention.build("flatten", dim=16, num_heads=2, pos_grid=(4, 4))).eval()
-    x = torch.randn(2, 1 + 30, 16)
+    x = torch.randn(8, 1 + 30, 16)        # the (2, 30, 8) encoding is small next to a (8, 31, 16) activation
     with torch.no_grad():
+        m(x[:2], grid=(5, 6), num_prefix=1)
+        assert "key_encoding" not in m._cached                          # but not next to a (2, 31, 16) one
         first = m(x, grid=(5, 6), num_prefix=1)
         kept = m._cached["key_encoding"][1]
         assert kept.shape == (2, 30, 8)
