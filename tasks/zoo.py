@@ -31,22 +31,27 @@ def subquad_model_names() -> list[str]:
             if model_entrypoint(name).__module__.startswith(f"{backbones.__name__}.")]
 
 
+# images per counted call: enough that the parameters' resized maps are small next to the activations and kept
+# (``attention.base.small_next_to_activations``), as they are in any batched use
+COUNTED_BATCH = 64
+
+
 def count_model(name: str, img_size: int | None = None, **kwargs) -> dict:
     """Parameters and GFLOPs of ``name`` at its default input size (or ``img_size`` square), built on the
     meta device (no memory).
 
-    GFLOPs follow the papers' convention: multiply-accumulates / 1e9 (fvcore counts the same way) of one
+    GFLOPs follow the papers' convention: multiply-accumulates / 1e9 (fvcore counts the same way) per image of an
     inference call, without what is computed from the parameters alone and kept for inference (an agent
-    block's resized biases).
+    block's resized biases): counted over a batch of ``COUNTED_BATCH`` images, beside which every block keeps them.
     """
     size = get_pretrained_cfg(name).input_size
     if img_size is not None and img_size != size[-1]:
         size, kwargs = (size[0], img_size, img_size), dict(kwargs, img_size=img_size)
     with torch.device("meta"):
         model = timm.create_model(name, **kwargs)
-        inputs = (torch.empty(1, *size),)
+        inputs = (torch.empty(COUNTED_BATCH, *size),)
         if isinstance(model, DiT):
-            inputs += (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+            inputs += (torch.zeros(COUNTED_BATCH, dtype=torch.long), torch.zeros(COUNTED_BATCH, dtype=torch.long))
     model.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")       # a family's note that it runs dense on this grid: not news here
@@ -59,7 +64,7 @@ def count_model(name: str, img_size: int | None = None, **kwargs) -> dict:
         "model": name,
         "attention": "+".join(families),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "gflops": counter.get_total_flops() / 2e9,
+        "gflops": counter.get_total_flops() / 2e9 / COUNTED_BATCH,
         "input": f"{size[1]}x{size[2]}",
     }
 
