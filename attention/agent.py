@@ -16,7 +16,6 @@ from .recompute import recomputed_in_backward
 from .registry import register
 
 
-
 @register("agent")
 class AgentAttention(GridAttention):
     """O = softmax(Q A^T / sqrt(d) + B2) softmax(A K^T / sqrt(d) + B1) V + DWC(V)  (Eq. 3-5).
