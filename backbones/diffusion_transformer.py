@@ -18,18 +18,9 @@ from timm.layers import Mlp, PatchEmbed
 from torch import nn
 
 from ..attention import build
-from ..kernels.layer_norm import add_layer_norm
 from .attention_schedule import AttentionSchedule, AttnEntry
+from .fused_norm import add_norm_modulate
 from .patchify import PatchifyConv2d
-
-
-def add_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                      y: torch.Tensor | None = None,
-                      gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, norm(s) * (1 + scale) + shift) with s = x + gate * y (x when y is None), shift, scale and gate (B, C)
-    per sample: adaLN's residual add, norm and modulation as one fused pass (``add_layer_norm``). ``norm`` is a
-    LayerNorm without affine parameters (DiT's: the modulation is its only scale and shift); its eps is used."""
-    return add_layer_norm(x, y, 1 + scale, shift, norm.eps, gate=gate)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The residual add and the norm after it as one step of a pre-norm block."""
+"""The residual add and the norm after it as one step of a pre-norm block (with adaLN's modulation in diffusion
+transformers)."""
 from __future__ import annotations
 
 import torch
@@ -21,6 +22,16 @@ def add_norm(norm: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
         y = y * (gate if gate.dim() == 1 else gate.reshape(gate.shape[0], *[1] * (y.dim() - 2), -1))
     s = x if y is None else x + y
     return s, norm(s)
+
+
+def add_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                      y: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                      residual_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, norm(s) * (1 + scale) + shift) with s = x + gate * y (x when y is None), shift, scale and gate (B, C)
+    per sample: adaLN's residual add, norm and modulation (DiT, Peebles & Xie 2023) as one fused pass
+    (``add_layer_norm``; s in ``residual_dtype``, default by type promotion). ``norm`` is a LayerNorm without affine
+    parameters (DiT's: the modulation is its only scale and shift); its eps is used."""
+    return add_layer_norm(x, y, 1 + scale, shift, norm.eps, gate=gate, residual_dtype=residual_dtype)
 
 
 def residual_branch(layer_scale: nn.Module, drop_path: nn.Module, y: torch.Tensor

@@ -249,9 +249,12 @@ def check_grid_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def check_add_layer_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None,
                          bias: torch.Tensor | None, gate: torch.Tensor | None = None,
-                         op: str = "add_layer_norm") -> None:
+                         residual_dtype: torch.dtype | None = None, op: str = "add_layer_norm") -> None:
     """x (..., C) floating point with C >= 1; y None or x's shape on x's device; weight, bias and gate None, (C,)
-    or one per sample (B, C) of x (B, ..., C), floating point on x's device; a gate only with y."""
+    or one per sample (B, C) of x (B, ..., C), floating point on x's device; a gate only with y; residual_dtype
+    None or a floating point dtype."""
+    if residual_dtype is not None and residual_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{op}: residual_dtype must be a floating point dtype, got {residual_dtype}")
     if x.dim() < 1 or x.dtype not in _FLOAT_DTYPES or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must be a floating point tensor (..., C) with C >= 1, got {x.dtype} "
                          f"{tuple(x.shape)}")

@@ -20,10 +20,14 @@ def sum_dtype(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None
 
 def add_layer_norm_reference(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None,
                              bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype,
-                             gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, LN(s) * weight + bias in ``out_dtype``) with s = x + gate * y (x when y is None; gate 1 when None),
-    LN over the last axis; weight, bias and gate (C,) or per sample (B, C) (DiT's adaLN modulation)."""
+                             gate: torch.Tensor | None = None, residual_dtype: torch.dtype | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, LN(s) * weight + bias in ``out_dtype``) with s = x + gate * y (x when y is None; gate 1 when None) in
+    ``residual_dtype`` (default: by type promotion), LN over the last axis; weight, bias and gate (C,) or per sample
+    (B, C) (DiT's adaLN modulation)."""
     s = x if y is None else x + (y if gate is None else per_sample(gate, x) * y)
+    if residual_dtype is not None and y is not None:
+        s = s.to(residual_dtype)
     if all(p is None or p.dim() == 1 for p in (weight, bias)):
         return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps).to(out_dtype)
     out = F.layer_norm(s, s.shape[-1:], None, None, eps)

@@ -169,11 +169,13 @@ def _group_stride(p: Optional[Tensor]) -> int:
 
 
 def _forward(x: Tensor, y: Optional[Tensor], gate: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-             eps: float, out_dtype: torch.dtype, save: bool) -> Tuple[Tensor, Tensor, Optional[Tuple[Tensor, Tensor]]]:
-    """(s, out, kept) of row-contiguous x and y: s is x itself when y is None; when ``save``, kept = (s, or s_hat
-    in out's dtype where that is narrower than s's; the rows' (mean, rstd), (2, rows) fp32), else None."""
+             eps: float, out_dtype: torch.dtype, residual_dtype: torch.dtype, save: bool
+             ) -> Tuple[Tensor, Tensor, Optional[Tuple[Tensor, Tensor]]]:
+    """(s, out, kept) of row-contiguous x and y: s (in ``residual_dtype``) is x itself when y is None; when
+    ``save``, kept = (s, or s_hat in out's dtype where that is narrower than s's; the rows' (mean, rstd), (2, rows)
+    fp32), else None."""
     c = x.shape[-1]
-    s = torch.empty(x.shape, device=x.device, dtype=sum_dtype(x, y, gate)) if y is not None else x
+    s = torch.empty(x.shape, device=x.device, dtype=residual_dtype) if y is not None else x
     out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     rows = x.numel() // c
     stats = torch.empty(2, rows, device=x.device, dtype=torch.float32) if save else None
@@ -258,8 +260,8 @@ class _AddLayerNorm(torch.autograd.Function):
     """(s, out) = (x + gate * y, LN(s) * weight + bias) when y is given, else out = LN(x) * weight + bias."""
 
     @staticmethod
-    def forward(ctx, x, y, gate, weight, bias, eps, out_dtype):
-        s, out, (kept, stats) = _forward(x, y, gate, weight, bias, eps, out_dtype, save=True)
+    def forward(ctx, x, y, gate, weight, bias, eps, out_dtype, residual_dtype):
+        s, out, (kept, stats) = _forward(x, y, gate, weight, bias, eps, out_dtype, residual_dtype, save=True)
         ctx.save_for_backward(kept, y if gate is not None else None, gate, weight, stats)
         ctx.hat = kept is not s
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (x, y, gate, weight, bias))
@@ -276,10 +278,10 @@ class _AddLayerNorm(torch.autograd.Function):
             dy = ds * per_sample(gate, ds) if gate is not None else ds
             dg = _per_group_sum(ds * y, gate) if need_g else None
             return (ds if need_x else None, dy.to(ctx.dtypes[1]) if need_y else None,
-                    dg.to(ctx.dtypes[2]) if need_g else None, None, None, None, None)
+                    dg.to(ctx.dtypes[2]) if need_g else None, None, None, None, None, None)
         dx, dy, dg, dw, db = _backward(dout, ds, kept, y, gate, weight, stats, ctx.dtypes, ctx.shapes,
                                        (need_g, need_w, need_b), ctx.hat)
-        return dx if need_x else None, dy if need_y else None, dg, dw, db, None, None
+        return dx if need_x else None, dy if need_y else None, dg, dw, db, None, None, None
 
 
 def _per_group_sum(t: Tensor, p: Tensor) -> Tensor:
@@ -288,16 +290,19 @@ def _per_group_sum(t: Tensor, p: Tensor) -> Tensor:
 
 
 def add_layer_norm_triton(x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                          eps: float, out_dtype: torch.dtype, gate: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """(x + gate * y, LayerNorm(x + gate * y) * weight + bias in ``out_dtype``) of tensors (B, ..., C), the
-    parameters (C,) or per sample (B, C) (see the module docstring); x and LN(x) * weight + bias when y is None."""
+                          eps: float, out_dtype: torch.dtype, gate: Optional[Tensor] = None,
+                          residual_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """(x + gate * y in ``residual_dtype`` (default: by type promotion), LayerNorm(x + gate * y) * weight + bias
+    in ``out_dtype``) of tensors (B, ..., C), the parameters (C,) or per sample (B, C) (see the module docstring);
+    x and LN(x) * weight + bias when y is None."""
+    residual_dtype = residual_dtype or sum_dtype(x, y, gate)
     if x.numel() == 0:
-        return add_layer_norm_reference(x, y, weight, bias, eps, out_dtype, gate)
+        return add_layer_norm_reference(x, y, weight, bias, eps, out_dtype, gate, residual_dtype)
     # the kernels read rows of x and y and the parameters' channels with unit stride
     rows_x, y = x.contiguous(), y.contiguous() if y is not None else None
     gate, weight, bias = (p if p is None or p.stride(-1) == 1 else p.contiguous() for p in (gate, weight, bias))
     if records_grad(x, y, gate, weight, bias):
-        result = _AddLayerNorm.apply(rows_x, y, gate, weight, bias, eps, out_dtype)
+        result = _AddLayerNorm.apply(rows_x, y, gate, weight, bias, eps, out_dtype, residual_dtype)
         return result if y is not None else (x, result)
-    s, out, _ = _forward(rows_x, y, gate, weight, bias, eps, out_dtype, save=False)
+    s, out, _ = _forward(rows_x, y, gate, weight, bias, eps, out_dtype, residual_dtype, save=False)
     return s if y is not None else x, out

@@ -31,6 +31,7 @@ from torch import nn
 from ... import kernels
 from ...kernels import checks
 from ...kernels.core.family import check_options
+from .blocks import fuse_blocks, unfuse_blocks
 from .families import AttentionOp, pipeline_options, resolve_family
 from .processors import (FluxAttnProcessor, GridAttentionPolicy, JointAttnProcessor, SelfAttnProcessor,
                          WanAttnProcessor, _SwappedProcessor)
@@ -144,17 +145,20 @@ class AttentionSwap:
     """What ``accelerate_pipeline`` changed, and the way back: ``restore()`` (or leave a ``with`` block)."""
 
     def __init__(self, policy: GridAttentionPolicy, originals: list[tuple[nn.Module, object]],
-                 hooks: list[torch.utils.hooks.RemovableHandle], layers: dict[str, int]) -> None:
-        self.policy, self.layers = policy, layers
+                 hooks: list[torch.utils.hooks.RemovableHandle], layers: dict[str, int],
+                 fused_blocks: list[nn.Module]) -> None:
+        self.policy, self.layers, self.fused_blocks = policy, layers, fused_blocks
         self._originals, self._hooks = originals, hooks
 
     def restore(self) -> None:
-        """Put back the exact processor objects the transformer(s) had, and remove the grid hooks."""
+        """Put back the exact processor objects the transformer(s) had and the blocks' own forwards, and remove the
+        grid hooks."""
         for module, processor in self._originals:
             module.set_processor(processor)
         for hook in self._hooks:
             hook.remove()
-        self._originals, self._hooks = [], []
+        unfuse_blocks(self.fused_blocks)
+        self._originals, self._hooks, self.fused_blocks = [], [], []
 
     def __enter__(self) -> AttentionSwap:
         return self
@@ -164,7 +168,8 @@ class AttentionSwap:
 
 
 def accelerate_pipeline(pipe: Any, attn: str | AttentionOp, *, dense_layers: Iterable[int] = (),
-                        dense_steps: int = 0, fall_back_if_slower: bool = True, **options: Any) -> AttentionSwap:
+                        dense_steps: int = 0, fall_back_if_slower: bool = True, fused_blocks: bool = True,
+                        **options: Any) -> AttentionSwap:
     """Swap the self-attention over the latent tokens of ``pipe``'s transformer(s) for ``attn``.
 
     ``pipe``: a diffusers pipeline (its ``transformer`` and ``transformer_2``) or a transformer.
@@ -178,6 +183,8 @@ def accelerate_pipeline(pipe: Any, attn: str | AttentionOp, *, dense_layers: Ite
     ``fall_back_if_slower``: on a CUDA device (outside ``torch.compile``), the op is timed against dense
     attention on the first call of each token grid, and where it is slower the layers run dense attention
     (a warning says so; ``swap.policy.measured`` keeps the times).
+    ``fused_blocks``: FLUX's and Wan's blocks also run their adaLN modulation, gates and residual adds as fused
+    passes (``blocks.py``; diffusers' values up to rounding order; ``swap.fused_blocks`` lists them).
     Every check runs before anything changes: on an error the pipeline is left as it was; the values of
     a named family's options are checked here (``Family.check``), not at the first denoising step.
     """
@@ -204,8 +211,9 @@ def accelerate_pipeline(pipe: Any, attn: str | AttentionOp, *, dense_layers: Ite
         plans.append((transformer, spec, targets))
     name, op, fits = family
     fall_back = checks.check_bool(fall_back_if_slower, "fall_back_if_slower", "accelerate_pipeline")
+    fuse = checks.check_bool(fused_blocks, "fused_blocks", "accelerate_pipeline")
     policy = GridAttentionPolicy(name, op, options, dense_layers, dense_steps, fits, fall_back)
-    originals, hooks, layers = [], [], {}
+    originals, hooks, layers, blocks = [], [], {}, []
     for index, (transformer, spec, targets) in enumerate(plans):
         prefix = f"{TRANSFORMER_ATTRIBUTES[index]}." if len(plans) > 1 else ""
         for module_name, module, block in targets:
@@ -217,4 +225,6 @@ def accelerate_pipeline(pipe: Any, attn: str | AttentionOp, *, dense_layers: Ite
             call = _call_arguments(module, args, kwargs)
             policy.observe(spec.grid(module, call), call.get("timestep"))
         hooks.append(transformer.register_forward_pre_hook(observe, with_kwargs=True))
-    return AttentionSwap(policy, originals, hooks, layers)
+        if fuse:
+            blocks += fuse_blocks(transformer)
+    return AttentionSwap(policy, originals, hooks, layers, blocks)

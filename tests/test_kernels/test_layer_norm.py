@@ -48,10 +48,10 @@ def test_reference_matches_definition(with_y, weight_shape, bias_shape, gate_sha
 
 
 def check_against_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype, device="cpu", upstream=("s", "out"),
-                            transposed=False, weight="shared", bias="shared", gate=None):
+                            transposed=False, weight="shared", bias="shared", gate=None, residual_dtype=None):
     """Forward and every gradient of backend="triton" against the float64 reference; the (what, error, tolerance)
     that failed. ``upstream``: which outputs the loss reads; ``transposed``: x and y as non-contiguous views;
-    ``weight``, ``bias``, ``gate``: None, "shared" ((C,)) or "per_sample" ((B, C))."""
+    ``weight``, ``bias``, ``gate``: None, "shared" ((C,)) or "per_sample" ((B, C)); ``residual_dtype``: s's."""
     dev = torch.device(device)
     x = torch.randn(shape, device=dev).to(x_dtype)
     if transposed:
@@ -71,9 +71,10 @@ def check_against_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype, dev
     w, b, g = param(weight, 0.5, 1.0), param(bias, 1.0, 0.0), param(gate, 0.5, 0.5)
     inputs = (x, y, w, b, g)
     leaves = [t for t in inputs if t is not None]
-    s, out = add_layer_norm(x, y, w, b, 1e-5, gate=g, out_dtype=out_dtype, backend="triton")
-    s_dtype = x_dtype if y is None else torch.promote_types(torch.promote_types(x_dtype, y_dtype),
-                                                            param_dtype if g is not None else y_dtype)
+    s, out = add_layer_norm(x, y, w, b, 1e-5, gate=g, out_dtype=out_dtype, residual_dtype=residual_dtype,
+                            backend="triton")
+    s_dtype = x_dtype if y is None else residual_dtype or torch.promote_types(
+        torch.promote_types(x_dtype, y_dtype), param_dtype if g is not None else y_dtype)
     assert s.dtype == s_dtype and out.dtype == out_dtype
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     it = iter(ref_leaves)
@@ -85,7 +86,8 @@ def check_against_reference(shape, x_dtype, y_dtype, out_dtype, param_dtype, dev
     ref_loss = ((rout * gout).sum() if "out" in upstream else 0) + ((rs * gs).sum() if use_s else 0)
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     ref_grads = torch.autograd.grad(ref_loss, ref_leaves, allow_unused=True)
-    tol = max(REL_TOL[x_dtype], REL_TOL[out_dtype], REL_TOL[y_dtype or x_dtype], REL_TOL[param_dtype])
+    tol = max(REL_TOL[x_dtype], REL_TOL[out_dtype], REL_TOL[y_dtype or x_dtype], REL_TOL[param_dtype],
+              REL_TOL[residual_dtype or x_dtype])
     names = [n for n, t in zip(("dx", "dy", "dweight", "dbias", "dgate"), inputs) if t is not None]
     failed = []
     for what, a, e in zip(["s", "out", *names], [s, out, *grads], [rs, rout, *ref_grads]):
@@ -125,6 +127,12 @@ CPU_CASES = [  # shape, x dtype, y dtype, output dtype, parameter dtype, options
      dict(weight="per_sample", bias=None, gate="per_sample")),                      # one row per sample
     ((3, 4, 16), torch.float32, torch.bfloat16, torch.bfloat16, torch.float32,
      dict(weight="per_sample", bias="per_sample", gate="per_sample", transposed=True)),
+    # Wan's blocks: a bf16 stream, float32 gates and norms, the sum rounded back to bf16
+    ((2, 6, 40), torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32,
+     dict(weight="shared", bias="shared", gate="per_sample", residual_dtype=torch.bfloat16)),
+    ((2, 5, 24), torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32,
+     dict(weight="per_sample", bias="per_sample", gate="per_sample", residual_dtype=torch.bfloat16,
+          upstream=("out",))),
 ]
 
 
@@ -195,6 +203,11 @@ def test_output_dtype_follows_autocast():
 def test_bad_arguments_raise(args, message):
     with pytest.raises(ValueError, match=message):
         add_layer_norm(*args)
+
+
+def test_bad_residual_dtype_raises():
+    with pytest.raises(ValueError, match="residual_dtype must be a floating point dtype"):
+        add_layer_norm(torch.randn(2, 3), torch.randn(2, 3), None, None, residual_dtype=torch.int32)
 
 
 def test_gate_without_y_raises():

@@ -1,0 +1,183 @@
+"""Diffusers transformer blocks with their adaLN modulation, gates and residual adds fused.
+
+Around its attention and feed-forward, a FLUX or Wan block makes a dozen elementwise passes over the (B, N, C)
+residual stream: the LayerNorm, the modulation by (1 + scale) and shift, each branch's gate and residual add
+(Wan's in float32, with casts there and back), and FLUX's single blocks concatenate the attention and MLP
+outputs before their output projection. ``fuse_blocks`` gives each block a forward that computes the same with
+``add_norm_modulate`` (residual add, norm and modulation in one pass), one-pass gated adds, and the single
+blocks' output projection as two products into one output; the projections, the attention (the swapped
+processor) and the feed-forward stay the block's own modules. The values are diffusers' up to rounding: each
+fused pass computes in float32 and rounds once where diffusers' bfloat16 blocks round after every op.
+
+    FluxTransformerBlock        adaLN-Zero (Peebles & Xie 2023, Sec. 3.2) of the image and text streams
+    FluxSingleTransformerBlock  the joint stream; its input is not copied where it is one buffer already
+    WanTransformerBlock         one modulation per sample (Wan 2.1, 2.2 A14B); per-token modulation (TI2V) as written
+"""
+from __future__ import annotations
+
+import types
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle, FP32LayerNorm
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+from torch import nn
+
+from ...backbones.fused_norm import add_norm_modulate
+from ...kernels import add_layer_norm
+
+
+def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + gate * y with ``gate`` (B, C) per sample, computed in float32 (or the operands' wider type) and rounded
+    once to x's dtype: one pass (diffusers: the product, the sum and, in Wan, the casts, each a pass)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, y)):
+        return torch.addcmul(x, gate[:, None], y).to(x.dtype)          # out= records no gradient
+    return torch.addcmul(x, gate[:, None], y, out=torch.empty_like(x))
+
+
+def split_linear(linear: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``linear(torch.cat([a, b], -1))`` without the concatenation: the products of a and b with the weight's two
+    column blocks (read in place) accumulate in one output."""
+    c = a.shape[-1]
+    out = F.linear(a, linear.weight[:, :c], linear.bias)
+    out.view(-1, out.shape[-1]).addmm_(b.reshape(-1, b.shape[-1]), linear.weight[:, c:].t())
+    return out
+
+
+def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([a, b], 1)``, as a view where b follows a in one buffer (the token halves a single block
+    returned), else the copy."""
+    follows = (not torch.compiler.is_compiling() and not (a.requires_grad or b.requires_grad)
+               and a.dtype == b.dtype and a.device == b.device and a.stride() == b.stride()
+               and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:]
+               and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+               and b.storage_offset() == a.storage_offset() + a.shape[1] * a.stride(1)
+               and (a.shape[0] == 1 or a.stride(0) == (a.shape[1] + b.shape[1]) * a.stride(1)))
+    if follows:
+        return a.as_strided((a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]), a.stride())
+    return torch.cat([a, b], 1)
+
+
+def _clip_half(x: torch.Tensor) -> torch.Tensor:
+    """FLUX's float16 guard: clip to the largest finite float16."""
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+def _flux_stream(norm2: nn.LayerNorm, ff: nn.Module, x: torch.Tensor, attn_out: torch.Tensor,
+                 modulation: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One stream of a FLUX double block after its attention: the gated residual add, the modulated norm (one
+    pass), the feed-forward and its gated residual add."""
+    _, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+    x, h = add_norm_modulate(norm2, x, shift_mlp, scale_mlp, attn_out, gate_msa)
+    return gated_add(x, gate_mlp, ff(h))
+
+
+def _adaln_zero(norm: AdaLayerNormZero, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``AdaLayerNormZero``'s outputs (the modulated norm of x, gate_msa, shift_mlp, scale_mlp, gate_mlp), the
+    norm and modulation in one pass."""
+    shift, scale, *rest = norm.linear(norm.silu(temb)).chunk(6, dim=1)
+    return (add_norm_modulate(norm.norm, x, shift, scale)[1], *rest)
+
+
+def flux_double_forward(block: FluxTransformerBlock, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                        temb: torch.Tensor, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        joint_attention_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``FluxTransformerBlock.forward``, fused."""
+    image = _adaln_zero(block.norm1, hidden_states, temb)
+    text = _adaln_zero(block.norm1_context, encoder_hidden_states, temb)
+    outputs = block.attn(hidden_states=image[0], encoder_hidden_states=text[0], image_rotary_emb=image_rotary_emb,
+                         **(joint_attention_kwargs or {}))
+    hidden_states = _flux_stream(block.norm2, block.ff, hidden_states, outputs[0], image)
+    if len(outputs) == 3:                       # an IP-adapter's output
+        hidden_states = hidden_states + outputs[2]
+    encoder_hidden_states = _flux_stream(block.norm2_context, block.ff_context, encoder_hidden_states, outputs[1],
+                                         text)
+    return _clip_half(encoder_hidden_states), hidden_states
+
+
+def flux_single_forward(block: FluxSingleTransformerBlock, hidden_states: torch.Tensor,
+                        encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        joint_attention_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``FluxSingleTransformerBlock.forward``, fused."""
+    text = encoder_hidden_states.shape[1]
+    x = joined(encoder_hidden_states, hidden_states)
+    shift, scale, gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)
+    _, h = add_norm_modulate(block.norm.norm, x, shift, scale)
+    mlp = block.act_mlp(block.proj_mlp(h))
+    attn_out = block.attn(hidden_states=h, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+    x = _clip_half(gated_add(x, gate, split_linear(block.proj_out, attn_out, mlp)))
+    return x[:, :text], x[:, text:]
+
+
+def wan_forward(block: WanTransformerBlock, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                temb: torch.Tensor, rotary_emb: torch.Tensor) -> torch.Tensor:
+    """``WanTransformerBlock.forward``, fused: the residual stream stays in its dtype, each pass computing in
+    float32 as Wan's blocks do."""
+    if temb.ndim == 4:                          # one modulation per token (Wan 2.2 TI2V): as diffusers writes it
+        return type(block).forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb)
+    dtype = hidden_states.dtype
+    modulation = (block.scale_shift_table + temb.float()).chunk(6, dim=1)
+    shift, scale, gate, c_shift, c_scale, c_gate = (m[:, 0] for m in modulation)
+    _, h = add_norm_modulate(block.norm1, hidden_states, shift, scale)
+    attn_out = block.attn1(h, None, None, rotary_emb)
+    if isinstance(block.norm2, nn.Identity):
+        x = h = gated_add(hidden_states, gate, attn_out)
+    else:
+        x, h = add_layer_norm(hidden_states, attn_out, block.norm2.weight, block.norm2.bias, block.norm2.eps,
+                              gate=gate, residual_dtype=dtype)
+    attn_out = block.attn2(h, encoder_hidden_states, None, None)
+    x, h = add_norm_modulate(block.norm3, x, c_shift, c_scale, attn_out)
+    return gated_add(x, c_gate, block.ffn(h))
+
+
+def _plain_norm(norm: nn.Module) -> bool:
+    """A LayerNorm over the last axis without affine parameters, exactly torch's or diffusers' float32 one."""
+    return type(norm) in (nn.LayerNorm, FP32LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is None \
+        and norm.bias is None
+
+
+def _flux_double_fits(block: FluxTransformerBlock) -> bool:
+    return all(type(n) is AdaLayerNormZero and n.emb is None and _plain_norm(n.norm)
+               for n in (block.norm1, block.norm1_context)) and _plain_norm(block.norm2) \
+        and _plain_norm(block.norm2_context)
+
+
+def _flux_single_fits(block: FluxSingleTransformerBlock) -> bool:
+    return type(block.norm) is AdaLayerNormZeroSingle and _plain_norm(block.norm.norm) \
+        and block.proj_out.in_features == block.attn.inner_dim + block.mlp_hidden_dim
+
+
+def _wan_fits(block: WanTransformerBlock) -> bool:
+    norm2 = block.norm2
+    affine = type(norm2) is FP32LayerNorm and len(norm2.normalized_shape) == 1 and norm2.weight is not None \
+        and norm2.bias is not None
+    return _plain_norm(block.norm1) and _plain_norm(block.norm3) and (type(norm2) is nn.Identity or affine)
+
+
+FUSED_FORWARDS: dict[type, tuple[Callable, Callable[[nn.Module], bool]]] = {
+    FluxTransformerBlock: (flux_double_forward, _flux_double_fits),
+    FluxSingleTransformerBlock: (flux_single_forward, _flux_single_fits),
+    WanTransformerBlock: (wan_forward, _wan_fits),
+}
+
+
+def fuse_blocks(transformer: nn.Module) -> list[nn.Module]:
+    """Give each block of ``transformer`` that ``FUSED_FORWARDS`` covers (exactly that class, its norms as diffusers
+    builds them, no forward of its own set on the instance, as hooks do) the fused forward; returns those blocks
+    (``unfuse_blocks`` takes them back)."""
+    fused = []
+    for module in transformer.modules():
+        forward, fits = FUSED_FORWARDS.get(type(module), (None, None))
+        if forward is not None and "forward" not in vars(module) and fits(module):
+            module.forward = types.MethodType(forward, module)
+            fused.append(module)
+    return fused
+
+
+def unfuse_blocks(blocks: list[nn.Module]) -> None:
+    """The blocks' class forwards back."""
+    for module in blocks:
+        vars(module).pop("forward", None)
