@@ -4,9 +4,9 @@ Around its attention and feed-forward, a FLUX or Wan block makes a dozen element
 residual stream: the LayerNorm, the modulation by (1 + scale) and shift, each branch's gate and residual add
 (Wan's in float32, with casts there and back), and FLUX's single blocks concatenate the attention and MLP
 outputs before their output projection. ``fuse_blocks`` gives each block a forward that computes the same with
-``add_norm_modulate`` (residual add, norm and modulation in one pass), one-pass gated adds, and the single
-blocks' output projection as two products into one output; the projections, the attention (the swapped
-processor) and the feed-forward stay the block's own modules. The values are diffusers' up to rounding: each
+``add_norm_modulate`` (residual add, norm and modulation in one pass), one-pass gated adds, the tanh GELU in the
+epilogue of the product before it (CUDA), and the single blocks' output projection as two products into one
+output; the weights, the attention (the swapped processor) and the rest of the feed-forward stay the block's own. The values are diffusers' up to rounding: each
 fused pass computes in float32 and rounds once where diffusers' bfloat16 blocks round after every op.
 
     FluxTransformerBlock        adaLN-Zero (Peebles & Xie 2023, Sec. 3.2) of the image and text streams
@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.activations import GELU
+from diffusers.models.attention import FeedForward
 from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle, FP32LayerNorm
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
@@ -35,6 +37,28 @@ def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Ten
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, y)):
         return torch.addcmul(x, gate[:, None], y).to(x.dtype)          # out= records no gradient
     return torch.addcmul(x, gate[:, None], y, out=torch.empty_like(x))
+
+
+def linear_gelu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """gelu(linear(x), approximate="tanh") (FLUX's and Wan's MLP input): in inference on CUDA one cuBLASLt product
+    with the GELU in its epilogue, applied to the float32 accumulator (``torch._addmm_activation``: no pass over the
+    4C-wide output); else the two ops."""
+    recording = torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad)
+    if x.is_cuda and linear.bias is not None and not recording and not torch.compiler.is_compiling():
+        out = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], out.shape[-1])
+    return F.gelu(linear(x), approximate="tanh")
+
+
+def feed_forward(ff: FeedForward, x: torch.Tensor) -> torch.Tensor:
+    """``ff(x)``; of diffusers' FeedForward, its first product and tanh GELU as ``linear_gelu``."""
+    if type(ff) is not FeedForward:
+        return ff(x)
+    first, *rest = ff.net
+    x = linear_gelu(first.proj, x) if type(first) is GELU and first.approximate == "tanh" else first(x)
+    for module in rest:
+        x = module(x)
+    return x
 
 
 def split_linear(linear: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -71,7 +95,7 @@ def _flux_stream(norm2: nn.LayerNorm, ff: nn.Module, x: torch.Tensor, attn_out: 
     pass), the feed-forward and its gated residual add."""
     _, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
     x, h = add_norm_modulate(norm2, x, shift_mlp, scale_mlp, attn_out, gate_msa)
-    return gated_add(x, gate_mlp, ff(h))
+    return gated_add(x, gate_mlp, feed_forward(ff, h))
 
 
 def _adaln_zero(norm: AdaLayerNormZero, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -106,7 +130,7 @@ def flux_single_forward(block: FluxSingleTransformerBlock, hidden_states: torch.
     x = joined(encoder_hidden_states, hidden_states)
     shift, scale, gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)
     _, h = add_norm_modulate(block.norm.norm, x, shift, scale)
-    mlp = block.act_mlp(block.proj_mlp(h))
+    mlp = linear_gelu(block.proj_mlp, h) if _tanh_gelu(block.act_mlp) else block.act_mlp(block.proj_mlp(h))
     attn_out = block.attn(hidden_states=h, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
     x = _clip_half(gated_add(x, gate, split_linear(block.proj_out, attn_out, mlp)))
     return x[:, :text], x[:, text:]
@@ -130,7 +154,11 @@ def wan_forward(block: WanTransformerBlock, hidden_states: torch.Tensor, encoder
                               gate=gate, residual_dtype=dtype)
     attn_out = block.attn2(h, encoder_hidden_states, None, None)
     x, h = add_norm_modulate(block.norm3, x, c_shift, c_scale, attn_out)
-    return gated_add(x, c_gate, block.ffn(h))
+    return gated_add(x, c_gate, feed_forward(block.ffn, h))
+
+
+def _tanh_gelu(act: nn.Module) -> bool:
+    return type(act) is nn.GELU and act.approximate == "tanh"
 
 
 def _plain_norm(norm: nn.Module) -> bool:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import FeedForward
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
 from subquad.kernels.core.testing import REL_TOL, relative_error
 from subquad.tasks.pipelines import accelerate_pipeline
-from subquad.tasks.pipelines.blocks import (FUSED_FORWARDS, fuse_blocks, gated_add, joined, split_linear,
-                                            unfuse_blocks)
+from subquad.tasks.pipelines.blocks import (FUSED_FORWARDS, feed_forward, fuse_blocks, gated_add, joined,
+                                            linear_gelu, split_linear, unfuse_blocks)
 from subquad.tasks.pipelines.random_models import random_transformer, transformer_inputs
 
 DIM, HEADS, TEXT, IMAGE = 32, 2, 5, 12
@@ -124,6 +125,38 @@ def test_gated_add_rounds_once_in_float32():
     y.requires_grad_()
     out = gated_add(x, gate, y)
     assert out.dtype == torch.bfloat16 and out.equal(want) and out.requires_grad
+
+
+def test_feed_forward_is_the_module():
+    ff = _randomized(FeedForward(8, dim_out=8, activation_fn="gelu-approximate"))
+    x = torch.randn(2, 3, 8)
+    assert feed_forward(ff, x).equal(ff(x))
+
+
+@pytest.mark.gpu
+def test_gpu_linear_gelu_in_the_epilogue_is_the_tanh_gelu():
+    """On CUDA the GELU runs in the product's epilogue (on the float32 accumulator): within bf16 rounding of the
+    two ops (FLUX's MLP width)."""
+    linear = torch.nn.Linear(3072, 12288, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, 4096, 3072, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = F.gelu(F.linear(x.double(), linear.weight.double(), linear.bias.double()), approximate="tanh")
+        assert relative_error(linear_gelu(linear, x), want) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_fused_forward_matches_the_block(kind):
+    """On CUDA (Triton norms, the GELU epilogue) at bfloat16."""
+    block, call = _block_and_call(kind, torch.bfloat16)
+    block = block.cuda()
+    call = {k: (tuple(t.cuda() for t in v) if isinstance(v, tuple) else v.cuda()) for k, v in call.items()}
+    with torch.no_grad():
+        want = block(**call)
+        fuse_blocks(block)
+        got = block(**call)
+    for a, e in zip(*(w if isinstance(w, tuple) else (w,) for w in (got, want))):
+        assert relative_error(a, e) < REL_TOL[torch.bfloat16]
 
 
 def test_split_linear_is_the_linear_of_the_concatenation():
