@@ -1,7 +1,8 @@
 """``subquad bench --suite pipeline``: one transformer call of the released diffusers models' sizes (random
 weights), dense against several attention swaps measured in the same run.
 
-Per case (a transformer class at a pixel resolution): the dense call, the call with the swapped
+Per case (a transformer class at a pixel resolution): the dense call, the call with the swapped attention dense
+(``dense_attention``: what the accelerator's fused blocks and q/k passes give alone), the call with the swapped
 self-attention skipped (``skip_attention``: the bound on any speedup from attention alone, Amdahl), and each
 swap's call with its speedup, the cosine similarity of its output to the dense one and whether it ran dense
 attention as the faster (``accelerate_pipeline``'s ``fall_back_if_slower``). Each transformer is
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from ..pipelines.accelerate import accelerate_pipeline
 from ..pipelines.compare import cosine_similarity
-from ..pipelines.random_models import pixel_inputs, random_transformer, skip_attention, time_call
+from ..pipelines.random_models import dense_attention, pixel_inputs, random_transformer, skip_attention, time_call
 from ..tables import format_table, save_csv
 
 matplotlib.use("Agg")
@@ -74,6 +75,10 @@ def _case_rows(model: torch.nn.Module, case: PipelineCase, repeats: int) -> list
     base = {"case": case.label}
     rows = [{**base, "tokens": 0, "attention": "dense", "ms": dense_s * 1e3, "speedup": 1.0,
              "bound": dense_s / skipped_s, "cosine": 1.0, "fell_back": False}]
+    fused_s, fused = time_call(model, inputs, repeats, dense_attention, fall_back_if_slower=False)
+    rows.append({**base, "tokens": 0, "attention": "dense, fused blocks", "ms": fused_s * 1e3,
+                 "speedup": dense_s / fused_s, "bound": dense_s / skipped_s,
+                 "cosine": cosine_similarity(fused.float(), dense.float()), "fell_back": False})
     for family, options in case.swaps:
         with accelerate_pipeline(model, family, **options) as swap:
             seconds, out = time_call(model, inputs, repeats)
@@ -82,7 +87,8 @@ def _case_rows(model: torch.nn.Module, case: PipelineCase, repeats: int) -> list
                      "speedup": dense_s / seconds, "bound": dense_s / skipped_s,
                      "cosine": cosine_similarity(out.float(), dense.float()), "fell_back": fell_back})
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()))
-    rows[0]["tokens"] = rows[-1]["tokens"]
+    for row in rows[:2]:
+        row["tokens"] = rows[-1]["tokens"]
     return rows
 
 

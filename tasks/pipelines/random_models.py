@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator
 
 import diffusers
 import torch
+import torch.nn.functional as F
 from diffusers import (AutoencoderKL, AutoencoderKLWan, DDIMScheduler, DiTTransformer2DModel,
                        FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, PixArtTransformer2DModel,
                        SD3Transformer2DModel, UniPCMultistepScheduler, WanTransformer3DModel)
@@ -271,6 +272,13 @@ def skip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: t
     """An op that returns ``v`` in place of attention: a transformer call with it costs everything but the
     swapped attention, so dense time / its time bounds what any family can gain there (Amdahl)."""
     return v
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, ...],
+                    num_prefix: int = 0) -> torch.Tensor:
+    """Dense attention as a swapped op: a call with it costs what ``accelerate_pipeline`` gains around the attention
+    (the fused blocks and q/k passes) with the attention itself left dense."""
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 def time_call(transformer: nn.Module, inputs: dict[str, Any], repeats: int, attn: str | AttentionOp | None = None,

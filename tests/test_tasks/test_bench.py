@@ -120,19 +120,23 @@ def test_kernel_suites_need_cuda(tmp_path):
 
 def test_bench_pipelines_rows_bound_and_plot(tmp_path):
     """The pipeline suite's code path on tiny CPU transformers: per case the dense row first with the bound
-    (dense time / the time with the attention skipped), then each swap that ``families`` keeps with its
-    speedup and output cosine; one model per kind for all its cases; a CSV kept after every case; a plot."""
+    (dense time / the time with the attention skipped), then dense attention with the fused blocks, then each swap
+    that ``families`` keeps with its speedup and output cosine; one model per kind for all its cases; a CSV kept
+    after every case; a plot."""
     cases = (PipelineCase("flux", 80, 80, 1, (("neighborhood", {"kernel_size": 3}), ("radial", {"tile": (2, 2)}))),
              PipelineCase("wan", 160, 160, 13, (("radial", {"tile": (1, 2, 2)}),)),
              PipelineCase("flux", 96, 80, 1, (("radial", {"tile": (2, 2)}),)))
     rows = bench_pipelines(cases, families=["radial"], size="tiny", repeats=1, device="cpu", dtype=torch.float32,
                            csv_path=tmp_path / "p.csv")
+    fused = "dense, fused blocks"
     assert [(r["case"], r["attention"]) for r in rows] == [
-        ("flux 80x80", "dense"), ("flux 80x80", "radial tile=(2, 2)"), ("flux 96x80", "dense"),
-        ("flux 96x80", "radial tile=(2, 2)"), ("wan 160x160x13", "dense"), ("wan 160x160x13", "radial tile=(1, 2, 2)")]
-    assert [r["tokens"] for r in rows] == [25, 25, 30, 30, 400, 400]
-    for dense, swap in zip(rows[::2], rows[1::2]):
+        ("flux 80x80", "dense"), ("flux 80x80", fused), ("flux 80x80", "radial tile=(2, 2)"), ("flux 96x80", "dense"),
+        ("flux 96x80", fused), ("flux 96x80", "radial tile=(2, 2)"), ("wan 160x160x13", "dense"),
+        ("wan 160x160x13", fused), ("wan 160x160x13", "radial tile=(1, 2, 2)")]
+    assert [r["tokens"] for r in rows] == [25, 25, 25, 30, 30, 30, 400, 400, 400]
+    for dense, same, swap in zip(rows[::3], rows[1::3], rows[2::3]):
         assert dense["speedup"] == 1.0 and dense["cosine"] == 1.0 and dense["bound"] > 0
+        assert same["cosine"] > 1 - 1e-6                    # dense attention: the blocks' values up to rounding
         assert swap["bound"] == dense["bound"] and swap["speedup"] == pytest.approx(dense["ms"] / swap["ms"])
         assert 0.5 < swap["cosine"] < 1 - 1e-6              # the swap ran: close to dense, not equal
     with open(tmp_path / "p.csv") as f:
