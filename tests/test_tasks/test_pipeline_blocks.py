@@ -199,3 +199,15 @@ def test_accelerate_pipeline_fuses_every_block_and_restores(kind):
 def test_fused_blocks_must_be_a_bool():
     with pytest.raises(ValueError, match="fused_blocks"):
         accelerate_pipeline(random_transformer("flux"), "radial", fused_blocks="yes")
+
+
+def test_compiled_fullgraph_with_fused_blocks():
+    """torch.compile(fullgraph=True) traces an accelerated Wan whole, fused blocks and radial attention included
+    (the fused passes' references and plain ops under the compiler), and gives the eager output."""
+    model = random_transformer("wan")
+    inputs = transformer_inputs("wan", model, latent_size=(16, 16), latent_frames=3, batch=1, text_tokens=7)
+    with torch.no_grad(), accelerate_pipeline(model, "radial", tile=(1, 2, 2)) as swap:
+        assert len(swap.fused_blocks) == 2
+        eager = model(**inputs, return_dict=False)[0]
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs, return_dict=False)[0]
+    assert relative_error(compiled, eager) < 1e-6
