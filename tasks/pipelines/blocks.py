@@ -42,7 +42,10 @@ def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Ten
 def linear_gelu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """gelu(linear(x), approximate="tanh") (FLUX's and Wan's MLP input): in inference on CUDA one cuBLASLt product
     with the GELU in its epilogue, applied to the float32 accumulator (``torch._addmm_activation``: no pass over the
-    4C-wide output); else the two ops."""
+    4C-wide output); else the two ops. A module other than exactly ``nn.Linear`` (a LoRA or quantized layer) runs
+    as itself."""
+    if type(linear) is not nn.Linear:
+        return F.gelu(linear(x), approximate="tanh")
     recording = torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad)
     if x.is_cuda and linear.bias is not None and not recording and not torch.compiler.is_compiling():
         out = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
@@ -63,7 +66,10 @@ def feed_forward(ff: FeedForward, x: torch.Tensor) -> torch.Tensor:
 
 def split_linear(linear: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``linear(torch.cat([a, b], -1))`` without the concatenation: the products of a and b with the weight's two
-    column blocks (read in place) accumulate in one output."""
+    column blocks (read in place) accumulate in one output. A module other than exactly ``nn.Linear`` (a LoRA or
+    quantized layer) runs as itself on the concatenation."""
+    if type(linear) is not nn.Linear:
+        return linear(torch.cat([a, b], -1))
     c = a.shape[-1]
     out = F.linear(a, linear.weight[:, :c], linear.bias)
     out.view(-1, out.shape[-1]).addmm_(b.reshape(-1, b.shape[-1]), linear.weight[:, c:].t())

@@ -127,6 +127,36 @@ def test_gated_add_rounds_once_in_float32():
     assert out.dtype == torch.bfloat16 and out.equal(want) and out.requires_grad
 
 
+class Adapted(torch.nn.Module):
+    """A linear layer with an adapter (as peft's LoRA wraps one): its weight alone is not what it computes."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.base, self.in_features, self.out_features = linear, linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.down, self.up = torch.nn.Linear(linear.in_features, 2, bias=False), torch.nn.Linear(2, linear.out_features)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+@pytest.mark.parametrize("kind", ["flux_single", "flux_double"])
+def test_adapted_linear_layers_run_as_themselves(kind):
+    """The fused forward reads a linear layer's weight in place only where it is exactly nn.Linear."""
+    block, call = _block_and_call(kind, torch.float32)
+    if kind == "flux_single":
+        block.proj_out, block.proj_mlp = Adapted(block.proj_out), Adapted(block.proj_mlp)
+    else:
+        block.ff.net[0].proj = Adapted(block.ff.net[0].proj)
+    _randomized(block)
+    with torch.no_grad():
+        want = block(**call)
+        fuse_blocks(block)
+        got = block(**call)
+    for a, e in zip(got, want):
+        assert relative_error(a, e) < 1e-5
+
+
 def test_feed_forward_is_the_module():
     ff = _randomized(FeedForward(8, dim_out=8, activation_fn="gelu-approximate"))
     x = torch.randn(2, 3, 8)
