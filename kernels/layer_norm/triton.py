@@ -14,9 +14,10 @@ rows ((G, C): one per sample, DiT's adaLN), read through a group stride that is 
 x, y and s are read and written once each, out written once, in fp32 arithmetic; mean and rstd (fp32, one per
 row) are kept for the backward, and so is s, or s_hat in out's dtype where that is narrower (bf16 under autocast:
 half the bytes of the float32 stream, which is then free once the next block has read it; the backward reads
-s_hat rounded once, an error of about 2^-9 per term, the size of the 16-bit rounding of d_out itself). A backward program walks a chunk of one group's rows and holds its dw, db, dg
-partials in registers; one more launch sums every requested partial per group (then a shared
-parameter's over its groups, which are one unless another parameter is per sample).
+s_hat rounded once, an error of about 2^-9 per term, the size of the 16-bit rounding of d_out itself). A backward
+program walks a chunk of one group's rows and holds its dw, db, dg partials in registers; one more launch sums
+every requested partial per group (then a shared parameter's over its groups, which are one unless another
+parameter is per sample). s may be narrower than x + g * y's type (``residual_dtype``): rounded once there.
 """
 from typing import Optional, Tuple
 

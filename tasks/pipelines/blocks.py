@@ -6,8 +6,9 @@ residual stream: the LayerNorm, the modulation by (1 + scale) and shift, each br
 outputs before their output projection. ``fuse_blocks`` gives each block a forward that computes the same with
 ``add_norm_modulate`` (residual add, norm and modulation in one pass), one-pass gated adds, the tanh GELU in the
 epilogue of the product before it (CUDA), and the single blocks' output projection as two products into one
-output; the weights, the attention (the swapped processor) and the rest of the feed-forward stay the block's own. The values are diffusers' up to rounding: each
-fused pass computes in float32 and rounds once where diffusers' bfloat16 blocks round after every op.
+output; the weights, the attention (the swapped processor) and the rest of the feed-forward stay the block's own.
+The values are diffusers' up to rounding: each fused pass computes in float32 and rounds once where diffusers'
+bfloat16 blocks round after every op.
 
     FluxTransformerBlock        adaLN-Zero (Peebles & Xie 2023, Sec. 3.2) of the image and text streams
     FluxSingleTransformerBlock  the joint stream; its input is not copied where it is one buffer already
