@@ -139,6 +139,9 @@ def test_bench_pipelines_rows_bound_and_plot(tmp_path):
         assert same["cosine"] > 1 - 1e-6                    # dense attention: the blocks' values up to rounding
         assert swap["bound"] == dense["bound"] and swap["speedup"] == pytest.approx(dense["ms"] / swap["ms"])
         assert 0.5 < swap["cosine"] < 1 - 1e-6              # the swap ran: close to dense, not equal
+        # 50 steps, the first 5 at the dense-attention call's time
+        assert dense["end_to_end"] == 1.0
+        assert swap["end_to_end"] == pytest.approx(50 * dense["ms"] / (5 * same["ms"] + 45 * swap["ms"]))
     with open(tmp_path / "p.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     save_pipeline_plot(rows, tmp_path / "p.png", "tiny")
