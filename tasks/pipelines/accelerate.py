@@ -183,7 +183,7 @@ def accelerate_pipeline(pipe: Any, attn: str | AttentionOp, *, dense_layers: Ite
     ``fall_back_if_slower``: on a CUDA device (outside ``torch.compile``), the op is timed against dense
     attention on the first call of each token grid, and where it is slower the layers run dense attention
     (a warning says so; ``swap.policy.measured`` keeps the times).
-    ``fused_blocks``: FLUX's and Wan's blocks also run their adaLN modulation, gates and residual adds as fused
+    ``fused_blocks``: FLUX's, SD3's and Wan's blocks also run their adaLN modulation, gates and residual adds as fused
     passes (``blocks.py``; diffusers' values up to rounding order; ``swap.fused_blocks`` lists them).
     Every check runs before anything changes: on an error the pipeline is left as it was; the values of
     a named family's options are checked here (``Family.check``), not at the first denoising step.

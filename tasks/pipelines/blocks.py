@@ -1,6 +1,6 @@
 """Diffusers transformer blocks with their adaLN modulation, gates and residual adds fused.
 
-Around its attention and feed-forward, a FLUX or Wan block makes a dozen elementwise passes over the (B, N, C)
+Around its attention and feed-forward, a FLUX, SD3 or Wan block makes a dozen elementwise passes over the (B, N, C)
 residual stream: the LayerNorm, the modulation by (1 + scale) and shift, each branch's gate and residual add
 (Wan's in float32, with casts there and back), and FLUX's single blocks concatenate the attention and MLP
 outputs before their output projection. ``fuse_blocks`` gives each block a forward that computes the same with
@@ -11,6 +11,7 @@ The values are diffusers' up to rounding: each fused pass computes in float32 an
 bfloat16 blocks round after every op.
 
     FluxTransformerBlock        adaLN-Zero (Peebles & Xie 2023, Sec. 3.2) of the image and text streams
+    JointTransformerBlock       SD3's, the same (not its dual-attention or last, context-pre-only blocks)
     FluxSingleTransformerBlock  the joint stream; its input is not copied where it is one buffer already
     WanTransformerBlock         one modulation per sample (Wan 2.1, 2.2 A14B); per-token modulation (TI2V) as written
 """
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GELU
-from diffusers.models.attention import FeedForward
+from diffusers.models.attention import FeedForward, JointTransformerBlock
 from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle, FP32LayerNorm
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
@@ -96,9 +97,9 @@ def _clip_half(x: torch.Tensor) -> torch.Tensor:
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
-def _flux_stream(norm2: nn.LayerNorm, ff: nn.Module, x: torch.Tensor, attn_out: torch.Tensor,
-                 modulation: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """One stream of a FLUX double block after its attention: the gated residual add, the modulated norm (one
+def _modulated_stream(norm2: nn.LayerNorm, ff: nn.Module, x: torch.Tensor, attn_out: torch.Tensor,
+                      modulation: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One stream of a double-stream block after its attention: the gated residual add, the modulated norm (one
     pass), the feed-forward and its gated residual add."""
     _, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
     x, h = add_norm_modulate(norm2, x, shift_mlp, scale_mlp, attn_out, gate_msa)
@@ -112,20 +113,36 @@ def _adaln_zero(norm: AdaLayerNormZero, x: torch.Tensor, temb: torch.Tensor) -> 
     return (add_norm_modulate(norm.norm, x, shift, scale)[1], *rest)
 
 
+def _double_stream(block: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                   temb: torch.Tensor, attention_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image and text streams of a FLUX double block or an SD3 joint block around their joint attention."""
+    image = _adaln_zero(block.norm1, hidden_states, temb)
+    text = _adaln_zero(block.norm1_context, encoder_hidden_states, temb)
+    outputs = block.attn(hidden_states=image[0], encoder_hidden_states=text[0], **attention_kwargs)
+    hidden_states = _modulated_stream(block.norm2, block.ff, hidden_states, outputs[0], image)
+    if len(outputs) == 3:                       # an IP-adapter's output
+        hidden_states = hidden_states + outputs[2]
+    encoder_hidden_states = _modulated_stream(block.norm2_context, block.ff_context, encoder_hidden_states,
+                                              outputs[1], text)
+    return encoder_hidden_states, hidden_states
+
+
 def flux_double_forward(block: FluxTransformerBlock, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                         temb: torch.Tensor, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
                         joint_attention_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``FluxTransformerBlock.forward``, fused."""
-    image = _adaln_zero(block.norm1, hidden_states, temb)
-    text = _adaln_zero(block.norm1_context, encoder_hidden_states, temb)
-    outputs = block.attn(hidden_states=image[0], encoder_hidden_states=text[0], image_rotary_emb=image_rotary_emb,
-                         **(joint_attention_kwargs or {}))
-    hidden_states = _flux_stream(block.norm2, block.ff, hidden_states, outputs[0], image)
-    if len(outputs) == 3:                       # an IP-adapter's output
-        hidden_states = hidden_states + outputs[2]
-    encoder_hidden_states = _flux_stream(block.norm2_context, block.ff_context, encoder_hidden_states, outputs[1],
-                                         text)
+    encoder_hidden_states, hidden_states = _double_stream(
+        block, hidden_states, encoder_hidden_states, temb,
+        dict(image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {})))
     return _clip_half(encoder_hidden_states), hidden_states
+
+
+def sd3_forward(block: JointTransformerBlock, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                temb: torch.Tensor, joint_attention_kwargs: dict[str, Any] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``JointTransformerBlock.forward`` (SD3's blocks but the dual-attention and the last, context-pre-only ones),
+    fused."""
+    return _double_stream(block, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs or {})
 
 
 def flux_single_forward(block: FluxSingleTransformerBlock, hidden_states: torch.Tensor,
@@ -174,10 +191,15 @@ def _plain_norm(norm: nn.Module) -> bool:
         and norm.bias is None
 
 
-def _flux_double_fits(block: FluxTransformerBlock) -> bool:
+def _double_stream_fits(block: nn.Module) -> bool:
     return all(type(n) is AdaLayerNormZero and n.emb is None and _plain_norm(n.norm)
                for n in (block.norm1, block.norm1_context)) and _plain_norm(block.norm2) \
         and _plain_norm(block.norm2_context)
+
+
+def _sd3_fits(block: JointTransformerBlock) -> bool:
+    return not block.use_dual_attention and not block.context_pre_only and block._chunk_size is None \
+        and _double_stream_fits(block)
 
 
 def _flux_single_fits(block: FluxSingleTransformerBlock) -> bool:
@@ -193,9 +215,10 @@ def _wan_fits(block: WanTransformerBlock) -> bool:
 
 
 FUSED_FORWARDS: dict[type, tuple[Callable, Callable[[nn.Module], bool]]] = {
-    FluxTransformerBlock: (flux_double_forward, _flux_double_fits),
+    FluxTransformerBlock: (flux_double_forward, _double_stream_fits),
     FluxSingleTransformerBlock: (flux_single_forward, _flux_single_fits),
     WanTransformerBlock: (wan_forward, _wan_fits),
+    JointTransformerBlock: (sd3_forward, _sd3_fits),
 }
 
 

@@ -1,11 +1,12 @@
-"""The fused FLUX and Wan blocks (tasks/pipelines/blocks.py): each fused forward against the block's own, the helpers
+"""The fused FLUX, SD3 and Wan blocks (tasks/pipelines/blocks.py): each fused forward against the block's own, the helpers
 against their definitions, and accelerate_pipeline fusing and restoring them."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention import FeedForward
+from diffusers import SD3Transformer2DModel
+from diffusers.models.attention import FeedForward, JointTransformerBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
@@ -13,7 +14,7 @@ from subquad.kernels.core.testing import REL_TOL, relative_error
 from subquad.tasks.pipelines import accelerate_pipeline
 from subquad.tasks.pipelines.blocks import (FUSED_FORWARDS, feed_forward, fuse_blocks, gated_add, joined,
                                             linear_gelu, split_linear, unfuse_blocks)
-from subquad.tasks.pipelines.random_models import random_transformer, transformer_inputs
+from subquad.tasks.pipelines.random_models import CONFIGS, random_transformer, transformer_inputs
 
 DIM, HEADS, TEXT, IMAGE = 32, 2, 5, 12
 
@@ -43,6 +44,10 @@ def _block_and_call(kind: str, dtype: torch.dtype, batch: int = 2) -> tuple[torc
         block = FluxTransformerBlock(DIM, HEADS, DIM // HEADS)
         call = dict(hidden_states=torch.randn(batch, IMAGE, DIM), encoder_hidden_states=torch.randn(batch, TEXT, DIM),
                     temb=temb, image_rotary_emb=_flux_rotary(TEXT + IMAGE))
+    elif kind == "sd3":
+        block = JointTransformerBlock(DIM, HEADS, DIM // HEADS, qk_norm="rms_norm")
+        call = dict(hidden_states=torch.randn(batch, IMAGE, DIM), encoder_hidden_states=torch.randn(batch, TEXT, DIM),
+                    temb=temb)
     elif kind == "flux_single":
         block = FluxSingleTransformerBlock(DIM, HEADS, DIM // HEADS)
         call = dict(hidden_states=torch.randn(batch, IMAGE, DIM), encoder_hidden_states=torch.randn(batch, TEXT, DIM),
@@ -52,12 +57,12 @@ def _block_and_call(kind: str, dtype: torch.dtype, batch: int = 2) -> tuple[torc
         call = dict(hidden_states=torch.randn(batch, IMAGE, DIM), encoder_hidden_states=torch.randn(batch, TEXT, DIM),
                     temb=torch.randn(batch, 6, DIM), rotary_emb=_wan_rotary(IMAGE))
     block = _randomized(block).to(dtype)
-    call = {k: (v.to(dtype) if torch.is_tensor(v) and k != "temb" or k == "temb" and kind.startswith("flux")
+    call = {k: (v.to(dtype) if torch.is_tensor(v) and k != "temb" or k == "temb" and not kind.startswith("wan")
                 else v) for k, v in call.items()}
     return block, call
 
 
-KINDS = ["flux_double", "flux_single", "wan", "wan_cross_norm"]
+KINDS = ["flux_double", "flux_single", "sd3", "wan", "wan_cross_norm"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -114,7 +119,9 @@ def test_blocks_with_their_own_forward_or_other_norms_are_left_alone():
     hooked.forward = lambda *a, **k: None                       # as accelerate's hooks set it
     changed, _ = _block_and_call("flux_double", torch.float32)
     changed.norm2 = torch.nn.LayerNorm(DIM)                     # affine: not adaLN's plain norm
-    assert fuse_blocks(hooked) == [] and fuse_blocks(changed) == []
+    last = JointTransformerBlock(DIM, HEADS, DIM // HEADS, context_pre_only=True)         # SD3's last block
+    dual = JointTransformerBlock(DIM, HEADS, DIM // HEADS, use_dual_attention=True)       # SD3.5 Medium's first
+    assert fuse_blocks(hooked) == fuse_blocks(changed) == fuse_blocks(last) == fuse_blocks(dual) == []
 
 
 def test_gated_add_rounds_once_in_float32():
@@ -208,11 +215,19 @@ def test_joined_is_a_view_of_one_buffer_else_a_copy(batch):
     assert swapped.equal(torch.cat([buffer[:, 3:], buffer[:, :3]], 1))
 
 
-@pytest.mark.parametrize("kind", ["flux", "wan"])
+def _transformer(kind: str) -> torch.nn.Module:
+    if kind != "sd3":
+        return random_transformer(kind)
+    torch.manual_seed(0)        # three blocks, none dual-attention: the first two fused, the last (context-pre-only) not
+    return _randomized(SD3Transformer2DModel(**{**CONFIGS["sd3"]["tiny"], "num_layers": 3,
+                                                "dual_attention_layers": ()}))
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3", "wan"])
 def test_accelerate_pipeline_fuses_every_block_and_restores(kind):
-    model = random_transformer(kind)
+    model = _transformer(kind)
     inputs = transformer_inputs(kind, model, latent_size=(10, 10), latent_frames=2, batch=2, text_tokens=7)
-    blocks = [m for m in model.modules() if type(m) in FUSED_FORWARDS]
+    blocks = [m for m in model.modules() if type(m) in FUSED_FORWARDS and FUSED_FORWARDS[type(m)][1](m)]
     with torch.no_grad():
         want = model(**inputs, return_dict=False)[0]
         with accelerate_pipeline(model, lambda q, k, v, **_: F.scaled_dot_product_attention(q, k, v)) as swap:
