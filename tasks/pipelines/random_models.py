@@ -316,15 +316,15 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
     """One transformer call on random weights at a pixel resolution, dense vs accelerated.
 
     Pixels map to latents as in ``pixel_inputs``.
-    Returns the token grid, the number of blocks with self-attention, both median times, the speedup, the
-    output cosine similarity, whether the family fell back to dense attention as slower (``fall_back_if_slower``)
-    and the bound on any speedup: the call with the swapped attention skipped
-    (``skip_attention``, the same dense layers kept), its time and dense time / that time; with ``compile`` also both under ``torch.compile(transformer)``
-    (``fullgraph`` but for Flux, whose grid is read from the values of ``img_ids``: one graph break), each
-    with its compile time (the first call); with ``steps`` also end to end: a denoising loop of ``steps``
-    calls (``denoise``) from the same latents, dense and accelerated (its first ``dense_steps`` dense), both
-    times, the speedup and the cosine similarity of the final latents. A model whose weights do not fit in
-    the device's memory is refused first.
+    Returns the token grid, the number of blocks with self-attention and of blocks fused (``blocks.py``), both
+    median times, the speedup, the output cosine similarity, whether the family fell back to dense attention as
+    slower (``fall_back_if_slower``) and the bound on any speedup: the call with the swapped attention skipped
+    (``skip_attention``, the same dense layers kept), its time and dense time / that time; with ``compile`` also
+    both under ``torch.compile(transformer)`` (``fullgraph`` but for Flux, whose grid is read from the values of
+    ``img_ids``: one graph break), each with its compile time (the first call); with ``steps`` also end to end: a
+    denoising loop of ``steps`` calls (``denoise``) from the same latents, dense and accelerated (its first
+    ``dense_steps`` dense), both times, the speedup and the cosine similarity of the final latents. A model whose
+    weights do not fit in the device's memory is refused first.
     """
     check_memory(kind, size, dtype, device)
     height, width = height or DEFAULT_RESOLUTION[size], width or DEFAULT_RESOLUTION[size]
@@ -341,6 +341,7 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
     with accelerate_pipeline(transformer, attn, dense_layers=dense_layers, **options) as swap:
         fast_s, fast = _time(call, repeats), call()
         grid, blocks, fell_back = swap.policy.grid, len(set(swap.layers.values())), swap.policy.fell_back
+        fused_blocks = len(swap.fused_blocks)
         if compile:
             timed["accelerated"] = _compiled_time(compiled_call, repeats)
     skipped_s = time_call(transformer, inputs, repeats, skip_attention, dense_layers, fall_back_if_slower=False)[0]
@@ -348,6 +349,7 @@ def benchmark_transformer(kind: str, attn: str | AttentionOp, *, size: str = "fu
         with accelerate_pipeline(transformer, attn, dense_layers=dense_layers, dense_steps=dense_steps, **options):
             timed["accelerated_loop"] = _timed(lambda: loop("accelerated"))
     report = {"kind": kind, "size": size, "grid": grid, "tokens": int(torch.tensor(grid).prod()), "blocks": blocks,
+              "fused_blocks": fused_blocks,
               "dense_ms": dense_s * 1e3, "accelerated_ms": fast_s * 1e3, "speedup": dense_s / fast_s,
               "output_cosine": cosine_similarity(fast.float(), dense.float()), "fell_back_to_dense": fell_back,
               "attention_skipped_ms": skipped_s * 1e3, "speedup_bound": dense_s / skipped_s}

@@ -342,6 +342,7 @@ def test_cli_random_transformer(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["grid"] == [5, 5] and report["dense_ms"] > 0 and report["attention_skipped_ms"] > 0
     assert report["speedup_bound"] == pytest.approx(report["dense_ms"] / report["attention_skipped_ms"])
+    assert report["blocks"] == report["fused_blocks"] == 2         # tiny FLUX: one double and one single block
 
 
 @pytest.mark.parametrize("op_ms,dense_ms", [(5.0, 1.0), (1.0, 5.0)])
