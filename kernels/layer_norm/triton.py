@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..core.dispatch import records_grad
 from ..core.triton_common import cdiv, launch, next_power_of_2, num_programs_target, round_to
-from .reference import add_layer_norm_reference, per_sample, sum_dtype
+from .reference import add_layer_norm_reference, per_sample
 
 # Rows per program and warps, by the padded width: a tile of about 4096 fp32 values per operand.
 TILE_ELEMENTS = 4096
@@ -291,12 +291,11 @@ def _per_group_sum(t: Tensor, p: Tensor) -> Tensor:
 
 
 def add_layer_norm_triton(x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                          eps: float, out_dtype: torch.dtype, gate: Optional[Tensor] = None,
-                          residual_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
-    """(x + gate * y in ``residual_dtype`` (default: by type promotion), LayerNorm(x + gate * y) * weight + bias
-    in ``out_dtype``) of tensors (B, ..., C), the parameters (C,) or per sample (B, C) (see the module docstring);
-    x and LN(x) * weight + bias when y is None."""
-    residual_dtype = residual_dtype or sum_dtype(x, y, gate)
+                          eps: float, out_dtype: torch.dtype, gate: Optional[Tensor],
+                          residual_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(x + gate * y in ``residual_dtype``, LayerNorm(x + gate * y) * weight + bias in ``out_dtype``) of tensors
+    (B, ..., C), the parameters (C,) or per sample (B, C) (see the module docstring); x and LN(x) * weight + bias
+    when y is None. The dtypes are the front door's (``add_layer_norm``)."""
     if x.numel() == 0:
         return add_layer_norm_reference(x, y, weight, bias, eps, out_dtype, gate, residual_dtype)
     # the kernels read rows of x and y and the parameters' channels with unit stride

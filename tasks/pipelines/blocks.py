@@ -185,10 +185,11 @@ def _tanh_gelu(act: nn.Module) -> bool:
     return type(act) is nn.GELU and act.approximate == "tanh"
 
 
-def _plain_norm(norm: nn.Module) -> bool:
-    """A LayerNorm over the last axis without affine parameters, exactly torch's or diffusers' float32 one."""
-    return type(norm) in (nn.LayerNorm, FP32LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is None \
-        and norm.bias is None
+def _plain_norm(norm: nn.Module, affine: bool = False) -> bool:
+    """A LayerNorm over the last axis, exactly torch's or diffusers' float32 one, with a weight and a bias when
+    ``affine``, else neither."""
+    return type(norm) in (nn.LayerNorm, FP32LayerNorm) and len(norm.normalized_shape) == 1 \
+        and (norm.weight is not None) == (norm.bias is not None) == affine
 
 
 def _double_stream_fits(block: nn.Module) -> bool:
@@ -209,9 +210,8 @@ def _flux_single_fits(block: FluxSingleTransformerBlock) -> bool:
 
 def _wan_fits(block: WanTransformerBlock) -> bool:
     norm2 = block.norm2
-    affine = type(norm2) is FP32LayerNorm and len(norm2.normalized_shape) == 1 and norm2.weight is not None \
-        and norm2.bias is not None
-    return _plain_norm(block.norm1) and _plain_norm(block.norm3) and (type(norm2) is nn.Identity or affine)
+    return _plain_norm(block.norm1) and _plain_norm(block.norm3) \
+        and (type(norm2) is nn.Identity or type(norm2) is FP32LayerNorm and _plain_norm(norm2, affine=True))
 
 
 FUSED_FORWARDS: dict[type, tuple[Callable, Callable[[nn.Module], bool]]] = {

@@ -1,5 +1,5 @@
-"""The fused FLUX, SD3 and Wan blocks (tasks/pipelines/blocks.py): each fused forward against the block's own, the helpers
-against their definitions, and accelerate_pipeline fusing and restoring them."""
+"""The fused FLUX, SD3 and Wan blocks (tasks/pipelines/blocks.py): each fused forward against the block's own, the
+helpers against their definitions, and accelerate_pipeline fusing and restoring them."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +14,7 @@ from subquad.kernels.core.testing import REL_TOL, relative_error
 from subquad.tasks.pipelines import accelerate_pipeline
 from subquad.tasks.pipelines.blocks import (FUSED_FORWARDS, feed_forward, fuse_blocks, gated_add, joined,
                                             linear_gelu, split_linear, unfuse_blocks)
-from subquad.tasks.pipelines.random_models import CONFIGS, random_transformer, transformer_inputs
+from subquad.tasks.pipelines.random_models import CONFIGS, dense_attention, random_transformer, transformer_inputs
 
 DIM, HEADS, TEXT, IMAGE = 32, 2, 5, 12
 
@@ -218,7 +218,7 @@ def test_joined_is_a_view_of_one_buffer_else_a_copy(batch):
 def _transformer(kind: str) -> torch.nn.Module:
     if kind != "sd3":
         return random_transformer(kind)
-    torch.manual_seed(0)        # three blocks, none dual-attention: the first two fused, the last (context-pre-only) not
+    torch.manual_seed(0)    # three blocks, none dual-attention: the first two fused, the last (context-pre-only) not
     return _randomized(SD3Transformer2DModel(**{**CONFIGS["sd3"]["tiny"], "num_layers": 3,
                                                 "dual_attention_layers": ()}))
 
@@ -230,10 +230,10 @@ def test_accelerate_pipeline_fuses_every_block_and_restores(kind):
     blocks = [m for m in model.modules() if type(m) in FUSED_FORWARDS and FUSED_FORWARDS[type(m)][1](m)]
     with torch.no_grad():
         want = model(**inputs, return_dict=False)[0]
-        with accelerate_pipeline(model, lambda q, k, v, **_: F.scaled_dot_product_attention(q, k, v)) as swap:
+        with accelerate_pipeline(model, dense_attention) as swap:
             assert swap.fused_blocks == blocks and len(blocks) >= 2
             got = model(**inputs, return_dict=False)[0]
-        with accelerate_pipeline(model, lambda q, k, v, **_: F.scaled_dot_product_attention(q, k, v),
+        with accelerate_pipeline(model, dense_attention,
                                  fused_blocks=False) as swap:
             assert swap.fused_blocks == []
         assert all("forward" not in vars(m) for m in blocks)
