@@ -14,10 +14,10 @@ and options (cached). Layouts:
   frame a sink (``sink=True``, as for Wan; HunyuanVideo has none); each frame pair's token mask
   reduced to blocks (a block is kept when more than 60% of its non-empty columns are more than
   1/3 dense); the trailing partial block dense.
-- ``frames`` (the default for video): the same schedule with the band replaced by a square window of
-  tiles (tiles of one frame) of about the band's area, centred on the query tile. A band on the
-  raster index is a horizontal stripe; the window is a neighbourhood. On an image grid the rows of
-  tiles play the frames.
+- ``frames`` (the default for video): the same schedule with the band replaced by a window of tiles
+  (tiles of one frame) of about the band's area and about square in tokens whatever the tile's shape,
+  centred on the query tile. A band on the raster index is a horizontal stripe; the window is a
+  neighbourhood. On an image grid the rows of tiles play the frames.
 - ``distance`` (the default for images): decay with 2D tile distance. Tiles within Chebyshev
   distance ``dense_radius`` are kept; farther, distances double from shell to shell and each shell
   keeps the tiles on a lattice of stride 2^shell (relative to the query tile), so every shell costs
@@ -107,27 +107,28 @@ def official_block_mask(num_frames: int, tokens_per_frame: int, block_size: int,
     return mask
 
 
-def frames_block_mask(num_frames: int, frame_tiles: tuple[int, int], tokens_per_frame: int, tile_size: int,
+def frames_block_mask(num_frames: int, frame_tiles: tuple[int, int], tokens_per_frame: int, tile: tuple[int, int],
                       decay_factor: float, sink: bool) -> torch.Tensor:
     """(tiles, tiles) bool; tiles numbered frame by frame, raster order within a frame.
 
-    Frame distances d <= 1 (and the sink frame) are full; farther, a square window of radius r
-    tiles whose area, (2r + 1)^2 tiles, is about the official band's 2w + 1 tokens.
+    Frame distances d <= 1 (and the sink frame) are full; farther, a window of tiles centred on the query
+    tile, about as many tokens as the official band's 2w + 1 and about square in tokens: (2 ry + 1) x
+    (2 rx + 1) tiles of ``tile`` = (th, tw) tokens, with 2 r + 1 ~ sqrt(2w + 1) / t per axis.
     """
     fh, fw = frame_tiles
+    th, tw = tile
     s = tokens_per_frame
     t = torch.arange(num_frames * fh * fw)
     frame, ty, tx = t // (fh * fw), (t // fw) % fh, t % fw
-    radius = torch.full((num_frames,), -1)                                    # per frame distance; -1: dropped
+    radii = torch.full((num_frames, 2), -1)                                   # per frame distance; -1: dropped
     for d in range(num_frames):
         if d <= 1:
-            radius[d] = max(fh, fw)
-        elif _kept_distance(d, s, tile_size):
-            band = 2 ** s.bit_length() / 2 ** d.bit_length() * decay_factor
-            radius[d] = max(0, round((math.sqrt((2 * band + 1) / tile_size) - 1) / 2))
+            radii[d] = torch.tensor([fh, fw])
+        elif _kept_distance(d, s, th * tw):
+            side = math.sqrt(2 * 2 ** s.bit_length() / 2 ** d.bit_length() * decay_factor + 1)
+            radii[d] = torch.tensor([max(0, round((side / tile_side - 1) / 2)) for tile_side in (th, tw)])
     d = (frame[:, None] - frame[None, :]).abs()
-    chebyshev = torch.maximum((ty[:, None] - ty[None, :]).abs(), (tx[:, None] - tx[None, :]).abs())
-    mask = chebyshev <= radius[d]
+    mask = (((ty[:, None] - ty[None, :]).abs() <= radii[d, 0]) & ((tx[:, None] - tx[None, :]).abs() <= radii[d, 1]))
     if sink:
         mask |= (frame == 0)[None, :]
     return mask
@@ -244,7 +245,7 @@ def _plan_parts(grid: tuple[int, ...], options: tuple,
             *frames, th, tw = layout.tiles_per_side                       # image: each row of tiles is a frame
             num_frames, frame_tiles = (frames[0], (th, tw)) if frames else (th, (1, tw))
             tokens_per_frame = math.prod(grid[1:]) if frames else tile[0] * grid[1]
-            mask = frames_block_mask(num_frames, frame_tiles, tokens_per_frame, layout.tile_size, decay_factor, sink)
+            mask = frames_block_mask(num_frames, frame_tiles, tokens_per_frame, tile[-2:], decay_factor, sink)
     return fields_of(layout), _lists(mask).to(device), float(mask.sum()) / mask.numel()
 
 

@@ -77,21 +77,24 @@ def test_distance_layout_by_definition():
         assert set(plan.key_tiles[qt].tolist()) - {-1} == want
 
 
-def test_frames_layout_by_definition():
-    """Video (T, H, W), tiles (1, 4, 4): full frames at distance <= 1 and the sink frame; farther,
-    a window of tiles whose area is about the official band's, kept every (tile / density) frames."""
-    grid, tile = (12, 8, 12), (1, 4, 4)
+@pytest.mark.parametrize("tile", [(1, 4, 4), (1, 2, 8)])
+def test_frames_layout_by_definition(tile):
+    """Video (T, H, W): full frames at distance <= 1 and the sink frame; farther, a window of tiles about square in
+    tokens whose area is about the official band's, kept every (tile / density) frames; non-square tiles too."""
+    grid, (_, th, tw) = (12, 8, 12), tile
     plan = radial_plan(grid, normalize_options(grid, tile=tile))
-    s, per_frame, fw = 96, 6, 3
+    s, fh, fw = 96, 8 // th, -(-12 // tw)
+    per_frame = fh * fw
     for qt in (0, 7, 40, 71):
         want = set()
         for kt in range(12 * per_frame):
             fq, fk = qt // per_frame, kt // per_frame
             d = abs(fq - fk)
-            cheb = max(abs((qt % per_frame) // fw - (kt % per_frame) // fw), abs(qt % fw - kt % fw))
+            dy, dx = abs((qt % per_frame) // fw - (kt % per_frame) // fw), abs(qt % fw - kt % fw)
             density = 2 ** s.bit_length() / 2 ** d.bit_length()
-            radius = max(0, round((math.sqrt((2 * density + 1) / 16) - 1) / 2))
-            if d <= 1 or fk == 0 or ((density >= 16 or d % int(16 / density) == 0) and cheb <= radius):
+            side = math.sqrt(2 * density + 1)
+            ry, rx = (max(0, round((side / t - 1) / 2)) for t in (th, tw))
+            if d <= 1 or fk == 0 or ((density >= 16 or d % int(16 / density) == 0) and dy <= ry and dx <= rx):
                 want.add(kt)
         assert set(plan.key_tiles[qt].tolist()) - {-1} == want
 
