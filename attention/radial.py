@@ -15,16 +15,16 @@ class RadialAttention(GridAttention):
 
     Options, as ``subquad.kernels.radial_attention``: ``layout`` ("frames" for video, "distance"
     for images, or "official"), ``tile``, ``block_size``, ``decay_factor``, ``sink``,
-    ``dense_radius``. Where the mask keeps every tile pair (small grids) the module attends densely,
+    ``dense_radius``, ``pack``. Where the mask keeps every tile pair (small grids) the module attends densely,
     which is the same result.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *, layout: str | None = None,
                  tile: tuple[int, ...] | None = None, block_size: int = 128, decay_factor: float = 1.0,
-                 sink: bool | None = None, dense_radius: int = 1, **kwargs) -> None:
+                 sink: bool | None = None, dense_radius: int = 1, pack: bool | None = None, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
         options = dict(layout=layout, tile=tile, block_size=block_size, decay_factor=decay_factor, sink=sink,
-                       dense_radius=dense_radius)
+                       dense_radius=dense_radius, pack=pack)
         check_options(family("radial"), options, type(self).__name__)
         self.mask_opts = {**options, "tile": None if tile is None else tuple(tile)}
 

@@ -26,7 +26,8 @@ class TileLayout:
     ``slots`` (num_tiles * tile_size,): the raster index of the token in each tile slot, or
     ``num_tokens`` for a padding slot. ``position`` (num_tokens,): the inverse, the slot of each
     raster token. ``valid`` (num_tiles, tile_size): real tokens. ``coords`` (num_tiles, ndim): each
-    tile's coordinates in tile units, in the tiles' order. Tokens inside a tile are in raster order.
+    tile's coordinates in tile units, in the tiles' order. Tokens inside a tile are in raster order
+    (``packed_frames_layout``'s: in its band order).
     """
 
     grid: tuple[int, ...]
@@ -94,6 +95,47 @@ def tile_layout(grid: tuple[int, ...], tile: tuple[int, ...] | None = None, mort
     position[slots[slots < num_tokens]] = torch.arange(slots.numel())[slots < num_tokens]
     return TileLayout(grid, tile, tiles_per_side, slots.to(device), position.to(device), valid.to(device),
                       coords.to(device), morton)
+
+
+@functools.lru_cache(maxsize=64)
+def packed_frames_layout(grid: tuple[int, int, int], tile: tuple[int, int, int],
+                         device: torch.device | None = None) -> TileLayout:
+    """Tiles of th * tw tokens cut from each frame of a video grid (T, H, W) without padding inside the frame:
+    the frame's tokens in bands of th rows, each band column by column, every other band right to left (a tile
+    that runs into the next band stays at the same edge), cut into runs of th * tw; only each frame's last tile
+    is padded. Inside the bands the tiles are th x tw. Where th and tw divide H and W this is ``tile_layout``.
+    ``tiles_per_side``: (T, 1, tiles per frame); ``coords``: (frame, 0, tile of the frame)."""
+    t, h, w = grid
+    _, th, tw = tile
+    if h % th == 0 and w % tw == 0:
+        return tile_layout(grid, tile, False, device)
+    size, frame_tokens = th * tw, h * w
+    order = []
+    for band, top in enumerate(range(0, h, th)):
+        rows = torch.arange(top, min(top + th, h))
+        cols = torch.arange(w) if band % 2 == 0 else torch.arange(w - 1, -1, -1)
+        order.append((rows[None, :] * w + cols[:, None]).reshape(-1))          # column by column
+    per_frame = -(-frame_tokens // size)
+    frame_slots = torch.cat([*order, torch.full((per_frame * size - frame_tokens,), -1)])
+    num_tokens = t * frame_tokens
+    slots = torch.where(frame_slots >= 0, frame_slots + torch.arange(t)[:, None] * frame_tokens, num_tokens)
+    slots = slots.reshape(-1)
+    valid = (slots < num_tokens).reshape(-1, size)
+    position = torch.empty(num_tokens, dtype=torch.long)
+    position[slots[slots < num_tokens]] = torch.arange(slots.numel())[slots < num_tokens]
+    coords = torch.cartesian_prod(torch.arange(t), torch.zeros(1, dtype=torch.long), torch.arange(per_frame))
+    return TileLayout(grid, tile, (t, 1, per_frame), slots.to(device), position.to(device), valid.to(device),
+                      coords.to(device))
+
+
+def tile_centers(layout: TileLayout) -> torch.Tensor:
+    """(num_tiles, ndim) float64 on the CPU: the mean grid coordinates of each tile's real tokens."""
+    grid = layout.grid
+    index = layout.slots.cpu().clamp_max(layout.num_tokens - 1)
+    coords = torch.stack([(index // math.prod(grid[a + 1:])) % grid[a] for a in range(len(grid))], -1).double()
+    weight = layout.valid.cpu().reshape(-1, 1).double()
+    per_tile = lambda x: x.reshape(layout.num_tiles, layout.tile_size, -1).sum(1)      # noqa: E731
+    return per_tile(coords * weight) / per_tile(weight)
 
 
 def to_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:

@@ -16,7 +16,8 @@ from .reference import radial_attention_reference
 
 FAMILY = register_family(Family(
     name="radial", title="radial attention", paper="Li et al., 2025", cost="O(N log N)", op="radial_attention",
-    options={"layout": None, "tile": None, "block_size": 128, "decay_factor": 1.0, "sink": None, "dense_radius": 1},
+    options={"layout": None, "tile": None, "block_size": 128, "decay_factor": 1.0, "sink": None, "dense_radius": 1,
+             "pack": None},
     grid_ranks=(2, 3), training_free=True, check=check_mask_options, dense_on=keeps_every_pair))
 
 
@@ -27,7 +28,9 @@ def radial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid:
     ``mask_opts``: ``layout`` ("official", "frames" (video default), "distance" (image default)),
     ``tile`` (frames/distance tiles; (1, 8, 8) for video, (8, 8) for images), ``block_size``
     (official, 128), ``decay_factor`` (1.0), ``sink`` (attend the first frame; default on for
-    video), ``dense_radius`` (distance, 1). Prefix tokens attend and are attended densely.
+    video), ``dense_radius`` (distance, 1), ``pack`` (frames layout on video: tiles cut from each frame without
+    padding inside it, e.g. 25 tiles of 64 tokens a 30x52 frame instead of 28; default on). Prefix tokens attend
+    and are attended densely.
     A tile side larger than the grid's is clamped to the smallest power of two covering that side
     (an official ``block_size`` larger than the video to the smallest power of two above its token
     count): one tile spans the side either way, without a huge padded tile.

@@ -34,7 +34,7 @@ import torch
 
 from ..core import checks
 from ..core.compile_constant import compile_constant, fields_of
-from ..core.tiles import TileLayout, tile_layout
+from ..core.tiles import TileLayout, packed_frames_layout, tile_centers, tile_layout
 
 LAYOUTS = ("official", "frames", "distance")
 OFFICIAL_SPLIT_THRESHOLD = 128      # hard-coded in the official code, independent of block_size
@@ -107,28 +107,29 @@ def official_block_mask(num_frames: int, tokens_per_frame: int, block_size: int,
     return mask
 
 
-def frames_block_mask(num_frames: int, frame_tiles: tuple[int, int], tokens_per_frame: int, tile: tuple[int, int],
+def frames_block_mask(frame: torch.Tensor, centers: torch.Tensor, tokens_per_frame: int, tile: tuple[int, int],
                       decay_factor: float, sink: bool) -> torch.Tensor:
-    """(tiles, tiles) bool; tiles numbered frame by frame, raster order within a frame.
+    """(tiles, tiles) bool over tiles of (th, tw) = ``tile`` tokens; ``frame`` (tiles,) each tile's frame,
+    ``centers`` (tiles, 2) the mean (row, column) of its tokens in the frame.
 
-    Frame distances d <= 1 (and the sink frame) are full; farther, a window of tiles centred on the query
-    tile, about as many tokens as the official band's 2w + 1 and about square in tokens: (2 ry + 1) x
-    (2 rx + 1) tiles of ``tile`` = (th, tw) tokens, with 2 r + 1 ~ sqrt(2w + 1) / t per axis.
+    Frame distances d <= 1 (and the sink frame) are full; farther, a window centred on the query tile,
+    about as many tokens as the official band's 2w + 1 and about square in tokens: the tiles whose centres
+    lie within (r + 1/2) t of the query tile's on each axis, r ~ (sqrt(2w + 1) / t - 1) / 2 (for tiles cut
+    from a grid, (2 ry + 1) x (2 rx + 1) tiles; tile centres of border tiles, shifted by less than t / 2,
+    change nothing).
     """
-    fh, fw = frame_tiles
     th, tw = tile
     s = tokens_per_frame
-    t = torch.arange(num_frames * fh * fw)
-    frame, ty, tx = t // (fh * fw), (t // fw) % fh, t % fw
-    radii = torch.full((num_frames, 2), -1)                                   # per frame distance; -1: dropped
-    for d in range(num_frames):
-        if d <= 1:
-            radii[d] = torch.tensor([fh, fw])
-        elif _kept_distance(d, s, th * tw):
+    num_frames = int(frame.max()) + 1
+    radii = torch.full((num_frames, 2), -1.0)                                 # per frame distance; -1: dropped
+    for d in range(2, num_frames):
+        if _kept_distance(d, s, th * tw):
             side = math.sqrt(2 * 2 ** s.bit_length() / 2 ** d.bit_length() * decay_factor + 1)
-            radii[d] = torch.tensor([max(0, round((side / tile_side - 1) / 2)) for tile_side in (th, tw)])
+            radii[d] = torch.tensor([max(0, round((side / t - 1) / 2)) for t in (th, tw)], dtype=torch.float)
     d = (frame[:, None] - frame[None, :]).abs()
-    mask = (((ty[:, None] - ty[None, :]).abs() <= radii[d, 0]) & ((tx[:, None] - tx[None, :]).abs() <= radii[d, 1]))
+    reach = (radii[d] + 0.5) * torch.tensor([th, tw])                         # (tiles, tiles, 2) in tokens
+    within = ((centers[:, None, :] - centers[None, :, :]).abs() < reach).all(-1)
+    mask = (d <= 1) | ((radii[d, 0] >= 0) & within)
     if sink:
         mask |= (frame == 0)[None, :]
     return mask
@@ -166,7 +167,7 @@ def _lists(mask: torch.Tensor) -> torch.Tensor:
 def check_mask_options(options: Mapping[str, Any], op: str = "radial_attention") -> None:
     """The mask options' values that need no grid: ``layout`` one of LAYOUTS (or None), ``tile`` None or
     2 or 3 ints >= 1, ``block_size`` and ``dense_radius`` ints >= 1 (at dense_radius 0 the lattices miss
-    their shells), ``decay_factor`` a finite number > 0, ``sink`` True, False or None."""
+    their shells), ``decay_factor`` a finite number > 0, ``sink`` and ``pack`` True, False or None."""
     if "layout" in options:
         checks.check_choice(options["layout"], "layout", LAYOUTS, op, allow_none=True)
     if options.get("tile") is not None:
@@ -176,8 +177,9 @@ def check_mask_options(options: Mapping[str, Any], op: str = "radial_attention")
             checks.check_int(options[name], name, op)
     if "decay_factor" in options:
         checks.check_float(options["decay_factor"], "decay_factor", op, positive=True)
-    if "sink" in options:
-        checks.check_bool(options["sink"], "sink", op, allow_none=True)
+    for name in ("sink", "pack"):
+        if name in options:
+            checks.check_bool(options[name], name, op, allow_none=True)
 
 
 def _covering_power_of_two(n: int) -> int:
@@ -186,17 +188,19 @@ def _covering_power_of_two(n: int) -> int:
 
 def normalize_options(grid: tuple[int, ...], layout: str | None = None, tile: tuple[int, ...] | None = None,
                       block_size: int = 128, decay_factor: float = 1.0, sink: bool | None = None,
-                      dense_radius: int = 1) -> tuple:
+                      dense_radius: int = 1, pack: bool | None = None) -> tuple:
     """Check the mask options for this grid; return them as a hashable tuple with defaults filled in.
 
     A tile side larger than the grid side shrinks to the smallest power of two that covers the side
     (a tile of (1000, 1000) on a 4x4 grid is one 4x4 tile, not a million padded slots); one tile spans
     that side either way, so the distance layout's mask is the same, and the frames layout counts the
     tile's tokens closer to the real ones. Likewise an official ``block_size`` larger than the video
-    shrinks to the smallest power of two above its token count: one block, dense, either way.
+    shrinks to the smallest power of two above its token count: one block, dense, either way. ``pack``
+    (frames layout on video): tiles cut from each frame without padding inside it (``packed_frames_layout``);
+    None: packed.
     """
     check_mask_options(dict(layout=layout, tile=tile, block_size=block_size, decay_factor=decay_factor, sink=sink,
-                            dense_radius=dense_radius))
+                            dense_radius=dense_radius, pack=pack))
     video = len(grid) == 3
     layout = layout or ("frames" if video else "distance")
     if layout == "distance" and video:
@@ -216,9 +220,13 @@ def normalize_options(grid: tuple[int, ...], layout: str | None = None, tile: tu
         if video and tile[0] != 1:
             raise ValueError(f"radial_attention: layout='frames' needs tiles within one frame, tile[0] == 1; got {tile}")
         tile = tuple(min(t, _covering_power_of_two(side)) for t, side in zip(tile, grid))
+    frames_video = video and layout == "frames"
+    if pack and not frames_video:
+        raise ValueError(f"radial_attention: pack=True packs the frames layout's tiles of a video grid; got "
+                         f"layout={layout!r} on the grid {grid}")
     sink = video if sink is None else bool(sink)
     return (layout, tile, block_size if layout == "official" else None, float(decay_factor), sink,
-            checks.as_int(dense_radius) if layout == "distance" else None)
+            checks.as_int(dense_radius) if layout == "distance" else None, frames_video and pack is not False)
 
 
 def tile_size(options: tuple) -> int:
@@ -232,20 +240,23 @@ def tile_size(options: tuple) -> int:
 def _plan_parts(grid: tuple[int, ...], options: tuple,
                 device: torch.device | None) -> tuple[tuple, torch.Tensor, float]:
     """``radial_plan``'s parts: the TileLayout's fields, the key-tile lists and the density."""
-    layout_name, tile, block_size, decay_factor, sink, dense_radius = options
+    layout_name, tile, block_size, decay_factor, sink, dense_radius, pack = options
     if layout_name == "official":
         t, h, w = grid
         layout = tile_layout((1, t * h * w), (1, block_size), False, device)
         mask = official_block_mask(t, h * w, block_size, decay_factor, sink)
-    else:
+    elif layout_name == "distance":
         layout = tile_layout(grid, tile, False, device)
-        if layout_name == "distance":
-            mask = distance_block_mask(layout.tiles_per_side, dense_radius)
-        else:
-            *frames, th, tw = layout.tiles_per_side                       # image: each row of tiles is a frame
-            num_frames, frame_tiles = (frames[0], (th, tw)) if frames else (th, (1, tw))
-            tokens_per_frame = math.prod(grid[1:]) if frames else tile[0] * grid[1]
-            mask = frames_block_mask(num_frames, frame_tiles, tokens_per_frame, tile[-2:], decay_factor, sink)
+        mask = distance_block_mask(layout.tiles_per_side, dense_radius)
+    else:
+        layout = packed_frames_layout(grid, tile, device) if pack else tile_layout(grid, tile, False, device)
+        centers = tile_centers(layout)
+        if len(grid) == 3:
+            frame, centers, tokens_per_frame = centers[:, 0].long(), centers[:, 1:], math.prod(grid[1:])
+        else:                                                   # image: each row of tiles is a frame
+            frame, tokens_per_frame = (centers[:, 0] // tile[0]).long(), tile[0] * grid[1]
+            centers = torch.stack([torch.zeros_like(centers[:, 1]), centers[:, 1]], -1)
+        mask = frames_block_mask(frame, centers, tokens_per_frame, tile[-2:], decay_factor, sink)
     return fields_of(layout), _lists(mask).to(device), float(mask.sum()) / mask.numel()
 
 

@@ -140,7 +140,7 @@ GENERIC = [-2, -1, 0, 1, 2, 3, 4, 5, 7, np.int64(4), torch.tensor(3), 0.5, 2.5, 
 SPECIFIC = {  # values that are valid for these options, besides the generic ones
     "layout": ["official", "frames", "distance"], "tile": [(2, 2), (4, 8), (100, 3), (16, 16)],
     "block_size": [4, 9, 16, 25, 64, 10 ** 6], "top_k": [(2, 1), [3], (1, 1)], "levels": [1, 2],
-    "decay_factor": [0.25, 4.0, 1e6], "sink": [True, False], "dense_radius": [1, 2, 100],
+    "decay_factor": [0.25, 4.0, 1e6], "sink": [True, False], "pack": [True, False], "dense_radius": [1, 2, 100],
     "num_agents": [1, 4, 9, 16, 100], "focusing_factor": [1, 2, 3.5, 50], "rope": [True, False],
     "kernel_size": [1, 3, 5, 7], "dilation": [1, 2, 3, 100],
 }

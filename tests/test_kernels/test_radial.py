@@ -79,10 +79,11 @@ def test_distance_layout_by_definition():
 
 @pytest.mark.parametrize("tile", [(1, 4, 4), (1, 2, 8)])
 def test_frames_layout_by_definition(tile):
-    """Video (T, H, W): full frames at distance <= 1 and the sink frame; farther, a window of tiles about square in
-    tokens whose area is about the official band's, kept every (tile / density) frames; non-square tiles too."""
+    """Video (T, H, W), tiles cut from the grid (``pack=False``): full frames at distance <= 1 and the sink frame;
+    farther, a window of tiles about square in tokens whose area is about the official band's, kept every
+    (tile / density) frames; non-square tiles too."""
     grid, (_, th, tw) = (12, 8, 12), tile
-    plan = radial_plan(grid, normalize_options(grid, tile=tile))
+    plan = radial_plan(grid, normalize_options(grid, tile=tile, pack=False))
     s, fh, fw = 96, 8 // th, -(-12 // tw)
     per_frame = fh * fw
     for qt in (0, 7, 40, 71):
@@ -97,6 +98,41 @@ def test_frames_layout_by_definition(tile):
             if d <= 1 or fk == 0 or ((density >= 16 or d % int(16 / density) == 0) and dy <= ry and dx <= rx):
                 want.add(kt)
         assert set(plan.key_tiles[qt].tolist()) - {-1} == want
+
+
+def test_packed_frames_cut_the_padding_and_keep_the_mask_by_definition():
+    """Packed tiles (the default on video): a 30x52 frame in 25 tiles of 64 instead of 28; full frames at distance
+    <= 1 and the sink frame; farther, the tiles whose token centres are within (r + 1/2) tile sides of the query
+    tile's on each axis. At Wan's 480x832 latent size (21 frames) 19% fewer token pairs are computed for as
+    many attended ones (within 2%)."""
+    grid = (21, 30, 52)
+    packed, unpacked = (radial_plan(grid, normalize_options(grid, decay_factor=0.2, pack=p)) for p in (None, False))
+    assert (packed.layout.num_tiles, unpacked.layout.num_tiles) == (21 * 25, 21 * 28)
+    computed = [int((p.key_tiles >= 0).sum()) * 64 * 64 for p in (packed, unpacked)]
+    assert computed[0] < 0.82 * computed[1]
+    assert attended_pairs(packed) == pytest.approx(attended_pairs(unpacked), rel=0.02)
+    grid, s, per_frame = (12, 9, 10), 90, 6                           # tiles of 16: 6 a frame, the last padded
+    plan = radial_plan(grid, normalize_options(grid, tile=(1, 4, 4)))
+    slots = plan.layout.slots.reshape(-1, 16)
+    centre = [(slots[t][plan.layout.valid[t]] % s).double() for t in range(len(slots))]
+    centre = [torch.stack([c // 10, c % 10]).mean(-1) for c in centre]
+    for qt in (0, 7, 40, 71):
+        want = set()
+        for kt in range(12 * per_frame):
+            fq, fk = qt // per_frame, kt // per_frame
+            d = abs(fq - fk)
+            density = 2 ** s.bit_length() / 2 ** d.bit_length()
+            r = max(0, round((math.sqrt(2 * density + 1) / 4 - 1) / 2))
+            near = bool(((centre[qt] - centre[kt]).abs() < (r + 0.5) * 4).all())
+            if d <= 1 or fk == 0 or ((density >= 16 or d % int(16 / density) == 0) and near):
+                want.add(kt)
+        assert set(plan.key_tiles[qt].tolist()) - {-1} == want
+
+
+@pytest.mark.parametrize("grid,opts", [((9, 10), dict(pack=True)), ((4, 9, 10), dict(layout="official", pack=True))])
+def test_pack_needs_the_frames_layout_of_a_video(grid, opts):
+    with pytest.raises(ValueError, match="pack=True"):
+        normalize_options(grid, **opts)
 
 
 def token_mask(grid, num_prefix, **opts):
@@ -120,7 +156,8 @@ def masked_attention(q, k, v, mask):
 
 
 CASES = [((13, 17), 1, dict(tile=(4, 4))), ((30, 21), 0, dict()), ((19, 33), 2, dict(layout="frames", tile=(4, 8))),
-         ((6, 9, 10), 1, dict(tile=(1, 4, 4))), ((7, 5, 6), 1, dict(layout="official", block_size=16)),
+         ((6, 9, 10), 1, dict(tile=(1, 4, 4))), ((6, 9, 10), 1, dict(tile=(1, 4, 4), pack=False)),
+         ((7, 5, 6), 1, dict(layout="official", block_size=16)),
          ((9, 7, 11), 0, dict(layout="official", block_size=32, decay_factor=0.5, sink=False))]
 
 
@@ -242,8 +279,9 @@ def test_tiles_the_core_cannot_run():
 
 
 @pytest.mark.skipif("triton" not in available_backends("radial_attention"), reason="no Triton")
-def test_triton_core_backend_equals_reference():
-    check_backend("triton", (5, 9), 1, dict(tile=(4, 4)), heads=1)
+@pytest.mark.parametrize("grid,opts", [((5, 9), dict(tile=(4, 4))), ((3, 6, 9), dict(tile=(1, 4, 4), decay_factor=0.3))])
+def test_triton_core_backend_equals_reference(grid, opts):
+    check_backend("triton", grid, 1, opts, heads=1)
 
 
 @pytest.mark.parametrize("backend,grid,opts", [
@@ -269,6 +307,7 @@ def test_compile_fullgraph_at_new_grids():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("grid,opts", [((64, 64), {}), ((16, 32, 32), {}), ((16, 32, 32), dict(layout="official"))])
+@pytest.mark.parametrize("grid,opts", [((64, 64), {}), ((16, 32, 32), {}), ((16, 32, 32), dict(layout="official")),
+                                       ((6, 30, 52), dict(decay_factor=0.2))])
 def test_gpu_triton_backend_equals_reference(grid, opts, dtype):
     check_backend("triton", grid, 1, opts, dtype=dtype, heads=4, d=64, device="cuda")

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from subquad.kernels.core.tiles import from_tiles, morton_codes, tile_layout, to_tiles
+from subquad.kernels.core.tiles import (from_tiles, morton_codes, packed_frames_layout, tile_centers, tile_layout,
+                                       to_tiles)
 
 GRIDS = [((13, 17), None), ((1, 1), None), ((3, 5, 7), None), ((16, 16), (4, 4)), ((9, 4), (2, 3)),
          ((5, 6, 7), (1, 4, 4)), ((2, 3), (8, 8))]
@@ -80,3 +81,41 @@ def test_exact_raster_tiling_is_the_slot_gather(grid, tile):
     g = torch.randn_like(tiled)
     (grad,) = torch.autograd.grad(tiled, x, g)
     assert torch.equal(grad, from_tiles(g, layout))
+
+
+@pytest.mark.parametrize("grid,tile", [((3, 30, 52), (1, 8, 8)), ((2, 9, 10), (1, 4, 4)), ((2, 5, 7), (1, 2, 8))])
+def test_packed_frames_layout(grid, tile):
+    """Every token once, only each frame's last tile padded, each tile within one frame; tiles that lie inside a
+    band of th rows are th x tw boxes; the round trip through the tiles is exact."""
+    t, h, w = grid
+    layout = packed_frames_layout(grid, tile)
+    per_frame = -(-h * w // layout.tile_size)
+    assert layout.num_tiles == t * per_frame
+    assert sorted(layout.slots[layout.slots < layout.num_tokens].tolist()) == list(range(layout.num_tokens))
+    padded = ~layout.valid.all(-1)
+    assert padded.nonzero().flatten().tolist() == [f * per_frame + per_frame - 1 for f in range(t)
+                                                     if h * w % layout.tile_size]
+    x = torch.randn(2, layout.num_tokens, 3)
+    assert torch.equal(from_tiles(to_tiles(x, layout), layout), x)
+    slots = layout.slots.reshape(layout.num_tiles, layout.tile_size)
+    boxes = 0
+    for i in range(layout.num_tiles):
+        tokens = slots[i][layout.valid[i]]
+        frame, rows, cols = tokens // (h * w), tokens % (h * w) // w, tokens % w
+        assert (frame == i // per_frame).all()
+        if rows.min() // tile[1] == rows.max() // tile[1] and len(tokens) == layout.tile_size:
+            boxes += int(cols.max() - cols.min() + 1 == tile[2])
+    assert boxes >= t * (h // tile[1]) * (w // tile[2] - 1)     # all but the seam tile of each full band
+
+
+def test_packed_frames_layout_of_divisible_frames_is_the_tile_layout():
+    packed, tiled = packed_frames_layout((2, 16, 24), (1, 8, 8)), tile_layout((2, 16, 24), (1, 8, 8))
+    assert packed.tiles_per_side == tiled.tiles_per_side and torch.equal(packed.slots, tiled.slots)
+
+
+def test_tile_centers():
+    layout = tile_layout((2, 5, 7), (1, 4, 4))
+    centers = tile_centers(layout)
+    assert centers[0].tolist() == [0, 1.5, 1.5]
+    assert centers[1].tolist() == [0, 1.5, 5.0]          # columns 4..6 of a 7-wide frame
+    assert centers[3].tolist() == [0, 4.0, 5.0]          # the corner tile: row 4, columns 4..6
