@@ -61,18 +61,16 @@ class AgentAttention(GridAttention):
     def agent_bias(self, grid: tuple[int, int], num_prefix: int, activation: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B1 (h, n, N), B2 (h, N, n)) for this grid: maps and row/column terms resized to it (kept for
         inference where small next to an activation of ``activation`` elements: ``cached_for_inference``)."""
-        biases = (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias, self.ac_bias,
-                  self.ca_bias)
-        return self.cached_for_inference("agent_bias", (grid, num_prefix), biases,
-                                         lambda: self._resized_bias(grid, num_prefix)[0], activation)
+        return self.cached_for_inference("agent_bias", (grid, num_prefix), self._bias_params(),
+                                         lambda: self._resize(self._terms(activation), grid, num_prefix), activation)
 
-    def _resized_bias(self, grid: tuple[int, int], num_prefix: int
-                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[Callable, Callable]]:
-        """((B1, B2), how to rebuild each): both biases as matrix products of their terms, each (head, agent) row
-        [7x7 map, row terms, column terms, prefix term] in float32 or wider, with ``_bias_operator`` R (bilinear /
-        linear resizing and the sums, a constant of the grid): B1 = T_to R, B2 = R^T T_from^T, each contiguous as
-        the kernels read it. The rebuilders recompute them from detached terms (a few hundred KB, against 2 h n N
-        values), so that training need not keep the biases for the backward (``recomputed_in_backward``)."""
+    def _bias_params(self) -> tuple[torch.Tensor, ...]:
+        return (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias, self.ac_bias,
+                self.ca_bias)
+
+    def _bias_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T_to (h n, K), T_from^T (h, K, n)), K = 49 + gh0 + gw0 + 1: each (head, agent)'s [7x7 map, row terms,
+        column terms, prefix term] in float32 or wider, laid out for the products of ``_b1`` and ``_b2``."""
         h, n = self.num_heads, self.num_agents
         dtype = torch.promote_types(self.an_bias.dtype, torch.float32)
         to_grid = torch.cat([self.an_bias.reshape(h, n, -1), self.ah_bias.reshape(h, n, -1),
@@ -80,19 +78,38 @@ class AgentAttention(GridAttention):
         from_grid = torch.cat([self.na_bias.reshape(h, n, -1), self.ha_bias.reshape(h, -1, n).transpose(1, 2),
                                self.wa_bias.reshape(h, -1, n).transpose(1, 2), self.ca_bias.reshape(h, n, 1)],
                               -1).to(dtype)
+        return to_grid.reshape(h * n, -1), from_grid.transpose(1, 2).contiguous()
+
+    def _terms(self, activation: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_bias_terms``, kept for inference (a few thousand values): a call then resizes them in two products."""
+        return self.cached_for_inference("agent_bias_terms", (), self._bias_params(), self._bias_terms, activation)
+
+    def _resize(self, terms: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int], num_prefix: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        operator = self._bias_operator(grid, num_prefix, terms[0])
+        return self._b1(terms[0], operator), self._b2(terms[1], operator)
+
+    def _b1(self, to_grid: torch.Tensor, operator: torch.Tensor) -> torch.Tensor:
+        """B1 = T_to R, (h, n, P + N) in the biases' dtype (computed in float32 or wider, also under autocast)."""
+        with without_autocast(to_grid.device):
+            return (to_grid @ operator).view(self.num_heads, self.num_agents, -1).to(self.an_bias.dtype)
+
+    def _b2(self, from_grid: torch.Tensor, operator: torch.Tensor) -> torch.Tensor:
+        """B2 = R^T T_from^T, (h, P + N, n) contiguous, as the kernels read it."""
+        with without_autocast(from_grid.device):
+            return torch.bmm(operator.T.expand(self.num_heads, -1, -1), from_grid).to(self.an_bias.dtype)
+
+    def _resized_bias(self, grid: tuple[int, int], num_prefix: int
+                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[Callable, Callable]]:
+        """((B1, B2), how to rebuild each) with autograd: both biases as matrix products of their terms with
+        ``_bias_operator`` R (bilinear / linear resizing and the sums, a constant of the grid), B1 = T_to R,
+        B2 = R^T T_from^T. The rebuilders recompute them from detached terms (a few hundred KB, against 2 h n N
+        values), so that training need not keep the biases for the backward (``recomputed_in_backward``)."""
+        to_grid, from_grid = self._bias_terms()
         operator = self._bias_operator(grid, num_prefix, to_grid)
-        out = self.an_bias.dtype
-
-        def b1(terms: torch.Tensor) -> torch.Tensor:
-            with without_autocast(terms.device):           # the biases stay in float32 under autocast
-                return (terms @ operator).to(out)
-
-        def b2(terms: torch.Tensor) -> torch.Tensor:
-            with without_autocast(terms.device):
-                return (operator.T @ terms.transpose(1, 2)).to(out)
-
         kept_to, kept_from = to_grid.detach(), from_grid.detach()
-        return (b1(to_grid), b2(from_grid)), (lambda: b1(kept_to), lambda: b2(kept_from))
+        return ((self._b1(to_grid, operator), self._b2(from_grid, operator)),
+                (lambda: self._b1(kept_to, operator), lambda: self._b2(kept_from, operator)))
 
     def _bias_operator(self, grid: tuple[int, int], num_prefix: int, like: torch.Tensor) -> torch.Tensor:
         """(49 + gh0 + gw0 + 1, num_prefix + gh * gw): column p + (r * gw + c) holds the weights of the map
