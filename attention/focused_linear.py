@@ -47,10 +47,8 @@ class FocusedLinearAttention(GridAttention):
         grid a view of the parameter) and split into heads, (h, N, d) in the parameter's dtype; each frame of a
         video grid alike."""
         (sh, sw), h, d = self.pos_grid, self.num_heads, self.head_dim
-        pe = self.positional_encoding.view(sh, sw, h * d)
-        if tuple(grid[-2:]) != (sh, sw):
-            pe = resize_map(pe.permute(2, 0, 1), tuple(grid[-2:])).permute(1, 2, 0)
-        pe = pe.reshape(-1, h, d)                                       # (H * W, h, d)
+        pe = resize_map(self.positional_encoding.view(sh, sw, h * d), tuple(grid[-2:]))
+        pe = pe.view(-1, h, d)                                          # (H * W, h, d)
         if len(grid) == 3:
             pe = pe.repeat(grid[0], 1, 1)
         return pe.transpose(0, 1)

@@ -225,8 +225,7 @@ class HierarchicalStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self.pos_embed is not None:
-            pos = self.pos_embed.reshape(*self.pos_grid, -1).permute(2, 0, 1)
-            x = x + resize_map(pos, tuple(x.shape[1:3])).permute(1, 2, 0)
+            x = x + resize_map(self.pos_embed.reshape(*self.pos_grid, -1), tuple(x.shape[1:3]))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return self.norm(checkpoint_seq(self.blocks, x))
         return self.norm(self.blocks(x))
