@@ -10,7 +10,7 @@ from ..block_sparse import CORE_TILES, TRITON_REQUIRES
 from ..core import checks
 from ..core.dispatch import TRITON, choose_backend, empty_output, register_backend
 from ..core.family import Family, check_options, register_family
-from .block_sparse import radial_attention_on_core, radial_attention_on_triton
+from .block_sparse import radial_attention_on_core
 from .plan import attended_pairs, check_mask_options, keeps_every_pair, normalize_options, radial_plan, tile_size
 from .reference import radial_attention_reference
 
@@ -48,6 +48,7 @@ def radial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid:
 
 
 if TRITON:
+    from .full_frames import radial_attention_on_triton
     register_backend("radial_attention", "triton", radial_attention_on_triton, requires=(*TRITON_REQUIRES, CORE_TILES))
 register_backend("radial_attention", "block_sparse", radial_attention_on_core, requires=(CORE_TILES,), auto=False)
 register_backend("radial_attention", "reference", radial_attention_reference)

@@ -2,8 +2,6 @@
 grid tokens read in place (``tile_rows``: no copy into tile order) and the prefix queries by SDPA."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ..block_sparse.layout import csr_from_lists
@@ -31,5 +29,3 @@ def radial_attention_on_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     core = choose_backend("block_sparse_attention", core_backend, q, v=v)
     return core(q, k, v, row_ptr, col_idx, t, t, num_prefix, None, None, None, None, tile_rows, num_prefix > 0)
 
-
-radial_attention_on_triton = functools.partial(radial_attention_on_core, core_backend="triton")

@@ -268,6 +268,15 @@ def radial_plan(grid: tuple[int, ...], options: tuple, device: torch.device | No
     return RadialPlan(TileLayout(*layout), key_tiles, density)
 
 
+def far_key_tiles(plan: RadialPlan, sink: bool) -> torch.Tensor:
+    """A video plan's key-tile lists (frames layout) without the tiles of the full frames, frame distance <= 1 and,
+    with ``sink``, the first frame (``full_frames``' dense part): the windows of the farther frames; -1 pads."""
+    frame = tile_centers(plan.layout)[:, 0].round().long().to(plan.key_tiles.device)
+    key_frame = frame[plan.key_tiles.clamp_min(0)]
+    full = ((frame[:, None] - key_frame).abs() <= 1) | ((key_frame == 0) & sink)
+    return torch.where(full, -1, plan.key_tiles)
+
+
 def attended_pairs(plan: RadialPlan, num_prefix: int = 0) -> int:
     """Number of (query, key) token pairs the mask lets through, prefix pairs included."""
     per_tile = plan.layout.valid.sum(-1)

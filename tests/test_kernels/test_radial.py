@@ -138,6 +138,14 @@ def test_pack_needs_the_frames_layout_of_a_video(grid, opts):
 def token_mask(grid, num_prefix, **opts):
     """(N, N) bool: the plan's tile lists expanded to tokens, prefix rows and columns dense."""
     plan = radial_plan(tuple(grid), normalize_options(tuple(grid), **opts))
+    n = plan.layout.num_tokens
+    mask = torch.ones(num_prefix + n, num_prefix + n, dtype=torch.bool)
+    mask[num_prefix:, num_prefix:] = token_mask_of(plan)
+    return mask
+
+
+def token_mask_of(plan):
+    """(N, N) bool: a plan's tile lists expanded to tokens."""
     layout = plan.layout
     n = layout.num_tokens
     tile_of = torch.empty(n, dtype=torch.long)
@@ -145,9 +153,7 @@ def token_mask(grid, num_prefix, **opts):
     listed = torch.zeros(layout.num_tiles, layout.num_tiles, dtype=torch.bool)
     rows = torch.arange(layout.num_tiles)[:, None].expand_as(plan.key_tiles)
     listed[rows[plan.key_tiles >= 0], plan.key_tiles[plan.key_tiles >= 0]] = True
-    mask = torch.ones(num_prefix + n, num_prefix + n, dtype=torch.bool)
-    mask[num_prefix:, num_prefix:] = listed[tile_of[:, None], tile_of[None, :]]
-    return mask
+    return listed[tile_of[:, None], tile_of[None, :]]
 
 
 def masked_attention(q, k, v, mask):
@@ -284,6 +290,45 @@ def test_triton_core_backend_equals_reference(grid, opts):
     check_backend("triton", grid, 1, opts, heads=1)
 
 
+FULL_FRAMES_CASES = [((6, 9, 10), dict(tile=(1, 4, 4), decay_factor=0.3)), ((5, 8, 8), dict(tile=(1, 4, 4), sink=False)),
+                     ((7, 6, 11), dict(tile=(1, 4, 4), pack=False)), ((2, 8, 8), dict(tile=(1, 4, 4)))]
+
+
+@pytest.mark.parametrize("grid,opts", FULL_FRAMES_CASES)
+def test_full_frames_and_far_tiles_split_the_mask(grid, opts):
+    """The full frames (frame distance <= 1, the sink) and the far key tiles partition the mask's pairs."""
+    from subquad.kernels.radial.full_frames import frame_windows
+    from subquad.kernels.radial.plan import far_key_tiles
+
+    options = normalize_options(grid, **opts)
+    mask = token_mask(grid, 0, **opts)
+    frame = torch.arange(math.prod(grid)) // math.prod(grid[1:])
+    full = torch.zeros(grid[0], grid[0], dtype=torch.bool)
+    for frames, windows in frame_windows(grid[0], bool(options[4])):
+        for f, window in zip(frames, windows):
+            full[f, window] = True
+    full = full[frame[:, None], frame[None, :]]
+    plan = radial_plan(grid, options)
+    far_plan = type(plan)(plan.layout, far_key_tiles(plan, bool(options[4])), plan.density)
+    far = token_mask_of(far_plan)
+    assert not (full & far).any() and torch.equal(full | far, mask)
+
+
+@pytest.mark.skipif("triton" not in available_backends("radial_attention"), reason="no Triton")
+@pytest.mark.parametrize("grid,opts", FULL_FRAMES_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_frames_then_core_equals_dense_attention_with_the_mask(grid, opts, dtype, monkeypatch):
+    """Full frames by dense attention with its log-sum-exp, the far tiles by the core resuming from it (Triton; the
+    interpreter on CPU), gathered a few frames at a time: dense attention with the token mask."""
+    from subquad.kernels.radial import full_frames
+
+    monkeypatch.setattr(full_frames, "GATHER_BUDGET", 2 * 2 * 8 * math.prod(grid[1:]) * 8)
+    q, k, v = (torch.randn(2, 2, math.prod(grid), 8, dtype=dtype) for _ in range(3))
+    out = full_frames.radial_attention_full_frames(q, k, v, grid, normalize_options(grid, **opts))
+    want = masked_attention(q.float(), k.float(), v.float(), token_mask(grid, 0, **opts))
+    assert_rel_close(out, want, dtype, what="full frames + far tiles")
+
+
 @pytest.mark.parametrize("backend,grid,opts", [
     ("reference", (9, 11), dict(tile=(2, 2))), ("reference", (6, 9, 10), dict(tile=(1, 4, 4))),
     ("reference", (7, 5, 6), dict(layout="official", block_size=16)),
@@ -311,3 +356,20 @@ def test_compile_fullgraph_at_new_grids():
                                        ((6, 30, 52), dict(decay_factor=0.2))])
 def test_gpu_triton_backend_equals_reference(grid, opts, dtype):
     check_backend("triton", grid, 1, opts, dtype=dtype, heads=4, d=64, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grid,opts", [((6, 30, 52), dict(decay_factor=0.2)), ((5, 16, 24), dict(sink=False, pack=False))])
+def test_gpu_inference_takes_full_frames_by_cudnn(grid, opts):
+    """Inference on CUDA in bf16 (heads-last views, as the pipelines pass them) runs the full frames by cuDNN and the
+    far tiles on the core: the reference's output."""
+    from subquad.kernels.radial.full_frames import takes_full_frames
+
+    x = torch.randn(2, math.prod(grid), 3, 4, 64, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (t.transpose(1, 2) for t in x.unbind(2))
+    assert takes_full_frames(q, k, v, grid, 0, normalize_options(grid, **opts))
+    with torch.no_grad():
+        out = radial_attention(q, k, v, grid=grid, **opts)
+    want = radial_attention(q.float(), k.float(), v.float(), grid=grid, backend="reference", **opts)
+    assert_rel_close(out, want, torch.bfloat16, what="full frames by cuDNN")
+

@@ -100,7 +100,7 @@ def test_real_ops_on_cuda_choose_triton_or_say_why(monkeypatch):
     """On CUDA the sparse ops run the block-sparse core's Triton kernels where its tiles fit, and otherwise
     the reference with one warning naming the tile size; float64 runs the reference, said once."""
     from subquad.kernels import radial_attention
-    from subquad.kernels.radial.block_sparse import radial_attention_on_triton
+    from subquad.kernels.radial.full_frames import radial_attention_on_triton
     from subquad.kernels.radial.reference import radial_attention_reference
 
     monkeypatch.setattr(dispatch, "_WARNED", set())
