@@ -3,15 +3,16 @@
 In the ``frames`` layout on a video grid, a query frame f attends every token of the frames f - 1, f, f + 1 and,
 with the sink, frame 0 (Sec. 4: frame distances d <= 1 are dense): on Wan's 21 latent frames 18% of all pairs, most
 of the ~22% the mask keeps. Those are dense blocks, which a dense attention kernel (cuDNN on CUDA) computes faster
-per pair than the core's tile lists. The frames are gathered into per-frame key windows, attended densely with their
-log-sum-exp, and the core then adds the windows of the farther frames to that softmax state (``resume``): the same
-pairs as the core alone, one softmax, no merge pass. Forward only: under autograd or ``torch.compile`` the core runs
-the whole mask.
+per pair than the core's tile lists. They are four batched dense calls on views of q, k, v (no copies): frame f
+against frame f + s for s = 0, -1, +1 (the frames as the batch), and frames 2.. against frame 0 (the sink); their
+outputs and log-sum-exps are merged into one softmax state (``merge_state``), to which the core then adds the
+windows of the farther frames (``resume``): the same pairs as the core alone. Forward only: under autograd or
+``torch.compile`` the core runs the whole mask.
 """
 from __future__ import annotations
 
 import functools
-import math
+from typing import NamedTuple
 
 import torch
 
@@ -20,21 +21,29 @@ from ..block_sparse.triton import forward as core_forward
 from ..core.compile_constant import compile_constant
 from ..core.dispatch import records_grad
 from ..core.heads_last import heads_last_empty
+from ..softmax.merge_triton import merge_state
 from .block_sparse import radial_attention_on_core, radial_core_layout
 from .plan import far_key_tiles, radial_plan, tile_size
 
-GATHER_BUDGET = 1 << 29     # elements of one gathered key window tensor (1 GiB in bf16): larger groups are cut
+
+class FramePart(NamedTuple):
+    """Query frames first_query .. first_query + count - 1, each against key frame first_key + i (``paired``), or
+    all against key frame first_key (the sink)."""
+    first_query: int
+    first_key: int
+    count: int
+    paired: bool
 
 
-def frame_windows(num_frames: int, sink: bool) -> list[tuple[list[int], list[list[int]]]]:
-    """The full key frames of each query frame, grouped by their count: [(query frames, their key frames)]."""
-    groups: dict[int, tuple[list[int], list[list[int]]]] = {}
-    for f in range(num_frames):
-        window = sorted(set(range(max(0, f - 1), min(num_frames, f + 2))) | ({0} if sink else set()))
-        frames, windows = groups.setdefault(len(window), ([], []))
-        frames.append(f)
-        windows.append(window)
-    return [groups[n] for n in sorted(groups)]
+def full_frame_parts(num_frames: int, sink: bool) -> list[FramePart]:
+    """The dense parts that make up the full frames: each frame against itself, the previous and the next frame,
+    and the frames from 2 on against the sink (frames 0 and 1 see it already)."""
+    parts = [FramePart(0, 0, num_frames, True)]
+    if num_frames > 1:
+        parts += [FramePart(1, 0, num_frames - 1, True), FramePart(0, 1, num_frames - 1, True)]
+    if sink and num_frames > 2:
+        parts.append(FramePart(2, 0, num_frames - 2, False))
+    return parts
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -48,30 +57,29 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (s.softmax(-1) @ v.float()).to(q.dtype), s.logsumexp(-1)
 
 
-def _frames(x: torch.Tensor, index: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """(B, h, F * T, d) -> for each row of ``index`` (G, L) its frames side by side: (B * G, h, L * T, d)."""
-    y = x.transpose(1, 2).unflatten(1, (num_frames, -1))[:, index]           # (B, G, L, T, h, d), one copy
-    return y.flatten(0, 1).flatten(1, 2).transpose(1, 2)
+def _frames(x: torch.Tensor, first: int, count: int, frame_tokens: int) -> torch.Tensor:
+    """Frames first .. first + count - 1 of one batch element's (h, N, d) tokens as a batch: (count, h, T, d), a
+    view."""
+    return x[:, first * frame_tokens:(first + count) * frame_tokens].unflatten(1, (count, frame_tokens)).transpose(0, 1)
 
 
 def full_frames_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int, sink: bool,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query frame over its full key frames (``frame_windows``): the output (B, h, N, d), stored heads-last, and
-    the base-2 log-sum-exp (B, h, N) float32, the core's softmax state."""
+    """Each query frame over its full key frames (``full_frame_parts``): the output (B, h, N, d), stored heads-last,
+    and the base-2 log-sum-exp (B, h, N) float32, the core's softmax state."""
     b, h, n, d = q.shape
+    t = n // num_frames
     out = heads_last_empty(q, b, h, n, v.shape[-1])
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-    per_frame = b * h * (n // num_frames) * d
-    for frames, windows in frame_windows(num_frames, sink):
-        chunk = max(1, GATHER_BUDGET // (per_frame * len(windows[0])))
-        for start in range(0, len(frames), chunk):
-            index = torch.tensor(windows[start:start + chunk], device=q.device)
-            rows = torch.tensor(frames[start:start + chunk], device=q.device)
-            o, s = attention_with_lse(_frames(q, rows[:, None], num_frames), _frames(k, index, num_frames),
-                                      _frames(v, index, num_frames), scale)
-            out.transpose(1, 2).unflatten(1, (num_frames, -1))[:, rows] = \
-                o.unflatten(0, (b, -1)).transpose(2, 3)                       # (B, G, T, h, d)
-            lse.unflatten(2, (num_frames, -1))[:, :, rows] = s.unflatten(0, (b, -1)).transpose(1, 2) * math.log2(math.e)
+    for i in range(b):
+        for j, (q0, k0, count, paired) in enumerate(full_frame_parts(num_frames, sink)):
+            if paired:
+                part = attention_with_lse(_frames(q[i], q0, count, t), _frames(k[i], k0, count, t),
+                                          _frames(v[i], k0, count, t), scale)
+            else:           # all these query frames' tokens as one row of the batch
+                part = attention_with_lse(q[i:i + 1, :, q0 * t:], _frames(k[i], k0, 1, t), _frames(v[i], k0, 1, t),
+                                          scale)
+            merge_state(out[i], lse[i], *part, q0 * t, init=j == 0)
     return out, lse
 
 

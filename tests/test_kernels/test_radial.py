@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from subquad.kernels import radial_attention
-from subquad.kernels.radial.plan import (attended_pairs, normalize_options, official_block_mask,
+from subquad.kernels.radial.full_frames import full_frame_parts, radial_attention_full_frames, takes_full_frames
+from subquad.kernels.radial.plan import (attended_pairs, far_key_tiles, normalize_options, official_block_mask,
                                               radial_plan)
 from subquad.kernels.core.testing import assert_compiles_to_the_same, assert_rel_close
 
@@ -297,16 +298,15 @@ FULL_FRAMES_CASES = [((6, 9, 10), dict(tile=(1, 4, 4), decay_factor=0.3)), ((5, 
 @pytest.mark.parametrize("grid,opts", FULL_FRAMES_CASES)
 def test_full_frames_and_far_tiles_split_the_mask(grid, opts):
     """The full frames (frame distance <= 1, the sink) and the far key tiles partition the mask's pairs."""
-    from subquad.kernels.radial.full_frames import frame_windows
-    from subquad.kernels.radial.plan import far_key_tiles
-
     options = normalize_options(grid, **opts)
     mask = token_mask(grid, 0, **opts)
     frame = torch.arange(math.prod(grid)) // math.prod(grid[1:])
     full = torch.zeros(grid[0], grid[0], dtype=torch.bool)
-    for frames, windows in frame_windows(grid[0], bool(options[4])):
-        for f, window in zip(frames, windows):
-            full[f, window] = True
+    for q0, k0, count, paired in full_frame_parts(grid[0], bool(options[4])):
+        queries = torch.arange(q0, q0 + count)
+        keys = queries - q0 + k0 if paired else torch.full_like(queries, k0)
+        assert not full[queries, keys].any()            # the parts are disjoint
+        full[queries, keys] = True
     full = full[frame[:, None], frame[None, :]]
     plan = radial_plan(grid, options)
     far_plan = type(plan)(plan.layout, far_key_tiles(plan, bool(options[4])), plan.density)
@@ -317,14 +317,11 @@ def test_full_frames_and_far_tiles_split_the_mask(grid, opts):
 @pytest.mark.skipif("triton" not in available_backends("radial_attention"), reason="no Triton")
 @pytest.mark.parametrize("grid,opts", FULL_FRAMES_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_full_frames_then_core_equals_dense_attention_with_the_mask(grid, opts, dtype, monkeypatch):
-    """Full frames by dense attention with its log-sum-exp, the far tiles by the core resuming from it (Triton; the
-    interpreter on CPU), gathered a few frames at a time: dense attention with the token mask."""
-    from subquad.kernels.radial import full_frames
-
-    monkeypatch.setattr(full_frames, "GATHER_BUDGET", 2 * 2 * 8 * math.prod(grid[1:]) * 8)
+def test_full_frames_then_core_equals_dense_attention_with_the_mask(grid, opts, dtype):
+    """Full frames by dense attention with its log-sum-exp, merged, the far tiles by the core resuming from the
+    state (Triton; the interpreter on CPU): dense attention with the token mask."""
     q, k, v = (torch.randn(2, 2, math.prod(grid), 8, dtype=dtype) for _ in range(3))
-    out = full_frames.radial_attention_full_frames(q, k, v, grid, normalize_options(grid, **opts))
+    out = radial_attention_full_frames(q, k, v, grid, normalize_options(grid, **opts))
     want = masked_attention(q.float(), k.float(), v.float(), token_mask(grid, 0, **opts))
     assert_rel_close(out, want, dtype, what="full frames + far tiles")
 
@@ -363,8 +360,6 @@ def test_gpu_triton_backend_equals_reference(grid, opts, dtype):
 def test_gpu_inference_takes_full_frames_by_cudnn(grid, opts):
     """Inference on CUDA in bf16 (heads-last views, as the pipelines pass them) runs the full frames by cuDNN and the
     far tiles on the core: the reference's output."""
-    from subquad.kernels.radial.full_frames import takes_full_frames
-
     x = torch.randn(2, math.prod(grid), 3, 4, 64, device="cuda", dtype=torch.bfloat16)
     q, k, v = (t.transpose(1, 2) for t in x.unbind(2))
     assert takes_full_frames(q, k, v, grid, 0, normalize_options(grid, **opts))
