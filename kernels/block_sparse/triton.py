@@ -542,16 +542,17 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
             tile_masks: Tensor | None, key_bias: Tensor | None, tile_rows: Tensor | None, block_m: int, block_n: int,
             num_prefix: int, scale: float, prefix_queries: bool, config: dict | None = None,
             extra: tuple[Tensor, Tensor] | None = None,
-            query_tiles: QueryTiles | None = None, resume: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+            query_tiles: QueryTiles | None = None,
+            resume: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Output (B, H, Nq, d) in q's dtype and the base-2 log-sum-exp (B, H, Nq) float32 (-inf: no key);
     with ``tile_rows`` the rows no tile lists (the prefix) are 0 with log-sum-exp -inf, or with ``prefix_queries``
     the prefix queries' dense attention over the tokens (k's first Nq rows; SDPA). ``extra``: the keys and
     values past k's and v's rows (extra key tiles, tokens in place) in tensors of their own, read there instead
     of from a concatenation (LLSA's pooled keys); ``key_bias`` then covers both. ``query_tiles`` (with
     ``tile_rows``): query tiles of block_m rows of their own, whose lists say which row group sees each entry
-    (``QueryTiles``); ``tile_rows`` then describes the key tiles only. ``resume``: (output, base-2 log-sum-exp (B, H, Nq)
-    float32 contiguous) of the same queries over other keys (e.g. dense blocks by another kernel), which the listed
-    tiles and the prefix keys join; both are updated in place and returned (no ``prefix_queries``)."""
+    (``QueryTiles``); ``tile_rows`` then describes the key tiles only. ``resume``: (output, base-2 log-sum-exp
+    (B, H, Nq) float32 contiguous) of the same queries over other keys (e.g. dense blocks by another kernel), which
+    the listed tiles and the prefix keys join; both are updated in place and returned (no ``prefix_queries``)."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     kx, vx, nk, extra_strides = _extra_keys(k, v, extra, tile_rows)
     b, h, nq, d = q.shape

@@ -291,7 +291,8 @@ def test_triton_core_backend_equals_reference(grid, opts):
     check_backend("triton", grid, 1, opts, heads=1)
 
 
-FULL_FRAMES_CASES = [((6, 9, 10), dict(tile=(1, 4, 4), decay_factor=0.3)), ((5, 8, 8), dict(tile=(1, 4, 4), sink=False)),
+FULL_FRAMES_CASES = [((6, 9, 10), dict(tile=(1, 4, 4), decay_factor=0.3)),
+                     ((5, 8, 8), dict(tile=(1, 4, 4), sink=False)),
                      ((7, 6, 11), dict(tile=(1, 4, 4), pack=False)), ((2, 8, 8), dict(tile=(1, 4, 4)))]
 
 
@@ -356,7 +357,8 @@ def test_gpu_triton_backend_equals_reference(grid, opts, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("grid,opts", [((6, 30, 52), dict(decay_factor=0.2)), ((5, 16, 24), dict(sink=False, pack=False))])
+@pytest.mark.parametrize("grid,opts", [((6, 30, 52), dict(decay_factor=0.2)),
+                                       ((5, 16, 24), dict(sink=False, pack=False))])
 def test_gpu_inference_takes_full_frames_by_cudnn(grid, opts):
     """Inference on CUDA in bf16 (heads-last views, as the pipelines pass them) runs the full frames by cuDNN and the
     far tiles on the core: the reference's output."""
