@@ -164,25 +164,18 @@ def _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, key_limi
 
 @triton.jit(do_not_specialize=["H", "Nq", "Nk", "P", "num_table_tiles"])
 def _fwd_kernel(Q, K, V, KX, VX, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows, QueryRows, Owners,
-                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sxkb, sxkh, sxkn, sxvb, sxvh, sxvn, sob, soh, son,
+                Spans, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sxkb, sxkh, sxkn, sxvb, sxvh, sxvn, sob, soh, son,
                 srb, srh, sbb, sbh, H, Nq, Nk, P, num_table_tiles, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE: tl.constexpr,
                 EXTRA: tl.constexpr, ALIGN: tl.constexpr, KEY_TILES: tl.constexpr, ROW_GROUPS: tl.constexpr,
-                RESUME: tl.constexpr):
-    """RESUME: O and LSE hold the softmax state of keys attended already (output and base-2 log-sum-exp);
-    the listed tiles and prefix keys join it, O and LSE are overwritten, and a tile with nothing to add
-    leaves them."""
+                NUM_SPANS: tl.constexpr):
+    """NUM_SPANS > 0: each query tile also attends NUM_SPANS ranges of consecutive key rows, Spans (query tiles,
+    NUM_SPANS, 2) int32 [start, end) (dense blocks of the mask, read without a table, e.g. whole frames)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    row = RowPtr + b * srb + h * srh + tile
-    lo = tl.load(row)
-    hi = tl.load(row + 1)
-    if RESUME:
-        if (lo == hi) & (P == 0):
-            return
     rows = _tile_rows(QueryRows, tile, 0, BLOCK_M, TABLE)
     cols = tl.arange(0, BLOCK_D)
     q = load_block(row_ptrs(Q + b * sqb + h * sqh, rows, sqn, ALIGN)[:, None] + cols[None, :], rows, Nq, cols,
@@ -192,21 +185,23 @@ def _fwd_kernel(Q, K, V, KX, VX, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, Key
     KX += b * sxkb + h * sxkh
     VX += b * sxvb + h * sxvh
     KeyBias += b * sbb + h * sbh
-    if RESUME:      # the state (m, l, acc) = (lse, 1, o): sum_j exp2(s_j - lse) = 1, sum_j exp2(s_j - lse) v_j = o
-        m_i = tl.load(LSE + bh * Nq + rows, mask=rows < Nq, other=float("-inf"))
-        l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
-        o = load_block(row_ptrs(O + b * sob + h * soh, rows, son, ALIGN)[:, None] + cols[None, :], rows, Nq, cols,
-                       HEAD_DIM, BLOCK_D, CHECK_Q)
-        acc = tl.where(l_i[:, None] > 0.0, o.to(tl.float32), 0.0)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in range(0, P, KEY_TILES * BLOCK_N):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks,
-                                  start + tl.arange(0, KEY_TILES * BLOCK_N), P, -1, -1, skn, svn, sxkn, sxvn, Nq,
-                                  qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS,
-                                  False, HAS_BIAS, True, DOT_PRECISION, EXTRA, ALIGN, 1)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for span in tl.static_range(NUM_SPANS + 1):         # the prefix keys [0, P), then the spans
+        if span == 0:
+            first, end = 0, P
+        else:
+            first = tl.load(Spans + (tile * NUM_SPANS + span - 1) * 2)
+            end = tl.load(Spans + (tile * NUM_SPANS + span - 1) * 2 + 1)
+        for start in range(first, end, KEY_TILES * BLOCK_N):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks,
+                                      start + tl.arange(0, KEY_TILES * BLOCK_N), end, -1, -1, skn, svn, sxkn, sxvn,
+                                      Nq, qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS,
+                                      MASK_BITS, False, HAS_BIAS, True, DOT_PRECISION, EXTRA, ALIGN, 1)
+    row = RowPtr + b * srb + h * srh + tile
+    lo = tl.load(row)
+    hi = tl.load(row + 1)
     for e in range(lo, hi, KEY_TILES):
         keys = _step_key_rows(TileRows, ColIdx, e, hi, P, Nq, Nk, num_table_tiles, BLOCK_N, KEY_TILES, TABLE)
         mask_id = -1
@@ -542,30 +537,22 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
             tile_masks: Tensor | None, key_bias: Tensor | None, tile_rows: Tensor | None, block_m: int, block_n: int,
             num_prefix: int, scale: float, prefix_queries: bool, config: dict | None = None,
             extra: tuple[Tensor, Tensor] | None = None,
-            query_tiles: QueryTiles | None = None,
-            resume: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+            query_tiles: QueryTiles | None = None, spans: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Output (B, H, Nq, d) in q's dtype and the base-2 log-sum-exp (B, H, Nq) float32 (-inf: no key);
     with ``tile_rows`` the rows no tile lists (the prefix) are 0 with log-sum-exp -inf, or with ``prefix_queries``
     the prefix queries' dense attention over the tokens (k's first Nq rows; SDPA). ``extra``: the keys and
     values past k's and v's rows (extra key tiles, tokens in place) in tensors of their own, read there instead
     of from a concatenation (LLSA's pooled keys); ``key_bias`` then covers both. ``query_tiles`` (with
     ``tile_rows``): query tiles of block_m rows of their own, whose lists say which row group sees each entry
-    (``QueryTiles``); ``tile_rows`` then describes the key tiles only. ``resume``: (output, base-2 log-sum-exp
-    (B, H, Nq) float32 contiguous) of the same queries over other keys (e.g. dense blocks by another kernel), which
-    the listed tiles and the prefix keys join; both are updated in place and returned (no ``prefix_queries``)."""
+    (``QueryTiles``); ``tile_rows`` then describes the key tiles only. ``spans`` (query tiles, S, 2) int32: per query
+    tile S ranges [start, end) of consecutive key rows it also attends, disjoint from its listed tiles and the prefix
+    (dense blocks of the mask, read without the table; forward only: the backward takes them listed as tiles)."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     kx, vx, nk, extra_strides = _extra_keys(k, v, extra, tile_rows)
     b, h, nq, d = q.shape
-    if resume is not None:
-        o, lse = resume
-        if prefix_queries or o.shape != (b, h, nq, v.shape[-1]) or o.stride(-1) != 1 or lse.shape != (b, h, nq) \
-                or lse.dtype != torch.float32 or not lse.is_contiguous():
-            raise ValueError("block-sparse forward: resume takes the (B, H, Nq, d) output (unit stride on d) and the "
-                             "contiguous (B, H, Nq) float32 log-sum-exp of the same queries, without prefix_queries")
-    else:
-        o = heads_last_empty(q, b, h, nq, v.shape[-1])
-        lse = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
-    if tile_rows is not None and num_prefix > 0 and resume is None:
+    o = heads_last_empty(q, b, h, nq, v.shape[-1])
+    lse = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
+    if tile_rows is not None and num_prefix > 0:
         if not prefix_queries:               # else fill_prefix_queries writes these rows
             o[:, :, :num_prefix].zero_()
         lse[:, :, :num_prefix].fill_(float("-inf"))
@@ -584,10 +571,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
         nqt, num_key_tiles = query_rows.numel() // block_m, tile_rows.numel() // block_n
     launch(_fwd_kernel, (nqt, b * h),
         q, k, v, kx, vx, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0], rows_arg, query_rows, owners,
+        spans if spans is not None else col_idx,
         *strides(q), *strides(k), *strides(v), *extra_strides,
         *strides(o), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, num_prefix, num_key_tiles, qk_scale, **consts,
         EXTRA=extra is not None, ALIGN=row_alignment(q, k, v, kx, vx, o), KEY_TILES=key_tiles, ROW_GROUPS=groups,
-        RESUME=resume is not None, **config)
+        NUM_SPANS=0 if spans is None else spans.shape[1], **config)
     if prefix_queries:
         fill_prefix_queries(o, q, k[:, :, :nq], v[:, :, :nq], num_prefix)
     return o, lse

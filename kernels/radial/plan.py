@@ -268,13 +268,29 @@ def radial_plan(grid: tuple[int, ...], options: tuple, device: torch.device | No
     return RadialPlan(TileLayout(*layout), key_tiles, density)
 
 
+def _tile_frames(plan: RadialPlan) -> torch.Tensor:
+    """(num_tiles,) long on the plan's device: the frame of each tile of a video plan (frames layout)."""
+    return tile_centers(plan.layout)[:, 0].round().long().to(plan.key_tiles.device)
+
+
 def far_key_tiles(plan: RadialPlan, sink: bool) -> torch.Tensor:
     """A video plan's key-tile lists (frames layout) without the tiles of the full frames, frame distance <= 1 and,
-    with ``sink``, the first frame (``full_frames``' dense part): the windows of the farther frames; -1 pads."""
-    frame = tile_centers(plan.layout)[:, 0].round().long().to(plan.key_tiles.device)
+    with ``sink``, the first frame (``full_frame_spans``): the windows of the farther frames; -1 pads."""
+    frame = _tile_frames(plan)
     key_frame = frame[plan.key_tiles.clamp_min(0)]
     full = ((frame[:, None] - key_frame).abs() <= 1) | ((key_frame == 0) & sink)
     return torch.where(full, -1, plan.key_tiles)
+
+
+def full_frame_spans(plan: RadialPlan, sink: bool) -> torch.Tensor:
+    """(num_tiles, 2, 2) int32: per query tile of a video plan (frames layout, frame f), its full frames as ranges
+    [start, end) of raster token rows: frames f - 1 .. f + 1, and frame 0 (the sink) where it lies outside them
+    (else an empty range)."""
+    num_frames, tokens = plan.layout.grid[0], math.prod(plan.layout.grid[1:])
+    frame = _tile_frames(plan)
+    band = torch.stack([(frame - 1).clamp_min(0), (frame + 2).clamp_max(num_frames)], -1) * tokens
+    sink_end = torch.where((frame >= 2) & sink, tokens, 0)
+    return torch.stack([band, torch.stack([torch.zeros_like(sink_end), sink_end], -1)], 1).to(torch.int32)
 
 
 def attended_pairs(plan: RadialPlan, num_prefix: int = 0) -> int:

@@ -1,8 +1,6 @@
 """Dense softmax attention: softmax(q k^T / sqrt(d)) v (Vaswani et al., 2017, Eq. 1)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -109,24 +107,3 @@ def fill_prefix_queries(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return with_prefix_queries(out[:, :, num_prefix:], q, k, v, num_prefix)
     out[:, :, :num_prefix] = F.scaled_dot_product_attention(*rows_aligned(q[:, :, :num_prefix], k, v))
     return out
-
-
-def merge_state_reference(out: torch.Tensor, lse: torch.Tensor, x: torch.Tensor, x_lse: torch.Tensor, first_row: int,
-                          init: bool = False) -> None:
-    """Merge the part (x, x_lse) into the state (out, lse) in place (``init``: the state becomes the part), float32
-    arithmetic: the state ``out`` (H, N, d) with its base-2 log-sum-exp ``lse`` (H, N); the part ``x`` (G, H, L, d)
-    with its natural log-sum-exp ``x_lse`` (G, H, L), covering the query rows first_row + g L + t. With
-    w_i = exp(lse_i): o = sum_i w_i o_i / sum_i w_i, lse = log sum_i w_i (FlashAttention's combine of split-KV
-    partial results)."""
-    g, h, length, _ = x.shape
-    part = x.transpose(0, 1).flatten(1, 2).float()                           # (H, G * L, d)
-    part_lse = x_lse.transpose(0, 1).flatten(1, 2).float() / math.log(2)      # base 2
-    rows = slice(first_row, first_row + g * length)
-    if init:
-        out[:, rows], lse[:, rows] = part.to(out.dtype), part_lse
-        return
-    new_lse = torch.logaddexp2(lse[:, rows], part_lse)
-    safe = torch.where(torch.isinf(new_lse), 0.0, new_lse)
-    merged = (out[:, rows].float() * torch.exp2(lse[:, rows] - safe)[..., None]
-              + part * torch.exp2(part_lse - safe)[..., None])
-    out[:, rows], lse[:, rows] = merged.to(out.dtype), new_lse

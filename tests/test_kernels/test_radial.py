@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from subquad.kernels import radial_attention
-from subquad.kernels.radial.full_frames import full_frame_parts, radial_attention_full_frames, takes_full_frames
-from subquad.kernels.radial.plan import (attended_pairs, far_key_tiles, normalize_options, official_block_mask,
-                                              radial_plan)
+from subquad.kernels.radial.full_frames import radial_attention_full_frames, takes_full_frames
+from subquad.kernels.radial.plan import (attended_pairs, far_key_tiles, full_frame_spans, normalize_options,
+                                         official_block_mask, radial_plan)
 from subquad.kernels.core.testing import assert_compiles_to_the_same, assert_rel_close
 
 # official radial_attn/attn_mask.py (72788d4), gen_log_mask_shrinked(...)[:nb, :nb], recorded on CPU
@@ -145,12 +145,18 @@ def token_mask(grid, num_prefix, **opts):
     return mask
 
 
-def token_mask_of(plan):
-    """(N, N) bool: a plan's tile lists expanded to tokens."""
-    layout = plan.layout
+def tile_of_tokens(layout):
+    """(N,) long: the tile of each token."""
     n = layout.num_tokens
     tile_of = torch.empty(n, dtype=torch.long)
     tile_of[layout.slots[layout.slots < n]] = (torch.arange(layout.slots.numel()) // layout.tile_size)[layout.slots < n]
+    return tile_of
+
+
+def token_mask_of(plan):
+    """(N, N) bool: a plan's tile lists expanded to tokens."""
+    layout = plan.layout
+    tile_of = tile_of_tokens(layout)
     listed = torch.zeros(layout.num_tiles, layout.num_tiles, dtype=torch.bool)
     rows = torch.arange(layout.num_tiles)[:, None].expand_as(plan.key_tiles)
     listed[rows[plan.key_tiles >= 0], plan.key_tiles[plan.key_tiles >= 0]] = True
@@ -297,34 +303,35 @@ FULL_FRAMES_CASES = [((6, 9, 10), dict(tile=(1, 4, 4), decay_factor=0.3)),
 
 
 @pytest.mark.parametrize("grid,opts", FULL_FRAMES_CASES)
-def test_full_frames_and_far_tiles_split_the_mask(grid, opts):
-    """The full frames (frame distance <= 1, the sink) and the far key tiles partition the mask's pairs."""
+def test_full_frame_spans_and_far_tiles_split_the_mask(grid, opts):
+    """The full frames' spans (frame distance <= 1, the sink) and the far key tiles partition the mask's pairs."""
     options = normalize_options(grid, **opts)
-    mask = token_mask(grid, 0, **opts)
-    frame = torch.arange(math.prod(grid)) // math.prod(grid[1:])
-    full = torch.zeros(grid[0], grid[0], dtype=torch.bool)
-    for q0, k0, count, paired in full_frame_parts(grid[0], bool(options[4])):
-        queries = torch.arange(q0, q0 + count)
-        keys = queries - q0 + k0 if paired else torch.full_like(queries, k0)
-        assert not full[queries, keys].any()            # the parts are disjoint
-        full[queries, keys] = True
-    full = full[frame[:, None], frame[None, :]]
     plan = radial_plan(grid, options)
-    far_plan = type(plan)(plan.layout, far_key_tiles(plan, bool(options[4])), plan.density)
-    far = token_mask_of(far_plan)
-    assert not (full & far).any() and torch.equal(full | far, mask)
+    sink = bool(options[4])
+    spans = full_frame_spans(plan, sink).long()
+    n = plan.layout.num_tokens
+    tile_of = tile_of_tokens(plan.layout)
+    keys = torch.arange(n)
+    full = torch.zeros(n, n, dtype=torch.bool)
+    for s in range(spans.shape[1]):
+        start, end = spans[tile_of, s, 0], spans[tile_of, s, 1]
+        inside = (keys[None, :] >= start[:, None]) & (keys[None, :] < end[:, None])
+        assert not (full & inside).any()                # the spans are disjoint
+        full |= inside
+    far = token_mask_of(type(plan)(plan.layout, far_key_tiles(plan, sink), plan.density))
+    assert not (full & far).any() and torch.equal(full | far, token_mask(grid, 0, **opts))
 
 
 @pytest.mark.skipif("triton" not in available_backends("radial_attention"), reason="no Triton")
 @pytest.mark.parametrize("grid,opts", FULL_FRAMES_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_full_frames_then_core_equals_dense_attention_with_the_mask(grid, opts, dtype):
-    """Full frames by dense attention with its log-sum-exp, merged, the far tiles by the core resuming from the
-    state (Triton; the interpreter on CPU): dense attention with the token mask."""
+def test_full_frame_spans_on_the_core_equal_dense_attention_with_the_mask(grid, opts, dtype):
+    """The core's forward with the full frames as key spans and the far tiles listed (Triton; the interpreter on
+    CPU): dense attention with the token mask."""
     q, k, v = (torch.randn(2, 2, math.prod(grid), 8, dtype=dtype) for _ in range(3))
     out = radial_attention_full_frames(q, k, v, grid, normalize_options(grid, **opts))
     want = masked_attention(q.float(), k.float(), v.float(), token_mask(grid, 0, **opts))
-    assert_rel_close(out, want, dtype, what="full frames + far tiles")
+    assert_rel_close(out, want, dtype, what="full frames as spans + far tiles")
 
 
 @pytest.mark.parametrize("backend,grid,opts", [
@@ -359,14 +366,14 @@ def test_gpu_triton_backend_equals_reference(grid, opts, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("grid,opts", [((6, 30, 52), dict(decay_factor=0.2)),
                                        ((5, 16, 24), dict(sink=False, pack=False))])
-def test_gpu_inference_takes_full_frames_by_cudnn(grid, opts):
-    """Inference on CUDA in bf16 (heads-last views, as the pipelines pass them) runs the full frames by cuDNN and the
-    far tiles on the core: the reference's output."""
+def test_gpu_inference_reads_full_frames_as_spans(grid, opts):
+    """Inference on CUDA in bf16 (heads-last views, as the pipelines pass them) reads the full frames as key spans
+    and the far tiles from their lists: the reference's output."""
     x = torch.randn(2, math.prod(grid), 3, 4, 64, device="cuda", dtype=torch.bfloat16)
     q, k, v = (t.transpose(1, 2) for t in x.unbind(2))
     assert takes_full_frames(q, k, v, grid, 0, normalize_options(grid, **opts))
     with torch.no_grad():
         out = radial_attention(q, k, v, grid=grid, **opts)
     want = radial_attention(q.float(), k.float(), v.float(), grid=grid, backend="reference", **opts)
-    assert_rel_close(out, want, torch.bfloat16, what="full frames by cuDNN")
+    assert_rel_close(out, want, torch.bfloat16, what="full frames as spans")
 

@@ -14,7 +14,6 @@ from subquad.kernels.softmax import reference as softmax_reference
 
 if TRITON:
     from subquad.kernels.softmax import prefix_triton
-    from subquad.kernels.softmax.merge_triton import merge_state
 
 BACKENDS = ["sdpa", "reference"]
 
@@ -137,42 +136,3 @@ def test_prefix_queries_gradients_triton_match_the_reference(b, h, n, d, num_pre
     assert torch.equal(got[0][:, :, p:], start[0][:, :, p:].to(dtype)), "grid rows of dq changed"
     for name, g, w, s in zip(("dk", "dv"), got[1:], want[1:], start[1:]):
         assert_rel_close(g.float() - s.to(dtype).float(), w - s, dtype, what=f"{name} increment")
-
-
-def _attention_with_lse(q, k, v):
-    s = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return s.softmax(-1) @ v.double(), s.logsumexp(-1)
-
-
-@pytest.mark.parametrize("cuts", [(9,), (3, 17, 30)])
-def test_merged_parts_equal_attention_over_all_keys(cuts):
-    """Attention over disjoint key sets, merged by the reference from the parts' outputs and log-sum-exps: attention
-    over all keys (float64)."""
-    q = torch.randn(3, 20, 8, dtype=torch.float64)                                      # (h, N, d), 40 keys
-    k, v = torch.randn(3, 40, 8, dtype=torch.float64), torch.randn(3, 40, 8, dtype=torch.float64)
-    out, lse = torch.empty(3, 20, 8, dtype=torch.float64), torch.empty(3, 20, dtype=torch.float64)
-    for i, (a, b) in enumerate(zip((0, *cuts), (*cuts, 40))):
-        o, s = _attention_with_lse(q, k[:, a:b], v[:, a:b])
-        softmax_reference.merge_state_reference(out, lse, o[None], s[None], 0, init=i == 0)
-    want, want_lse = _attention_with_lse(q, k, v)
-    assert_rel_close(out, want, torch.float32, what="merged output")           # the merge works in float32
-    assert_rel_close(lse, want_lse / math.log(2), torch.float32, what="merged base-2 log-sum-exp")
-
-
-@pytest.mark.skipif(not (TRITON and INTERPRET), reason="the Triton kernels on CPU tensors: Triton's interpreter")
-@pytest.mark.parametrize("dtype,d", [(torch.float32, 16), (torch.bfloat16, 24)])
-def test_merge_state_triton_equals_the_reference(dtype, d):
-    """The Triton merge (CPU interpreter) on a heads-last state and a part of 3 frames of 11 rows from row 7 (a run of
-    frames as a batch, strided as cuDNN returns them), init and merge: the reference's result; other rows untouched."""
-    h, n = 2, 50
-    state = torch.randn(n, h, d).to(dtype).transpose(0, 1), torch.randn(h, n) * 3
-    part = torch.randn(3, 11, h, d).to(dtype).transpose(1, 2), torch.randn(3, h, 11) * 3
-    for init in (True, False):
-        got = state[0].clone(memory_format=torch.preserve_format), state[1].clone()
-        want = state[0].clone(), state[1].clone()
-        merge_state(*got, *part, 7, init=init)
-        softmax_reference.merge_state_reference(*want, *part, 7, init=init)
-        assert_rel_close(got[0].float(), want[0].float(), dtype, what=f"output, init={init}")
-        assert_rel_close(got[1], want[1], what=f"log-sum-exp, init={init}")
-        for mine, theirs in zip(got, state):
-            assert torch.equal(mine[:, :7], theirs[:, :7]) and torch.equal(mine[:, 40:], theirs[:, 40:])
