@@ -60,7 +60,7 @@ def _cases() -> None:
 
 def _real_size_cases() -> None:
     """LLSA at the paper's shapes (head dim 64; 128x128 with two levels, 256x256 with three), radial attention on
-    an image and MALA's 5x5 depthwise conv in a DeiT-S at 224 px (one filter per channel, and FLatten's shared by
+    an image and, in inference, on Wan-sized video frames (head dim 128, the full frames as key spans), MALA's 5x5 depthwise conv in a DeiT-S at 224 px (one filter per channel, and FLatten's shared by
     the heads), forward and backward: their launch configurations (block sizes, warps, stages) as on a GPU."""
     for grid in ((128, 128), (256, 256)):
         qkv = [torch.randn(1, 4, math.prod(grid), 64).bfloat16().requires_grad_() for _ in range(3)]
@@ -69,6 +69,9 @@ def _real_size_cases() -> None:
     qkv = [torch.randn(1, 4, 64 * 64, 64).bfloat16().requires_grad_() for _ in range(3)]
     out = kernels.radial_attention(*qkv, grid=(64, 64), backend="triton")
     torch.autograd.grad(out, qkv, torch.randn_like(out))
+    with torch.no_grad():       # Wan's 30x52 latent frames at head dim 128, heads-last: the full frames as key spans
+        q, k, v = (t.transpose(1, 2) for t in torch.randn(1, 3 * 30 * 52, 3, 2, 128).bfloat16().unbind(2))
+        kernels.radial_attention(q, k, v, grid=(3, 30, 52), decay_factor=0.2, backend="triton")
     x = torch.randn(128, 197, 6, 64).bfloat16().transpose(1, 2).requires_grad_()
     for channels in (6 * 64, 64):
         weight = torch.randn(channels, 1, 5, 5).requires_grad_()
