@@ -35,7 +35,9 @@ def radial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid:
     (an official ``block_size`` larger than the video to the smallest power of two above its token
     count): one tile spans the side either way, without a huge padded tile.
     Backends: ``reference`` (gathers the listed tiles), ``block_sparse`` / ``triton`` (the block-sparse
-    core; ``triton`` is the default on CUDA). Details: ``subquad.kernels.radial.plan``.
+    core; ``triton`` is the default on CUDA, and in inference on a video grid without prefix it reads the
+    ``frames`` layout's full frames as runs of consecutive key rows: ``full_frames``). Details:
+    ``subquad.kernels.radial.plan``.
     """
     grid = checks.check_self_attention(q, k, v, grid, num_prefix, "radial_attention")
     check_options(FAMILY, mask_opts)
