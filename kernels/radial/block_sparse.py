@@ -28,4 +28,3 @@ def radial_attention_on_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     t = tile_size(options)
     core = choose_backend("block_sparse_attention", core_backend, q, v=v)
     return core(q, k, v, row_ptr, col_idx, t, t, num_prefix, None, None, None, None, tile_rows, num_prefix > 0)
-
