@@ -2,7 +2,9 @@
 ideal (density x SDPA time) and FlexAttention compiled with the same block mask.
 
 ``python -m subquad.tasks.bench.block_sparse --out results.csv [--sweep]`` prints a table (``--sweep``
-also times launch configurations); ``bench_block_sparse()`` returns the rows. Sparsity: each 128-query
+also times launch configurations); ``bench_block_sparse()`` returns the rows. ``--radial-video`` times radial
+attention at Wan's shapes instead, its tiles listed against its full frames read as key spans
+(``bench_radial_video``). Sparsity: each 128-query
 block attends a random set of round(density x blocks) 128-key blocks (its own block among them), per
 head; our kernel gets the same blocks as key tiles of 64 (two per block) and of 128.
 """
@@ -19,6 +21,9 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ...kernels.block_sparse import triton as bs
 from ...kernels.block_sparse.layout import block_mask_to_csr
+from ...kernels.radial.block_sparse import radial_core_layout
+from ...kernels.radial.full_frames import radial_attention_full_frames
+from ...kernels.radial.plan import normalize_options, tile_size
 from ...kernels.core.testing import relative_error
 from ..tables import format_table, save_csv
 from .measure import kernel_ms
@@ -151,6 +156,44 @@ def sweep_launch_configs(device: str = "cuda", n: int = 32768, density: float = 
     return results
 
 
+def bench_radial_video(grids: Sequence[tuple[int, int, int]] = ((21, 30, 52), (21, 45, 80), (9, 30, 52)),
+                       heads: int = 40, head_dim: int = 128, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                       timer: Callable[[Callable[[], object]], float] = kernel_ms,
+                       log: Callable[[str], None] = print) -> list[dict]:
+    """Radial attention on video grids (default: Wan 2.1 14B's latent grids at 480x832 and 720x1280, 81 frames, and
+    480x832, 33 frames; its heads and head dim), inference, the video default mask (``frames``, decay 0.2): dense SDPA,
+    the core with every tile listed, and the core with the full frames read as key spans (radial's inference path).
+    Per row: ms of each, the fraction of token pairs computed and each path's cost per computed pair relative to
+    dense (time / (dense time x fraction)); q, k, v heads-last views, as the pipelines pass them."""
+    rows = []
+    for grid in grids:
+        n = math.prod(grid)
+        qkv = torch.randn(1, n, 3, heads, head_dim, device=device, dtype=dtype)
+        q, k, v = (x.transpose(1, 2) for x in qkv.unbind(2))
+        options = normalize_options(grid, decay_factor=0.2)
+        tile = tile_size(options)
+        row_ptr, col_idx, tile_rows = radial_core_layout(grid, options, 0, q.device)
+        scale = head_dim ** -0.5
+        listed = lambda: bs.forward(q, k, v, row_ptr, col_idx, None, None, None, tile_rows, tile, tile,  # noqa: E731
+                                    0, scale, False)[0]
+        spans = lambda: radial_attention_full_frames(q, k, v, grid, options)  # noqa: E731
+        with torch.no_grad():
+            dense_ms = timer(lambda: F.scaled_dot_product_attention(q, k, v))
+            listed_ms, spans_ms = timer(listed), timer(spans)
+            diff = relative_error(spans().float(), listed().float())
+        pairs = int(row_ptr[0, 0, -1]) * tile * tile / n ** 2
+        rows.append(dict(grid="x".join(map(str, grid)), tokens=n, heads=heads, head_dim=head_dim, pairs=pairs,
+                         dense_ms=dense_ms, tiles_ms=listed_ms, spans_ms=spans_ms,
+                         tiles_speedup=dense_ms / listed_ms, spans_speedup=dense_ms / spans_ms,
+                         tiles_per_pair=listed_ms / (dense_ms * pairs), spans_per_pair=spans_ms / (dense_ms * pairs),
+                         spans_vs_tiles_rel_diff=diff))
+        log(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                     for key, value in rows[-1].items()))
+    return rows
+
+
+RADIAL_VIDEO_COLUMNS = ("grid", "tokens", "pairs", "dense_ms", "tiles_ms", "spans_ms", "tiles_speedup",
+                        "spans_speedup", "tiles_per_pair", "spans_per_pair")
 SUMMARY_COLUMNS = ("tokens", "density", "block_n", "fwd_ms", "fwdbwd_ms", "fwd_tflops", "fwdbwd_tflops",
                    "floor_fwd_ms", "floor_fwdbwd_ms", "vs_ideal_fwd", "vs_ideal_fwdbwd", "speedup_vs_flex_fwd",
                    "speedup_vs_flex_fwdbwd")
@@ -163,8 +206,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", action="store_true", help="also time launch configs (written beside --out)")
     parser.add_argument("--tokens", type=int, nargs="*", default=[16384, 32768, 65536])
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--radial-video", action="store_true",
+                        help="instead: radial attention at Wan's video shapes, tiles listed vs full frames as spans")
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
+    if args.radial_video:
+        rows = bench_radial_video(log=log)
+        save_csv(rows, args.out)
+        print(format_table(rows, [(c, c, None if c in ("grid", "tokens") else ".3f") for c in RADIAL_VIDEO_COLUMNS]))
+        return
     if args.sweep:
         save_csv(sweep_launch_configs(log=log), args.out.replace(".csv", "_sweep.csv"))
     rows = bench_block_sparse(tokens=tuple(args.tokens), flex=not args.no_flex, log=log)

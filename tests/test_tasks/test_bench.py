@@ -9,6 +9,7 @@ import torch
 
 from subquad import attention, kernels
 from subquad.kernels.grid_conv import triton as grid_conv_kernels
+from subquad.tasks.bench import block_sparse as block_sparse_bench
 from subquad.tasks.bench import families as bench
 from subquad.tasks.bench import grid_conv
 from subquad.tasks.bench.dit import bench_dit
@@ -110,6 +111,20 @@ def test_grid_conv_bench_and_sweep_run_cpu(monkeypatch):
     (row,) = grid_conv.sweep(**case)
     assert row["tile"] == "4x16" and row["num_warps"] == 2
     assert grid_conv_kernels.CONFIG == before
+
+
+def test_radial_video_bench_runs_cpu():
+    """The radial video bench's code path on a small video grid (Triton's interpreter), each timed call run once
+    (do_bench needs a GPU): the tiles listed and the full frames as spans give the same output."""
+    def run_once(fn):
+        fn()
+        return 2.0
+
+    (row,) = block_sparse_bench.bench_radial_video(grids=((6, 8, 16),), heads=1, head_dim=16, device="cpu",
+                                                   dtype=torch.float32, timer=run_once, log=lambda _: None)
+    assert row["grid"] == "6x8x16" and row["tokens"] == 768 and 0 < row["pairs"] < 1
+    assert row["spans_vs_tiles_rel_diff"] < 1e-5 and row["spans_speedup"] == 1.0
+    assert row["tiles_per_pair"] == pytest.approx(1 / row["pairs"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the suites")
