@@ -21,7 +21,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ...kernels.block_sparse import triton as bs
 from ...kernels.block_sparse.layout import block_mask_to_csr
-from ...kernels.radial.block_sparse import radial_core_layout
+from ...kernels.radial.block_sparse import radial_attention_on_core, radial_core_layout
 from ...kernels.radial.full_frames import radial_attention_full_frames
 from ...kernels.radial.plan import normalize_options, tile_size
 from ...kernels.core.testing import relative_error
@@ -172,10 +172,8 @@ def bench_radial_video(grids: Sequence[tuple[int, int, int]] = ((21, 30, 52), (2
         q, k, v = (x.transpose(1, 2) for x in qkv.unbind(2))
         options = normalize_options(grid, decay_factor=0.2)
         tile = tile_size(options)
-        row_ptr, col_idx, tile_rows = radial_core_layout(grid, options, 0, q.device)
-        scale = head_dim ** -0.5
-        listed = lambda: bs.forward(q, k, v, row_ptr, col_idx, None, None, None, tile_rows, tile, tile,  # noqa: E731
-                                    0, scale, False)[0]
+        row_ptr = radial_core_layout(grid, options, 0, q.device)[0]
+        listed = lambda: radial_attention_on_core(q, k, v, grid, 0, options, core_backend="triton")  # noqa: E731
         spans = lambda: radial_attention_full_frames(q, k, v, grid, options)  # noqa: E731
         with torch.no_grad():
             dense_ms = timer(lambda: F.scaled_dot_product_attention(q, k, v))
