@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import os
 import sys
 
 __version__ = "0.1.0"
@@ -25,6 +26,15 @@ def __getattr__(name: str):
     if name == "accelerate_pipeline":      # loads diffusers: only on first use
         return importlib.import_module(f"{__name__}.tasks.pipelines").accelerate_pipeline
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _leave_own_folder_off_sys_path() -> None:
+    """The repository root is this package's own folder. ``python -m subquad...`` or a script run from the
+    checkout puts it on sys.path, where its subfolders would also be top-level modules and shadow packages of
+    the same name: ``kernels/`` hides Hugging Face's ``kernels``, which diffusers and transformers probe for and
+    import. The subfolders are only ever ``subquad.kernels`` and the like, so the folder leaves sys.path."""
+    here = os.path.dirname(os.path.realpath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != here]
 
 
 def _register_models() -> None:
@@ -61,6 +71,7 @@ class _RegisterWhenTimmLoads(importlib.abc.MetaPathFinder):
         return spec
 
 
+_leave_own_folder_off_sys_path()
 if "timm" in sys.modules:
     _register_models()
 else:

@@ -1,15 +1,9 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-# `python -m pytest` from the repository root puts the root on sys.path, where its folders would shadow
-# top-level packages of the same name (`kernels/` hides Hugging Face's `kernels`, which transformers
-# imports); subquad itself is imported as the installed package
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+import subquad  # noqa: F401  (first: `python -m pytest` from the root puts the root on sys.path; subquad takes it off)
 
 if not torch.cuda.is_available():      # Triton kernels run on CPU under the interpreter (set before they import)
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -2,9 +2,11 @@
 ``import subquad`` and ``subquad --help`` load."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import subquad
 from subquad import kernels
 from subquad.tasks.zoo import subquad_model_names
 
@@ -72,3 +74,13 @@ def test_help_names_the_recipes_and_the_defaults_and_data_names_its_sub_commands
     assert "denoising steps (default: 50)" in text and "(default: samples.png in the run folder)" in text
     assert main(["data"]) == 2
     assert "name a sub-command: synthetic" in capsys.readouterr().err
+
+
+def test_run_from_the_checkout_its_folders_shadow_no_package():
+    """``python -m subquad...`` or a script from the repository root: the root (the package's own folder) leaves
+    sys.path on ``import subquad``, so that its ``kernels/`` is not found as Hugging Face's top-level ``kernels``
+    (diffusers probes for it and imports it)."""
+    root = Path(subquad.__file__).resolve().parent
+    code = "import importlib.util, subquad; spec = importlib.util.find_spec('kernels'); print(spec and spec.origin)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert not out.strip().startswith(str(root)), out
