@@ -38,6 +38,7 @@ from .transpose_triton import transposed_work
 PREFIX_CHUNK = 16       # query tiles per program in the prefix keys' dK/dV (partial sums, added with torch)
 KEY_CHUNK = 32          # loop steps per program in a key tile's dK/dV (more: the tile is split, ``KeyTileWork``)
 STEP_ROWS = 64          # rows of the tiles taken per loop step (one tile at least)
+GROUP_STEP_ROWS = 32    # keys per row group of a step over the row groups' own tiles (``QueryTiles``; 64 spill)
 
 
 @triton.jit
@@ -45,18 +46,19 @@ def _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr,
                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CHECK_K: tl.constexpr,
                  TRANSPOSED: tl.constexpr):
-    """Add the key bias and set -inf where a key is absent or masked; s is (M, N), or (N, M) if TRANSPOSED."""
+    """Add the key bias and set -inf where a key is absent or masked; s is (M, N), or (N, M) if TRANSPOSED; or a
+    batch (G, M, N) of scores with keys (G, N) (tile masks: unbatched only)."""
     if HAS_BIAS:
         bias = tl.load(KeyBias + keys, mask=keys < key_limit, other=0.0) * LOG2E
         if TRANSPOSED:
             s += bias[:, None]
         else:
-            s += bias[None, :]
+            s += tl.expand_dims(bias, -2)
     if CHECK_K:
         if TRANSPOSED:
             s = tl.where(keys[:, None] < key_limit, s, float("-inf"))
         else:
-            s = tl.where(keys[None, :] < key_limit, s, float("-inf"))
+            s = tl.where(tl.expand_dims(keys, -2) < key_limit, s, float("-inf"))
     if HAS_MASK:
         if mask_id >= 0:
             # expand (BLOCK_M, words) words to (BLOCK_M, BLOCK_N) bits in registers: far fewer live
@@ -102,7 +104,12 @@ def _row_ptrs(X, XE, rows, Nq, sxn, sen, EXTRA: tl.constexpr, ALIGN: tl.constexp
     tiles) are rows of a second tensor XE, else all rows are X's; ALIGN bytes aligned (``row_ptrs``: a choice
     between two pointers also hides the alignment from Triton)."""
     if EXTRA:
-        return tl.multiple_of(tl.where(rows < Nq, X + rows * sxn, XE + (rows - Nq) * sen), ALIGN)
+        ptrs = tl.where(rows < Nq, X + rows * sxn, XE + (rows - Nq) * sen)
+        if len(rows.shape) == 2:
+            ptrs = tl.multiple_of(ptrs, (ALIGN, ALIGN))
+        else:
+            ptrs = tl.multiple_of(ptrs, ALIGN)
+        return ptrs
     return row_ptrs(X, rows, sxn, ALIGN)
 
 
@@ -110,21 +117,19 @@ def _row_ptrs(X, XE, rows, Nq, sxn, sen, EXTRA: tl.constexpr, ALIGN: tl.constexp
 def _step_key_rows(TileRows, ColIdx, e, hi, P, Nq, Nk, num_table_tiles, BLOCK_N: tl.constexpr,
                    TILES: tl.constexpr, TABLE: tl.constexpr):
     """Key rows (TILES * BLOCK_N,) of the key tiles of CSR entries e .. e + TILES - 1; entries from ``hi`` on
-    are absent (row Nk: no key)."""
-    g = tl.arange(0, TILES)
-    listed = e + g < hi
-    tiles = tl.load(ColIdx + e + g, mask=listed, other=0)
-    rows = _key_rows(TileRows, tiles[:, None], P, Nq, Nk, num_table_tiles, BLOCK_N, TABLE)
-    return tl.reshape(tl.where(listed[:, None], rows, Nk), (TILES * BLOCK_N,))
-
-
-@triton.jit
-def _step_owners(Owners, column, width, BLOCK_N: tl.constexpr, TILES: tl.constexpr):
-    """The owner (TILES * BLOCK_N,) of each key of the list columns column .. column + TILES - 1: the row group of
-    the query tile whose rows see it, -1 for all rows (``Owners``: one per column, every list as wide)."""
-    g = tl.arange(0, TILES)
-    owners = tl.load(Owners + column + g, mask=column + g < width, other=-1)
-    return tl.reshape(tl.broadcast_to(owners[:, None], (TILES, BLOCK_N)), (TILES * BLOCK_N,))
+    and negative ones (padding of a row group's own entries, ``QueryTiles``) are absent (row Nk: no key). With e
+    and hi (G, 1), the (G, TILES * BLOCK_N) rows of G such runs."""
+    entries = e + tl.arange(0, TILES)
+    tiles = tl.load(ColIdx + entries, mask=entries < hi, other=-1)
+    listed = tiles >= 0
+    rows = _key_rows(TileRows, tl.expand_dims(tl.maximum(tiles, 0), -1), P, Nq, Nk, num_table_tiles, BLOCK_N,
+                     TABLE)
+    rows = tl.where(tl.expand_dims(listed, -1), rows, Nk)
+    if len(rows.shape) == 3:
+        rows = tl.reshape(rows, (rows.shape[0], TILES * BLOCK_N))
+    else:
+        rows = tl.reshape(rows, (TILES * BLOCK_N,))
+    return rows
 
 
 @triton.jit
@@ -143,36 +148,74 @@ def _step_query_rows(TileRows, RowIdx, e, hi, Nq, BLOCK_M: tl.constexpr, TILES: 
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, key_limit, mask_id, owners, skn, svn, sxkn,
-              sxvn, Nq, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr,
-              HAS_BIAS: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr,
-              ALIGN: tl.constexpr, ROW_GROUPS: tl.constexpr):
+def _key_block_scores(q, K, V, KX, VX, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, sxkn, sxvn, Nq,
+                      qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr,
+                      ALIGN: tl.constexpr):
+    """The masked log2-domain scores (M, N) of queries q (M, d) and the keys of rows ``keys`` (N,), and the keys
+    and values read; or of a batch, q (G, M, d) and keys (G, N) to scores (G, M, N) (``_own_tiles_step``)."""
     cols = tl.arange(0, BLOCK_D)
-    k = load_block(_row_ptrs(K, KX, keys, Nq, skn, sxkn, EXTRA, ALIGN)[:, None] + cols[None, :], keys, key_limit,
+    k = load_block(tl.expand_dims(_row_ptrs(K, KX, keys, Nq, skn, sxkn, EXTRA, ALIGN), -1) + cols, keys, key_limit,
                    cols, HEAD_DIM, BLOCK_D, CHECK_K)
-    v = load_block(_row_ptrs(V, VX, keys, Nq, svn, sxvn, EXTRA, ALIGN)[:, None] + cols[None, :], keys, key_limit,
+    v = load_block(tl.expand_dims(_row_ptrs(V, VX, keys, Nq, svn, sxvn, EXTRA, ALIGN), -1) + cols, keys, key_limit,
                    cols, HEAD_DIM, BLOCK_D, CHECK_K)
     s = scores(q, k, DOT_PRECISION) * qk_scale
     s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
                      HAS_MASK, HAS_BIAS, CHECK_K, False)
-    if ROW_GROUPS > 1:      # a key of an owned entry is seen by its owner's rows only
-        group = tl.arange(0, BLOCK_M) // (BLOCK_M // ROW_GROUPS)
-        s = tl.where((owners[None, :] < 0) | (owners[None, :] == group[:, None]), s, float("-inf"))
+    return s, k, v
+
+
+@triton.jit
+def _own_tiles_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileRows, ColIdx, first, own, P, Nq, Nk,
+                    num_table_tiles, skn, svn, sxkn, sxvn, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    TABLE: tl.constexpr, EXTRA: tl.constexpr, ALIGN: tl.constexpr, OWN_TILES: tl.constexpr,
+                    ROW_GROUPS: tl.constexpr):
+    """The entries each row group of a query tile sees alone (``QueryTiles``): ``own`` per group, group after group
+    from entry ``first`` on, OWN_TILES of every group per step, as one batched product of each group's rows and
+    keys (G = ROW_GROUPS), so that no score of another group's keys is computed. acc, m_i, l_i as the kernel's."""
+    rows_per_group: tl.constexpr = BLOCK_M // ROW_GROUPS
+    q = tl.reshape(q, (ROW_GROUPS, rows_per_group, BLOCK_D))
+    acc = tl.reshape(acc, (ROW_GROUPS, rows_per_group, BLOCK_D))
+    m_i = tl.reshape(m_i, (ROW_GROUPS, rows_per_group))
+    l_i = tl.reshape(l_i, (ROW_GROUPS, rows_per_group))
+    starts = first + tl.arange(0, ROW_GROUPS)[:, None] * own
+    for t in range(0, own, OWN_TILES):
+        keys = _step_key_rows(TileRows, ColIdx, starts + t, starts + own, P, Nq, Nk, num_table_tiles, BLOCK_N,
+                              OWN_TILES, TABLE)
+        s, _, v = _key_block_scores(q, K, V, KX, VX, KeyBias, KeyBias, keys, Nk, -1, skn, svn, sxkn, sxvn, Nq,
+                                    qk_scale, HEAD_DIM, rows_per_group, OWN_TILES * BLOCK_N, BLOCK_D, 1, 1, False,
+                                    HAS_BIAS, True, DOT_PRECISION, EXTRA, ALIGN)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
+    return (tl.reshape(acc, (BLOCK_M, BLOCK_D)), tl.reshape(m_i, (BLOCK_M,)), tl.reshape(l_i, (BLOCK_M,)))
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, sxkn,
+              sxvn, Nq, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr,
+              HAS_BIAS: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr,
+              ALIGN: tl.constexpr):
+    s, _, v = _key_block_scores(q, K, V, KX, VX, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, sxkn, sxvn,
+                                Nq, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, HAS_MASK,
+                                HAS_BIAS, CHECK_K, DOT_PRECISION, EXTRA, ALIGN)
     return softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
 
 
-@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P", "num_table_tiles"])
-def _fwd_kernel(Q, K, V, KX, VX, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows, QueryRows, Owners,
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "P", "num_table_tiles", "num_shared"])
+def _fwd_kernel(Q, K, V, KX, VX, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, KeyBias, TileRows, QueryRows,
                 Spans, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sxkb, sxkh, sxkn, sxvb, sxvh, sxvn, sob, soh, son,
-                srb, srh, sbb, sbh, H, Nq, Nk, P, num_table_tiles, qk_scale,
+                srb, srh, sbb, sbh, H, Nq, Nk, P, num_table_tiles, num_shared, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE: tl.constexpr,
                 EXTRA: tl.constexpr, ALIGN: tl.constexpr, KEY_TILES: tl.constexpr, ROW_GROUPS: tl.constexpr,
-                NUM_SPANS: tl.constexpr):
+                OWN_TILES: tl.constexpr, NUM_SPANS: tl.constexpr):
     """NUM_SPANS > 0: each query tile also attends NUM_SPANS ranges of consecutive key rows, Spans (query tiles,
-    NUM_SPANS, 2) int32 [start, end) (dense blocks of the mask, read without a table, e.g. whole frames)."""
+    NUM_SPANS, 2) int32 [start, end) (dense blocks of the mask, read without a table, e.g. whole frames).
+    ROW_GROUPS > 1 (``QueryTiles``): the first ``num_shared`` entries of a list are seen by all rows, the rest by
+    one row group each, OWN_TILES of each group's per step (``_own_tiles_step``)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -196,24 +239,29 @@ def _fwd_kernel(Q, K, V, KX, VX, O, LSE, RowPtr, ColIdx, MaskIdx, TileMasks, Key
             end = tl.load(Spans + (tile * NUM_SPANS + span - 1) * 2 + 1)
         for start in range(first, end, KEY_TILES * BLOCK_N):
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks,
-                                      start + tl.arange(0, KEY_TILES * BLOCK_N), end, -1, -1, skn, svn, sxkn, sxvn,
+                                      start + tl.arange(0, KEY_TILES * BLOCK_N), end, -1, skn, svn, sxkn, sxvn,
                                       Nq, qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D, MASK_WORDS,
-                                      MASK_BITS, False, HAS_BIAS, True, DOT_PRECISION, EXTRA, ALIGN, 1)
+                                      MASK_BITS, False, HAS_BIAS, True, DOT_PRECISION, EXTRA, ALIGN)
     row = RowPtr + b * srb + h * srh + tile
     lo = tl.load(row)
     hi = tl.load(row + 1)
-    for e in range(lo, hi, KEY_TILES):
-        keys = _step_key_rows(TileRows, ColIdx, e, hi, P, Nq, Nk, num_table_tiles, BLOCK_N, KEY_TILES, TABLE)
+    shared_end = hi
+    if ROW_GROUPS > 1:
+        shared_end = lo + num_shared
+    for e in range(lo, shared_end, KEY_TILES):
+        keys = _step_key_rows(TileRows, ColIdx, e, shared_end, P, Nq, Nk, num_table_tiles, BLOCK_N, KEY_TILES,
+                              TABLE)
         mask_id = -1
         if HAS_MASK:
             mask_id = tl.load(MaskIdx + e)
-        owners = -1
-        if ROW_GROUPS > 1:
-            owners = _step_owners(Owners, e - lo, hi - lo, BLOCK_N, KEY_TILES)
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, Nk, mask_id, owners, skn,
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileMasks, keys, Nk, mask_id, skn,
                                   svn, sxkn, sxvn, Nq, qk_scale, HEAD_DIM, BLOCK_M, KEY_TILES * BLOCK_N, BLOCK_D,
-                                  MASK_WORDS, MASK_BITS, HAS_MASK, HAS_BIAS, CHECK_K, DOT_PRECISION, EXTRA,
-                                  ALIGN, ROW_GROUPS)
+                                  MASK_WORDS, MASK_BITS, HAS_MASK, HAS_BIAS, CHECK_K, DOT_PRECISION, EXTRA, ALIGN)
+    if ROW_GROUPS > 1:
+        acc, m_i, l_i = _own_tiles_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileRows, ColIdx, shared_end,
+                                        (hi - shared_end) // ROW_GROUPS, P, Nq, Nk, num_table_tiles, skn, svn, sxkn,
+                                        sxvn, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_BIAS, DOT_PRECISION,
+                                        TABLE, EXTRA, ALIGN, OWN_TILES, ROW_GROUPS)
     out, lse = softmax_finish(acc, m_i, l_i)
     store_block(row_ptrs(O + b * sob + h * soh, rows, son, ALIGN)[:, None] + cols[None, :],
                 out.to(O.dtype.element_ty), rows, Nq, cols, HEAD_DIM, BLOCK_D, CHECK_Q)
@@ -349,14 +397,9 @@ def _bwd_q_step(dq, q, do, lse, delta, K, V, KX, VX, KeyBias, TileMasks, keys, k
                 BLOCK_D: tl.constexpr, MASK_WORDS: tl.constexpr, MASK_BITS: tl.constexpr, HAS_MASK: tl.constexpr,
                 HAS_BIAS: tl.constexpr, CHECK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr,
                 ALIGN: tl.constexpr):
-    cols = tl.arange(0, BLOCK_D)
-    k = load_block(_row_ptrs(K, KX, keys, Nq, skn, sxkn, EXTRA, ALIGN)[:, None] + cols[None, :], keys, key_limit,
-                   cols, HEAD_DIM, BLOCK_D, CHECK_K)
-    v = load_block(_row_ptrs(V, VX, keys, Nq, svn, sxvn, EXTRA, ALIGN)[:, None] + cols[None, :], keys, key_limit,
-                   cols, HEAD_DIM, BLOCK_D, CHECK_K)
-    s = scores(q, k, DOT_PRECISION) * qk_scale
-    s = _mask_scores(s, KeyBias, TileMasks, keys, key_limit, mask_id, BLOCK_M, BLOCK_N, MASK_WORDS, MASK_BITS,
-                     HAS_MASK, HAS_BIAS, CHECK_K, False)
+    s, k, v = _key_block_scores(q, K, V, KX, VX, KeyBias, TileMasks, keys, key_limit, mask_id, skn, svn, sxkn, sxvn,
+                                Nq, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, MASK_WORDS, MASK_BITS, HAS_MASK,
+                                HAS_BIAS, CHECK_K, DOT_PRECISION, EXTRA, ALIGN)
     return dq_step(dq, s, lse, delta, do, k, v, DOT_PRECISION)[0]
 
 
@@ -428,6 +471,7 @@ TUNED_CONFIGS: dict[tuple, dict] = {
     ("fwd", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 3},
     ("fwd", 128, 64, 128, 2): {"num_warps": 4, "num_stages": 2},
     ("fwd_grouped", 64, 64, 64, 2): {"num_warps": 4, "num_stages": 2},      # LLSA's sibling blocks; 3 stages spill
+    ("fwd_grouped", 64, 64, 128, 2): {"num_warps": 8, "num_stages": 2},     # not swept: 4 warps spill
     ("bwd_kv", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 2},
     ("bwd_q", 128, 128, 128, 2): {"num_warps": 8, "num_stages": 2},
 }
@@ -489,11 +533,12 @@ def _launch_args(q, k, block_m, block_n, num_prefix, tile_mask_idx, tile_masks, 
 class QueryTiles(NamedTuple):
     """Query tiles other than the key tiles (the forward's): ``rows`` (num_q_tiles * block_m,) int32 their token
     rows (a padding slot holds Nq), e.g. ``groups`` key tiles' rows side by side, so that the key tiles all of
-    them list are read once for all; ``owners`` (width,) int32, for lists of one width (``fixed_width_row_ptr``),
-    the row group (of block_m / groups rows) that sees each column's key tile, -1 for every row."""
+    them list are read once for all. Each list (every list as wide, ``fixed_width_row_ptr``) holds ``shared``
+    entries for all rows, then as many for each row group (of block_m / groups rows) in turn, seen by its rows
+    only (-1 pads a group's entries); no tile masks."""
 
     rows: Tensor
-    owners: Tensor
+    shared: int
     groups: int
 
 
@@ -543,8 +588,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
     the prefix queries' dense attention over the tokens (k's first Nq rows; SDPA). ``extra``: the keys and
     values past k's and v's rows (extra key tiles, tokens in place) in tensors of their own, read there instead
     of from a concatenation (LLSA's pooled keys); ``key_bias`` then covers both. ``query_tiles`` (with
-    ``tile_rows``): query tiles of block_m rows of their own, whose lists say which row group sees each entry
-    (``QueryTiles``); ``tile_rows`` then describes the key tiles only. ``spans`` (query tiles, S, 2) int32: per query
+    ``tile_rows``): query tiles of block_m rows of their own, whose lists hold entries for all rows, then entries
+    per row group (``QueryTiles``); ``tile_rows`` then describes the key tiles only. ``spans`` (query tiles, S, 2) int32: per query
     tile S ranges [start, end) of consecutive key rows it also attends, disjoint from its listed tiles and the prefix
     (dense blocks of the mask, read without the table; forward only: the backward takes them listed as tiles)."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
@@ -564,17 +609,21 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
     mask_idx = tile_mask_idx if tile_mask_idx is not None else col_idx
     rows_arg = tile_rows if tile_rows is not None else col_idx
     if query_tiles is None:
-        query_rows, owners, groups, nqt = rows_arg, col_idx, 1, _num_q_tiles(nq, block_m, tile_rows)
+        query_rows, shared, groups, nqt = rows_arg, 0, 1, _num_q_tiles(nq, block_m, tile_rows)
         num_key_tiles = nqt
     else:
-        query_rows, owners, groups = query_tiles
+        if tile_mask_idx is not None:
+            raise ValueError("block_sparse forward: query_tiles take no tile masks")
+        query_rows, shared, groups = query_tiles
         nqt, num_key_tiles = query_rows.numel() // block_m, tile_rows.numel() // block_n
     launch(_fwd_kernel, (nqt, b * h),
-        q, k, v, kx, vx, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0], rows_arg, query_rows, owners,
+        q, k, v, kx, vx, o, lse, row_ptr, col_idx, mask_idx, masks, bias[0], rows_arg, query_rows,
         spans if spans is not None else col_idx,
         *strides(q), *strides(k), *strides(v), *extra_strides,
-        *strides(o), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, num_prefix, num_key_tiles, qk_scale, **consts,
+        *strides(o), *strides(row_ptr)[:2], *bias[1:], h, nq, nk, num_prefix, num_key_tiles, shared, qk_scale,
+        **consts,
         EXTRA=extra is not None, ALIGN=row_alignment(q, k, v, kx, vx, o), KEY_TILES=key_tiles, ROW_GROUPS=groups,
+        OWN_TILES=max(1, GROUP_STEP_ROWS // block_n),
         NUM_SPANS=0 if spans is None else spans.shape[1], **config)
     if prefix_queries:
         fill_prefix_queries(o, q, k[:, :, :nq], v[:, :, :nq], num_prefix)

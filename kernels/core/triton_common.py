@@ -288,24 +288,30 @@ def dot_acc(a, b, acc, DOT_PRECISION: tl.constexpr):
 def row_ptrs(X, rows, stride, ALIGN: tl.constexpr):
     """Pointers to the rows ``rows`` of X, ``stride`` elements apart, each ALIGN bytes aligned (``row_alignment``):
     Triton assumes an alignment only for strides divisible by 16, so a row or head stride of 72 (head dim 72)
-    would leave every access of a tile a 2-byte one, never pipelined."""
-    return tl.multiple_of(X + rows * stride, ALIGN)
+    would leave every access of a tile a 2-byte one, never pipelined. ``rows`` of one or two axes."""
+    ptrs = X + rows * stride
+    if len(rows.shape) == 2:
+        ptrs = tl.multiple_of(ptrs, (ALIGN, ALIGN))
+    else:
+        ptrs = tl.multiple_of(ptrs, ALIGN)
+    return ptrs
 
 
 @triton.jit
 def load_block(ptrs, rows, row_limit, cols, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                CHECK_ROWS: tl.constexpr):
-    """A (rows, BLOCK_D) block, zero outside [0, row_limit) x [0, HEAD_DIM)."""
+    """A (rows, BLOCK_D) block, zero outside [0, row_limit) x [0, HEAD_DIM); rows may have leading axes (a batch
+    of blocks, ``ptrs`` of shape rows.shape + (BLOCK_D,))."""
     if CHECK_ROWS:
         if BLOCK_D == HEAD_DIM:
-            x = tl.load(ptrs, mask=rows[:, None] < row_limit, other=0.0)
+            x = tl.load(ptrs, mask=tl.expand_dims(rows, -1) < row_limit, other=0.0)
         else:
-            x = tl.load(ptrs, mask=(rows[:, None] < row_limit) & (cols[None, :] < HEAD_DIM), other=0.0)
+            x = tl.load(ptrs, mask=(tl.expand_dims(rows, -1) < row_limit) & (cols < HEAD_DIM), other=0.0)
     else:
         if BLOCK_D == HEAD_DIM:
             x = tl.load(ptrs)
         else:
-            x = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+            x = tl.load(ptrs, mask=cols < HEAD_DIM, other=0.0)
     return x
 
 
@@ -326,14 +332,15 @@ def store_block(ptrs, x, rows, row_limit, cols, HEAD_DIM: tl.constexpr, BLOCK_D:
 
 @triton.jit
 def softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION: tl.constexpr):
-    """One online-softmax update with the (M, N) log2-domain scores ``s`` (-inf: masked) of values ``v``."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    """One online-softmax update with the (M, N) log2-domain scores ``s`` (-inf: masked) of values ``v`` (N, d);
+    or of a batch of them, (G, M, N) and (G, N, d), with (G, M) row statistics and a (G, M, d) accumulator."""
+    m_new = tl.maximum(m_i, tl.max(s, -1))
     # a row that has seen only -inf keeps a finite reference point so that exp2 gives 0, not NaN
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_ref)
-    p = tl.math.exp2(s - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+    p = tl.math.exp2(s - tl.expand_dims(m_ref, -1))
+    l_i = l_i * alpha + tl.sum(p, -1)
+    acc = dot_acc(p.to(v.dtype), v, acc * tl.expand_dims(alpha, -1), DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -360,18 +367,21 @@ def recomputed_probabilities(x, DT: tl.constexpr):
 
 @triton.jit
 def scores(q, k, DOT_PRECISION: tl.constexpr):
-    """q @ k^T (M, N): the unscaled scores of a query block and a key block. The CPU interpreter's matmul and sums
-    add in an order that follows the operands' shapes, so that a backward recomputing the scores on blocks of
-    another height could round them otherwise than the forward did; there the products are added one head-dim
-    column after the other, the same order for any M and N."""
+    """q @ k^T (M, N): the unscaled scores of a query block and a key block; of a batch of them, (G, M, N) from
+    (G, M, d) and (G, N, d) (batched products). The CPU interpreter's matmul and sums add in an order that follows
+    the operands' shapes, so that a backward recomputing the scores on blocks of another height could round them
+    otherwise than the forward did; there the products are added one head-dim column after the other, the same
+    order for any M and N."""
     if INTERPRETING:
         qf, kf = q.to(tl.float32), k.to(tl.float32)
-        cols = tl.arange(0, q.shape[1])
-        s = tl.zeros((q.shape[0], k.shape[0]), tl.float32)
-        for c in tl.static_range(q.shape[1]):
-            qc = tl.sum(tl.where(cols[None, :] == c, qf, 0.0), axis=1)
-            kc = tl.sum(tl.where(cols[None, :] == c, kf, 0.0), axis=1)
-            s += qc[:, None] * kc[None, :]
+        cols = tl.arange(0, q.shape[-1])
+        s = tl.zeros((*q.shape[:-1], k.shape[-2]), tl.float32)
+        for c in tl.static_range(q.shape[-1]):
+            qc = tl.sum(tl.where(cols == c, qf, 0.0), axis=-1)
+            kc = tl.sum(tl.where(cols == c, kf, 0.0), axis=-1)
+            s += tl.expand_dims(qc, -1) * tl.expand_dims(kc, -2)
+    elif len(k.shape) == 3:
+        s = dot_acc(q, tl.trans(k, (0, 2, 1)), None, DOT_PRECISION)
     else:
         s = dot_acc(q, tl.trans(k), None, DOT_PRECISION)
     return s

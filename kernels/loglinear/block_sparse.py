@@ -88,9 +88,10 @@ def sibling_query_tiles(grid: tuple[int, int], side: int, top_k: tuple[int, ...]
     the same pooled tiles (their ancestors' selections and the coarsest level): (token rows (tiles * g * s^2,)
     int32, the padding rows Nq; the gather from ``key_tile_lists``' rows (n_1, W) to the tiles' lists (tiles,
     S + g * K_1): the S shared pooled tiles once, then each block's K_1 selected ones (a missing block at the
-    grid's edge repeats the first one's, for padding rows); each column's owner (-1: shared, else the block's
-    place in the tile) int32; the number of tiles). Keys shared by the g blocks are then read once for g * s^2
-    query rows, and the products have 64 rows (tensor-core sized) instead of 16."""
+    grid's edge repeats the first one's, for padding rows); S, the shared columns (``QueryTiles.shared``); the number
+    of tiles). Keys shared by the g blocks are then read once for g * s^2 query rows, and the products have 64 rows
+    (tensor-core sized) instead of 16; the core's forward takes each block's own tiles for all g blocks at once as
+    one batched product of 16-row blocks (two selected tiles of each block per step)."""
     g, t, k1 = sibling_group(side), side * side, top_k[0]
     hierarchy = block_hierarchy(grid, side, len(top_k), device)
     finest = hierarchy.layouts[0]
@@ -108,9 +109,7 @@ def sibling_query_tiles(grid: tuple[int, int], side: int, top_k: tuple[int, ...]
     shared = first * width + k1 + torch.arange(width - k1, device=device)
     own = (own_block[..., None] * width + torch.arange(k1, device=device)).reshape(len(blocks), -1)
     gather = torch.cat([shared, own], -1).reshape(-1)
-    owners = torch.cat([torch.full((width - k1,), -1, device=device),
-                        torch.arange(g, device=device).repeat_interleave(k1)]).to(torch.int32)
-    return rows, gather, owners, len(blocks)
+    return rows, gather, width - k1, len(blocks)
 
 
 @compile_constant

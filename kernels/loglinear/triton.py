@@ -45,10 +45,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, grid: list[int], num_prefix: int, 
     group = sibling_group(side) if q.shape[-1] <= SIBLING_HEAD_DIM else 1
     if group > 1:
         b, h = q.shape[:2]
-        query_rows, gather, owners, num_tiles = sibling_query_tiles(grid, side, tuple(top_k), num_prefix, q.device)
+        query_rows, gather, shared, num_tiles = sibling_query_tiles(grid, side, tuple(top_k), num_prefix, q.device)
         lists = col_idx.view(b * h, -1).index_select(1, gather).view(-1)
         row_ptr = fixed_width_row_ptr(b, h, num_tiles, gather.numel() // num_tiles, q.device)
-        query_tiles = QueryTiles(query_rows, owners, group)
+        query_tiles = QueryTiles(query_rows, shared, group)
     else:
         row_ptr, lists, query_tiles = _row_ptr(q, grid, side, top_k), col_idx, None
     out, lse = core_forward(q, k, v, row_ptr, lists, None, None, key_bias, tile_rows, group * t, t, num_prefix,

@@ -440,12 +440,12 @@ def test_tile_rows_bf16():
 
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("grid,p,shared,own", [((9, 14), 2, 3, 2), ((13, 17), 0, 5, 3)])
+@pytest.mark.parametrize("grid,p,shared,own", [((9, 14), 2, 3, 2), ((13, 17), 0, 5, 3), ((11, 21), 1, 4, 6)])
 def test_query_tiles_of_grouped_key_tiles_equal_the_tiles_own_lists(grid, p, shared, own, dtype):
     """Forward with ``QueryTiles``: query tiles of 4 key tiles' rows side by side (the last one short of tiles),
     each listing ``shared`` key tiles for all its rows and ``own`` per key tile for that tile's rows only, equal
     the forward over the key tiles as query tiles, each listing its shared and own entries (output and
-    log-sum-exp); the owners change inside a loop step."""
+    log-sum-exp); the own entries are a part of a loop step or one and a part (4 tiles a step)."""
     forward, QueryTiles = block_sparse_triton.forward, block_sparse_triton.QueryTiles
     g = torch.Generator().manual_seed(0)
     b, h, d, group = 2, 2, 16, 4
@@ -461,11 +461,10 @@ def test_query_tiles_of_grouped_key_tiles_equal_the_tiles_own_lists(grid, p, sha
     member = torch.arange(tiles)
     per_tile = torch.cat([shared_lists[:, :, member // group], own_lists[:, :, member // group, member % group]], -1)
     padded = torch.cat([tile_rows, torch.full((num_groups * group * 16 - tile_rows.numel(),), n, dtype=torch.int32)])
-    owners = torch.cat([torch.full((shared,), -1), torch.arange(group).repeat_interleave(own)]).to(torch.int32)
     scale = d ** -0.5
     out, lse = forward(q, k, v, fixed_width_row_ptr(b, h, num_groups, shared + group * own, "cpu"),
                        grouped.flatten(), None, None, key_bias, tile_rows, group * 16, 16, p, scale, False,
-                       query_tiles=QueryTiles(padded, owners, group))
+                       query_tiles=QueryTiles(padded, shared, group))
     want, want_lse = forward(q, k, v, fixed_width_row_ptr(b, h, tiles, shared + own, "cpu"),
                              per_tile.to(torch.int32).flatten(), None, None, key_bias, tile_rows, 16, 16, p, scale,
                              False)
