@@ -31,8 +31,9 @@ of a raster grid is then read in place: ``kernels.core.tiles.TileLayout.slots + 
 Keys past the N tokens (Nk > N) are extra key tiles of ``block_n`` consecutive rows, numbered after the
 table's tiles (LLSA's pooled tokens: the tokens stay in place, only the extra keys are appended).
 The Triton forward also takes query tiles other than the key tiles (``triton.QueryTiles``: several key
-tiles' rows side by side, each CSR column owned by one row group or by all), so that key tiles listed by
-all of them are read once (LLSA's sibling blocks).
+tiles' rows side by side; each list holds the entries all rows see, then each row group's own, -1 padded), so
+that key tiles listed by all of them are read once (LLSA's sibling blocks; radial attention's full frames, shared
+by two tiles of a frame).
 """
 from __future__ import annotations
 

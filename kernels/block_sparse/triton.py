@@ -39,6 +39,7 @@ PREFIX_CHUNK = 16       # query tiles per program in the prefix keys' dK/dV (par
 KEY_CHUNK = 32          # loop steps per program in a key tile's dK/dV (more: the tile is split, ``KeyTileWork``)
 STEP_ROWS = 64          # rows of the tiles taken per loop step (one tile at least)
 GROUP_STEP_ROWS = 32    # keys per row group of a step over the row groups' own tiles (``QueryTiles``; 64 spill)
+GROUP_MMA_ROWS = tl.constexpr(64)    # row groups this high take their own tiles masked, not batched
 
 
 @triton.jit
@@ -173,22 +174,40 @@ def _own_tiles_step(acc, m_i, l_i, q, K, V, KX, VX, KeyBias, TileRows, ColIdx, f
                     TABLE: tl.constexpr, EXTRA: tl.constexpr, ALIGN: tl.constexpr, OWN_TILES: tl.constexpr,
                     ROW_GROUPS: tl.constexpr):
     """The entries each row group of a query tile sees alone (``QueryTiles``): ``own`` per group, group after group
-    from entry ``first`` on, OWN_TILES of every group per step, as one batched product of each group's rows and
-    keys (G = ROW_GROUPS), so that no score of another group's keys is computed. acc, m_i, l_i as the kernel's."""
+    from entry ``first`` on, OWN_TILES per step. Groups of fewer rows than a tensor-core tile (LLSA's 16-row
+    blocks): OWN_TILES of every group per step as one batched product of each group's rows and keys, so that no
+    score of another group's keys is computed. Larger groups (radial attention's 64-row tiles, where the batched
+    product spills): each group's entries in turn against all rows, the other groups' rows masked. acc, m_i, l_i
+    as the kernel's."""
     rows_per_group: tl.constexpr = BLOCK_M // ROW_GROUPS
-    q = tl.reshape(q, (ROW_GROUPS, rows_per_group, BLOCK_D))
-    acc = tl.reshape(acc, (ROW_GROUPS, rows_per_group, BLOCK_D))
-    m_i = tl.reshape(m_i, (ROW_GROUPS, rows_per_group))
-    l_i = tl.reshape(l_i, (ROW_GROUPS, rows_per_group))
-    starts = first + tl.arange(0, ROW_GROUPS)[:, None] * own
-    for t in range(0, own, OWN_TILES):
-        keys = _step_key_rows(TileRows, ColIdx, starts + t, starts + own, P, Nq, Nk, num_table_tiles, BLOCK_N,
-                              OWN_TILES, TABLE)
-        s, _, v = _key_block_scores(q, K, V, KX, VX, KeyBias, KeyBias, keys, Nk, -1, skn, svn, sxkn, sxvn, Nq,
-                                    qk_scale, HEAD_DIM, rows_per_group, OWN_TILES * BLOCK_N, BLOCK_D, 1, 1, False,
-                                    HAS_BIAS, True, DOT_PRECISION, EXTRA, ALIGN)
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
-    return (tl.reshape(acc, (BLOCK_M, BLOCK_D)), tl.reshape(m_i, (BLOCK_M,)), tl.reshape(l_i, (BLOCK_M,)))
+    if rows_per_group >= GROUP_MMA_ROWS:
+        group = tl.arange(0, BLOCK_M) // rows_per_group
+        for j in tl.static_range(ROW_GROUPS):
+            for e in range(first + j * own, first + (j + 1) * own, OWN_TILES):
+                keys = _step_key_rows(TileRows, ColIdx, e, first + (j + 1) * own, P, Nq, Nk, num_table_tiles, BLOCK_N,
+                                      OWN_TILES, TABLE)
+                s, _, v = _key_block_scores(q, K, V, KX, VX, KeyBias, KeyBias, keys, Nk, -1, skn, svn, sxkn, sxvn,
+                                            Nq, qk_scale, HEAD_DIM, BLOCK_M, OWN_TILES * BLOCK_N, BLOCK_D, 1, 1,
+                                            False, HAS_BIAS, True, DOT_PRECISION, EXTRA, ALIGN)
+                s = tl.where(group[:, None] == j, s, float("-inf"))
+                acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
+    else:
+        qg = tl.reshape(q, (ROW_GROUPS, rows_per_group, BLOCK_D))
+        acc = tl.reshape(acc, (ROW_GROUPS, rows_per_group, BLOCK_D))
+        m_i = tl.reshape(m_i, (ROW_GROUPS, rows_per_group))
+        l_i = tl.reshape(l_i, (ROW_GROUPS, rows_per_group))
+        starts = first + tl.arange(0, ROW_GROUPS)[:, None] * own
+        for t in range(0, own, OWN_TILES):
+            keys = _step_key_rows(TileRows, ColIdx, starts + t, starts + own, P, Nq, Nk, num_table_tiles, BLOCK_N,
+                                  OWN_TILES, TABLE)
+            s, _, v = _key_block_scores(qg, K, V, KX, VX, KeyBias, KeyBias, keys, Nk, -1, skn, svn, sxkn, sxvn, Nq,
+                                        qk_scale, HEAD_DIM, rows_per_group, OWN_TILES * BLOCK_N, BLOCK_D, 1, 1, False,
+                                        HAS_BIAS, True, DOT_PRECISION, EXTRA, ALIGN)
+            acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
+        acc = tl.reshape(acc, (BLOCK_M, BLOCK_D))
+        m_i = tl.reshape(m_i, (BLOCK_M,))
+        l_i = tl.reshape(l_i, (BLOCK_M,))
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -589,9 +608,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_idx: Tensor, t
     values past k's and v's rows (extra key tiles, tokens in place) in tensors of their own, read there instead
     of from a concatenation (LLSA's pooled keys); ``key_bias`` then covers both. ``query_tiles`` (with
     ``tile_rows``): query tiles of block_m rows of their own, whose lists hold entries for all rows, then entries
-    per row group (``QueryTiles``); ``tile_rows`` then describes the key tiles only. ``spans`` (query tiles, S, 2) int32: per query
-    tile S ranges [start, end) of consecutive key rows it also attends, disjoint from its listed tiles and the prefix
-    (dense blocks of the mask, read without the table; forward only: the backward takes them listed as tiles)."""
+    per row group (``QueryTiles``); ``tile_rows`` then describes the key tiles only. ``spans`` (query tiles, S, 2)
+    int32: per query tile S ranges [start, end) of consecutive key rows it also attends, disjoint from its listed
+    tiles and the prefix (dense blocks of the mask, read without the table; forward only: the backward takes them
+    listed as tiles)."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     kx, vx, nk, extra_strides = _extra_keys(k, v, extra, tile_rows)
     b, h, nq, d = q.shape

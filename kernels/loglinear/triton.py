@@ -19,8 +19,7 @@ from .plan import block_hierarchy
 from .triton_pool import pool_into_buffers, spread_pooled_gradients
 from .triton_select import key_tile_lists_triton, select_blocks_triton
 
-# the largest head dim whose forward takes query tiles of sibling blocks (at 128, 24 heads, a 128x128 grid and 512
-# prefix tokens, 1.37x the per-block tiles' speed; no register spills)
+# the largest head dim whose forward takes query tiles of sibling blocks (compiled for sm_90 without register spills)
 SIBLING_HEAD_DIM = 128
 
 

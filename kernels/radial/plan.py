@@ -293,6 +293,18 @@ def full_frame_spans(plan: RadialPlan, sink: bool) -> torch.Tensor:
     return torch.stack([band, torch.stack([torch.zeros_like(sink_end), sink_end], -1)], 1).to(torch.int32)
 
 
+def frame_tile_pairs(plan: RadialPlan) -> torch.Tensor:
+    """(pairs, 2) long: a video plan's tiles (frames layout) two by two in their order within each frame, -1 for
+    the second of a frame's last pair where the frame has an odd number of tiles. Both tiles of a pair have the
+    same full frames (``full_frame_spans``)."""
+    frame = _tile_frames(plan)
+    index = torch.arange(frame.numel(), device=frame.device)
+    firsts = index[(index - torch.searchsorted(frame, frame)) % 2 == 0]      # tiles are in frame order
+    seconds = firsts + 1
+    alone = (seconds >= frame.numel()) | (frame[seconds.clamp_max(frame.numel() - 1)] != frame[firsts])
+    return torch.stack([firsts, torch.where(alone, -1, seconds)], -1)
+
+
 def attended_pairs(plan: RadialPlan, num_prefix: int = 0) -> int:
     """Number of (query, key) token pairs the mask lets through, prefix pairs included."""
     per_tile = plan.layout.valid.sum(-1)

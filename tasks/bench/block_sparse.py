@@ -162,9 +162,10 @@ def bench_radial_video(grids: Sequence[tuple[int, int, int]] = ((21, 30, 52), (2
                        log: Callable[[str], None] = print) -> list[dict]:
     """Radial attention on video grids (default: Wan 2.1 14B's latent grids at 480x832 and 720x1280, 81 frames, and
     480x832, 33 frames; its heads and head dim), inference, the video default mask (``frames``, decay 0.2): dense SDPA,
-    the core with every tile listed, and the core with the full frames read as key spans (radial's inference path).
-    Per row: ms of each, the fraction of token pairs computed and each path's cost per computed pair relative to
-    dense (time / (dense time x fraction)); q, k, v heads-last views, as the pipelines pass them."""
+    the core with every tile listed, and the core with the full frames read as key spans by query tiles of two
+    tiles of a frame (radial's inference path). Per row: ms of each, the fraction of token pairs computed and each
+    path's cost per computed pair relative to dense (time / (dense time x fraction)); q, k, v heads-last views, as
+    the pipelines pass them."""
     rows = []
     for grid in grids:
         n = math.prod(grid)

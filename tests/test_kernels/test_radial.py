@@ -7,8 +7,8 @@ import torch
 
 from subquad.kernels import radial_attention
 from subquad.kernels.radial.full_frames import radial_attention_full_frames, takes_full_frames
-from subquad.kernels.radial.plan import (attended_pairs, far_key_tiles, full_frame_spans, normalize_options,
-                                         official_block_mask, radial_plan)
+from subquad.kernels.radial.plan import (attended_pairs, far_key_tiles, frame_tile_pairs, full_frame_spans,
+                                         normalize_options, official_block_mask, radial_plan)
 from subquad.kernels.core.testing import assert_compiles_to_the_same, assert_rel_close
 
 # official radial_attn/attn_mask.py (72788d4), gen_log_mask_shrinked(...)[:nb, :nb], recorded on CPU
@@ -299,7 +299,20 @@ def test_triton_core_backend_equals_reference(grid, opts):
 
 FULL_FRAMES_CASES = [((6, 9, 10), dict(tile=(1, 4, 4), decay_factor=0.3)),
                      ((5, 8, 8), dict(tile=(1, 4, 4), sink=False)),
-                     ((7, 6, 11), dict(tile=(1, 4, 4), pack=False)), ((2, 8, 8), dict(tile=(1, 4, 4)))]
+                     ((7, 6, 11), dict(tile=(1, 4, 4), pack=False)), ((2, 8, 8), dict(tile=(1, 4, 4))),
+                     ((4, 12, 4), dict(tile=(1, 4, 4)))]       # three tiles a frame: a pair without its second
+
+
+@pytest.mark.parametrize("grid,opts", FULL_FRAMES_CASES)
+def test_frame_tile_pairs_take_every_tile_once_two_of_one_frame(grid, opts):
+    plan = radial_plan(grid, normalize_options(grid, **opts))
+    pairs = frame_tile_pairs(plan)
+    assert torch.equal(pairs[pairs >= 0].sort().values, torch.arange(plan.layout.num_tiles))
+    frame = plan.layout.coords[:, 0]
+    both = pairs[:, 1] >= 0
+    assert torch.equal(frame[pairs[both, 0]], frame[pairs[both, 1]])
+    tiles_per_frame = plan.layout.num_tiles // grid[0]
+    assert int((~both).sum()) == grid[0] * (tiles_per_frame % 2)
 
 
 @pytest.mark.parametrize("grid,opts", FULL_FRAMES_CASES)
