@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models suite: instead of timing, where each model's GPU time goes in inference and in a "
                         "training step (torch.profiler: microseconds per kernel and block, bench_models_profile.csv)")
     p.add_argument("--models", help="models suite: comma-separated substrings of the model names to keep "
-                                    "(e.g. mala,nat); the dense peers always run")
+                                    "(e.g. mala,nat; the dense peers always run); pipeline suite: of the cases' labels "
+                                    "(e.g. flux,480x832x81)")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")
     p.set_defaults(run=_bench)
     p = sub.add_parser("train", help="train a recipe: classification, segmentation or DiT diffusion (also under "

@@ -152,10 +152,23 @@ def save_pipeline_plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run_pipeline_bench(out_dir: Path, families: list[str] | None = None) -> list[dict]:
-    """Measure every case, print the table, save ``bench_pipeline.csv`` and ``bench_pipeline.png``."""
+def select_pipeline_cases(names: list[str] | None, cases: tuple[PipelineCase, ...] = PIPELINE_CASES
+                          ) -> tuple[PipelineCase, ...]:
+    """The cases whose label (e.g. ``wan 720x1280x81``) contains one of the substrings ``names`` (all for None)."""
+    if not names:
+        return cases
+    picked = tuple(c for c in cases if any(name in c.label for name in names))
+    if not picked:
+        raise ValueError(f"no pipeline case matches {names}; the cases: {[c.label for c in cases]}")
+    return picked
+
+
+def run_pipeline_bench(out_dir: Path, families: list[str] | None = None, cases: list[str] | None = None
+                       ) -> list[dict]:
+    """Measure the cases (``select_pipeline_cases``), print the table, save ``bench_pipeline.csv`` and
+    ``bench_pipeline.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = bench_pipelines(families=families, csv_path=out_dir / "bench_pipeline.csv")
+    rows = bench_pipelines(select_pipeline_cases(cases), families=families, csv_path=out_dir / "bench_pipeline.csv")
     save_csv(rows, out_dir / "bench_pipeline.csv")
     save_pipeline_plot(rows, out_dir / "bench_pipeline.png",
                        f"subquad bench --suite pipeline: {torch.cuda.get_device_name()}, bf16, random weights at "

@@ -19,7 +19,8 @@ def run_suite(suite: str, out_dir: Path, families: list[str] | None = None, mode
     ``profile``: instead, each model's GPU time per kernel and block; ``sizes`` (batch, H, W) picks the cases,
     ``repeats`` the timed calls) or
     ``pipeline`` (diffusers transformers of the released sizes, one call dense vs each attention swap, with the
-    bound from skipping the attention; ``families`` picks the swaps)."""
+    bound from skipping the attention; ``families`` picks the swaps, ``models`` the cases by label substring, e.g.
+    ``720x1280``)."""
     if not torch.cuda.is_available():
         raise ValueError(f"the {suite!r} suite times CUDA kernels and needs a CUDA GPU")
     # each suite is imported when run: the kernel suites need triton, the DiT suite diffusers
@@ -40,7 +41,7 @@ def run_suite(suite: str, out_dir: Path, families: list[str] | None = None, mode
         return run_models_bench(out_dir, modes=modes, models=models, cases=cases, repeats=repeats or 10)
     elif suite == "pipeline":
         from .pipelines import run_pipeline_bench
-        return run_pipeline_bench(out_dir, families)
+        return run_pipeline_bench(out_dir, families, models)
     elif suite == "block-sparse":
         from .block_sparse import bench_block_sparse
         rows = bench_block_sparse()

@@ -17,7 +17,8 @@ from subquad.tasks.bench import measure
 from subquad.tasks.bench.measure import timed_ms
 from subquad.tasks.bench.models import (MODEL_CASES, ModelCase, attention_skipped, bench_models, profile_model,
                                          run_models_profile, save_models_plot, select_cases)
-from subquad.tasks.bench.pipelines import PipelineCase, bench_pipelines, save_pipeline_plot
+from subquad.tasks.bench.pipelines import (PIPELINE_CASES, PipelineCase, bench_pipelines, save_pipeline_plot,
+                                          select_pipeline_cases)
 from subquad.tasks.bench.suites import run_suite
 from subquad.tasks.zoo import count_model
 
@@ -161,6 +162,14 @@ def test_bench_pipelines_rows_bound_and_plot(tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows)
     save_pipeline_plot(rows, tmp_path / "p.png", "tiny")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_pipeline_cases_picked_by_label():
+    assert select_pipeline_cases(None) == PIPELINE_CASES
+    assert [c.label for c in select_pipeline_cases(["480x832x81", "flux"])] == ["flux 2048x2048", "wan 480x832x81"]
+    assert [c.label for c in select_pipeline_cases(["wan"])] == [c.label for c in PIPELINE_CASES if c.kind == "wan"]
+    with pytest.raises(ValueError, match="no pipeline case matches"):
+        select_pipeline_cases(["sd3"])
 
 
 def test_bench_models_rows_ratios_and_plot(tmp_path):
