@@ -1,4 +1,5 @@
-"""One way to make a Triton forward/backward pair a differentiable op.
+"""One way to make a Triton forward/backward pair a differentiable op (and a forward alone an op that
+``torch.compile`` traces: ``forward_only_op``).
 
 ``triton_op`` registers the pair as ``torch.library`` custom ops (``subquad::<name>`` and
 ``subquad::<name>_backward``, each with its fake) wired together through ``register_autograd``, which
@@ -102,6 +103,21 @@ def triton_op(name: str, forward: Callable, backward: Callable, *, num_tensors: 
         if not records_grad(*inputs[:num_tensors]):
             return _as_tuple(forward(*inputs))[0]
         return Eager.apply(*inputs)
+
+    apply.__name__ = name
+    return apply
+
+
+def forward_only_op(name: str, forward: Callable[..., Tensor], forward_fake: Callable[..., Tensor]
+                    ) -> Callable[..., Tensor]:
+    """Register ``forward`` as the op ``subquad::<name>`` without a backward (an inference path, whose callers send
+    inputs that need gradients elsewhere); returns ``apply(*inputs)``: the custom op under ``torch.compile``,
+    ``forward`` itself in eager mode (no custom-op dispatch)."""
+    op = torch.library.custom_op(f"subquad::{name}", _without_defaulted(forward), mutates_args=())
+    op.register_fake(forward_fake)
+
+    def apply(*inputs) -> Tensor:
+        return op(*inputs) if torch.compiler.is_compiling() else forward(*inputs)
 
     apply.__name__ = name
     return apply

@@ -7,8 +7,8 @@ forward reads as spans (no tile table, no per-tile list entries, steps of consec
 tiles of the farther frames: the same pairs as the tile lists alone. Two tiles of a frame attend the same full
 frames, so a query tile of the forward is two tiles of one frame (``frame_tile_pairs``, ``QueryTiles``): the
 frames' keys are read once for both and the products are twice as high; each tile's farther tiles are its own
-entries (a batched product of the two tiles' rows). Forward only: under autograd or ``torch.compile`` the core
-runs the whole mask as tiles.
+entries (masked to its rows). Forward only (under autograd the core runs the whole mask as tiles); under
+``torch.compile`` one custom op (``subquad::radial_full_frames``).
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from ..block_sparse.triton import QueryTiles
 from ..block_sparse.triton import forward as core_forward
 from ..core.compile_constant import compile_constant
 from ..core.dispatch import records_grad
+from ..core.heads_last import heads_last_empty
+from ..core.triton_op import forward_only_op
 from .block_sparse import radial_attention_on_core, radial_core_layout
 from .plan import far_key_tiles, frame_tile_pairs, full_frame_spans, radial_plan, tile_size
 
@@ -45,22 +47,33 @@ def radial_spans_layout(grid: tuple[int, ...], options: tuple, device: torch.dev
             query_rows.reshape(-1).to(torch.int32))
 
 
+def _full_frames_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor,
+                         row_ptr: torch.Tensor, col_idx: torch.Tensor, tile_rows: torch.Tensor,
+                         query_rows: torch.Tensor, tile: int) -> torch.Tensor:
+    return core_forward(q, k, v, row_ptr, col_idx, None, None, None, tile_rows, PAIR * tile, tile, 0,
+                        q.shape[-1] ** -0.5, False, query_tiles=QueryTiles(query_rows, 0, PAIR), spans=spans)[0]
+
+
+def _full_frames_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *layout) -> torch.Tensor:
+    b, h, n, _ = q.shape
+    return heads_last_empty(q, b, h, n, v.shape[-1])
+
+
+_full_frames = forward_only_op("radial_full_frames", _full_frames_forward, _full_frames_fake)
+
+
 def radial_attention_full_frames(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...],
                                  options: tuple) -> torch.Tensor:
     """Radial attention of the ``frames`` layout on a video grid without prefix, forward only: the full frames as
     spans read once for two tiles of a frame, each tile's farther frames' windows as its own listed tiles."""
-    spans, row_ptr, col_idx, tile_rows, query_rows = radial_spans_layout(grid, options, q.device)
-    t = tile_size(options)
-    return core_forward(q, k, v, row_ptr, col_idx, None, None, None, tile_rows, PAIR * t, t, 0, q.shape[-1] ** -0.5,
-                        False, query_tiles=QueryTiles(query_rows, 0, PAIR), spans=spans)[0]
+    return _full_frames(q, k, v, *radial_spans_layout(grid, options, q.device), tile_size(options))
 
 
 def takes_full_frames(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...], num_prefix: int,
                       options: tuple) -> bool:
     """True where ``radial_attention_full_frames`` serves the call: the frames layout on a video grid without
-    prefix, no autograd, not under ``torch.compile``."""
-    return (options[0] == "frames" and len(grid) == 3 and num_prefix == 0 and not records_grad(q, k, v)
-            and not torch.compiler.is_compiling())
+    prefix, no autograd."""
+    return options[0] == "frames" and len(grid) == 3 and num_prefix == 0 and not records_grad(q, k, v)
 
 
 def radial_attention_on_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...],

@@ -347,6 +347,25 @@ def test_full_frame_spans_on_the_core_equal_dense_attention_with_the_mask(grid, 
     assert_rel_close(out, want, dtype, what="full frames as spans + far tiles")
 
 
+@pytest.mark.skipif("triton" not in available_backends("radial_attention"), reason="no Triton")
+def test_full_frames_compile_fullgraph_in_inference_as_one_op():
+    """Inference under torch.compile(fullgraph) traces the full frames' forward as one custom op (the spans, not the
+    listed tiles): eager's output."""
+    grid, opts = FULL_FRAMES_CASES[-1]
+    q, k, v = (torch.randn(1, 2, math.prod(grid), 8) for _ in range(3))
+    fn = lambda q, k, v: radial_attention(q, k, v, grid=grid, backend="triton", **opts)  # noqa: E731
+    traced = []
+
+    def backend(graph_module, example_inputs):
+        traced.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module
+
+    with torch.no_grad():
+        out = torch.compile(fn, fullgraph=True, backend=backend)(q, k, v)
+        assert_rel_close(out, fn(q, k, v), what="compiled full frames")
+    assert any("radial_full_frames" in target for target in traced), traced
+
+
 @pytest.mark.parametrize("backend,grid,opts", [
     ("reference", (9, 11), dict(tile=(2, 2))), ("reference", (6, 9, 10), dict(tile=(1, 4, 4))),
     ("reference", (7, 5, 6), dict(layout="official", block_size=16)),
