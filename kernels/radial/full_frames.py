@@ -38,7 +38,7 @@ def radial_spans_layout(grid: tuple[int, ...], options: tuple, device: torch.dev
     tile_rows = radial_core_layout(grid, options, 0, device)[2]
     pairs = frame_tile_pairs(plan)
     far = far_key_tiles(plan, sink).sort(dim=1, descending=True).values         # listed tiles first, then -1
-    far = far[:, :int((far >= 0).sum(1).max())]
+    far = far[:, :max(1, int((far >= 0).sum(1).max()))]          # one column at least: no empty list tensor
     lists = torch.where(pairs[..., None] >= 0, far[pairs.clamp_min(0)], -1).reshape(len(pairs), -1)
     query_rows = torch.where(pairs[..., None] >= 0, tile_rows.view(plan.layout.num_tiles, -1)[pairs.clamp_min(0)],
                              plan.layout.num_tokens)
