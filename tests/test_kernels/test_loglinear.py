@@ -395,6 +395,14 @@ def test_gpu_triton_backend_equals_reference(grid, dtype):
     check_backend("triton", grid, 1, {}, dtype=dtype, heads=4, d=64, device="cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,p,opts", [(128, 16, {}), (64, 0, dict(top_k=(5, 2))), (72, 1, dict(top_k=3))])
+def test_gpu_sibling_tiles_at_other_head_dims_and_top_k_equal_reference(head_dim, p, opts):
+    """The forward's sibling query tiles (each block's own tiles as one batched product) at head dim 128 (FLUX) and
+    72 (DiT-XL/2), with prefix tokens, and at a top-K that no step width divides, forward and backward."""
+    check_backend("triton", (64, 96), p, opts, dtype=torch.bfloat16, heads=2, d=head_dim, device="cuda")
+
+
 # --- under torch.compile ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend,grid,p,opts", [
