@@ -269,8 +269,9 @@ def radial_plan(grid: tuple[int, ...], options: tuple, device: torch.device | No
 
 
 def _tile_frames(plan: RadialPlan) -> torch.Tensor:
-    """(num_tiles,) long on the plan's device: the frame of each tile of a video plan (frames layout)."""
-    return tile_centers(plan.layout)[:, 0].round().long().to(plan.key_tiles.device)
+    """(num_tiles,) long on the plan's device: the frame of each tile of a video plan (frames layout: tiles one frame
+    deep, so a tile's first coordinate is its frame)."""
+    return plan.layout.coords[:, 0].to(plan.key_tiles.device)
 
 
 def far_key_tiles(plan: RadialPlan, sink: bool) -> torch.Tensor:
